@@ -1,0 +1,150 @@
+"""The ``mptq-bench`` command: parse, call the library, render with rich."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import BenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Membership-inference benchmark for post-training-quantized networks.")
+console = Console()
+errors = Console(stderr=True)
+T = TypeVar("T")
+
+
+def guarded(action: Callable[[], T]) -> T:
+    """Expected failures become one red line on stderr and exit code 2, never a traceback."""
+    try:
+        return action()
+    except BenchError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _split_list(text: Optional[str]) -> Optional[list[str]]:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+@app.command()
+def evaluate(
+    quantizer: Annotated[str, typer.Argument(help="registered quantizer name, e.g. rtn")],
+    task: Annotated[str, typer.Option(help="task id or path to a task .yaml")] = "digits-mlp",
+    plans: Annotated[Optional[str], typer.Option(help="comma-separated plans, e.g. w4,w1.58-last8 (default: the task's)")] = None,
+    threat_models: Annotated[Optional[str], typer.Option("--threat-models", help="oblivious,adaptive (default: the task's)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda when present, else cpu)")] = None,
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
+    cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder (default: $MPTQ_CACHE or ~/.cache/mia-ptq-bench)")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="dataset folder (default: $MPTQ_DATA or ~/.cache/mia-ptq-bench/data)")] = None,
+    download: Annotated[bool, typer.Option(help="allow downloading a missing dataset with torchvision")] = False,
+    attack: Annotated[Optional[str], typer.Option(help="attack shown in the table (default: the task's first)")] = None,
+) -> None:
+    """Quantize the task's targets at each plan, attack them with LiRA, write validated results."""
+    from .quantize import QUANTIZERS
+    from .report import RichProgress, attacks_table, results_table
+    from .runner import RunOptions, evaluate as run_evaluate
+    from .spec import load_task
+
+    def action() -> None:
+        spec = load_task(task)
+        chosen = QUANTIZERS.get(quantizer)()
+        options = RunOptions(out_dir=out, data_root=data_root, download=download)
+        if cache_dir is not None:
+            options.cache_dir = cache_dir
+        if device is not None:
+            options.device = device
+        shown = attack or spec.attacks[0]
+        if shown not in spec.attacks:
+            raise BenchError(f"--attack {shown!r} is not among the task's attacks: {', '.join(spec.attacks)}")
+        console.print(f"[bold]{spec.id}[/] v{spec.version} (task hash {spec.hash[:12]}) · quantizer "
+                      f"[bold]{chosen.name}[/] · device {options.device}")
+        with RichProgress(console) as progress:
+            outcome = run_evaluate(chosen, spec, _split_list(plans), _split_list(threat_models), options, progress)
+        console.print(results_table(outcome.results, shown))
+        console.print(attacks_table(outcome.results))
+        for path in outcome.paths:
+            console.print(f"wrote {path}")
+
+    guarded(action)
+
+
+@app.command()
+def tasks() -> None:
+    """List the available task specs."""
+    from .spec import available_tasks, load_task
+
+    def action() -> None:
+        table = Table(title="tasks")
+        for column in ("id", "version", "dataset", "model", "models", "targets", "plans", "hash"):
+            table.add_column(column)
+        for task_id, path in available_tasks().items():
+            spec = load_task(path)
+            table.add_row(spec.id, str(spec.version), spec.dataset.name, f"{spec.model.arch} ×{spec.model.width:g}",
+                          str(spec.membership.n_models), str(spec.targets.count), ", ".join(spec.plans), spec.hash[:12])
+        console.print(table)
+
+    guarded(action)
+
+
+@app.command()
+def quantizers() -> None:
+    """List the registered quantizers."""
+    from .quantize import QUANTIZERS
+
+    table = Table(title="quantizers")
+    for column in ("name", "version", "source", "description"):
+        table.add_column(column)
+    for name, cls in QUANTIZERS.items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        table.add_row(name, cls.version, f"{cls.__module__}:{cls.__qualname__}", doc[0] if doc else "")
+    console.print(table)
+
+
+@app.command()
+def validate(files: Annotated[list[Path], typer.Argument(help="task .yaml files and result .json files")]) -> None:
+    """Check task specs and result files (schema, checksums, audit, every number recomputed)."""
+    from .results.verify import verify_result
+    from .runner import check_task
+    from .spec import load_task
+
+    failures = 0
+    for path in files:
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                check_task(load_task(path))
+            elif path.suffix == ".json":
+                verify_result(path)
+            else:
+                raise BenchError(f"{path}: not a task (.yaml) or result (.json) file")
+            console.print(f"[green]ok[/] {path}")
+        except BenchError as exc:
+            failures += 1
+            for line in str(exc).splitlines():
+                errors.print(f"[bold red]invalid:[/] {line}", highlight=False, soft_wrap=True)
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def schema(kind: Annotated[str, typer.Argument(help="result or task")] = "result") -> None:
+    """Print the JSON Schema of result documents (or of task specs)."""
+    from .results.schema import Result
+    from .spec.schema import TaskSpec
+
+    models = {"result": Result, "task": TaskSpec}
+    if kind not in models:
+        errors.print(f"[bold red]error:[/] unknown schema {kind!r}; choose result or task")
+        raise typer.Exit(2)
+    sys.stdout.write(json.dumps(models[kind].model_json_schema(), indent=2) + "\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

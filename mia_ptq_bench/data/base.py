@@ -1,0 +1,106 @@
+"""In-memory image datasets: uint8 tensors plus per-channel normalisation.
+
+Everything is held as uint8 (N, C, H, W) so that even TinyImageNet fits in memory,
+and normalised batch by batch. A loader returns the full training split (the
+membership pool) and the test split; subsetting and resizing for small tasks
+happen here, identically for every dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..registry import Registry
+
+DATA_ENV = "MPTQ_DATA"
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("labels must have one entry per image")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, index: np.ndarray | torch.Tensor) -> Split:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    name: str
+    pool: Split
+    test: Split
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.pool.images.shape[1:])  # type: ignore[return-value]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) on any device -> normalised float32."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+
+Loader = Callable[[Path, bool], ImageDataset]
+DATASETS: Registry[Loader] = Registry("dataset")
+
+
+def default_data_root() -> Path:
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mia-ptq-bench" / "data"
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images scaled to [0, 1], accumulated in float64 chunks."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for chunk in images.split(4096):
+        x = chunk.double().div_(255.0)
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    count = images.numel() // channels
+    mean = total / count
+    std = ((squares - count * mean.square()) / (count - 1)).clamp_min(0).sqrt()
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def make_dataset(name: str, pool: Split, test: Split, num_classes: int) -> ImageDataset:
+    mean, std = channel_stats(pool.images)
+    return ImageDataset(name=name, pool=pool, test=test, num_classes=num_classes, mean=mean, std=std)
+
+
+def seeded_subset(split: Split, size: int | None, seed: int) -> Split:
+    if size is None or size >= len(split):
+        return split
+    order = np.random.RandomState(seed).permutation(len(split))[:size]
+    return split.take(np.sort(order))
+
+
+def resize(split: Split, side: int | None) -> Split:
+    if side is None or split.images.shape[-1] == side and split.images.shape[-2] == side:
+        return split
+    x = F.interpolate(split.images.float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return Split(x.round_().clamp_(0, 255).to(torch.uint8), split.labels)

@@ -1,0 +1,218 @@
+"""The built-in datasets, each read from its standard on-disk release.
+
+CIFAR and TinyImageNet have readers of their own because torchvision's classes
+verify the md5 of the official archives (so fabricated test files cannot load)
+and TinyImageNet is not in torchvision; downloads still go through torchvision.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import write_npz_atomic
+from ..errors import DataError
+from .base import DATASETS, ImageDataset, Split, make_dataset
+
+
+@DATASETS.register("digits")
+def load_digits(root: Path, download: bool) -> ImageDataset:
+    """scikit-learn's bundled 8x8 digits: 1,797 images, a fixed seeded 1,297/500 pool/test split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    # 0..16 intensities map exactly onto uint8 without collisions.
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    labels = bunch.target.astype(np.int64)
+    order = np.random.RandomState(0).permutation(len(labels))
+    test_idx, pool_idx = np.sort(order[:500]), np.sort(order[500:])
+    split = Split(torch.from_numpy(images), torch.from_numpy(labels))
+    return make_dataset("digits", split.take(pool_idx), split.take(test_idx), 10)
+
+
+# --- Fashion-MNIST: IDX files -------------------------------------------------------
+
+_FMNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_IDX_DTYPES = {0x08: np.uint8}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): magic 0x0000TTDD, DD big-endian sizes, then data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read IDX file: {exc}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape))
+    if len(data) - header != expected:
+        raise DataError(f"{path}: IDX header promises {expected} values, file holds {len(data) - header}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_fmnist(root: Path) -> dict[str, Path] | None:
+    for folder in (root / "fashion-mnist", root / "FashionMNIST" / "raw", root):
+        found = {}
+        for key, stem in _FMNIST_FILES.items():
+            for candidate in (folder / stem, folder / f"{stem}.gz"):
+                if candidate.is_file():
+                    found[key] = candidate
+                    break
+        if len(found) == len(_FMNIST_FILES):
+            return found
+    return None
+
+
+@DATASETS.register("fashion-mnist")
+def load_fashion_mnist(root: Path, download: bool) -> ImageDataset:
+    files = _find_fmnist(root)
+    if files is None and download:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(root), train=True, download=True)
+        FashionMNIST(str(root), train=False, download=True)
+        files = _find_fmnist(root)
+    if files is None:
+        raise DataError(
+            f"Fashion-MNIST not found under {root}: expected the four IDX files "
+            f"({', '.join(_FMNIST_FILES.values())}, optionally .gz) in {root / 'fashion-mnist'}. "
+            "Rerun with --download to fetch it with torchvision, or point --data-root/MPTQ_DATA at a folder holding them."
+        )
+    arrays = {key: read_idx(path) for key, path in files.items()}
+    pool = Split(torch.from_numpy(arrays["train_images"].copy())[:, None], torch.from_numpy(arrays["train_labels"].astype(np.int64)))
+    test = Split(torch.from_numpy(arrays["test_images"].copy())[:, None], torch.from_numpy(arrays["test_labels"].astype(np.int64)))
+    return make_dataset("fashion-mnist", pool, test, 10)
+
+
+# --- CIFAR: python pickles ------------------------------------------------------------
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            return pickle.load(handle, encoding="bytes")
+    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read CIFAR batch: {exc}") from None
+
+
+def _cifar_split(paths: list[Path], label_key: bytes) -> Split:
+    images, labels = [], []
+    for path in paths:
+        batch = _unpickle(path)
+        if b"data" not in batch or label_key not in batch:
+            raise DataError(f"{path}: CIFAR batch lacks {b'data'!r} or {label_key!r}")
+        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+    return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
+
+
+def _load_cifar(root: Path, download: bool, *, name: str, folder: str, train: list[str], test: list[str],
+                label_key: bytes, num_classes: int, tv_class: str) -> ImageDataset:
+    base = root / folder
+    missing = [f for f in train + test if not (base / f).is_file()]
+    if missing and download:
+        import torchvision.datasets as tvd
+
+        getattr(tvd, tv_class)(str(root), train=True, download=True)
+        missing = [f for f in train + test if not (base / f).is_file()]
+    if missing:
+        raise DataError(
+            f"{name} not found: {base} lacks {', '.join(missing)}. Rerun with --download to fetch the standard "
+            f"python release with torchvision, or unpack it so that {base} exists under --data-root/MPTQ_DATA."
+        )
+    return make_dataset(name, _cifar_split([base / f for f in train], label_key),
+                        _cifar_split([base / f for f in test], label_key), num_classes)
+
+
+@DATASETS.register("cifar10")
+def load_cifar10(root: Path, download: bool) -> ImageDataset:
+    return _load_cifar(root, download, name="cifar10", folder="cifar-10-batches-py",
+                       train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+                       label_key=b"labels", num_classes=10, tv_class="CIFAR10")
+
+
+@DATASETS.register("cifar100")
+def load_cifar100(root: Path, download: bool) -> ImageDataset:
+    return _load_cifar(root, download, name="cifar100", folder="cifar-100-python", train=["train"], test=["test"],
+                       label_key=b"fine_labels", num_classes=100, tv_class="CIFAR100")
+
+
+# --- TinyImageNet: JPEG folders -----------------------------------------------------------
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"{path}: cannot decode image: {exc}") from None
+
+
+def _decode_tinyimagenet(base: Path) -> dict[str, np.ndarray]:
+    wnids = sorted(line.strip() for line in (base / "wnids.txt").read_text().splitlines() if line.strip())
+    index = {wnid: i for i, wnid in enumerate(wnids)}
+    train_x, train_y = [], []
+    for wnid in wnids:
+        images = sorted((base / "train" / wnid / "images").glob("*.JPEG"))
+        if not images:
+            raise DataError(f"{base / 'train' / wnid / 'images'}: no .JPEG images for class {wnid}")
+        train_x.extend(_read_rgb(p) for p in images)
+        train_y.extend([index[wnid]] * len(images))
+    test_x, test_y = [], []
+    annotations = base / "val" / "val_annotations.txt"
+    for number, line in enumerate(annotations.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in index:
+            raise DataError(f"{annotations}:{number}: expected 'file<TAB>wnid...' with a wnid from wnids.txt")
+        test_x.append(_read_rgb(base / "val" / "images" / fields[0]))
+        test_y.append(index[fields[1]])
+    return {"train_x": np.stack(train_x), "train_y": np.asarray(train_y, np.int64),
+            "test_x": np.stack(test_x), "test_y": np.asarray(test_y, np.int64),
+            "num_classes": np.asarray(len(wnids))}
+
+
+@DATASETS.register("tinyimagenet")
+def load_tinyimagenet(root: Path, download: bool) -> ImageDataset:
+    base = root / "tiny-imagenet-200"
+    required = [base / "wnids.txt", base / "train", base / "val" / "val_annotations.txt", base / "val" / "images"]
+    missing = [str(p.relative_to(root)) for p in required if not p.exists()]
+    if missing:
+        raise DataError(
+            f"TinyImageNet not found under {root}: missing {', '.join(missing)}. Download "
+            "http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into --data-root/MPTQ_DATA "
+            "(no automatic download: torchvision does not ship this dataset)."
+        )
+    # Decoding 110,000 JPEGs takes minutes; keep the decoded arrays beside the folder.
+    decoded = root / "tiny-imagenet-200.decoded.npz"
+    arrays = None
+    if decoded.is_file():
+        try:
+            with np.load(decoded) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+        except (OSError, ValueError):
+            arrays = None
+    if arrays is None:
+        arrays = _decode_tinyimagenet(base)
+        try:
+            write_npz_atomic(decoded, arrays)
+        except OSError:
+            pass  # a read-only data root only costs the decode next time
+    pool = Split(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"]))
+    test = Split(torch.from_numpy(arrays["test_x"]), torch.from_numpy(arrays["test_y"]))
+    return make_dataset("tinyimagenet", pool, test, int(arrays["num_classes"]))

@@ -1,0 +1,35 @@
+"""What machine and software produced a result."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+
+import torch
+
+from . import __version__
+
+TRACKED = ("torch", "torchvision", "numpy", "scipy", "scikit-learn", "pydantic", "safetensors")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def describe_device(device: str | torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def environment(device: str | torch.device) -> dict:
+    packages = {}
+    for name in TRACKED:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = "absent"
+    return {"package_version": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+            "device": describe_device(device), "packages": packages}

@@ -1,0 +1,31 @@
+"""One exception family, so the CLI can turn any expected failure into one clear line."""
+
+from __future__ import annotations
+
+
+class BenchError(Exception):
+    """An expected failure: bad input, missing data, a refused result. Carries a one-line message."""
+
+
+class SpecError(BenchError):
+    """A task spec (or another document) that does not validate."""
+
+
+class DataError(BenchError):
+    """A dataset that is missing or malformed on disk."""
+
+
+class CacheError(BenchError):
+    """A cache file that is unreadable or does not match its recorded checksum."""
+
+
+class PlanError(BenchError):
+    """A precision plan that cannot be parsed or served."""
+
+
+class AuditError(BenchError):
+    """A quantized model whose layers hold more grid values than its plan allows."""
+
+
+class UnknownNameError(BenchError):
+    """A name looked up in a registry that holds no such entry."""

@@ -1,0 +1,22 @@
+"""Architectures behind a registry, built from a task's ModelSpec."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..errors import SpecError
+from ..spec.schema import ModelSpec
+from . import resnet as _resnet  # noqa: F401  (registers the built-in models)
+from . import small as _small  # noqa: F401
+from .base import MODELS, QUANTIZABLE, quantizable_layers
+
+
+def build_model(spec: ModelSpec, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    factory = MODELS.get(spec.arch)
+    try:
+        return factory(input_shape, num_classes, width=spec.width, **spec.options)
+    except TypeError as exc:
+        raise SpecError(f"model.options: {spec.arch} does not accept these options: {exc}") from None
+
+
+__all__ = ["MODELS", "QUANTIZABLE", "build_model", "quantizable_layers"]

@@ -1,0 +1,132 @@
+"""The pool's on-disk cache: one folder per pool hash, one completion record per model.
+
+Layout under ``<cache>/pools/<task-id>-<pool-hash[:12]>/``::
+
+    pool.json                     what this pool is (task id, pool hash, the pool part of the spec)
+    keep.npy                      (n_models, n_examples) bool membership masks
+    models/model-0007.safetensors weights of model 7
+    scores/model-0007.npy         (n_examples, n_queries) float64 logit-scaled confidences
+    models/model-0007.json        completion record: sha256 of both files, test accuracy
+
+The record is written last and atomically, so a model counts as done only when
+its weights and scores are whole; an interrupted build loses at most the work in
+flight. Every read checks the recorded sha256.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save
+
+from .. import __version__
+from ..atomic import sha256_file, write_atomic, write_bytes_atomic, write_json_atomic
+from ..errors import CacheError
+from ..spec.schema import POOL_FIELDS, TaskSpec
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    index: int
+    test_accuracy: float
+    weights_sha256: str
+    scores_sha256: str
+
+
+class PoolStore:
+    def __init__(self, cache_dir: Path, spec: TaskSpec) -> None:
+        self.spec = spec
+        self.root = Path(cache_dir) / "pools" / f"{spec.id}-{spec.pool_hash[:12]}"
+
+    # -- paths --------------------------------------------------------------------------
+    def weights_path(self, index: int) -> Path:
+        return self.root / "models" / f"model-{index:04d}.safetensors"
+
+    def scores_path(self, index: int) -> Path:
+        return self.root / "scores" / f"model-{index:04d}.npy"
+
+    def record_path(self, index: int) -> Path:
+        return self.root / "models" / f"model-{index:04d}.json"
+
+    # -- pool-level files -----------------------------------------------------------------
+    def ensure_header(self, keep: np.ndarray) -> None:
+        """Write pool.json and keep.npy once; refuse a folder that belongs to another pool."""
+        header = self.root / "pool.json"
+        if header.exists():
+            info = self._read_json(header)
+            if info.get("pool_hash") != self.spec.pool_hash:
+                raise CacheError(f"{header}: pool_hash: belongs to pool {info.get('pool_hash')!r}, "
+                                 f"not {self.spec.pool_hash!r}; remove the folder to rebuild")
+            stored = self._load_npy(self.root / "keep.npy")
+            if stored.shape != keep.shape or not np.array_equal(stored, keep):
+                raise CacheError(f"{self.root / 'keep.npy'}: masks differ from the task's; remove the folder to rebuild")
+            return
+        dumped = self.spec.model_dump(mode="json")
+        write_atomic(self.root / "keep.npy", lambda handle: np.save(handle, keep))
+        write_json_atomic(header, {
+            "task_id": self.spec.id, "pool_hash": self.spec.pool_hash, "package_version": __version__,
+            "spec": {key: dumped[key] for key in POOL_FIELDS},
+        })
+
+    # -- per-model files --------------------------------------------------------------------
+    def is_complete(self, index: int) -> bool:
+        return self.record_path(index).exists()
+
+    def save_model(self, index: int, model: nn.Module, scores: np.ndarray, test_accuracy: float) -> None:
+        state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+        write_bytes_atomic(self.weights_path(index), save(state, metadata={"pool_hash": self.spec.pool_hash,
+                                                                            "index": str(index)}))
+        write_atomic(self.scores_path(index), lambda handle: np.save(handle, scores.astype(np.float64)))
+        write_json_atomic(self.record_path(index), {
+            "index": index, "test_accuracy": test_accuracy,
+            "weights_sha256": sha256_file(self.weights_path(index)),
+            "scores_sha256": sha256_file(self.scores_path(index)),
+        })
+
+    def record(self, index: int) -> ModelRecord:
+        path = self.record_path(index)
+        info = self._read_json(path)
+        try:
+            return ModelRecord(int(info["index"]), float(info["test_accuracy"]),
+                               str(info["weights_sha256"]), str(info["scores_sha256"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CacheError(f"{path}: {exc}: malformed completion record; delete it to retrain model {index}") from None
+
+    def load_scores(self, index: int) -> np.ndarray:
+        path = self.scores_path(index)
+        self._verify(path, self.record(index).scores_sha256, index)
+        return self._load_npy(path)
+
+    def load_weights(self, index: int) -> dict[str, torch.Tensor]:
+        path = self.weights_path(index)
+        self._verify(path, self.record(index).weights_sha256, index)
+        return load_file(str(path))
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _verify(self, path: Path, expected: str, index: int) -> None:
+        if not path.is_file():
+            raise CacheError(f"{path}: missing although model {index} is recorded complete; "
+                             f"delete {self.record_path(index).name} to retrain it")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise CacheError(f"{path}: sha256 {actual[:12]}… does not match the recorded {expected[:12]}… "
+                             f"(corrupted cache file); delete {self.record_path(index)} to retrain model {index}")
+
+    @staticmethod
+    def _read_json(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"{path}: unreadable cache record ({exc}); delete it to redo that work") from None
+
+    @staticmethod
+    def _load_npy(path: Path) -> np.ndarray:
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"{path}: unreadable cache file ({exc}); delete it to rebuild") from None

@@ -1,0 +1,68 @@
+"""What a quantizer is: a config model, a name, and ``quantize(model, calibration, plan) -> model``.
+
+A quantizer receives a copy of a trained full-precision model, calibration
+images (normalised float tensors drawn as the task says), and a precision plan.
+It returns a model of the same architecture whose quantized layers' weights lie
+on a grid of at most the plan's number of values per output channel (the audit
+checks). Its config is a pydantic model; the hash of (name, version, config)
+goes into every result.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict
+
+from ..atomic import content_hash
+from ..registry import Registry
+from ..spec.plans import PrecisionPlan
+
+
+class QuantizerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Quantizer(ABC):
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type[QuantizerConfig]] = QuantizerConfig
+    default_plans: ClassVar[list[str] | None] = None  # None: the task's plans
+
+    def __init__(self, config: QuantizerConfig | dict | None = None) -> None:
+        if config is None:
+            config = self.Config()
+        elif isinstance(config, dict):
+            config = self.Config.model_validate(config)
+        self.config = config
+
+    def unsupported(self, plan: PrecisionPlan) -> str | None:
+        """Why this quantizer cannot serve ``plan``, or None if it can."""
+        if plan.is_full_precision:
+            return "plan fp32 is the full-precision reference; use the fp32 quantizer"
+        return None
+
+    @abstractmethod
+    def quantize(self, model: nn.Module, calibration: torch.Tensor, plan: PrecisionPlan) -> nn.Module: ...
+
+    def describe(self) -> dict:
+        config = self.config.model_dump(mode="json")
+        return {"name": self.name, "version": self.version, "config": config,
+                "config_hash": content_hash({"name": self.name, "version": self.version, "config": config})}
+
+
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")
+
+
+def register_quantizer(name: str):
+    """Class decorator: ``@register_quantizer("mine")`` makes ``mptq-bench evaluate mine`` find it."""
+
+    def decorator(cls: type[Quantizer]) -> type[Quantizer]:
+        cls.name = name
+        QUANTIZERS.add(name, cls)
+        return cls
+
+    return decorator

@@ -1,0 +1,89 @@
+"""Rendering for the terminal: rich progress bars and the results table."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .results.schema import Evaluation, Result, Stat
+
+
+class RichProgress:
+    """The library's Progress protocol on rich progress bars."""
+
+    def __init__(self, console: Console) -> None:
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             console=console, transient=False)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> RichProgress:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.stop()
+
+    def start(self, key: str, description: str, total: int) -> None:
+        self.tasks[key] = self.bars.add_task(description, total=total)
+
+    def advance(self, key: str, amount: int = 1) -> None:
+        self.bars.advance(self.tasks[key], amount)
+
+    def log(self, message: str) -> None:
+        self.bars.console.log(message)
+
+
+def _ci(stat: Stat, scale: float = 100.0, digits: int = 2) -> str:
+    """``mean±h``: h is the 95% interval's half-width (the larger side, where clipping at 0 or 1 bit)."""
+    half = max(stat.mean - stat.ci_low, stat.ci_high - stat.mean)
+    return f"{scale * stat.mean:.{digits}f}±{scale * half:.{digits}f}"
+
+
+def _label(result: Result, many_threats: bool) -> str:
+    return f"{result.plan} ({result.threat_model})" if many_threats else result.plan
+
+
+def _row(label: str, evaluation: Evaluation, attack: str) -> list[str]:
+    summary = evaluation.attacks[attack]
+    low = summary.tpr_at_0_1pct_fpr
+    return [label, _ci(evaluation.test_accuracy), _ci(low), f"{low.true_positives}/{low.positives}",
+            _ci(summary.tpr_at_1pct_fpr), _ci(summary.auc, scale=1.0, digits=3)]
+
+
+def results_table(results: list[Result], attack: str) -> Table:
+    """One row for the full-precision reference, then one per plan (and threat model)."""
+    first = results[0]
+    low = first.reference.attacks[attack].tpr_at_0_1pct_fpr
+    n_targets = low.n
+    per_target_negatives = low.negatives // n_targets
+    allowed = max(0, -(-per_target_negatives // 1000) - 1)  # FP count strictly below 0.1% of the negatives
+    many_threats = len({r.threat_model for r in results}) > 1
+    table = Table(title=f"{first.task.id} · {first.quantizer.name} · {attack} · mean±95% CI over {n_targets} targets",
+                  caption=f"TPR@x%: true-positive rate (%) at x% false-positive rate. At 0.1%, each target has {per_target_negatives} non-members, so that point allows "
+                          f"{allowed} false positive(s); TP/P sums true positives over targets.",
+                  title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for header in ("model", "test acc %", "TPR@.1% %", "TP/P", "TPR@1% %", "AUC"):
+        table.add_column(header, justify="left" if header == "model" else "right", no_wrap=True)
+    table.add_row(*_row("fp32 (ref)", first.reference, attack), style="dim")
+    for result in results:
+        if result.plan != "fp32":
+            table.add_row(*_row(_label(result, many_threats), result.quantized, attack))
+    return table
+
+
+def attacks_table(results: list[Result]) -> Table:
+    """Mean AUC of every attack the task lists: reference and each plan."""
+    first = results[0]
+    many_threats = len({r.threat_model for r in results}) > 1
+    shown = [r for r in results if r.plan != "fp32"]
+    table = Table(title="AUC by attack (mean over targets)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("attack", no_wrap=True)
+    table.add_column("fp32 (ref)", justify="right", style="dim")
+    for result in shown:
+        table.add_column(_label(result, many_threats), justify="right")
+    for attack in first.reference.attacks:
+        table.add_row(attack, f"{first.reference.attacks[attack].auc.mean:.3f}",
+                      *[f"{r.quantized.attacks[attack].auc.mean:.3f}" for r in shown])
+    return table

@@ -1,0 +1,53 @@
+"""Writing results (arrays first, then the document that names their hash) and checking them back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from ..atomic import sha256_file, write_npz_atomic, write_text_atomic
+from ..errors import SpecError
+from ..spec.loader import format_validation_error
+from .schema import ArraysRef, Result
+
+MEMBERSHIP = "membership__"
+REFERENCE_MEMBERSHIP = "reference_membership__"
+
+
+def result_path(out_dir: Path, task_id: str, quantizer: str, plan: str, threat_model: str) -> Path:
+    return Path(out_dir) / task_id / quantizer / f"{plan}--{threat_model}.json"
+
+
+def write_result(path: Path, result: Result, arrays: dict[str, np.ndarray]) -> Result:
+    """Write ``<path>.npz`` then ``path``; each atomically, so a finished document always has its arrays."""
+    arrays_path = path.with_suffix(".npz")
+    write_npz_atomic(arrays_path, arrays)
+    result = result.model_copy(update={"arrays": ArraysRef(file=arrays_path.name, sha256=sha256_file(arrays_path))})
+    write_text_atomic(path, result.model_dump_json(indent=2) + "\n")
+    return result
+
+
+def load_result(path: Path) -> Result:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"{path}: not a readable JSON document: {exc}") from None
+    try:
+        return Result.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(str(path), exc)) from None
+
+
+def load_arrays(path: Path, result: Result) -> dict[str, np.ndarray]:
+    arrays_path = Path(path).parent / result.arrays.file
+    if not arrays_path.is_file():
+        raise SpecError(f"{path}: arrays.file: {arrays_path} does not exist")
+    actual = sha256_file(arrays_path)
+    if actual != result.arrays.sha256:
+        raise SpecError(f"{path}: arrays.sha256: {arrays_path.name} has sha256 {actual[:12]}…, "
+                        f"the document records {result.arrays.sha256[:12]}… (file changed or corrupted)")
+    with np.load(arrays_path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}

@@ -1,0 +1,120 @@
+"""The result document: one per (task, quantizer, plan, threat model).
+
+``mptq-bench schema`` prints its JSON Schema. The arrays that every number can be
+recomputed from sit beside it in an .npz file (see docs/results-format.md) whose
+sha256 the document records.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..quantize.audit import LayerAudit
+
+SCHEMA_VERSION = 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Stat(Strict):
+    mean: float
+    std: float = Field(description="sample standard deviation over targets (ddof=1)")
+    ci_low: float = Field(description="95% Student-t interval over targets, clipped to [0, 1] for rates")
+    ci_high: float
+    n: int = Field(ge=1)
+
+
+class LowFpr(Strict):
+    fpr_limit: float = Field(description="TPR is read at the last ROC point with FPR strictly below this")
+    tpr: float
+    fpr: float = Field(description="the FPR of that ROC point")
+    true_positives: int
+    positives: int
+    false_positives: int
+    negatives: int
+
+
+class AttackOnTarget(Strict):
+    auc: float
+    balanced_accuracy: float
+    tpr_at_0_1pct_fpr: LowFpr
+    tpr_at_1pct_fpr: LowFpr
+
+
+class TargetResult(Strict):
+    index: int = Field(description="the pool model that played the victim")
+    test_accuracy: float
+    attacks: dict[str, AttackOnTarget]
+
+
+class LowFprSummary(Stat):
+    true_positives: int = Field(description="summed over targets")
+    positives: int
+    false_positives: int
+    negatives: int
+
+
+class AttackSummary(Strict):
+    auc: Stat
+    balanced_accuracy: Stat
+    tpr_at_0_1pct_fpr: LowFprSummary
+    tpr_at_1pct_fpr: LowFprSummary
+    roc_tpr: list[float] = Field(description="mean over targets of the best TPR at FPR <= each value of roc_fpr_grid")
+
+
+class Evaluation(Strict):
+    roc_fpr_grid: list[float] = Field(description="log-spaced FPR values at which roc_tpr is given")
+    test_accuracy: Stat
+    attacks: dict[str, AttackSummary]
+    targets: list[TargetResult]
+
+
+class TaskRef(Strict):
+    id: str
+    version: int
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    pool_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class QuantizerRef(Strict):
+    name: str
+    version: str
+    config: dict
+    config_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class ArraysRef(Strict):
+    file: str = Field(description="file name of the .npz beside this document")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Environment(Strict):
+    package_version: str
+    python: str
+    platform: str
+    device: str
+    packages: dict[str, str]
+
+
+class Result(Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    task: TaskRef
+    quantizer: QuantizerRef
+    plan: str
+    threat_model: Literal["oblivious", "adaptive"]
+    n_models: int
+    n_examples: int
+    n_test: int = Field(description="test images behind test accuracy (held-out calibration images excluded)")
+    quantized: Evaluation = Field(description="the targets after quantization with this plan")
+    reference: Evaluation = Field(description="the same targets at full precision, same attacks")
+    audit: list[LayerAudit] = Field(description="per layer, the worst channel over all audited models")
+    arrays: ArraysRef
+    environment: Environment
+    started_at: datetime
+    finished_at: datetime
+    seconds: float

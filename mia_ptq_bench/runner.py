@@ -1,0 +1,281 @@
+"""``evaluate``: spec -> pool -> quantize -> score -> attack -> metrics -> result files.
+
+For each precision plan the targets are quantized (and, for the adaptive threat
+model, every pool model, since the attacker's shadows are quantized the same
+way), scored on every pool example, attacked with leave-one-out shadows, and
+measured against the same targets at full precision. Quantized outputs are
+cached per model, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import content_hash, write_npz_atomic
+from .attack import ATTACKS, leave_one_out
+from .cache import default_cache_dir
+from .data import ImageDataset, Split, load_dataset
+from .environment import default_device, environment
+from .errors import BenchError, CacheError, PlanError, SpecError
+from .pool import Pool, build_pool
+from .progress import Progress, SilentProgress
+from .quantize import QUANTIZERS, LayerAudit, Quantizer, audit_model, enforce_audit
+from .results.compute import build_evaluation
+from .results.io import MEMBERSHIP, REFERENCE_MEMBERSHIP, result_path, write_result
+from .results.schema import ArraysRef, Environment, QuantizerRef, Result, TaskRef
+from .score import predict_logits, score_split
+from .spec.plans import PrecisionPlan
+from .spec.schema import TaskSpec
+
+
+@dataclass
+class RunOptions:
+    out_dir: Path = Path("results")
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    data_root: Path | None = None
+    device: str = field(default_factory=default_device)
+    download: bool = False
+    trainer: str = "auto"
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    scores: np.ndarray  # (N, Q) on the pool
+    test_predictions: np.ndarray  # (n_test,) on the evaluation test split
+    audit: list[LayerAudit]
+
+
+# -- checks before any work ---------------------------------------------------------------
+
+def check_task(spec: TaskSpec) -> None:
+    """Resolve every registry name the task uses, so a typo fails before hours of training."""
+    from .data import DATASETS
+    from .models import MODELS
+
+    DATASETS.get(spec.dataset.name)
+    MODELS.get(spec.model.arch)
+    for attack in spec.attacks:
+        ATTACKS.get(attack)
+
+
+def resolve_plans(quantizer: Quantizer, spec: TaskSpec, plans: list[str] | None) -> list[PrecisionPlan]:
+    texts = plans or quantizer.default_plans or list(spec.plans)
+    parsed = [PrecisionPlan.parse(p) for p in texts]
+    for plan in parsed:
+        reason = quantizer.unsupported(plan)
+        if reason:
+            raise PlanError(f"quantizer {quantizer.name!r} cannot serve plan {plan}: {reason}")
+    return parsed
+
+
+# -- calibration and the evaluation test split ----------------------------------------------
+
+def heldout_indices(spec: TaskSpec, dataset: ImageDataset) -> np.ndarray:
+    if spec.calibration.source != "heldout":
+        return np.array([], dtype=np.int64)
+    if spec.calibration.size >= len(dataset.test):
+        raise SpecError(f"calibration.size: {spec.calibration.size} held-out images would leave no test split "
+                        f"(the test split has {len(dataset.test)})")
+    order = np.random.RandomState(spec.calibration.seed).permutation(len(dataset.test))
+    return np.sort(order[: spec.calibration.size])
+
+
+def evaluation_test_split(spec: TaskSpec, dataset: ImageDataset) -> Split:
+    keep = np.ones(len(dataset.test), dtype=bool)
+    keep[heldout_indices(spec, dataset)] = False
+    return dataset.test.take(np.flatnonzero(keep))
+
+
+def calibration_images(spec: TaskSpec, dataset: ImageDataset, keep: np.ndarray, model_index: int,
+                       device: str | torch.device) -> torch.Tensor:
+    """Normalised calibration images: drawn from the model's own members, or the held-out test images."""
+    cal = spec.calibration
+    if cal.source == "heldout":
+        images = dataset.test.images[torch.as_tensor(heldout_indices(spec, dataset))]
+    else:
+        members = np.flatnonzero(keep[model_index])
+        chosen = np.random.RandomState(cal.seed + model_index).choice(len(members), min(cal.size, len(members)),
+                                                                     replace=False)
+        images = dataset.pool.images[torch.as_tensor(np.sort(members[chosen]))]
+    return dataset.normalize(images.to(device))
+
+
+# -- per-model outputs, cached ------------------------------------------------------------------
+
+class OutputStore:
+    """Quantized-model outputs, one .npz per model, keyed by pool, quantizer config, plan and calibration."""
+
+    def __init__(self, cache_dir: Path, pool: Pool, quantizer: Quantizer, plan: PrecisionPlan) -> None:
+        spec = pool.spec
+        described = quantizer.describe()
+        calibration = content_hash(spec.calibration.model_dump(mode="json"))
+        self.root = (Path(cache_dir) / "quantized" / pool.store.root.name /
+                     f"{quantizer.name}-{described['config_hash'][:12]}" / f"{plan}-cal{calibration[:8]}")
+
+    def path(self, index: int) -> Path:
+        return self.root / f"model-{index:04d}.npz"
+
+    def load(self, index: int) -> ModelOutputs | None:
+        path = self.path(index)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                audit = [LayerAudit.model_validate(x) for x in json.loads(str(archive["audit_json"]))]
+                return ModelOutputs(archive["scores"], archive["test_predictions"], audit)
+        except Exception as exc:  # zip CRC, truncation, bad JSON: all mean the same thing here
+            raise CacheError(f"{path}: corrupted cache file ({type(exc).__name__}: {exc}); delete it to redo "
+                             "that model's quantization") from None
+
+    def save(self, index: int, outputs: ModelOutputs) -> None:
+        write_npz_atomic(self.path(index), {
+            "scores": outputs.scores, "test_predictions": outputs.test_predictions,
+            "audit_json": np.array(json.dumps([a.model_dump(mode="json") for a in outputs.audit])),
+        })
+
+
+def model_outputs(model: torch.nn.Module, pool: Pool, test: Split, device: str) -> tuple[np.ndarray, np.ndarray]:
+    scores = score_split(model, pool.dataset, pool.dataset.pool, list(pool.spec.queries), device)
+    predictions = predict_logits(model, pool.dataset, test, "identity", device).argmax(dim=1).numpy()
+    return scores, predictions
+
+
+def reference_outputs(pool: Pool, index: int, test: Split, device: str) -> ModelOutputs:
+    model = pool.load_model(index, device)
+    predictions = predict_logits(model, pool.dataset, test, "identity", device).argmax(dim=1).numpy()
+    return ModelOutputs(pool.scores[index], predictions, audit_model(model, PrecisionPlan(None)))
+
+
+def quantized_outputs(pool: Pool, index: int, quantizer: Quantizer, plan: PrecisionPlan, test: Split,
+                      store: OutputStore, device: str) -> ModelOutputs:
+    cached = store.load(index)
+    if cached is not None:
+        return cached
+    model = pool.load_model(index, device)
+    calibration = calibration_images(pool.spec, pool.dataset, pool.keep, index, device)
+    quantized = quantizer.quantize(copy.deepcopy(model), calibration, plan)
+    audit = audit_model(quantized, plan)
+    enforce_audit(audit, plan, f"quantizer {quantizer.name!r} on pool model {index}")
+    scores, predictions = model_outputs(quantized, pool, test, device)
+    if not np.isfinite(scores).all():
+        raise BenchError(f"quantizer {quantizer.name!r} at {plan}: model {index} produced non-finite outputs")
+    outputs = ModelOutputs(scores, predictions, audit)
+    store.save(index, outputs)
+    return outputs
+
+
+# -- attack ------------------------------------------------------------------------------------
+
+def run_attacks(spec: TaskSpec, keep: np.ndarray, shadow_scores: np.ndarray, targets: np.ndarray,
+                target_scores: np.ndarray) -> dict[str, np.ndarray]:
+    """Membership scores (T, N) per attack; each target's shadows are all other pool models."""
+    membership = {}
+    for name in spec.attacks:
+        attack = ATTACKS.get(name)
+        rows = []
+        for row, target in enumerate(targets):
+            shadows = leave_one_out(keep.shape[0], int(target))
+            rows.append(attack(shadow_scores[shadows], keep[shadows], target_scores[row], spec.lira))
+        membership[name] = np.stack(rows)
+    return membership
+
+
+def merge_audits(audits: list[list[LayerAudit]]) -> list[LayerAudit]:
+    merged = []
+    for layer_entries in zip(*audits):
+        worst = max(layer_entries, key=lambda a: a.max_distinct)
+        merged.append(worst.model_copy(update={"passed": all(a.passed for a in layer_entries)}))
+    return merged
+
+
+# -- the whole evaluation ----------------------------------------------------------------------
+
+@dataclass
+class EvaluateOutcome:
+    paths: list[Path]
+    results: list[Result]
+    pool: Pool
+
+
+def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None = None,
+             threat_models: list[str] | None = None, options: RunOptions | None = None,
+             progress: Progress | None = None) -> EvaluateOutcome:
+    options = options or RunOptions()
+    progress = progress or SilentProgress()
+    if isinstance(quantizer, str):
+        quantizer = QUANTIZERS.get(quantizer)()
+    check_task(spec)
+    plan_list = resolve_plans(quantizer, spec, plans)
+    threats = threat_models or list(spec.threat_models)
+    for threat in threats:
+        if threat not in ("oblivious", "adaptive"):
+            raise SpecError(f"unknown threat model {threat!r}; known: oblivious, adaptive")
+
+    started_wall = time.time()
+    dataset = load_dataset(spec.dataset, options.data_root, options.download)
+    pool = build_pool(spec, dataset, options.cache_dir, options.device, progress, trainer=options.trainer)
+    test = evaluation_test_split(spec, dataset)
+    test_labels = test.labels.numpy()
+    targets = np.arange(spec.targets.count)
+    env = Environment(**environment(options.device))
+    task_ref = TaskRef(id=spec.id, version=spec.version, hash=spec.hash, pool_hash=spec.pool_hash)
+    described = quantizer.describe()
+    quantizer_ref = QuantizerRef(**described)
+
+    reference = [reference_outputs(pool, int(t), test, options.device) for t in targets]
+    reference_scores = np.stack([r.scores for r in reference])
+    reference_predictions = np.stack([r.test_predictions for r in reference])
+    reference_membership = run_attacks(spec, pool.keep, pool.scores, targets, reference_scores)
+    reference_eval = build_evaluation(pool.keep, targets, reference_membership, reference_predictions, test_labels)
+
+    paths, results = [], []
+    for plan in plan_list:
+        needs_all = "adaptive" in threats and not plan.is_full_precision
+        indices = list(range(spec.membership.n_models)) if needs_all else [int(t) for t in targets]
+        if plan.is_full_precision:
+            outputs = {int(t): reference[row] for row, t in enumerate(targets)}
+        else:
+            store = OutputStore(options.cache_dir, pool, quantizer, plan)
+            progress.start(f"quantize-{plan}", f"{quantizer.name} {plan}: quantize + score", len(indices))
+            outputs = {}
+            for index in indices:
+                outputs[index] = quantized_outputs(pool, index, quantizer, plan, test, store, options.device)
+                progress.advance(f"quantize-{plan}")
+        target_scores = np.stack([outputs[int(t)].scores for t in targets])
+        predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
+        audit = merge_audits([outputs[i].audit for i in indices])
+        for threat in threats:
+            if threat == "adaptive" and not plan.is_full_precision:
+                shadow_scores = np.stack([outputs[i].scores for i in range(spec.membership.n_models)])
+            else:
+                shadow_scores = pool.scores
+            membership = run_attacks(spec, pool.keep, shadow_scores, targets, target_scores)
+            evaluation = build_evaluation(pool.keep, targets, membership, predictions, test_labels)
+            arrays = {
+                "keep": pool.keep, "targets": targets, "shadow_scores": shadow_scores, "target_scores": target_scores,
+                "reference_scores": reference_scores, "test_labels": test_labels, "test_predictions": predictions,
+                "reference_test_predictions": reference_predictions,
+                **{MEMBERSHIP + k: v for k, v in membership.items()},
+                **{REFERENCE_MEMBERSHIP + k: v for k, v in reference_membership.items()},
+            }
+            finished = time.time()
+            result = Result(
+                task=task_ref, quantizer=quantizer_ref, plan=str(plan), threat_model=threat,
+                n_models=spec.membership.n_models, n_examples=len(dataset.pool), n_test=len(test),
+                quantized=evaluation, reference=reference_eval, audit=audit,
+                arrays=ArraysRef(file="pending.npz", sha256="0" * 64), environment=env,
+                started_at=datetime.fromtimestamp(started_wall, timezone.utc),
+                finished_at=datetime.fromtimestamp(finished, timezone.utc), seconds=round(finished - started_wall, 3),
+            )
+            path = result_path(options.out_dir, spec.id, quantizer.name, str(plan), threat)
+            results.append(write_result(path, result, arrays))
+            paths.append(path)
+    return EvaluateOutcome(paths, results, pool)

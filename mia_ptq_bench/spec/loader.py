@@ -1,0 +1,89 @@
+"""Find, read and validate task specs; turn every failure into one clear message."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ..errors import SpecError
+from .schema import TaskSpec
+
+TASKS_ENV = "MPTQ_TASKS"
+
+
+def task_dirs() -> list[Path]:
+    """Where task ids are looked up: $MPTQ_TASKS (os.pathsep-separated), then the bundled tasks."""
+    dirs = [Path(p) for p in os.environ.get(TASKS_ENV, "").split(os.pathsep) if p]
+    dirs.append(Path(str(resources.files("mia_ptq_bench.tasks"))))
+    return dirs
+
+
+def available_tasks() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for folder in task_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def resolve_task_path(ref: str | Path) -> Path:
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise SpecError(f"{path}: task file not found")
+        return path
+    known = available_tasks()
+    if str(ref) not in known:
+        names = ", ".join(sorted(known)) or "none"
+        raise SpecError(f"unknown task {str(ref)!r}; known tasks: {names} (or give a path to a .yaml file)")
+    return known[str(ref)]
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise SpecError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    """One line per problem: ``file: field.path: reason (got value)``."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(document)"
+        reason = item["msg"]
+        if item["type"] == "extra_forbidden":
+            reason = "unknown field"
+        got = item.get("input")
+        shown = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{source}: {field}: {reason}{shown}")
+    return "\n".join(lines)
+
+
+def validate_document(model: type[BaseModel], data: Any, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(source, exc)) from None
+
+
+def load_task(ref: str | Path) -> TaskSpec:
+    """Load a task by id (bundled or under $MPTQ_TASKS) or by path."""
+    path = resolve_task_path(ref)
+    spec: TaskSpec = validate_document(TaskSpec, read_yaml(path), str(path))
+    if path.stem != spec.id:
+        raise SpecError(f"{path}: id: task id {spec.id!r} must match the file name {path.stem!r}")
+    return spec

@@ -1,0 +1,144 @@
+"""The task spec: everything that defines an experiment, validated strictly.
+
+A task's identity is its id plus the sha256 of its canonical content (defaults
+filled in, keys sorted), so a result names exactly the task it was run on. The
+pool depends on a subset of the spec only (data, model, training, membership,
+queries); its cache key is the hash of that subset, so adding a precision plan to
+a task does not retrain the pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..atomic import content_hash
+from .plans import PrecisionPlan
+
+POOL_FIELDS = ("dataset", "model", "training", "membership", "queries")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(Strict):
+    name: str = Field(description="dataset registry name: digits, fashion-mnist, cifar10, cifar100, tinyimagenet")
+    pool_size: int | None = Field(None, gt=0, description="use a seeded subset of the training split as the pool")
+    test_size: int | None = Field(None, gt=0, description="use a seeded subset of the test split")
+    image_size: int | None = Field(None, gt=0, description="resize images to this side length (small test tasks)")
+    subset_seed: int = 0
+
+
+class ModelSpec(Strict):
+    arch: str = Field(description="model registry name: mlp, cnn, resnet18, resnet50, densenet121")
+    width: float = Field(1.0, gt=0, description="channel/hidden-width multiplier")
+    options: dict[str, Any] = Field(default_factory=dict, description="architecture-specific options")
+
+
+class AugmentSpec(Strict):
+    crop_padding: int = Field(0, ge=0, description="random crop of the original size after zero padding")
+    hflip: bool = False
+
+
+class TrainingSpec(Strict):
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    augment: AugmentSpec = AugmentSpec()
+    seed: int = 0
+
+
+class MembershipSpec(Strict):
+    n_models: int = Field(64, ge=2)
+    pkeep: float = Field(0.5, gt=0, lt=1)
+    seed: int = 0
+
+
+class TargetsSpec(Strict):
+    count: int = Field(ge=1, description="pool models 0..count-1 play the victim, one at a time")
+
+
+class LiraSpec(Strict):
+    offline_test: Literal["one-sided", "two-sided"] = Field(
+        "one-sided", description="one-sided P[Z < s] under OUT (LiRA paper) or the reference code's -log N(s; out)"
+    )
+    fixed_variance_out: Literal["out", "in"] = Field(
+        "out", description="'in' reproduces the reference code's quirk of using the IN std for OUT too"
+    )
+    equalize_counts: bool = Field(False, description="truncate IN and OUT shadows to the same count (reference quirk)")
+
+
+class CalibrationSpec(Strict):
+    source: Literal["members", "heldout"] = "members"
+    size: int = Field(1024, gt=0)
+    seed: int = 0
+
+
+AttackName = Literal["lira-online", "lira-online-fixed", "lira-offline", "lira-offline-fixed", "global-threshold"]
+QueryName = Literal["identity", "hflip"]
+ThreatModel = Literal["oblivious", "adaptive"]
+
+
+class TaskSpec(Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")
+    version: int = Field(ge=1)
+    description: str = ""
+    dataset: DatasetSpec
+    model: ModelSpec
+    training: TrainingSpec
+    membership: MembershipSpec = MembershipSpec()
+    targets: TargetsSpec
+    queries: list[QueryName] = Field(default_factory=lambda: ["identity", "hflip"], min_length=1)
+    attacks: list[AttackName] = Field(default_factory=lambda: ["lira-online"], min_length=1)
+    lira: LiraSpec = LiraSpec()
+    plans: list[str] = Field(min_length=1)
+    calibration: CalibrationSpec = CalibrationSpec()
+    threat_models: list[ThreatModel] = Field(default_factory=lambda: ["oblivious"], min_length=1)
+
+    @field_validator("plans")
+    @classmethod
+    def _plans_parse(cls, plans: list[str]) -> list[str]:
+        canonical = [str(PrecisionPlan.parse(plan)) for plan in plans]
+        if "fp32" in canonical:
+            raise ValueError("'fp32' is the reference every result carries; list only quantized plans")
+        return _unique(canonical, "plan")
+
+    @field_validator("queries", "attacks", "threat_models")
+    @classmethod
+    def _no_duplicates(cls, values: list[str]) -> list[str]:
+        return _unique(values, "entry")
+
+    @model_validator(mode="after")
+    def _targets_fit_pool(self) -> TaskSpec:
+        if self.targets.count > self.membership.n_models:
+            raise ValueError(
+                f"targets.count ({self.targets.count}) exceeds membership.n_models ({self.membership.n_models})"
+            )
+        return self
+
+    @property
+    def hash(self) -> str:
+        return content_hash(self.model_dump(mode="json"))
+
+    @property
+    def pool_hash(self) -> str:
+        dumped = self.model_dump(mode="json")
+        return content_hash({key: dumped[key] for key in POOL_FIELDS})
+
+    @property
+    def precision_plans(self) -> list[PrecisionPlan]:
+        return [PrecisionPlan.parse(plan) for plan in self.plans]
+
+
+def _unique(values: list[str], what: str) -> list[str]:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"duplicate {what} {value!r}")
+        seen.add(value)
+    return values
