@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional, TypeVar
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -82,13 +83,14 @@ def tasks() -> None:
     from .spec import available_tasks, load_task
 
     def action() -> None:
-        table = Table(title="tasks")
-        for column in ("id", "version", "dataset", "model", "models", "targets", "plans", "hash"):
-            table.add_column(column)
-        for task_id, path in available_tasks().items():
+        table = Table(title="tasks", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("id", "v", "model", "models/targets", "hash", "plans"):
+            table.add_column(column, no_wrap=column != "plans")
+        for path in available_tasks().values():
             spec = load_task(path)
-            table.add_row(spec.id, str(spec.version), spec.dataset.name, f"{spec.model.arch} ×{spec.model.width:g}",
-                          str(spec.membership.n_models), str(spec.targets.count), ", ".join(spec.plans), spec.hash[:12])
+            width = "" if spec.model.width == 1 else f" ×{spec.model.width:g}"
+            table.add_row(spec.id, str(spec.version), spec.model.arch + width,
+                          f"{spec.membership.n_models}/{spec.targets.count}", spec.hash[:8], " ".join(spec.plans))
         console.print(table)
 
     guarded(action)
@@ -99,12 +101,13 @@ def quantizers() -> None:
     """List the registered quantizers."""
     from .quantize import QUANTIZERS
 
-    table = Table(title="quantizers")
+    table = Table(title="quantizers", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("name", "version", "source", "description"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "description")
     for name, cls in QUANTIZERS.items():
         doc = (cls.__doc__ or "").strip().splitlines()
-        table.add_row(name, cls.version, f"{cls.__module__}:{cls.__qualname__}", doc[0] if doc else "")
+        source = "built-in" if cls.__module__.startswith("mia_ptq_bench.") else f"{cls.__module__}:{cls.__qualname__}"
+        table.add_row(name, cls.version, source, doc[0] if doc else "")
     console.print(table)
 
 

@@ -77,13 +77,13 @@ def attacks_table(results: list[Result]) -> Table:
     """Mean AUC of every attack the task lists: reference and each plan."""
     first = results[0]
     many_threats = len({r.threat_model for r in results}) > 1
-    shown = [r for r in results if r.plan != "fp32"]
+    attacks = list(first.reference.attacks)
     table = Table(title="AUC by attack (mean over targets)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("attack", no_wrap=True)
-    table.add_column("fp32 (ref)", justify="right", style="dim")
-    for result in shown:
-        table.add_column(_label(result, many_threats), justify="right")
-    for attack in first.reference.attacks:
-        table.add_row(attack, f"{first.reference.attacks[attack].auc.mean:.3f}",
-                      *[f"{r.quantized.attacks[attack].auc.mean:.3f}" for r in shown])
+    table.add_column("model", no_wrap=True)
+    for attack in attacks:
+        table.add_column(attack.removeprefix("lira-"), justify="right")
+    table.add_row("fp32 (ref)", *[f"{first.reference.attacks[a].auc.mean:.3f}" for a in attacks], style="dim")
+    for result in results:
+        if result.plan != "fp32":
+            table.add_row(_label(result, many_threats), *[f"{result.quantized.attacks[a].auc.mean:.3f}" for a in attacks])
     return table

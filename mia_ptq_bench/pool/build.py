@@ -19,7 +19,7 @@ from .store import PoolStore
 from .train import can_stack, init_model, make_schedule, train_sequential, train_stacked
 
 Trainer = Literal["auto", "sequential", "stacked"]
-DEFAULT_STACK = 16  # models per stacked group: also the most an interrupted build can lose
+DEFAULT_STACK = 16  # models per stacked group: also the most work an interrupted build can lose
 
 
 @dataclass
@@ -51,13 +51,18 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     store = PoolStore(cache_dir, spec)
     store.ensure_header(keep)
 
-    todo = [i for i in range(n_models) if not store.is_complete(i)]
+    done = [store.is_complete(i) for i in range(n_models)]
     progress.start("pool", f"pool: training {n_models} models", n_models)
-    progress.advance("pool", n_models - len(todo))
+    progress.advance("pool", sum(done))
     stacked = trainer == "stacked" or (trainer == "auto" and can_stack(init_model(spec, dataset, 0)))
     group_size = stack if stacked else 1
-    for start in range(0, len(todo), group_size):
-        group = todo[start : start + group_size]
+    # Groups are fixed by model index, and a group is trained whole even when an earlier run
+    # saved part of it: stacked results depend (in the last float bits) on the group, so this
+    # keeps a resumed pool bit-identical to an uninterrupted one.
+    for start in range(0, n_models, group_size):
+        group = list(range(start, min(start + group_size, n_models)))
+        if all(done[i] for i in group):
+            continue
         models = [init_model(spec, dataset, i) for i in group]
         schedules = [make_schedule(spec, np.flatnonzero(keep[i]), n_examples, i) for i in group]
         if len(group) > 1:
@@ -65,6 +70,8 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
         else:
             trained = [train_sequential(spec, dataset, models[0], schedules[0], device)]
         for index, model in zip(group, trained):
+            if done[index]:
+                continue
             scores = score_split(model, dataset, dataset.pool, list(spec.queries), device)
             store.save_model(index, model, scores, accuracy(model, dataset, dataset.test, device))
             progress.advance("pool")

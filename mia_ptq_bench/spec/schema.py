@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..atomic import content_hash
+from ..errors import PlanError
 from .plans import PrecisionPlan
 
 POOL_FIELDS = ("dataset", "model", "training", "membership", "queries")
@@ -103,7 +104,10 @@ class TaskSpec(Strict):
     @field_validator("plans")
     @classmethod
     def _plans_parse(cls, plans: list[str]) -> list[str]:
-        canonical = [str(PrecisionPlan.parse(plan)) for plan in plans]
+        try:
+            canonical = [str(PrecisionPlan.parse(plan)) for plan in plans]
+        except PlanError as exc:
+            raise ValueError(str(exc)) from None
         if "fp32" in canonical:
             raise ValueError("'fp32' is the reference every result carries; list only quantized plans")
         return _unique(canonical, "plan")

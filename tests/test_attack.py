@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import independent
+from mia_ptq_bench.attack import ATTACKS, global_threshold, leave_one_out, lira_offline, lira_online
+from mia_ptq_bench.metrics import attack_metrics
+from mia_ptq_bench.spec.schema import LiraSpec
+
+
+def synthetic(gap: float, shadows: int = 32, examples: int = 3000, queries: int = 2, seed: int = 0):
+    """Scores ~ N(0, 1) when OUT and N(gap, 1) when IN, for shadows and a target."""
+    rng = np.random.default_rng(seed)
+    keep = rng.random((shadows + 1, examples)) < 0.5
+    keep[:shadows // 2, :] |= False
+    scores = rng.normal(0.0, 1.0, (shadows + 1, examples, queries)) + gap * keep[..., None]
+    return scores[1:], keep[1:], scores[0], keep[0]
+
+
+@pytest.mark.parametrize("name", ["lira-online", "lira-online-fixed", "lira-offline", "lira-offline-fixed",
+                                  "global-threshold"])
+def test_attacks_separate_distinct_gaussians(name: str) -> None:
+    shadow, shadow_in, target, labels = synthetic(gap=2.0)
+    scores = ATTACKS.get(name)(shadow, shadow_in, target, LiraSpec())
+    assert attack_metrics(labels, scores).auc > 0.85
+
+
+@pytest.mark.parametrize("name", ["lira-online", "lira-offline", "global-threshold"])
+def test_attacks_are_at_chance_on_identical_gaussians(name: str) -> None:
+    shadow, shadow_in, target, labels = synthetic(gap=0.0, examples=6000)
+    auc = attack_metrics(labels, ATTACKS.get(name)(shadow, shadow_in, target, LiraSpec())).auc
+    assert abs(auc - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("online, fixed, one_sided", [
+    (True, False, True), (True, True, True), (False, False, True), (False, True, True), (False, False, False),
+])
+def test_vectorised_lira_equals_independent_loop(online: bool, fixed: bool, one_sided: bool) -> None:
+    rng = np.random.default_rng(1)
+    shadow = rng.normal(0, 1, (15, 200, 2)) + rng.normal(0, 3, (1, 200, 1))
+    shadow_in = rng.random((15, 200)) < 0.5
+    shadow_in[0], shadow_in[1] = True, False  # every example has both sides
+    target = rng.normal(0, 1, (200, 2))
+    if online:
+        ours = lira_online(shadow, shadow_in, target, fixed_variance=fixed)
+    else:
+        ours = lira_offline(shadow, shadow_in, target, fixed_variance=fixed,
+                            test="one-sided" if one_sided else "two-sided")
+    theirs = independent.lira(shadow, shadow_in, target, online=online, fixed=fixed, one_sided=one_sided)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_offline_one_sided_is_monotone_in_score() -> None:
+    shadow, shadow_in, _, _ = synthetic(gap=1.0, examples=1)
+    probe = np.linspace(-3, 3, 7)[:, None, None]
+    values = [lira_offline(shadow, shadow_in, p)[0] for p in probe]
+    assert np.all(np.diff(values) > 0), "higher confidence must mean more likely a member"
+
+
+def test_quirk_options_change_the_answer() -> None:
+    shadow, shadow_in, target, _ = synthetic(gap=1.0, examples=300)
+    shadow_in[:, :5] = True
+    shadow_in[0, :5] = False
+    plain = lira_online(shadow, shadow_in, target, fixed_variance=True)
+    quirk = lira_online(shadow, shadow_in, target, fixed_variance=True, fixed_variance_out="in")
+    truncated = lira_online(shadow, shadow_in, target, equalize_counts=True)
+    assert not np.allclose(plain, quirk)
+    assert not np.allclose(truncated, lira_online(shadow, shadow_in, target))
+
+
+def test_missing_side_is_a_clear_error() -> None:
+    shadow, shadow_in, target, _ = synthetic(gap=1.0, examples=10)
+    shadow_in[:, 3] = True
+    with pytest.raises(ValueError, match="no shadow model on this side"):
+        lira_online(shadow, shadow_in, target)
+
+
+def test_global_threshold_is_mean_over_queries() -> None:
+    np.testing.assert_allclose(global_threshold(np.array([[1.0, 3.0], [0.0, -2.0]])), [2.0, -1.0])
+
+
+def test_leave_one_out() -> None:
+    assert leave_one_out(5, 2).tolist() == [0, 1, 3, 4]

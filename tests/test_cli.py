@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from mia_ptq_bench.cli import app
+
+cli = CliRunner()
+
+
+def test_schema_prints_json_schemas() -> None:
+    result = cli.invoke(app, ["schema"])
+    schema = json.loads(result.output)
+    assert result.exit_code == 0 and schema["title"] == "Result" and "quantized" in schema["properties"]
+    task = json.loads(cli.invoke(app, ["schema", "task"]).output)
+    assert task["additionalProperties"] is False
+    assert cli.invoke(app, ["schema", "nonsense"]).exit_code == 2
+
+
+def test_tasks_lists_bundled_and_test_tasks() -> None:
+    result = cli.invoke(app, ["tasks"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0
+    assert "digits-mlp" in result.output and "cifar100-resnet18" in result.output and "tiny-digits" in result.output
+
+
+def test_quantizers_lists_builtins() -> None:
+    result = cli.invoke(app, ["quantizers"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0 and "rtn" in result.output and "fp32" in result.output
+
+
+def test_validate_rejects_other_files(tmp_path) -> None:
+    other = tmp_path / "notes.txt"
+    other.write_text("hi")
+    result = cli.invoke(app, ["validate", str(other)])
+    assert result.exit_code == 1 and "not a task (.yaml) or result (.json)" in result.stderr

@@ -1,0 +1,243 @@
+"""HELM-style smoke tests: the whole pipeline on a tiny task, through the CLI, checked from the outside."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import independent
+from conftest import TASKS
+from mia_ptq_bench import runner as runner_module
+from mia_ptq_bench.cli import app
+from mia_ptq_bench.quantize.builtin import RoundToNearest
+from mia_ptq_bench.results.io import load_result
+from mia_ptq_bench.runner import RunOptions, evaluate
+from mia_ptq_bench.spec import load_task
+
+cli = CliRunner()
+
+
+def run_cli(*args: str):
+    return cli.invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory):
+    """One real evaluation of rtn on tiny-digits, shared by the read-only checks below."""
+    root = tmp_path_factory.mktemp("e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MPTQ_TASKS", str(TASKS))
+        mp.setenv("MPTQ_CACHE", str(root / "cache"))
+        result = run_cli("evaluate", "rtn", "--task", "tiny-digits", "--out", str(root / "results"))
+    assert result.exit_code == 0, result.output + result.stderr
+    return root / "results" / "tiny-digits" / "rtn", result.output
+
+
+def test_evaluate_writes_one_result_per_plan_and_threat_model(evaluated) -> None:
+    folder, output = evaluated
+    names = sorted(p.name for p in folder.glob("*.json"))
+    assert names == ["w1.58-last8--adaptive.json", "w1.58-last8--oblivious.json", "w4--adaptive.json",
+                     "w4--oblivious.json"]
+    assert all((folder / n).with_suffix(".npz").is_file() for n in names)
+    assert "fp32 (ref)" in output and "w1.58-last8 (adaptive)" in output and "TPR@.1%" in output
+
+
+def test_results_validate(evaluated) -> None:
+    folder, _ = evaluated
+    result = run_cli("validate", *[str(p) for p in sorted(folder.glob("*.json"))], str(TASKS / "tiny-digits.yaml"))
+    assert result.exit_code == 0, result.stderr
+    assert result.output.count("ok ") == 5
+
+
+def test_result_names_task_quantizer_and_environment(evaluated) -> None:
+    folder, _ = evaluated
+    result = load_result(folder / "w4--oblivious.json")
+    spec = load_task("tiny-digits")
+    assert (result.task.id, result.task.hash, result.task.pool_hash) == (spec.id, spec.hash, spec.pool_hash)
+    assert result.quantizer.name == "rtn" and len(result.quantizer.config_hash) == 64
+    assert result.environment.packages["torch"] != "absent" and result.environment.device.startswith("cpu")
+    assert [t.index for t in result.quantized.targets] == [0, 1, 2]
+    assert all(a.passed for a in result.audit) and result.audit[-1].allowed_levels == 16
+
+
+def test_every_metric_is_recomputed_by_an_independent_lira(evaluated) -> None:
+    folder, _ = evaluated
+    for path in sorted(folder.glob("*.json")):
+        result = load_result(path)
+        with np.load(path.with_suffix(".npz")) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+        keep, shadows_all = arrays["keep"], arrays["shadow_scores"]
+        for row, target in enumerate(arrays["targets"]):
+            others = np.delete(np.arange(keep.shape[0]), target)
+            recomputed = {
+                "lira-online": independent.lira(shadows_all[others], keep[others], arrays["target_scores"][row]),
+                "lira-offline-fixed": independent.lira(shadows_all[others], keep[others], arrays["target_scores"][row],
+                                                       online=False, fixed=True),
+                "global-threshold": arrays["target_scores"][row].mean(axis=1),
+            }
+            stored = result.quantized.targets[row]
+            for attack, scores in recomputed.items():
+                np.testing.assert_allclose(arrays[f"membership__{attack}"][row], scores, rtol=0, atol=1e-9)
+                labels = keep[target]
+                assert stored.attacks[attack].auc == pytest.approx(independent.auc(labels, scores), abs=1e-9)
+                assert stored.attacks[attack].tpr_at_0_1pct_fpr.tpr == pytest.approx(
+                    independent.tpr_at(labels, scores, 0.001), abs=1e-9)
+                assert stored.attacks[attack].tpr_at_1pct_fpr.tpr == pytest.approx(
+                    independent.tpr_at(labels, scores, 0.01), abs=1e-9)
+            accuracy = np.mean(arrays["test_predictions"][row] == arrays["test_labels"])
+            assert stored.test_accuracy == pytest.approx(accuracy, abs=1e-12)
+        tprs = [t.attacks["lira-online"].tpr_at_1pct_fpr.tpr for t in result.quantized.targets]
+        low, high = independent.t_interval(tprs)
+        summary = result.quantized.attacks["lira-online"].tpr_at_1pct_fpr
+        assert summary.mean == pytest.approx(np.mean(tprs), abs=1e-12)
+        assert summary.ci_low == pytest.approx(max(0.0, low), abs=1e-9)
+        assert summary.ci_high == pytest.approx(min(1.0, high), abs=1e-9)
+
+
+def test_oblivious_and_adaptive_use_different_shadows(evaluated) -> None:
+    folder, _ = evaluated
+    with np.load(folder / "w1.58-last8--oblivious.npz") as a, np.load(folder / "w1.58-last8--adaptive.npz") as b:
+        assert np.array_equal(a["target_scores"], b["target_scores"])
+        assert not np.array_equal(a["shadow_scores"], b["shadow_scores"])
+        np.testing.assert_array_equal(a["shadow_scores"][a["targets"]], a["reference_scores"])
+    oblivious = load_result(folder / "w1.58-last8--oblivious.json").quantized.attacks["lira-online"].auc.mean
+    adaptive = load_result(folder / "w1.58-last8--adaptive.json").quantized.attacks["lira-online"].auc.mean
+    assert oblivious != adaptive
+
+
+def test_tampered_arrays_are_rejected(evaluated, tmp_path: Path) -> None:
+    folder, _ = evaluated
+    for name in ("w4--oblivious.json", "w4--oblivious.npz"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    npz = tmp_path / "w4--oblivious.npz"
+    npz.write_bytes(npz.read_bytes() + b"\0")
+    result = run_cli("validate", str(tmp_path / "w4--oblivious.json"))
+    assert result.exit_code == 1
+    assert "arrays.sha256" in result.stderr and "w4--oblivious.json" in result.stderr
+
+
+def test_tampered_numbers_are_rejected(evaluated, tmp_path: Path) -> None:
+    folder, _ = evaluated
+    document = json.loads((folder / "w4--oblivious.json").read_text())
+    document["quantized"]["targets"][1]["attacks"]["lira-online"]["auc"] += 0.01
+    (tmp_path / "w4--oblivious.json").write_text(json.dumps(document))
+    (tmp_path / "w4--oblivious.npz").write_bytes((folder / "w4--oblivious.npz").read_bytes())
+    result = run_cli("validate", str(tmp_path / "w4--oblivious.json"))
+    assert result.exit_code == 1
+    assert "quantized.targets[1].attacks.lira-online.auc" in result.stderr and "do not match" in result.stderr
+
+
+def test_failed_audit_in_a_result_is_rejected(evaluated, tmp_path: Path) -> None:
+    folder, _ = evaluated
+    document = json.loads((folder / "w4--oblivious.json").read_text())
+    document["audit"][0]["passed"] = False
+    (tmp_path / "r.json").write_text(json.dumps(document))
+    result = run_cli("validate", str(tmp_path / "r.json"))
+    assert result.exit_code == 1 and "audit" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["evaluate", "nope", "--task", "tiny-digits"], "unknown quantizer 'nope'; known: fp32, rtn"),
+    (["evaluate", "rtn", "--task", "tiny-digits", "--plans", "w4,w3.5"], "cannot parse precision plan 'w3.5'"),
+    (["evaluate", "fp32", "--task", "tiny-digits", "--plans", "w4"], "fp32 serves only the fp32 plan"),
+    (["evaluate", "rtn", "--task", "no-such-task"], "unknown task 'no-such-task'"),
+    (["evaluate", "rtn", "--task", "tiny-digits", "--threat-models", "psychic"], "unknown threat model 'psychic'"),
+])
+def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    result = run_cli(*args, "--out", str(tmp_path / "results"))
+    assert result.exit_code == 2
+    assert message in result.stderr and "Traceback" not in result.stderr + result.output
+    assert not (tmp_path / "results").exists()
+
+
+def test_bad_task_file_names_file_and_field(tmp_path: Path) -> None:
+    task = tmp_path / "broken.yaml"
+    task.write_text((TASKS / "tiny-digits.yaml").read_text().replace("id: tiny-digits", "id: broken")
+                    .replace("lr: 0.1", "lr: 0.1\n  warmup: 3"))
+    result = run_cli("evaluate", "rtn", "--task", str(task), "--out", str(tmp_path / "results"))
+    assert result.exit_code == 2
+    assert f"{task}: training.warmup: unknown field" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_dataset_is_one_clear_error(tmp_path: Path) -> None:
+    result = run_cli("evaluate", "rtn", "--task", "fashion-mnist-cnn", "--data-root", str(tmp_path / "empty"),
+                     "--out", str(tmp_path / "results"))
+    assert result.exit_code == 2
+    assert "Fashion-MNIST not found" in result.stderr and "--download" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def _numbers(result) -> dict:
+    dumped = result.model_dump(mode="json")
+    for volatile in ("started_at", "finished_at", "seconds", "arrays"):
+        dumped.pop(volatile)
+    return dumped
+
+
+def test_interrupted_quantization_resumes_to_identical_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = load_task("tiny-digits")
+    plain = evaluate("rtn", spec, options=RunOptions(out_dir=tmp_path / "a", cache_dir=tmp_path / "cache-a"))
+
+    saves = []
+    original = runner_module.OutputStore.save
+
+    def save_then_die(self, index, outputs):
+        original(self, index, outputs)
+        saves.append(index)
+        if len(saves) == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_module.OutputStore, "save", save_then_die)
+    options = RunOptions(out_dir=tmp_path / "b", cache_dir=tmp_path / "cache-b")
+    with pytest.raises(KeyboardInterrupt):
+        evaluate("rtn", spec, options=options)
+    assert not (tmp_path / "b").exists()  # nothing half-written
+    monkeypatch.setattr(runner_module.OutputStore, "save", original)
+
+    quantized = []
+
+    real = RoundToNearest.quantize
+    monkeypatch.setattr(RoundToNearest, "quantize", lambda self, *a: quantized.append(1) or real(self, *a))
+    resumed = evaluate("rtn", spec, options=options)
+    assert len(quantized) == 2 * 8 - 5  # only the models not saved before the interruption
+    assert [_numbers(r) for r in resumed.results] == [_numbers(r) for r in plain.results]
+    for a, b in zip(plain.paths, resumed.paths):
+        with np.load(a.with_suffix(".npz")) as x, np.load(b.with_suffix(".npz")) as y:
+            assert x.files == y.files and all(np.array_equal(x[k], y[k]) for k in x.files)
+
+
+def test_corrupted_quantized_cache_is_named(tmp_path: Path) -> None:
+    spec = load_task("tiny-digits")
+    options = RunOptions(out_dir=tmp_path / "r", cache_dir=tmp_path / "cache")
+    evaluate("rtn", spec, plans=["w4"], threat_models=["oblivious"], options=options)
+    cached = next((tmp_path / "cache" / "quantized").rglob("model-0001.npz"))
+    cached.write_bytes(cached.read_bytes()[:50])
+    result = run_cli("evaluate", "rtn", "--task", "tiny-digits", "--plans", "w4", "--threat-models", "oblivious",
+                     "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r2"))
+    assert result.exit_code == 2 and "model-0001.npz: corrupted cache file" in result.stderr
+
+
+def test_fp32_reference_and_heldout_calibration(tmp_path: Path) -> None:
+    options = RunOptions(out_dir=tmp_path / "r", cache_dir=tmp_path / "cache")
+    outcome = evaluate("fp32", load_task("tiny-cnn"), options=options)
+    (result,) = outcome.results
+    assert result.plan == "fp32" and result.n_test == 100 - 16  # held-out calibration images leave the test split
+    assert _numbers(result)["quantized"] == _numbers(result)["reference"]
+    assert all(a.bits is None for a in result.audit)
+
+
+def test_console_script_runs(tmp_path: Path) -> None:
+    env = dict(os.environ, COLUMNS="120")
+    proc = subprocess.run([sys.executable, "-m", "mia_ptq_bench.cli", "evaluate", "rtn", "--task", "tiny-digits",
+                           "--plans", "w2", "--threat-models", "oblivious", "--out", str(tmp_path / "results")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "w2" in proc.stdout and (tmp_path / "results" / "tiny-digits" / "rtn" / "w2--oblivious.json").is_file()

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mia_ptq_bench.data import load_dataset
+from mia_ptq_bench.errors import CacheError
+from mia_ptq_bench.pool import build_pool, pool_keep_masks
+from mia_ptq_bench.pool import build as build_module
+from mia_ptq_bench.pool.train import (augment, init_model, make_schedule, steps_per_epoch, train_sequential,
+                                      train_stacked)
+from mia_ptq_bench.spec import load_task
+
+
+def test_augment_crop_and_flip() -> None:
+    images = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    centred = torch.tensor([[2, 2], [2, 2]])
+    no_flip = torch.tensor([False, False])
+    assert torch.equal(augment(images, centred, no_flip, padding=2), images)
+    shifted = augment(images, torch.tensor([[0, 0], [4, 4]]), no_flip, padding=2)
+    assert torch.equal(shifted[0, 0, 2:, 2:], images[0, 0, :2, :2]) and (shifted[0, 0, :2] == 0).all()
+    assert torch.equal(shifted[1, 0, :2, :2], images[1, 0, 2:, 2:]) and (shifted[1, 0, 2:] == 0).all()
+    flipped = augment(images, centred, torch.tensor([True, False]), padding=2)
+    assert torch.equal(flipped[0], images[0].flip(-1)) and torch.equal(flipped[1], images[1])
+
+
+def test_schedule_draws_only_members_and_is_seeded(tiny_task) -> None:
+    keep = pool_keep_masks(tiny_task, 400)
+    members = np.flatnonzero(keep[3])
+    a = make_schedule(tiny_task, members, 400, 3)
+    b = make_schedule(tiny_task, members, 400, 3)
+    assert torch.equal(a.batches, b.batches)
+    assert set(a.batches.flatten().tolist()) <= set(members.tolist())
+    assert a.batches.shape == (tiny_task.training.epochs * steps_per_epoch(tiny_task, 400), 32)
+    # the first epoch's worth of the stream is a permutation prefix: no repeats
+    first = a.batches.flatten()[: len(members)]
+    assert len(set(first.tolist())) == len(first)
+    assert not torch.equal(make_schedule(tiny_task, members, 400, 4).batches, a.batches)
+
+
+def test_stacked_training_equals_sequential(tiny_task) -> None:
+    data = load_dataset(tiny_task.dataset)
+    keep = pool_keep_masks(tiny_task, len(data.pool))
+    indices = [0, 1, 2]
+    schedules = [make_schedule(tiny_task, np.flatnonzero(keep[i]), len(data.pool), i) for i in indices]
+    sequential = [train_sequential(tiny_task, data, init_model(tiny_task, data, i), s, torch.device("cpu"))
+                  for i, s in zip(indices, schedules)]
+    stacked = train_stacked(tiny_task, data, [init_model(tiny_task, data, i) for i in indices], schedules,
+                            torch.device("cpu"))
+    for a, b in zip(sequential, stacked):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    untrained = init_model(tiny_task, data, 0)
+    assert not torch.allclose(untrained.state_dict()["1.weight"], stacked[0].state_dict()["1.weight"])
+
+
+def test_pool_learns_and_caches(tiny_task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = load_dataset(tiny_task.dataset)
+    pool = build_pool(tiny_task, data, tmp_path)
+    assert pool.scores.shape == (8, 400, 2) and pool.scores.dtype == np.float64
+    assert pool.test_accuracy.min() > 0.5  # far above 10% chance after 4 epochs
+    members = pool.scores[..., 0][pool.keep].mean()
+    non_members = pool.scores[..., 0][~pool.keep].mean()
+    assert members > non_members  # the gap every membership attack feeds on
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached pool must not retrain")
+
+    monkeypatch.setattr(build_module, "train_stacked", no_training)
+    monkeypatch.setattr(build_module, "train_sequential", no_training)
+    again = build_pool(tiny_task, data, tmp_path)
+    assert np.array_equal(again.scores, pool.scores)
+    model = again.load_model(5)
+    assert torch.equal(model.state_dict()["1.weight"], pool.load_model(5).state_dict()["1.weight"])
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("trainer", ["stacked", "sequential"])
+def test_interrupted_build_resumes_to_identical_pool(tiny_task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     trainer: str) -> None:
+    data = load_dataset(tiny_task.dataset)
+    reference = build_pool(tiny_task, data, tmp_path / "reference", trainer=trainer, stack=3)
+
+    saved = []
+    original_save = build_module.PoolStore.save_model
+
+    def save_then_maybe_die(self, index, *args, **kwargs):
+        original_save(self, index, *args, **kwargs)
+        saved.append(index)
+        if len(saved) == 4:
+            raise Interrupt
+
+    monkeypatch.setattr(build_module.PoolStore, "save_model", save_then_maybe_die)
+    with pytest.raises(Interrupt):
+        build_pool(tiny_task, data, tmp_path / "resumed", trainer=trainer, stack=3)
+    monkeypatch.setattr(build_module.PoolStore, "save_model", original_save)
+
+    trained_again = []
+    original_schedule = build_module.make_schedule
+    monkeypatch.setattr(build_module, "make_schedule",
+                        lambda s, m, n, i: trained_again.append(i) or original_schedule(s, m, n, i))
+    resumed = build_pool(tiny_task, data, tmp_path / "resumed", trainer=trainer, stack=3)
+    # finished groups are not trained again; the group in flight ([3, 4, 5] when stacked by 3) is retrained whole
+    assert trained_again == ([3, 4, 5, 6, 7] if trainer == "stacked" else [4, 5, 6, 7])
+    np.testing.assert_array_equal(resumed.scores, reference.scores)
+    np.testing.assert_array_equal(resumed.test_accuracy, reference.test_accuracy)
+
+
+def test_corrupted_cache_file_is_named(tiny_task, tmp_path: Path) -> None:
+    data = load_dataset(tiny_task.dataset)
+    pool = build_pool(tiny_task, data, tmp_path)
+    scores = pool.store.scores_path(2)
+    scores.write_bytes(scores.read_bytes()[:-8] + b"garbage!")
+    with pytest.raises(CacheError, match=r"model-0002\.npy: sha256 .* does not match .*corrupted"):
+        build_pool(tiny_task, data, tmp_path)
+    weights = pool.store.weights_path(1)
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CacheError, match=r"model-0001\.safetensors"):
+        pool.load_model(1)
+
+
+def test_foreign_cache_folder_is_refused(tiny_task, tmp_path: Path) -> None:
+    data = load_dataset(tiny_task.dataset)
+    pool = build_pool(tiny_task, data, tmp_path)
+    header = pool.store.root / "pool.json"
+    header.write_text(header.read_text().replace(tiny_task.pool_hash, "f" * 64))
+    with pytest.raises(CacheError, match="pool_hash: belongs to pool"):
+        build_pool(tiny_task, data, tmp_path)
+
+
+def test_batchnorm_models_train_sequentially() -> None:
+    spec = load_task("tiny-cnn")
+    data = load_dataset(spec.dataset)
+    from mia_ptq_bench.pool.train import can_stack
+
+    assert not can_stack(init_model(spec, data, 0))
+    pool = build_pool(spec, data, Path(__import__("tempfile").mkdtemp()))
+    assert pool.scores.shape == (4, 300, 2) and np.isfinite(pool.scores).all()

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mia_ptq_bench.errors import SpecError
+from mia_ptq_bench.spec import available_tasks, load_task
+from mia_ptq_bench.spec.loader import TASKS_ENV
+
+BUNDLED = ["digits-mlp", "fashion-mnist-cnn", "fashion-mnist-resnet18", "cifar10-resnet18", "cifar100-resnet18",
+           "tinyimagenet-resnet18", "cifar10-resnet50", "cifar100-resnet50", "cifar10-densenet121",
+           "cifar100-densenet121"]
+
+
+def write_task(folder: Path, data: dict) -> Path:
+    path = folder / f"{data['id']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def tiny_dict() -> dict:
+    return yaml.safe_load((Path(__file__).parent / "tasks" / "tiny-digits.yaml").read_text())
+
+
+@pytest.mark.parametrize("task_id", BUNDLED)
+def test_bundled_tasks_load(task_id: str) -> None:
+    spec = load_task(task_id)
+    assert spec.id == task_id
+    assert len(spec.hash) == 64
+    assert spec.membership.n_models >= spec.targets.count
+
+
+def test_study_tasks_follow_protocol() -> None:
+    spec = load_task("cifar100-resnet18")
+    t = spec.training
+    assert (t.lr, t.momentum, t.weight_decay, t.batch_size, t.schedule) == (0.1, 0.9, 5e-4, 128, "cosine")
+    assert (t.augment.crop_padding, t.augment.hflip) == (4, True)
+    assert (spec.membership.n_models, spec.membership.pkeep, spec.targets.count) == (64, 0.5, 10)
+    assert spec.queries == ["identity", "hflip"] and spec.calibration.size == 1024
+    assert set(spec.plans) == {"w4", "w2", "w1.58", "w1.58-last8"}
+    assert all(p.endswith("-last8") for p in load_task("tinyimagenet-resnet18").plans)
+
+
+def test_default_task_is_bundled_without_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TASKS_ENV)
+    assert "digits-mlp" in available_tasks() and "tiny-digits" not in available_tasks()
+
+
+def test_hash_is_canonical_and_content_sensitive(tmp_path: Path, tiny_dict: dict) -> None:
+    a = load_task(write_task(tmp_path, tiny_dict))
+    reordered = dict(reversed(list(tiny_dict.items())))
+    reordered["membership"] = {"n_models": 8, "pkeep": 0.5}  # spelling out a default changes nothing
+    b = load_task(write_task(tmp_path, reordered))
+    assert a.hash == b.hash
+    changed = dict(tiny_dict, version=2)
+    assert load_task(write_task(tmp_path, changed)).hash != a.hash
+
+
+def test_pool_hash_ignores_plans_but_not_training(tmp_path: Path, tiny_dict: dict) -> None:
+    base = load_task(write_task(tmp_path, tiny_dict))
+    more_plans = load_task(write_task(tmp_path, dict(tiny_dict, plans=["w2"])))
+    assert more_plans.pool_hash == base.pool_hash and more_plans.hash != base.hash
+    retrained = load_task(write_task(tmp_path, dict(tiny_dict, training=dict(tiny_dict["training"], epochs=5))))
+    assert retrained.pool_hash != base.pool_hash
+
+
+@pytest.mark.parametrize("mutate, field, reason", [
+    (lambda d: d.update(colour="blue"), "colour", "unknown field"),
+    (lambda d: d["training"].update(lr="fast"), "training.lr", "valid number"),
+    (lambda d: d["training"].update(lr=-1), "training.lr", "greater than 0"),
+    (lambda d: d["training"].update(optimiser="adam"), "training.optimiser", "unknown field"),
+    (lambda d: d.update(plans=["w4", "w3.5"]), "plans", "cannot parse precision plan"),
+    (lambda d: d.update(plans=["w4", "w4"]), "plans", "duplicate"),
+    (lambda d: d.update(attacks=["lira-sideways"]), "attacks.0", "lira-online"),
+    (lambda d: d["targets"].update(count=99), "(document)", "exceeds membership.n_models"),
+    (lambda d: d.pop("training"), "training", "Field required"),
+])
+def test_bad_specs_name_file_field_and_reason(tmp_path: Path, tiny_dict: dict, mutate, field: str, reason: str) -> None:
+    mutate(tiny_dict)
+    path = write_task(tmp_path, tiny_dict)
+    with pytest.raises(SpecError) as info:
+        load_task(path)
+    message = str(info.value)
+    assert str(path) in message and f": {field}:" in message and reason in message
+
+
+def test_id_must_match_file_name(tmp_path: Path, tiny_dict: dict) -> None:
+    path = tmp_path / "other-name.yaml"
+    path.write_text(yaml.safe_dump(tiny_dict))
+    with pytest.raises(SpecError, match="must match the file name"):
+        load_task(path)
+
+
+def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("id: broken\nplans: [w4\n")
+    with pytest.raises(SpecError, match=r"broken\.yaml:\d+: not valid YAML"):
+        load_task(path)
+
+
+def test_unknown_task_id_lists_known() -> None:
+    with pytest.raises(SpecError, match="unknown task 'nope'.*digits-mlp"):
+        load_task("nope")
