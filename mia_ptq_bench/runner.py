@@ -9,7 +9,6 @@ cached per model, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from .environment import default_device, environment
 from .errors import BenchError, CacheError, PlanError, SpecError
 from .pool import Pool, build_pool
 from .progress import Progress, SilentProgress
-from .quantize import QUANTIZERS, LayerAudit, Quantizer, audit_model, enforce_audit
+from .quantize import QUANTIZERS, Calibration, LayerAudit, Quantizer, audit_model, enforce_audit
 from .results.compute import build_evaluation
 from .results.io import MEMBERSHIP, REFERENCE_MEMBERSHIP, result_path, write_result
 from .results.schema import ArraysRef, Environment, QuantizerRef, Result, TaskRef
@@ -44,6 +43,7 @@ class RunOptions:
     device: str = field(default_factory=default_device)
     download: bool = False
     trainer: str = "auto"
+    quantize_group: int = 16  # models quantized together (batched where the method allows)
 
 
 @dataclass(frozen=True)
@@ -94,18 +94,19 @@ def evaluation_test_split(spec: TaskSpec, dataset: ImageDataset) -> Split:
     return dataset.test.take(np.flatnonzero(keep))
 
 
-def calibration_images(spec: TaskSpec, dataset: ImageDataset, keep: np.ndarray, model_index: int,
-                       device: str | torch.device) -> torch.Tensor:
-    """Normalised calibration images: drawn from the model's own members, or the held-out test images."""
+def calibration_set(spec: TaskSpec, dataset: ImageDataset, keep: np.ndarray, model_index: int, size: int,
+                    device: str | torch.device) -> Calibration:
+    """The model's calibration data: ``size`` of its own members, or the task's held-out test images."""
     cal = spec.calibration
     if cal.source == "heldout":
-        images = dataset.test.images[torch.as_tensor(heldout_indices(spec, dataset))]
+        raw = dataset.test.images[torch.as_tensor(heldout_indices(spec, dataset))]
     else:
         members = np.flatnonzero(keep[model_index])
-        chosen = np.random.RandomState(cal.seed + model_index).choice(len(members), min(cal.size, len(members)),
+        chosen = np.random.RandomState(cal.seed + model_index).choice(len(members), min(size, len(members)),
                                                                      replace=False)
-        images = dataset.pool.images[torch.as_tensor(np.sort(members[chosen]))]
-    return dataset.normalize(images.to(device))
+        raw = dataset.pool.images[torch.as_tensor(np.sort(members[chosen]))]
+    augment = spec.training.augment
+    return Calibration(raw.to(device), dataset.normalize, augment.crop_padding, augment.hflip, cal.seed + model_index)
 
 
 # -- per-model outputs, cached ------------------------------------------------------------------
@@ -154,21 +155,26 @@ def reference_outputs(pool: Pool, index: int, test: Split, device: str) -> Model
     return ModelOutputs(pool.scores[index], predictions, audit_model(model, PrecisionPlan(None)))
 
 
-def quantized_outputs(pool: Pool, index: int, quantizer: Quantizer, plan: PrecisionPlan, test: Split,
-                      store: OutputStore, device: str) -> ModelOutputs:
-    cached = store.load(index)
-    if cached is not None:
-        return cached
-    model = pool.load_model(index, device)
-    calibration = calibration_images(pool.spec, pool.dataset, pool.keep, index, device)
-    quantized = quantizer.quantize(copy.deepcopy(model), calibration, plan)
-    audit = audit_model(quantized, plan)
-    enforce_audit(audit, plan, f"quantizer {quantizer.name!r} on pool model {index}")
-    scores, predictions = model_outputs(quantized, pool, test, device)
-    if not np.isfinite(scores).all():
-        raise BenchError(f"quantizer {quantizer.name!r} at {plan}: model {index} produced non-finite outputs")
-    outputs = ModelOutputs(scores, predictions, audit)
-    store.save(index, outputs)
+def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan: PrecisionPlan, test: Split,
+                      store: OutputStore, device: str) -> dict[int, ModelOutputs]:
+    """Quantize, audit and score a group of pool models (cached ones are loaded, not redone)."""
+    outputs = {i: cached for i in indices if (cached := store.load(i)) is not None}
+    todo = [i for i in indices if i not in outputs]
+    if not todo:
+        return outputs
+    spec = pool.spec
+    size = quantizer.calibration_size(spec.calibration.size) if spec.calibration.source == "members" else 0
+    models = [pool.load_model(i, device) for i in todo]
+    calibrations = [calibration_set(spec, pool.dataset, pool.keep, i, size, device) for i in todo]
+    quantized = quantizer.quantize_many(models, calibrations, plan)
+    for index, model in zip(todo, quantized):
+        audit = audit_model(model, plan)
+        enforce_audit(audit, plan, f"quantizer {quantizer.name!r} on pool model {index}")
+        scores, predictions = model_outputs(model, pool, test, device)
+        if not np.isfinite(scores).all():
+            raise BenchError(f"quantizer {quantizer.name!r} at {plan}: model {index} produced non-finite outputs")
+        outputs[index] = ModelOutputs(scores, predictions, audit)
+        store.save(index, outputs[index])
     return outputs
 
 
@@ -212,6 +218,7 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
     progress = progress or SilentProgress()
     if isinstance(quantizer, str):
         quantizer = QUANTIZERS.get(quantizer)()
+    quantizer.progress = progress
     check_task(spec)
     plan_list = resolve_plans(quantizer, spec, plans)
     threats = threat_models or list(spec.threat_models)
@@ -246,9 +253,10 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
             store = OutputStore(options.cache_dir, pool, quantizer, plan)
             progress.start(f"quantize-{plan}", f"{quantizer.name} {plan}: quantize + score", len(indices))
             outputs = {}
-            for index in indices:
-                outputs[index] = quantized_outputs(pool, index, quantizer, plan, test, store, options.device)
-                progress.advance(f"quantize-{plan}")
+            for start in range(0, len(indices), options.quantize_group):
+                group = indices[start : start + options.quantize_group]
+                outputs.update(quantized_outputs(pool, group, quantizer, plan, test, store, options.device))
+                progress.advance(f"quantize-{plan}", len(group))
         target_scores = np.stack([outputs[int(t)].scores for t in targets])
         predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
         audit = merge_audits([outputs[i].audit for i in indices])

@@ -144,7 +144,7 @@ def test_failed_audit_in_a_result_is_rejected(evaluated, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("args, message", [
-    (["evaluate", "nope", "--task", "tiny-digits"], "unknown quantizer 'nope'; known: fp32, rtn"),
+    (["evaluate", "nope", "--task", "tiny-digits"], "unknown quantizer 'nope'; known: adaround, brecq, fp32, rtn"),
     (["evaluate", "rtn", "--task", "tiny-digits", "--plans", "w4,w3.5"], "cannot parse precision plan 'w3.5'"),
     (["evaluate", "fp32", "--task", "tiny-digits", "--plans", "w4"], "fp32 serves only the fp32 plan"),
     (["evaluate", "rtn", "--task", "no-such-task"], "unknown task 'no-such-task'"),
@@ -204,8 +204,9 @@ def test_interrupted_quantization_resumes_to_identical_results(tmp_path: Path, m
 
     quantized = []
 
-    real = RoundToNearest.quantize
-    monkeypatch.setattr(RoundToNearest, "quantize", lambda self, *a: quantized.append(1) or real(self, *a))
+    real = RoundToNearest.quantize_prepared
+    monkeypatch.setattr(RoundToNearest, "quantize_prepared",
+                        lambda self, models, *a: quantized.extend(models) or real(self, models, *a))
     resumed = evaluate("rtn", spec, options=options)
     assert len(quantized) == 2 * 8 - 5  # only the models not saved before the interruption
     assert [_numbers(r) for r in resumed.results] == [_numbers(r) for r in plain.results]

@@ -10,7 +10,8 @@ from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.errors import CacheError
 from mia_ptq_bench.pool import build_pool, pool_keep_masks
 from mia_ptq_bench.pool import build as build_module
-from mia_ptq_bench.pool.train import (augment, init_model, make_schedule, steps_per_epoch, train_sequential,
+from mia_ptq_bench.data.augment import augment
+from mia_ptq_bench.pool.train import (init_model, make_schedule, steps_per_epoch, train_sequential,
                                       train_stacked)
 from mia_ptq_bench.spec import load_task
 

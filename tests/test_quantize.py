@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from mia_ptq_bench.errors import AuditError
 from mia_ptq_bench.models import build_model, quantizable_layers
-from mia_ptq_bench.quantize import QUANTIZERS, audit_model, enforce_audit, fit_grid
+from mia_ptq_bench.quantize import QUANTIZERS, Calibration, audit_model, enforce_audit, fit_grid
 from mia_ptq_bench.quantize.audit import distinct_per_row
 from mia_ptq_bench.quantize.grid import minmax_grid
 from mia_ptq_bench.spec import PrecisionPlan
@@ -20,8 +20,13 @@ def small_cnn() -> nn.Module:
     return build_model(ModelSpec(arch="cnn", width=0.25, options={"batchnorm": True, "hidden": 16}), (1, 16, 16), 10)
 
 
-def rtn(model: nn.Module, plan: str) -> nn.Module:
-    return QUANTIZERS.get("rtn")().quantize(copy.deepcopy(model), None, PrecisionPlan.parse(plan))
+def calibration(count: int = 16, side: int = 16) -> Calibration:
+    raw = torch.randint(0, 256, (count, 1, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return Calibration(raw, lambda x: x.float() / 255.0 - 0.5)
+
+
+def rtn(model: nn.Module, plan: str, bn: str = "keep") -> nn.Module:
+    return QUANTIZERS.get("rtn")({"bn": bn}).quantize(copy.deepcopy(model), calibration(), PrecisionPlan.parse(plan))
 
 
 @pytest.mark.parametrize("levels", [2, 3, 4, 16])
@@ -115,3 +120,18 @@ def test_config_hash_tracks_config() -> None:
     assert a["config_hash"] != b["config_hash"] and a["config"]["p"] == 2.4
     with pytest.raises(Exception, match="extra"):
         rtn_cls({"bogus": 1})
+
+
+def test_bn_policies() -> None:
+    model = small_cnn()
+    model.train()
+    model(torch.randn(32, 1, 16, 16))  # non-trivial running statistics
+    model.eval()
+    folded = rtn(model, "w4", bn="fold")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert folded[0].bias is not None  # the BN shift moved into the conv bias
+    kept = rtn(model, "w4", bn="keep")
+    assert torch.equal(kept[1].running_mean, model[1].running_mean)
+    reestimated = rtn(model, "w4", bn="reestimate")
+    assert not torch.allclose(reestimated[1].running_mean, model[1].running_mean)
+    assert QUANTIZERS.get("rtn")({"bn": "study"}).bn_policy == "keep"

@@ -8,7 +8,7 @@ from ..errors import SpecError
 from ..spec.schema import ModelSpec
 from . import resnet as _resnet  # noqa: F401  (registers the built-in models)
 from . import small as _small  # noqa: F401
-from .base import MODELS, QUANTIZABLE, quantizable_layers
+from .base import BLOCKS, MODELS, QUANTIZABLE, quantizable_layers
 
 
 def build_model(spec: ModelSpec, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -19,4 +19,4 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, int, int], num_classes:
         raise SpecError(f"model.options: {spec.arch} does not accept these options: {exc}") from None
 
 
-__all__ = ["MODELS", "QUANTIZABLE", "build_model", "quantizable_layers"]
+__all__ = ["BLOCKS", "MODELS", "QUANTIZABLE", "build_model", "quantizable_layers"]

@@ -13,6 +13,9 @@ MODELS: Registry[ModelFactory] = Registry("model")
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
+# Block types that block-wise reconstruction (BRECQ) treats as one unit. Models register theirs.
+BLOCKS: Registry[type[nn.Module]] = Registry("block")
+
 
 def scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))

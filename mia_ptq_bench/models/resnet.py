@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torchvision.models.densenet import DenseNet
+from torchvision.models.densenet import DenseNet, _DenseLayer, _Transition
 
-from .base import MODELS, scaled
+from .base import BLOCKS, MODELS, scaled
 
 
+@BLOCKS.register("basic")
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -34,6 +35,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+@BLOCKS.register("bottleneck")
 class Bottleneck(nn.Module):
     expansion = 4
 
@@ -114,3 +116,7 @@ def densenet121(input_shape: tuple[int, int, int], num_classes: int, width: floa
     nn.init.kaiming_normal_(model.features.conv0.weight)
     model.features.pool0 = nn.Identity()
     return model
+
+
+BLOCKS.add("dense-layer", _DenseLayer)
+BLOCKS.add("dense-transition", _Transition)

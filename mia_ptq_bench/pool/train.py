@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
 from ..data import ImageDataset
+from ..data.augment import augment
 from ..models import build_model
 from ..spec.schema import TaskSpec
 
@@ -67,21 +68,6 @@ def init_model(spec: TaskSpec, dataset: ImageDataset, index: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(model_seed(spec.training.seed, index))
         return build_model(spec.model, dataset.input_shape, dataset.num_classes)
-
-
-def augment(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, padding: int) -> torch.Tensor:
-    """Random crop after zero padding, then horizontal flip, on a uint8 batch (B, C, H, W)."""
-    if padding:
-        batch, _, height, width = images.shape
-        padded = F.pad(images, (padding,) * 4)
-        rows = (torch.arange(height, device=images.device) + shifts[:, 0:1]).view(batch, 1, height, 1)
-        cols = (torch.arange(width, device=images.device) + shifts[:, 1:2]).view(batch, 1, 1, width)
-        index = torch.arange(batch, device=images.device).view(batch, 1, 1, 1)
-        channel = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
-        images = padded[index, channel, rows, cols]
-    if flips.any():
-        images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
-    return images
 
 
 def learning_rate(spec: TaskSpec, step: int, per_epoch: int) -> float:

@@ -1,7 +1,8 @@
 """What a quantizer is: a config model, a name, and ``quantize(model, calibration, plan) -> model``.
 
-A quantizer receives a copy of a trained full-precision model, calibration
-images (normalised float tensors drawn as the task says), and a precision plan.
+A quantizer receives a copy of a trained full-precision model, its calibration
+data (a ``Calibration``: normalised images drawn as the task says, and augmented
+copies on request), and a precision plan.
 It returns a model of the same architecture whose quantized layers' weights lie
 on a grid of at most the plan's number of values per output channel (the audit
 checks). Its config is a pydantic model; the hash of (name, version, config)
@@ -13,13 +14,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
-import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
 from ..atomic import content_hash
+from ..progress import Progress, SilentProgress
 from ..registry import Registry
 from ..spec.plans import PrecisionPlan
+from .calibration import Calibration
 
 
 class QuantizerConfig(BaseModel):
@@ -38,6 +40,15 @@ class Quantizer(ABC):
         elif isinstance(config, dict):
             config = self.Config.model_validate(config)
         self.config = config
+        self.progress: Progress = SilentProgress()  # the runner hands in its progress display
+
+    def calibration_size(self, task_size: int) -> int:
+        """How many calibration images to draw from the target's members (the task's number by default)."""
+        return task_size
+
+    def quantize_many(self, models: list[nn.Module], calibrations: list[Calibration], plan: PrecisionPlan) -> list[nn.Module]:
+        """Quantize several same-architecture models; override where batching them is faster."""
+        return [self.quantize(m, c, plan) for m, c in zip(models, calibrations)]
 
     def unsupported(self, plan: PrecisionPlan) -> str | None:
         """Why this quantizer cannot serve ``plan``, or None if it can."""
@@ -46,7 +57,7 @@ class Quantizer(ABC):
         return None
 
     @abstractmethod
-    def quantize(self, model: nn.Module, calibration: torch.Tensor, plan: PrecisionPlan) -> nn.Module: ...
+    def quantize(self, model: nn.Module, calibration: Calibration, plan: PrecisionPlan) -> nn.Module: ...
 
     def describe(self) -> dict:
         config = self.config.model_dump(mode="json")

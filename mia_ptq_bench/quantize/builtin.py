@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-import torch
 import torch.nn as nn
-from pydantic import Field
 
 from ..models import quantizable_layers
-from ..spec.plans import PrecisionPlan, levels_for_bits
-from .base import Quantizer, QuantizerConfig, register_quantizer
-from .grid import as_rows, fit_grid
+from ..spec.plans import PrecisionPlan
+from .base import Quantizer, register_quantizer
+from .calibration import Calibration
+from .common import CalibratedQuantizer, GridConfig, set_weight
+from .grid import as_rows
 
 
 @register_quantizer("fp32")
@@ -23,30 +21,19 @@ class FullPrecision(Quantizer):
     def unsupported(self, plan: PrecisionPlan) -> str | None:
         return None if plan.is_full_precision else "fp32 serves only the fp32 plan"
 
-    def quantize(self, model: nn.Module, calibration: torch.Tensor, plan: PrecisionPlan) -> nn.Module:
+    def quantize(self, model: nn.Module, calibration: Calibration, plan: PrecisionPlan) -> nn.Module:
         return model
-
-
-class RTNConfig(QuantizerConfig):
-    per_channel: bool = True
-    search: Literal["lp", "minmax"] = Field("lp", description="L_p shrink search of the range, or plain min/max")
-    p: float = Field(2.4, gt=0)
-    steps: int = Field(80, ge=1, le=100)
 
 
 @register_quantizer("rtn")
-class RoundToNearest(Quantizer):
-    """Each weight to the nearest point of its channel's grid; no calibration data used."""
+class RoundToNearest(CalibratedQuantizer):
+    """Each weight to the nearest point of its channel's grid; calibration data unused (but by BN re-estimation)."""
 
-    Config = RTNConfig
+    Config = GridConfig
+    study_bn = "keep"
 
-    @torch.no_grad()
-    def quantize(self, model: nn.Module, calibration: torch.Tensor, plan: PrecisionPlan) -> nn.Module:
-        cfg: RTNConfig = self.config  # type: ignore[assignment]
-        layers = quantizable_layers(model)
-        for index, (_, layer) in enumerate(layers):
-            bits = plan.bits_for(index, len(layers))
-            grid = fit_grid(layer.weight, levels_for_bits(bits), per_channel=cfg.per_channel, search=cfg.search,
-                            p=cfg.p, steps=cfg.steps)
-            layer.weight.copy_(grid.round_to_nearest(as_rows(layer.weight, grid)).view_as(layer.weight))
-        return model
+    def quantize_prepared(self, models, originals, calibrations, levels) -> None:
+        for model in models:
+            for name, layer in quantizable_layers(model):
+                grid = self.config.grid(layer.weight, levels[name])
+                set_weight(model, name, grid.round_to_nearest(as_rows(layer.weight.detach(), grid)).view_as(layer.weight))

@@ -1,0 +1,73 @@
+"""BatchNorm handling around quantization, made explicit: fold, keep, or re-estimate.
+
+- ``fold``: every BatchNorm that directly follows a convolution is folded into it
+  (weights scaled, bias shifted) and replaced by Identity, so the quantized weights
+  are the ones a deployed integer kernel would use (BRECQ's handling).
+- ``keep``: BatchNorm stays in full precision after the quantized convolution (AdaRound's).
+- ``reestimate``: BatchNorm stays, and its running statistics are recomputed on the
+  calibration images after quantization (OBC's).
+A BatchNorm that follows no convolution (DenseNet's pre-activation layers) is kept
+under every policy.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+BNPolicy = Literal["fold", "keep", "reestimate"]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv name, bn name) where the BatchNorm's only input is the conv's output and nothing else reads it."""
+    graph = fx.symbolic_trace(model).graph
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        source = node.args[0] if node.args else None
+        if (isinstance(source, fx.Node) and source.op == "call_module"
+                and isinstance(modules.get(source.target), nn.Conv2d) and len(source.users) == 1):
+            pairs.append((str(source.target), str(node.target)))
+    return pairs
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold conv->BN pairs in place (eval-mode statistics); the model computes the same function in eval mode."""
+    for conv_name, bn_name in conv_bn_pairs(model):
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        new_bias = (bias - bn.running_mean) * scale + bn.bias
+        conv.bias = nn.Parameter(new_bias.detach().clone())
+        _set_submodule(model, bn_name, nn.Identity())
+    return model
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> nn.Module:
+    """Recompute every BatchNorm's running mean and variance on ``images`` (a cumulative average)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    for batch in images.split(batch_size):
+        model(batch)
+    for bn, momentum in zip(norms, momenta):
+        bn.momentum = momentum
+    return model.eval()

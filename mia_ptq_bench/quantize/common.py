@@ -1,0 +1,71 @@
+"""What the calibrated quantizers share: grid settings, the BatchNorm policy, per-layer levels."""
+
+from __future__ import annotations
+
+import copy
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from ..models import quantizable_layers
+from ..spec.plans import PrecisionPlan, levels_for_bits
+from .base import Quantizer, QuantizerConfig
+from .batchnorm import BNPolicy, fold_batchnorm, reestimate_batchnorm
+from .calibration import Calibration
+from .grid import Grid, fit_grid
+
+
+class GridConfig(QuantizerConfig):
+    per_channel: bool = Field(True, description="one grid per output channel (else one per tensor)")
+    search: Literal["lp", "minmax"] = Field("lp", description="L_p shrink search of the range, or plain min/max")
+    p: float = Field(2.4, gt=0)
+    steps: int = Field(80, ge=1, le=100)
+    bn: Literal["fold", "keep", "reestimate", "study"] = Field(
+        "fold", description="BatchNorm policy; the same for every quantizer by default, 'study' = the method's own")
+
+    def grid(self, weight: torch.Tensor, levels: int) -> Grid:
+        return fit_grid(weight, levels, per_channel=self.per_channel, search=self.search, p=self.p, steps=self.steps)
+
+
+def layer_levels(model: nn.Module, plan: PrecisionPlan) -> dict[str, int]:
+    layers = quantizable_layers(model)
+    return {name: levels_for_bits(plan.bits_for(i, len(layers))) for i, (name, _) in enumerate(layers)}
+
+
+class CalibratedQuantizer(Quantizer):
+    """Applies the BatchNorm policy around a method's ``quantize_prepared`` over a group of models."""
+
+    Config: ClassVar[type[GridConfig]] = GridConfig
+    study_bn: ClassVar[BNPolicy] = "fold"
+
+    @property
+    def bn_policy(self) -> BNPolicy:
+        chosen = self.config.bn  # type: ignore[attr-defined]
+        return self.study_bn if chosen == "study" else chosen
+
+    def quantize(self, model: nn.Module, calibration: Calibration, plan: PrecisionPlan) -> nn.Module:
+        return self.quantize_many([model], [calibration], plan)[0]
+
+    def quantize_many(self, models: list[nn.Module], calibrations: list[Calibration], plan: PrecisionPlan) -> list[nn.Module]:
+        models = [m.eval() for m in models]
+        if self.bn_policy == "fold":
+            models = [fold_batchnorm(m) for m in models]
+        size = min(len(c) for c in calibrations)
+        calibrations = [c.take(size) for c in calibrations]
+        originals = [copy.deepcopy(m) for m in models]
+        self.quantize_prepared(models, originals, calibrations, layer_levels(models[0], plan))
+        if self.bn_policy == "reestimate":
+            models = [reestimate_batchnorm(m, c.images) for m, c in zip(models, calibrations)]
+        return models
+
+    def quantize_prepared(self, models: list[nn.Module], originals: list[nn.Module], calibrations: list[Calibration],
+                          levels: dict[str, int]) -> None:
+        """Quantize ``models`` in place; ``originals`` are their full-precision copies (BN policy applied)."""
+        raise NotImplementedError
+
+
+def set_weight(model: nn.Module, layer_name: str, weight: torch.Tensor) -> None:
+    with torch.no_grad():
+        model.get_submodule(layer_name).weight.copy_(weight)

@@ -1,0 +1,96 @@
+"""AdaRound (layer by layer) and BRECQ (block by block): learned rounding that reconstructs outputs.
+
+Both walk the model's units in order. For each, the unit's input is captured from the
+model as quantized so far (the reference code's ``asym=True``) and its target output
+from the full-precision copy; the rounding of every weight in the unit is then learned
+(``rounding.learn_rounding``) and fixed. Several models go through together.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from ..errors import BenchError
+from .base import register_quantizer
+from .common import CalibratedQuantizer, GridConfig, set_weight
+from .rounding import RoundingSchedule, learn_rounding
+from .units import Unit, block_units, capture, layer_units
+
+
+class ReconstructionConfig(GridConfig):
+    iters: int = Field(20000, ge=1, description="Adam steps per unit")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    reg_weight: float = Field(0.001, ge=0, description="weight of the rounding regulariser")
+    beta_start: float = Field(20.0, gt=0)
+    beta_end: float = Field(2.0, gt=0)
+    warmup: float = Field(0.2, ge=0, lt=1, description="fraction of steps before the regulariser starts")
+    inputs: Literal["quantized", "full_precision"] = Field(
+        "quantized", description="capture unit inputs from the partly quantized model (reference) or the original")
+    seed: int = 0
+    capture_batch: int = Field(256, ge=1)
+
+    def schedule(self) -> RoundingSchedule:
+        return RoundingSchedule(self.iters, self.batch_size, self.lr, self.reg_weight, self.beta_start,
+                                self.beta_end, self.warmup, self.seed)
+
+
+class _Reconstruction(CalibratedQuantizer):
+    Config = ReconstructionConfig
+    granularity: ClassVar[str] = "layer"
+
+    def units(self, model) -> list[Unit]:
+        return layer_units(model) if self.granularity == "layer" else block_units(model)
+
+    def quantize_prepared(self, models, originals, calibrations, levels) -> None:
+        cfg: ReconstructionConfig = self.config  # type: ignore[assignment]
+        quantized_units = [self.units(m) for m in models]
+        original_units = [self.units(o) for o in originals]
+        count = len(quantized_units[0])
+        key = f"{self.name}-units"
+        self.progress.start(key, f"  {self.name}: {count} {self.granularity}s × {len(models)} models", count)
+        for u in range(count):
+            sources = models if cfg.inputs == "quantized" else originals
+            source_units = quantized_units if cfg.inputs == "quantized" else original_units
+            inputs = torch.stack([capture(src, su[u].first, cal.images, "input", cfg.capture_batch)
+                                  for src, su, cal in zip(sources, source_units, calibrations)])
+            targets = torch.stack([capture(orig, ou[u].last, cal.images, "output", cfg.capture_batch)
+                                   for orig, ou, cal in zip(originals, original_units, calibrations)])
+            if not (torch.isfinite(inputs).all() and torch.isfinite(targets).all()):
+                raise BenchError(f"{self.name}: non-finite calibration activations at {quantized_units[0][u].name}")
+            unit_layers = quantized_units[0][u].layers
+            keys = [f"{prefix}.weight" for prefix in unit_layers]
+            grids = [{f"{prefix}.weight": cfg.grid(model.get_submodule(layer).weight.detach(), levels[layer])
+                      for prefix, layer in unit_layers.items()} for model in models]
+            unit_levels = {f"{prefix}.weight": levels[layer] for prefix, layer in unit_layers.items()}
+            with torch.enable_grad():
+                hard, _ = learn_rounding([qu[u].module for qu in quantized_units], keys, unit_levels, grids, inputs,
+                                         targets, cfg.schedule())
+            for model, weights in zip(models, hard):
+                for prefix, layer in unit_layers.items():
+                    set_weight(model, layer, weights[f"{prefix}.weight"])
+            self.progress.advance(key)
+
+
+@register_quantizer("adaround")
+class AdaRound(_Reconstruction):
+    """AdaRound (Nagel et al., 2020): learned rounding, reconstructing each layer's output."""
+
+    granularity = "layer"
+    study_bn = "keep"
+
+
+class BRECQConfig(ReconstructionConfig):
+    reg_weight: float = Field(0.01, ge=0, description="weight of the rounding regulariser")
+
+
+@register_quantizer("brecq")
+class BRECQ(_Reconstruction):
+    """BRECQ (Li et al., 2021): learned rounding, reconstructing each residual/dense block's output."""
+
+    Config = BRECQConfig
+    granularity = "block"
+    study_bn = "fold"
