@@ -35,6 +35,25 @@ def _split_list(text: Optional[str]) -> Optional[list[str]]:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
+def make_quantizer(cls, settings: list[str]):
+    """Instantiate a quantizer class with ``KEY=VALUE`` overrides of its config (values parsed as YAML)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from .spec.loader import format_validation_error
+
+    config = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BenchError(f"--set {item!r}: expected KEY=VALUE")
+        config[key.strip()] = yaml.safe_load(value)
+    try:
+        return cls(config)
+    except ValidationError as exc:
+        raise BenchError(format_validation_error(f"{cls.name} config (--set)", exc)) from None
+
+
 @app.command()
 def evaluate(
     quantizer: Annotated[str, typer.Argument(help="registered quantizer name, e.g. rtn")],
@@ -47,6 +66,7 @@ def evaluate(
     data_root: Annotated[Optional[Path], typer.Option(help="dataset folder (default: $MPTQ_DATA or ~/.cache/mia-ptq-bench/data)")] = None,
     download: Annotated[bool, typer.Option(help="allow downloading a missing dataset with torchvision")] = False,
     attack: Annotated[Optional[str], typer.Option(help="attack shown in the table (default: the task's first)")] = None,
+    setting: Annotated[Optional[list[str]], typer.Option("--set", help="quantizer config KEY=VALUE (repeatable), e.g. --set iters=2000")] = None,
 ) -> None:
     """Quantize the task's targets at each plan, attack them with LiRA, write validated results."""
     from .quantize import QUANTIZERS
@@ -56,7 +76,7 @@ def evaluate(
 
     def action() -> None:
         spec = load_task(task)
-        chosen = QUANTIZERS.get(quantizer)()
+        chosen = make_quantizer(QUANTIZERS.get(quantizer), setting or [])
         options = RunOptions(out_dir=out, data_root=data_root, download=download)
         if cache_dir is not None:
             options.cache_dir = cache_dir

@@ -1,0 +1,163 @@
+"""Second-order quantization: the layer Hessian, OBC's ExactOBS greedy sweep, and GPTQ.
+
+Both minimise a layer's output error ``||W X - Q X||^2`` row by row, which for each row
+is the quadratic form ``(w - q)^T H (w - q)`` with ``H = 2/N X X^T``. Quantizing one
+weight and optimally re-solving the others changes the loss by ``err^2 / [H^-1]_jj``
+(optimal brain surgeon); the remaining weights move by ``-err / [H^-1]_jj * H^-1[:, j]``.
+
+- OBC quantizes, in each row, the weight whose quantization costs least, next; every row
+  has its own order, so each row carries its own inverse Hessian (rows go in batches).
+- GPTQ quantizes the columns in one fixed order for all rows, so one Cholesky factor of
+  ``H^-1`` serves every row, and updates are applied lazily in column blocks.
+Grids are fixed from the original weights before the sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .grid import Grid
+
+
+def layer_columns(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The layer's input as columns (K, n): one per example for Linear, one per output position (im2col) for Conv2d."""
+    if isinstance(layer, nn.Linear):
+        return inputs.reshape(-1, inputs.shape[-1]).t()
+    columns = F.unfold(inputs, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    return columns.permute(1, 0, 2).flatten(1)
+
+
+class HessianAccumulator:
+    """H = 2/N sum x x^T over N images, accumulated in float64 (as OBC's reference code scales it)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        columns = layer.weight[0].numel()
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float64, device=layer.weight.device)
+        self.images = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        batch = inputs.shape[0]
+        x = layer_columns(self.layer, inputs.detach()).double()
+        self.hessian *= self.images / (self.images + batch)
+        self.images += batch
+        self.hessian += (2.0 / self.images) * (x @ x.t())
+
+
+@torch.no_grad()
+def accumulate_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One pass of ``model`` over ``batches`` with a hook on each layer; returns each layer's Hessian."""
+    accumulators = {name: HessianAccumulator(layer) for name, layer in layers.items()}
+    handles = [layer.register_forward_hook(lambda mod, args, out, acc=accumulators[name]: acc.add(args[0]))
+               for name, layer in layers.items()]
+    model.eval()
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: acc.hessian for name, acc in accumulators.items()}
+
+
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int) -> torch.Tensor:
+    return (torch.clamp(torch.round(w / scale) + zero, 0, levels - 1) - zero) * scale
+
+
+def _prepare(weight: torch.Tensor, hessian: torch.Tensor, rel_damp: float, dtype: torch.dtype):
+    w = weight.detach().flatten(1).to(dtype).clone()
+    h = hessian.to(dtype).clone()
+    dead = torch.diag(h) == 0  # inputs that are always zero: their weights cannot matter
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    if rel_damp > 0:
+        h += rel_damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=dtype, device=h.device)
+    return w, h
+
+
+def inverse_hessian(h: torch.Tensor, fallback_damp: float) -> torch.Tensor:
+    """Cholesky-based inverse; a singular H gets ``fallback_damp * mean(diag(H))`` added, as a last resort."""
+    try:
+        return torch.cholesky_inverse(torch.linalg.cholesky(h))
+    except torch.linalg.LinAlgError:
+        damp = fallback_damp * torch.diag(h).mean()
+        return torch.cholesky_inverse(torch.linalg.cholesky(h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)))
+
+
+def obc_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, parallel: int = 32,
+                 rel_damp: float = 0.0, fallback_damp: float = 0.01, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ExactOBS quantization of a layer's weight (rows = output channels); returns Q shaped like ``weight``.
+
+    Per row, repeatedly: round every free weight to its grid; pick the one whose rounding
+    raises the loss least (``err^2 / Hinv_jj``) -- or, if some free weight has drifted more
+    than half a step off the grid, the one that drifted most; fix it; move the free weights
+    optimally; remove it from the row's inverse Hessian (a rank-one downdate).
+    """
+    w_all, h = _prepare(weight, hessian, rel_damp, dtype)
+    hinv_all = inverse_hessian(h, fallback_damp)
+    rows, columns = w_all.shape
+    q_all = torch.zeros_like(w_all)
+    scale_all = grid.scale.to(dtype).expand(rows, 1)
+    zero_all = grid.zero_point.to(dtype).expand(rows, 1)
+    for r1 in range(0, rows, parallel):
+        r2 = min(r1 + parallel, rows)
+        count = r2 - r1
+        w = w_all[r1:r2].clone()
+        hinv = hinv_all.unsqueeze(0).repeat(count, 1, 1)
+        fixed = torch.zeros_like(w, dtype=torch.bool)
+        index = torch.arange(count, device=w.device)
+        scale, zero = scale_all[r1:r2], zero_all[r1:r2]
+        outlier = 0.25 * scale.square()
+        for step in range(columns):
+            q = round_to_grid(w, scale, zero, grid.levels)
+            err = (w - q).square()
+            diag = torch.diagonal(hinv, dim1=1, dim2=2)
+            scores = (err / diag).masked_fill(fixed, float("inf"))
+            err = err.masked_fill(fixed, 0)
+            j = scores.argmin(1)
+            drifted = (err > outlier).any(1) & (w[index, j] != 0)
+            j = torch.where(drifted, err.argmax(1), j)
+            q_j = q[index, j]
+            q_all[r1 + index, j] = q_j
+            row = hinv[index, j, :]
+            d = diag[index, j]
+            w -= row * ((w[index, j] - q_j) / d).unsqueeze(1)
+            fixed[index, j] = True
+            if step == columns - 1:
+                break
+            row = row / torch.sqrt(d).unsqueeze(1)
+            hinv -= torch.bmm(row.unsqueeze(2), row.unsqueeze(1))
+    return q_all.to(weight.dtype).view_as(weight)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, block_size: int = 128,
+                  rel_damp: float = 0.01, act_order: bool = False, fallback_damp: float = 0.1,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """GPTQ: columns in a fixed order (or by decreasing Hessian diagonal), lazy block updates."""
+    w, h = _prepare(weight, hessian, rel_damp, dtype)
+    columns = w.shape[1]
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(columns, device=w.device)
+    w, h = w[:, order], h[order][:, order]
+    # Upper Cholesky factor of H^-1: row i holds the update coefficients once columns < i are fixed.
+    hinv = torch.linalg.cholesky(inverse_hessian(h, fallback_damp), upper=True)
+    scale, zero = grid.scale.to(dtype), grid.zero_point.to(dtype)
+    q = torch.zeros_like(w)
+    for c1 in range(0, columns, block_size):
+        c2 = min(c1 + block_size, columns)
+        block = w[:, c1:c2].clone()
+        errors = torch.zeros_like(block)
+        hblock = hinv[c1:c2, c1:c2]
+        for i in range(c2 - c1):
+            column = block[:, i]
+            quantized = round_to_grid(column, scale[:, 0], zero[:, 0], grid.levels)
+            q[:, c1 + i] = quantized
+            err = (column - quantized) / hblock[i, i]
+            block[:, i:] -= err.unsqueeze(1) * hblock[i, i:].unsqueeze(0)
+            errors[:, i] = err
+        w[:, c2:] -= errors @ hinv[c1:c2, c2:]
+    inverse = torch.argsort(order)
+    return q[:, inverse].to(weight.dtype).view_as(weight)
