@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from ..models import quantizable_layers
+from ..errors import BenchError
+from ..models import QUANTIZABLE, quantizable_layers
 from ..spec.plans import PrecisionPlan, levels_for_bits
 from .base import Quantizer, QuantizerConfig
 from .batchnorm import BNPolicy, fold_batchnorm, reestimate_batchnorm
@@ -48,7 +49,17 @@ class CalibratedQuantizer(Quantizer):
     def quantize(self, model: nn.Module, calibration: Calibration, plan: PrecisionPlan) -> nn.Module:
         return self.quantize_many([model], [calibration], plan)[0]
 
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model with weighted layers the benchmark's weight-only quantizers cannot handle."""
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if (isinstance(weight, torch.Tensor) and weight.ndim >= 2 and not isinstance(module, QUANTIZABLE)):
+                raise BenchError(f"{self.name}: layer {name!r} is a {type(module).__name__}; the quantizers cannot "
+                                 "quantize it (supported: Conv2d, Linear)")
+
     def quantize_many(self, models: list[nn.Module], calibrations: list[Calibration], plan: PrecisionPlan) -> list[nn.Module]:
+        for model in models:
+            self.check_model(model)
         models = [m.eval() for m in models]
         if self.bn_policy == "fold":
             models = [fold_batchnorm(m) for m in models]

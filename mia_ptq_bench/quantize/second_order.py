@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn as nn
 from pydantic import Field
+
+from ..errors import BenchError
 
 from ..models import quantizable_layers
 from .base import register_quantizer
@@ -30,11 +33,22 @@ class _SecondOrder(CalibratedQuantizer):
     def sweep(self, weight: torch.Tensor, hessian: torch.Tensor, grid) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_model(self, model) -> None:
+        super().check_model(model)
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                raise BenchError(f"{self.name}: layer {name!r} is a grouped convolution (groups={module.groups}); "
+                                 "its Hessian is not one matrix per layer, which this method needs")
+
     def _hessians(self, model, names: list[str], calibration) -> dict[str, torch.Tensor]:
         cfg: HessianConfig = self.config  # type: ignore[assignment]
         layers = {name: model.get_submodule(name) for name in names}
         batches = (batch for r in range(cfg.rounds) for batch in calibration.augmented(r).split(cfg.batch_size))
-        return accumulate_hessians(model, layers, batches)
+        hessians = accumulate_hessians(model, layers, batches)
+        for name, hessian in hessians.items():
+            if not torch.isfinite(hessian).all():
+                raise BenchError(f"{self.name}: non-finite calibration activations reach layer {name!r}")
+        return hessians
 
     def quantize_prepared(self, models, originals, calibrations, levels) -> None:
         cfg: HessianConfig = self.config  # type: ignore[assignment]
@@ -47,7 +61,12 @@ class _SecondOrder(CalibratedQuantizer):
                 hessian = self._hessians(model, [name], calibration)[name] if cfg.sequential else hessians[name]
                 layer = model.get_submodule(name)
                 grid = cfg.grid(layer.weight.detach(), levels[name])
-                set_weight(model, name, self.sweep(layer.weight, hessian, grid))
+                quantized = self.sweep(layer.weight, hessian, grid)
+                if not torch.isfinite(quantized).all():
+                    raise BenchError(f"{self.name}: the sweep over layer {name!r} ({hessian.shape[0]} inputs) became "
+                                     "numerically unstable (too little calibration data for a full-rank Hessian?); "
+                                     "set rel_damp > 0 or dtype float64")
+                set_weight(model, name, quantized)
                 self.progress.advance(key)
 
 

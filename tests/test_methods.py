@@ -1,0 +1,265 @@
+"""AdaRound, BRECQ, OBC and GPTQ: each against RTN, against brute force, and on bad input."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mia_ptq_bench.data import load_dataset
+from mia_ptq_bench.errors import BenchError
+from mia_ptq_bench.models import build_model, quantizable_layers
+from mia_ptq_bench.quantize import QUANTIZERS, Calibration, audit_model
+from mia_ptq_bench.quantize.grid import fit_grid
+from mia_ptq_bench.quantize.obs import gptq_quantize, obc_quantize, round_to_grid
+from mia_ptq_bench.quantize.rounding import RoundingSchedule, learn_rounding
+from mia_ptq_bench.quantize.units import block_units, capture, layer_units
+from mia_ptq_bench.spec import PrecisionPlan
+from mia_ptq_bench.spec.schema import DatasetSpec, ModelSpec
+
+FAST = {
+    "adaround": {"iters": 1000, "inputs": "full_precision"},
+    "brecq": {"iters": 1000, "inputs": "full_precision"},
+    "obc": {"calibration": 64, "rounds": 2},
+    "gptq": {"sequential": False},
+}
+
+
+_DIGITS = load_dataset(DatasetSpec(name="digits", image_size=16))
+
+
+def calibration(count: int = 64, seed: int = 0) -> Calibration:
+    """Real images (digits at 16px): their pixels are correlated, as every method's Hessian assumes."""
+    index = torch.randperm(len(_DIGITS.pool), generator=torch.Generator().manual_seed(seed))[:count]
+    return Calibration(_DIGITS.pool.images[index], _DIGITS.normalize, crop_padding=2, hflip=True, seed=seed)
+
+
+def trained_like(arch: str, options: dict | None = None, width: float = 0.25) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch=arch, width=width, options=options or {}), (1, 16, 16), 10)
+    with torch.no_grad():  # BN statistics of real activations, so that folding matters
+        model.train()
+        model(calibration(128, seed=1).images)
+    return model.eval()
+
+
+def output_errors(original: nn.Module, quantized: nn.Module, images: torch.Tensor, blocks: bool) -> dict[str, float]:
+    """Per layer (or block): squared error of the quantized unit's output, both fed the original's inputs."""
+    split = block_units if blocks else layer_units
+    errors = {}
+    for unit, twin in zip(split(original), split(quantized)):
+        assert unit.name == twin.name
+        x = capture(original, unit.first, images, "input")
+        target = capture(original, unit.last, images, "output")
+        with torch.no_grad():
+            errors[unit.name] = float((twin.module(x) - target).square().sum())
+    return errors
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq", "obc", "gptq"])
+@pytest.mark.parametrize("arch, options", [("mlp", {"hidden": [32]}), ("cnn", {"batchnorm": True, "hidden": 16}),
+                                           ("resnet18", {})])
+def test_each_method_reconstructs_better_than_rtn(method: str, arch: str, options: dict) -> None:
+    if arch == "resnet18" and method in ("adaround", "obc"):
+        pytest.skip("covered on the smaller nets; ResNet18 runs BRECQ's blocks and GPTQ here to stay fast")
+    model = trained_like(arch, options, width=0.125 if arch == "resnet18" else 0.25)
+    plan = PrecisionPlan.parse("w2")
+    cal = calibration()
+    folded = QUANTIZERS.get("rtn")({"bn": "fold", "search": "lp"})
+    reference = folded.quantize(copy.deepcopy(model), cal, PrecisionPlan.parse("w16"))  # folded, ~unquantized
+    rtn = QUANTIZERS.get("rtn")().quantize(copy.deepcopy(model), cal, plan)
+    ours = QUANTIZERS.get(method)(FAST[method]).quantize(copy.deepcopy(model), cal, plan)
+    assert all(a.passed for a in audit_model(ours, plan))
+    blocks = method == "brecq"
+    rtn_errors = output_errors(reference, rtn, cal.images, blocks)
+    our_errors = output_errors(reference, ours, cal.images, blocks)
+    worse = {name: (our_errors[name], rtn_errors[name]) for name in rtn_errors
+             if our_errors[name] >= rtn_errors[name]}
+    assert not worse, f"{method} reconstructs worse than RTN at {sorted(worse)}"
+
+
+def brute_force_obc_row(w0: torch.Tensor, h: torch.Tensor, scale: float, zero: float, levels: int) -> torch.Tensor:
+    """Greedy OBC order found by re-solving the least-squares problem for every candidate at every step."""
+    k = w0.numel()
+    fixed: dict[int, float] = {}
+
+    def optimum(fixed_values: dict[int, float]) -> torch.Tensor:
+        free = [i for i in range(k) if i not in fixed_values]
+        w = w0.clone()
+        for i, v in fixed_values.items():
+            w[i] = v
+        if free:
+            done = list(fixed_values)
+            delta = torch.tensor([fixed_values[i] - w0[i] for i in done], dtype=h.dtype)
+            w[free] = w0[free] - torch.linalg.solve(h[free][:, free], h[free][:, done] @ delta)
+        return w
+
+    def loss(w: torch.Tensor) -> float:
+        d = w - w0
+        return float(d @ h @ d)
+
+    current = w0.clone()
+    while len(fixed) < k:
+        free = [i for i in range(k) if i not in fixed]
+        q = round_to_grid(current, torch.tensor(scale, dtype=h.dtype), torch.tensor(zero, dtype=h.dtype), levels)
+        err = {i: float((current[i] - q[i]) ** 2) for i in free}
+        if any(e > 0.25 * scale**2 for e in err.values()) and current[min(free, key=lambda i: loss(optimum({**fixed, i: float(q[i])})))] != 0:
+            choice = max(free, key=lambda i: err[i])
+        else:
+            choice = min(free, key=lambda i: loss(optimum({**fixed, i: float(q[i])})))
+        fixed[choice] = float(q[choice])
+        current = optimum(fixed)
+    return torch.tensor([fixed[i] for i in range(k)], dtype=h.dtype)
+
+
+def brute_force_gptq(w0: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int):
+    """Columns in order; after fixing each, the remaining ones are re-solved exactly by least squares."""
+    rows, k = w0.shape
+    q = torch.zeros_like(w0)
+    current = w0.clone()
+    for c in range(k):
+        q[:, c] = round_to_grid(current[:, c], scale[:, 0], zero[:, 0], levels)
+        rest = list(range(c + 1, k))
+        if rest:
+            done = list(range(c + 1))
+            delta = q[:, done] - w0[:, done]
+            current[:, rest] = w0[:, rest] - torch.linalg.solve(h[rest][:, rest], (h[rest][:, done] @ delta.t())).t()
+    return q
+
+
+def tiny_layer(seed: int = 0, rows: int = 3, columns: int = 6):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, columns, generator=generator, dtype=torch.float64) @ torch.randn(columns, columns, generator=generator, dtype=torch.float64)
+    h = 2 / 40 * x.t() @ x
+    w = torch.randn(rows, columns, generator=generator, dtype=torch.float64)
+    return w, h
+
+
+@pytest.mark.parametrize("seed, levels", itertools.product(range(4), (3, 4)))
+def test_obc_matches_brute_force_greedy(seed: int, levels: int) -> None:
+    w, h = tiny_layer(seed)
+    grid = fit_grid(w, levels)
+    ours = obc_quantize(w, h, grid, parallel=2, dtype=torch.float64)
+    for r in range(w.shape[0]):
+        expected = brute_force_obc_row(w[r], h, float(grid.scale[r]), float(grid.zero_point[r]), levels)
+        torch.testing.assert_close(ours[r], expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed, block", itertools.product(range(4), (1, 2, 128)))
+def test_gptq_matches_brute_force_least_squares(seed: int, block: int) -> None:
+    w, h = tiny_layer(seed)
+    grid = fit_grid(w, 4)
+    ours = gptq_quantize(w, h, grid, block_size=block, rel_damp=0.0, dtype=torch.float64)
+    expected = brute_force_gptq(w, h, grid.scale.double(), grid.zero_point.double(), 4)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-9)
+
+
+def test_gptq_act_order_is_a_permutation_of_the_same_procedure() -> None:
+    w, h = tiny_layer(7)
+    grid = fit_grid(w, 4)
+    order = torch.argsort(torch.diag(h), descending=True)
+    ours = gptq_quantize(w, h, grid, act_order=True, rel_damp=0.0, dtype=torch.float64)
+    permuted = brute_force_gptq(w[:, order], h[order][:, order], grid.scale.double(), grid.zero_point.double(), 4)
+    torch.testing.assert_close(ours[:, order], permuted, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("levels", [4, 16])
+def test_adaround_rounding_variables_end_at_zero_or_one(levels: int) -> None:
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(256, 16))
+    x = torch.relu(torch.randn(512, 256))
+    target = layer(x).detach()
+    grid = fit_grid(layer[0].weight.detach(), levels)
+    # 2,000 steps instead of 20,000, with a 10x learning rate to match
+    schedule = RoundingSchedule(iters=2000, batch_size=32, lr=1e-2, reg_weight=0.01, beta_start=20, beta_end=2,
+                                warmup=0.2, seed=0)
+    weights, decided = learn_rounding([layer], ["0.weight"], {"0.weight": levels}, [{"0.weight": grid}], x[None],
+                                      target[None], schedule)
+    assert decided[0] > 0.99  # soft choices within 0.01 of 0 or 1: hard rounding changes almost nothing
+    values = weights[0]["0.weight"]
+    exact = layer[0].weight.detach()
+    rtn = grid.round_to_nearest(exact)
+    assert float((x @ (values - exact).t()).square().sum()) < float((x @ (rtn - exact).t()).square().sum())
+
+
+def test_batched_models_equal_one_at_a_time() -> None:
+    models = [trained_like("mlp", {"hidden": [16]}) for _ in range(3)]
+    for i, m in enumerate(models):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * i)
+    cals = [calibration(32, seed=i) for i in range(3)]
+    plan = PrecisionPlan.parse("w2")
+    quantizer = QUANTIZERS.get("adaround")({"iters": 100})
+    together = quantizer.quantize_many([copy.deepcopy(m) for m in models], cals, plan)
+    for model, cal, batched in zip(models, cals, together):
+        alone = quantizer.quantize(copy.deepcopy(model), cal, plan)
+        for (name, a), b in zip(alone.state_dict().items(), batched.state_dict().values()):
+            assert (a != b).float().mean() < 0.01, name  # at most a float-rounding tie flips a weight
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq", "obc", "gptq"])
+def test_methods_refuse_fp32_plan(method: str) -> None:
+    assert "fp32" in QUANTIZERS.get(method)().unsupported(PrecisionPlan.parse("fp32"))
+
+
+@pytest.mark.parametrize("method", ["rtn", "adaround", "obc", "gptq"])
+def test_unsupported_layer_is_a_clear_error(method: str) -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Bilinear(1024, 1024, 10))
+    with pytest.raises(BenchError, match="Bilinear.*cannot quantize"):
+        QUANTIZERS.get(method)(FAST.get(method, {})).quantize(model, calibration(), PrecisionPlan.parse("w4"))
+
+
+def test_grouped_convolution_is_refused_by_hessian_methods() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.Flatten(),
+                          nn.Linear(1024, 10))
+    with pytest.raises(BenchError, match="grouped convolution"):
+        QUANTIZERS.get("gptq")().quantize(model, calibration(), PrecisionPlan.parse("w4"))
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq", "obc", "gptq"])
+def test_nan_calibration_activations_are_a_clear_error(method: str) -> None:
+    model = trained_like("mlp", {"hidden": [16]})
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(BenchError, match="non-finite"):
+        QUANTIZERS.get(method)(FAST[method]).quantize(model, calibration(), PrecisionPlan.parse("w4"))
+
+
+def test_study_bn_policies() -> None:
+    policies = {name: QUANTIZERS.get(name)({"bn": "study"}).bn_policy for name in ("adaround", "brecq", "obc")}
+    assert policies == {"adaround": "keep", "brecq": "fold", "obc": "reestimate"}
+    assert {QUANTIZERS.get(name)().bn_policy for name in ("rtn", "adaround", "brecq", "obc", "gptq")} == {"fold"}
+
+
+def test_study_defaults() -> None:
+    ada, brecq = QUANTIZERS.get("adaround")().config, QUANTIZERS.get("brecq")().config
+    assert (ada.iters, ada.batch_size, ada.lr, ada.reg_weight, ada.beta_start, ada.beta_end, ada.warmup) == (
+        20000, 32, 1e-3, 0.001, 20.0, 2.0, 0.2)
+    assert brecq.reg_weight == 0.01 and brecq.iters == 20000
+    obc = QUANTIZERS.get("obc")()
+    assert (obc.calibration_size(1024), obc.config.rounds, obc.config.parallel, obc.config.rel_damp) == (2048, 10, 32, 0.0)
+
+
+def test_every_method_on_every_architecture_and_plan() -> None:
+    plans = ["w4", "w2", "w1.58", "w1.58-last8"]
+    cal = calibration(16)
+    for arch in ("mlp", "cnn", "resnet18", "resnet50", "densenet121"):
+        model = trained_like(arch, {"batchnorm": True} if arch == "cnn" else {}, width=0.0625)
+        for method in ("adaround", "brecq", "obc", "gptq"):
+            config = {"adaround": {"iters": 2}, "brecq": {"iters": 2}, "obc": {"parallel": 64},
+                      "gptq": {}}[method]
+            plan = PrecisionPlan.parse(plans[(len(arch) + len(method)) % 4])
+            quantized = QUANTIZERS.get(method)(config).quantize(copy.deepcopy(model), cal, plan)
+            report = audit_model(quantized, plan)
+            assert all(r.passed for r in report), (arch, method, plan)
+            assert torch.isfinite(quantized(cal.images)).all()
+
+
+def test_unstable_obc_sweep_is_a_clear_error() -> None:
+    model = trained_like("densenet121", {}, width=0.0625)
+    with pytest.raises(BenchError, match="numerically unstable.*rel_damp"):
+        QUANTIZERS.get("obc")({"rounds": 1, "parallel": 64}).quantize(model, calibration(16), PrecisionPlan.parse("w1.58"))
