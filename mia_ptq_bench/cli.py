@@ -35,14 +35,14 @@ def _split_list(text: Optional[str]) -> Optional[list[str]]:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
-def make_quantizer(cls, settings: list[str]):
+def make_quantizer(cls, settings: list[str], base: dict | None = None):
     """Instantiate a quantizer class with ``KEY=VALUE`` overrides of its config (values parsed as YAML)."""
     import yaml
     from pydantic import ValidationError
 
     from .spec.loader import format_validation_error
 
-    config = {}
+    config = dict(base or {})
     for item in settings:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -56,7 +56,7 @@ def make_quantizer(cls, settings: list[str]):
 
 @app.command()
 def evaluate(
-    quantizer: Annotated[str, typer.Argument(help="registered quantizer name, e.g. rtn")],
+    quantizer: Annotated[str, typer.Argument(help="quantizer: a registered name, an entry point, a submission, or module:Class")],
     task: Annotated[str, typer.Option(help="task id or path to a task .yaml")] = "digits-mlp",
     plans: Annotated[Optional[str], typer.Option(help="comma-separated plans, e.g. w4,w1.58-last8 (default: the task's)")] = None,
     threat_models: Annotated[Optional[str], typer.Option("--threat-models", help="oblivious,adaptive (default: the task's)")] = None,
@@ -67,17 +67,27 @@ def evaluate(
     download: Annotated[bool, typer.Option(help="allow downloading a missing dataset with torchvision")] = False,
     attack: Annotated[Optional[str], typer.Option(help="attack shown in the table (default: the task's first)")] = None,
     setting: Annotated[Optional[list[str]], typer.Option("--set", help="quantizer config KEY=VALUE (repeatable), e.g. --set iters=2000")] = None,
+    submission: Annotated[Optional[Path], typer.Option(help="write results into this submission folder (and its manifest)")] = None,
+    submissions: Annotated[Path, typer.Option(help="where submission folders are looked up by name")] = Path("submissions"),
 ) -> None:
     """Quantize the task's targets at each plan, attack them with LiRA, write validated results."""
-    from .quantize import QUANTIZERS
+    from .quantize.plugins import resolve, submission_quantizer
     from .report import RichProgress, attacks_table, results_table
     from .runner import RunOptions, evaluate as run_evaluate
     from .spec import load_task
+    from .submission import write_manifest
 
     def action() -> None:
         spec = load_task(task)
-        chosen = make_quantizer(QUANTIZERS.get(quantizer), setting or [])
-        options = RunOptions(out_dir=out, data_root=data_root, download=download)
+        found = submission_quantizer(submission) if submission else resolve(quantizer, submissions)
+        if submission and setting:
+            raise BenchError("--set cannot be combined with --submission: record the config in the submission's "
+                             "submission.yaml (quantizer.config) so that its results say how they were made")
+        if submission and found.name != quantizer:
+            raise BenchError(f"--submission {submission} holds quantizer {found.name!r}, not {quantizer!r}")
+        chosen = make_quantizer(found.cls, setting or [], found.config)
+        options = RunOptions(out_dir=submission / "results" if submission else out, data_root=data_root,
+                             download=download, per_quantizer_folder=submission is None)
         if cache_dir is not None:
             options.cache_dir = cache_dir
         if device is not None:
@@ -93,6 +103,8 @@ def evaluate(
         console.print(attacks_table(outcome.results))
         for path in outcome.paths:
             console.print(f"wrote {path}")
+        if submission:
+            console.print(f"wrote {write_manifest(submission)}")
 
     guarded(action)
 
@@ -117,29 +129,44 @@ def tasks() -> None:
 
 
 @app.command()
-def quantizers() -> None:
-    """List the registered quantizers."""
-    from .quantize import QUANTIZERS
+def quantizers(
+    submissions: Annotated[Path, typer.Option(help="submissions folder to list")] = Path("submissions"),
+) -> None:
+    """List the quantizers that can be found: built-in, entry points, submissions."""
+    from .quantize.plugins import ENTRY_POINT_GROUP, discover
 
-    table = Table(title="quantizers", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("name", "version", "source", "description"):
-        table.add_column(column, no_wrap=column != "description")
-    for name, cls in QUANTIZERS.items():
-        doc = (cls.__doc__ or "").strip().splitlines()
-        source = "built-in" if cls.__module__.startswith("mia_ptq_bench.") else f"{cls.__module__}:{cls.__qualname__}"
-        table.add_row(name, cls.version, source, doc[0] if doc else "")
+    table = Table(title="quantizers", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption=f"Also: any package.module:Class; packages register under the entry-point group "
+                          f"'{ENTRY_POINT_GROUP}'.", caption_justify="left")
+    for column in ("name", "source", "description"):
+        table.add_column(column, no_wrap=column == "name")
+    for name, source, description in discover(submissions):
+        table.add_row(name, source, description)
     console.print(table)
 
 
 @app.command()
-def validate(files: Annotated[list[Path], typer.Argument(help="task .yaml files and result .json files")]) -> None:
-    """Check task specs and result files (schema, checksums, audit, every number recomputed)."""
+def validate(files: Annotated[list[Path], typer.Argument(help="task .yaml, result .json, or submission folders")]) -> None:
+    """Check task specs, result files (schema, checksums, audit, numbers recomputed) and submissions.
+
+    Submitted code is never imported or run.
+    """
     from .results.verify import verify_result
     from .runner import check_task
     from .spec import load_task
+    from .submission import submission_problems
 
     failures = 0
     for path in files:
+        if path.is_dir():
+            for folder, problems in submission_problems(path).items():
+                for line in problems:
+                    errors.print(f"[bold red]invalid:[/] {line}", highlight=False, soft_wrap=True)
+                if problems:
+                    failures += 1
+                else:
+                    console.print(f"[green]ok[/] {folder}")
+            continue
         try:
             if path.suffix in (".yaml", ".yml"):
                 check_task(load_task(path))

@@ -44,6 +44,7 @@ class RunOptions:
     download: bool = False
     trainer: str = "auto"
     quantize_group: int = 16  # models quantized together (batched where the method allows)
+    per_quantizer_folder: bool = True  # results/<task>/<quantizer>/...; False inside a submission's results/
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,8 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
                 started_at=datetime.fromtimestamp(started_wall, timezone.utc),
                 finished_at=datetime.fromtimestamp(finished, timezone.utc), seconds=round(finished - started_wall, 3),
             )
-            path = result_path(options.out_dir, spec.id, quantizer.name, str(plan), threat)
+            folder_name = quantizer.name if options.per_quantizer_folder else None
+            path = result_path(options.out_dir, spec.id, folder_name, str(plan), threat)
             results.append(write_result(path, result, arrays))
             paths.append(path)
     return EvaluateOutcome(paths, results, pool)

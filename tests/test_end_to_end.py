@@ -144,7 +144,8 @@ def test_failed_audit_in_a_result_is_rejected(evaluated, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("args, message", [
-    (["evaluate", "nope", "--task", "tiny-digits"], "unknown quantizer 'nope'; known: adaround, brecq, fp32, rtn"),
+    (["evaluate", "nope", "--task", "tiny-digits"], "unknown quantizer 'nope'; looked in the registry (adaround, "
+                                                    "brecq, fp32, gptq, obc, rtn), entry points"),
     (["evaluate", "rtn", "--task", "tiny-digits", "--plans", "w4,w3.5"], "cannot parse precision plan 'w3.5'"),
     (["evaluate", "fp32", "--task", "tiny-digits", "--plans", "w4"], "fp32 serves only the fp32 plan"),
     (["evaluate", "rtn", "--task", "no-such-task"], "unknown task 'no-such-task'"),
@@ -242,3 +243,23 @@ def test_console_script_runs(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "w2" in proc.stdout and (tmp_path / "results" / "tiny-digits" / "rtn" / "w2--oblivious.json").is_file()
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("adaround", ["--set", "iters=200"]), ("brecq", ["--set", "iters=200"]),
+    ("obc", ["--set", "calibration=64", "--set", "rounds=2"]), ("gptq", []),
+])
+def test_every_method_evaluates_end_to_end(tmp_path: Path, method: str, settings: list[str]) -> None:
+    result = run_cli("evaluate", method, "--task", "tiny-digits", "--out", str(tmp_path / "results"), *settings)
+    assert result.exit_code == 0, result.stderr
+    written = sorted((tmp_path / "results" / "tiny-digits" / method).glob("*.json"))
+    assert len(written) == 4
+    check = run_cli("validate", *map(str, written))
+    assert check.exit_code == 0, check.stderr
+    config = load_result(written[0]).quantizer.config
+    assert all(config[k.split("=")[0]] == int(k.split("=")[1]) for k in settings if "=" in k)
+
+
+def test_bad_quantizer_setting_is_one_clear_error(tmp_path: Path) -> None:
+    result = run_cli("evaluate", "adaround", "--task", "tiny-digits", "--set", "iters=-5", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "adaround config (--set): iters: Input should be greater than or equal to 1" in result.stderr

@@ -17,8 +17,10 @@ MEMBERSHIP = "membership__"
 REFERENCE_MEMBERSHIP = "reference_membership__"
 
 
-def result_path(out_dir: Path, task_id: str, quantizer: str, plan: str, threat_model: str) -> Path:
-    return Path(out_dir) / task_id / quantizer / f"{plan}--{threat_model}.json"
+def result_path(out_dir: Path, task_id: str, quantizer: str | None, plan: str, threat_model: str) -> Path:
+    """``<out>/<task>/<quantizer>/<plan>--<threat>.json``; without a quantizer level inside a submission."""
+    folder = Path(out_dir) / task_id
+    return (folder / quantizer if quantizer else folder) / f"{plan}--{threat_model}.json"
 
 
 def write_result(path: Path, result: Result, arrays: dict[str, np.ndarray]) -> Result:

@@ -1,0 +1,212 @@
+"""Bringing a quantizer without touching the library, and validating submissions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import TASKS
+from mia_ptq_bench.cli import app
+from mia_ptq_bench.quantize.plugins import resolve
+from mia_ptq_bench.submission import validate_submission, write_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "submissions" / "example-stochastic-rounding"
+cli = CliRunner()
+
+PLUGIN = '''
+import torch
+from mia_ptq_bench.plugin import Quantizer, QuantizerConfig, fit_grid, layer_levels
+
+class HalfStepConfig(QuantizerConfig):
+    offset: float = 0.0
+
+class HalfStep(Quantizer):
+    """Round-to-nearest with a configurable offset before rounding."""
+    version = "0.1"
+    Config = HalfStepConfig
+
+    @torch.no_grad()
+    def quantize(self, model, calibration, plan):
+        for name, levels in layer_levels(model, plan).items():
+            weight = model.get_submodule(name).weight
+            grid = fit_grid(weight, levels)
+            rows = weight.reshape(grid.scale.shape[0], -1)
+            integers = torch.clamp(torch.round(rows / grid.scale + self.config.offset) + grid.zero_point, 0, levels - 1)
+            weight.copy_(grid.dequantize(integers).view_as(weight))
+        return model
+'''
+
+
+def evaluate(*args: str):
+    return cli.invoke(app, ["evaluate", *args, "--task", "tiny-digits", "--plans", "w2", "--threat-models", "oblivious"])
+
+
+def test_import_path_quantizer(tmp_path: Path) -> None:
+    (tmp_path / "half_step.py").write_text(PLUGIN)
+    result = evaluate(f"{tmp_path / 'half_step.py'}:HalfStep", "--set", "offset=0.25", "--out", str(tmp_path / "r"))
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(next((tmp_path / "r").rglob("w2--oblivious.json")).read_text())
+    assert document["quantizer"]["config"] == {"offset": 0.25} and document["quantizer"]["version"] == "0.1"
+
+
+def test_not_a_quantizer_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "other.py").write_text("class Thing:\n    pass\n")
+    result = evaluate(f"{tmp_path / 'other.py'}:Thing", "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "is not a subclass of mia_ptq_bench.quantize.Quantizer" in result.stderr
+
+
+def test_unknown_name_says_where_it_looked(tmp_path: Path) -> None:
+    result = evaluate("nothing-here", "--submissions", str(REPO / "submissions"), "--out", str(tmp_path))
+    assert result.exit_code == 2
+    for place in ("registry (adaround", "entry points 'mia_ptq_bench.quantizers'", "submission.yaml (adaround",
+                  "example-stochastic-rounding", "module:Class"):
+        assert place in result.stderr
+
+
+@pytest.mark.slow
+def test_installed_entry_point_package_is_found_by_name(tmp_path: Path) -> None:
+    package = tmp_path / "halfstep-plugin"
+    (package / "halfstep_plugin").mkdir(parents=True)
+    (package / "halfstep_plugin" / "__init__.py").write_text(PLUGIN)
+    (package / "pyproject.toml").write_text(textwrap.dedent('''
+        [build-system]
+        requires = ["setuptools"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "halfstep-plugin"
+        version = "0.1"
+        [project.entry-points."mia_ptq_bench.quantizers"]
+        half-step = "halfstep_plugin:HalfStep"
+    '''))
+    site = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                              "--no-build-isolation", "--target", str(site), str(package)],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]), COLUMNS="200")
+    listing = subprocess.run([sys.executable, "-m", "mia_ptq_bench.cli", "quantizers"], capture_output=True, text=True,
+                             env=env, timeout=120)
+    assert "half-step" in listing.stdout and "entry point of halfstep-plugin" in listing.stdout
+    run = subprocess.run([sys.executable, "-m", "mia_ptq_bench.cli", "evaluate", "half-step", "--task", "tiny-digits",
+                          "--plans", "w4", "--threat-models", "oblivious", "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "r" / "tiny-digits" / "half-step" / "w4--oblivious.json").is_file()
+
+
+@pytest.fixture
+def submission(tmp_path: Path) -> Path:
+    """The worked example, copied into a fresh submissions folder and evaluated on tiny-digits."""
+    root = tmp_path / "submissions"
+    folder = root / "example-stochastic-rounding"
+    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("results"))
+    spec = yaml.safe_load((folder / "submission.yaml").read_text())
+    spec["tasks"] = ["tiny-digits"]
+    (folder / "submission.yaml").write_text(yaml.safe_dump(spec))
+    result = cli.invoke(app, ["evaluate", "example-stochastic-rounding", "--task", "tiny-digits",
+                              "--submission", str(folder)])
+    assert result.exit_code == 0, result.stderr
+    return folder
+
+
+def test_submission_folder_is_found_and_evaluated(submission: Path) -> None:
+    found = resolve("example-stochastic-rounding", submission.parent)
+    assert found.cls.__name__ == "StochasticRounding" and found.config == {"seed": 0}
+    names = sorted(str(p.relative_to(submission)) for p in (submission / "results").rglob("*") if p.is_file())
+    assert "results/MANIFEST.json" in names and "results/tiny-digits/w4--adaptive.json" in names
+    assert validate_submission(submission) == []
+    listing = cli.invoke(app, ["quantizers", "--submissions", str(submission.parent)], env={"COLUMNS": "200"})
+    assert "example-stochastic-rounding" in listing.output and "submission" in listing.output
+
+
+def test_validate_cli_accepts_a_good_submission(submission: Path) -> None:
+    result = cli.invoke(app, ["validate", str(submission.parent)])
+    assert result.exit_code == 0, result.stderr
+    assert "ok" in result.output
+
+
+def _only_problem(folder: Path, fragment: str) -> None:
+    problems = validate_submission(folder)
+    assert len(problems) >= 1 and all(fragment in p for p in problems), problems
+    result = cli.invoke(app, ["validate", str(folder)])
+    assert result.exit_code == 1 and fragment in result.stderr
+
+
+def test_unknown_metadata_field_is_rejected(submission: Path) -> None:
+    path = submission / "submission.yaml"
+    path.write_text(path.read_text() + "homepage: https://example.org\n")
+    _only_problem(submission, "submission.yaml: homepage: unknown field")
+
+
+def test_bad_link_scheme_is_rejected(submission: Path) -> None:
+    path = submission / "submission.yaml"
+    spec = yaml.safe_load(path.read_text())
+    spec["paper"] = "javascript:alert(1)"
+    path.write_text(yaml.safe_dump(spec))
+    _only_problem(submission, "submission.yaml: paper: URL scheme should be 'http' or 'https'")
+
+
+def test_missing_result_is_rejected(submission: Path) -> None:
+    (submission / "results" / "tiny-digits" / "w4--adaptive.json").unlink()
+    (submission / "results" / "tiny-digits" / "w4--adaptive.npz").unlink()
+    write_manifest(submission)
+    _only_problem(submission, "missing result for task tiny-digits, plan w4, threat model adaptive")
+
+
+def test_stale_task_version_is_rejected(submission: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    newer = tmp_path / "newer-tasks"
+    newer.mkdir()
+    (newer / "tiny-digits.yaml").write_text((TASKS / "tiny-digits.yaml").read_text().replace("version: 1", "version: 2"))
+    monkeypatch.setenv("MPTQ_TASKS", str(newer))
+    problems = validate_submission(submission)
+    assert len(problems) == 4 and all("task.hash: stale result of tiny-digits version 1" in p for p in problems)
+    assert all("current task is version 2" in p for p in problems)
+
+
+def test_tampered_result_is_rejected(submission: Path) -> None:
+    path = submission / "results" / "tiny-digits" / "w4--oblivious.json"
+    document = json.loads(path.read_text())
+    document["quantized"]["attacks"]["lira-online"]["tpr_at_0_1pct_fpr"]["mean"] = 0.0
+    path.write_text(json.dumps(document, indent=2))
+    path.with_suffix(".npz").unlink()  # as in git, where arrays are not committed
+    _only_problem(submission, "w4--oblivious.json: sha256: does not match MANIFEST.json")
+
+
+def test_recorded_audit_failure_is_rejected(submission: Path) -> None:
+    path = submission / "results" / "tiny-digits" / "w1.58-last8--oblivious.json"
+    document = json.loads(path.read_text())
+    document["audit"][0].update(passed=False, max_distinct=5)
+    path.write_text(json.dumps(document, indent=2))
+    path.with_suffix(".npz").unlink()
+    write_manifest(submission)
+    _only_problem(submission, "audit: layer 1 holds 5 values in a channel, its plan allows 3")
+
+
+def test_files_outside_the_allowed_set_are_rejected(submission: Path) -> None:
+    (submission / "weights.bin").write_bytes(b"\0" * 10)
+    _only_problem(submission, "weights.bin: (file): not allowed in a submission")
+
+
+def test_validate_never_runs_submitted_code(submission: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    (submission / "quantizer.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
+    assert validate_submission(submission) == []
+    assert not marker.exists()
+
+
+def test_adaptive_is_reported_beside_oblivious(tmp_path: Path) -> None:
+    result = cli.invoke(app, ["evaluate", "rtn", "--task", "tiny-digits", "--plans", "w1.58-last8",
+                              "--out", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    rows = [line for line in result.output.splitlines() if line.strip().startswith("w1.58-last8")]
+    assert any("(oblivious)" in r for r in rows) and any("(adaptive)" in r for r in rows)
