@@ -183,6 +183,28 @@ def validate(files: Annotated[list[Path], typer.Argument(help="task .yaml, resul
         raise typer.Exit(1)
 
 
+leaderboard_app = typer.Typer(no_args_is_help=True, help="The static leaderboard site.")
+app.add_typer(leaderboard_app, name="leaderboard")
+
+
+@leaderboard_app.command("build")
+def leaderboard_build(
+    out: Annotated[Path, typer.Option(help="folder for the built site (replaced)")] = Path("site"),
+    submissions: Annotated[Path, typer.Option(help="submissions folder")] = Path("submissions"),
+) -> None:
+    """Render every validated result under submissions/ into a static site."""
+    from .board.build import build_site
+
+    def action() -> None:
+        summary = build_site(submissions, out)
+        for line in summary["skipped"]:
+            errors.print(f"[yellow]left out:[/] {line}", highlight=False, soft_wrap=True)
+        console.print(f"built {summary['boards']} boards and {summary['entries']} entry pages into "
+                      f"{summary['out']}/index.html")
+
+    guarded(action)
+
+
 @app.command()
 def schema(kind: Annotated[str, typer.Argument(help="result or task")] = "result") -> None:
     """Print the JSON Schema of result documents (or of task specs)."""

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.errors import BenchError
-from mia_ptq_bench.models import build_model, quantizable_layers
+from mia_ptq_bench.models import build_model
 from mia_ptq_bench.quantize import QUANTIZERS, Calibration, audit_model
 from mia_ptq_bench.quantize.grid import fit_grid
 from mia_ptq_bench.quantize.obs import gptq_quantize, obc_quantize, round_to_grid

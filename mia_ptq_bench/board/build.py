@@ -1,0 +1,141 @@
+"""``mptq-bench leaderboard build``: validated results -> pandas -> Jinja2 -> a static site.
+
+Layout of the built site::
+
+    index.html                       tasks x threat models, the headline boards, metrics, how to submit
+    results.csv, results.json        every current result (headline attack)
+    boards/<task>--<threat>--<plan>.html|.csv|.json
+    entries/<entry>.html             metadata, links, config, every result, ROC curves
+    style.css
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pandas as pd
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
+
+from ..atomic import write_text_atomic
+from ..errors import BenchError
+from ..spec import load_task
+from .collect import Collected, collect
+from .rank import BOARD_COLUMNS, board, missing_references
+from .svg import Point, privacy_utility, roc_curves
+
+PLOT_FLOOR = 1e-4  # TPR@0.1%FPR of 0 is drawn here on the log axis
+
+
+def safe_url(value: object) -> str | None:
+    """Only http(s) URLs become links."""
+    text = str(value) if value is not None else ""
+    return text if urlparse(text).scheme in ("http", "https") else None
+
+
+def board_name(task: str, threat: str, plan: str) -> str:
+    return f"{task}--{threat}--{plan}"
+
+
+def _environment() -> Environment:
+    templates = Path(str(resources.files("mia_ptq_bench.leaderboard"))) / "templates"
+    env = Environment(loader=FileSystemLoader(str(templates)), autoescape=select_autoescape(["html", "j2"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["pct"] = lambda v, digits=2: f"{100 * float(v):.{digits}f}"
+    env.filters["safe_url"] = safe_url
+    return env
+
+
+def _points(table: pd.DataFrame) -> list[Point]:
+    return [Point(label=r.display_name, x=100 * r.test_accuracy, x_low=100 * r.test_accuracy_low,
+                  x_high=100 * r.test_accuracy_high, y=r.tpr_at_0_1pct_fpr, y_low=r.tpr_at_0_1pct_fpr_low,
+                  y_high=r.tpr_at_0_1pct_fpr_high, reference=bool(r.reference), pareto=bool(r.pareto))
+            for r in table.itertuples()]
+
+
+def _downloads(table: pd.DataFrame, folder: Path, name: str) -> None:
+    """``name``.csv and ``name``.json (names hold dots, as in w1.58: no Path.with_suffix here)."""
+    flat = table.drop(columns=[c for c in ("roc_fpr", "roc_tpr") if c in table.columns])
+    write_text_atomic(folder / f"{name}.csv", flat.to_csv(index=False))
+    write_text_atomic(folder / f"{name}.json", flat.to_json(orient="records", indent=1) + "\n")
+
+
+def build_site(submissions: Path, out: Path) -> dict:
+    """Render the whole site into ``out`` (replaced); returns a summary for the CLI."""
+    collected: Collected = collect(submissions)
+    if collected.rows.empty:
+        raise BenchError(f"{submissions}: no valid results to build a leaderboard from"
+                         + (f" (skipped: {'; '.join(collected.skipped)})" if collected.skipped else ""))
+    rows = collected.rows
+    env = _environment()
+    staging = out.with_name(out.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "boards").mkdir(parents=True)
+    (staging / "entries").mkdir()
+    static = Path(str(resources.files("mia_ptq_bench.leaderboard"))) / "static"
+    for asset in static.iterdir():
+        shutil.copy(asset, staging / asset.name)
+
+    tasks = []
+    for task_id in sorted(rows.task.unique()):
+        spec = load_task(task_id)
+        attack = spec.attacks[0]
+        threats = []
+        for threat in spec.threat_models:
+            boards = []
+            for plan in spec.plans:
+                table = board(rows, task_id, threat, plan, attack)
+                if table.empty:
+                    continue
+                missing = missing_references(table)
+                if missing:
+                    raise BenchError(f"board {task_id}/{threat}/{plan}: no result from the reference "
+                                     f"submission(s) {', '.join(missing)}; every board shows fp32 and rtn")
+                name = board_name(task_id, threat, plan)
+                _downloads(table, staging / "boards", name)
+                stale = rows[(rows.task == task_id) & (rows.threat_model == threat) & (rows.plan == plan)
+                             & (rows.attack == attack) & rows.stale]
+                title = f"{task_id} · {threat} · {plan}"
+                scatter = privacy_utility(_points(table), f"Privacy against utility: {title}", PLOT_FLOOR)
+                rocs = roc_curves([(r.display_name, r.roc_fpr, r.roc_tpr, bool(r.reference))
+                                   for r in table.itertuples()], f"ROC ({attack}): {title}")
+                page = env.get_template("board.html.j2").render(
+                    root="../", title=title, task=spec, threat=threat, plan=plan, attack=attack, name=name,
+                    table=table.to_dict("records"), stale=stale.to_dict("records"), scatter=scatter, rocs=rocs)
+                write_text_atomic(staging / "boards" / f"{name}.html", page)
+                boards.append({"plan": plan, "name": name, "table": table.to_dict("records")})
+            threats.append({"threat": threat, "boards": boards})
+        tasks.append({"spec": spec, "attack": attack, "threats": threats})
+
+    for name, spec in collected.submissions.items():
+        mine = rows[(rows.entry == name)].sort_values(["task", "threat_model", "plan", "attack"])
+        headline = mine[mine.apply(lambda r: r.attack == load_task(r.task).attacks[0], axis=1)] if not mine.empty else mine
+        groups = []
+        for (task_id, threat), part in headline.groupby(["task", "threat_model"], sort=True):
+            curves = [(r.plan, r.roc_fpr, r.roc_tpr, r.plan == "fp32") for r in part.itertuples()]
+            groups.append({"task": task_id, "threat": threat, "rows": part.to_dict("records"),
+                           "rocs": roc_curves(curves, f"ROC of {spec.display_name}: {task_id} · {threat}")})
+        config = json.dumps(spec.quantizer.config, indent=2, sort_keys=True)
+        page = env.get_template("entry.html.j2").render(root="../", title=spec.display_name, entry=spec,
+                                                          groups=groups, config=config)
+        write_text_atomic(staging / "entries" / f"{name}.html", page)
+
+    headline_rows = pd.concat([b_rows for b_rows in [
+        rows[(rows.task == t["spec"].id) & (rows.attack == t["attack"]) & ~rows.stale] for t in tasks]])
+    _downloads(headline_rows.sort_values(["task", "threat_model", "plan", "tpr_at_0_1pct_fpr"]), staging, "results")
+    index = env.get_template("index.html.j2").render(root="", title="mia-ptq-bench leaderboard", tasks=tasks,
+                                                     entries=collected.submissions, skipped=collected.skipped)
+    write_text_atomic(staging / "index.html", index)
+
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return {"boards": sum(len(th["boards"]) for t in tasks for th in t["threats"]), "entries": len(collected.submissions),
+            "skipped": collected.skipped, "out": out}
+
+
+__all__ = ["BOARD_COLUMNS", "Markup", "build_site", "safe_url"]

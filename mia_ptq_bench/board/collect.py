@@ -1,0 +1,70 @@
+"""Every validated result under submissions/, as one pandas table (one row per result and attack)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import BenchError
+from ..quantize.plugins import load_submission
+from ..results.io import load_result
+from ..spec import load_task
+from ..spec.submission import SubmissionSpec
+from ..submission import find_submissions, validate_submission
+
+REFERENCES = ("fp32", "rtn")
+
+
+@dataclass
+class Collected:
+    rows: pd.DataFrame
+    submissions: dict[str, SubmissionSpec]
+    skipped: list[str] = field(default_factory=list)  # one line per submission left out, with the reason
+
+
+def _row(name: str, spec: SubmissionSpec, result, attack: str, stale: bool) -> dict:
+    q = result.quantized
+    summary = q.attacks[attack]
+    low, one = summary.tpr_at_0_1pct_fpr, summary.tpr_at_1pct_fpr
+    return {
+        "entry": name, "display_name": spec.display_name, "reference": name in REFERENCES,
+        "task": result.task.id, "task_version": result.task.version, "stale": stale,
+        "plan": result.plan, "threat_model": result.threat_model, "attack": attack, "targets": low.n,
+        "test_accuracy": q.test_accuracy.mean, "test_accuracy_low": q.test_accuracy.ci_low,
+        "test_accuracy_high": q.test_accuracy.ci_high,
+        "tpr_at_0_1pct_fpr": low.mean, "tpr_at_0_1pct_fpr_low": low.ci_low, "tpr_at_0_1pct_fpr_high": low.ci_high,
+        "true_positives_0_1pct": low.true_positives, "positives": low.positives,
+        "false_positives_0_1pct": low.false_positives, "negatives": low.negatives,
+        "tpr_at_1pct_fpr": one.mean, "tpr_at_1pct_fpr_low": one.ci_low, "tpr_at_1pct_fpr_high": one.ci_high,
+        "false_positives_1pct": one.false_positives,
+        "auc": summary.auc.mean, "auc_low": summary.auc.ci_low, "auc_high": summary.auc.ci_high,
+        "roc_fpr": list(q.roc_fpr_grid), "roc_tpr": list(summary.roc_tpr),
+        "quantizer_config": result.quantizer.config, "config_hash": result.quantizer.config_hash,
+    }
+
+
+def collect(root: Path) -> Collected:
+    """Load every submission that validates; an invalid one is skipped with its first problem."""
+    rows, specs, skipped = [], {}, []
+    for folder in find_submissions(root):
+        problems = [p for p in validate_submission(folder) if "task.hash: stale" not in p]
+        if problems:
+            skipped.append(f"{folder.name}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+            continue
+        spec = load_submission(folder)
+        specs[spec.name] = spec
+        for path in sorted((folder / "results").rglob("*.json")):
+            if path.name == "MANIFEST.json":
+                continue
+            result = load_result(path)
+            try:
+                current = load_task(result.task.id)
+            except BenchError:
+                skipped.append(f"{folder.name}: {path}: task {result.task.id!r} no longer exists")
+                continue
+            stale = result.task.hash != current.hash
+            for attack in result.quantized.attacks:
+                rows.append(_row(spec.name, spec, result, attack, stale))
+    return Collected(pd.DataFrame(rows), specs, skipped)

@@ -1,0 +1,37 @@
+"""Boards: per (task, threat model, plan), entries ranked by TPR@0.1%FPR, the Pareto frontier marked."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+BOARD_COLUMNS = ["rank", "entry", "display_name", "reference", "pareto", "plan", "test_accuracy", "test_accuracy_low",
+                 "test_accuracy_high", "tpr_at_0_1pct_fpr", "tpr_at_0_1pct_fpr_low", "tpr_at_0_1pct_fpr_high",
+                 "true_positives_0_1pct", "positives", "false_positives_0_1pct", "negatives", "tpr_at_1pct_fpr",
+                 "tpr_at_1pct_fpr_low", "tpr_at_1pct_fpr_high", "auc", "auc_low", "auc_high", "targets", "task_version"]
+
+
+def pareto_front(accuracy: pd.Series, leakage: pd.Series) -> pd.Series:
+    """True where no other entry is at least as accurate and leaks at most as much, and strictly better in one."""
+    flags = []
+    for i in accuracy.index:
+        dominated = ((accuracy >= accuracy[i]) & (leakage <= leakage[i])
+                     & ((accuracy > accuracy[i]) | (leakage < leakage[i]))).any()
+        flags.append(not dominated)
+    return pd.Series(flags, index=accuracy.index)
+
+
+def board(rows: pd.DataFrame, task: str, threat: str, plan: str, attack: str) -> pd.DataFrame:
+    """Current results at ``plan`` plus the full-precision reference, ranked (lower TPR@0.1%FPR leaks less)."""
+    current = rows[(rows.task == task) & (rows.threat_model == threat) & (rows.attack == attack) & ~rows.stale]
+    table = current[(current.plan == plan) | (current.plan == "fp32")].copy()
+    if table.empty:
+        return table.reindex(columns=BOARD_COLUMNS)
+    table = table.sort_values(["tpr_at_0_1pct_fpr", "test_accuracy", "entry"], ascending=[True, False, True])
+    table["rank"] = range(1, len(table) + 1)
+    table["pareto"] = pareto_front(table.test_accuracy, table.tpr_at_0_1pct_fpr)
+    return table[BOARD_COLUMNS + ["roc_fpr", "roc_tpr"]].reset_index(drop=True)
+
+
+def missing_references(table: pd.DataFrame) -> list[str]:
+    present = set(table.entry)
+    return [name for name in ("fp32", "rtn") if name not in present]

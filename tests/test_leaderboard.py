@@ -1,0 +1,203 @@
+"""The static site: built from validated results, checked in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from io import StringIO
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import TASKS
+from mia_ptq_bench.board.rank import pareto_front
+from mia_ptq_bench.board.build import build_site, safe_url
+from mia_ptq_bench.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+cli = CliRunner()
+CHROMIUM = Path("/usr/lib/chromium/chromium")
+EVIL = "<script>alert(1)</script>"
+
+
+def _submission(root: Path, name: str, quantizer: dict, display: str | None = None, contact: str = "a@example.org") -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    spec = {"name": name, "display_name": display or name, "version": "1", "authors": [{"name": "Tester"}],
+            "description": f"{name} for the site test", "license": "MIT", "contact": contact,
+            "quantizer": quantizer, "tasks": ["tiny-digits"]}
+    (folder / "submission.yaml").write_text(yaml.safe_dump(spec))
+    return folder
+
+
+def _evaluate(folder: Path, name: str) -> None:
+    result = cli.invoke(app, ["evaluate", name, "--task", "tiny-digits", "--submission", str(folder)])
+    assert result.exit_code == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32, rtn, the worked example and a hostile entry on tiny-digits v2; one entry left at v1 (stale)."""
+    root = tmp_path_factory.mktemp("board")
+    v1, v2 = root / "tasks-v1", root / "tasks-v2"
+    v1.mkdir(), v2.mkdir()
+    shutil.copy(TASKS / "tiny-digits.yaml", v1)
+    (v2 / "tiny-digits.yaml").write_text((TASKS / "tiny-digits.yaml").read_text().replace("version: 1", "version: 2"))
+    submissions = root / "submissions"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MPTQ_CACHE", str(root / "cache"))
+        mp.setenv("MPTQ_TASKS", str(v1))
+        _evaluate(_submission(submissions, "old-entry", {"builtin": "rtn", "config": {"search": "minmax"}}), "old-entry")
+        mp.setenv("MPTQ_TASKS", str(v2))
+        _evaluate(_submission(submissions, "fp32", {"builtin": "fp32"}, "Full precision"), "fp32")
+        _evaluate(_submission(submissions, "rtn", {"builtin": "rtn"}, "Round to nearest"), "rtn")
+        example = submissions / "example-stochastic-rounding"
+        shutil.copytree(REPO / "submissions" / "example-stochastic-rounding", example,
+                        ignore=shutil.ignore_patterns("results"))
+        spec = yaml.safe_load((example / "submission.yaml").read_text())
+        (example / "submission.yaml").write_text(yaml.safe_dump(dict(spec, tasks=["tiny-digits"])))
+        _evaluate(example, "example-stochastic-rounding")
+        hostile = _submission(submissions, "hostile", {"builtin": "rtn", "config": {"steps": 40}},
+                              display=f"Hostile {EVIL}", contact="javascript:alert(1)")
+        spec = yaml.safe_load((hostile / "submission.yaml").read_text())
+        spec["description"] = f'{EVIL} <img src=x onerror="alert(2)">'
+        (hostile / "submission.yaml").write_text(yaml.safe_dump(spec))
+        _evaluate(hostile, "hostile")
+        result = cli.invoke(app, ["leaderboard", "build", "--submissions", str(submissions), "--out", str(root / "site")])
+        assert result.exit_code == 0, result.stderr
+    return root / "site"
+
+
+def test_site_layout(site: Path) -> None:
+    boards = sorted(p.name for p in (site / "boards").glob("*.html"))
+    assert boards == [f"tiny-digits--{t}--{p}.html" for t in ("adaptive", "oblivious") for p in ("w1.58-last8", "w4")]
+    assert {p.stem for p in (site / "entries").glob("*.html")} == {"fp32", "rtn", "example-stochastic-rounding",
+                                                                  "hostile", "old-entry"}
+    assert (site / "style.css").is_file() and (site / "results.csv").is_file()
+
+
+def test_boards_rank_with_references_and_keep_stale_apart(site: Path) -> None:
+    table = pd.read_csv(site / "boards" / "tiny-digits--oblivious--w4.csv")
+    assert {"fp32", "rtn"} <= set(table.entry) and "old-entry" not in set(table.entry)
+    assert list(table.tpr_at_0_1pct_fpr) == sorted(table.tpr_at_0_1pct_fpr)
+    assert list(table["rank"]) == list(range(1, len(table) + 1))
+    assert table.pareto.any()
+    html = (site / "boards" / "tiny-digits--oblivious--w4.html").read_text()
+    assert "Stale results" in html and html.index("old-entry") > html.index("Stale results")
+
+
+def test_hostile_metadata_is_escaped_in_the_html(site: Path) -> None:
+    for page in [site / "index.html", site / "entries" / "hostile.html", *(site / "boards").glob("*.html")]:
+        html = page.read_text()
+        assert "<script" not in html and "onerror=" not in html.replace("onerror=&#34;", "")
+        assert 'href="javascript:' not in html
+    entry = (site / "entries" / "hostile.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in entry and "javascript:alert(1)" in entry
+
+
+def test_pareto_front() -> None:
+    accuracy = pd.Series([0.9, 0.8, 0.85, 0.95, 0.8])
+    leakage = pd.Series([0.01, 0.005, 0.02, 0.03, 0.005])
+    assert pareto_front(accuracy, leakage).tolist() == [True, True, False, True, True]
+
+
+def test_only_http_links() -> None:
+    assert safe_url("https://arxiv.org/abs/1") == "https://arxiv.org/abs/1"
+    assert safe_url("javascript:alert(1)") is None and safe_url("data:text/html,x") is None and safe_url(None) is None
+
+
+def test_build_refuses_boards_without_references(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    submissions = tmp_path / "subs"
+    shutil.copytree(site.parent / "submissions" / "example-stochastic-rounding", submissions / "example-stochastic-rounding")
+    monkeypatch.setenv("MPTQ_TASKS", str(site.parent / "tasks-v2"))
+    from mia_ptq_bench.errors import BenchError
+
+    with pytest.raises(BenchError, match="every board shows fp32 and rtn"):
+        build_site(submissions, tmp_path / "out")
+
+
+def test_workflows_are_valid_and_safe() -> None:
+    workflows = REPO / ".github" / "workflows"
+    names = sorted(p.name for p in workflows.glob("*.yml"))
+    assert names == ["pages.yml", "tests.yml", "validate-submission.yml"]
+    if shutil.which("check-jsonschema"):
+        check = subprocess.run(["check-jsonschema", "--builtin-schema", "vendor.github-workflows",
+                                *map(str, workflows.glob("*.yml"))], capture_output=True, text=True, timeout=120)
+        assert check.returncode == 0, check.stdout + check.stderr
+    validate = yaml.safe_load((workflows / "validate-submission.yml").read_text())
+    triggers = validate[True]  # YAML reads the key `on` as True
+    assert "pull_request" in triggers and "pull_request_target" not in triggers
+    assert validate["permissions"] == {"contents": "read"}
+    steps = " ".join(str(s.get("run", "")) for s in validate["jobs"]["validate"]["steps"])
+    assert "mptq-bench validate submissions/" in steps and "evaluate" not in steps
+    assert "bash .ci/run" in (workflows / "tests.yml").read_text()
+    assert "leaderboard build" in (workflows / "pages.yml").read_text()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed: pip install playwright")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (Debian's package)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                          "--disable-component-update", "--no-first-run"])
+        yield browser
+        browser.close()
+
+
+def test_every_page_in_chromium(site: Path, browser) -> None:
+    pages = [site / "index.html", *sorted((site / "boards").glob("*.html")), *sorted((site / "entries").glob("*.html"))]
+    seen_links = set()
+    for path in pages:
+        page = browser.new_page()
+        problems: list[str] = []
+        page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: problems.append(str(exc)))
+        page.on("dialog", lambda dialog: problems.append(f"dialog: {dialog.message}"))
+        page.goto(path.as_uri())
+        page.wait_for_load_state("load")
+        assert problems == [], (path.name, problems)
+        assert page.locator("script").count() == 0
+        for href in page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)"):
+            if href.startswith("file://"):
+                seen_links.add(href.split("#")[0])
+            else:
+                assert href.startswith(("http://", "https://")), (path.name, href)
+        if path.parent.name == "boards":
+            rows = page.locator("table.board").first.locator("tbody tr").count()
+            assert page.locator("svg.plot circle.point").count() == rows  # one point per entry
+            assert page.locator("svg.plot polyline.roc").count() == rows
+            stem = path.name.removesuffix(".html")
+            csv_table = pd.read_csv(path.parent / f"{stem}.csv")
+            json_table = pd.DataFrame(json.loads((path.parent / f"{stem}.json").read_text()))
+            assert len(csv_table) == len(json_table) == rows
+            shown = page.locator("table.board").first.locator("tbody tr td:nth-child(2) a").all_inner_texts()
+            assert shown == list(csv_table.display_name) == list(json_table.display_name)
+            first_tpr = page.locator("table.board").first.locator("tbody tr").first.locator("td").nth(3).inner_text()
+            assert first_tpr.split()[0] == f"{100 * csv_table.tpr_at_0_1pct_fpr[0]:.3f}"
+        page.close()
+    for link in seen_links:
+        target = Path(link.removeprefix("file://"))
+        assert target.is_file(), f"broken internal link {link}"
+        if target.suffix == ".csv":
+            pd.read_csv(StringIO(target.read_text()))
+        elif target.suffix == ".json":
+            json.loads(target.read_text())
+
+
+def test_hostile_entry_renders_inert_in_chromium(site: Path, browser) -> None:
+    page = browser.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.goto((site / "entries" / "hostile.html").as_uri())
+    page.wait_for_load_state("load")
+    assert dialogs == [] and page.locator("script").count() == 0 and page.locator("img").count() == 0
+    assert EVIL in page.locator("h1").inner_text()
+    assert page.locator("a[href^='javascript']").count() == 0
+    page.close()
