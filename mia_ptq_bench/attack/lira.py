@@ -19,8 +19,27 @@ def first_k(mask: np.ndarray, k: int) -> np.ndarray:
     return mask & (np.cumsum(mask, axis=0) <= k)
 
 
-def _masked(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return np.where(mask[..., None], scores, np.nan)
+def masked_median(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Median over axis 0 of ``values`` (S, N, Q) where ``mask`` (S, N); every column needs one entry.
+
+    Sorting with the unselected entries pushed to the end, then reading the middle one or
+    two, is several times faster than ``np.nanmedian`` and gives the same numbers.
+    """
+    ordered = np.sort(np.where(mask[..., None], values, np.inf), axis=0)
+    count = mask.sum(axis=0)
+    low = np.take_along_axis(ordered, ((count - 1) // 2)[None, :, None].repeat(values.shape[2], axis=2), axis=0)[0]
+    high = np.take_along_axis(ordered, (count // 2)[None, :, None].repeat(values.shape[2], axis=2), axis=0)[0]
+    return (low + high) / 2
+
+
+def masked_std(values: np.ndarray, mask: np.ndarray, pooled: bool = False) -> np.ndarray | float:
+    """Population std (ddof 0) over axis 0 where ``mask``; ``pooled``: one std over every selected entry."""
+    selected = np.broadcast_to(mask[..., None], values.shape)
+    if pooled:
+        return float(values[selected].std())
+    count = mask.sum(axis=0)[:, None]
+    mean = np.where(selected, values, 0.0).sum(axis=0) / count
+    return np.sqrt(np.where(selected, (values - mean) ** 2, 0.0).sum(axis=0) / count)
 
 
 def gaussian_fit(shadow_scores: np.ndarray, mask: np.ndarray, fixed_variance: bool):
@@ -31,9 +50,11 @@ def gaussian_fit(shadow_scores: np.ndarray, mask: np.ndarray, fixed_variance: bo
     if not mask.any(axis=0).all():
         missing = int((~mask.any(axis=0)).sum())
         raise ValueError(f"{missing} examples have no shadow model on this side; use more shadow models")
-    values = _masked(shadow_scores, mask)
-    centre = np.nanmedian(values, axis=0)
-    spread = np.full_like(centre, np.nanstd(values)) if fixed_variance else np.nanstd(values, axis=0)
+    centre = masked_median(shadow_scores, mask)
+    if fixed_variance:
+        spread = np.full_like(centre, masked_std(shadow_scores, mask, pooled=True))
+    else:
+        spread = masked_std(shadow_scores, mask)
     return centre, spread
 
 

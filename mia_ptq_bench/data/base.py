@@ -54,6 +54,11 @@ class ImageDataset:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.pool.images.shape[1:])  # type: ignore[return-value]
 
+    def to(self, device: str | torch.device) -> ImageDataset:
+        """The same dataset with its images and labels resident on ``device`` (no per-batch host copies)."""
+        move = lambda split: Split(split.images.to(device), split.labels.to(device))  # noqa: E731
+        return ImageDataset(self.name, move(self.pool), move(self.test), self.num_classes, self.mean, self.std)
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) on any device -> normalised float32."""
         mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)

@@ -16,7 +16,7 @@ from ..score import accuracy, score_split
 from ..spec.schema import TaskSpec
 from .masks import balanced_keep_masks
 from .store import PoolStore
-from .train import can_stack, init_model, make_schedule, train_sequential, train_stacked
+from .train import Speed, can_stack, init_model, make_schedule, train_sequential, train_stacked
 
 Trainer = Literal["auto", "sequential", "stacked"]
 DEFAULT_STACK = 16  # models per stacked group: also the most work an interrupted build can lose
@@ -43,15 +43,18 @@ def pool_keep_masks(spec: TaskSpec, n_examples: int) -> np.ndarray:
 
 
 def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: str | torch.device = "cpu",
-               progress: Progress | None = None, trainer: Trainer = "auto", stack: int = DEFAULT_STACK) -> Pool:
+               progress: Progress | None = None, trainer: Trainer = "auto", stack: int = DEFAULT_STACK,
+               speed: Speed | None = None) -> Pool:
     progress = progress or SilentProgress()
     device = torch.device(device)
+    speed = speed or Speed.for_device(device)
     n_models, n_examples = spec.membership.n_models, len(dataset.pool)
     keep = pool_keep_masks(spec, n_examples)
     store = PoolStore(cache_dir, spec)
     store.ensure_header(keep)
 
     done = [store.is_complete(i) for i in range(n_models)]
+    resident = dataset.to(device) if device.type == "cuda" and not all(done) else dataset
     progress.start("pool", f"pool: training {n_models} models", n_models)
     progress.advance("pool", sum(done))
     stacked = trainer == "stacked" or (trainer == "auto" and can_stack(init_model(spec, dataset, 0)))
@@ -66,14 +69,14 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
         models = [init_model(spec, dataset, i) for i in group]
         schedules = [make_schedule(spec, np.flatnonzero(keep[i]), n_examples, i) for i in group]
         if len(group) > 1:
-            trained = train_stacked(spec, dataset, models, schedules, device)
+            trained = train_stacked(spec, resident, models, schedules, device)
         else:
-            trained = [train_sequential(spec, dataset, models[0], schedules[0], device)]
+            trained = [train_sequential(spec, resident, models[0], schedules[0], device, speed)]
         for index, model in zip(group, trained):
             if done[index]:
                 continue
-            scores = score_split(model, dataset, dataset.pool, list(spec.queries), device)
-            store.save_model(index, model, scores, accuracy(model, dataset, dataset.test, device))
+            scores = score_split(model, resident, resident.pool, list(spec.queries), device)
+            store.save_model(index, model, scores, accuracy(model, resident, resident.test, device))
             progress.advance("pool")
 
     scores = np.stack([store.load_scores(i) for i in range(n_models)])

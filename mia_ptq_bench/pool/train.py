@@ -30,6 +30,23 @@ from ..spec.schema import TaskSpec
 
 
 @dataclass(frozen=True)
+class Speed:
+    """How a trainer runs on an accelerator; none of it changes the recipe.
+
+    ``amp``: bfloat16 autocast (CUDA only); ``channels_last``: NHWC memory layout for
+    convolutions; ``compile``: torch.compile the model.
+    """
+
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> Speed:
+        return cls(amp=True, channels_last=True) if device.type == "cuda" else cls()
+
+
+@dataclass(frozen=True)
 class Schedule:
     batches: torch.Tensor  # (steps, B) pool indices
     shifts: torch.Tensor  # (steps, B, 2) crop offsets in [0, 2 * padding]
@@ -80,9 +97,15 @@ def learning_rate(spec: TaskSpec, step: int, per_epoch: int) -> float:
 
 def _batch(dataset: ImageDataset, schedule: Schedule, step: int, padding: int, device: torch.device):
     index = schedule.batches[step]
-    images = dataset.pool.images[index].to(device, non_blocking=True)
+    images = dataset.pool.images[index.to(dataset.pool.images.device)].to(device, non_blocking=True)
     images = augment(images, schedule.shifts[step].to(device), schedule.flips[step].to(device), padding)
-    return dataset.normalize(images), dataset.pool.labels[index].to(device, non_blocking=True)
+    labels = dataset.pool.labels[index.to(dataset.pool.labels.device)].to(device, non_blocking=True)
+    return dataset.normalize(images), labels
+
+
+def on_device(schedule: Schedule, device: torch.device) -> Schedule:
+    """Move a whole schedule to the device once, so the training loop never copies from the host."""
+    return Schedule(schedule.batches.to(device), schedule.shifts.to(device), schedule.flips.to(device))
 
 
 def _optimizer(spec: TaskSpec, params) -> torch.optim.SGD:
@@ -91,20 +114,25 @@ def _optimizer(spec: TaskSpec, params) -> torch.optim.SGD:
 
 
 def train_sequential(spec: TaskSpec, dataset: ImageDataset, model: nn.Module, schedule: Schedule,
-                     device: torch.device) -> nn.Module:
-    model.to(device).train()
+                     device: torch.device, speed: Speed = Speed()) -> nn.Module:
+    layout = torch.channels_last if speed.channels_last else torch.contiguous_format
+    model.to(device, memory_format=layout).train()
+    forward = torch.compile(model) if speed.compile else model
     optimizer = _optimizer(spec, model.parameters())
     per_epoch = steps_per_epoch(spec, len(dataset.pool))
     padding = spec.training.augment.crop_padding
+    schedule = on_device(schedule, device)
+    autocast = speed.amp and device.type == "cuda"
     for step in range(schedule.batches.shape[0]):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(spec, step, per_epoch)
+            group["lr"] = learning_rate(spec, step, per_epoch)  # a Python float: no device sync
         images, labels = _batch(dataset, schedule, step, padding, device)
-        loss = F.cross_entropy(model(images), labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(forward(images.contiguous(memory_format=layout)), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return model.eval()
+    return model.to(memory_format=torch.contiguous_format).eval()
 
 
 def can_stack(model: nn.Module) -> bool:

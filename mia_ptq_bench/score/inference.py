@@ -29,11 +29,11 @@ def predict_logits(model: nn.Module, dataset: ImageDataset, split: Split, query:
 def score_split(model: nn.Module, dataset: ImageDataset, split: Split, queries: list[str],
                 device: str | torch.device = "cpu") -> np.ndarray:
     """Logit-scaled confidence (N, Q) in float64 for every image and query."""
-    labels = split.labels.numpy()
+    labels = split.labels.cpu().numpy()
     columns = [logit_scaled_confidence(predict_logits(model, dataset, split, q, device).numpy(), labels) for q in queries]
     return np.stack(columns, axis=1)
 
 
 def accuracy(model: nn.Module, dataset: ImageDataset, split: Split, device: str | torch.device = "cpu") -> float:
     predictions = predict_logits(model, dataset, split, "identity", device).argmax(dim=1)
-    return float((predictions == split.labels).double().mean())
+    return float((predictions == split.labels.cpu()).double().mean())
