@@ -32,7 +32,7 @@ class RichProgress:
         self.bars.advance(self.tasks[key], amount)
 
     def log(self, message: str) -> None:
-        self.bars.console.log(message)
+        self.bars.console.print(message, soft_wrap=True, markup=False, highlight=False)
 
 
 def _ci(stat: Stat, scale: float = 100.0, digits: int = 2) -> str:

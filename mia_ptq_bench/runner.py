@@ -23,7 +23,7 @@ from .attack import ATTACKS, leave_one_out
 from .cache import default_cache_dir
 from .data import ImageDataset, Split, load_dataset
 from .environment import default_device, environment
-from .errors import BenchError, CacheError, PlanError, SpecError
+from .errors import BenchError, PlanError, SpecError
 from .pool import Pool, build_pool
 from .progress import Progress, SilentProgress
 from .quantize import QUANTIZERS, Calibration, LayerAudit, Quantizer, audit_model, enforce_audit
@@ -115,8 +115,10 @@ def calibration_set(spec: TaskSpec, dataset: ImageDataset, keep: np.ndarray, mod
 class OutputStore:
     """Quantized-model outputs, one .npz per model, keyed by pool, quantizer config, plan and calibration."""
 
-    def __init__(self, cache_dir: Path, pool: Pool, quantizer: Quantizer, plan: PrecisionPlan) -> None:
+    def __init__(self, cache_dir: Path, pool: Pool, quantizer: Quantizer, plan: PrecisionPlan,
+                 progress: Progress | None = None) -> None:
         spec = pool.spec
+        self.progress = progress or SilentProgress()
         described = quantizer.describe()
         calibration = content_hash(spec.calibration.model_dump(mode="json"))
         self.root = (Path(cache_dir) / "quantized" / pool.store.root.name /
@@ -133,9 +135,10 @@ class OutputStore:
             with np.load(path, allow_pickle=False) as archive:
                 audit = [LayerAudit.model_validate(x) for x in json.loads(str(archive["audit_json"]))]
                 return ModelOutputs(archive["scores"], archive["test_predictions"], audit)
-        except Exception as exc:  # zip CRC, truncation, bad JSON: all mean the same thing here
-            raise CacheError(f"{path}: corrupted cache file ({type(exc).__name__}: {exc}); delete it to redo "
-                             "that model's quantization") from None
+        except Exception as exc:  # zip CRC, truncation, bad JSON: all mean the file cannot be used
+            self.progress.log(f"redoing model {index}: {path}: corrupted cache file ({type(exc).__name__}: {exc})")
+            path.unlink(missing_ok=True)
+            return None
 
     def save(self, index: int, outputs: ModelOutputs) -> None:
         write_npz_atomic(self.path(index), {
@@ -251,7 +254,7 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
         if plan.is_full_precision:
             outputs = {int(t): reference[row] for row, t in enumerate(targets)}
         else:
-            store = OutputStore(options.cache_dir, pool, quantizer, plan)
+            store = OutputStore(options.cache_dir, pool, quantizer, plan, progress)
             progress.start(f"quantize-{plan}", f"{quantizer.name} {plan}: quantize + score", len(indices))
             outputs = {}
             for start in range(0, len(indices), options.quantize_group):

@@ -113,16 +113,44 @@ def test_interrupted_build_resumes_to_identical_pool(tiny_task, tmp_path: Path, 
     np.testing.assert_array_equal(resumed.test_accuracy, reference.test_accuracy)
 
 
-def test_corrupted_cache_file_is_named(tiny_task, tmp_path: Path) -> None:
+class Logged:
+    """A Progress that keeps the log lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def start(self, key, description, total) -> None:
+        pass
+
+    def advance(self, key, amount=1) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def test_corrupted_cache_files_are_detected_and_rebuilt(tiny_task, tmp_path: Path) -> None:
     data = load_dataset(tiny_task.dataset)
-    pool = build_pool(tiny_task, data, tmp_path)
+    pool = build_pool(tiny_task, data, tmp_path, trainer="sequential")
     scores = pool.store.scores_path(2)
     scores.write_bytes(scores.read_bytes()[:-8] + b"garbage!")
-    with pytest.raises(CacheError, match=r"model-0002\.npy: sha256 .* does not match .*corrupted"):
-        build_pool(tiny_task, data, tmp_path)
+    weights = pool.store.weights_path(5)
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    log = Logged()
+    rebuilt = build_pool(tiny_task, data, tmp_path, trainer="sequential", progress=log)
+    assert len(log.lines) == 2
+    assert "model 2" in log.lines[0] and "model-0002.npy: sha256" in log.lines[0]
+    assert "model 5" in log.lines[1] and "model-0005.safetensors" in log.lines[1]
+    np.testing.assert_array_equal(rebuilt.scores, pool.scores)  # retrained to the same bits
+    assert torch.equal(rebuilt.load_model(5).state_dict()["1.weight"], pool.load_model(5).state_dict()["1.weight"])
+
+
+def test_weights_corrupted_after_the_build_are_refused(tiny_task, tmp_path: Path) -> None:
+    data = load_dataset(tiny_task.dataset)
+    pool = build_pool(tiny_task, data, tmp_path)
     weights = pool.store.weights_path(1)
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CacheError, match=r"model-0001\.safetensors"):
+    with pytest.raises(CacheError, match=r"model-0001\.safetensors: sha256 .*corrupted cache file"):
         pool.load_model(1)
 
 

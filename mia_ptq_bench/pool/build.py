@@ -54,6 +54,12 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     store.ensure_header(keep)
 
     done = [store.is_complete(i) for i in range(n_models)]
+    for index in range(n_models):
+        problem = store.problem(index) if done[index] else None
+        if problem:  # a corrupted cache file is never used: it is thrown away and that model retrained
+            progress.log(f"rebuilding model {index}: {problem.split(';')[0]}")
+            store.discard(index)
+            done[index] = False
     resident = dataset.to(device) if device.type == "cuda" and not all(done) else dataset
     progress.start("pool", f"pool: training {n_models} models", n_models)
     progress.advance("pool", sum(done))

@@ -88,6 +88,22 @@ class PoolStore:
             "scores_sha256": sha256_file(self.scores_path(index)),
         })
 
+    def problem(self, index: int) -> str | None:
+        """Why model ``index``'s cached files cannot be trusted (unreadable record, missing or altered file), or None."""
+        try:
+            record = self.record(index)
+            for path, expected in ((self.weights_path(index), record.weights_sha256),
+                                   (self.scores_path(index), record.scores_sha256)):
+                self._verify(path, expected, index)
+        except CacheError as exc:
+            return str(exc)
+        return None
+
+    def discard(self, index: int) -> None:
+        """Forget model ``index`` (record first, so a crash in between leaves it merely incomplete)."""
+        for path in (self.record_path(index), self.weights_path(index), self.scores_path(index)):
+            path.unlink(missing_ok=True)
+
     def record(self, index: int) -> ModelRecord:
         path = self.record_path(index)
         info = self._read_json(path)
