@@ -69,12 +69,15 @@ def evaluate(
     setting: Annotated[Optional[list[str]], typer.Option("--set", help="quantizer config KEY=VALUE (repeatable), e.g. --set iters=2000")] = None,
     submission: Annotated[Optional[Path], typer.Option(help="write results into this submission folder (and its manifest)")] = None,
     submissions: Annotated[Path, typer.Option(help="where submission folders are looked up by name")] = Path("submissions"),
+    executor: Annotated[str, typer.Option(help="local, or ray: pool training and the quantization grid as Ray tasks")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(help="an existing Ray cluster (default: start a local Ray)")] = None,
 ) -> None:
     """Quantize the task's targets at each plan, attack them with LiRA, write validated results."""
     from .quantize.plugins import resolve, submission_quantizer
     from .report import RichProgress, attacks_table, results_table
     from .runner import RunOptions, evaluate as run_evaluate
     from .spec import load_task
+    from .executor import make_executor
     from .submission import write_manifest
 
     def action() -> None:
@@ -87,7 +90,8 @@ def evaluate(
             raise BenchError(f"--submission {submission} holds quantizer {found.name!r}, not {quantizer!r}")
         chosen = make_quantizer(found.cls, setting or [], found.config)
         options = RunOptions(out_dir=submission / "results" if submission else out, data_root=data_root,
-                             download=download, per_quantizer_folder=submission is None)
+                             download=download, per_quantizer_folder=submission is None,
+                             executor=make_executor(executor, ray_address))
         if cache_dir is not None:
             options.cache_dir = cache_dir
         if device is not None:
@@ -181,6 +185,90 @@ def validate(files: Annotated[list[Path], typer.Argument(help="task .yaml, resul
                 errors.print(f"[bold red]invalid:[/] {line}", highlight=False, soft_wrap=True)
     if failures:
         raise typer.Exit(1)
+
+
+pool_app = typer.Typer(no_args_is_help=True, help="Share pools on the Hugging Face Hub.")
+app.add_typer(pool_app, name="pool")
+
+
+@pool_app.command("push")
+def pool_push(
+    task: Annotated[str, typer.Argument(help="task id or .yaml path whose cached pool to upload")],
+    repo: Annotated[str, typer.Option(help="Hub model repository, ORG/NAME")],
+    private: Annotated[bool, typer.Option(help="create the repository private")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder")] = None,
+) -> None:
+    """Upload a task's complete cached pool (weights, masks, scores, manifest with sha256 per file)."""
+    from .pool import PoolStore
+    from .pool.hub import push_pool
+    from .spec import load_task
+
+    def action() -> None:
+        spec = load_task(task)
+        commit = push_pool(PoolStore(_cache_dir(cache_dir), spec), repo, private)
+        console.print(f"pushed the pool of {spec.id} to {repo} at commit {commit}")
+
+    guarded(action)
+
+
+@pool_app.command("pull")
+def pool_pull(
+    task: Annotated[str, typer.Argument(help="task id or .yaml path the pool is for")],
+    repo: Annotated[str, typer.Option(help="Hub model repository, ORG/NAME")],
+    revision: Annotated[Optional[str], typer.Option(help="commit hash, branch or tag (default: main)")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder")] = None,
+) -> None:
+    """Download a pool, check its task hash and every file's sha256, install it into the cache."""
+    from .pool.hub import pull_pool
+    from .spec import load_task
+
+    def action() -> None:
+        spec = load_task(task)
+        source = pull_pool(spec, _cache_dir(cache_dir), repo, revision)
+        console.print(f"pulled the pool of {spec.id} from {source.repo} at commit {source.revision}; "
+                      f"pin it in the task with hub: {{repo: {source.repo}, revision: {source.revision}}}")
+
+    guarded(action)
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The cache of pools and quantized outputs.")
+app.add_typer(cache_app, name="cache")
+
+
+def _cache_dir(cache_dir: Optional[Path]) -> Path:
+    from .cache import default_cache_dir
+
+    return cache_dir if cache_dir is not None else default_cache_dir()
+
+
+@cache_app.command("list")
+def cache_list(cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder")] = None) -> None:
+    """Pools and quantized outputs in the cache, with their sizes."""
+    from .cache_admin import list_cache
+
+    folder = _cache_dir(cache_dir)
+    table = Table(title=f"cache: {folder}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("kind", "task", "what", "size"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for entry in list_cache(folder):
+        table.add_row(entry.kind, entry.task, entry.detail, f"{entry.bytes / 2**20:.1f} MiB")
+    console.print(table)
+
+
+@cache_app.command("clear")
+def cache_clear(
+    kind: Annotated[str, typer.Argument(help="pool, quantized or all")] = "all",
+    task: Annotated[Optional[str], typer.Option(help="only this task's entries")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder")] = None,
+) -> None:
+    """Remove cached pools and/or quantized outputs (they are recomputed when needed)."""
+    from .cache_admin import clear_cache
+
+    if kind not in ("pool", "quantized", "all"):
+        errors.print(f"[bold red]error:[/] unknown kind {kind!r}; choose pool, quantized or all")
+        raise typer.Exit(2)
+    removed = clear_cache(_cache_dir(cache_dir), kind, task)
+    console.print(f"removed {len(removed)} entries ({sum(e.bytes for e in removed) / 2**20:.1f} MiB)")
 
 
 leaderboard_app = typer.Typer(no_args_is_help=True, help="The static leaderboard site.")

@@ -23,13 +23,15 @@ from .attack import ATTACKS, leave_one_out
 from .cache import default_cache_dir
 from .data import ImageDataset, Split, load_dataset
 from .environment import default_device, environment
+from .executor import Executor, LocalExecutor
 from .errors import BenchError, PlanError, SpecError
-from .pool import Pool, build_pool
+from .pool import Pool, PoolStore, build_pool
+from .pool.hub import pool_source, pull_pool
 from .progress import Progress, SilentProgress
 from .quantize import QUANTIZERS, Calibration, LayerAudit, Quantizer, audit_model, enforce_audit
 from .results.compute import build_evaluation
 from .results.io import MEMBERSHIP, REFERENCE_MEMBERSHIP, result_path, write_result
-from .results.schema import ArraysRef, Environment, QuantizerRef, Result, TaskRef
+from .results.schema import ArraysRef, Environment, PoolSourceRef, QuantizerRef, Result, TaskRef
 from .score import predict_logits, score_split
 from .spec.plans import PrecisionPlan
 from .spec.schema import TaskSpec
@@ -44,6 +46,7 @@ class RunOptions:
     download: bool = False
     trainer: str = "auto"
     quantize_group: int = 16  # models quantized together (batched where the method allows)
+    executor: Executor = field(default_factory=LocalExecutor)
     per_quantizer_folder: bool = True  # results/<task>/<quantizer>/...; False inside a submission's results/
 
 
@@ -182,6 +185,43 @@ def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan
     return outputs
 
 
+@dataclass(frozen=True)
+class QuantizeJob:
+    """One group of pool models to quantize, audit and score at one plan; self-contained for other processes."""
+
+    spec: TaskSpec
+    quantizer: Quantizer
+    plan: str
+    indices: tuple[int, ...]
+    cache_dir: Path
+    data_root: Path | None
+    download: bool
+    device: str
+    threads: int
+
+
+_POOLS: dict[tuple, tuple[Pool, Split]] = {}  # per process: the pool a job needs, loaded once
+
+
+def _pool_key(spec: TaskSpec, cache_dir: Path, data_root: Path | None) -> tuple:
+    return (spec.hash, str(cache_dir), str(data_root))
+
+
+def quantize_job(job: QuantizeJob) -> list[int]:
+    """Quantize a group into the output cache; in a worker, the pool is read from the shared cache."""
+    torch.set_num_threads(job.threads)
+    key = _pool_key(job.spec, job.cache_dir, job.data_root)
+    if key not in _POOLS:
+        dataset = load_dataset(job.spec.dataset, job.data_root, job.download)
+        pool = build_pool(job.spec, dataset, job.cache_dir, job.device)  # complete: loads, never trains
+        _POOLS[key] = (pool, evaluation_test_split(job.spec, dataset))
+    pool, test = _POOLS[key]
+    plan = PrecisionPlan.parse(job.plan)
+    store = OutputStore(job.cache_dir, pool, job.quantizer, plan)
+    quantized_outputs(pool, list(job.indices), job.quantizer, plan, test, store, job.device)
+    return list(job.indices)
+
+
 # -- attack ------------------------------------------------------------------------------------
 
 def run_attacks(spec: TaskSpec, keep: np.ndarray, shadow_scores: np.ndarray, targets: np.ndarray,
@@ -232,11 +272,19 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
 
     started_wall = time.time()
     dataset = load_dataset(spec.dataset, options.data_root, options.download)
-    pool = build_pool(spec, dataset, options.cache_dir, options.device, progress, trainer=options.trainer)
+    if spec.hub is not None and not PoolStore(options.cache_dir, spec).is_complete_pool():
+        progress.log(f"pulling the pool from the Hub: {spec.hub.repo}@{spec.hub.revision or 'main'}")
+        pull_pool(spec, options.cache_dir, spec.hub.repo, spec.hub.revision)
+    remote = None if isinstance(options.executor, LocalExecutor) else options.executor
+    pool = build_pool(spec, dataset, options.cache_dir, options.device, progress, trainer=options.trainer,
+                      executor=remote, data_root=options.data_root, download=options.download)
     test = evaluation_test_split(spec, dataset)
+    _POOLS[_pool_key(spec, options.cache_dir, options.data_root)] = (pool, test)
     test_labels = test.labels.numpy()
     targets = np.arange(spec.targets.count)
     env = Environment(**environment(options.device))
+    source = pool_source(pool.store)
+    source_ref = PoolSourceRef(repo=source.repo, revision=source.revision) if source else None
     task_ref = TaskRef(id=spec.id, version=spec.version, hash=spec.hash, pool_hash=spec.pool_hash)
     described = quantizer.describe()
     quantizer_ref = QuantizerRef(**described)
@@ -255,12 +303,23 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
             outputs = {int(t): reference[row] for row, t in enumerate(targets)}
         else:
             store = OutputStore(options.cache_dir, pool, quantizer, plan, progress)
-            progress.start(f"quantize-{plan}", f"{quantizer.name} {plan}: quantize + score", len(indices))
+            todo = [i for i in indices if store.load(i) is None]
+            groups = [tuple(todo[s : s + options.quantize_group]) for s in range(0, len(todo), options.quantize_group)]
+            key = f"quantize-{plan}"
+            progress.start(key, f"{quantizer.name} {plan}: quantize + score {len(todo)} of {len(indices)} models",
+                           len(groups))
+            jobs = [QuantizeJob(spec, quantizer, str(plan), group,
+                                Path(options.cache_dir), options.data_root, options.download, options.device,
+                                torch.get_num_threads()) for group in groups]
+            gpus = 1 if torch.device(options.device).type == "cuda" else 0
+            options.executor.map(quantize_job, jobs, gpus=gpus, progress=progress, key=key,
+                                 describe=lambda job: f"{job.plan} models {job.indices[0]}-{job.indices[-1]}")
             outputs = {}
-            for start in range(0, len(indices), options.quantize_group):
-                group = indices[start : start + options.quantize_group]
-                outputs.update(quantized_outputs(pool, group, quantizer, plan, test, store, options.device))
-                progress.advance(f"quantize-{plan}", len(group))
+            for index in indices:
+                loaded = store.load(index)
+                if loaded is None:
+                    raise BenchError(f"{store.path(index)}: missing after quantization finished")
+                outputs[index] = loaded
         target_scores = np.stack([outputs[int(t)].scores for t in targets])
         predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
         audit = merge_audits([outputs[i].audit for i in indices])
@@ -280,7 +339,7 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
             }
             finished = time.time()
             result = Result(
-                task=task_ref, quantizer=quantizer_ref, plan=str(plan), threat_model=threat,
+                task=task_ref, quantizer=quantizer_ref, plan=str(plan), threat_model=threat, pool_source=source_ref,
                 n_models=spec.membership.n_models, n_examples=len(dataset.pool), n_test=len(test),
                 quantized=evaluation, reference=reference_eval, audit=audit,
                 arrays=ArraysRef(file="pending.npz", sha256="0" * 64), environment=env,

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 
 from ..data import ImageDataset
+from ..errors import CacheError
+from ..executor import Executor
 from ..progress import Progress, SilentProgress
 from ..score import accuracy, score_split
 from ..spec.schema import TaskSpec
@@ -42,9 +44,56 @@ def pool_keep_masks(spec: TaskSpec, n_examples: int) -> np.ndarray:
     return balanced_keep_masks(m.n_models, n_examples, m.pkeep, m.seed)
 
 
+@dataclass(frozen=True)
+class TrainJob:
+    """One group of pool models to train, self-contained so that it can run in another process."""
+
+    spec: TaskSpec
+    group: tuple[int, ...]
+    cache_dir: Path
+    data_root: Path | None
+    download: bool
+    device: str
+    speed: Speed
+    threads: int
+
+
+def train_group(spec: TaskSpec, dataset: ImageDataset, store: PoolStore, keep: np.ndarray, group: list[int],
+                device: torch.device, speed: Speed) -> list[int]:
+    """Train ``group`` (stacked when it has several models) and save the models not yet complete."""
+    if device.type == "cuda":
+        dataset = dataset.to(device)
+    models = [init_model(spec, dataset, i) for i in group]
+    schedules = [make_schedule(spec, np.flatnonzero(keep[i]), len(dataset.pool), i) for i in group]
+    if len(group) > 1:
+        trained = train_stacked(spec, dataset, models, schedules, device)
+    else:
+        trained = [train_sequential(spec, dataset, models[0], schedules[0], device, speed)]
+    saved = []
+    for index, model in zip(group, trained):
+        if not store.is_complete(index):
+            scores = score_split(model, dataset, dataset.pool, list(spec.queries), device)
+            store.save_model(index, model, scores, accuracy(model, dataset, dataset.test, device))
+            saved.append(index)
+    return saved
+
+
+def train_job(job: TrainJob) -> list[int]:
+    """A TrainJob in a worker process: load the data, train, write into the shared cache."""
+    from ..data import load_dataset
+
+    torch.set_num_threads(job.threads)  # the driver's thread count: same float summation order, same bits
+    dataset = load_dataset(job.spec.dataset, job.data_root, job.download)
+    keep = pool_keep_masks(job.spec, len(dataset.pool))
+    return train_group(job.spec, dataset, PoolStore(job.cache_dir, job.spec), keep, list(job.group),
+                       torch.device(job.device), job.speed)
+
+
 def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: str | torch.device = "cpu",
                progress: Progress | None = None, trainer: Trainer = "auto", stack: int = DEFAULT_STACK,
-               speed: Speed | None = None) -> Pool:
+               speed: Speed | None = None, executor: Executor | None = None, data_root: Path | None = None,
+               download: bool = False) -> Pool:
+    """Train what the cache lacks (locally, or as executor jobs that reload the data from ``data_root``)."""
     progress = progress or SilentProgress()
     device = torch.device(device)
     speed = speed or Speed.for_device(device)
@@ -60,30 +109,27 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
             progress.log(f"rebuilding model {index}: {problem.split(';')[0]}")
             store.discard(index)
             done[index] = False
-    resident = dataset.to(device) if device.type == "cuda" and not all(done) else dataset
-    progress.start("pool", f"pool: training {n_models} models", n_models)
-    progress.advance("pool", sum(done))
     stacked = trainer == "stacked" or (trainer == "auto" and can_stack(init_model(spec, dataset, 0)))
     group_size = stack if stacked else 1
     # Groups are fixed by model index, and a group is trained whole even when an earlier run
     # saved part of it: stacked results depend (in the last float bits) on the group, so this
     # keeps a resumed pool bit-identical to an uninterrupted one.
-    for start in range(0, n_models, group_size):
-        group = list(range(start, min(start + group_size, n_models)))
-        if all(done[i] for i in group):
-            continue
-        models = [init_model(spec, dataset, i) for i in group]
-        schedules = [make_schedule(spec, np.flatnonzero(keep[i]), n_examples, i) for i in group]
-        if len(group) > 1:
-            trained = train_stacked(spec, resident, models, schedules, device)
-        else:
-            trained = [train_sequential(spec, resident, models[0], schedules[0], device, speed)]
-        for index, model in zip(group, trained):
-            if done[index]:
-                continue
-            scores = score_split(model, resident, resident.pool, list(spec.queries), device)
-            store.save_model(index, model, scores, accuracy(model, resident, resident.test, device))
+    groups = [list(range(s, min(s + group_size, n_models))) for s in range(0, n_models, group_size)]
+    groups = [g for g in groups if not all(done[i] for i in g)]
+    progress.start("pool", f"pool: {n_models} models, {sum(done)} cached, {len(groups)} group(s) to train",
+                   len(groups))
+    if executor is None or not groups:
+        for group in groups:
+            train_group(spec, dataset, store, keep, group, device, speed)
             progress.advance("pool")
+    else:
+        jobs = [TrainJob(spec, tuple(g), Path(cache_dir), data_root, download, str(device), speed,
+                         torch.get_num_threads()) for g in groups]
+        executor.map(train_job, jobs, gpus=1 if device.type == "cuda" else 0, progress=progress, key="pool",
+                     describe=lambda job: f"pool models {job.group[0]}-{job.group[-1]}")
+        missing = [i for i in range(n_models) if not store.is_complete(i)]
+        if missing:
+            raise CacheError(f"{store.root}: models {missing} are still missing after the executor finished")
 
     scores = np.stack([store.load_scores(i) for i in range(n_models)])
     test_acc = np.array([store.record(i).test_accuracy for i in range(n_models)])

@@ -77,6 +77,9 @@ class PoolStore:
     def is_complete(self, index: int) -> bool:
         return self.record_path(index).exists()
 
+    def is_complete_pool(self) -> bool:
+        return all(self.is_complete(i) for i in range(self.spec.membership.n_models))
+
     def save_model(self, index: int, model: nn.Module, scores: np.ndarray, test_accuracy: float) -> None:
         state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
         write_bytes_atomic(self.weights_path(index), save(state, metadata={"pool_hash": self.spec.pool_hash,

@@ -42,6 +42,15 @@ class Quantizer(ABC):
         self.config = config
         self.progress: Progress = SilentProgress()  # the runner hands in its progress display
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("progress", None)  # a terminal display does not travel to worker processes
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.progress = SilentProgress()
+
     def calibration_size(self, task_size: int) -> int:
         """How many calibration images to draw from the target's members (the task's number by default)."""
         return task_size

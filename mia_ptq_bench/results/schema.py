@@ -88,6 +88,11 @@ class QuantizerRef(Strict):
     config_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class PoolSourceRef(Strict):
+    repo: str
+    revision: str = Field(description="the Hub commit the pool was pulled at")
+
+
 class ArraysRef(Strict):
     file: str = Field(description="file name of the .npz beside this document")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -107,6 +112,7 @@ class Result(Strict):
     quantizer: QuantizerRef
     plan: str
     threat_model: Literal["oblivious", "adaptive"]
+    pool_source: PoolSourceRef | None = Field(None, description="set when the pool was pulled from the Hub")
     n_models: int
     n_examples: int
     n_test: int = Field(description="test images behind test accuracy (held-out calibration images excluded)")

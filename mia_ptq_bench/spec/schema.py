@@ -80,6 +80,11 @@ class CalibrationSpec(Strict):
     seed: int = 0
 
 
+class HubSpec(Strict):
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="Hub model repository holding the pool")
+    revision: str | None = Field(None, description="commit hash (or branch/tag) to pin; results record the commit")
+
+
 AttackName = Literal["lira-online", "lira-online-fixed", "lira-offline", "lira-offline-fixed", "global-threshold"]
 QueryName = Literal["identity", "hflip"]
 ThreatModel = Literal["oblivious", "adaptive"]
@@ -100,6 +105,7 @@ class TaskSpec(Strict):
     plans: list[str] = Field(min_length=1)
     calibration: CalibrationSpec = CalibrationSpec()
     threat_models: list[ThreatModel] = Field(default_factory=lambda: ["oblivious"], min_length=1)
+    hub: HubSpec | None = Field(None, description="pull the pool from the Hugging Face Hub instead of training it")
 
     @field_validator("plans")
     @classmethod

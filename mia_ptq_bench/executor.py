@@ -1,0 +1,92 @@
+"""Where units of work run: in this process, or as Ray tasks on a local or existing Ray cluster.
+
+A unit is a top-level function of one picklable argument that writes its result into the
+content-addressed cache and returns a short summary. Running units through an executor
+therefore never changes results: the driver reads the same cache files either way. Ray
+retries a failed unit (``max_retries``) and a unit that still fails is reported with its
+error, never dropped. On a cluster, the cache and data folders must be shared storage.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from .errors import BenchError
+from .progress import Progress, SilentProgress
+
+T = TypeVar("T")
+
+
+class Executor(Protocol):
+    def map(self, unit: Callable[[T], Any], jobs: Sequence[T], *, gpus: float = 0, describe: Callable[[T], str] = str,
+            progress: Progress | None = None, key: str = "") -> list[Any]: ...
+
+
+class LocalExecutor:
+    """Runs units one after another in this process."""
+
+    name = "local"
+
+    def map(self, unit, jobs, *, gpus: float = 0, describe=str, progress=None, key: str = "") -> list[Any]:
+        progress = progress or SilentProgress()
+        results = []
+        for job in jobs:
+            results.append(unit(job))
+            if key:
+                progress.advance(key)
+        return results
+
+
+class RayExecutor:
+    """Runs units as Ray tasks; starts a local Ray (``num_cpus``) unless given a cluster address."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, max_retries: int = 2) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise BenchError("--executor ray needs Ray: pip install 'ray>=2.9' (or pip install -e '.[ray]')") from None
+        self.ray = ray
+        self.max_retries = max_retries
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if address:
+                kwargs["address"] = address
+            else:  # a local Ray: keep all its traffic on the loopback interface
+                kwargs.update(num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1")
+            ray.init(**kwargs)
+
+    def map(self, unit, jobs, *, gpus: float = 0, describe=str, progress=None, key: str = "") -> list[Any]:
+        progress = progress or SilentProgress()
+        remote = self.ray.remote(num_cpus=1, num_gpus=gpus, max_retries=self.max_retries,
+                                 retry_exceptions=True)(unit)
+        pending = {remote.remote(job): i for i, job in enumerate(jobs)}
+        results: list[Any] = [None] * len(jobs)
+        failures = []
+        while pending:
+            done, _ = self.ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                index = pending.pop(ref)
+                try:
+                    results[index] = self.ray.get(ref)
+                except Exception as exc:  # after Ray's retries: report, never drop
+                    cause = getattr(exc, "cause", None) or exc
+                    failures.append(f"{describe(jobs[index])}: {type(cause).__name__}: {cause}")
+                if key:
+                    progress.advance(key)
+        if failures:
+            raise BenchError(f"{len(failures)} of {len(jobs)} Ray tasks failed after {self.max_retries} retries: "
+                             + "; ".join(failures))
+        return results
+
+
+def make_executor(name: str, address: str | None = None) -> Executor:
+    if name == "local":
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(address)
+    raise BenchError(f"unknown executor {name!r}; choose local or ray")
