@@ -59,12 +59,14 @@ def output_errors(original: nn.Module, quantized: nn.Module, images: torch.Tenso
     return errors
 
 
-@pytest.mark.parametrize("method", ["adaround", "brecq", "obc", "gptq"])
-@pytest.mark.parametrize("arch, options", [("mlp", {"hidden": [32]}), ("cnn", {"batchnorm": True, "hidden": 16}),
-                                           ("resnet18", {})])
+SMALL_NETS = [("mlp", {"hidden": [32]}), ("cnn", {"batchnorm": True, "hidden": 16})]
+
+
+# Every method on the small nets; on ResNet18, BRECQ (its residual blocks) and GPTQ, to stay fast.
+@pytest.mark.parametrize("method, arch, options", [(m, a, o) for m in ("adaround", "brecq", "obc", "gptq")
+                                                   for a, o in SMALL_NETS] + [("brecq", "resnet18", {}),
+                                                                              ("gptq", "resnet18", {})])
 def test_each_method_reconstructs_better_than_rtn(method: str, arch: str, options: dict) -> None:
-    if arch == "resnet18" and method in ("adaround", "obc"):
-        pytest.skip("covered on the smaller nets; ResNet18 runs BRECQ's blocks and GPTQ here to stay fast")
     model = trained_like(arch, options, width=0.125 if arch == "resnet18" else 0.25)
     plan = PrecisionPlan.parse("w2")
     cal = calibration()

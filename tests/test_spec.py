@@ -104,3 +104,10 @@ def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
 def test_unknown_task_id_lists_known() -> None:
     with pytest.raises(SpecError, match="unknown task 'nope'.*digits-mlp"):
         load_task("nope")
+
+
+def test_optional_extensions_leave_existing_hashes_alone(tmp_path: Path, tiny_dict: dict) -> None:
+    plain = load_task(write_task(tmp_path, tiny_dict))
+    assert "hub" not in plain.canonical()
+    pinned = load_task(write_task(tmp_path, dict(tiny_dict, hub={"repo": "org/pool", "revision": "abc"})))
+    assert pinned.hash != plain.hash and pinned.pool_hash == plain.pool_hash

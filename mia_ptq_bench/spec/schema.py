@@ -18,6 +18,9 @@ from ..errors import PlanError
 from .plans import PrecisionPlan
 
 POOL_FIELDS = ("dataset", "model", "training", "membership", "queries")
+# Top-level fields added after tasks were first published: while unset they are left out of the
+# canonical content, so adding an optional feature does not make every existing result stale.
+EXTENSIONS = ("hub",)
 
 
 class Strict(BaseModel):
@@ -131,9 +134,13 @@ class TaskSpec(Strict):
             )
         return self
 
+    def canonical(self) -> dict:
+        dumped = self.model_dump(mode="json")
+        return {k: v for k, v in dumped.items() if not (k in EXTENSIONS and v is None)}
+
     @property
     def hash(self) -> str:
-        return content_hash(self.model_dump(mode="json"))
+        return content_hash(self.canonical())
 
     @property
     def pool_hash(self) -> str:
