@@ -294,6 +294,23 @@ def leaderboard_build(
 
 
 @app.command()
+def findings(
+    task: Annotated[str, typer.Option(help="task id")] = "digits-mlp",
+    out: Annotated[Path, typer.Option(help="markdown file to write")] = Path("docs/findings.md"),
+    submissions: Annotated[Path, typer.Option(help="submissions folder")] = Path("submissions"),
+) -> None:
+    """Write the study's questions, answered from the committed results of one task, as markdown."""
+    from .atomic import write_text_atomic
+    from .board.findings import render
+
+    def action() -> None:
+        write_text_atomic(out, render(submissions, task))
+        console.print(f"wrote {out}")
+
+    guarded(action)
+
+
+@app.command()
 def schema(kind: Annotated[str, typer.Argument(help="result or task")] = "result") -> None:
     """Print the JSON Schema of result documents (or of task specs)."""
     from .results.schema import Result

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from mia_ptq_bench.cli import app
+
+cli = CliRunner()
+
+
+def test_findings_are_generated_from_results(tmp_path: Path) -> None:
+    submissions = tmp_path / "submissions"
+    for name in ("fp32", "rtn"):
+        folder = submissions / name
+        folder.mkdir(parents=True)
+        (folder / "submission.yaml").write_text(
+            f"name: {name}\ndisplay_name: {name}\nversion: '1'\nauthors: [{{name: t}}]\nlicense: MIT\n"
+            f"contact: t@example.org\nquantizer: {{builtin: {name}}}\ntasks: [tiny-digits]\n")
+        result = cli.invoke(app, ["evaluate", name, "--task", "tiny-digits", "--submission", str(folder)])
+        assert result.exit_code == 0, result.stderr
+    out = tmp_path / "findings.md"
+    result = cli.invoke(app, ["findings", "--task", "tiny-digits", "--submissions", str(submissions), "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    text = out.read_text()
+    for heading in ("## 1.", "## 4.", "## 5.", "## Wall time"):
+        assert heading in text
+    # tiny-digits has no w1.58 plan and no plain offline attack: those questions are left out, not faked
+    assert "## 2." not in text and "## 3." not in text
+    assert "| rtn | " in text and "*Study*" in text and "w1.58-last8" in text
+    missing = cli.invoke(app, ["findings", "--task", "tiny-cnn", "--submissions", str(submissions), "--out", str(out)])
+    assert missing.exit_code == 2 and "no current results for task 'tiny-cnn'" in missing.stderr
