@@ -211,7 +211,7 @@ def test_interrupted_quantization_resumes_to_identical_results(tmp_path: Path, m
     resumed = evaluate("rtn", spec, options=options)
     assert len(quantized) == 2 * 8 - 5  # only the models not saved before the interruption
     assert [_numbers(r) for r in resumed.results] == [_numbers(r) for r in plain.results]
-    for a, b in zip(plain.paths, resumed.paths):
+    for a, b in zip(plain.paths, resumed.paths, strict=True):
         with np.load(a.with_suffix(".npz")) as x, np.load(b.with_suffix(".npz")) as y:
             assert x.files == y.files and all(np.array_equal(x[k], y[k]) for k in x.files)
 

@@ -157,9 +157,9 @@ def test_every_page_in_chromium(site: Path, browser) -> None:
     for path in pages:
         page = browser.new_page()
         problems: list[str] = []
-        page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
-        page.on("pageerror", lambda exc: problems.append(str(exc)))
-        page.on("dialog", lambda dialog: problems.append(f"dialog: {dialog.message}"))
+        page.on("console", lambda msg, seen=problems: seen.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc, seen=problems: seen.append(str(exc)))
+        page.on("dialog", lambda dialog, seen=problems: seen.append(f"dialog: {dialog.message}"))
         page.goto(path.as_uri())
         page.wait_for_load_state("load")
         assert problems == [], (path.name, problems)

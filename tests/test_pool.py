@@ -51,8 +51,8 @@ def test_stacked_training_equals_sequential(tiny_task) -> None:
                   for i, s in zip(indices, schedules)]
     stacked = train_stacked(tiny_task, data, [init_model(tiny_task, data, i) for i in indices], schedules,
                             torch.device("cpu"))
-    for a, b in zip(sequential, stacked):
-        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+    for a, b in zip(sequential, stacked, strict=True):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     untrained = init_model(tiny_task, data, 0)
     assert not torch.allclose(untrained.state_dict()["1.weight"], stacked[0].state_dict()["1.weight"])

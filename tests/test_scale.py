@@ -125,7 +125,7 @@ def test_ray_executor_gives_identical_results(tmp_path: Path, monkeypatch: pytes
                                                                executor=executor))
     finally:
         ray.shutdown()
-    for a, b in zip(local.paths, distributed.paths):
+    for a, b in zip(local.paths, distributed.paths, strict=True):
         assert numbers(a) == numbers(b)
     assert np.array_equal(local.pool.scores, distributed.pool.scores)
 

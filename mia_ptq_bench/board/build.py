@@ -19,13 +19,12 @@ from urllib.parse import urlparse
 
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from markupsafe import Markup
 
 from ..atomic import write_text_atomic
 from ..errors import BenchError
 from ..spec import load_task
 from .collect import Collected, collect
-from .rank import BOARD_COLUMNS, board, missing_references
+from .rank import board, missing_references
 from .svg import Point, privacy_utility, roc_curves
 
 PLOT_FLOOR = 1e-4  # TPR@0.1%FPR of 0 is drawn here on the log axis
@@ -111,9 +110,10 @@ def build_site(submissions: Path, out: Path) -> dict:
             threats.append({"threat": threat, "boards": boards})
         tasks.append({"spec": spec, "attack": attack, "threats": threats})
 
+    headline_attack = {t["spec"].id: t["attack"] for t in tasks}
     for name, spec in collected.submissions.items():
         mine = rows[(rows.entry == name)].sort_values(["task", "threat_model", "plan", "attack"])
-        headline = mine[mine.apply(lambda r: r.attack == load_task(r.task).attacks[0], axis=1)] if not mine.empty else mine
+        headline = mine[mine.task.map(headline_attack) == mine.attack]
         groups = []
         for (task_id, threat), part in headline.groupby(["task", "threat_model"], sort=True):
             curves = [(r.plan, r.roc_fpr, r.roc_tpr, r.plan == "fp32") for r in part.itertuples()]
@@ -124,8 +124,7 @@ def build_site(submissions: Path, out: Path) -> dict:
                                                           groups=groups, config=config)
         write_text_atomic(staging / "entries" / f"{name}.html", page)
 
-    headline_rows = pd.concat([b_rows for b_rows in [
-        rows[(rows.task == t["spec"].id) & (rows.attack == t["attack"]) & ~rows.stale] for t in tasks]])
+    headline_rows = rows[(rows.task.map(headline_attack) == rows.attack) & ~rows.stale]
     _downloads(headline_rows.sort_values(["task", "threat_model", "plan", "tpr_at_0_1pct_fpr"]), staging, "results")
     index = env.get_template("index.html.j2").render(root="", title="mia-ptq-bench leaderboard", tasks=tasks,
                                                      entries=collected.submissions, skipped=collected.skipped)
@@ -138,4 +137,4 @@ def build_site(submissions: Path, out: Path) -> dict:
             "skipped": collected.skipped, "out": out}
 
 
-__all__ = ["BOARD_COLUMNS", "Markup", "build_site", "safe_url"]
+__all__ = ["build_site", "safe_url"]
