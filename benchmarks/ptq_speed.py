@@ -5,9 +5,11 @@
 On a CIFAR-size ResNet18 (32x32x3 inputs, CIFAR stem; random weights with BatchNorm
 statistics from the calibration images), for every method and plan it times:
 - ours: the project's implementation (AdaRound/BRECQ: the ``--models`` targets batched
-  into one optimisation; OBC: 32 rows per sweep; GPTQ: lazy 128-column blocks);
+  into one optimisation; OBC: 32 rows per sweep, arrays shrunk to the free columns as they
+  go; GPTQ: lazy 128-column blocks);
 - straightforward: the same algorithm run plainly (AdaRound/BRECQ: one model at a time;
-  OBC: one row at a time; GPTQ: every column's update applied at once to all later columns),
+  OBC: one row at a time on full-size arrays; GPTQ: every column's update applied at once to
+  all later columns),
 and prints seconds per model, the ratio, and the output reconstruction error of both
 (mean squared error of the logits against the full-precision model on the calibration set).
 Defaults are the study's iteration counts on a GPU and a reduced setting on a CPU.
@@ -24,6 +26,16 @@ import torch
 from mia_ptq_bench.environment import describe_device
 from mia_ptq_bench.models import build_model
 from mia_ptq_bench.quantize import QUANTIZERS, Calibration
+from mia_ptq_bench.quantize.obs import obc_quantize
+from mia_ptq_bench.quantize.second_order import OBC
+
+
+class PlainOBC(OBC):
+    """The same sweep one row at a time, on full-size arrays throughout."""
+
+    def sweep(self, weight, hessian, grid):
+        return obc_quantize(weight, hessian, grid, parallel=1, rel_damp=self.config.rel_damp,
+                            fallback_damp=self.config.fallback_damp, compact=1.0)
 from mia_ptq_bench.spec import PrecisionPlan
 from mia_ptq_bench.spec.schema import ModelSpec
 
@@ -59,8 +71,9 @@ def reconstruction_error(original: torch.nn.Module, quantized: torch.nn.Module, 
         return float((quantized(images) - original(images)).square().mean())
 
 
-def run(method: str, config: dict, models, calibrations, plan, device: str, batched: bool) -> tuple[float, list]:
-    quantizer = QUANTIZERS.get(method)(config)
+def run(method: str, config: dict, models, calibrations, plan, device: str, batched: bool,
+        plain: bool = False) -> tuple[float, list]:
+    quantizer = PlainOBC(config) if plain and method == "obc" else QUANTIZERS.get(method)(config)
     copies = [copy.deepcopy(m) for m in models]
     synchronize(device)
     start = time.perf_counter()
@@ -95,7 +108,7 @@ def main() -> None:
     configs = {
         "adaround": ({"iters": iters}, {"iters": iters}),
         "brecq": ({"iters": iters}, {"iters": iters}),
-        "obc": ({"calibration": count, "rounds": 10, "parallel": 32}, {"calibration": count, "rounds": 10, "parallel": 1}),
+        "obc": ({"calibration": count, "rounds": 10}, {"calibration": count, "rounds": 10}),
         "gptq": ({"block_size": 128}, {"block_size": 1}),
     }
     for method in args.methods.split(","):
@@ -104,7 +117,7 @@ def main() -> None:
         for text in args.plans.split(","):
             plan = PrecisionPlan.parse(text)
             ours_s, ours = run(method, ours_cfg, models, calibrations, plan, args.device, batched=batched)
-            plain_s, plain = run(method, plain_cfg, models, calibrations, plan, args.device, batched=False)
+            plain_s, plain = run(method, plain_cfg, models, calibrations, plan, args.device, batched=False, plain=True)
             images = calibrations[0].images
             folded = [QUANTIZERS.get("rtn")().quantize(copy.deepcopy(m), c, PrecisionPlan.parse("w16"))
                       for m, c in zip(models, calibrations)]

@@ -150,6 +150,14 @@ def test_obc_matches_brute_force_greedy(seed: int, levels: int) -> None:
         torch.testing.assert_close(ours[r], expected, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_obc_compaction_changes_nothing(dtype: torch.dtype) -> None:
+    w, h = tiny_layer(11, rows=5, columns=40)
+    grid = fit_grid(w, 3)
+    assert torch.equal(obc_quantize(w, h, grid, parallel=3, dtype=dtype, compact=1.0),
+                       obc_quantize(w, h, grid, parallel=3, dtype=dtype, compact=0.9))
+
+
 @pytest.mark.parametrize("seed, block", itertools.product(range(4), (1, 2, 128)))
 def test_gptq_matches_brute_force_least_squares(seed: int, block: int) -> None:
     w, h = tiny_layer(seed)

@@ -89,13 +89,20 @@ def inverse_hessian(h: torch.Tensor, fallback_damp: float) -> torch.Tensor:
 
 
 def obc_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, parallel: int = 32,
-                 rel_damp: float = 0.0, fallback_damp: float = 0.01, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 rel_damp: float = 0.0, fallback_damp: float = 0.01, dtype: torch.dtype = torch.float32,
+                 compact: float = 0.9) -> torch.Tensor:
     """ExactOBS quantization of a layer's weight (rows = output channels); returns Q shaped like ``weight``.
 
     Per row, repeatedly: round every free weight to its grid; pick the one whose rounding
     raises the loss least (``err^2 / Hinv_jj``) -- or, if some free weight has drifted more
     than half a step off the grid, the one that drifted most; fix it; move the free weights
     optimally; remove it from the row's inverse Hessian (a rank-one downdate).
+
+    Every row of a batch fixes one weight per step, so all rows always have the same number
+    of free weights. Whenever that number has fallen to ``compact`` times what the working
+    arrays hold, they are shrunk to the free columns: the arithmetic on free entries is
+    unchanged (bit for bit), but the downdates, the cost of the sweep, get cheaper
+    (about 2.7x fewer operations at 0.9). ``compact=1.0`` never shrinks them.
     """
     w_all, h = _prepare(weight, hessian, rel_damp, dtype)
     hinv_all = inverse_hessian(h, fallback_damp)
@@ -109,10 +116,18 @@ def obc_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, par
         w = w_all[r1:r2].clone()
         hinv = hinv_all.unsqueeze(0).repeat(count, 1, 1)
         fixed = torch.zeros_like(w, dtype=torch.bool)
+        cols = torch.arange(columns, device=w.device).expand(count, columns)  # working position -> column
         index = torch.arange(count, device=w.device)
         scale, zero = scale_all[r1:r2], zero_all[r1:r2]
         outlier = 0.25 * scale.square()
         for step in range(columns):
+            free = columns - step
+            if free < compact * w.shape[1]:
+                keep = (~fixed).nonzero()[:, 1].view(count, free)  # ascending: tie-breaks stay the same
+                w, cols = w.gather(1, keep), cols.gather(1, keep)
+                hinv = hinv.gather(1, keep.unsqueeze(2).expand(count, free, hinv.shape[2]))
+                hinv = hinv.gather(2, keep.unsqueeze(1).expand(count, free, free))
+                fixed = torch.zeros_like(w, dtype=torch.bool)
             q = round_to_grid(w, scale, zero, grid.levels)
             err = (w - q).square()
             diag = torch.diagonal(hinv, dim1=1, dim2=2)
@@ -122,7 +137,7 @@ def obc_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, par
             drifted = (err > outlier).any(1) & (w[index, j] != 0)
             j = torch.where(drifted, err.argmax(1), j)
             q_j = q[index, j]
-            q_all[r1 + index, j] = q_j
+            q_all[r1 + index, cols[index, j]] = q_j
             row = hinv[index, j, :]
             d = diag[index, j]
             w -= row * ((w[index, j] - q_j) / d).unsqueeze(1)
