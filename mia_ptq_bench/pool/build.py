@@ -60,9 +60,10 @@ class TrainJob:
 
 def train_group(spec: TaskSpec, dataset: ImageDataset, store: PoolStore, keep: np.ndarray, group: list[int],
                 device: torch.device, speed: Speed) -> list[int]:
-    """Train ``group`` (stacked when it has several models) and save the models not yet complete."""
-    if device.type == "cuda":
-        dataset = dataset.to(device)
+    """Train ``group`` (stacked when it has several models) and save the models not yet complete.
+
+    ``dataset`` should already be resident on ``device`` (``ImageDataset.to``) on an accelerator.
+    """
     models = [init_model(spec, dataset, i) for i in group]
     schedules = [make_schedule(spec, np.flatnonzero(keep[i]), len(dataset.pool), i) for i in group]
     if len(group) > 1:
@@ -85,8 +86,9 @@ def train_job(job: TrainJob) -> list[int]:
     torch.set_num_threads(job.threads)  # the driver's thread count: same float summation order, same bits
     dataset = load_dataset(job.spec.dataset, job.data_root, job.download)
     keep = pool_keep_masks(job.spec, len(dataset.pool))
-    return train_group(job.spec, dataset, PoolStore(job.cache_dir, job.spec), keep, list(job.group),
-                       torch.device(job.device), job.speed)
+    device = torch.device(job.device)
+    return train_group(job.spec, dataset.to(device) if device.type == "cuda" else dataset,
+                       PoolStore(job.cache_dir, job.spec), keep, list(job.group), device, job.speed)
 
 
 def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: str | torch.device = "cpu",
@@ -119,8 +121,9 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     progress.start("pool", f"pool: {n_models} models, {sum(done)} cached, {len(groups)} group(s) to train",
                    len(groups))
     if executor is None or not groups:
+        resident = dataset.to(device) if device.type == "cuda" and groups else dataset  # copied once
         for group in groups:
-            train_group(spec, dataset, store, keep, group, device, speed)
+            train_group(spec, resident, store, keep, group, device, speed)
             progress.advance("pool")
     else:
         jobs = [TrainJob(spec, tuple(g), Path(cache_dir), data_root, download, str(device), speed,
