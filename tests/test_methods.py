@@ -140,7 +140,7 @@ def tiny_layer(seed: int = 0, rows: int = 3, columns: int = 6):
     return w, h
 
 
-@pytest.mark.parametrize("seed, levels", itertools.product(range(4), (3, 4)))
+@pytest.mark.parametrize("seed, levels", list(itertools.product(range(4), (3, 4))))
 def test_obc_matches_brute_force_greedy(seed: int, levels: int) -> None:
     w, h = tiny_layer(seed)
     grid = fit_grid(w, levels)
@@ -158,7 +158,7 @@ def test_obc_compaction_changes_nothing(dtype: torch.dtype) -> None:
                        obc_quantize(w, h, grid, parallel=3, dtype=dtype, compact=0.9))
 
 
-@pytest.mark.parametrize("seed, block", itertools.product(range(4), (1, 2, 128)))
+@pytest.mark.parametrize("seed, block", list(itertools.product(range(4), (1, 2, 128))))
 def test_gptq_matches_brute_force_least_squares(seed: int, block: int) -> None:
     w, h = tiny_layer(seed)
     grid = fit_grid(w, 4)
