@@ -150,16 +150,14 @@ class OutputStore:
         })
 
 
-def model_outputs(model: torch.nn.Module, pool: Pool, test: Split, device: str) -> tuple[np.ndarray, np.ndarray]:
-    scores = score_split(model, pool.dataset, pool.dataset.pool, list(pool.spec.queries), device)
-    predictions = predict_logits(model, pool.dataset, test, "identity", device).argmax(dim=1).numpy()
-    return scores, predictions
+def predicted_classes(model: torch.nn.Module, pool: Pool, test: Split, device: str) -> np.ndarray:
+    return predict_logits(model, pool.dataset, test, "identity", device).argmax(dim=1).numpy()
 
 
 def reference_outputs(pool: Pool, index: int, test: Split, device: str) -> ModelOutputs:
     model = pool.load_model(index, device)
-    predictions = predict_logits(model, pool.dataset, test, "identity", device).argmax(dim=1).numpy()
-    return ModelOutputs(pool.scores[index], predictions, audit_model(model, PrecisionPlan(None)))
+    return ModelOutputs(pool.scores[index], predicted_classes(model, pool, test, device),
+                        audit_model(model, PrecisionPlan(None)))
 
 
 def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan: PrecisionPlan, test: Split,
@@ -177,7 +175,8 @@ def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan
     for index, model in zip(todo, quantized):
         audit = audit_model(model, plan)
         enforce_audit(audit, plan, f"quantizer {quantizer.name!r} on pool model {index}")
-        scores, predictions = model_outputs(model, pool, test, device)
+        scores = score_split(model, pool.dataset, pool.dataset.pool, list(spec.queries), device)
+        predictions = predicted_classes(model, pool, test, device)
         if not np.isfinite(scores).all():
             raise BenchError(f"quantizer {quantizer.name!r} at {plan}: model {index} produced non-finite outputs")
         outputs[index] = ModelOutputs(scores, predictions, audit)
@@ -303,7 +302,8 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
             outputs = {int(t): reference[row] for row, t in enumerate(targets)}
         else:
             store = OutputStore(options.cache_dir, pool, quantizer, plan, progress)
-            todo = [i for i in indices if store.load(i) is None]
+            outputs = {i: cached for i in indices if (cached := store.load(i)) is not None}
+            todo = [i for i in indices if i not in outputs]
             groups = [tuple(todo[s : s + options.quantize_group]) for s in range(0, len(todo), options.quantize_group)]
             key = f"quantize-{plan}"
             progress.start(key, f"{quantizer.name} {plan}: quantize + score {len(todo)} of {len(indices)} models",
@@ -314,8 +314,7 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
             gpus = 1 if torch.device(options.device).type == "cuda" else 0
             options.executor.map(quantize_job, jobs, gpus=gpus, progress=progress, key=key,
                                  describe=lambda job: f"{job.plan} models {job.indices[0]}-{job.indices[-1]}")
-            outputs = {}
-            for index in indices:
+            for index in todo:  # written by the jobs, possibly in other processes
                 loaded = store.load(index)
                 if loaded is None:
                     raise BenchError(f"{store.path(index)}: missing after quantization finished")

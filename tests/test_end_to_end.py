@@ -112,13 +112,18 @@ def test_oblivious_and_adaptive_use_different_shadows(evaluated) -> None:
     assert oblivious != adaptive
 
 
+def _validate_copy(folder: Path, tmp_path: Path, document: dict | None = None, arrays_suffix: bytes = b""):
+    """Validate a copy of w4--oblivious, its document or its arrays altered as given."""
+    name = "w4--oblivious"
+    text = json.dumps(document) if document is not None else (folder / f"{name}.json").read_text()
+    (tmp_path / f"{name}.json").write_text(text)
+    (tmp_path / f"{name}.npz").write_bytes((folder / f"{name}.npz").read_bytes() + arrays_suffix)
+    return run_cli("validate", str(tmp_path / f"{name}.json"))
+
+
 def test_tampered_arrays_are_rejected(evaluated, tmp_path: Path) -> None:
     folder, _ = evaluated
-    for name in ("w4--oblivious.json", "w4--oblivious.npz"):
-        (tmp_path / name).write_bytes((folder / name).read_bytes())
-    npz = tmp_path / "w4--oblivious.npz"
-    npz.write_bytes(npz.read_bytes() + b"\0")
-    result = run_cli("validate", str(tmp_path / "w4--oblivious.json"))
+    result = _validate_copy(folder, tmp_path, arrays_suffix=b"\0")
     assert result.exit_code == 1
     assert "arrays.sha256" in result.stderr and "w4--oblivious.json" in result.stderr
 
@@ -127,9 +132,7 @@ def test_tampered_numbers_are_rejected(evaluated, tmp_path: Path) -> None:
     folder, _ = evaluated
     document = json.loads((folder / "w4--oblivious.json").read_text())
     document["quantized"]["targets"][1]["attacks"]["lira-online"]["auc"] += 0.01
-    (tmp_path / "w4--oblivious.json").write_text(json.dumps(document))
-    (tmp_path / "w4--oblivious.npz").write_bytes((folder / "w4--oblivious.npz").read_bytes())
-    result = run_cli("validate", str(tmp_path / "w4--oblivious.json"))
+    result = _validate_copy(folder, tmp_path, document=document)
     assert result.exit_code == 1
     assert "quantized.targets[1].attacks.lira-online.auc" in result.stderr and "do not match" in result.stderr
 

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ..errors import BenchError
 from ..metrics import summarize
@@ -18,6 +19,7 @@ from ..results.io import load_result
 from ..results.schema import Result
 from ..spec import load_task
 from ..submission import find_submissions
+from .rank import pareto_front
 
 # The study's CIFAR-100 / ResNet18 / LiRA-online numbers as PROTOCOL.md reports them: (test acc %, TPR@0.1%FPR).
 STUDY_CIFAR100 = {
@@ -164,12 +166,9 @@ def render(submissions: Path, task: str) -> str:
         points = [(m, data.results[(m, plan, "oblivious")].quantized) for m in methods
                   if (m, plan, "oblivious") in data.results]
         points.append(("fp32", fp))
-        front = [m for m, e in points if not any(
-            o.test_accuracy.mean >= e.test_accuracy.mean and o.attacks[attack].tpr_at_0_1pct_fpr.mean
-            <= e.attacks[attack].tpr_at_0_1pct_fpr.mean and (o.test_accuracy.mean > e.test_accuracy.mean or
-                                                              o.attacks[attack].tpr_at_0_1pct_fpr.mean
-                                                              < e.attacks[attack].tpr_at_0_1pct_fpr.mean)
-            for _, o in points)]
+        on_front = pareto_front(pd.Series([e.test_accuracy.mean for _, e in points]),
+                                pd.Series([e.attacks[attack].tpr_at_0_1pct_fpr.mean for _, e in points]))
+        front = [m for (m, _), keep in zip(points, on_front) if keep]
         lines.append(f"- `{plan}`: " + ", ".join(front))
     lines.append("")
 
