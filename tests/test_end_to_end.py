@@ -241,6 +241,7 @@ def test_fp32_reference_and_heldout_calibration(tmp_path: Path) -> None:
     assert all(a.bits is None for a in result.audit)
 
 
+@pytest.mark.slow
 def test_console_script_runs(tmp_path: Path) -> None:
     env = dict(os.environ, COLUMNS="120")
     proc = subprocess.run([sys.executable, "-m", "mia_ptq_bench.cli", "evaluate", "rtn", "--task", "tiny-digits",

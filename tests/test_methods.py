@@ -14,15 +14,16 @@ from mia_ptq_bench.errors import BenchError
 from mia_ptq_bench.models import build_model
 from mia_ptq_bench.quantize import QUANTIZERS, Calibration, audit_model
 from mia_ptq_bench.quantize.grid import fit_grid
-from mia_ptq_bench.quantize.obs import gptq_quantize, obc_quantize, round_to_grid
+from mia_ptq_bench.quantize.audit import distinct_per_row
+from mia_ptq_bench.quantize.obs import NumericalError, gptq_quantize, inverse_hessian, obc_quantize, round_to_grid
 from mia_ptq_bench.quantize.rounding import RoundingSchedule, learn_rounding
 from mia_ptq_bench.quantize.units import block_units, capture, layer_units
 from mia_ptq_bench.spec import PrecisionPlan
 from mia_ptq_bench.spec.schema import DatasetSpec, ModelSpec
 
-FAST = {
-    "adaround": {"iters": 1000, "inputs": "full_precision"},
-    "brecq": {"iters": 1000, "inputs": "full_precision"},
+FAST = {  # 200 steps instead of 20,000, with a 10x learning rate to match
+    "adaround": {"iters": 200, "lr": 0.01, "inputs": "full_precision"},
+    "brecq": {"iters": 200, "lr": 0.01, "inputs": "full_precision"},
     "obc": {"calibration": 64, "rounds": 2},
     "gptq": {"sequential": False},
 }
@@ -78,13 +79,28 @@ def test_each_method_reconstructs_better_than_rtn(method: str, arch: str, option
     blocks = method == "brecq"
     rtn_errors = output_errors(reference, rtn, cal.images, blocks)
     our_errors = output_errors(reference, ours, cal.images, blocks)
-    worse = {name: (our_errors[name], rtn_errors[name]) for name in rtn_errors
-             if our_errors[name] >= rtn_errors[name]}
-    assert not worse, f"{method} reconstructs worse than RTN at {sorted(worse)}"
+    # At least 10% better everywhere: measured margins are 20% to 300x, so no machine's float rounding can
+    # decide this test; a broken method lands at or above RTN.
+    worse = {name: round(our_errors[name] / rtn_errors[name], 3) for name in rtn_errors
+             if our_errors[name] > 0.9 * rtn_errors[name]}
+    assert not worse, f"{method} does not reconstruct 10% better than RTN at {worse} (error ratio to RTN)"
+
+
+DECISION_MARGIN = 1e-6  # relative: float64 rounding (~1e-16) cannot flip a choice this far from a tie
+
+
+def assert_clear_rounding(values: torch.Tensor) -> None:
+    """Each value (in grid steps) lies clearly off the half-way point between two grid values."""
+    distance = ((values - torch.floor(values)) - 0.5).abs()
+    assert float(distance.min()) > DECISION_MARGIN, "test data has a rounding tie; choose another seed"
 
 
 def brute_force_obc_row(w0: torch.Tensor, h: torch.Tensor, scale: float, zero: float, levels: int) -> torch.Tensor:
-    """Greedy OBC order found by re-solving the least-squares problem for every candidate at every step."""
+    """Greedy OBC order found by re-solving the least-squares problem for every candidate at every step.
+
+    Every decision it takes is checked to be clear of a tie, so the comparison with the fast
+    sweep at 1e-9 holds on any machine.
+    """
     k = w0.numel()
     fixed: dict[int, float] = {}
 
@@ -107,7 +123,11 @@ def brute_force_obc_row(w0: torch.Tensor, h: torch.Tensor, scale: float, zero: f
     while len(fixed) < k:
         free = [i for i in range(k) if i not in fixed]
         q = round_to_grid(current, torch.tensor(scale, dtype=h.dtype), torch.tensor(zero, dtype=h.dtype), levels)
+        assert_clear_rounding(current[free] / scale)
         err = {i: float((current[i] - q[i]) ** 2) for i in free}
+        losses = sorted(loss(optimum({**fixed, i: float(q[i])})) for i in free)
+        assert len(losses) == 1 or losses[1] - losses[0] > DECISION_MARGIN * losses[1], "near-tie in the greedy order"
+        assert all(abs(e - 0.25 * scale**2) > DECISION_MARGIN * scale**2 for e in err.values()), "drift test at a tie"
         if any(e > 0.25 * scale**2 for e in err.values()) and current[min(free, key=lambda i: loss(optimum({**fixed, i: float(q[i])})))] != 0:
             choice = max(free, key=lambda i: err[i])
         else:
@@ -123,6 +143,7 @@ def brute_force_gptq(w0: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zer
     q = torch.zeros_like(w0)
     current = w0.clone()
     for c in range(k):
+        assert_clear_rounding(current[:, c] / scale[:, 0])
         q[:, c] = round_to_grid(current[:, c], scale[:, 0], zero[:, 0], levels)
         rest = list(range(c + 1, k))
         if rest:
@@ -254,22 +275,49 @@ def test_study_defaults() -> None:
     assert (obc.calibration_size(1024), obc.config.rounds, obc.config.parallel, obc.config.rel_damp) == (2048, 10, 32, 0.0)
 
 
-def test_every_method_on_every_architecture_and_plan() -> None:
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "resnet18",
+                                  pytest.param("resnet50", marks=pytest.mark.slow),
+                                  pytest.param("densenet121", marks=pytest.mark.slow)])
+def test_every_method_on_every_architecture_and_plan(arch: str) -> None:
     plans = ["w4", "w2", "w1.58", "w1.58-last8"]
     cal = calibration(16)
-    for arch in ("mlp", "cnn", "resnet18", "resnet50", "densenet121"):
-        model = trained_like(arch, {"batchnorm": True} if arch == "cnn" else {}, width=0.0625)
-        for method in ("adaround", "brecq", "obc", "gptq"):
-            config = {"adaround": {"iters": 2}, "brecq": {"iters": 2}, "obc": {"parallel": 64},
-                      "gptq": {}}[method]
-            plan = PrecisionPlan.parse(plans[(len(arch) + len(method)) % 4])
-            quantized = QUANTIZERS.get(method)(config).quantize(copy.deepcopy(model), cal, plan)
-            report = audit_model(quantized, plan)
-            assert all(r.passed for r in report), (arch, method, plan)
-            assert torch.isfinite(quantized(cal.images)).all()
+    model = trained_like(arch, {"batchnorm": True} if arch == "cnn" else {}, width=0.0625)
+    for method in ("adaround", "brecq", "obc", "gptq"):
+        config = {"adaround": {"iters": 2}, "brecq": {"iters": 2}, "obc": {"parallel": 64}, "gptq": {}}[method]
+        plan = PrecisionPlan.parse(plans[(len(arch) + len(method)) % 4])
+        quantized = QUANTIZERS.get(method)(config).quantize(copy.deepcopy(model), cal, plan)
+        report = audit_model(quantized, plan)
+        assert all(r.passed for r in report), (arch, method, plan)
+        assert torch.isfinite(quantized(cal.images)).all()
 
 
-def test_unstable_obc_sweep_is_a_clear_error() -> None:
-    model = trained_like("densenet121", {}, width=0.0625)
-    with pytest.raises(BenchError, match="numerically unstable.*rel_damp"):
-        QUANTIZERS.get("obc")({"rounds": 1, "parallel": 64}).quantize(model, calibration(16), PrecisionPlan.parse("w1.58"))
+def overflowing_calibration() -> Calibration:
+    """Inputs around 1e20: finite in float32, but their Hessian (~1e40) overflows float32 on every IEEE machine."""
+    base = calibration(32)
+    return Calibration(base.raw, lambda raw: base.normalize(raw) * 1e20)
+
+
+@pytest.mark.parametrize("method", ["obc", "gptq"])
+def test_hessian_out_of_range_is_a_clear_error_and_float64_fixes_it(method: str) -> None:
+    model = trained_like("mlp", {"hidden": [16]})
+    config = {"obc": {"rounds": 1, "calibration": 32}, "gptq": {"sequential": False}}[method]
+    plan = PrecisionPlan.parse("w2")
+    with pytest.raises(BenchError, match=r"layer '1' \(256 inputs\) became numerically unstable \(the 256x256 "
+                                         r"Hessian is not finite in torch.float32.*rel_damp > 0 or dtype float64"):
+        QUANTIZERS.get(method)(config).quantize(copy.deepcopy(model), overflowing_calibration(), plan)
+    quantized = QUANTIZERS.get(method)({**config, "dtype": "float64"}).quantize(model, overflowing_calibration(), plan)
+    assert all(torch.isfinite(p).all() for p in quantized.parameters())
+    assert all(a.passed for a in audit_model(quantized, plan))
+
+
+def test_singular_hessian_takes_the_fallback_damping() -> None:
+    # Two identical inputs: H = [[4, 4], [4, 4]] factorises exactly (powers of two) to a zero pivot,
+    # so the undamped Cholesky fails on every machine and the fallback damping (0.01 x mean diagonal) is used.
+    h = torch.tensor([[4.0, 4.0], [4.0, 4.0]])
+    expected = torch.linalg.inv(h + 0.04 * torch.eye(2))
+    torch.testing.assert_close(inverse_hessian(h, 0.01), expected, rtol=1e-4, atol=0)  # cond(H + damping) ~ 200
+    w = torch.tensor([[0.3, -0.7], [1.1, 0.2]])
+    for q in (obc_quantize(w, h, fit_grid(w, 3), parallel=2), gptq_quantize(w, h, fit_grid(w, 3), rel_damp=0.0)):
+        assert torch.isfinite(q).all() and (distinct_per_row(q) <= 3).all()
+    with pytest.raises(NumericalError, match="not positive definite even with damping"):
+        inverse_hessian(-h, 0.01)

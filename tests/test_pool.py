@@ -173,6 +173,7 @@ def test_batchnorm_models_train_sequentially() -> None:
     assert pool.scores.shape == (4, 300, 2) and np.isfinite(pool.scores).all()
 
 
+@pytest.mark.slow
 def test_our_trainer_learns_as_well_as_the_reference_loop() -> None:
     """Same recipe, same members: the study-style DataLoader loop and ours reach the same accuracy."""
     from mia_ptq_bench.pool.reference import train_reference

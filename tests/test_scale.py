@@ -55,6 +55,7 @@ def hub_cache(tmp_path: Path) -> dict:
             "snapshot": repo / "snapshots" / COMMIT}
 
 
+@pytest.mark.slow
 def test_pool_pull_verifies_and_evaluate_uses_it(hub_cache: dict, tmp_path: Path) -> None:
     env = {k: v for k, v in hub_cache.items() if k != "snapshot"}
     pulled = cli("pool", "pull", "tiny-digits", "--repo", "mptq/tiny-digits-pool", "--cache-dir", str(tmp_path / "c"),
@@ -79,6 +80,7 @@ def test_pool_pull_verifies_and_evaluate_uses_it(hub_cache: dict, tmp_path: Path
     assert all(np.array_equal(origin.load_scores(i), fresh.load_scores(i)) for i in range(8))
 
 
+@pytest.mark.slow
 def test_tampered_hub_file_is_refused(hub_cache: dict, tmp_path: Path) -> None:
     weights = hub_cache["snapshot"] / "models" / "model-0003.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
@@ -90,6 +92,7 @@ def test_tampered_hub_file_is_refused(hub_cache: dict, tmp_path: Path) -> None:
     assert not (tmp_path / "c" / "pools").exists() or not any((tmp_path / "c" / "pools").iterdir())
 
 
+@pytest.mark.slow
 def test_pool_of_another_task_is_refused(hub_cache: dict, tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
@@ -130,6 +133,7 @@ def test_ray_executor_gives_identical_results(tmp_path: Path, monkeypatch: pytes
     assert np.array_equal(local.pool.scores, distributed.pool.scores)
 
 
+@pytest.mark.slow
 def test_ray_failures_are_reported_not_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     ray = pytest.importorskip("ray", reason="Ray not installed")
     from mia_ptq_bench.errors import BenchError

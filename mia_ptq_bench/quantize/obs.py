@@ -20,7 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import BenchError
 from .grid import Grid
+
+
+class NumericalError(BenchError):
+    """A layer's Hessian that cannot be inverted in the sweep's precision, even with the fallback damping."""
 
 
 def layer_columns(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -80,12 +85,23 @@ def _prepare(weight: torch.Tensor, hessian: torch.Tensor, rel_damp: float, dtype
 
 
 def inverse_hessian(h: torch.Tensor, fallback_damp: float) -> torch.Tensor:
-    """Cholesky-based inverse; a singular H gets ``fallback_damp * mean(diag(H))`` added, as a last resort."""
+    """Cholesky-based inverse; a singular H gets ``fallback_damp * mean(diag(H))`` added, as a last resort.
+
+    Raises NumericalError when H is not finite in this precision (e.g. float32 overflow) or the
+    damped factorisation fails too.
+    """
+    if not torch.isfinite(h).all():
+        raise NumericalError(f"the {h.shape[0]}x{h.shape[0]} Hessian is not finite in {h.dtype}")
     try:
         return torch.cholesky_inverse(torch.linalg.cholesky(h))
     except torch.linalg.LinAlgError:
         damp = fallback_damp * torch.diag(h).mean()
-        return torch.cholesky_inverse(torch.linalg.cholesky(h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)))
+        try:
+            return torch.cholesky_inverse(torch.linalg.cholesky(h + damp * torch.eye(h.shape[0], dtype=h.dtype,
+                                                                                       device=h.device)))
+        except torch.linalg.LinAlgError:
+            raise NumericalError(f"the {h.shape[0]}x{h.shape[0]} Hessian is not positive definite even with "
+                                 f"damping {fallback_damp} x its mean diagonal") from None
 
 
 def obc_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, parallel: int = 32,

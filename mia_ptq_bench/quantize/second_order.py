@@ -13,7 +13,7 @@ from ..errors import BenchError
 from ..models import quantizable_layers
 from .base import register_quantizer
 from .common import CalibratedQuantizer, GridConfig, set_weight
-from .obs import accumulate_hessians, gptq_quantize, obc_quantize
+from .obs import NumericalError, accumulate_hessians, gptq_quantize, obc_quantize
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -61,11 +61,14 @@ class _SecondOrder(CalibratedQuantizer):
                 hessian = self._hessians(model, [name], calibration)[name] if cfg.sequential else hessians[name]
                 layer = model.get_submodule(name)
                 grid = cfg.grid(layer.weight.detach(), levels[name])
-                quantized = self.sweep(layer.weight, hessian, grid)
-                if not torch.isfinite(quantized).all():
+                try:
+                    quantized = self.sweep(layer.weight, hessian, grid)
+                    if not torch.isfinite(quantized).all():
+                        raise NumericalError("the quantized weights are not finite")
+                except NumericalError as exc:
                     raise BenchError(f"{self.name}: the sweep over layer {name!r} ({hessian.shape[0]} inputs) became "
-                                     "numerically unstable (too little calibration data for a full-rank Hessian?); "
-                                     "set rel_damp > 0 or dtype float64")
+                                     f"numerically unstable ({exc}; too little calibration data for a full-rank "
+                                     "Hessian?); set rel_damp > 0 or dtype float64") from None
                 set_weight(model, name, quantized)
                 self.progress.advance(key)
 
