@@ -24,7 +24,7 @@ from mia_ptq_bench.environment import describe_device
 from mia_ptq_bench.pool import pool_keep_masks
 from mia_ptq_bench.pool.reference import train_reference
 from mia_ptq_bench.pool.train import Speed, init_model, make_schedule, steps_per_epoch, train_sequential
-from mia_ptq_bench.score import accuracy
+from mia_ptq_bench.inference import accuracy
 from mia_ptq_bench.spec import load_task
 
 

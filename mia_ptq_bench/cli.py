@@ -73,7 +73,7 @@ def evaluate(
     ray_address: Annotated[Optional[str], typer.Option(help="an existing Ray cluster (default: start a local Ray)")] = None,
 ) -> None:
     """Quantize the task's targets at each plan, attack them with LiRA, write validated results."""
-    from .quantize.plugins import resolve, submission_quantizer
+    from .submission.resolve import resolve, submission_quantizer
     from .report import RichProgress, attacks_table, results_table
     from .runner import RunOptions, evaluate as run_evaluate
     from .spec import load_task
@@ -137,7 +137,8 @@ def quantizers(
     submissions: Annotated[Path, typer.Option(help="submissions folder to list")] = Path("submissions"),
 ) -> None:
     """List the quantizers that can be found: built-in, entry points, submissions."""
-    from .quantize.plugins import ENTRY_POINT_GROUP, discover
+    from .quantize.plugins import ENTRY_POINT_GROUP
+    from .submission.resolve import discover
 
     table = Table(title="quantizers", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                   caption=f"Also: any package.module:Class; packages register under the entry-point group "

@@ -8,13 +8,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import BenchError
-from ..quantize.plugins import load_submission
 from ..results.io import load_result
 from ..spec import load_task
-from ..spec.submission import SubmissionSpec
-from ..submission import find_submissions, validate_submission
-
-REFERENCES = ("fp32", "rtn")
+from ..submission import REFERENCE_ENTRIES, SubmissionSpec, find_submissions, load_submission, validate_submission
 
 
 @dataclass
@@ -29,7 +25,7 @@ def _row(name: str, spec: SubmissionSpec, result, attack: str, stale: bool) -> d
     summary = q.attacks[attack]
     low, one = summary.tpr_at_0_1pct_fpr, summary.tpr_at_1pct_fpr
     return {
-        "entry": name, "display_name": spec.display_name, "reference": name in REFERENCES,
+        "entry": name, "display_name": spec.display_name, "reference": name in REFERENCE_ENTRIES,
         "task": result.task.id, "task_version": result.task.version, "stale": stale,
         "plan": result.plan, "threat_model": result.threat_model, "attack": attack, "targets": low.n,
         "test_accuracy": q.test_accuracy.mean, "test_accuracy_low": q.test_accuracy.ci_low,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..submission.schema import REFERENCE_ENTRIES
+
 BOARD_COLUMNS = ["rank", "entry", "display_name", "reference", "pareto", "plan", "test_accuracy", "test_accuracy_low",
                  "test_accuracy_high", "tpr_at_0_1pct_fpr", "tpr_at_0_1pct_fpr_low", "tpr_at_0_1pct_fpr_high",
                  "true_positives_0_1pct", "positives", "false_positives_0_1pct", "negatives", "tpr_at_1pct_fpr",
@@ -34,4 +36,4 @@ def board(rows: pd.DataFrame, task: str, threat: str, plan: str, attack: str) ->
 
 def missing_references(table: pd.DataFrame) -> list[str]:
     present = set(table.entry)
-    return [name for name in ("fp32", "rtn") if name not in present]
+    return [name for name in REFERENCE_ENTRIES if name not in present]

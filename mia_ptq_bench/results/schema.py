@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..quantize.audit import LayerAudit
+from ..spec.audit import LayerAudit
 
 SCHEMA_VERSION = 1
 

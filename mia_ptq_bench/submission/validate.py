@@ -1,13 +1,4 @@
-"""Submissions: writing a submission's results and manifest, and validating a submission folder.
-
-A submission folder holds::
-
-    submission.yaml              metadata (spec/submission.py)
-    README.md, LICENSE*          optional
-    *.py                         the quantizer's code, when it lives in the folder
-    results/MANIFEST.json        sha256 of every result document
-    results/<task>/<plan>--<threat>.json   result documents written by `evaluate --submission`
-    results/<task>/<plan>--<threat>.npz    their arrays (optional, not committed)
+"""Validating a submission folder: metadata, allowed files, manifest, and every expected result.
 
 Validation never imports or runs submitted code: it reads files.
 """
@@ -17,28 +8,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .atomic import sha256_file, write_json_atomic
-from .errors import BenchError
-from .quantize.plugins import load_submission
-from .results.io import load_result
-from .results.verify import verify_result
-from .spec import load_task
-from .spec.plans import PrecisionPlan
+from ..atomic import sha256_file
+from ..errors import BenchError
+from ..results.io import load_result
+from ..results.verify import verify_result
+from ..spec import load_task
+from ..spec.plans import PrecisionPlan
+from .load import find_submissions, load_submission
+from .manifest import MANIFEST, manifest_path
 
-MANIFEST = "MANIFEST.json"
 ALLOWED_TOP = {"submission.yaml", "README.md"}
-
-
-def manifest_path(folder: Path) -> Path:
-    return folder / "results" / MANIFEST
-
-
-def write_manifest(folder: Path) -> Path:
-    """Record the sha256 of every result document under ``folder/results``."""
-    results = folder / "results"
-    entries = {str(p.relative_to(results)): sha256_file(p) for p in sorted(results.rglob("*.json")) if p.name != MANIFEST}
-    write_json_atomic(manifest_path(folder), {"files": entries})
-    return manifest_path(folder)
 
 
 def expected_results(task_id: str, quantizer_plans: list[str] | None) -> list[tuple[str, str]]:
@@ -137,14 +116,6 @@ def _check_result(path: Path, task, submission: str, plan: str, threat: str) -> 
     return problems
 
 
-def find_submissions(root: Path) -> list[Path]:
-    """A folder with submission.yaml is one submission; otherwise each such folder below it."""
-    root = Path(root)
-    if (root / "submission.yaml").is_file():
-        return [root]
-    return sorted(p.parent for p in root.glob("*/submission.yaml"))
-
-
 def submission_problems(root: Path) -> dict[Path, list[str]]:
     found = find_submissions(root)
     if not found:
@@ -155,6 +126,3 @@ def submission_problems(root: Path) -> dict[Path, list[str]]:
     for stray in strays:
         result[stray] = [f"{stray}: submission.yaml: missing (every folder under {root} is a submission)"]
     return result
-
-
-__all__ = ["find_submissions", "submission_problems", "validate_submission", "write_manifest"]
