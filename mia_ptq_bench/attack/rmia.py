@@ -34,44 +34,52 @@ log(p_y,q(x|θ) / Pr_q(x)), the geometric mean of the per-query ratios (the join
 queries were independent; LiRA here averages its per-query log ratios the same way).
 With one query, as in ``digits-mlp``, this is exactly the paper's test.
 
-**2. Pairwise test against the population.** ``score(x) = fraction of z in Z \\ {x} with
-r(x) / r(z) > γ``. Z is given by the caller (for a pool target: its non-members).
-The test runs as ``log r(z) < log r(x) - log γ`` on the sorted population, with
-``searchsorted``: O((N + |Z|) log |Z|) time and O(N + |Z|) memory, never N x |Z|.
+**2. Pairwise test against the population.** x γ-dominates z when r(x) / r(z) > γ.
+``score(x) = (number of z in Z \\ {x} that x γ-dominates) / |Z|``. Z is given by the
+caller (for a pool target: its non-members). The test runs as
+``log r(z) < log r(x) - log γ`` on the sorted population with ``searchsorted``:
+O((N + |Z|) log |Z|) time and O(N + |Z|) memory, never N x |Z|.
 
-**3. Population, self-comparison, and what they leak.** An example that is itself in Z
-is compared with the other |Z| - 1 only: comparing x with itself estimates nothing (for
-γ < 1 it would be a free win for every non-member). Because Z is the target's
-non-members, the denominator (|Z| vs |Z| - 1) is the membership label. Two consequences:
+**3. Self-comparison and the membership label.** x is never compared with itself. We
+require γ >= 1, where x could not γ-dominate itself anyway (r(x) / r(x) = 1 is not > γ),
+so leaving x out of the comparisons changes no count. What must not follow x out is the
+*normaliser*: because Z is the target's non-members, |Z \\ {x}| is |Z| - 1 exactly for
+non-members and |Z| for members. Dividing by it, the "fraction of the other population
+samples" puts the label into every score: at equal counts c a non-member (c / (|Z| - 1))
+lands above a member (c / |Z|), and with γ > 1 counts are coarse and tie massively. On
+digits-mlp (fp32, target 0, offline, γ = 2: 36 distinct counts over 1,297 examples) the
+per-example denominator turns AUC 0.544 into 0.124, an ordering that is the label
+itself. Dividing every count by the same |Z| makes the score a function of r(x) and the
+population's ratios only, the same function for members and non-members: two examples
+with the same ratio get the same score whichever side of the population they are on.
+γ < 1 is refused because there no choice is clean: counting x against itself gives every
+non-member a free win, and not counting it makes members win the comparisons non-members
+cannot make.
 
-* The raw fraction *values* are on label-dependent grids (c/|Z| for members, c/(|Z|-1)
-  for non-members). Only the order of the scores may be used; the benchmark's metrics use
-  nothing else.
-* The *order* can depend on the label only at equal dominance counts c (0 < c < |Z|),
-  where a non-member (c/(|Z|-1)) lands above a member (c/|Z|). That can only lower the
-  measured TPR, never inflate it. With γ = 1 a member above a non-member always counts it,
-  so its count is larger and this never happens except at exactly equal ratios.
-
-**Ties.** For a fixed population the fraction is a non-decreasing step function of
-r(x), so examples between two consecutive population ratios tie, and so does every
-member above the largest population ratio with the top non-member (whose fraction is
-also 1). At 0.1% FPR with a few hundred non-members no false positive is allowed, and a
-tie with one non-member removes the whole tied block from the curve: the plain fraction
-reports TPR 0 where the ratio separates members perfectly. We break ties
-deterministically by log r(x) itself (``tie_break=True``): inside each group of equal
-fractions we add ``step · (rank of log r(x) in the group) / (group size)`` with ``step``
-half the smallest gap between two distinct fractions, 1 / (2 |Z| (|Z| - 1)), so the
-fraction is unchanged to within ``step`` and its order is never overturned. Examples with
-exactly equal log r(x) stay tied (any order among them would be arbitrary, e.g. the index
-order). With γ = 1 the resulting order is that of log r(x) itself, up to those exact ties.
+**Ties.** For a fixed population the count is a non-decreasing step function of log r(x),
+so examples between two consecutive thresholds tie; with γ > 1 the steps are wide and
+blocks mixing members and non-members form at the top. At 0.1% FPR with a few hundred
+non-members no false positive is allowed, and a tie with one non-member removes the whole
+block from the curve. We break ties deterministically by log r(x) itself
+(``tie_break=True``): inside each group of equal counts we add
+``step · (rank of log r(x) in the group) / (group size)``, with ``step = 1 / (2 |Z|)``
+half the gap between consecutive counts, so the count is unchanged to within ``step`` and
+its order is never overturned. Examples with exactly equal log r(x) stay tied (any order
+among them would be arbitrary, e.g. the index order). Since the count is itself monotone
+in log r(x), the tie-broken order is exactly the order of log r(x), whatever γ >= 1 and
+population: on one target with a fixed population the pairwise test can only coarsen
+Pr(x|θ) / Pr(x), and γ only sets how coarse the untie-broken score is.
 
 **Defaults.** ``gamma = 1``: Privacy Meter's maintained implementation hard-codes
 ``ratio > 1``; the paper's research code uses γ = 2 together with a temperature-2,
-soft-margin Taylor signal we do not compute; γ = 1 is also the one value for which the
-self-exclusion above cannot reorder members and non-members. ``a = 0.3``: Privacy
-Meter's default (it tunes a on a grid 0, 0.1, ..., 1 by attacking a reference model);
-the paper's configs use 0.33 for CIFAR-10, 0.6 for CIFAR-100 and 0.2 for the tabular
-datasets, so 0.3 is the paper's image-data value, not a tuned one for this task.
+soft-margin Taylor signal we do not compute. γ = 1 gives the finest untie-broken score:
+a member then ties with a non-member only when its ratio is not larger, so the plain
+score's ROC points are points of the ratio's ROC and the TPR at every FPR limit is the
+same (only the trapezoid AUC differs: it credits a tie block with half of the members the
+ratio puts below its non-member). With tie-breaking γ does not matter. ``a = 0.3``: Privacy Meter's default (it tunes a on
+a grid 0, 0.1, ..., 1 by attacking a reference model); the paper's configs use 0.33 for
+CIFAR-10, 0.6 for CIFAR-100 and 0.2 for the tabular datasets, so 0.3 is the paper's
+image-data value, not one tuned for this task.
 """
 
 from __future__ import annotations
@@ -117,7 +125,7 @@ def select_references(shadow_in: np.ndarray, k: int | None, *, online: bool, see
 
 
 def population_mask(population: np.ndarray, n: int) -> np.ndarray:
-    """(N,) bool from a bool mask or an index array over the N examples; at least two examples."""
+    """(N,) bool from a bool mask or an index array over the N examples; not empty."""
     population = np.asarray(population)
     if population.dtype == bool:
         if population.shape != (n,):
@@ -136,8 +144,6 @@ def population_mask(population: np.ndarray, n: int) -> np.ndarray:
         raise ValueError(f"population must be a bool mask or an integer index array, got dtype {population.dtype}")
     if not mask.any():
         raise ValueError("the population is empty")
-    if mask.sum() < 2:
-        raise ValueError("the population needs at least two examples: its single member has nothing to be compared with")
     return mask
 
 
@@ -209,24 +215,24 @@ def relative_likelihood(shadow_scores: np.ndarray, shadow_in: np.ndarray, target
 
 def pairwise_score(log_ratio: np.ndarray, population: np.ndarray, *, gamma: float = GAMMA,
                    tie_break: bool = True) -> np.ndarray:
-    """Fraction of the population (without x itself) that x γ-dominates, ties broken by log r(x).
+    """Share of the population that x γ-dominates (never x itself), over |Z|; ties broken by log r(x).
 
     ``log_ratio`` (N,) from :func:`relative_likelihood`; ``population`` a bool mask or
-    index array over the same N examples.
+    index array over the same N examples; ``gamma`` >= 1 (module docstring, step 3).
     """
     log_ratio = np.asarray(log_ratio, dtype=np.float64)
     if log_ratio.ndim != 1:
         raise ValueError(f"log_ratio must be 1-D, got shape {log_ratio.shape}")
     if np.isnan(log_ratio).any():
         raise ValueError("log_ratio contains NaN")
-    if not (np.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma must be a positive number, got {gamma}")
+    if not (np.isfinite(gamma) and gamma >= 1):
+        raise ValueError(f"gamma must be a finite number >= 1 (below 1 an example would dominate itself), got {gamma}")
     members = population_mask(population, log_ratio.size)
     size = int(members.sum())
-    threshold = log_ratio - np.log(gamma)
-    below = np.searchsorted(np.sort(log_ratio[members]), threshold, side="left")
-    below -= members & (log_ratio < threshold)  # x never counts itself
-    fraction = below / (size - members)
+    # log γ >= 0, so log r(x) - log γ <= log r(x) after rounding too: no example is below
+    # its own threshold, and the count over Z is the count over Z \ {x}.
+    count = np.searchsorted(np.sort(log_ratio[members]), log_ratio - np.log(gamma), side="left")
+    fraction = count / size
     return _break_ties(fraction, log_ratio, size) if tie_break else fraction
 
 
@@ -240,11 +246,10 @@ def _break_ties(fraction: np.ndarray, log_ratio: np.ndarray, size: int) -> np.nd
     key_start = np.maximum.accumulate(np.where(new_key, index, 0))
     group = np.cumsum(new_group) - 1
     group_size = np.bincount(group)[group]
-    step = 1.0 / (2.0 * size * (size - 1))  # half the smallest gap between distinct fractions
+    step = 1.0 / (2.0 * size)  # half the gap between consecutive counts
     broken = f + step * (key_start - group_start) / group_size
     if (np.diff(broken)[new_key[1:]] <= 0).any():
-        raise ValueError("tie-breaking needs finer steps than float64 offers for a population this large; "
-                         "pass tie_break=False")
+        raise ValueError("tie-breaking needs finer steps than float64 offers here; pass tie_break=False")
     result = np.empty_like(broken)
     result[order] = broken
     return result
