@@ -13,13 +13,19 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import independent
 import numpy as np
 import pytest
 
-import independent
 from mia_ptq_bench.attack.lira import lira_offline, lira_online
-from mia_ptq_bench.attack.rmia import (pairwise_score, population_mask, relative_likelihood, rmia_offline, rmia_online,
-                                       select_references)
+from mia_ptq_bench.attack.rmia import (
+    pairwise_score,
+    population_mask,
+    relative_likelihood,
+    rmia_offline,
+    rmia_online,
+    select_references,
+)
 from mia_ptq_bench.metrics import attack_metrics
 
 # ----------------------------------------------------------------------------- plain implementation
