@@ -58,8 +58,15 @@ def gaussian_fit(shadow_scores: np.ndarray, mask: np.ndarray, fixed_variance: bo
     return centre, spread
 
 
-def _split(shadow_in: np.ndarray, equalize_counts: bool) -> tuple[np.ndarray, np.ndarray]:
+def _split(shadow_in: np.ndarray, equalize_counts: bool,
+           references: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     inside, outside = shadow_in.astype(bool), ~shadow_in.astype(bool)
+    if references is not None:  # per-example subsets, e.g. rmia.select_references
+        references = np.asarray(references)
+        if references.shape != inside.shape or references.dtype != bool:
+            raise ValueError(f"references must be bool of shape {inside.shape}, got {references.dtype} "
+                             f"{references.shape}")
+        inside, outside = inside & references, outside & references
     if equalize_counts:  # the reference code's truncation to the smallest count over examples
         inside = first_k(inside, int(inside.sum(axis=0).min()))
         outside = first_k(outside, int(outside.sum(axis=0).min()))
@@ -67,9 +74,13 @@ def _split(shadow_in: np.ndarray, equalize_counts: bool) -> tuple[np.ndarray, np
 
 
 def lira_online(shadow_scores: np.ndarray, shadow_in: np.ndarray, target_scores: np.ndarray, *,
-                fixed_variance: bool = False, fixed_variance_out: str = "out", equalize_counts: bool = False) -> np.ndarray:
-    """Likelihood ratio log N(s; in) - log N(s; out), averaged over queries."""
-    inside, outside = _split(shadow_in, equalize_counts)
+                fixed_variance: bool = False, fixed_variance_out: str = "out", equalize_counts: bool = False,
+                references: np.ndarray | None = None) -> np.ndarray:
+    """Likelihood ratio log N(s; in) - log N(s; out), averaged over queries.
+
+    ``references`` (S, N) bool, optional: only these shadows serve each example.
+    """
+    inside, outside = _split(shadow_in, equalize_counts, references)
     mu_in, sd_in = gaussian_fit(shadow_scores, inside, fixed_variance)
     mu_out, sd_out = gaussian_fit(shadow_scores, outside, fixed_variance)
     if fixed_variance and fixed_variance_out == "in":
@@ -79,9 +90,13 @@ def lira_online(shadow_scores: np.ndarray, shadow_in: np.ndarray, target_scores:
 
 
 def lira_offline(shadow_scores: np.ndarray, shadow_in: np.ndarray, target_scores: np.ndarray, *,
-                 fixed_variance: bool = False, test: str = "one-sided", equalize_counts: bool = False) -> np.ndarray:
-    """OUT shadows only. One-sided (LiRA paper): log P[Z < s] under OUT. Two-sided (reference code): -log N(s; out)."""
-    _, outside = _split(shadow_in, equalize_counts)
+                 fixed_variance: bool = False, test: str = "one-sided", equalize_counts: bool = False,
+                 references: np.ndarray | None = None) -> np.ndarray:
+    """OUT shadows only. One-sided (LiRA paper): log P[Z < s] under OUT. Two-sided (reference code): -log N(s; out).
+
+    ``references`` (S, N) bool, optional: only these shadows serve each example.
+    """
+    _, outside = _split(shadow_in, equalize_counts, references)
     mu_out, sd_out = gaussian_fit(shadow_scores, outside, fixed_variance)
     if test == "one-sided":
         per_query = norm.logcdf(target_scores, mu_out, sd_out + EPS)
