@@ -71,17 +71,21 @@ def evaluate(
     submissions: Annotated[Path, typer.Option(help="where submission folders are looked up by name")] = Path("submissions"),
     executor: Annotated[str, typer.Option(help="local, or ray: pool training and the quantization grid as Ray tasks")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(help="an existing Ray cluster (default: start a local Ray)")] = None,
+    plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="a module or .py file that registers datasets, models, quantizers or attacks (repeatable; also $MPTQ_PLUGINS)")] = None,
 ) -> None:
     """Quantize the task's targets at each plan, attack them with LiRA, write validated results."""
     from .submission.resolve import resolve, submission_quantizer
     from .report import RichProgress, attacks_table, results_table
-    from .runner import RunOptions, evaluate as run_evaluate
+    from .runner import RunOptions, check_task, evaluate as run_evaluate
     from .spec import load_task
     from .executor import make_executor
+    from .extensions import load_extensions
     from .submission import write_manifest
 
     def action() -> None:
+        extensions = load_extensions(plugin or [])
         spec = load_task(task)
+        check_task(spec, task)
         found = submission_quantizer(submission) if submission else resolve(quantizer, submissions)
         if submission and setting:
             raise BenchError("--set cannot be combined with --submission: record the config in the submission's "
@@ -91,7 +95,7 @@ def evaluate(
         chosen = make_quantizer(found.cls, setting or [], found.config)
         options = RunOptions(out_dir=submission / "results" if submission else out, data_root=data_root,
                              download=download, per_quantizer_folder=submission is None,
-                             executor=make_executor(executor, ray_address))
+                             executor=make_executor(executor, ray_address), extensions=extensions)
         if cache_dir is not None:
             options.cache_dir = cache_dir
         if device is not None:
@@ -114,11 +118,13 @@ def evaluate(
 
 
 @app.command()
-def tasks() -> None:
+def tasks(plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="extension module or .py file (repeatable)")] = None) -> None:
     """List the available task specs."""
+    from .extensions import load_extensions
     from .spec import available_tasks, load_task
 
     def action() -> None:
+        load_extensions(plugin or [])
         table = Table(title="tasks", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         for column in ("id", "v", "model", "models/targets", "hash", "plans"):
             table.add_column(column, no_wrap=column != "plans")
@@ -151,7 +157,10 @@ def quantizers(
 
 
 @app.command()
-def validate(files: Annotated[list[Path], typer.Argument(help="task .yaml, result .json, or submission folders")]) -> None:
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="task .yaml, result .json, or submission folders")],
+    plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="extension module or .py file whose names a task uses (repeatable)")] = None,
+) -> None:
     """Check task specs, result files (schema, checksums, audit, numbers recomputed) and submissions.
 
     Submitted code is never imported or run.
@@ -159,8 +168,10 @@ def validate(files: Annotated[list[Path], typer.Argument(help="task .yaml, resul
     from .results.verify import verify_result
     from .runner import check_task
     from .spec import load_task
+    from .extensions import load_extensions
     from .submission import submission_problems
 
+    guarded(lambda: load_extensions(plugin or []))
     failures = 0
     for path in files:
         if path.is_dir():
@@ -174,7 +185,7 @@ def validate(files: Annotated[list[Path], typer.Argument(help="task .yaml, resul
             continue
         try:
             if path.suffix in (".yaml", ".yml"):
-                check_task(load_task(path))
+                check_task(load_task(path), str(path))
             elif path.suffix == ".json":
                 verify_result(path)
             else:
@@ -302,7 +313,7 @@ def findings(
 ) -> None:
     """Write the study's questions, answered from the committed results of one task, as markdown."""
     from .atomic import write_text_atomic
-    from .board.findings import render
+    from .findings import render
 
     def action() -> None:
         write_text_atomic(out, render(submissions, task))

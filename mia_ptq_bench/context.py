@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from .data import ImageDataset, load_dataset
+from .extensions import load_extensions
 from .spec.schema import TaskSpec
 
 T = TypeVar("T")
@@ -30,6 +31,7 @@ class RunContext:
     download: bool = False
     device: str = "cpu"
     threads: int = field(default_factory=torch.get_num_threads)  # the driver's: same summation order, same bits
+    extensions: tuple[str, ...] = ()  # user modules that register datasets, models, quantizers, attacks
     _loaded: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -39,8 +41,9 @@ class RunContext:
         self.__dict__.update(state)
 
     def enter(self) -> None:
-        """Call first in a unit: a worker computes with the driver's thread count."""
+        """Call first in a unit: a worker computes with the driver's thread count and its extensions."""
         torch.set_num_threads(self.threads)
+        load_extensions(self.extensions)
 
     def loaded(self, key: str, load: Callable[[], T]) -> T:
         """``load()`` once per process and context; later calls return the same object."""

@@ -22,12 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .attack import ATTACKS, run_attacks
+from .attack import ATTACKS, THREAT_MODELS, ThreatModel, run_attacks
 from .cache import default_cache_dir
 from .context import RunContext
+from .data import DATASETS
 from .data.splits import evaluation_test_split
 from .environment import default_device, environment
 from .errors import BenchError, PlanError, SpecError
+from .inference import QUERIES
+from .models import MODELS
 from .executor import Executor, LocalExecutor
 from .pool import Pool, PoolStore, build_pool
 from .pool.hub import pool_source, pull_pool
@@ -53,6 +56,7 @@ class RunOptions:
     quantize_group: int = 16  # models quantized together (batched where the method allows)
     executor: Executor = field(default_factory=LocalExecutor)
     per_quantizer_folder: bool = True  # results/<task>/<quantizer>/...; False inside a submission's results/
+    extensions: tuple[str, ...] = ()  # loaded extensions, loaded again by every worker process
 
 
 @dataclass
@@ -64,15 +68,16 @@ class EvaluateOutcome:
 
 # -- 1. check ---------------------------------------------------------------------------------
 
-def check_task(spec: TaskSpec) -> None:
+def check_task(spec: TaskSpec, source: str | None = None) -> None:
     """Resolve every registry name the task uses, so a typo fails before hours of training."""
-    from .data import DATASETS
-    from .models import MODELS
-
-    DATASETS.get(spec.dataset.name)
-    MODELS.get(spec.model.arch)
-    for attack in spec.attacks:
-        ATTACKS.get(attack)
+    names = [("dataset.name", DATASETS, spec.dataset.name), ("model.arch", MODELS, spec.model.arch)]
+    names += [(f"queries[{i}]", QUERIES, name) for i, name in enumerate(spec.queries)]
+    names += [(f"attacks[{i}]", ATTACKS, name) for i, name in enumerate(spec.attacks)]
+    names += [(f"threat_models[{i}]", THREAT_MODELS, name) for i, name in enumerate(spec.threat_models)]
+    for field_path, registry, name in names:
+        if name not in registry:
+            raise SpecError(f"{source or spec.id}: {field_path}: unknown {registry.kind} {name!r}; "
+                            f"known: {', '.join(registry)}")
 
 
 def resolve_plans(quantizer: Quantizer, spec: TaskSpec, plans: list[str] | None) -> list[PrecisionPlan]:
@@ -85,12 +90,8 @@ def resolve_plans(quantizer: Quantizer, spec: TaskSpec, plans: list[str] | None)
     return parsed
 
 
-def resolve_threat_models(spec: TaskSpec, threat_models: list[str] | None) -> list[str]:
-    threats = threat_models or list(spec.threat_models)
-    for threat in threats:
-        if threat not in ("oblivious", "adaptive"):
-            raise SpecError(f"unknown threat model {threat!r}; known: oblivious, adaptive")
-    return threats
+def resolve_threat_models(spec: TaskSpec, threat_models: list[str] | None) -> list[ThreatModel]:
+    return [THREAT_MODELS.get(name) for name in threat_models or spec.threat_models]
 
 
 # -- 2. pool ----------------------------------------------------------------------------------
@@ -102,7 +103,8 @@ def prepare_pool(context: RunContext, options: RunOptions, progress: Progress) -
         pull_pool(spec, options.cache_dir, spec.hub.repo, spec.hub.revision)
     remote = None if isinstance(options.executor, LocalExecutor) else options.executor
     pool = build_pool(spec, context.dataset(), options.cache_dir, options.device, progress, trainer=options.trainer,
-                      executor=remote, data_root=options.data_root, download=options.download)
+                      executor=remote, data_root=options.data_root, download=options.download,
+                      extensions=options.extensions)
     return context.remember("pool", pool)
 
 
@@ -147,7 +149,8 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
 
     # 2. pool
     started_wall = time.time()
-    context = RunContext(spec, Path(options.cache_dir), options.data_root, options.download, options.device)
+    context = RunContext(spec, Path(options.cache_dir), options.data_root, options.download, options.device,
+                         extensions=options.extensions)
     pool = prepare_pool(context, options, progress)
     test = context.remember("test", evaluation_test_split(spec.calibration, pool.dataset))
     targets = np.arange(spec.targets.count)
@@ -165,7 +168,7 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
     paths, results = [], []
     for plan in plan_list:
         # 4. quantize: the targets, and every pool model when the attacker quantizes its shadows too
-        needs_all = "adaptive" in threats and not plan.is_full_precision
+        needs_all = any(t.shadows == "same-quantizer" for t in threats) and not plan.is_full_precision
         indices = list(range(n_models)) if needs_all else [int(t) for t in targets]
         outputs = reference if plan.is_full_precision else quantize_models(context, pool, quantizer, plan, indices,
                                                                            options, progress)
@@ -174,8 +177,8 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
         audit = merge_audits([outputs[i].audit for i in indices])
         for threat in threats:
             # 5. attack
-            adaptive = threat == "adaptive" and not plan.is_full_precision
-            shadow_scores = np.stack([outputs[i].scores for i in range(n_models)]) if adaptive else pool.scores
+            quantized_shadows = threat.shadows == "same-quantizer" and not plan.is_full_precision
+            shadow_scores = np.stack([outputs[i].scores for i in range(n_models)]) if quantized_shadows else pool.scores
             membership = run_attacks(spec, pool.keep, shadow_scores, targets, target_scores)
             # 6. measure
             evaluation = build_evaluation(pool.keep, targets, membership, predictions, test_labels)
@@ -189,14 +192,14 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
             }
             finished = time.time()
             result = Result(
-                **provenance, plan=str(plan), threat_model=threat, n_models=n_models,
+                **provenance, plan=str(plan), threat_model=threat.name, n_models=n_models,
                 n_examples=len(pool.dataset.pool), n_test=len(test), quantized=evaluation, reference=reference_eval,
                 audit=audit, arrays=ArraysRef(file="pending.npz", sha256="0" * 64),
                 started_at=datetime.fromtimestamp(started_wall, timezone.utc),
                 finished_at=datetime.fromtimestamp(finished, timezone.utc), seconds=round(finished - started_wall, 3),
             )
             folder_name = quantizer.name if options.per_quantizer_folder else None
-            path = result_path(options.out_dir, spec.id, folder_name, str(plan), threat)
+            path = result_path(options.out_dir, spec.id, folder_name, str(plan), threat.name)
             results.append(write_result(path, result, arrays))
             paths.append(path)
     return EvaluateOutcome(paths, results, pool)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import independent
-from mia_ptq_bench.attack import ATTACKS, global_threshold, leave_one_out, lira_offline, lira_online
+from mia_ptq_bench.attack import ATTACKS, AttackInput, global_threshold, leave_one_out, lira_offline, lira_online
 from mia_ptq_bench.metrics import attack_metrics
-from mia_ptq_bench.spec.schema import LiraSpec
+from mia_ptq_bench.spec import load_task
 
 
 def synthetic(gap: float, shadows: int = 32, examples: int = 3000, queries: int = 2, seed: int = 0):
@@ -19,17 +19,18 @@ def synthetic(gap: float, shadows: int = 32, examples: int = 3000, queries: int 
 
 
 @pytest.mark.parametrize("name", ["lira-online", "lira-online-fixed", "lira-offline", "lira-offline-fixed",
-                                  "global-threshold"])
+                                  "rmia-online", "rmia-offline", "global-threshold"])
 def test_attacks_separate_distinct_gaussians(name: str) -> None:
     shadow, shadow_in, target, labels = synthetic(gap=2.0)
-    scores = ATTACKS.get(name)(shadow, shadow_in, target, LiraSpec())
+    scores = ATTACKS.get(name)(AttackInput(shadow, shadow_in, target, ~labels), load_task("tiny-digits"))
     assert attack_metrics(labels, scores).auc > 0.85
 
 
-@pytest.mark.parametrize("name", ["lira-online", "lira-offline", "global-threshold"])
+@pytest.mark.parametrize("name", ["lira-online", "lira-offline", "rmia-online", "rmia-offline", "global-threshold"])
 def test_attacks_are_at_chance_on_identical_gaussians(name: str) -> None:
     shadow, shadow_in, target, labels = synthetic(gap=0.0, examples=6000)
-    auc = attack_metrics(labels, ATTACKS.get(name)(shadow, shadow_in, target, LiraSpec())).auc
+    scores = ATTACKS.get(name)(AttackInput(shadow, shadow_in, target, ~labels), load_task("tiny-digits"))
+    auc = attack_metrics(labels, scores).auc
     assert abs(auc - 0.5) < 0.03
 
 

@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from ..errors import SpecError
 from ..spec.schema import ModelSpec
-from . import resnet as _resnet  # noqa: F401  (registers the built-in models)
+from . import densenet as _densenet  # noqa: F401  (registers the built-in models)
+from . import resnet as _resnet  # noqa: F401
 from . import small as _small  # noqa: F401
 from .base import BLOCKS, MODELS, QUANTIZABLE, quantizable_layers
 

@@ -80,7 +80,7 @@ def train_unit(context: RunContext, speed: Speed, group: tuple[int, ...]) -> lis
 def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: str | torch.device = "cpu",
                progress: Progress | None = None, trainer: Trainer = "auto", stack: int = DEFAULT_STACK,
                speed: Speed | None = None, executor: Executor | None = None, data_root: Path | None = None,
-               download: bool = False) -> Pool:
+               download: bool = False, extensions: tuple[str, ...] = ()) -> Pool:
     """Train what the cache lacks (locally, or as executor jobs that reload the data from ``data_root``)."""
     progress = progress or SilentProgress()
     device = torch.device(device)
@@ -112,7 +112,7 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
             train_group(spec, resident, store, keep, group, device, speed)
             progress.advance("pool")
     else:
-        context = RunContext(spec, Path(cache_dir), data_root, download, str(device))
+        context = RunContext(spec, Path(cache_dir), data_root, download, str(device), extensions=extensions)
         executor.map(partial(train_unit, context, speed), [tuple(g) for g in groups],
                      gpus=1 if device.type == "cuda" else 0, progress=progress, key="pool",
                      describe=lambda group: f"pool models {group[0]}-{group[-1]}")

@@ -11,15 +11,12 @@ last step, which reads a submission folder):
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 from ..errors import BenchError
+from ..extensions import import_module_or_file
 from .base import QUANTIZERS, Quantizer
 
 ENTRY_POINT_GROUP = "mia_ptq_bench.quantizers"
@@ -47,19 +44,9 @@ def load_import_path(path: str, name: str | None = None) -> type[Quantizer]:
     if not module_part or not class_name:
         raise BenchError(f"{path!r}: expected module:Class or file.py:Class")
     try:
-        if module_part.endswith(".py"):
-            file = Path(module_part).resolve()
-            if not file.is_file():
-                raise BenchError(f"{path}: no such file {file}")
-            module_name = f"mptq_plugin_{abs(hash(str(file)))}"
-            spec = importlib.util.spec_from_file_location(module_name, file)
-            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-            sys.modules[module_name] = module
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
-        else:
-            module = importlib.import_module(module_part)
-    except ImportError as exc:
-        raise BenchError(f"{path}: cannot import {module_part}: {exc}") from None
+        module = import_module_or_file(module_part)
+    except BenchError as exc:
+        raise BenchError(f"{path}: {exc}") from None
     if not hasattr(module, class_name):
         raise BenchError(f"{path}: {module_part} has no attribute {class_name!r}")
     return _checked(getattr(module, class_name), name or class_name, path)

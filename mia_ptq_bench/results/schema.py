@@ -111,7 +111,7 @@ class Result(Strict):
     task: TaskRef
     quantizer: QuantizerRef
     plan: str
-    threat_model: Literal["oblivious", "adaptive"]
+    threat_model: str = Field(description="a registered threat model: oblivious, adaptive")
     pool_source: PoolSourceRef | None = Field(None, description="set when the pool was pulled from the Hub")
     n_models: int
     n_examples: int

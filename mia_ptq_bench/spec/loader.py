@@ -80,10 +80,52 @@ def validate_document(model: type[BaseModel], data: Any, source: str) -> Any:
         raise SpecError(format_validation_error(source, exc)) from None
 
 
+MAX_EXTENDS = 4  # a chain of parents deeper than this is a mistake, not a design
+
+
+def merge_over(parent: dict, child: dict) -> dict:
+    """``child`` over ``parent``: mappings merge key by key, anything else (lists included) is replaced."""
+    merged = dict(parent)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_over(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolved_document(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The task file's mapping with its ``extends:`` parent (a task id, or a path beside it) merged under it."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    parent_ref = data.pop("extends", None)
+    if parent_ref is None:
+        return data
+    if not isinstance(parent_ref, str):
+        raise SpecError(f"{path}: extends: expected a task id or a .yaml path, got {type(parent_ref).__name__}")
+    beside = path.parent / parent_ref
+    parent = beside if beside.suffix in (".yaml", ".yml") else resolve_task_path(parent_ref)
+    chain = (*chain, path.resolve())
+    if parent.resolve() in chain:
+        cycle = " -> ".join(p.name for p in (*chain, parent.resolve()))
+        raise SpecError(f"{path}: extends: {parent_ref!r} makes a cycle: {cycle}")
+    if len(chain) > MAX_EXTENDS:
+        raise SpecError(f"{path}: extends: more than {MAX_EXTENDS} levels of parents")
+    if not parent.is_file():
+        raise SpecError(f"{path}: extends: {parent} not found")
+    inherited = resolved_document(parent, chain)
+    inherited.pop("id", None)  # a child always names itself
+    return merge_over(inherited, data)
+
+
 def load_task(ref: str | Path) -> TaskSpec:
-    """Load a task by id (bundled or under $MPTQ_TASKS) or by path."""
+    """Load a task by id (bundled or under $MPTQ_TASKS) or by path, its ``extends:`` parents resolved.
+
+    The task's identity (its hash) is that of the resolved spec: how it is written down does not matter.
+    """
     path = resolve_task_path(ref)
-    spec: TaskSpec = validate_document(TaskSpec, read_yaml(path), str(path))
+    spec: TaskSpec = validate_document(TaskSpec, resolved_document(path), str(path))
     if path.stem != spec.id:
         raise SpecError(f"{path}: id: task id {spec.id!r} must match the file name {path.stem!r}")
     return spec

@@ -9,7 +9,7 @@ a task does not retrain the pool.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -20,7 +20,7 @@ from .plans import PrecisionPlan
 POOL_FIELDS = ("dataset", "model", "training", "membership", "queries")
 # Top-level fields added after tasks were first published: while unset they are left out of the
 # canonical content, so adding an optional feature does not make every existing result stale.
-EXTENSIONS = ("hub",)
+EXTENSIONS = ("hub", "rmia")
 
 
 class Strict(BaseModel):
@@ -77,6 +77,12 @@ class LiraSpec(Strict):
     equalize_counts: bool = Field(False, description="truncate IN and OUT shadows to the same count (reference quirk)")
 
 
+class RmiaSpec(Strict):
+    offline_a: float = Field(0.3, ge=0, le=1, description="offline RMIA's linear approximation of the IN side: "
+                                                          "Pr(x) = (1+a)/2 mean_OUT + (1-a)/2")
+    gamma: float = Field(1.0, ge=1, description="x must beat a population sample's likelihood ratio by this factor")
+
+
 class CalibrationSpec(Strict):
     source: Literal["members", "heldout"] = "members"
     size: int = Field(1024, gt=0)
@@ -88,9 +94,9 @@ class HubSpec(Strict):
     revision: str | None = Field(None, description="commit hash (or branch/tag) to pin; results record the commit")
 
 
-AttackName = Literal["lira-online", "lira-online-fixed", "lira-offline", "lira-offline-fixed", "global-threshold"]
-QueryName = Literal["identity", "hflip"]
-ThreatModel = Literal["oblivious", "adaptive"]
+# Attacks, queries and threat models are registry names: their registries are the one source of
+# truth, checked when a task is loaded for use (runner.check_task), not listed again here.
+RegistryName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")]
 
 
 class TaskSpec(Strict):
@@ -102,12 +108,13 @@ class TaskSpec(Strict):
     training: TrainingSpec
     membership: MembershipSpec = MembershipSpec()
     targets: TargetsSpec
-    queries: list[QueryName] = Field(default_factory=lambda: ["identity", "hflip"], min_length=1)
-    attacks: list[AttackName] = Field(default_factory=lambda: ["lira-online"], min_length=1)
+    queries: list[RegistryName] = Field(default_factory=lambda: ["identity", "hflip"], min_length=1)
+    attacks: list[RegistryName] = Field(default_factory=lambda: ["lira-online"], min_length=1)
     lira: LiraSpec = LiraSpec()
+    rmia: RmiaSpec | None = Field(None, description="RMIA's options (defaults when absent)")
     plans: list[str] = Field(min_length=1)
     calibration: CalibrationSpec = CalibrationSpec()
-    threat_models: list[ThreatModel] = Field(default_factory=lambda: ["oblivious"], min_length=1)
+    threat_models: list[RegistryName] = Field(default_factory=lambda: ["oblivious"], min_length=1)
     hub: HubSpec | None = Field(None, description="pull the pool from the Hugging Face Hub instead of training it")
 
     @field_validator("plans")
@@ -148,8 +155,8 @@ class TaskSpec(Strict):
         return content_hash({key: dumped[key] for key in POOL_FIELDS})
 
     @property
-    def precision_plans(self) -> list[PrecisionPlan]:
-        return [PrecisionPlan.parse(plan) for plan in self.plans]
+    def rmia_options(self) -> RmiaSpec:
+        return self.rmia or RmiaSpec()
 
 
 def _unique(values: list[str], what: str) -> list[str]:
