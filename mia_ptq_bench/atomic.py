@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,25 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A compressed .npz (what ``np.savez_compressed`` writes) whose bytes depend only on the arrays.
+
+    numpy stamps each member with the current time, so two runs that compute identical arrays
+    would write different files (and different sha256 in the results); a fixed timestamp
+    makes equal arrays give equal bytes.
+    """
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, value in arrays.items():
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            member.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(member, "w", force_zip64=True) as handle:
+                np.lib.format.write_array(handle, np.asanyarray(value), allow_pickle=False)
+    return buffer.getvalue()
+
+
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    write_atomic(path, lambda handle: np.savez_compressed(handle, **arrays))
+    write_bytes_atomic(path, npz_bytes(arrays))
 
 
 def sha256_bytes(data: bytes) -> str:

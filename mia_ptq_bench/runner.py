@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .attack import ATTACKS, THREAT_MODELS, ThreatModel, run_attacks
+from .attack import ATTACKS, THREAT_MODELS, ShadowSet, ThreatModel
 from .cache import default_cache_dir
 from .context import RunContext
 from .data import DATASETS
@@ -30,6 +30,7 @@ from .data.splits import evaluation_test_split
 from .environment import default_device, environment
 from .errors import BenchError, PlanError, SpecError
 from .inference import QUERIES
+from .metrics.select import attack_targets, candidate_threats, evaluation_arrays
 from .models import MODELS
 from .executor import Executor, LocalExecutor
 from .pool import Pool, PoolStore, build_pool
@@ -38,7 +39,7 @@ from .progress import Progress, SilentProgress
 from .quantize import QUANTIZERS, Quantizer
 from .quantize.outputs import ModelOutputs, OutputStore, quantize_unit, reference_outputs
 from .results.compute import build_evaluation
-from .results.io import MEMBERSHIP, REFERENCE_MEMBERSHIP, result_path, write_result
+from .results.io import result_path, write_result
 from .results.schema import ArraysRef, Environment, PoolSourceRef, QuantizerRef, Result, TaskRef
 from .spec.audit import merge_audits
 from .spec.plans import PrecisionPlan
@@ -154,45 +155,58 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
     pool = prepare_pool(context, options, progress)
     test = context.remember("test", evaluation_test_split(spec.calibration, pool.dataset))
     targets = np.arange(spec.targets.count)
-    n_models = spec.membership.n_models
+    keep, test_labels = pool.keep, test.labels.numpy()
+    full_precision = ShadowSet(pool.scores, np.arange(spec.membership.n_models))
+    oblivious = THREAT_MODELS.get("oblivious")
 
-    # 3. reference
+    # 3. reference: the same targets at full precision, attacked with full-precision shadows
     reference = {int(t): reference_outputs(pool, int(t), test, options.device) for t in targets}
     reference_scores = np.stack([reference[int(t)].scores for t in targets])
     reference_predictions = np.stack([reference[int(t)].test_predictions for t in targets])
-    reference_membership = run_attacks(spec, pool.keep, pool.scores, targets, reference_scores)
-    test_labels = test.labels.numpy()
-    reference_eval = build_evaluation(pool.keep, targets, reference_membership, reference_predictions, test_labels)
+    reference_attacked = attack_targets(spec, keep, targets, reference_scores, oblivious, [oblivious],
+                                        {"full-precision": full_precision})
+    reference_eval = build_evaluation(keep, targets, reference_attacked.membership, reference_predictions, test_labels,
+                                      reference_attacked.choices, reference_attacked.chosen)
     provenance = _provenance(spec, quantizer, pool, options.device)
 
     paths, results = [], []
+    quantized_shadows = [int(m) for m in spec.quantized_shadow_models]
     for plan in plan_list:
-        # 4. quantize: the targets, and every pool model when the attacker quantizes its shadows too
-        needs_all = any(t.shadows == "same-quantizer" for t in threats) and not plan.is_full_precision
-        indices = list(range(n_models)) if needs_all else [int(t) for t in targets]
+        # 4. quantize: the targets, and the attacker's shadows when it quantizes them too
+        sources = {t.shadows for t in threats} if not plan.is_full_precision else set()
+        indices = sorted({int(t) for t in targets} | (set(quantized_shadows) if "same-quantizer" in sources else set()))
         outputs = reference if plan.is_full_precision else quantize_models(context, pool, quantizer, plan, indices,
                                                                            options, progress)
+        shadows = {"full-precision": full_precision, "same-quantizer": full_precision, "rtn": full_precision}
+        if "same-quantizer" in sources:
+            shadows["same-quantizer"] = ShadowSet(np.stack([outputs[i].scores for i in quantized_shadows]),
+                                                  np.array(quantized_shadows))
+        if "rtn" in sources:
+            rtn = quantize_models(context, pool, QUANTIZERS.get("rtn")(), plan, quantized_shadows, options, progress)
+            shadows["rtn"] = ShadowSet(np.stack([rtn[i].scores for i in quantized_shadows]), np.array(quantized_shadows))
         target_scores = np.stack([outputs[int(t)].scores for t in targets])
         predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
         audit = merge_audits([outputs[i].audit for i in indices])
         for threat in threats:
-            # 5. attack
-            quantized_shadows = threat.shadows == "same-quantizer" and not plan.is_full_precision
-            shadow_scores = np.stack([outputs[i].scores for i in range(n_models)]) if quantized_shadows else pool.scores
-            membership = run_attacks(spec, pool.keep, shadow_scores, targets, target_scores)
+            # 5. attack, and choose each target's strongest strategy on shadows alone
+            candidates = candidate_threats(threat, threats)
+            attacked = attack_targets(spec, keep, targets, target_scores, threat, candidates, shadows)
             # 6. measure
-            evaluation = build_evaluation(pool.keep, targets, membership, predictions, test_labels)
+            evaluation = build_evaluation(keep, targets, attacked.membership, predictions, test_labels,
+                                          attacked.choices, attacked.chosen)
             # 7. write
             arrays = {
-                "keep": pool.keep, "targets": targets, "shadow_scores": shadow_scores, "target_scores": target_scores,
-                "reference_scores": reference_scores, "test_labels": test_labels, "test_predictions": predictions,
+                "keep": keep, "targets": targets, "target_scores": target_scores, "reference_scores": reference_scores,
+                "test_labels": test_labels, "test_predictions": predictions,
                 "reference_test_predictions": reference_predictions,
-                **{MEMBERSHIP + k: v for k, v in membership.items()},
-                **{REFERENCE_MEMBERSHIP + k: v for k, v in reference_membership.items()},
+                **{f"shadows__{t.name}__scores": shadows[t.shadows].scores for t in candidates},
+                **{f"shadows__{t.name}__models": shadows[t.shadows].models for t in candidates},
+                **evaluation_arrays("", attacked), **evaluation_arrays("reference_", reference_attacked),
             }
             finished = time.time()
             result = Result(
-                **provenance, plan=str(plan), threat_model=threat.name, n_models=n_models,
+                **provenance, plan=str(plan), threat_model=threat.name,
+                shadow_models=[int(m) for m in shadows[threat.shadows].models], n_models=spec.membership.n_models,
                 n_examples=len(pool.dataset.pool), n_test=len(test), quantized=evaluation, reference=reference_eval,
                 audit=audit, arrays=ArraysRef(file="pending.npz", sha256="0" * 64),
                 started_at=datetime.fromtimestamp(started_wall, timezone.utc),

@@ -328,21 +328,36 @@ def test_hopeless_examples_do_not_underflow() -> None:
     np.testing.assert_allclose(ours, [-790.0 - log_prior], rtol=1e-12)
 
 
+# ----------------------------------------------------------------------------- few reference models
+
+
+def test_an_example_missing_one_side_uses_its_other_side() -> None:
+    """With few reference models an example can have them all IN (or all OUT): it borrows the other side's mean."""
+    shadow, shadow_in, target, _ = random_case(0, examples=10)
+    shadow_in[:, 3] = True  # no OUT model for example 3
+    shadow_in[:, 7] = False  # no IN model for example 7
+    p_ref = 1 / (1 + np.exp(-shadow[..., 0].astype(np.float64)))
+    p_target = 1 / (1 + np.exp(-target[:, 0].astype(np.float64)))
+    offline = relative_likelihood(shadow[..., :1], shadow_in, target[:, :1], online=False, a=0.3)
+    assert offline[3] == pytest.approx(math.log(p_target[3] / (0.65 * p_ref[:, 3].mean() + 0.35)), rel=1e-9)
+    online = relative_likelihood(shadow[..., :1], shadow_in, target[:, :1], online=True)
+    assert online[3] == pytest.approx(math.log(p_target[3] / p_ref[:, 3].mean()), rel=1e-9)
+    assert online[7] == pytest.approx(math.log(p_target[7] / p_ref[:, 7].mean()), rel=1e-9)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
 def test_errors_for_impossible_inputs() -> None:
     shadow, shadow_in, target, target_in = random_case(0, examples=10)
     population = ~target_in
-    no_out = shadow_in.copy()
-    no_out[:, 3] = True
+    nowhere = shadow_in.copy()
+    nowhere[:] = True
     with pytest.raises(ValueError, match="no OUT reference"):
-        rmia_offline(shadow, no_out, target, population)
-    no_in = shadow_in.copy()
-    no_in[:, 3] = False
-    with pytest.raises(ValueError, match="no IN reference"):
-        rmia_online(shadow, no_in, target, population)
-    rmia_offline(shadow, no_in, target, population)  # offline does not need IN models
+        rmia_offline(shadow, nowhere, target, population)
+    with pytest.raises(ValueError, match="no OUT reference"):
+        rmia_online(shadow, nowhere, target, population)
+    rmia_offline(shadow, ~nowhere, target, population)  # offline does not need IN models
     with pytest.raises(ValueError, match="no OUT reference"):
         rmia_offline(shadow, shadow_in, target, population, references=shadow_in)
     with pytest.raises(ValueError, match="empty"):

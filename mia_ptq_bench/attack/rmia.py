@@ -177,15 +177,22 @@ def _reference_mean(shadow_scores: np.ndarray, mask: np.ndarray, side: str) -> t
     sigmoid(-φ) keeps the digits of confident examples, whose p_y rounds towards 1.
     """
     count = mask.sum(axis=0)
-    if (count == 0).any():
-        raise ValueError(f"{int((count == 0).sum())} examples have no {side} reference model; use more reference models")
+    if (count == 0).all():
+        raise ValueError(f"no {side} reference model for any example; use more reference models")
     selected = mask[..., None]
     log_p = log_expit(shadow_scores)
     peak = np.where(selected, log_p, -np.inf).max(axis=0)
     total = np.exp(np.where(selected, log_p - peak, -np.inf)).sum(axis=0)
-    log_mean = peak + np.log(total) - np.log(count)[:, None]
-    complement = np.where(selected, expit(-shadow_scores), 0.0).sum(axis=0) / count[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):  # examples with no model here: NaN, filled by the caller
+        log_mean = peak + np.log(total) - np.log(count)[:, None]
+        complement = np.where(selected, expit(-shadow_scores), 0.0).sum(axis=0) / count[:, None]
     return log_mean, complement
+
+
+def _borrow(mine: tuple[np.ndarray, np.ndarray], other: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """An example with no reference model on one side uses its other side's mean (few reference models)."""
+    missing = np.isnan(mine[1])
+    return np.where(missing, other[0], mine[0]), np.where(missing, other[1], mine[1])
 
 
 def _log_mixture(weight: float, log_mean: np.ndarray, complement: np.ndarray) -> np.ndarray:
@@ -203,10 +210,16 @@ def relative_likelihood(shadow_scores: np.ndarray, shadow_in: np.ndarray, target
         raise ValueError(f"offline a must lie in [0, 1], got {a}")
     shadow_scores, shadow_in, target_scores, references = _check_scores(shadow_scores, shadow_in, target_scores,
                                                                         references)
-    outside = references & ~shadow_in
-    log_out, comp_out = _reference_mean(shadow_scores, outside, "OUT")
+    outside, inside = references & ~shadow_in, references & shadow_in
+    out_mean = _reference_mean(shadow_scores, outside, "OUT")
+    if online or not outside.any(axis=0).all():
+        in_mean = _reference_mean(shadow_scores, inside, "IN")
+        out_mean, in_mean = _borrow(out_mean, in_mean), _borrow(in_mean, out_mean)
+        if np.isnan(out_mean[1]).any():
+            raise ValueError("some examples have no reference model at all")
+        (log_in, comp_in) = in_mean
+    log_out, comp_out = out_mean
     if online:
-        log_in, comp_in = _reference_mean(shadow_scores, references & shadow_in, "IN")
         log_prior = _log_mixture(1.0, np.logaddexp(log_in, log_out) - np.log(2.0), (comp_in + comp_out) / 2)
     else:
         log_prior = _log_mixture((1.0 + a) / 2, log_out, comp_out)

@@ -13,8 +13,6 @@ from ..errors import SpecError
 from ..spec.loader import format_validation_error
 from .schema import ArraysRef, Result
 
-MEMBERSHIP = "membership__"
-REFERENCE_MEMBERSHIP = "reference_membership__"
 
 
 def result_path(out_dir: Path, task_id: str, quantizer: str | None, plan: str, threat_model: str) -> Path:

@@ -23,6 +23,11 @@ POOL_FIELDS = ("dataset", "model", "training", "membership", "queries")
 EXTENSIONS = ("hub", "rmia")
 
 
+# Attacks, queries and threat models are registry names: their registries are the one source of
+# truth, checked when a task is loaded for use (runner.check_task), not listed again here.
+RegistryName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -83,6 +88,18 @@ class RmiaSpec(Strict):
     gamma: float = Field(1.0, ge=1, description="x must beat a population sample's likelihood ratio by this factor")
 
 
+class AdaptiveSpec(Strict):
+    shadows: int | None = Field(
+        None, ge=1, description="quantized shadows per target for attackers that quantize theirs: pool models "
+                                "0..shadows are quantized and each target is attacked with the others; "
+                                "None = every other pool model")
+
+
+class StrongestSpec(Strict):
+    attacks: list[RegistryName] | None = Field(None, description="the attacks that count (default: all the task's)")
+    pseudo_targets: int = Field(4, ge=1, description="shadow models the attacker attacks itself to choose")
+
+
 class CalibrationSpec(Strict):
     source: Literal["members", "heldout"] = "members"
     size: int = Field(1024, gt=0)
@@ -94,9 +111,6 @@ class HubSpec(Strict):
     revision: str | None = Field(None, description="commit hash (or branch/tag) to pin; results record the commit")
 
 
-# Attacks, queries and threat models are registry names: their registries are the one source of
-# truth, checked when a task is loaded for use (runner.check_task), not listed again here.
-RegistryName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")]
 
 
 class TaskSpec(Strict):
@@ -115,6 +129,8 @@ class TaskSpec(Strict):
     plans: list[str] = Field(min_length=1)
     calibration: CalibrationSpec = CalibrationSpec()
     threat_models: list[RegistryName] = Field(default_factory=lambda: ["oblivious"], min_length=1)
+    adaptive: AdaptiveSpec = AdaptiveSpec()
+    strongest: StrongestSpec = StrongestSpec()
     hub: HubSpec | None = Field(None, description="pull the pool from the Hugging Face Hub instead of training it")
 
     @field_validator("plans")
@@ -139,7 +155,21 @@ class TaskSpec(Strict):
             raise ValueError(
                 f"targets.count ({self.targets.count}) exceeds membership.n_models ({self.membership.n_models})"
             )
+        shadows = self.adaptive.shadows
+        if shadows is not None and not self.targets.count - 1 <= shadows <= self.membership.n_models - 1:
+            raise ValueError(f"adaptive.shadows ({shadows}) must lie between targets.count - 1 "
+                             f"({self.targets.count - 1}) and membership.n_models - 1 ({self.membership.n_models - 1}): "
+                             "every target's quantized shadows are the other quantized models")
+        unknown = set(self.strongest.attacks or []) - set(self.attacks)
+        if unknown:
+            raise ValueError(f"strongest.attacks: {sorted(unknown)} are not among the task's attacks")
         return self
+
+    @property
+    def quantized_shadow_models(self) -> list[int]:
+        """The pool models an attacker that quantizes its shadows quantizes (targets among them)."""
+        shadows = self.adaptive.shadows
+        return list(range(self.membership.n_models if shadows is None else shadows + 1))
 
     def canonical(self) -> dict:
         dumped = self.model_dump(mode="json")

@@ -1,0 +1,94 @@
+"""The strongest attack, chosen the way an attacker could: on models it trained itself.
+
+For each target the attacker tries every strategy it can afford (an attack of the task's
+``strongest.attacks`` with shadows of a threat model it knows enough for) against
+*pseudo-targets*: some of its own shadow models, standing in for the target, whose
+membership it knows because it trained them. Each pseudo-target is attacked with the
+remaining shadows (the pseudo-target and the real target left out), and the strategy with
+the highest mean TPR at 0.1% FPR wins; ties go to the higher TPR at 1% FPR, then AUC, then
+the order of the task's lists. The target's own membership is never read: only then is the
+chosen strategy's membership score of the target scored against the truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..attack import ATTACKS, THREAT_MODELS, AttackInput, ShadowSet, ThreatModel, run_attacks
+from ..spec.schema import TaskSpec
+from .roc import attack_metrics
+
+
+@dataclass(frozen=True)
+class Choice:
+    threat_model: str
+    attack: str
+    estimate: float  # mean TPR@0.1%FPR over the pseudo-targets
+
+
+def choose(spec: TaskSpec, keep: np.ndarray, target: int, strategies: dict[str, ShadowSet],
+           pseudo: ShadowSet) -> Choice:
+    """The strategy (threat model, attack) with the best shadow-only estimate for attacking ``target``.
+
+    ``strategies`` maps each threat model the attacker may use to its shadows; ``pseudo``
+    holds the models that stand in for the target (of the kind the attacker believes the
+    target is). ``keep[target]`` is never read.
+    """
+    attacks = spec.strongest.attacks or spec.attacks
+    stand_ins = [int(m) for m in pseudo.models if int(m) != target][: spec.strongest.pseudo_targets]
+    if not stand_ins:
+        raise ValueError("no shadow model can stand in for the target: use more shadows")
+    best: tuple[tuple[float, float, float], Choice] | None = None
+    for threat, shadows in strategies.items():
+        for attack in attacks:
+            measured = []
+            for stand_in in stand_ins:
+                scores, shadow_in = shadows.without(keep, [stand_in, target])
+                inputs = AttackInput(scores, shadow_in, pseudo.scores_of(stand_in), ~keep[stand_in])
+                membership = ATTACKS.get(attack)(inputs, spec)
+                metrics = attack_metrics(keep[stand_in], membership)
+                measured.append((metrics.low_fpr[0].tpr, metrics.low_fpr[1].tpr, metrics.auc))
+            key = tuple(float(np.mean(column)) for column in zip(*measured))
+            if best is None or key > best[0]:
+                best = (key, Choice(threat, attack, key[0]))
+    assert best is not None
+    return best[1]
+
+
+def choose_all(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, strategies: dict[str, ShadowSet],
+               pseudo: ShadowSet) -> list[Choice]:
+    return [choose(spec, keep, int(t), strategies, pseudo) for t in targets]
+
+
+def candidate_threats(threat: ThreatModel, threats: list[ThreatModel]) -> list[ThreatModel]:
+    """The strategies an attacker of ``threat`` may choose among: the shadows of every threat model it
+    knows enough for that this run computes (full-precision shadows always: they are the pool)."""
+    run = {t.name for t in threats}
+    return [t for _, t in THREAT_MODELS.items()
+            if t.knowledge <= threat.knowledge and (t.shadows == "full-precision" or t.name in run)]
+
+
+@dataclass
+class Attacked:
+    """One evaluation's attacks: membership per attack, the strategy chosen per target and its scores."""
+
+    membership: dict[str, np.ndarray]
+    choices: list[Choice]
+    chosen: np.ndarray  # (T, N)
+
+
+def attack_targets(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, target_scores: np.ndarray,
+                   threat: ThreatModel, candidates: list[ThreatModel], shadows: dict[str, ShadowSet]) -> Attacked:
+    """The task's attacks with ``threat``'s shadows, and per target the strongest strategy among ``candidates``
+    chosen on shadow models alone (``metrics/select.py``)."""
+    memberships = {t.name: run_attacks(spec, keep, shadows[t.shadows], targets, target_scores) for t in candidates}
+    choices = choose_all(spec, keep, targets, {t.name: shadows[t.shadows] for t in candidates}, shadows[threat.shadows])
+    chosen = np.stack([memberships[c.threat_model][c.attack][row] for row, c in enumerate(choices)])
+    return Attacked(memberships[threat.name], choices, chosen)
+
+
+def evaluation_arrays(prefix: str, attacked: Attacked) -> dict[str, np.ndarray]:
+    return {**{f"{prefix}membership__{k}": v for k, v in attacked.membership.items()},
+            f"{prefix}strongest_membership": attacked.chosen}
