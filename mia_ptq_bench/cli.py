@@ -199,6 +199,43 @@ def validate(
         raise typer.Exit(1)
 
 
+@app.command()
+def reproduce(
+    paths: Annotated[list[Path], typer.Argument(help="result .json files or submission folders")],
+    device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda when present, else cpu)")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder (default: $MPTQ_CACHE or ~/.cache/mia-ptq-bench)")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="dataset folder (default: $MPTQ_DATA)")] = None,
+    download: Annotated[bool, typer.Option(help="allow downloading a missing dataset with torchvision")] = False,
+    plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="extension module or .py file (repeatable)")] = None,
+    show: Annotated[str, typer.Option(help="rows to print: failed, headline or all")] = "headline",
+) -> None:
+    """Rerun committed results on this machine; compare every headline number with the committed one.
+
+    Same environment: every number must be equal. Another machine: within the tolerance of
+    docs/reproducibility.md. Exits 1 if any number is outside it. Runs a submission's code.
+    """
+    from .extensions import load_extensions
+    from .report import RichProgress, reproduction_table
+    from .reproduce import reproduce as run_reproduce
+    from .runner import RunOptions
+
+    def action() -> None:
+        options = RunOptions(data_root=data_root, download=download, extensions=load_extensions(plugin or []))
+        if cache_dir is not None:
+            options.cache_dir = cache_dir
+        if device is not None:
+            options.device = device
+        with RichProgress(console) as progress:
+            outcomes = run_reproduce(paths, options, progress)
+        console.print(reproduction_table(outcomes, show))
+        failed = [o for o in outcomes if not o.ok]
+        console.print(f"{len(outcomes) - len(failed)} of {len(outcomes)} results reproduced within tolerance")
+        if failed:
+            raise typer.Exit(1)
+
+    guarded(action)
+
+
 pool_app = typer.Typer(no_args_is_help=True, help="Share pools on the Hugging Face Hub.")
 app.add_typer(pool_app, name="pool")
 

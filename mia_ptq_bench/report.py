@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from .results.schema import Evaluation, Result, Stat
@@ -86,4 +87,21 @@ def attacks_table(results: list[Result]) -> Table:
     for result in results:
         if result.plan != "fp32":
             table.add_row(_label(result, many_threats), *[f"{result.quantized.attacks[a].auc.mean:.3f}" for a in attacks])
+    return table
+
+
+def reproduction_table(outcomes, show: str = "headline") -> Table:
+    """Per result and metric: committed, rerun, difference, tolerance; ``show`` failed, headline or all rows."""
+    table = Table(title="reproduction", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="tolerance 0: same environment, must be bit-identical; otherwise docs/reproducibility.md",
+                  caption_justify="left")
+    for header in ("result", "metric", "committed", "rerun", "|Δ|", "tolerance", ""):
+        table.add_column(header, justify="left" if header in ("result", "metric", "") else "right", no_wrap=True)
+    for outcome in outcomes:
+        for c in outcome.comparisons:
+            headline = c.metric in ("test accuracy", "strongest TPR@0.1%", "lira-online TPR@0.1%")
+            if show == "all" or (show == "headline" and headline) or not c.ok:
+                table.add_row(escape(c.result), escape(c.metric), f"{c.committed:.6f}", f"{c.rerun:.6f}",
+                              f"{abs(c.rerun - c.committed):.2e}", f"{c.tolerance:.2e}",
+                              "ok" if c.ok else "[bold red]OUTSIDE[/]")
     return table
