@@ -160,6 +160,10 @@ def quantizers(
 def validate(
     files: Annotated[list[Path], typer.Argument(help="task .yaml, result .json, or submission folders")],
     plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="extension module or .py file whose names a task uses (repeatable)")] = None,
+    recompute: Annotated[bool, typer.Option(help="also recompute every result from its committed quantized weights against the task's pool (trained or pulled if not cached); runs no submitted code")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder for --recompute")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="dataset folder for --recompute")] = None,
+    download: Annotated[bool, typer.Option(help="allow downloading a missing dataset for --recompute")] = False,
 ) -> None:
     """Check task specs, result files (schema, checksums, audit, numbers recomputed) and submissions.
 
@@ -187,7 +191,7 @@ def validate(
             if path.suffix in (".yaml", ".yml"):
                 check_task(load_task(path), str(path))
             elif path.suffix == ".json":
-                verify_result(path)
+                verify_result(path, arrays_required=not recompute)
             else:
                 raise BenchError(f"{path}: not a task (.yaml) or result (.json) file")
             console.print(f"[green]ok[/] {path}")
@@ -195,8 +199,38 @@ def validate(
             failures += 1
             for line in str(exc).splitlines():
                 errors.print(f"[bold red]invalid:[/] {line}", highlight=False, soft_wrap=True)
+    if recompute and not failures:
+        failures += _recompute_all(files, _cache_dir(cache_dir), data_root, download)
     if failures:
         raise typer.Exit(1)
+
+
+def _recompute_all(files: list[Path], cache_dir: Path, data_root: Optional[Path], download: bool) -> int:
+    """Recompute every result among ``files`` (submission folders included); returns how many disagree."""
+    from rich.markup import escape
+
+    from .recompute import RECOMPUTED, recompute_files
+    from .submission import MANIFEST, find_submissions
+
+    results = []
+    for path in files:
+        if path.is_dir():
+            results += [p for f in find_submissions(path) for p in sorted((f / "results").glob("*/*.json"))
+                        if p.name != MANIFEST]
+        elif path.suffix == ".json":
+            results.append(path)
+    failures = 0
+    for outcome in guarded(lambda: recompute_files(results, cache_dir, data_root, download)):
+        if outcome.status == RECOMPUTED and not outcome.reason:
+            console.print(f"[green]recomputed[/] {escape(str(outcome.path))}", highlight=False)
+        elif outcome.status == RECOMPUTED:
+            failures += 1
+            errors.print(f"[bold red]invalid:[/] {escape(str(outcome.path))}: recomputed from its evidence: "
+                         f"{escape(outcome.reason)}", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"[yellow]self-reported[/] {escape(str(outcome.path))}: {escape(outcome.reason)}",
+                          highlight=False, soft_wrap=True)
+    return failures
 
 
 @app.command()

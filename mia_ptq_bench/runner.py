@@ -39,8 +39,8 @@ from .progress import Progress, SilentProgress
 from .quantize import QUANTIZERS, Quantizer
 from .quantize.outputs import ModelOutputs, OutputStore, quantize_unit, reference_outputs
 from .results.compute import build_evaluation
-from .results.io import result_path, write_result
-from .results.schema import ArraysRef, Environment, PoolSourceRef, QuantizerRef, Result, TaskRef
+from .results.io import EVIDENCE_CAP, evidence_path, result_path, write_evidence, write_result
+from .results.schema import ArraysRef, Environment, EvidenceRef, PoolSourceRef, QuantizerRef, Result, TaskRef
 from .spec.audit import merge_audits
 from .spec.plans import PrecisionPlan
 from .spec.schema import TaskSpec
@@ -147,6 +147,8 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
     check_task(spec)
     plan_list = resolve_plans(quantizer, spec, plans)
     threats = resolve_threat_models(spec, threat_models)
+    # The strategies an attacker chooses among come from the task, not from which results this run writes.
+    known_threats = resolve_threat_models(spec, None) + threats
 
     # 2. pool
     started_wall = time.time()
@@ -170,10 +172,12 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
     provenance = _provenance(spec, quantizer, pool, options.device)
 
     paths, results = [], []
+    folder_name = quantizer.name if options.per_quantizer_folder else None
     quantized_shadows = [int(m) for m in spec.quantized_shadow_models]
     for plan in plan_list:
         # 4. quantize: the targets, and the attacker's shadows when it quantizes them too
-        sources = {t.shadows for t in threats} if not plan.is_full_precision else set()
+        candidates = {t.name: candidate_threats(t, known_threats) for t in threats}
+        sources = {c.shadows for group in candidates.values() for c in group} if not plan.is_full_precision else set()
         indices = sorted({int(t) for t in targets} | (set(quantized_shadows) if "same-quantizer" in sources else set()))
         outputs = reference if plan.is_full_precision else quantize_models(context, pool, quantizer, plan, indices,
                                                                            options, progress)
@@ -187,10 +191,12 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
         target_scores = np.stack([outputs[int(t)].scores for t in targets])
         predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
         audit = merge_audits([outputs[i].audit for i in indices])
+        evidence = None if plan.is_full_precision else write_plan_evidence(
+            spec, quantizer, plan, outputs, indices, targets, result_path(options.out_dir, spec.id,
+                                                                           folder_name, str(plan), "any"))
         for threat in threats:
             # 5. attack, and choose each target's strongest strategy on shadows alone
-            candidates = candidate_threats(threat, threats)
-            attacked = attack_targets(spec, keep, targets, target_scores, threat, candidates, shadows)
+            attacked = attack_targets(spec, keep, targets, target_scores, threat, candidates[threat.name], shadows)
             # 6. measure
             evaluation = build_evaluation(keep, targets, attacked.membership, predictions, test_labels,
                                           attacked.choices, attacked.chosen)
@@ -199,8 +205,8 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
                 "keep": keep, "targets": targets, "target_scores": target_scores, "reference_scores": reference_scores,
                 "test_labels": test_labels, "test_predictions": predictions,
                 "reference_test_predictions": reference_predictions,
-                **{f"shadows__{t.name}__scores": shadows[t.shadows].scores for t in candidates},
-                **{f"shadows__{t.name}__models": shadows[t.shadows].models for t in candidates},
+                **{f"shadows__{t.name}__scores": shadows[t.shadows].scores for t in candidates[threat.name]},
+                **{f"shadows__{t.name}__models": shadows[t.shadows].models for t in candidates[threat.name]},
                 **evaluation_arrays("", attacked), **evaluation_arrays("reference_", reference_attacked),
             }
             finished = time.time()
@@ -208,15 +214,26 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
                 **provenance, plan=str(plan), threat_model=threat.name,
                 shadow_models=[int(m) for m in shadows[threat.shadows].models], n_models=spec.membership.n_models,
                 n_examples=len(pool.dataset.pool), n_test=len(test), quantized=evaluation, reference=reference_eval,
-                audit=audit, arrays=ArraysRef(file="pending.npz", sha256="0" * 64),
+                audit=audit, arrays=ArraysRef(file="pending.npz", sha256="0" * 64), evidence=evidence,
                 started_at=datetime.fromtimestamp(started_wall, timezone.utc),
                 finished_at=datetime.fromtimestamp(finished, timezone.utc), seconds=round(finished - started_wall, 3),
             )
-            folder_name = quantizer.name if options.per_quantizer_folder else None
             path = result_path(options.out_dir, spec.id, folder_name, str(plan), threat.name)
             results.append(write_result(path, result, arrays))
             paths.append(path)
     return EvaluateOutcome(paths, results, pool)
+
+
+def write_plan_evidence(spec: TaskSpec, quantizer: Quantizer, plan: PrecisionPlan, outputs: dict[int, ModelOutputs],
+                        indices: list[int], targets: np.ndarray, beside: Path) -> EvidenceRef:
+    """The quantized weights of every model a plan's results used; only the targets' if that is too large."""
+    metadata = {"task_hash": spec.hash, "pool_hash": spec.pool_hash, "plan": str(plan),
+                "quantizer_config_hash": quantizer.describe()["config_hash"]}
+    path = evidence_path(beside, str(plan))
+    everything = {k: v for i in indices for k, v in outputs[i].evidence.items()}
+    if sum(v.nbytes for v in everything.values()) <= EVIDENCE_CAP:
+        return write_evidence(path, everything, metadata)
+    return write_evidence(path, {k: v for t in targets for k, v in outputs[int(t)].evidence.items()}, metadata)
 
 
 def _provenance(spec: TaskSpec, quantizer: Quantizer, pool: Pool, device: str) -> dict:

@@ -17,7 +17,7 @@ STAGES = [
     {"__init__", "errors", "atomic", "registry", "cache", "progress", "environment", "executor", "extensions"},
     {"spec"}, {"data"}, {"models"}, {"context"}, {"inference"}, {"pool"}, {"quantize"}, {"attack"}, {"metrics"},
     {"results"}, {"submission"}, {"board"}, {"findings"},
-    {"runner", "cache_admin", "plugin", "report", "cli", "tasks", "leaderboard"},
+    {"runner", "recompute", "reproduce", "cache_admin", "plugin", "report", "cli", "tasks", "leaderboard"},
 ]
 # Importing these loads torch; the contracts (task, result and submission schemas), the validator
 # and the site builder must not.

@@ -63,8 +63,8 @@ def choose_all(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, strategies
 
 
 def candidate_threats(threat: ThreatModel, threats: list[ThreatModel]) -> list[ThreatModel]:
-    """The strategies an attacker of ``threat`` may choose among: the shadows of every threat model it
-    knows enough for that this run computes (full-precision shadows always: they are the pool)."""
+    """The strategies an attacker of ``threat`` may choose among: the shadows of every threat model of
+    ``threats`` (the task's) it knows enough for, and full-precision shadows always (they are the pool)."""
     run = {t.name for t in threats}
     return [t for _, t in THREAT_MODELS.items()
             if t.knowledge <= threat.knowledge and (t.shadows == "full-precision" or t.name in run)]

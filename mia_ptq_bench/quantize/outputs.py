@@ -8,7 +8,7 @@ where it stopped and a rerun costs nothing.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,10 @@ from ..spec.plans import PrecisionPlan
 from .audit import audit_model, enforce_audit
 from .base import Quantizer
 from .calibration import calibration_set
+from .evidence import encode_model
+
+FORMAT = 2  # of a cached outputs file: 2 added the quantized weights
+EVIDENCE = "evidence/"  # prefix of the quantized weights' arrays inside a cached outputs file
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class ModelOutputs:
     scores: np.ndarray  # (N, Q) on the pool
     test_predictions: np.ndarray  # (n_test,) on the evaluation test split
     audit: list[LayerAudit]
+    evidence: dict[str, np.ndarray] = field(default_factory=dict)  # the quantized weights (quantize/evidence.py)
 
 
 class OutputStore:
@@ -46,7 +51,7 @@ class OutputStore:
         described = quantizer.describe()
         calibration = content_hash(spec.calibration.model_dump(mode="json"))
         self.root = (Path(cache_dir) / "quantized" / pool.store.root.name /
-                     f"{quantizer.name}-{described['config_hash'][:12]}" / f"{plan}-cal{calibration[:8]}")
+                     f"{quantizer.name}-{described['config_hash'][:12]}" / f"{plan}-cal{calibration[:8]}-v{FORMAT}")
 
     def path(self, index: int) -> Path:
         return self.root / f"model-{index:04d}.npz"
@@ -58,7 +63,8 @@ class OutputStore:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 audit = [LayerAudit.model_validate(x) for x in json.loads(str(archive["audit_json"]))]
-                return ModelOutputs(archive["scores"], archive["test_predictions"], audit)
+                evidence = {k.removeprefix(EVIDENCE): archive[k] for k in archive.files if k.startswith(EVIDENCE)}
+                return ModelOutputs(archive["scores"], archive["test_predictions"], audit, evidence)
         except Exception as exc:  # zip CRC, truncation, bad JSON: all mean the file cannot be used
             self.progress.log(f"redoing model {index}: {path}: corrupted cache file ({type(exc).__name__}: {exc})")
             path.unlink(missing_ok=True)
@@ -68,6 +74,7 @@ class OutputStore:
         write_npz_atomic(self.path(index), {
             "scores": outputs.scores, "test_predictions": outputs.test_predictions,
             "audit_json": np.array(json.dumps([a.model_dump(mode="json") for a in outputs.audit])),
+            **{EVIDENCE + k: v for k, v in outputs.evidence.items()},
         })
 
 
@@ -101,7 +108,7 @@ def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan
         predictions = predicted_classes(model, pool, test, device)
         if not np.isfinite(scores).all():
             raise BenchError(f"quantizer {quantizer.name!r} at {plan}: model {index} produced non-finite outputs")
-        outputs[index] = ModelOutputs(scores, predictions, audit)
+        outputs[index] = ModelOutputs(scores, predictions, audit, encode_model(index, model))
         store.save(index, outputs[index])
     return outputs
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from ..atomic import sha256_file, write_npz_atomic, write_text_atomic
+from ..atomic import sha256_bytes, sha256_file, write_bytes_atomic, write_npz_atomic, write_text_atomic
 from ..errors import SpecError
 from ..spec.loader import format_validation_error
-from .schema import ArraysRef, Result
+from .schema import ArraysRef, EvidenceRef, Result
 
 
 
@@ -19,6 +19,43 @@ def result_path(out_dir: Path, task_id: str, quantizer: str | None, plan: str, t
     """``<out>/<task>/<quantizer>/<plan>--<threat>.json``; without a quantizer level inside a submission."""
     folder = Path(out_dir) / task_id
     return (folder / quantizer if quantizer else folder) / f"{plan}--{threat_model}.json"
+
+
+EVIDENCE_CAP = 2 * 2**20  # bytes: evidence is committed with a submission, so it stays small
+
+
+def evidence_path(result_path: Path, plan: str) -> Path:
+    return result_path.parent / f"{plan}.models.safetensors"
+
+
+def write_evidence(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> EvidenceRef:
+    """The quantized weights of one plan's models, beside its result documents (shared by threat models)."""
+    from safetensors.numpy import save
+
+    # One metadata entry: safetensors writes a map's entries in an order that changes between processes.
+    data = save({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())},
+                metadata={"evidence": json.dumps(metadata, sort_keys=True)})
+    write_bytes_atomic(path, data)
+    models = sorted({int(key.split("::")[0]) for key in tensors})
+    return EvidenceRef(file=path.name, sha256=sha256_bytes(data), models=models)
+
+
+def load_evidence(path: Path, result: Result) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    if result.evidence is None:
+        raise SpecError(f"{path}: evidence: the result holds no quantized weights")
+    evidence = Path(path).parent / result.evidence.file
+    if not evidence.is_file():
+        raise SpecError(f"{path}: evidence.file: {evidence} does not exist")
+    data = evidence.read_bytes()
+    if sha256_bytes(data) != result.evidence.sha256:
+        raise SpecError(f"{path}: evidence.sha256: {evidence.name} was changed after the result was written")
+    try:
+        return load(data)
+    except (SafetensorError, ValueError) as exc:
+        raise SpecError(f"{path}: evidence.file: {evidence.name} is not a readable safetensors file ({exc})") from None
 
 
 def write_result(path: Path, result: Result, arrays: dict[str, np.ndarray]) -> Result:

@@ -116,6 +116,12 @@ class ArraysRef(Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class EvidenceRef(Strict):
+    file: str = Field(description="file name of the .safetensors beside this document: the quantized weights")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    models: list[int] = Field(description="the pool models whose quantized weights it holds")
+
+
 class Environment(Strict):
     """Where a result was computed: a rerun with all of these equal reproduces it bit for bit."""
 
@@ -145,6 +151,8 @@ class Result(Strict):
     reference: Evaluation = Field(description="the same targets at full precision, same attacks")
     audit: list[LayerAudit] = Field(description="per layer, the worst channel over all audited models")
     arrays: ArraysRef
+    evidence: EvidenceRef | None = Field(None, description="the quantized weights every number can be recomputed "
+                                                           "from (none for the full-precision reference)")
     environment: Environment
     started_at: datetime
     finished_at: datetime

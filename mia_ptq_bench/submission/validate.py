@@ -15,7 +15,7 @@ from ..results.verify import verify_result
 from ..spec import load_task
 from ..spec.plans import PrecisionPlan
 from .load import find_submissions, load_submission
-from .manifest import MANIFEST, manifest_path
+from .manifest import MANIFEST, manifest_path, manifested
 
 ALLOWED_TOP = {"submission.yaml", "README.md"}
 
@@ -32,6 +32,8 @@ def _allowed(relative: Path) -> bool:
         return parts[0] in ALLOWED_TOP or parts[0].startswith("LICENSE") or parts[0].endswith(".py")
     if parts[0] == "results":
         if relative == Path("results") / MANIFEST:
+            return True
+        if len(parts) == 3 and relative.name.endswith(".models.safetensors"):  # a plan's quantized weights
             return True
         return len(parts) == 3 and relative.suffix in (".json", ".npz") and "--" in relative.stem
     return relative.suffix == ".py" and all(p.isidentifier() for p in parts[:-1])  # a package of code
@@ -61,8 +63,7 @@ def validate_submission(folder: Path) -> list[str]:
                         "run `mptq-bench evaluate NAME --submission FOLDER` to write it")
         manifest = {}
     results_dir = folder / "results"
-    present = {str(p.relative_to(results_dir)) for p in results_dir.rglob("*.json") if p.name != MANIFEST} \
-        if results_dir.is_dir() else set()
+    present = {str(p.relative_to(results_dir)) for p in manifested(results_dir)} if results_dir.is_dir() else set()
     for name in sorted(present - set(manifest)):
         problems.append(f"{results_dir / name}: (file): not listed in {MANIFEST}")
     for name, digest in sorted(manifest.items()):
