@@ -18,6 +18,7 @@ from conftest import TASKS
 from mia_ptq_bench.board.rank import pareto_front
 from mia_ptq_bench.board.build import build_site, safe_url
 from mia_ptq_bench.cli import app
+from mia_ptq_bench.results.io import load_result
 
 REPO = Path(__file__).resolve().parent.parent
 cli = CliRunner()
@@ -75,7 +76,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_site_layout(site: Path) -> None:
     boards = sorted(p.name for p in (site / "boards").glob("*.html"))
-    assert boards == [f"tiny-digits--{t}--{p}.html" for t in ("adaptive", "oblivious") for p in ("w1.58-last8", "w4")]
+    assert boards == sorted(f"tiny-digits--{t}--{p}{view}.html" for t in ("adaptive", "oblivious")
+                            for p in ("w1.58-last8", "w4") for view in ("", "--strongest"))
     assert {p.stem for p in (site / "entries").glob("*.html")} == {"fp32", "rtn", "example-stochastic-rounding",
                                                                   "hostile", "old-entry"}
     assert (site / "style.css").is_file() and (site / "results.csv").is_file()
@@ -89,6 +91,18 @@ def test_boards_rank_with_references_and_keep_stale_apart(site: Path) -> None:
     assert table.pareto.any()
     html = (site / "boards" / "tiny-digits--oblivious--w4.html").read_text()
     assert "Stale results" in html and html.index("old-entry") > html.index("Stale results")
+
+
+def test_strongest_board_ranks_by_the_strategy_chosen_per_target(site: Path) -> None:
+    table = pd.read_csv(site / "boards" / "tiny-digits--adaptive--w4--strongest.csv")
+    plain = pd.read_csv(site / "boards" / "tiny-digits--adaptive--w4.csv").set_index("entry")
+    assert list(table.tpr_at_0_1pct_fpr) == sorted(table.tpr_at_0_1pct_fpr)
+    assert set(table.entry) == set(plain.index)
+    for row in table.itertuples():  # the figures are each result's strongest summary, not the headline attack's
+        name = "fp32--adaptive.json" if row.entry == "fp32" else "w4--adaptive.json"
+        result = load_result(site.parent / "submissions" / row.entry / "results" / "tiny-digits" / name)
+        assert row.tpr_at_0_1pct_fpr == pytest.approx(result.quantized.strongest.tpr_at_0_1pct_fpr.mean, abs=1e-12)
+        assert row.true_positives_0_1pct == result.quantized.strongest.tpr_at_0_1pct_fpr.true_positives
 
 
 def test_hostile_metadata_is_escaped_in_the_html(site: Path) -> None:
@@ -176,7 +190,9 @@ def test_every_page_in_chromium(site: Path, browser) -> None:
         if path.parent.name == "boards":
             rows = page.locator("table.board").first.locator("tbody tr").count()
             assert page.locator("svg.plot circle.point").count() == rows  # one point per entry
-            assert page.locator("svg.plot polyline.roc").count() == rows
+            # a ROC per entry for one attack; the strongest-attack view mixes attacks per target: no single ROC
+            strongest = path.name.endswith("--strongest.html")
+            assert page.locator("svg.plot polyline.roc").count() == (0 if strongest else rows)
             stem = path.name.removesuffix(".html")
             csv_table = pd.read_csv(path.parent / f"{stem}.csv")
             json_table = pd.DataFrame(json.loads((path.parent / f"{stem}.json").read_text()))

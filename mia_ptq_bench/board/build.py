@@ -23,7 +23,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from ..atomic import write_text_atomic
 from ..errors import BenchError
 from ..spec import load_task
-from .collect import Collected, collect
+from .collect import STRONGEST, Collected, collect
 from .rank import board, missing_references
 from .svg import Point, privacy_utility, roc_curves
 
@@ -86,28 +86,33 @@ def build_site(submissions: Path, out: Path) -> dict:
         threats = []
         for threat in spec.threat_models:
             boards = []
-            for plan in spec.plans:
-                table = board(rows, task_id, threat, plan, attack)
-                if table.empty:
-                    continue
-                missing = missing_references(table)
-                if missing:
-                    raise BenchError(f"board {task_id}/{threat}/{plan}: no result from the reference "
-                                     f"submission(s) {', '.join(missing)}; every board shows fp32 and rtn")
-                name = board_name(task_id, threat, plan)
-                _downloads(table, staging / "boards", name)
-                stale = rows[(rows.task == task_id) & (rows.threat_model == threat) & (rows.plan == plan)
-                             & (rows.attack == attack) & rows.stale]
-                title = f"{task_id} · {threat} · {plan}"
-                scatter = privacy_utility(_points(table), f"Privacy against utility: {title}", PLOT_FLOOR)
-                rocs = roc_curves([(r.display_name, r.roc_fpr, r.roc_tpr, bool(r.reference))
-                                   for r in table.itertuples()], f"ROC ({attack}): {title}")
-                page = env.get_template("board.html.j2").render(
-                    root="../", title=title, task=spec, threat=threat, plan=plan, attack=attack, name=name,
-                    table=table.to_dict("records"), stale=stale.to_dict("records"), scatter=scatter, rocs=rocs)
-                write_text_atomic(staging / "boards" / f"{name}.html", page)
-                boards.append({"plan": plan, "name": name, "table": table.to_dict("records")})
-            threats.append({"threat": threat, "boards": boards})
+            for view in (attack, STRONGEST):
+                for plan in spec.plans:
+                    table = board(rows, task_id, threat, plan, view)
+                    if table.empty:
+                        continue
+                    missing = missing_references(table)
+                    if missing:
+                        raise BenchError(f"board {task_id}/{threat}/{plan}: no result from the reference "
+                                         f"submission(s) {', '.join(missing)}; every board shows fp32 and rtn")
+                    name = board_name(task_id, threat, plan) + ("--strongest" if view == STRONGEST else "")
+                    _downloads(table, staging / "boards", name)
+                    stale = rows[(rows.task == task_id) & (rows.threat_model == threat) & (rows.plan == plan)
+                                 & (rows.attack == view) & rows.stale]
+                    shown = "the strongest attack per target" if view == STRONGEST else view
+                    title = f"{task_id} · {threat} · {plan}" + (" · strongest attack" if view == STRONGEST else "")
+                    scatter = privacy_utility(_points(table), f"Privacy against utility: {title}", PLOT_FLOOR)
+                    rocs = roc_curves([(r.display_name, r.roc_fpr, r.roc_tpr, bool(r.reference))
+                                       for r in table.itertuples()], f"ROC ({attack}): {title}") \
+                        if view != STRONGEST else None
+                    page = env.get_template("board.html.j2").render(
+                        root="../", title=title, task=spec, threat=threat, plan=plan, attack=shown, name=name,
+                        strongest=view == STRONGEST, table=table.to_dict("records"),
+                        stale=stale.to_dict("records"), scatter=scatter, rocs=rocs)
+                    write_text_atomic(staging / "boards" / f"{name}.html", page)
+                    boards.append({"plan": plan, "name": name, "view": view, "table": table.to_dict("records")})
+            threats.append({"threat": threat, "boards": [b for b in boards if b["view"] != STRONGEST],
+                            "strongest": [b for b in boards if b["view"] == STRONGEST]})
         tasks.append({"spec": spec, "attack": attack, "threats": threats})
 
     headline_attack = {t["spec"].id: t["attack"] for t in tasks}
@@ -133,7 +138,8 @@ def build_site(submissions: Path, out: Path) -> dict:
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
-    return {"boards": sum(len(th["boards"]) for t in tasks for th in t["threats"]), "entries": len(collected.submissions),
+    return {"boards": sum(len(th["boards"]) + len(th["strongest"]) for t in tasks for th in t["threats"]),
+            "entries": len(collected.submissions),
             "skipped": collected.skipped, "out": out}
 
 

@@ -20,10 +20,15 @@ class Collected:
     skipped: list[str] = field(default_factory=list)  # one line per submission left out, with the reason
 
 
+STRONGEST = "strongest"  # the board view ranked by each target's strongest strategy (metrics/select.py)
+
+
 def _row(name: str, spec: SubmissionSpec, result, attack: str, stale: bool) -> dict:
     q = result.quantized
-    summary = q.attacks[attack]
+    summary = q.strongest if attack == STRONGEST else q.attacks[attack]
     low, one = summary.tpr_at_0_1pct_fpr, summary.tpr_at_1pct_fpr
+    nan = float("nan")
+    auc = (nan, nan, nan) if attack == STRONGEST else (summary.auc.mean, summary.auc.ci_low, summary.auc.ci_high)
     return {
         "entry": name, "display_name": spec.display_name, "reference": name in REFERENCE_ENTRIES,
         "task": result.task.id, "task_version": result.task.version, "stale": stale,
@@ -35,8 +40,10 @@ def _row(name: str, spec: SubmissionSpec, result, attack: str, stale: bool) -> d
         "false_positives_0_1pct": low.false_positives, "negatives": low.negatives,
         "tpr_at_1pct_fpr": one.mean, "tpr_at_1pct_fpr_low": one.ci_low, "tpr_at_1pct_fpr_high": one.ci_high,
         "false_positives_1pct": one.false_positives,
-        "auc": summary.auc.mean, "auc_low": summary.auc.ci_low, "auc_high": summary.auc.ci_high,
-        "roc_fpr": list(q.roc_fpr_grid), "roc_tpr": list(summary.roc_tpr),
+        "auc": auc[0], "auc_low": auc[1], "auc_high": auc[2],
+        "roc_fpr": list(q.roc_fpr_grid) if attack != STRONGEST else [],
+        "roc_tpr": list(summary.roc_tpr) if attack != STRONGEST else [],
+        "strongest_chosen": ", ".join(f"{k} ({v})" for k, v in q.strongest.chosen.items()) if attack == STRONGEST else "",
         "quantizer_config": result.quantizer.config, "config_hash": result.quantizer.config_hash,
     }
 
@@ -61,6 +68,6 @@ def collect(root: Path) -> Collected:
                 skipped.append(f"{folder.name}: {path}: task {result.task.id!r} no longer exists")
                 continue
             stale = result.task.hash != current.hash
-            for attack in result.quantized.attacks:
+            for attack in [*result.quantized.attacks, STRONGEST]:
                 rows.append(_row(spec.name, spec, result, attack, stale))
     return Collected(pd.DataFrame(rows), specs, skipped)
