@@ -88,11 +88,16 @@ class RmiaSpec(Strict):
     gamma: float = Field(1.0, ge=1, description="x must beat a population sample's likelihood ratio by this factor")
 
 
+# Measured on digits-mlp (benchmarks/results/adaptive_shadows_*.txt): with 31 quantized shadows the adaptive
+# attacker's TPR@0.1%FPR equals that with all 63 (RMIA, fixed-variance LiRA), with 15 it keeps ~90%.
+DEFAULT_ADAPTIVE_SHADOWS = 31
+
+
 class AdaptiveSpec(Strict):
     shadows: int | None = Field(
         None, ge=1, description="quantized shadows per target for attackers that quantize theirs: pool models "
                                 "0..shadows are quantized and each target is attacked with the others; "
-                                "None = every other pool model")
+                                f"default {DEFAULT_ADAPTIVE_SHADOWS} (every other pool model in smaller pools)")
 
 
 class StrongestSpec(Strict):
@@ -169,7 +174,9 @@ class TaskSpec(Strict):
     def quantized_shadow_models(self) -> list[int]:
         """The pool models an attacker that quantizes its shadows quantizes (targets among them)."""
         shadows = self.adaptive.shadows
-        return list(range(self.membership.n_models if shadows is None else shadows + 1))
+        if shadows is None:
+            shadows = max(min(DEFAULT_ADAPTIVE_SHADOWS, self.membership.n_models - 1), self.targets.count - 1)
+        return list(range(shadows + 1))
 
     def canonical(self) -> dict:
         dumped = self.model_dump(mode="json")
