@@ -66,8 +66,9 @@ def candidate_threats(threat: ThreatModel, threats: list[ThreatModel]) -> list[T
     """The strategies an attacker of ``threat`` may choose among: the shadows of every threat model of
     ``threats`` (the task's) it knows enough for, and full-precision shadows always (they are the pool)."""
     run = {t.name for t in threats}
-    return [t for _, t in THREAT_MODELS.items()
-            if t.knowledge <= threat.knowledge and (t.shadows == "full-precision" or t.name in run)]
+    known = [t for _, t in THREAT_MODELS.items()
+             if t.knowledge <= threat.knowledge and (t.shadows == "full-precision" or t.name in run)]
+    return sorted(known, key=lambda t: t.knowledge)  # ties in the choice go to the less informed strategy
 
 
 @dataclass
@@ -83,8 +84,13 @@ def attack_targets(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, target
                    threat: ThreatModel, candidates: list[ThreatModel], shadows: dict[str, ShadowSet]) -> Attacked:
     """The task's attacks with ``threat``'s shadows, and per target the strongest strategy among ``candidates``
     chosen on shadow models alone (``metrics/select.py``)."""
-    memberships = {t.name: run_attacks(spec, keep, shadows[t.shadows], targets, target_scores) for t in candidates}
-    choices = choose_all(spec, keep, targets, {t.name: shadows[t.shadows] for t in candidates}, shadows[threat.shadows])
+    distinct: dict[str, ShadowSet] = {}  # at full precision every threat model's shadows are the pool: try them once
+    for t in candidates:
+        if all(other is not shadows[t.shadows] for other in distinct.values()):
+            distinct[t.name] = shadows[t.shadows]
+    computed = {name: run_attacks(spec, keep, s, targets, target_scores) for name, s in distinct.items()}
+    memberships = {t.name: next(computed[n] for n, s in distinct.items() if s is shadows[t.shadows]) for t in candidates}
+    choices = choose_all(spec, keep, targets, distinct, shadows[threat.shadows])
     chosen = np.stack([memberships[c.threat_model][c.attack][row] for row, c in enumerate(choices)])
     return Attacked(memberships[threat.name], choices, chosen)
 
