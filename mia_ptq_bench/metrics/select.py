@@ -86,13 +86,18 @@ def attack_targets(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, target
     chosen on shadow models alone (``metrics/select.py``)."""
     distinct: dict[str, ShadowSet] = {}  # at full precision every threat model's shadows are the pool: try them once
     for t in candidates:
-        if all(other is not shadows[t.shadows] for other in distinct.values()):
+        if not any(_same(other, shadows[t.shadows]) for other in distinct.values()):
             distinct[t.name] = shadows[t.shadows]
     computed = {name: run_attacks(spec, keep, s, targets, target_scores) for name, s in distinct.items()}
-    memberships = {t.name: next(computed[n] for n, s in distinct.items() if s is shadows[t.shadows]) for t in candidates}
+    memberships = {t.name: next(computed[n] for n, s in distinct.items() if _same(s, shadows[t.shadows]))
+                   for t in candidates}
     choices = choose_all(spec, keep, targets, distinct, shadows[threat.shadows])
     chosen = np.stack([memberships[c.threat_model][c.attack][row] for row, c in enumerate(choices)])
     return Attacked(memberships[threat.name], choices, chosen)
+
+
+def _same(a: ShadowSet, b: ShadowSet) -> bool:
+    return a is b or (np.array_equal(a.models, b.models) and np.array_equal(a.scores, b.scores))
 
 
 def evaluation_arrays(prefix: str, attacked: Attacked) -> dict[str, np.ndarray]:

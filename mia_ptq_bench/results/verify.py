@@ -55,8 +55,8 @@ def _saved_attacks(arrays: dict[str, np.ndarray], prefix: str, result: Result, w
 def _rerun(arrays: dict[str, np.ndarray], spec: TaskSpec, result: Result) -> tuple[Attacked, Attacked]:
     """Attacks and choices of the quantized and the reference evaluation, from the saved scores."""
     keep, targets = arrays["keep"], arrays["targets"]
-    names = sorted(k.split("__")[1] for k in arrays if k.startswith("shadows__") and k.endswith("__scores"))
-    candidates = [THREAT_MODELS.get(name) for name in names]
+    names = [k.split("__")[1] for k in arrays if k.startswith("shadows__") and k.endswith("__scores")]
+    candidates = sorted((THREAT_MODELS.get(name) for name in names), key=lambda t: t.knowledge)
     shadows = {t.shadows: ShadowSet(arrays[f"shadows__{t.name}__scores"], arrays[f"shadows__{t.name}__models"])
                for t in candidates}
     threat = THREAT_MODELS.get(result.threat_model)
