@@ -379,16 +379,16 @@ def leaderboard_build(
 @app.command()
 def findings(
     task: Annotated[str, typer.Option(help="task id")] = "digits-mlp",
-    out: Annotated[Path, typer.Option(help="markdown file to write")] = Path("docs/findings.md"),
+    out: Annotated[Path, typer.Option(help="markdown file to write; its figures go to figures/ beside it")] = Path("docs/findings.md"),
     submissions: Annotated[Path, typer.Option(help="submissions folder")] = Path("submissions"),
 ) -> None:
-    """Write the study's questions, answered from the committed results of one task, as markdown."""
+    """Write the study's questions, answered from the committed results of one task, with figures."""
     from .atomic import write_text_atomic
     from .findings import render
 
     def action() -> None:
-        write_text_atomic(out, render(submissions, task))
-        console.print(f"wrote {out}")
+        write_text_atomic(out, render(submissions, task, figures=out.parent / "figures", figures_link="figures"))
+        console.print(f"wrote {out} and its figures in {out.parent / 'figures'}")
 
     guarded(action)
 

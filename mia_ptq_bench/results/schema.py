@@ -51,7 +51,7 @@ class StrongestOnTarget(Strict):
 
     threat_model: str = Field(description="whose shadows: a threat model no better informed than the result's")
     attack: str
-    estimate: float = Field(description="mean TPR@0.1%FPR the attacker measured on its pseudo-targets")
+    estimate: float = Field(description="TPR@0.1%FPR the attacker measured on its pseudo-targets (one ROC)")
     tpr_at_0_1pct_fpr: LowFpr
     tpr_at_1pct_fpr: LowFpr
 

@@ -102,7 +102,8 @@ class AdaptiveSpec(Strict):
 
 class StrongestSpec(Strict):
     attacks: list[RegistryName] | None = Field(None, description="the attacks that count (default: all the task's)")
-    pseudo_targets: int = Field(4, ge=1, description="shadow models the attacker attacks itself to choose")
+    pseudo_targets: int = Field(8, ge=1, description="shadow models the attacker attacks itself to choose")
+    examples: int = Field(2000, ge=100, description="pool examples (a fixed subset) the pseudo-targets are attacked on")
 
 
 class CalibrationSpec(Strict):
