@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .errors import BenchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Membership-inference benchmark for post-training-quantized networks.")
 console = Console()
 errors = Console(stderr=True)
@@ -29,6 +29,20 @@ def guarded(action: Callable[[], T]) -> T:
     except BenchError as exc:
         errors.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"mia-ptq-bench {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="print the version and exit")] = False) -> None:
+    """Membership-inference benchmark for post-training-quantized networks."""
 
 
 def _split_list(text: Optional[str]) -> Optional[list[str]]:

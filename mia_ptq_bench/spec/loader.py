@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError
+from ..registry import did_you_mean
 from .schema import TaskSpec
 
 TASKS_ENV = "MPTQ_TASKS"
@@ -40,7 +41,8 @@ def resolve_task_path(ref: str | Path) -> Path:
     known = available_tasks()
     if str(ref) not in known:
         names = ", ".join(sorted(known)) or "none"
-        raise SpecError(f"unknown task {str(ref)!r}; known tasks: {names} (or give a path to a .yaml file)")
+        raise SpecError(f"unknown task {str(ref)!r}{did_you_mean(str(ref), known)}; known tasks: {names} "
+                        "(or give a path to a .yaml file)")
     return known[str(ref)]
 
 

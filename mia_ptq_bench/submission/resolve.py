@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BenchError, UnknownNameError
+from ..registry import did_you_mean
 from ..quantize.base import QUANTIZERS
 from ..quantize.plugins import ENTRY_POINT_GROUP, Found, discover_installed, entry_points, load_import_path, \
     resolve_installed
@@ -47,8 +48,9 @@ def resolve(name: str, submissions: Path = DEFAULT_SUBMISSIONS) -> Found:
     if (folder / METADATA).is_file():
         return submission_quantizer(folder)
     submitted = sorted(p.parent.name for p in Path(submissions).glob(f"*/{METADATA}"))
+    hint = did_you_mean(name, [*QUANTIZERS, *entry_points(), *submitted])
     raise UnknownNameError(
-        f"unknown quantizer {name!r}; looked in the registry ({', '.join(QUANTIZERS) or 'empty'}), "
+        f"unknown quantizer {name!r}{hint}; looked in the registry ({', '.join(QUANTIZERS) or 'empty'}), "
         f"entry points '{ENTRY_POINT_GROUP}' ({', '.join(sorted(entry_points())) or 'none'}), "
         f"and {submissions}/*/{METADATA} ({', '.join(submitted) or 'none'}); "
         "or pass package.module:Class or file.py:Class"
