@@ -58,12 +58,19 @@ def resolve(name: str, submissions: Path = DEFAULT_SUBMISSIONS) -> Found:
 
 
 def discover(submissions: Path = DEFAULT_SUBMISSIONS) -> list[tuple[str, str, str]]:
-    """Every quantizer that can be found without running submitted code: installed ones, then submissions."""
-    rows = discover_installed()
+    """Every quantizer that can be found without running submitted code, one row per name, saying which
+    one ``evaluate NAME`` uses: an installed one comes first; a submission folder of the same name (the
+    built-ins' published results) is named beside it."""
+    rows = {name: (name, source, doc) for name, source, doc in discover_installed()}
     for path in sorted(Path(submissions).glob(f"*/{METADATA}")):
         try:
             spec = load_submission(path.parent)
-            rows.append((spec.name, f"submission {path.parent}", spec.display_name))
+            name, source, doc = spec.name, f"submission {path.parent}", spec.display_name
         except BenchError as exc:
-            rows.append((path.parent.name, f"submission {path.parent} (invalid)", str(exc).splitlines()[0]))
-    return rows
+            name, source, doc = path.parent.name, f"submission {path.parent} (invalid)", str(exc).splitlines()[0]
+        if name in rows:
+            installed = rows[name]
+            rows[name] = (name, f"{installed[1]} (used by evaluate); results in {path.parent}", installed[2])
+        else:
+            rows[name] = (name, source, doc)
+    return list(rows.values())
