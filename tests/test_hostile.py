@@ -212,7 +212,7 @@ def test_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
     (b"name: a\nname: b\n", "submission.yaml:2: not valid YAML: duplicate key 'name'"),
     (b"quantizer: !!python/object/apply:os.system [echo hi]\n", "submission.yaml:1: not valid YAML:"),
     (b"quantizer: {builtin: rtn, config: {when: 2024-01-01}}\n", "quantizer.config: Value error, when: date is not plain data"),
-])
+], ids=["latin-1", "deep", "large", "duplicate-key", "python-tag", "timestamp"])
 def test_bad_submission_yaml_is_one_line(tmp_path: Path, text: bytes, reason: str) -> None:
     _folder(tmp_path / "subs", "x", text)
     result = cli.invoke(app, ["validate", str(tmp_path / "subs")])

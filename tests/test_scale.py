@@ -224,6 +224,7 @@ def _nothing_installed(cache: Path) -> bool:
 
 
 @pytest.mark.parametrize("name", ["../../blobs/evilblob", "models/../../../blobs/evilblob", "/tmp/evilblob",
+                                  "../../../../../../../../etc/hostname",
                                   "models/./model-0000.json", "models\\evil"])
 def test_manifest_names_must_be_plain_files_of_the_pool(hub_cache: dict, tmp_path: Path, name: str) -> None:
     snapshot = hub_cache["snapshot"]
