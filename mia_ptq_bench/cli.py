@@ -11,14 +11,18 @@ from typing import Annotated, Optional, TypeVar
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import BenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Membership-inference benchmark for post-training-quantized networks.")
-console = Console()
-errors = Console(stderr=True)
+# User text (file names, display names, error messages quoting input) is printed through ``escape``: a name
+# such as '[/]' must print as itself, not crash rich's markup parser; and emoji codes stay off, so that
+# 'nosuch.py:x:' is not rendered as an emoji.
+console = Console(emoji=False)
+errors = Console(stderr=True, emoji=False)
 T = TypeVar("T")
 
 
@@ -27,7 +31,7 @@ def guarded(action: Callable[[], T]) -> T:
     try:
         return action()
     except BenchError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -117,16 +121,16 @@ def evaluate(
         shown = attack or spec.attacks[0]
         if shown not in spec.attacks:
             raise BenchError(f"--attack {shown!r} is not among the task's attacks: {', '.join(spec.attacks)}")
-        console.print(f"[bold]{spec.id}[/] v{spec.version} (task hash {spec.hash[:12]}) · quantizer "
-                      f"[bold]{chosen.name}[/] · device {options.device}")
+        console.print(f"[bold]{escape(spec.id)}[/] v{spec.version} (task hash {spec.hash[:12]}) · quantizer "
+                      f"[bold]{escape(str(chosen.name))}[/] · device {escape(str(options.device))}", highlight=False)
         with RichProgress(console) as progress:
             outcome = run_evaluate(chosen, spec, _split_list(plans), _split_list(threat_models), options, progress)
         console.print(results_table(outcome.results, shown))
         console.print(attacks_table(outcome.results))
         for path in outcome.paths:
-            console.print(f"wrote {path}")
+            console.print(f"wrote {escape(str(path))}", highlight=False)
         if submission:
-            console.print(f"wrote {write_manifest(submission)}")
+            console.print(f"wrote {escape(str(write_manifest(submission)))}", highlight=False)
 
     guarded(action)
 
@@ -145,8 +149,9 @@ def tasks(plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="
         for path in available_tasks().values():
             spec = load_task(path)
             width = "" if spec.model.width == 1 else f" ×{spec.model.width:g}"
-            table.add_row(spec.id, str(spec.version), spec.model.arch + width,
-                          f"{spec.membership.n_models}/{spec.targets.count}", spec.hash[:8], " ".join(spec.plans))
+            table.add_row(*map(escape, (spec.id, str(spec.version), spec.model.arch + width,
+                                        f"{spec.membership.n_models}/{spec.targets.count}", spec.hash[:8],
+                                        " ".join(spec.plans))))
         console.print(table)
 
     guarded(action)
@@ -166,7 +171,7 @@ def quantizers(
     for column in ("name", "source", "description"):
         table.add_column(column, no_wrap=column == "name")
     for name, source, description in discover(submissions):
-        table.add_row(name, source, description)
+        table.add_row(escape(str(name)), escape(str(source)), escape(str(description)))
     console.print(table)
 
 
@@ -183,6 +188,9 @@ def validate(
 
     Submitted code is never imported or run.
     """
+    from .budget import Machine, check_budget
+    from .cache import default_cache_dir
+    from .environment import default_device
     from .results.verify import verify_result
     from .runner import check_task
     from .spec import load_task
@@ -195,24 +203,34 @@ def validate(
         if path.is_dir():
             for folder, problems in submission_problems(path).items():
                 for line in problems:
-                    errors.print(f"[bold red]invalid:[/] {line}", highlight=False, soft_wrap=True)
+                    errors.print(f"[bold red]invalid:[/] {escape(line)}", highlight=False, soft_wrap=True)
                 if problems:
                     failures += 1
                 else:
-                    console.print(f"[green]ok[/] {folder}")
+                    console.print(f"[green]ok[/] {escape(str(folder))}", highlight=False)
             continue
         try:
+            note = None
             if path.suffix in (".yaml", ".yml"):
-                check_task(load_task(path), str(path))
+                spec = load_task(path)
+                check_task(spec, str(path))
+                # the task's cost on this machine, estimated without training; refused when absurd here
+                device, cache = default_device(), default_cache_dir()
+                budget = check_budget(spec, device, cache, source=str(path))
+                note = (budget.summary(Machine.current(device, cache)) if budget is not None else
+                        f"not estimated: dataset {spec.dataset.name!r} registers no shape in "
+                        "mia_ptq_bench.data.DATASET_SHAPES (evaluate estimates it once the data is loaded)")
             elif path.suffix == ".json":
                 verify_result(path, arrays_required=not recompute)
             else:
                 raise BenchError(f"{path}: not a task (.yaml) or result (.json) file")
-            console.print(f"[green]ok[/] {path}")
+            console.print(f"[green]ok[/] {escape(str(path))}", highlight=False)
+            if note:
+                console.print(f"  budget: {escape(note)}", highlight=False, soft_wrap=True)
         except BenchError as exc:
             failures += 1
             for line in str(exc).splitlines():
-                errors.print(f"[bold red]invalid:[/] {line}", highlight=False, soft_wrap=True)
+                errors.print(f"[bold red]invalid:[/] {escape(line)}", highlight=False, soft_wrap=True)
     if recompute and not failures:
         failures += _recompute_all(files, _cache_dir(cache_dir), data_root, download)
     if failures:
@@ -303,7 +321,7 @@ def pool_push(
     def action() -> None:
         spec = load_task(task)
         commit = push_pool(PoolStore(_cache_dir(cache_dir), spec), repo, private)
-        console.print(f"pushed the pool of {spec.id} to {repo} at commit {commit}")
+        console.print(escape(f"pushed the pool of {spec.id} to {repo} at commit {commit}"), highlight=False)
 
     guarded(action)
 
@@ -322,8 +340,9 @@ def pool_pull(
     def action() -> None:
         spec = load_task(task)
         source = pull_pool(spec, _cache_dir(cache_dir), repo, revision)
-        console.print(f"pulled the pool of {spec.id} from {source.repo} at commit {source.revision}; "
-                      f"pin it in the task with hub: {{repo: {source.repo}, revision: {source.revision}}}")
+        console.print(escape(f"pulled the pool of {spec.id} from {source.repo} at commit {source.revision}; "
+                             f"pin it in the task with hub: {{repo: {source.repo}, revision: {source.revision}}}"),
+                      highlight=False)
 
     guarded(action)
 
@@ -344,11 +363,11 @@ def cache_list(cache_dir: Annotated[Optional[Path], typer.Option(help="cache fol
     from .cache_admin import list_cache
 
     folder = _cache_dir(cache_dir)
-    table = Table(title=f"cache: {folder}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=f"cache: {escape(str(folder))}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("kind", "task", "what", "size"):
         table.add_column(column, justify="right" if column == "size" else "left")
     for entry in list_cache(folder):
-        table.add_row(entry.kind, entry.task, entry.detail, f"{entry.bytes / 2**20:.1f} MiB")
+        table.add_row(escape(entry.kind), escape(entry.task), escape(entry.detail), f"{entry.bytes / 2**20:.1f} MiB")
     console.print(table)
 
 
@@ -362,7 +381,7 @@ def cache_clear(
     from .cache_admin import clear_cache
 
     if kind not in ("pool", "quantized", "all"):
-        errors.print(f"[bold red]error:[/] unknown kind {kind!r}; choose pool, quantized or all")
+        errors.print(f"[bold red]error:[/] unknown kind {escape(repr(kind))}; choose pool, quantized or all")
         raise typer.Exit(2)
     removed = clear_cache(_cache_dir(cache_dir), kind, task)
     console.print(f"removed {len(removed)} entries ({sum(e.bytes for e in removed) / 2**20:.1f} MiB)")
@@ -383,9 +402,9 @@ def leaderboard_build(
     def action() -> None:
         summary = build_site(submissions, out)
         for line in summary["skipped"]:
-            errors.print(f"[yellow]left out:[/] {line}", highlight=False, soft_wrap=True)
-        console.print(f"built {summary['boards']} boards and {summary['entries']} entry pages into "
-                      f"{summary['out']}/index.html")
+            errors.print(f"[yellow]left out:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        console.print(escape(f"built {summary['boards']} boards and {summary['entries']} entry pages into "
+                             f"{summary['out']}/index.html"), highlight=False)
 
     guarded(action)
 
@@ -402,7 +421,8 @@ def findings(
 
     def action() -> None:
         write_text_atomic(out, render(submissions, task, figures=out.parent / "figures", figures_link="figures"))
-        console.print(f"wrote {out} and its figures in {out.parent / 'figures'}")
+        console.print(f"wrote {escape(str(out))} and its figures in {escape(str(out.parent / 'figures'))}",
+                      highlight=False)
 
     guarded(action)
 
@@ -415,7 +435,7 @@ def schema(kind: Annotated[str, typer.Argument(help="result or task")] = "result
 
     models = {"result": Result, "task": TaskSpec}
     if kind not in models:
-        errors.print(f"[bold red]error:[/] unknown schema {kind!r}; choose result or task")
+        errors.print(f"[bold red]error:[/] unknown schema {escape(repr(kind))}; choose result or task")
         raise typer.Exit(2)
     sys.stdout.write(json.dumps(models[kind].model_json_schema(), indent=2) + "\n")
 

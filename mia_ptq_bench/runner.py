@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import ensure_writable
 from .attack import ATTACKS, THREAT_MODELS, ShadowSet, ThreatModel
+from .budget import check_budget
 from .cache import default_cache_dir
 from .context import RunContext
 from .data import DATASETS
@@ -150,10 +152,17 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
     # The strategies an attacker chooses among come from the task, not from which results this run writes.
     known_threats = resolve_threat_models(spec, None) + threats
 
+    # What is known to fail is refused before any work: folders that cannot be written, a budget beyond this machine.
+    ensure_writable(result_path(options.out_dir, spec.id, quantizer.name if options.per_quantizer_folder else None,
+                                "plan", "threat").parent, "results folder")
+    ensure_writable(Path(options.cache_dir), "cache folder")
+
     # 2. pool
     started_wall = time.time()
     context = RunContext(spec, Path(options.cache_dir), options.data_root, options.download, options.device,
                          extensions=options.extensions)
+    check_budget(spec, options.device, options.cache_dir, plans=[str(p) for p in plan_list],
+                 threat_models=[t.name for t in threats], dataset=context.dataset)
     pool = prepare_pool(context, options, progress)
     test = context.remember("test", evaluation_test_split(spec.calibration, pool.dataset))
     targets = np.arange(spec.targets.count)

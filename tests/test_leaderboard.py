@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from io import StringIO
@@ -143,14 +144,42 @@ def test_workflows_are_valid_and_safe() -> None:
         check = subprocess.run(["check-jsonschema", "--builtin-schema", "vendor.github-workflows",
                                 *map(str, workflows.glob("*.yml"))], capture_output=True, text=True, timeout=120)
         assert check.returncode == 0, check.stdout + check.stderr
-    validate = yaml.safe_load((workflows / "validate-submission.yml").read_text())
+    loaded = {p.name: yaml.safe_load(p.read_text()) for p in workflows.glob("*.yml")}
+    validate = loaded["validate-submission.yml"]
     triggers = validate[True]  # YAML reads the key `on` as True
     assert "pull_request" in triggers and "pull_request_target" not in triggers
-    assert validate["permissions"] == {"contents": "read"}
     steps = " ".join(str(s.get("run", "")) for s in validate["jobs"]["validate"]["steps"])
     assert "mptq-bench validate submissions/" in steps and "evaluate" not in steps
     assert "bash .ci/run" in (workflows / "tests.yml").read_text()
     assert "leaderboard build" in (workflows / "pages.yml").read_text()
+    for name, workflow in loaded.items():
+        # least privilege: nothing for the workflow, each job states its own
+        assert workflow["permissions"] == {}, name
+        for job_name, job in workflow["jobs"].items():
+            granted = job.get("permissions")
+            assert isinstance(granted, dict), f"{name}: job {job_name} states no permissions"
+            writes = {k for k, v in granted.items() if v == "write"}
+            if job_name == "deploy":
+                assert granted == {"pages": "write", "id-token": "write"}, name
+                assert "run" not in " ".join(map(str, job["steps"])), "the deploying job runs no repository code"
+            else:
+                assert writes == set() and granted.get("id-token") is None, f"{name}: {job_name} may write {writes}"
+            for step in job["steps"]:
+                uses = step.get("uses")
+                if uses is None:
+                    continue
+                action, _, ref = uses.partition("@")
+                # pinned by full commit SHA, the tag it stands for in a comment beside it
+                assert re.fullmatch(r"[0-9a-f]{40}", ref), f"{name}: {uses} is not pinned to a commit SHA"
+                line = next(line for line in (workflows / name).read_text().splitlines() if uses in line)
+                assert re.search(r"# v\d+\.\d+\.\d+$", line), f"{name}: {uses} has no tag comment"
+                if action == "actions/checkout":
+                    assert step.get("with", {}).get("persist-credentials") is False, f"{name}: checkout keeps the token"
+    pages = loaded["pages.yml"]
+    # deploy only from main: a workflow_dispatch on another branch must not publish its site
+    for job_name in ("build", "deploy"):
+        assert pages["jobs"][job_name]["if"] == "github.ref == 'refs/heads/main'"
+    assert pages["jobs"]["deploy"]["needs"] == "build"
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +250,21 @@ def test_hostile_entry_renders_inert_in_chromium(site: Path, browser) -> None:
     assert EVIL in page.locator("h1").inner_text()
     assert page.locator("a[href^='javascript']").count() == 0
     page.close()
+
+
+@pytest.mark.parametrize("cell, written", [
+    ('=HYPERLINK("http://evil","x")', "'=HYPERLINK(\"http://evil\",\"x\")"), ("+1+1", "'+1+1"), ("-2+3", "'-2+3"),
+    ("@SUM(A1)", "'@SUM(A1)"), ("\tx", "'\tx"), ("\rx", "'\rx"), ("plain", "plain"), ("a=b", "a=b"),
+])
+def test_csv_cells_never_start_a_formula(tmp_path: Path, cell: str, written: str) -> None:
+    from mia_ptq_bench.board.build import _downloads
+
+    table = pd.DataFrame({"display_name": [cell], "tpr": [-0.5], "rank": [1], "reference": [True],
+                          "quantizer_config": [{"=k": "-v"}]})
+    _downloads(table, tmp_path, "board")
+    back = pd.read_csv(tmp_path / "board.csv", keep_default_na=False)
+    assert len(back) == 1 and back.display_name[0] == written  # a CR inside a cell does not split the row
+    # numbers stay numbers (a negative one is not text to neutralise), booleans stay booleans
+    assert back.tpr[0] == -0.5 and back["rank"][0] == 1 and bool(back.reference[0]) is True
+    assert back.quantizer_config[0] == '{"=k": "-v"}'
+    assert json.loads((tmp_path / "board.json").read_text())[0]["display_name"] == cell  # JSON keeps the text

@@ -170,7 +170,7 @@ def test_batchnorm_models_train_sequentially() -> None:
 
     assert not can_stack(init_model(spec, data, 0))
     pool = build_pool(spec, data, Path(__import__("tempfile").mkdtemp()))
-    assert pool.scores.shape == (4, 300, 2) and np.isfinite(pool.scores).all()
+    assert pool.scores.shape == (8, 300, 2) and np.isfinite(pool.scores).all()
 
 
 @pytest.mark.slow

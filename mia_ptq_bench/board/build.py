@@ -21,7 +21,7 @@ import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from ..atomic import write_text_atomic
-from ..errors import BenchError
+from ..errors import BenchError, WriteError
 from ..spec import load_task
 from .collect import STRONGEST, Collected, collect
 from .rank import board, missing_references
@@ -56,15 +56,47 @@ def _points(table: pd.DataFrame) -> list[Point]:
             for r in table.itertuples()]
 
 
+# A text cell starting with one of these is a formula to a spreadsheet: '=HYPERLINK("http://evil", "x")' as a
+# display name would be a live link (or worse) in whoever opens the CSV (OWASP: CSV injection).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: object) -> object:
+    """A CSV cell that no spreadsheet evaluates: text (and lists/mappings, written as JSON) starting with a
+    formula character gets a leading apostrophe; numbers, booleans and missing values stay as they are."""
+    if isinstance(value, (dict, list, tuple)):
+        value = json.dumps(value, sort_keys=True)
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
 def _downloads(table: pd.DataFrame, folder: Path, name: str) -> None:
     """``name``.csv and ``name``.json (names hold dots, as in w1.58: no Path.with_suffix here)."""
     flat = table.drop(columns=[c for c in ("roc_fpr", "roc_tpr") if c in table.columns])
-    write_text_atomic(folder / f"{name}.csv", flat.to_csv(index=False))
+    # Numbers and booleans are never touched; text may be object or pandas' string dtype, so test for numbers.
+    text_columns = [c for c in flat.columns if not pd.api.types.is_numeric_dtype(flat[c])]
+    # CRLF line ends (RFC 4180) also make the writer quote a text cell holding a bare CR, which would split the row
+    write_text_atomic(folder / f"{name}.csv", flat.assign(**{c: flat[c].map(csv_safe) for c in text_columns})
+                      .to_csv(index=False, lineterminator="\r\n"))
     write_text_atomic(folder / f"{name}.json", flat.to_json(orient="records", indent=1) + "\n")
 
 
 def build_site(submissions: Path, out: Path) -> dict:
-    """Render the whole site into ``out`` (replaced); returns a summary for the CLI."""
+    """Render the whole site into ``out`` (replaced); returns a summary for the CLI.
+
+    A folder that cannot be written (read-only, full disk) is one WriteError naming it; the previous site
+    stays in place until the new one is whole.
+    """
+    try:
+        return _build_site(Path(submissions), Path(out))
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise WriteError(f"{exc.filename or out}: cannot write the site: {exc.strerror or exc}") from None
+
+
+def _build_site(submissions: Path, out: Path) -> dict:
     collected: Collected = collect(submissions)
     if collected.rows.empty:
         raise BenchError(f"{submissions}: no valid results to build a leaderboard from"
@@ -92,9 +124,11 @@ def build_site(submissions: Path, out: Path) -> dict:
                     if table.empty:
                         continue
                     missing = missing_references(table)
-                    if missing:
-                        raise BenchError(f"board {task_id}/{threat}/{plan}: no result from the reference "
-                                         f"submission(s) {', '.join(missing)}; every board shows fp32 and rtn")
+                    if missing:  # a board is only published beside its references: leave this one out, say why
+                        collected.skipped.append(f"board {task_id}/{threat}/{plan}: no result from the reference "
+                                                 f"submission(s) {', '.join(missing)}; every board shows fp32 "
+                                                 "and rtn")
+                        continue
                     name = board_name(task_id, threat, plan) + ("--strongest" if view == STRONGEST else "")
                     _downloads(table, staging / "boards", name)
                     stale = rows[(rows.task == task_id) & (rows.threat_model == threat) & (rows.plan == plan)
@@ -115,6 +149,9 @@ def build_site(submissions: Path, out: Path) -> dict:
                             "strongest": [b for b in boards if b["view"] == STRONGEST]})
         tasks.append({"spec": spec, "attack": attack, "threats": threats})
 
+    if not any(th["boards"] for t in tasks for th in t["threats"]):
+        raise BenchError(f"{submissions}: no board can be built: "
+                         + "; ".join(line for line in collected.skipped if line.startswith("board "))[:2000])
     headline_attack = {t["spec"].id: t["attack"] for t in tasks}
     for name, spec in collected.submissions.items():
         mine = rows[(rows.entry == name)].sort_values(["task", "threat_model", "plan", "attack"])

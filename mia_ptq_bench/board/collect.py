@@ -11,6 +11,7 @@ from ..errors import BenchError
 from ..results.io import load_result
 from ..spec import load_task
 from ..submission import REFERENCE_ENTRIES, SubmissionSpec, find_submissions, load_submission, validate_submission
+from ..submission.validate import expected_results
 
 
 @dataclass
@@ -49,25 +50,30 @@ def _row(name: str, spec: SubmissionSpec, result, attack: str, stale: bool) -> d
 
 
 def collect(root: Path) -> Collected:
-    """Load every submission that validates; an invalid one is skipped with its first problem."""
+    """Load every submission that validates; an invalid one is skipped with its first problem.
+
+    Only what ``validate`` accepted is read, and only the expected result files of the tasks a submission
+    lists; anything that still fails to load skips its submission with one line, never the whole build.
+    """
     rows, specs, skipped = [], {}, []
     for folder in find_submissions(root):
         problems = [p for p in validate_submission(folder) if "task.hash: stale" not in p]
         if problems:
             skipped.append(f"{folder.name}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
             continue
-        spec = load_submission(folder)
+        try:
+            spec = load_submission(folder)
+            mine = []
+            for task_id in spec.tasks:
+                current = load_task(task_id)
+                for plan, threat in expected_results(task_id, ["fp32"] if spec.quantizer.builtin == "fp32" else None):
+                    result = load_result(folder / "results" / task_id / f"{plan}--{threat}.json")
+                    stale = result.task.hash != current.hash
+                    mine += [_row(spec.name, spec, result, attack, stale)
+                             for attack in [*result.quantized.attacks, STRONGEST]]
+        except (BenchError, ValueError, KeyError, TypeError, IndexError) as exc:  # validated, yet unreadable
+            skipped.append(f"{folder.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            continue
         specs[spec.name] = spec
-        for path in sorted((folder / "results").rglob("*.json")):
-            if path.name == "MANIFEST.json":
-                continue
-            result = load_result(path)
-            try:
-                current = load_task(result.task.id)
-            except BenchError:
-                skipped.append(f"{folder.name}: {path}: task {result.task.id!r} no longer exists")
-                continue
-            stale = result.task.hash != current.hash
-            for attack in [*result.quantized.attacks, STRONGEST]:
-                rows.append(_row(spec.name, spec, result, attack, stale))
+        rows += mine
     return Collected(pd.DataFrame(rows), specs, skipped)

@@ -25,7 +25,8 @@ def pareto_front(accuracy: pd.Series, leakage: pd.Series) -> pd.Series:
 def board(rows: pd.DataFrame, task: str, threat: str, plan: str, attack: str) -> pd.DataFrame:
     """Current results at ``plan`` plus the full-precision reference, ranked (lower TPR@0.1%FPR leaks less)."""
     current = rows[(rows.task == task) & (rows.threat_model == threat) & (rows.attack == attack) & ~rows.stale]
-    table = current[(current.plan == plan) | (current.plan == "fp32")].copy()
+    # The full-precision row comes from the reference entry only (validate refuses fp32 results elsewhere).
+    table = current[(current.plan == plan) | ((current.plan == "fp32") & current.entry.isin(REFERENCE_ENTRIES))].copy()
     if table.empty:
         return table.reindex(columns=BOARD_COLUMNS)
     table = table.sort_values(["tpr_at_0_1pct_fpr", "test_accuracy", "entry"], ascending=[True, False, True])

@@ -18,6 +18,8 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, int, int], num_classes:
         return factory(input_shape, num_classes, width=spec.width, **spec.options)
     except TypeError as exc:
         raise SpecError(f"model.options: {spec.arch} does not accept these options: {exc}") from None
+    except ValueError as exc:  # an extension's factory refusing its options
+        raise SpecError(f"model.options: {spec.arch} refuses these options: {exc}") from None
 
 
 __all__ = ["BLOCKS", "MODELS", "QUANTIZABLE", "build_model", "quantizable_layers"]

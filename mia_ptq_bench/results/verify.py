@@ -69,6 +69,42 @@ def _rerun(arrays: dict[str, np.ndarray], spec: TaskSpec, result: Result) -> tup
     return quantized, reference
 
 
+def _check_arrays(path: Path, arrays: dict[str, np.ndarray], result: Result) -> None:
+    """Every array the numbers are recomputed from is present, numeric and of consistent shape.
+
+    The arrays come with a submission: a missing key or a mismatched shape is one line here, not an
+    IndexError deep inside the metrics.
+    """
+    attacks = [(f"membership__{a}", "float") for a in result.quantized.attacks]
+    attacks += [(f"reference_membership__{a}", "float") for a in result.reference.attacks]
+    attacks += [("strongest_membership", "float"), ("reference_strongest_membership", "float")]
+    wanted = [("keep", "bool"), ("targets", "int"), ("test_labels", "int"), ("test_predictions", "int"),
+              ("reference_test_predictions", "int"), ("target_scores", "float"), ("reference_scores", "float"),
+              *attacks]
+    kinds = {"bool": "b", "int": "iu", "float": "fiu"}
+    for key, kind in wanted:
+        if key not in arrays:
+            raise BenchError(f"{path}: arrays: {key} is missing from {result.arrays.file}")
+        if arrays[key].dtype.kind not in kinds[kind]:
+            raise BenchError(f"{path}: arrays: {key} holds {arrays[key].dtype}, expected {kind} values")
+    keep, targets, labels = arrays["keep"], arrays["targets"], arrays["test_labels"]
+    if keep.ndim != 2 or targets.ndim != 1 or labels.ndim != 1:
+        raise BenchError(f"{path}: arrays: keep must be (models, examples), targets and test_labels one-dimensional")
+    n_models, n_examples = keep.shape
+    if targets.size and (targets.min() < 0 or targets.max() >= n_models):
+        raise BenchError(f"{path}: arrays: targets must be pool model indices below {n_models}")
+    shapes = {key: (targets.size, n_examples) for key, _ in attacks}
+    shapes.update(test_predictions=(targets.size, labels.size), reference_test_predictions=(targets.size, labels.size))
+    for key, shape in shapes.items():
+        if arrays[key].shape != shape:
+            raise BenchError(f"{path}: arrays: {key} has shape {arrays[key].shape}, expected {shape} "
+                             "(targets x examples, or targets x test images)")
+    for key in ("target_scores", "reference_scores"):
+        if arrays[key].ndim != 3 or arrays[key].shape[:2] != (targets.size, n_examples):
+            raise BenchError(f"{path}: arrays: {key} has shape {arrays[key].shape}, expected "
+                             f"({targets.size}, {n_examples}, queries)")
+
+
 def verify_result(path: Path, arrays_required: bool = True) -> Result:
     """Raise BenchError naming the file and field of the first kind of problem found.
 
@@ -82,6 +118,7 @@ def verify_result(path: Path, arrays_required: bool = True) -> Result:
     if not arrays_required and not (Path(path).parent / result.arrays.file).is_file():
         return result
     arrays = load_arrays(path, result)
+    _check_arrays(path, arrays, result)
     try:
         spec = load_task(result.task.id)
     except BenchError:

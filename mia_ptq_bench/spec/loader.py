@@ -7,10 +7,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError
+from ..limits import TASK_YAML_BYTES
+from ..readers import read_yaml_file
 from ..registry import did_you_mean
 from .schema import TaskSpec
 
@@ -46,17 +47,9 @@ def resolve_task_path(ref: str | Path) -> Path:
     return known[str(ref)]
 
 
-def read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+def read_yaml(path: Path, max_bytes: int = TASK_YAML_BYTES, follow_symlinks: bool = True) -> Any:
+    """A YAML file as plain data: bounded in size and nesting, UTF-8, no anchors or aliases (readers.py)."""
+    return read_yaml_file(Path(path), max_bytes, follow_symlinks)
 
 
 def format_validation_error(source: str, error: ValidationError) -> str:
@@ -68,9 +61,15 @@ def format_validation_error(source: str, error: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             reason = "unknown field"
         got = item.get("input")
-        shown = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        shown = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {_short(got)})"
         lines.append(f"{source}: {field}: {reason}{shown}")
     return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A value quoted in an error line, cut short: the line names the problem, it does not echo the input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def validate_document(model: type[BaseModel], data: Any, source: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BenchError
+from ..limits import SUBMISSION_YAML_BYTES
 from ..spec.loader import read_yaml, validate_document
 from .schema import SubmissionSpec
 
@@ -13,7 +14,9 @@ METADATA = "submission.yaml"
 
 def load_submission(folder: Path) -> SubmissionSpec:
     path = Path(folder) / METADATA
-    spec: SubmissionSpec = validate_document(SubmissionSpec, read_yaml(path), str(path))
+    # a pull request's file: bounded, and never a symbolic link (it could point anywhere on the machine)
+    data = read_yaml(path, SUBMISSION_YAML_BYTES, follow_symlinks=False)
+    spec: SubmissionSpec = validate_document(SubmissionSpec, data, str(path))
     if spec.name != Path(folder).name:
         raise BenchError(f"{path}: name: {spec.name!r} must equal the folder name {Path(folder).name!r}")
     return spec
