@@ -274,6 +274,7 @@ def reproduce(
     download: Annotated[bool, typer.Option(help="allow downloading a missing dataset with torchvision")] = False,
     plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="extension module or .py file (repeatable)")] = None,
     show: Annotated[str, typer.Option(help="rows to print: failed, headline or all")] = "headline",
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="only the results of this task (repeatable)")] = None,
 ) -> None:
     """Rerun committed results on this machine; compare every headline number with the committed one.
 
@@ -292,7 +293,7 @@ def reproduce(
         if device is not None:
             options.device = device
         with RichProgress(console) as progress:
-            outcomes = run_reproduce(paths, options, progress)
+            outcomes = run_reproduce(paths, options, progress, tasks=task)
         console.print(reproduction_table(outcomes, show))
         failed = [o for o in outcomes if not o.ok]
         console.print(f"{len(outcomes) - len(failed)} of {len(outcomes)} results reproduced within tolerance")
@@ -395,18 +396,42 @@ app.add_typer(leaderboard_app, name="leaderboard")
 def leaderboard_build(
     out: Annotated[Path, typer.Option(help="folder for the built site (replaced)")] = Path("site"),
     submissions: Annotated[Path, typer.Option(help="submissions folder")] = Path("submissions"),
+    recompute: Annotated[bool, typer.Option(help="recompute every result from its committed quantized weights and label "
+                                                 "it recomputed or self-reported; leave out what disagrees")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder for --recompute")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="dataset folder for --recompute")] = None,
+    download: Annotated[bool, typer.Option(help="allow downloading a missing dataset for --recompute")] = False,
 ) -> None:
     """Render every validated result under submissions/ into a static site."""
     from .board.build import build_site
 
     def action() -> None:
-        summary = build_site(submissions, out)
+        if not submissions.is_dir():
+            raise BenchError(f"{submissions}: no such folder (give --submissions the folder that holds the "
+                             "submission folders)")
+        checks = _site_checks(submissions, _cache_dir(cache_dir), data_root, download) if recompute else None
+        summary = build_site(submissions, out, checks)
         for line in summary["skipped"]:
             errors.print(f"[yellow]left out:[/] {escape(line)}", highlight=False, soft_wrap=True)
         console.print(escape(f"built {summary['boards']} boards and {summary['entries']} entry pages into "
                              f"{summary['out']}/index.html"), highlight=False)
 
     guarded(action)
+
+
+def _site_checks(submissions: Path, cache_dir: Path, data_root: Optional[Path], download: bool) -> dict:
+    """For every result file under ``submissions``: (recomputed | self-reported | refused, why)."""
+    from .recompute import RECOMPUTED, recompute_files
+    from .submission import MANIFEST
+
+    files = sorted(p for p in submissions.glob("*/results/*/*.json") if p.name != MANIFEST and not p.is_symlink())
+    checks = {}
+    for outcome in recompute_files(files, cache_dir, data_root, download):
+        if outcome.status == RECOMPUTED:
+            checks[outcome.path.resolve()] = ("refused", outcome.reason) if outcome.reason else ("recomputed", "")
+        else:
+            checks[outcome.path.resolve()] = ("self-reported", outcome.reason)
+    return checks
 
 
 @app.command()

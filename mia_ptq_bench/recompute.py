@@ -94,20 +94,22 @@ def _audit_problem(result: Result, recomputed: list[LayerAudit]) -> str | None:
 def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Path,
               device: str = "cpu") -> Recomputation:
     spec = pool.spec
-    if result.evidence is None:
-        return Recomputation(path, SELF_REPORTED, "no quantized weights (evidence) beside the result", [])
     threat = THREAT_MODELS.get(result.threat_model)
     task_threats = [THREAT_MODELS.get(n) for n in spec.threat_models] + [threat]
     candidates = candidate_threats(threat, task_threats)
     targets = np.arange(spec.targets.count)
     plan = PrecisionPlan.parse(result.plan)
-    try:
-        tensors = load_evidence(path, result)
-        outputs = evidence_outputs(pool, tensors, plan, test, device)
-    except (BenchError, ValueError, RuntimeError) as exc:
-        return Recomputation(path, SELF_REPORTED, f"the evidence cannot be rebuilt into models: {exc}", [])
+    if plan.is_full_precision:  # the reference: its models are the pool's own
+        outputs = {int(t): reference_outputs(pool, int(t), test, device) for t in targets}
+    elif result.evidence is None:
+        return Recomputation(path, SELF_REPORTED, "no quantized weights (evidence) beside the result", [])
+    else:
+        try:
+            outputs = evidence_outputs(pool, load_evidence(path, result), plan, test, device)
+        except (BenchError, ValueError, RuntimeError) as exc:
+            return Recomputation(path, SELF_REPORTED, f"the evidence cannot be rebuilt into models: {exc}", [])
     missing = [int(t) for t in targets if int(t) not in outputs]
-    needs_shadows = {c.shadows for c in candidates} & {"same-quantizer"}
+    needs_shadows = ({c.shadows for c in candidates} & {"same-quantizer"}) and not plan.is_full_precision
     missing += [m for m in result.shadow_models if needs_shadows and m not in outputs]
     if missing:
         return Recomputation(path, SELF_REPORTED, f"the evidence lacks models {sorted(set(missing))[:5]}", [])
@@ -116,11 +118,11 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
         return Recomputation(path, RECOMPUTED, problem, [])
 
     full = ShadowSet(pool.scores, np.arange(spec.membership.n_models))
-    shadows = {"full-precision": full}
+    shadows = {"full-precision": full, "same-quantizer": full, "rtn": full}  # at full precision all are the pool
     models = np.array(result.shadow_models)
-    if "same-quantizer" in {c.shadows for c in candidates}:
+    if "same-quantizer" in {c.shadows for c in candidates} and not plan.is_full_precision:
         shadows["same-quantizer"] = ShadowSet(np.stack([outputs[int(m)].scores for m in models]), models)
-    if "rtn" in {c.shadows for c in candidates}:  # built-in code: the checker runs it itself, as evaluate does
+    if "rtn" in {c.shadows for c in candidates} and not plan.is_full_precision:  # built-in: the checker runs it
         rtn = QUANTIZERS.get("rtn")()
         store = OutputStore(cache_dir, pool, rtn, plan)
         rtn_outputs = quantized_outputs(pool, [int(m) for m in models], rtn, plan, test, store, device)
@@ -160,8 +162,12 @@ def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None =
     loaded: dict[str, tuple[Pool, Split]] = {}
     outcomes = []
     for path in paths:
-        result = load_result(path)
-        spec = load_task(result.task.id)
+        try:
+            result = load_result(path)
+            spec = load_task(result.task.id)
+        except BenchError as exc:  # validate refuses such a file on its own; here it is simply not recomputed
+            outcomes.append(Recomputation(path, SELF_REPORTED, str(exc).splitlines()[0], []))
+            continue
         if spec.hash != result.task.hash:
             outcomes.append(Recomputation(path, SELF_REPORTED, "stale: the task has changed since", []))
             continue

@@ -72,11 +72,15 @@ def _quantizer_for(path: Path, result: Result):
     return quantizer
 
 
-def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None = None) -> list[Reproduction]:
+def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None = None,
+              tasks: list[str] | None = None) -> list[Reproduction]:
+    """Rerun and compare every result of ``paths`` (only those of ``tasks``, if given)."""
     progress = progress or SilentProgress()
     groups: dict[tuple, list[tuple[Path, Result]]] = {}
     for path in result_files(paths):
         result = load_result(path)
+        if tasks and result.task.id not in tasks:
+            continue
         spec = load_task(result.task.id)
         if spec.hash != result.task.hash:
             raise BenchError(f"{path}: task.hash: the result is of {spec.id} version {result.task.version} "
@@ -84,6 +88,8 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
                              f"({spec.hash[:12]}…): a stale result cannot be reproduced")
         key = (spec.id, _submission_of(path), result.quantizer.name, result.quantizer.config_hash)
         groups.setdefault(key, []).append((path, result))
+    if not groups:
+        raise BenchError(f"no results of task(s) {', '.join(tasks or [])} to reproduce in {', '.join(map(str, paths))}")
     reproductions = []
     with tempfile.TemporaryDirectory(prefix="mptq-reproduce-") as scratch:
         for (task_id, _, _, _), members in groups.items():

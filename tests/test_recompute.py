@@ -118,3 +118,48 @@ def test_codebook_round_trip_is_exact() -> None:
     broken = dict(parts, sizes=np.maximum(parts["sizes"] - 1, 1))  # a code now points past its codebook
     with pytest.raises(ValueError, match="points past"):
         decode_weight(broken)
+
+
+def _submission(root: Path, name: str) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "submission.yaml").write_text(
+        f"name: {name}\ndisplay_name: {name}\nversion: '1'\nauthors: [{{name: t}}]\nlicense: MIT\n"
+        f"contact: t@example.org\nquantizer: {{builtin: {name}}}\ntasks: [tiny-digits]\n")
+    result = cli.invoke(app, ["evaluate", name, "--task", "tiny-digits", "--submission", str(folder)])
+    assert result.exit_code == 0, result.stderr
+    for arrays in folder.rglob("*.npz"):  # as git holds it
+        arrays.unlink()
+    return folder
+
+
+@pytest.mark.slow
+def test_the_site_labels_recomputed_results_and_leaves_out_forged_ones(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from mia_ptq_bench.submission import write_manifest
+
+    subs = tmp_path / "submissions"
+    _submission(subs, "fp32")
+    _submission(subs, "rtn")
+    gptq = _submission(subs, "gptq")
+    build = cli.invoke(app, ["leaderboard", "build", "--recompute", "--submissions", str(subs), "--out",
+                             str(tmp_path / "site")])
+    assert build.exit_code == 0, build.stderr
+    board = pd.read_csv(tmp_path / "site" / "boards" / "tiny-digits--adaptive--w4.csv")
+    assert set(board.check) == {"recomputed"}
+    assert 'class="tag check-recomputed"' in (tmp_path / "site" / "boards" / "tiny-digits--adaptive--w4.html").read_text()
+    plain = cli.invoke(app, ["leaderboard", "build", "--submissions", str(subs), "--out", str(tmp_path / "plain")])
+    assert set(pd.read_csv(tmp_path / "plain" / "boards" / "tiny-digits--adaptive--w4.csv").check) == {"unchecked"}
+    # a forged number, its manifest rewritten to match: validate cannot tell without recomputing; the site can
+    path = gptq / "results" / "tiny-digits" / "w4--oblivious.json"
+    document = json.loads(path.read_text())
+    document["quantized"]["test_accuracy"]["mean"] = 0.999
+    path.write_text(json.dumps(document))
+    write_manifest(gptq)
+    build = cli.invoke(app, ["leaderboard", "build", "--recompute", "--submissions", str(subs), "--out",
+                             str(tmp_path / "site2")])
+    assert build.exit_code == 0, build.stderr
+    assert "left out: gptq: " in build.stderr and "recomputed from its evidence" in build.stderr
+    assert not (tmp_path / "site2" / "entries" / "gptq.html").exists()
+    assert (tmp_path / "site2" / "entries" / "rtn.html").exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
@@ -82,22 +83,22 @@ def _downloads(table: pd.DataFrame, folder: Path, name: str) -> None:
     write_text_atomic(folder / f"{name}.json", flat.to_json(orient="records", indent=1) + "\n")
 
 
-def build_site(submissions: Path, out: Path) -> dict:
+def build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, str]] | None = None) -> dict:
     """Render the whole site into ``out`` (replaced); returns a summary for the CLI.
 
     A folder that cannot be written (read-only, full disk) is one WriteError naming it; the previous site
     stays in place until the new one is whole.
     """
     try:
-        return _build_site(Path(submissions), Path(out))
+        return _build_site(Path(submissions), Path(out), checks)
     except WriteError:
         raise
     except OSError as exc:
         raise WriteError(f"{exc.filename or out}: cannot write the site: {exc.strerror or exc}") from None
 
 
-def _build_site(submissions: Path, out: Path) -> dict:
-    collected: Collected = collect(submissions)
+def _build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, str]] | None) -> dict:
+    collected: Collected = collect(submissions, checks)
     if collected.rows.empty:
         raise BenchError(f"{submissions}: no valid results to build a leaderboard from"
                          + (f" (skipped: {'; '.join(collected.skipped)})" if collected.skipped else ""))

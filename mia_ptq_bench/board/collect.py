@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,14 +25,14 @@ class Collected:
 STRONGEST = "strongest"  # the board view ranked by each target's strongest strategy (metrics/select.py)
 
 
-def _row(name: str, spec: SubmissionSpec, result, attack: str, stale: bool) -> dict:
+def _row(name: str, spec: SubmissionSpec, result, attack: str, stale: bool, check: str = "unchecked") -> dict:
     q = result.quantized
     summary = q.strongest if attack == STRONGEST else q.attacks[attack]
     low, one = summary.tpr_at_0_1pct_fpr, summary.tpr_at_1pct_fpr
     nan = float("nan")
     auc = (nan, nan, nan) if attack == STRONGEST else (summary.auc.mean, summary.auc.ci_low, summary.auc.ci_high)
     return {
-        "entry": name, "display_name": spec.display_name, "reference": name in REFERENCE_ENTRIES,
+        "entry": name, "display_name": spec.display_name, "reference": name in REFERENCE_ENTRIES, "check": check,
         "task": result.task.id, "task_version": result.task.version, "stale": stale,
         "plan": result.plan, "threat_model": result.threat_model, "attack": attack, "targets": low.n,
         "test_accuracy": q.test_accuracy.mean, "test_accuracy_low": q.test_accuracy.ci_low,
@@ -49,11 +50,13 @@ def _row(name: str, spec: SubmissionSpec, result, attack: str, stale: bool) -> d
     }
 
 
-def collect(root: Path) -> Collected:
+def collect(root: Path, checks: Mapping[Path, tuple[str, str]] | None = None) -> Collected:
     """Load every submission that validates; an invalid one is skipped with its first problem.
 
     Only what ``validate`` accepted is read, and only the expected result files of the tasks a submission
     lists; anything that still fails to load skips its submission with one line, never the whole build.
+    ``checks`` maps a result file (resolved) to how its numbers were checked (``recomputed``,
+    ``self-reported``) and why; a result whose recomputation disagreed (``refused``) leaves its submission out.
     """
     rows, specs, skipped = [], {}, []
     for folder in find_submissions(root):
@@ -67,9 +70,13 @@ def collect(root: Path) -> Collected:
             for task_id in spec.tasks:
                 current = load_task(task_id)
                 for plan, threat in expected_results(task_id, ["fp32"] if spec.quantizer.builtin == "fp32" else None):
-                    result = load_result(folder / "results" / task_id / f"{plan}--{threat}.json")
+                    path = folder / "results" / task_id / f"{plan}--{threat}.json"
+                    result = load_result(path)
                     stale = result.task.hash != current.hash
-                    mine += [_row(spec.name, spec, result, attack, stale)
+                    check, reason = (checks or {}).get(path.resolve(), ("unchecked", ""))
+                    if check == "refused":
+                        raise BenchError(f"{path}: recomputed from its evidence: {reason}")
+                    mine += [_row(spec.name, spec, result, attack, stale, check)
                              for attack in [*result.quantized.attacks, STRONGEST]]
         except (BenchError, ValueError, KeyError, TypeError, IndexError) as exc:  # validated, yet unreadable
             skipped.append(f"{folder.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")

@@ -6,7 +6,7 @@ import pandas as pd
 
 from ..submission.schema import REFERENCE_ENTRIES
 
-BOARD_COLUMNS = ["rank", "entry", "display_name", "reference", "pareto", "plan", "test_accuracy", "test_accuracy_low",
+BOARD_COLUMNS = ["rank", "entry", "display_name", "reference", "check", "pareto", "plan", "test_accuracy", "test_accuracy_low",
                  "test_accuracy_high", "tpr_at_0_1pct_fpr", "tpr_at_0_1pct_fpr_low", "tpr_at_0_1pct_fpr_high",
                  "true_positives_0_1pct", "positives", "false_positives_0_1pct", "negatives", "tpr_at_1pct_fpr",
                  "tpr_at_1pct_fpr_low", "tpr_at_1pct_fpr_high", "auc", "auc_low", "auc_high", "targets", "task_version"]
