@@ -150,6 +150,7 @@ def test_the_site_labels_recomputed_results_and_leaves_out_forged_ones(tmp_path:
     assert set(board.check) == {"recomputed"}
     assert 'class="tag check-recomputed"' in (tmp_path / "site" / "boards" / "tiny-digits--adaptive--w4.html").read_text()
     plain = cli.invoke(app, ["leaderboard", "build", "--submissions", str(subs), "--out", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.stderr
     assert set(pd.read_csv(tmp_path / "plain" / "boards" / "tiny-digits--adaptive--w4.csv").check) == {"unchecked"}
     # a forged number, its manifest rewritten to match: validate cannot tell without recomputing; the site can
     path = gptq / "results" / "tiny-digits" / "w4--oblivious.json"
