@@ -62,9 +62,11 @@ class RayExecutor:
 
     def map(self, unit, jobs, *, gpus: float = 0, describe=str, progress=None, key: str = "") -> list[Any]:
         progress = progress or SilentProgress()
+        # Ray wraps only plain functions; the unit (often a functools.partial) travels as an argument
         remote = self.ray.remote(num_cpus=1, num_gpus=gpus, max_retries=self.max_retries,
-                                 retry_exceptions=True)(unit)
-        pending = {remote.remote(job): i for i, job in enumerate(jobs)}
+                                 retry_exceptions=True)(_apply)
+        unit_ref = self.ray.put(unit)
+        pending = {remote.remote(unit_ref, job): i for i, job in enumerate(jobs)}
         results: list[Any] = [None] * len(jobs)
         failures = []
         while pending:
@@ -82,6 +84,10 @@ class RayExecutor:
             raise BenchError(f"{len(failures)} of {len(jobs)} Ray tasks failed after {self.max_retries} retries: "
                              + "; ".join(failures))
         return results
+
+
+def _apply(unit, job):
+    return unit(job)
 
 
 def make_executor(name: str, address: str | None = None) -> Executor:

@@ -268,3 +268,10 @@ def test_csv_cells_never_start_a_formula(tmp_path: Path, cell: str, written: str
     assert back.tpr[0] == -0.5 and back["rank"][0] == 1 and bool(back.reference[0]) is True
     assert back.quantizer_config[0] == '{"=k": "-v"}'
     assert json.loads((tmp_path / "board.json").read_text())[0]["display_name"] == cell  # JSON keeps the text
+
+
+def test_entry_page_shows_the_command_that_reproduces_it(site: Path) -> None:
+    html = (site / "entries" / "rtn.html").read_text()
+    assert "mptq-bench reproduce submissions/rtn --task tiny-digits" in html
+    # the command names the entry's own folder, never another's
+    assert "submissions/fp32" not in html

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mia_ptq_bench.attack import THREAT_MODELS, ShadowSet
-from mia_ptq_bench.metrics.select import candidate_threats, choose
+from mia_ptq_bench.metrics.select import TARGETS_PER_CHOICE, candidate_threats, choose, choose_all
 from mia_ptq_bench.spec import load_task
 
 
@@ -59,3 +59,21 @@ def test_no_stand_in_is_a_clear_error() -> None:
     only_target = ShadowSet(informative.scores[:1], np.array([0]))
     with pytest.raises(ValueError, match="no shadow model can stand in"):
         choose(spec, keep, 0, {"oblivious": informative}, only_target)
+
+
+def test_a_block_of_targets_shares_a_choice_that_reads_none_of_their_memberships() -> None:
+    spec = load_task("tiny-digits")
+    keep, informative, noise = pool_of(models=16)
+    strategies = {"oblivious": noise, "adaptive": informative}
+    targets = np.arange(6)  # blocks [0..3] and [4, 5]
+    choices = choose_all(spec, keep, targets, strategies, informative)
+    assert len(choices) == 6 and TARGETS_PER_CHOICE == 4
+    assert choices[0] == choices[3] == choose(spec, keep, [0, 1, 2, 3], strategies, informative)
+    assert choices[4] == choices[5] == choose(spec, keep, [4, 5], strategies, informative)
+    tampered = keep.copy()
+    tampered[:4] = ~tampered[:4]  # every target of the first block, inverted
+    assert choose_all(spec, tampered, targets, strategies, informative)[:4] == choices[:4]
+    # the block's targets stand in for nothing: scrambling models 4.. (the first stand-ins) moves the estimate
+    scrambled = keep.copy()
+    scrambled[4:8] = np.random.default_rng(1).permutation(scrambled[4:8].T).T
+    assert choose(spec, scrambled, [0, 1, 2, 3], strategies, informative).estimate < choices[0].estimate

@@ -169,8 +169,12 @@ def _check_scores(shadow_scores, shadow_in, target_scores, references):
     return shadow_scores, shadow_in, target_scores, references
 
 
-def _reference_mean(shadow_scores: np.ndarray, mask: np.ndarray, side: str) -> tuple[np.ndarray, np.ndarray]:
+def _reference_mean(log_p: np.ndarray, complement_p: np.ndarray, mask: np.ndarray,
+                    side: str) -> tuple[np.ndarray, np.ndarray]:
     """(log mean p_y, mean 1 - p_y) over the models in ``mask``, per example and query (N, Q).
+
+    ``log_p`` = log p_y and ``complement_p`` = 1 - p_y of every shadow score (S, N, Q), computed
+    once by the caller for both sides.
 
     The log of the mean comes from a masked logsumexp of log p_y, which neither
     underflows for hopeless examples nor needs p_y itself; the mean of 1 - p_y =
@@ -180,12 +184,11 @@ def _reference_mean(shadow_scores: np.ndarray, mask: np.ndarray, side: str) -> t
     if (count == 0).all():
         raise ValueError(f"no {side} reference model for any example; use more reference models")
     selected = mask[..., None]
-    log_p = log_expit(shadow_scores)
     peak = np.where(selected, log_p, -np.inf).max(axis=0)
     total = np.exp(np.where(selected, log_p - peak, -np.inf)).sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):  # examples with no model here: NaN, filled by the caller
         log_mean = peak + np.log(total) - np.log(count)[:, None]
-        complement = np.where(selected, expit(-shadow_scores), 0.0).sum(axis=0) / count[:, None]
+        complement = np.where(selected, complement_p, 0.0).sum(axis=0) / count[:, None]
     return log_mean, complement
 
 
@@ -211,9 +214,10 @@ def relative_likelihood(shadow_scores: np.ndarray, shadow_in: np.ndarray, target
     shadow_scores, shadow_in, target_scores, references = _check_scores(shadow_scores, shadow_in, target_scores,
                                                                         references)
     outside, inside = references & ~shadow_in, references & shadow_in
-    out_mean = _reference_mean(shadow_scores, outside, "OUT")
+    log_p, complement_p = log_expit(shadow_scores), expit(-shadow_scores)
+    out_mean = _reference_mean(log_p, complement_p, outside, "OUT")
     if online or not outside.any(axis=0).all():
-        in_mean = _reference_mean(shadow_scores, inside, "IN")
+        in_mean = _reference_mean(log_p, complement_p, inside, "IN")
         out_mean, in_mean = _borrow(out_mean, in_mean), _borrow(in_mean, out_mean)
         if np.isnan(out_mean[1]).any():
             raise ValueError("some examples have no reference model at all")

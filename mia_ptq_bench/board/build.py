@@ -163,8 +163,11 @@ def _build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, s
             groups.append({"task": task_id, "threat": threat, "rows": part.to_dict("records"),
                            "rocs": roc_curves(curves, f"ROC of {spec.display_name}: {task_id} · {threat}")})
         config = json.dumps(spec.quantizer.config, indent=2, sort_keys=True)
+        # What a reader runs, in a clone of the repository, to check this entry's numbers on their machine.
+        reproduce = [f"mptq-bench reproduce submissions/{name} --task {task_id}"
+                     for task_id in sorted(set(mine.task))]
         page = env.get_template("entry.html.j2").render(root="../", title=spec.display_name, entry=spec,
-                                                          groups=groups, config=config)
+                                                          groups=groups, config=config, reproduce=reproduce)
         write_text_atomic(staging / "entries" / f"{name}.html", page)
 
     headline_rows = rows[(rows.task.map(headline_attack) == rows.attack) & ~rows.stale]
