@@ -113,6 +113,30 @@ def test_interrupted_build_resumes_to_identical_pool(tiny_task, tmp_path: Path, 
     np.testing.assert_array_equal(resumed.test_accuracy, reference.test_accuracy)
 
 
+def test_interrupted_batchnorm_build_resumes_to_identical_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = load_task("tiny-cnn")
+    data = load_dataset(spec.dataset)
+    reference = build_pool(spec, data, tmp_path / "reference", trainer="stacked", stack=2)
+    original_save = build_module.PoolStore.save_model
+    saved = []
+
+    def save_then_maybe_die(self, index, *args, **kwargs):
+        original_save(self, index, *args, **kwargs)
+        saved.append(index)
+        if len(saved) == 3:
+            raise Interrupt
+
+    monkeypatch.setattr(build_module.PoolStore, "save_model", save_then_maybe_die)
+    with pytest.raises(Interrupt):
+        build_pool(spec, data, tmp_path / "resumed", trainer="stacked", stack=2)
+    monkeypatch.setattr(build_module.PoolStore, "save_model", original_save)
+    resumed = build_pool(spec, data, tmp_path / "resumed", trainer="stacked", stack=2)
+    np.testing.assert_array_equal(resumed.scores, reference.scores)  # group [2, 3] retrained whole: same bits
+    for index in range(4):
+        a, b = resumed.load_model(index).state_dict(), reference.load_model(index).state_dict()
+        assert all(torch.equal(a[name], b[name]) for name in a)  # BatchNorm running statistics included
+
+
 class Logged:
     """A Progress that keeps the log lines."""
 

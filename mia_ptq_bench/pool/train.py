@@ -139,10 +139,12 @@ def train_sequential(spec: TaskSpec, dataset: ImageDataset, model: nn.Module, sc
     return model.to(memory_format=torch.contiguous_format).eval()
 
 
-# Stacking pays while one model's step is too little work to keep the CPU's GEMMs busy; past
-# STEP_WORK FLOP per step a wider group no longer ran faster (benchmarks/results/).
-STEP_WORK = 40e9
-MAX_STACK = 32  # also the most work an interrupted build can lose
+# Stacking pays while one model's step is little work: per-op overheads are shared and the wide
+# network runs channels_last, the CPU's fast layout. Measured on 2 CPU cores (benchmarks/results/):
+# ResNet18 at width 1 (350 GFLOP per step) gained nothing, width 1/4 (22 GFLOP) ~1.15x at G=2,
+# the CNN and width 1/8 (0.4 and 5.5 GFLOP) ~1.3x, with no further gain past G of 4 to 8.
+STEP_WORK = 24e9
+MAX_STACK = 16  # also the most work an interrupted build can lose
 MEMORY_SHARE = 0.25  # of the device's total memory, for one group's training
 
 
@@ -230,7 +232,10 @@ def train_stacked(spec: TaskSpec, dataset: ImageDataset, models: list[nn.Module]
     the sum of the models' own mean losses, so every model gets exactly its own update.
     """
     group, batch, classes = len(models), spec.training.batch_size, dataset.num_classes
-    layout = torch.channels_last if speed.channels_last else torch.contiguous_format
+    # Grouped convolutions want channels_last on the CPU: in NCHW, oneDNN computes the weight
+    # gradient of a convolution with one input channel per group some 100x slower (benchmarks/).
+    wide_layout = speed.channels_last or device.type == "cpu"
+    layout = torch.channels_last if wide_layout else torch.contiguous_format
     try:
         wide = widen(models, dataset.input_shape).to(device, memory_format=layout).train()
         forward = torch.compile(wide) if speed.compile else wide
