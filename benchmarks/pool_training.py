@@ -43,7 +43,7 @@ from mia_ptq_bench.pool import pool_keep_masks
 from mia_ptq_bench.pool.train import (Speed, auto_stack, init_model, make_schedule, steps_per_epoch,
                                       train_sequential, train_stacked, training_flops)
 from mia_ptq_bench.pool.wide import widen
-from mia_ptq_bench.score import accuracy
+from mia_ptq_bench.inference import accuracy
 from mia_ptq_bench.spec import load_task
 
 LINES: list[str] = []

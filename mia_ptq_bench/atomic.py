@@ -11,18 +11,34 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .errors import WriteError
+
+
+TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what mkstemp below names: .<name>.<8 chars>.tmp
+
+
+def is_temporary(name: str) -> bool:
+    """A temporary file of ``write_atomic``: left behind only when a writer was killed (kill -9) mid-write."""
+    return bool(TEMPORARY.match(name))
+
 
 def write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write ``path`` whole or not at all; a full disk or a read-only folder is one WriteError naming the file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise WriteError(f"{path}: cannot write: {_reason(exc)}") from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as handle:
@@ -30,9 +46,32 @@ def write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(f"{path}: cannot write: {_reason(exc)}") from None
         raise
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def ensure_writable(folder: Path, what: str) -> None:
+    """Fail now, not after hours of compute, when ``folder`` (or the folder it would be made in) cannot be written.
+
+    Creates nothing that stays: a probe file in the nearest existing folder is made and removed.
+    """
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise WriteError(f"{folder}: {what}: {existing} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise WriteError(f"{folder}: {what}: cannot write in {existing}: {_reason(exc)}") from None
 
 
 def _read_umask() -> int:
@@ -56,8 +95,25 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A compressed .npz (what ``np.savez_compressed`` writes) whose bytes depend only on the arrays.
+
+    numpy stamps each member with the current time, so two runs that compute identical arrays
+    would write different files (and different sha256 in the results); a fixed timestamp
+    makes equal arrays give equal bytes.
+    """
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, value in arrays.items():
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            member.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(member, "w", force_zip64=True) as handle:
+                np.lib.format.write_array(handle, np.asanyarray(value), allow_pickle=False)
+    return buffer.getvalue()
+
+
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    write_atomic(path, lambda handle: np.savez_compressed(handle, **arrays))
+    write_bytes_atomic(path, npz_bytes(arrays))
 
 
 def sha256_bytes(data: bytes) -> str:

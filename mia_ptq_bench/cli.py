@@ -11,14 +11,18 @@ from typing import Annotated, Optional, TypeVar
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import BenchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Membership-inference benchmark for post-training-quantized networks.")
-console = Console()
-errors = Console(stderr=True)
+# User text (file names, display names, error messages quoting input) is printed through ``escape``: a name
+# such as '[/]' must print as itself, not crash rich's markup parser; and emoji codes stay off, so that
+# 'nosuch.py:x:' is not rendered as an emoji.
+console = Console(emoji=False)
+errors = Console(stderr=True, emoji=False)
 T = TypeVar("T")
 
 
@@ -27,8 +31,22 @@ def guarded(action: Callable[[], T]) -> T:
     try:
         return action()
     except BenchError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"mia-ptq-bench {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="print the version and exit")] = False) -> None:
+    """Membership-inference benchmark for post-training-quantized networks."""
 
 
 def _split_list(text: Optional[str]) -> Optional[list[str]]:
@@ -71,17 +89,21 @@ def evaluate(
     submissions: Annotated[Path, typer.Option(help="where submission folders are looked up by name")] = Path("submissions"),
     executor: Annotated[str, typer.Option(help="local, or ray: pool training and the quantization grid as Ray tasks")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(help="an existing Ray cluster (default: start a local Ray)")] = None,
+    plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="a module or .py file that registers datasets, models, quantizers or attacks (repeatable; also $MPTQ_PLUGINS)")] = None,
 ) -> None:
     """Quantize the task's targets at each plan, attack them with LiRA, write validated results."""
-    from .quantize.plugins import resolve, submission_quantizer
+    from .submission.resolve import resolve, submission_quantizer
     from .report import RichProgress, attacks_table, results_table
-    from .runner import RunOptions, evaluate as run_evaluate
+    from .runner import RunOptions, check_task, evaluate as run_evaluate
     from .spec import load_task
     from .executor import make_executor
+    from .extensions import load_extensions
     from .submission import write_manifest
 
     def action() -> None:
+        extensions = load_extensions(plugin or [])
         spec = load_task(task)
+        check_task(spec, task)
         found = submission_quantizer(submission) if submission else resolve(quantizer, submissions)
         if submission and setting:
             raise BenchError("--set cannot be combined with --submission: record the config in the submission's "
@@ -91,7 +113,7 @@ def evaluate(
         chosen = make_quantizer(found.cls, setting or [], found.config)
         options = RunOptions(out_dir=submission / "results" if submission else out, data_root=data_root,
                              download=download, per_quantizer_folder=submission is None,
-                             executor=make_executor(executor, ray_address))
+                             executor=make_executor(executor, ray_address), extensions=extensions)
         if cache_dir is not None:
             options.cache_dir = cache_dir
         if device is not None:
@@ -99,34 +121,37 @@ def evaluate(
         shown = attack or spec.attacks[0]
         if shown not in spec.attacks:
             raise BenchError(f"--attack {shown!r} is not among the task's attacks: {', '.join(spec.attacks)}")
-        console.print(f"[bold]{spec.id}[/] v{spec.version} (task hash {spec.hash[:12]}) · quantizer "
-                      f"[bold]{chosen.name}[/] · device {options.device}")
+        console.print(f"[bold]{escape(spec.id)}[/] v{spec.version} (task hash {spec.hash[:12]}) · quantizer "
+                      f"[bold]{escape(str(chosen.name))}[/] · device {escape(str(options.device))}", highlight=False)
         with RichProgress(console) as progress:
             outcome = run_evaluate(chosen, spec, _split_list(plans), _split_list(threat_models), options, progress)
         console.print(results_table(outcome.results, shown))
         console.print(attacks_table(outcome.results))
         for path in outcome.paths:
-            console.print(f"wrote {path}")
+            console.print(f"wrote {escape(str(path))}", highlight=False)
         if submission:
-            console.print(f"wrote {write_manifest(submission)}")
+            console.print(f"wrote {escape(str(write_manifest(submission)))}", highlight=False)
 
     guarded(action)
 
 
 @app.command()
-def tasks() -> None:
+def tasks(plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="extension module or .py file (repeatable)")] = None) -> None:
     """List the available task specs."""
+    from .extensions import load_extensions
     from .spec import available_tasks, load_task
 
     def action() -> None:
+        load_extensions(plugin or [])
         table = Table(title="tasks", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         for column in ("id", "v", "model", "models/targets", "hash", "plans"):
             table.add_column(column, no_wrap=column != "plans")
         for path in available_tasks().values():
             spec = load_task(path)
             width = "" if spec.model.width == 1 else f" ×{spec.model.width:g}"
-            table.add_row(spec.id, str(spec.version), spec.model.arch + width,
-                          f"{spec.membership.n_models}/{spec.targets.count}", spec.hash[:8], " ".join(spec.plans))
+            table.add_row(*map(escape, (spec.id, str(spec.version), spec.model.arch + width,
+                                        f"{spec.membership.n_models}/{spec.targets.count}", spec.hash[:8],
+                                        " ".join(spec.plans))))
         console.print(table)
 
     guarded(action)
@@ -137,7 +162,8 @@ def quantizers(
     submissions: Annotated[Path, typer.Option(help="submissions folder to list")] = Path("submissions"),
 ) -> None:
     """List the quantizers that can be found: built-in, entry points, submissions."""
-    from .quantize.plugins import ENTRY_POINT_GROUP, discover
+    from .quantize.plugins import ENTRY_POINT_GROUP
+    from .submission.resolve import discover
 
     table = Table(title="quantizers", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                   caption=f"Also: any package.module:Class; packages register under the entry-point group "
@@ -145,46 +171,136 @@ def quantizers(
     for column in ("name", "source", "description"):
         table.add_column(column, no_wrap=column == "name")
     for name, source, description in discover(submissions):
-        table.add_row(name, source, description)
+        table.add_row(escape(str(name)), escape(str(source)), escape(str(description)))
     console.print(table)
 
 
 @app.command()
-def validate(files: Annotated[list[Path], typer.Argument(help="task .yaml, result .json, or submission folders")]) -> None:
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="task .yaml, result .json, or submission folders")],
+    plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="extension module or .py file whose names a task uses (repeatable)")] = None,
+    recompute: Annotated[bool, typer.Option(help="also recompute every result from its committed quantized weights against the task's pool (trained or pulled if not cached); runs no submitted code")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder for --recompute")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="dataset folder for --recompute")] = None,
+    download: Annotated[bool, typer.Option(help="allow downloading a missing dataset for --recompute")] = False,
+) -> None:
     """Check task specs, result files (schema, checksums, audit, numbers recomputed) and submissions.
 
     Submitted code is never imported or run.
     """
+    from .budget import Machine, check_budget
+    from .cache import default_cache_dir
+    from .environment import default_device
     from .results.verify import verify_result
     from .runner import check_task
     from .spec import load_task
+    from .extensions import load_extensions
     from .submission import submission_problems
 
+    guarded(lambda: load_extensions(plugin or []))
     failures = 0
     for path in files:
         if path.is_dir():
             for folder, problems in submission_problems(path).items():
                 for line in problems:
-                    errors.print(f"[bold red]invalid:[/] {line}", highlight=False, soft_wrap=True)
+                    errors.print(f"[bold red]invalid:[/] {escape(line)}", highlight=False, soft_wrap=True)
                 if problems:
                     failures += 1
                 else:
-                    console.print(f"[green]ok[/] {folder}")
+                    console.print(f"[green]ok[/] {escape(str(folder))}", highlight=False)
             continue
         try:
+            note = None
             if path.suffix in (".yaml", ".yml"):
-                check_task(load_task(path))
+                spec = load_task(path)
+                check_task(spec, str(path))
+                # the task's cost on this machine, estimated without training; refused when absurd here
+                device, cache = default_device(), default_cache_dir()
+                budget = check_budget(spec, device, cache, source=str(path))
+                note = (budget.summary(Machine.current(device, cache)) if budget is not None else
+                        f"not estimated: dataset {spec.dataset.name!r} registers no shape in "
+                        "mia_ptq_bench.data.DATASET_SHAPES (evaluate estimates it once the data is loaded)")
             elif path.suffix == ".json":
-                verify_result(path)
+                verify_result(path, arrays_required=not recompute)
             else:
                 raise BenchError(f"{path}: not a task (.yaml) or result (.json) file")
-            console.print(f"[green]ok[/] {path}")
+            console.print(f"[green]ok[/] {escape(str(path))}", highlight=False)
+            if note:
+                console.print(f"  budget: {escape(note)}", highlight=False, soft_wrap=True)
         except BenchError as exc:
             failures += 1
             for line in str(exc).splitlines():
-                errors.print(f"[bold red]invalid:[/] {line}", highlight=False, soft_wrap=True)
+                errors.print(f"[bold red]invalid:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    if recompute and not failures:
+        failures += _recompute_all(files, _cache_dir(cache_dir), data_root, download)
     if failures:
         raise typer.Exit(1)
+
+
+def _recompute_all(files: list[Path], cache_dir: Path, data_root: Optional[Path], download: bool) -> int:
+    """Recompute every result among ``files`` (submission folders included); returns how many disagree."""
+    from rich.markup import escape
+
+    from .recompute import RECOMPUTED, recompute_files
+    from .submission import MANIFEST, find_submissions
+
+    results = []
+    for path in files:
+        if path.is_dir():
+            results += [p for f in find_submissions(path) for p in sorted((f / "results").glob("*/*.json"))
+                        if p.name != MANIFEST]
+        elif path.suffix == ".json":
+            results.append(path)
+    failures = 0
+    for outcome in guarded(lambda: recompute_files(results, cache_dir, data_root, download)):
+        if outcome.status == RECOMPUTED and not outcome.reason:
+            console.print(f"[green]recomputed[/] {escape(str(outcome.path))}", highlight=False)
+        elif outcome.status == RECOMPUTED:
+            failures += 1
+            errors.print(f"[bold red]invalid:[/] {escape(str(outcome.path))}: recomputed from its evidence: "
+                         f"{escape(outcome.reason)}", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"[yellow]self-reported[/] {escape(str(outcome.path))}: {escape(outcome.reason)}",
+                          highlight=False, soft_wrap=True)
+    return failures
+
+
+@app.command()
+def reproduce(
+    paths: Annotated[list[Path], typer.Argument(help="result .json files or submission folders")],
+    device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda when present, else cpu)")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder (default: $MPTQ_CACHE or ~/.cache/mia-ptq-bench)")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="dataset folder (default: $MPTQ_DATA)")] = None,
+    download: Annotated[bool, typer.Option(help="allow downloading a missing dataset with torchvision")] = False,
+    plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="extension module or .py file (repeatable)")] = None,
+    show: Annotated[str, typer.Option(help="rows to print: failed, headline or all")] = "headline",
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="only the results of this task (repeatable)")] = None,
+) -> None:
+    """Rerun committed results on this machine; compare every headline number with the committed one.
+
+    Same environment: every number must be equal. Another machine: within the tolerance of
+    docs/reproducibility.md. Exits 1 if any number is outside it. Runs a submission's code.
+    """
+    from .extensions import load_extensions
+    from .report import RichProgress, reproduction_table
+    from .reproduce import reproduce as run_reproduce
+    from .runner import RunOptions
+
+    def action() -> None:
+        options = RunOptions(data_root=data_root, download=download, extensions=load_extensions(plugin or []))
+        if cache_dir is not None:
+            options.cache_dir = cache_dir
+        if device is not None:
+            options.device = device
+        with RichProgress(console) as progress:
+            outcomes = run_reproduce(paths, options, progress, tasks=task)
+        console.print(reproduction_table(outcomes, show))
+        failed = [o for o in outcomes if not o.ok]
+        console.print(f"{len(outcomes) - len(failed)} of {len(outcomes)} results reproduced within tolerance")
+        if failed:
+            raise typer.Exit(1)
+
+    guarded(action)
 
 
 pool_app = typer.Typer(no_args_is_help=True, help="Share pools on the Hugging Face Hub.")
@@ -206,7 +322,7 @@ def pool_push(
     def action() -> None:
         spec = load_task(task)
         commit = push_pool(PoolStore(_cache_dir(cache_dir), spec), repo, private)
-        console.print(f"pushed the pool of {spec.id} to {repo} at commit {commit}")
+        console.print(escape(f"pushed the pool of {spec.id} to {repo} at commit {commit}"), highlight=False)
 
     guarded(action)
 
@@ -225,8 +341,9 @@ def pool_pull(
     def action() -> None:
         spec = load_task(task)
         source = pull_pool(spec, _cache_dir(cache_dir), repo, revision)
-        console.print(f"pulled the pool of {spec.id} from {source.repo} at commit {source.revision}; "
-                      f"pin it in the task with hub: {{repo: {source.repo}, revision: {source.revision}}}")
+        console.print(escape(f"pulled the pool of {spec.id} from {source.repo} at commit {source.revision}; "
+                             f"pin it in the task with hub: {{repo: {source.repo}, revision: {source.revision}}}"),
+                      highlight=False)
 
     guarded(action)
 
@@ -247,11 +364,11 @@ def cache_list(cache_dir: Annotated[Optional[Path], typer.Option(help="cache fol
     from .cache_admin import list_cache
 
     folder = _cache_dir(cache_dir)
-    table = Table(title=f"cache: {folder}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=f"cache: {escape(str(folder))}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("kind", "task", "what", "size"):
         table.add_column(column, justify="right" if column == "size" else "left")
     for entry in list_cache(folder):
-        table.add_row(entry.kind, entry.task, entry.detail, f"{entry.bytes / 2**20:.1f} MiB")
+        table.add_row(escape(entry.kind), escape(entry.task), escape(entry.detail), f"{entry.bytes / 2**20:.1f} MiB")
     console.print(table)
 
 
@@ -265,7 +382,7 @@ def cache_clear(
     from .cache_admin import clear_cache
 
     if kind not in ("pool", "quantized", "all"):
-        errors.print(f"[bold red]error:[/] unknown kind {kind!r}; choose pool, quantized or all")
+        errors.print(f"[bold red]error:[/] unknown kind {escape(repr(kind))}; choose pool, quantized or all")
         raise typer.Exit(2)
     removed = clear_cache(_cache_dir(cache_dir), kind, task)
     console.print(f"removed {len(removed)} entries ({sum(e.bytes for e in removed) / 2**20:.1f} MiB)")
@@ -279,33 +396,58 @@ app.add_typer(leaderboard_app, name="leaderboard")
 def leaderboard_build(
     out: Annotated[Path, typer.Option(help="folder for the built site (replaced)")] = Path("site"),
     submissions: Annotated[Path, typer.Option(help="submissions folder")] = Path("submissions"),
+    recompute: Annotated[bool, typer.Option(help="recompute every result from its committed quantized weights and label "
+                                                 "it recomputed or self-reported; leave out what disagrees")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder for --recompute")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="dataset folder for --recompute")] = None,
+    download: Annotated[bool, typer.Option(help="allow downloading a missing dataset for --recompute")] = False,
 ) -> None:
     """Render every validated result under submissions/ into a static site."""
     from .board.build import build_site
 
     def action() -> None:
-        summary = build_site(submissions, out)
+        if not submissions.is_dir():
+            raise BenchError(f"{submissions}: no such folder (give --submissions the folder that holds the "
+                             "submission folders)")
+        checks = _site_checks(submissions, _cache_dir(cache_dir), data_root, download) if recompute else None
+        summary = build_site(submissions, out, checks)
         for line in summary["skipped"]:
-            errors.print(f"[yellow]left out:[/] {line}", highlight=False, soft_wrap=True)
-        console.print(f"built {summary['boards']} boards and {summary['entries']} entry pages into "
-                      f"{summary['out']}/index.html")
+            errors.print(f"[yellow]left out:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        console.print(escape(f"built {summary['boards']} boards and {summary['entries']} entry pages into "
+                             f"{summary['out']}/index.html"), highlight=False)
 
     guarded(action)
+
+
+def _site_checks(submissions: Path, cache_dir: Path, data_root: Optional[Path], download: bool) -> dict:
+    """For every result file under ``submissions``: (recomputed | self-reported | refused, why)."""
+    from .recompute import RECOMPUTED, recompute_files
+    from .submission import MANIFEST
+
+    files = sorted(p for p in submissions.glob("*/results/*/*.json") if p.name != MANIFEST and not p.is_symlink())
+    checks = {}
+    for outcome in recompute_files(files, cache_dir, data_root, download):
+        if outcome.status == RECOMPUTED:
+            checks[outcome.path.resolve()] = ("refused", outcome.reason) if outcome.reason else ("recomputed", "")
+        else:
+            checks[outcome.path.resolve()] = ("self-reported", outcome.reason)
+    return checks
 
 
 @app.command()
 def findings(
     task: Annotated[str, typer.Option(help="task id")] = "digits-mlp",
-    out: Annotated[Path, typer.Option(help="markdown file to write")] = Path("docs/findings.md"),
+    out: Annotated[Path, typer.Option(help="markdown file to write; its figures go to figures/ beside it")] = Path("docs/findings.md"),
     submissions: Annotated[Path, typer.Option(help="submissions folder")] = Path("submissions"),
 ) -> None:
-    """Write the study's questions, answered from the committed results of one task, as markdown."""
+    """Write the study's questions, answered from the committed results of one task, with figures."""
     from .atomic import write_text_atomic
-    from .board.findings import render
+    from .findings import render
 
     def action() -> None:
-        write_text_atomic(out, render(submissions, task))
-        console.print(f"wrote {out}")
+        write_text_atomic(out, render(submissions, task, figures=out.parent / "figures", figures_link="figures"))
+        console.print(f"wrote {escape(str(out))} and its figures in {escape(str(out.parent / 'figures'))}",
+                      highlight=False)
 
     guarded(action)
 
@@ -318,7 +460,7 @@ def schema(kind: Annotated[str, typer.Argument(help="result or task")] = "result
 
     models = {"result": Result, "task": TaskSpec}
     if kind not in models:
-        errors.print(f"[bold red]error:[/] unknown schema {kind!r}; choose result or task")
+        errors.print(f"[bold red]error:[/] unknown schema {escape(repr(kind))}; choose result or task")
         raise typer.Exit(2)
     sys.stdout.write(json.dumps(models[kind].model_json_schema(), indent=2) + "\n")
 

@@ -25,6 +25,7 @@ def describe_device(device: str | torch.device) -> str:
 
 
 def environment(device: str | torch.device) -> dict:
+    """What a rerun must match to reproduce a result bit for bit (docs/reproducibility.md)."""
     packages = {}
     for name in TRACKED:
         try:
@@ -32,4 +33,6 @@ def environment(device: str | torch.device) -> dict:
         except metadata.PackageNotFoundError:
             packages[name] = "absent"
     return {"package_version": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
-            "device": describe_device(device), "packages": packages}
+            "device": describe_device(device), "packages": packages, "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}

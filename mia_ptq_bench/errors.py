@@ -29,3 +29,10 @@ class AuditError(BenchError):
 
 class UnknownNameError(BenchError):
     """A name looked up in a registry that holds no such entry."""
+
+
+class WriteError(BenchError, OSError):
+    """A file or folder that cannot be written: read-only, full disk, no permission.
+
+    Also an OSError, so code that already tolerates a failed write (an optional cache file) still does.
+    """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from difflib import get_close_matches
 from typing import Generic, TypeVar
 
 from .errors import UnknownNameError
@@ -32,7 +33,8 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "none"
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}{did_you_mean(name, self._entries)}; "
+                                   f"known: {known}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -42,3 +44,9 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._entries.items())
+
+
+def did_you_mean(name: str, known) -> str:
+    """`` (did you mean 'rtn'?)`` for a near miss such as 'rnt', else ``""``."""
+    close = get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -26,7 +27,7 @@ class RichProgress:
         self.bars.stop()
 
     def start(self, key: str, description: str, total: int) -> None:
-        self.tasks[key] = self.bars.add_task(description, total=total)
+        self.tasks[key] = self.bars.add_task(escape(description), total=total)  # names a user's quantizer
 
     def advance(self, key: str, amount: int = 1) -> None:
         self.bars.advance(self.tasks[key], amount)
@@ -42,7 +43,7 @@ def _ci(stat: Stat, scale: float = 100.0, digits: int = 2) -> str:
 
 
 def _label(result: Result, many_threats: bool) -> str:
-    return f"{result.plan} ({result.threat_model})" if many_threats else result.plan
+    return escape(f"{result.plan} ({result.threat_model})" if many_threats else result.plan)
 
 
 def _row(label: str, evaluation: Evaluation, attack: str) -> list[str]:
@@ -60,7 +61,7 @@ def results_table(results: list[Result], attack: str) -> Table:
     per_target_negatives = low.negatives // n_targets
     allowed = max(0, -(-per_target_negatives // 1000) - 1)  # FP count strictly below 0.1% of the negatives
     many_threats = len({r.threat_model for r in results}) > 1
-    table = Table(title=f"{first.task.id} · {first.quantizer.name} · {attack} · mean±95% CI over {n_targets} targets",
+    table = Table(title=escape(f"{first.task.id} · {first.quantizer.name} · {attack} · mean±95% CI over {n_targets} targets"),
                   caption=f"TPR@x%: true-positive rate (%) at x% false-positive rate. At 0.1%, each target has {per_target_negatives} non-members, so that point allows "
                           f"{allowed} false positive(s); TP/P sums true positives over targets.",
                   title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -81,9 +82,26 @@ def attacks_table(results: list[Result]) -> Table:
     table = Table(title="AUC by attack (mean over targets)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("model", no_wrap=True)
     for attack in attacks:
-        table.add_column(attack.removeprefix("lira-"), justify="right")
+        table.add_column(escape(attack.removeprefix("lira-")), justify="right")
     table.add_row("fp32 (ref)", *[f"{first.reference.attacks[a].auc.mean:.3f}" for a in attacks], style="dim")
     for result in results:
         if result.plan != "fp32":
             table.add_row(_label(result, many_threats), *[f"{result.quantized.attacks[a].auc.mean:.3f}" for a in attacks])
+    return table
+
+
+def reproduction_table(outcomes, show: str = "headline") -> Table:
+    """Per result and metric: committed, rerun, difference, tolerance; ``show`` failed, headline or all rows."""
+    table = Table(title="reproduction", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="tolerance 0: same environment, must be bit-identical; otherwise docs/reproducibility.md",
+                  caption_justify="left")
+    for header in ("result", "metric", "committed", "rerun", "|Δ|", "tolerance", ""):
+        table.add_column(header, justify="left" if header in ("result", "metric", "") else "right", no_wrap=True)
+    for outcome in outcomes:
+        for c in outcome.comparisons:
+            headline = c.metric in ("test accuracy", "strongest TPR@0.1%", "lira-online TPR@0.1%")
+            if show == "all" or (show == "headline" and headline) or not c.ok:
+                table.add_row(escape(c.result), escape(c.metric), f"{c.committed:.6f}", f"{c.rerun:.6f}",
+                              f"{abs(c.rerun - c.committed):.2e}", f"{c.tolerance:.2e}",
+                              "ok" if c.ok else "[bold red]OUTSIDE[/]")
     return table

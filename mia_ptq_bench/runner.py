@@ -1,38 +1,49 @@
-"""``evaluate``: spec -> pool -> quantize -> score -> attack -> metrics -> result files.
+"""``evaluate``: one quantizer on one task, at every plan and threat model, into result files.
 
-For each precision plan the targets are quantized (and, for the adaptive threat
-model, every pool model, since the attacker's shadows are quantized the same
-way), scored on every pool example, attacked with leave-one-out shadows, and
-measured against the same targets at full precision. Quantized outputs are
-cached per model, so an interrupted run resumes where it stopped.
+The stages, in order, each done by the module named:
+
+1. check      every name, plan and threat model resolves before any work   (this module)
+2. pool       the task's data and trained pool: cached, pulled or trained  (pool/)
+3. reference  the targets at full precision: scores, predictions, attacks  (quantize/outputs, attack/)
+4. quantize   per plan, every model its threat models need, as cached units (quantize/outputs)
+5. attack     per plan and threat model, membership scores from its shadows (attack/)
+6. measure    per-target metrics and their aggregates                      (results/compute)
+7. write      the result document and its arrays, atomically               (results/io)
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .atomic import content_hash, write_npz_atomic
-from .attack import ATTACKS, leave_one_out
+from .atomic import ensure_writable
+from .attack import ATTACKS, THREAT_MODELS, ShadowSet, ThreatModel
+from .budget import check_budget
 from .cache import default_cache_dir
-from .data import ImageDataset, Split, load_dataset
+from .context import RunContext
+from .data import DATASETS
+from .data.splits import evaluation_test_split
 from .environment import default_device, environment
-from .executor import Executor, LocalExecutor
 from .errors import BenchError, PlanError, SpecError
+from .inference import QUERIES
+from .metrics.select import attack_targets, candidate_threats, evaluation_arrays
+from .models import MODELS
+from .executor import Executor, LocalExecutor
 from .pool import Pool, PoolStore, build_pool
 from .pool.hub import pool_source, pull_pool
 from .progress import Progress, SilentProgress
-from .quantize import QUANTIZERS, Calibration, LayerAudit, Quantizer, audit_model, enforce_audit
+from .quantize import QUANTIZERS, Quantizer
+from .quantize.outputs import ModelOutputs, OutputStore, quantize_unit, reference_outputs
 from .results.compute import build_evaluation
-from .results.io import MEMBERSHIP, REFERENCE_MEMBERSHIP, result_path, write_result
-from .results.schema import ArraysRef, Environment, PoolSourceRef, QuantizerRef, Result, TaskRef
-from .score import predict_logits, score_split
+from .results.io import EVIDENCE_CAP, evidence_path, result_path, write_evidence, write_result
+from .results.schema import ArraysRef, Environment, EvidenceRef, PoolSourceRef, QuantizerRef, Result, TaskRef
+from .spec.audit import merge_audits
 from .spec.plans import PrecisionPlan
 from .spec.schema import TaskSpec
 
@@ -48,26 +59,28 @@ class RunOptions:
     quantize_group: int = 16  # models quantized together (batched where the method allows)
     executor: Executor = field(default_factory=LocalExecutor)
     per_quantizer_folder: bool = True  # results/<task>/<quantizer>/...; False inside a submission's results/
+    extensions: tuple[str, ...] = ()  # loaded extensions, loaded again by every worker process
 
 
-@dataclass(frozen=True)
-class ModelOutputs:
-    scores: np.ndarray  # (N, Q) on the pool
-    test_predictions: np.ndarray  # (n_test,) on the evaluation test split
-    audit: list[LayerAudit]
+@dataclass
+class EvaluateOutcome:
+    paths: list[Path]
+    results: list[Result]
+    pool: Pool
 
 
-# -- checks before any work ---------------------------------------------------------------
+# -- 1. check ---------------------------------------------------------------------------------
 
-def check_task(spec: TaskSpec) -> None:
+def check_task(spec: TaskSpec, source: str | None = None) -> None:
     """Resolve every registry name the task uses, so a typo fails before hours of training."""
-    from .data import DATASETS
-    from .models import MODELS
-
-    DATASETS.get(spec.dataset.name)
-    MODELS.get(spec.model.arch)
-    for attack in spec.attacks:
-        ATTACKS.get(attack)
+    names = [("dataset.name", DATASETS, spec.dataset.name), ("model.arch", MODELS, spec.model.arch)]
+    names += [(f"queries[{i}]", QUERIES, name) for i, name in enumerate(spec.queries)]
+    names += [(f"attacks[{i}]", ATTACKS, name) for i, name in enumerate(spec.attacks)]
+    names += [(f"threat_models[{i}]", THREAT_MODELS, name) for i, name in enumerate(spec.threat_models)]
+    for field_path, registry, name in names:
+        if name not in registry:
+            raise SpecError(f"{source or spec.id}: {field_path}: unknown {registry.kind} {name!r}; "
+                            f"known: {', '.join(registry)}")
 
 
 def resolve_plans(quantizer: Quantizer, spec: TaskSpec, plans: list[str] | None) -> list[PrecisionPlan]:
@@ -80,179 +93,48 @@ def resolve_plans(quantizer: Quantizer, spec: TaskSpec, plans: list[str] | None)
     return parsed
 
 
-# -- calibration and the evaluation test split ----------------------------------------------
-
-def heldout_indices(spec: TaskSpec, dataset: ImageDataset) -> np.ndarray:
-    if spec.calibration.source != "heldout":
-        return np.array([], dtype=np.int64)
-    if spec.calibration.size >= len(dataset.test):
-        raise SpecError(f"calibration.size: {spec.calibration.size} held-out images would leave no test split "
-                        f"(the test split has {len(dataset.test)})")
-    order = np.random.RandomState(spec.calibration.seed).permutation(len(dataset.test))
-    return np.sort(order[: spec.calibration.size])
+def resolve_threat_models(spec: TaskSpec, threat_models: list[str] | None) -> list[ThreatModel]:
+    return [THREAT_MODELS.get(name) for name in threat_models or spec.threat_models]
 
 
-def evaluation_test_split(spec: TaskSpec, dataset: ImageDataset) -> Split:
-    keep = np.ones(len(dataset.test), dtype=bool)
-    keep[heldout_indices(spec, dataset)] = False
-    return dataset.test.take(np.flatnonzero(keep))
+# -- 2. pool ----------------------------------------------------------------------------------
+
+def prepare_pool(context: RunContext, options: RunOptions, progress: Progress) -> Pool:
+    spec = context.spec
+    if spec.hub is not None and not PoolStore(options.cache_dir, spec).is_complete_pool():
+        progress.log(f"pulling the pool from the Hub: {spec.hub.repo}@{spec.hub.revision or 'main'}")
+        pull_pool(spec, options.cache_dir, spec.hub.repo, spec.hub.revision)
+    remote = None if isinstance(options.executor, LocalExecutor) else options.executor
+    pool = build_pool(spec, context.dataset(), options.cache_dir, options.device, progress, trainer=options.trainer,
+                      executor=remote, data_root=options.data_root, download=options.download,
+                      extensions=options.extensions)
+    return context.remember("pool", pool)
 
 
-def calibration_set(spec: TaskSpec, dataset: ImageDataset, keep: np.ndarray, model_index: int, size: int,
-                    device: str | torch.device) -> Calibration:
-    """The model's calibration data: ``size`` of its own members, or the task's held-out test images."""
-    cal = spec.calibration
-    if cal.source == "heldout":
-        raw = dataset.test.images[torch.as_tensor(heldout_indices(spec, dataset))]
-    else:
-        members = np.flatnonzero(keep[model_index])
-        chosen = np.random.RandomState(cal.seed + model_index).choice(len(members), min(size, len(members)),
-                                                                     replace=False)
-        raw = dataset.pool.images[torch.as_tensor(np.sort(members[chosen]))]
-    augment = spec.training.augment
-    return Calibration(raw.to(device), dataset.normalize, augment.crop_padding, augment.hflip, cal.seed + model_index)
+# -- 4. quantize --------------------------------------------------------------------------------
 
-
-# -- per-model outputs, cached ------------------------------------------------------------------
-
-class OutputStore:
-    """Quantized-model outputs, one .npz per model, keyed by pool, quantizer config, plan and calibration."""
-
-    def __init__(self, cache_dir: Path, pool: Pool, quantizer: Quantizer, plan: PrecisionPlan,
-                 progress: Progress | None = None) -> None:
-        spec = pool.spec
-        self.progress = progress or SilentProgress()
-        described = quantizer.describe()
-        calibration = content_hash(spec.calibration.model_dump(mode="json"))
-        self.root = (Path(cache_dir) / "quantized" / pool.store.root.name /
-                     f"{quantizer.name}-{described['config_hash'][:12]}" / f"{plan}-cal{calibration[:8]}")
-
-    def path(self, index: int) -> Path:
-        return self.root / f"model-{index:04d}.npz"
-
-    def load(self, index: int) -> ModelOutputs | None:
-        path = self.path(index)
-        if not path.exists():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                audit = [LayerAudit.model_validate(x) for x in json.loads(str(archive["audit_json"]))]
-                return ModelOutputs(archive["scores"], archive["test_predictions"], audit)
-        except Exception as exc:  # zip CRC, truncation, bad JSON: all mean the file cannot be used
-            self.progress.log(f"redoing model {index}: {path}: corrupted cache file ({type(exc).__name__}: {exc})")
-            path.unlink(missing_ok=True)
-            return None
-
-    def save(self, index: int, outputs: ModelOutputs) -> None:
-        write_npz_atomic(self.path(index), {
-            "scores": outputs.scores, "test_predictions": outputs.test_predictions,
-            "audit_json": np.array(json.dumps([a.model_dump(mode="json") for a in outputs.audit])),
-        })
-
-
-def predicted_classes(model: torch.nn.Module, pool: Pool, test: Split, device: str) -> np.ndarray:
-    return predict_logits(model, pool.dataset, test, "identity", device).argmax(dim=1).numpy()
-
-
-def reference_outputs(pool: Pool, index: int, test: Split, device: str) -> ModelOutputs:
-    model = pool.load_model(index, device)
-    return ModelOutputs(pool.scores[index], predicted_classes(model, pool, test, device),
-                        audit_model(model, PrecisionPlan(None)))
-
-
-def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan: PrecisionPlan, test: Split,
-                      store: OutputStore, device: str) -> dict[int, ModelOutputs]:
-    """Quantize, audit and score a group of pool models (cached ones are loaded, not redone)."""
+def quantize_models(context: RunContext, pool: Pool, quantizer: Quantizer, plan: PrecisionPlan, indices: list[int],
+                    options: RunOptions, progress: Progress) -> dict[int, ModelOutputs]:
+    """Outputs of ``indices`` quantized at ``plan``: the cached ones loaded, the rest run as units in groups."""
+    store = OutputStore(options.cache_dir, pool, quantizer, plan, progress)
     outputs = {i: cached for i in indices if (cached := store.load(i)) is not None}
     todo = [i for i in indices if i not in outputs]
-    if not todo:
-        return outputs
-    spec = pool.spec
-    size = quantizer.calibration_size(spec.calibration.size) if spec.calibration.source == "members" else 0
-    models = [pool.load_model(i, device) for i in todo]
-    calibrations = [calibration_set(spec, pool.dataset, pool.keep, i, size, device) for i in todo]
-    quantized = quantizer.quantize_many(models, calibrations, plan)
-    for index, model in zip(todo, quantized):
-        audit = audit_model(model, plan)
-        enforce_audit(audit, plan, f"quantizer {quantizer.name!r} on pool model {index}")
-        scores = score_split(model, pool.dataset, pool.dataset.pool, list(spec.queries), device)
-        predictions = predicted_classes(model, pool, test, device)
-        if not np.isfinite(scores).all():
-            raise BenchError(f"quantizer {quantizer.name!r} at {plan}: model {index} produced non-finite outputs")
-        outputs[index] = ModelOutputs(scores, predictions, audit)
-        store.save(index, outputs[index])
+    step = options.quantize_group
+    groups = [tuple(todo[s : s + step]) for s in range(0, len(todo), step)]
+    key = f"quantize-{plan}"
+    progress.start(key, f"{quantizer.name} {plan}: quantize + score {len(todo)} of {len(indices)} models", len(groups))
+    options.executor.map(partial(quantize_unit, context, quantizer, str(plan)), groups,
+                         gpus=1 if torch.device(options.device).type == "cuda" else 0, progress=progress, key=key,
+                         describe=lambda group: f"{plan} models {group[0]}-{group[-1]}")
+    for index in todo:  # written by the units, possibly in other processes
+        loaded = store.load(index)
+        if loaded is None:
+            raise BenchError(f"{store.path(index)}: missing after quantization finished")
+        outputs[index] = loaded
     return outputs
 
 
-@dataclass(frozen=True)
-class QuantizeJob:
-    """One group of pool models to quantize, audit and score at one plan; self-contained for other processes."""
-
-    spec: TaskSpec
-    quantizer: Quantizer
-    plan: str
-    indices: tuple[int, ...]
-    cache_dir: Path
-    data_root: Path | None
-    download: bool
-    device: str
-    threads: int
-
-
-_POOLS: dict[tuple, tuple[Pool, Split]] = {}  # per process: the pool a job needs, loaded once
-
-
-def _pool_key(spec: TaskSpec, cache_dir: Path, data_root: Path | None) -> tuple:
-    return (spec.hash, str(cache_dir), str(data_root))
-
-
-def quantize_job(job: QuantizeJob) -> list[int]:
-    """Quantize a group into the output cache; in a worker, the pool is read from the shared cache."""
-    torch.set_num_threads(job.threads)
-    key = _pool_key(job.spec, job.cache_dir, job.data_root)
-    if key not in _POOLS:
-        dataset = load_dataset(job.spec.dataset, job.data_root, job.download)
-        pool = build_pool(job.spec, dataset, job.cache_dir, job.device)  # complete: loads, never trains
-        _POOLS[key] = (pool, evaluation_test_split(job.spec, dataset))
-    pool, test = _POOLS[key]
-    plan = PrecisionPlan.parse(job.plan)
-    store = OutputStore(job.cache_dir, pool, job.quantizer, plan)
-    quantized_outputs(pool, list(job.indices), job.quantizer, plan, test, store, job.device)
-    return list(job.indices)
-
-
-# -- attack ------------------------------------------------------------------------------------
-
-def run_attacks(spec: TaskSpec, keep: np.ndarray, shadow_scores: np.ndarray, targets: np.ndarray,
-                target_scores: np.ndarray) -> dict[str, np.ndarray]:
-    """Membership scores (T, N) per attack; each target's shadows are all other pool models."""
-    membership = {}
-    for name in spec.attacks:
-        attack = ATTACKS.get(name)
-        rows = []
-        for row, target in enumerate(targets):
-            shadows = leave_one_out(keep.shape[0], int(target))
-            rows.append(attack(shadow_scores[shadows], keep[shadows], target_scores[row], spec.lira))
-        membership[name] = np.stack(rows)
-    return membership
-
-
-def merge_audits(audits: list[list[LayerAudit]]) -> list[LayerAudit]:
-    merged = []
-    for layer_entries in zip(*audits):
-        worst = max(layer_entries, key=lambda a: a.max_distinct)
-        merged.append(worst.model_copy(update={"passed": all(a.passed for a in layer_entries)}))
-    return merged
-
-
 # -- the whole evaluation ----------------------------------------------------------------------
-
-@dataclass
-class EvaluateOutcome:
-    paths: list[Path]
-    results: list[Result]
-    pool: Pool
-
 
 def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None = None,
              threat_models: list[str] | None = None, options: RunOptions | None = None,
@@ -262,91 +144,113 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
     if isinstance(quantizer, str):
         quantizer = QUANTIZERS.get(quantizer)()
     quantizer.progress = progress
+
+    # 1. check
     check_task(spec)
     plan_list = resolve_plans(quantizer, spec, plans)
-    threats = threat_models or list(spec.threat_models)
-    for threat in threats:
-        if threat not in ("oblivious", "adaptive"):
-            raise SpecError(f"unknown threat model {threat!r}; known: oblivious, adaptive")
+    threats = resolve_threat_models(spec, threat_models)
+    # The strategies an attacker chooses among come from the task, not from which results this run writes.
+    known_threats = resolve_threat_models(spec, None) + threats
 
+    # What is known to fail is refused before any work: folders that cannot be written, a budget beyond this machine.
+    ensure_writable(result_path(options.out_dir, spec.id, quantizer.name if options.per_quantizer_folder else None,
+                                "plan", "threat").parent, "results folder")
+    ensure_writable(Path(options.cache_dir), "cache folder")
+
+    # 2. pool
     started_wall = time.time()
-    dataset = load_dataset(spec.dataset, options.data_root, options.download)
-    if spec.hub is not None and not PoolStore(options.cache_dir, spec).is_complete_pool():
-        progress.log(f"pulling the pool from the Hub: {spec.hub.repo}@{spec.hub.revision or 'main'}")
-        pull_pool(spec, options.cache_dir, spec.hub.repo, spec.hub.revision)
-    remote = None if isinstance(options.executor, LocalExecutor) else options.executor
-    pool = build_pool(spec, dataset, options.cache_dir, options.device, progress, trainer=options.trainer,
-                      executor=remote, data_root=options.data_root, download=options.download)
-    test = evaluation_test_split(spec, dataset)
-    _POOLS[_pool_key(spec, options.cache_dir, options.data_root)] = (pool, test)
-    test_labels = test.labels.numpy()
+    context = RunContext(spec, Path(options.cache_dir), options.data_root, options.download, options.device,
+                         extensions=options.extensions)
+    check_budget(spec, options.device, options.cache_dir, plans=[str(p) for p in plan_list],
+                 threat_models=[t.name for t in threats], dataset=context.dataset)
+    pool = prepare_pool(context, options, progress)
+    test = context.remember("test", evaluation_test_split(spec.calibration, pool.dataset))
     targets = np.arange(spec.targets.count)
-    env = Environment(**environment(options.device))
-    source = pool_source(pool.store)
-    source_ref = PoolSourceRef(repo=source.repo, revision=source.revision) if source else None
-    task_ref = TaskRef(id=spec.id, version=spec.version, hash=spec.hash, pool_hash=spec.pool_hash)
-    described = quantizer.describe()
-    quantizer_ref = QuantizerRef(**described)
+    keep, test_labels = pool.keep, test.labels.numpy()
+    full_precision = ShadowSet(pool.scores, np.arange(spec.membership.n_models))
+    oblivious = THREAT_MODELS.get("oblivious")
 
-    reference = [reference_outputs(pool, int(t), test, options.device) for t in targets]
-    reference_scores = np.stack([r.scores for r in reference])
-    reference_predictions = np.stack([r.test_predictions for r in reference])
-    reference_membership = run_attacks(spec, pool.keep, pool.scores, targets, reference_scores)
-    reference_eval = build_evaluation(pool.keep, targets, reference_membership, reference_predictions, test_labels)
+    # 3. reference: the same targets at full precision, attacked with full-precision shadows
+    reference = {int(t): reference_outputs(pool, int(t), test, options.device) for t in targets}
+    reference_scores = np.stack([reference[int(t)].scores for t in targets])
+    reference_predictions = np.stack([reference[int(t)].test_predictions for t in targets])
+    reference_attacked = attack_targets(spec, keep, targets, reference_scores, oblivious, [oblivious],
+                                        {"full-precision": full_precision})
+    reference_eval = build_evaluation(keep, targets, reference_attacked.membership, reference_predictions, test_labels,
+                                      reference_attacked.choices, reference_attacked.chosen)
+    provenance = _provenance(spec, quantizer, pool, options.device)
 
     paths, results = [], []
+    folder_name = quantizer.name if options.per_quantizer_folder else None
+    quantized_shadows = [int(m) for m in spec.quantized_shadow_models]
     for plan in plan_list:
-        needs_all = "adaptive" in threats and not plan.is_full_precision
-        indices = list(range(spec.membership.n_models)) if needs_all else [int(t) for t in targets]
-        if plan.is_full_precision:
-            outputs = {int(t): reference[row] for row, t in enumerate(targets)}
-        else:
-            store = OutputStore(options.cache_dir, pool, quantizer, plan, progress)
-            outputs = {i: cached for i in indices if (cached := store.load(i)) is not None}
-            todo = [i for i in indices if i not in outputs]
-            groups = [tuple(todo[s : s + options.quantize_group]) for s in range(0, len(todo), options.quantize_group)]
-            key = f"quantize-{plan}"
-            progress.start(key, f"{quantizer.name} {plan}: quantize + score {len(todo)} of {len(indices)} models",
-                           len(groups))
-            jobs = [QuantizeJob(spec, quantizer, str(plan), group,
-                                Path(options.cache_dir), options.data_root, options.download, options.device,
-                                torch.get_num_threads()) for group in groups]
-            gpus = 1 if torch.device(options.device).type == "cuda" else 0
-            options.executor.map(quantize_job, jobs, gpus=gpus, progress=progress, key=key,
-                                 describe=lambda job: f"{job.plan} models {job.indices[0]}-{job.indices[-1]}")
-            for index in todo:  # written by the jobs, possibly in other processes
-                loaded = store.load(index)
-                if loaded is None:
-                    raise BenchError(f"{store.path(index)}: missing after quantization finished")
-                outputs[index] = loaded
+        # 4. quantize: the targets, and the attacker's shadows when it quantizes them too
+        candidates = {t.name: candidate_threats(t, known_threats) for t in threats}
+        sources = {c.shadows for group in candidates.values() for c in group} if not plan.is_full_precision else set()
+        indices = sorted({int(t) for t in targets} | (set(quantized_shadows) if "same-quantizer" in sources else set()))
+        outputs = reference if plan.is_full_precision else quantize_models(context, pool, quantizer, plan, indices,
+                                                                           options, progress)
+        shadows = {"full-precision": full_precision, "same-quantizer": full_precision, "rtn": full_precision}
+        if "same-quantizer" in sources:
+            shadows["same-quantizer"] = ShadowSet(np.stack([outputs[i].scores for i in quantized_shadows]),
+                                                  np.array(quantized_shadows))
+        if "rtn" in sources:
+            rtn = quantize_models(context, pool, QUANTIZERS.get("rtn")(), plan, quantized_shadows, options, progress)
+            shadows["rtn"] = ShadowSet(np.stack([rtn[i].scores for i in quantized_shadows]), np.array(quantized_shadows))
         target_scores = np.stack([outputs[int(t)].scores for t in targets])
         predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
         audit = merge_audits([outputs[i].audit for i in indices])
+        evidence = None if plan.is_full_precision else write_plan_evidence(
+            spec, quantizer, plan, outputs, indices, targets, result_path(options.out_dir, spec.id,
+                                                                           folder_name, str(plan), "any"))
         for threat in threats:
-            if threat == "adaptive" and not plan.is_full_precision:
-                shadow_scores = np.stack([outputs[i].scores for i in range(spec.membership.n_models)])
-            else:
-                shadow_scores = pool.scores
-            membership = run_attacks(spec, pool.keep, shadow_scores, targets, target_scores)
-            evaluation = build_evaluation(pool.keep, targets, membership, predictions, test_labels)
+            # 5. attack, and choose each target's strongest strategy on shadows alone
+            attacked = attack_targets(spec, keep, targets, target_scores, threat, candidates[threat.name], shadows)
+            # 6. measure
+            evaluation = build_evaluation(keep, targets, attacked.membership, predictions, test_labels,
+                                          attacked.choices, attacked.chosen)
+            # 7. write
             arrays = {
-                "keep": pool.keep, "targets": targets, "shadow_scores": shadow_scores, "target_scores": target_scores,
-                "reference_scores": reference_scores, "test_labels": test_labels, "test_predictions": predictions,
+                "keep": keep, "targets": targets, "target_scores": target_scores, "reference_scores": reference_scores,
+                "test_labels": test_labels, "test_predictions": predictions,
                 "reference_test_predictions": reference_predictions,
-                **{MEMBERSHIP + k: v for k, v in membership.items()},
-                **{REFERENCE_MEMBERSHIP + k: v for k, v in reference_membership.items()},
+                **{f"shadows__{t.name}__scores": shadows[t.shadows].scores for t in candidates[threat.name]},
+                **{f"shadows__{t.name}__models": shadows[t.shadows].models for t in candidates[threat.name]},
+                **evaluation_arrays("", attacked), **evaluation_arrays("reference_", reference_attacked),
             }
             finished = time.time()
             result = Result(
-                task=task_ref, quantizer=quantizer_ref, plan=str(plan), threat_model=threat, pool_source=source_ref,
-                n_models=spec.membership.n_models, n_examples=len(dataset.pool), n_test=len(test),
-                quantized=evaluation, reference=reference_eval, audit=audit,
-                arrays=ArraysRef(file="pending.npz", sha256="0" * 64), environment=env,
+                **provenance, plan=str(plan), threat_model=threat.name,
+                shadow_models=[int(m) for m in shadows[threat.shadows].models], n_models=spec.membership.n_models,
+                n_examples=len(pool.dataset.pool), n_test=len(test), quantized=evaluation, reference=reference_eval,
+                audit=audit, arrays=ArraysRef(file="pending.npz", sha256="0" * 64), evidence=evidence,
                 started_at=datetime.fromtimestamp(started_wall, timezone.utc),
                 finished_at=datetime.fromtimestamp(finished, timezone.utc), seconds=round(finished - started_wall, 3),
             )
-            folder_name = quantizer.name if options.per_quantizer_folder else None
-            path = result_path(options.out_dir, spec.id, folder_name, str(plan), threat)
+            path = result_path(options.out_dir, spec.id, folder_name, str(plan), threat.name)
             results.append(write_result(path, result, arrays))
             paths.append(path)
     return EvaluateOutcome(paths, results, pool)
+
+
+def write_plan_evidence(spec: TaskSpec, quantizer: Quantizer, plan: PrecisionPlan, outputs: dict[int, ModelOutputs],
+                        indices: list[int], targets: np.ndarray, beside: Path) -> EvidenceRef:
+    """The quantized weights of every model a plan's results used; only the targets' if that is too large."""
+    metadata = {"task_hash": spec.hash, "pool_hash": spec.pool_hash, "plan": str(plan),
+                "quantizer_config_hash": quantizer.describe()["config_hash"]}
+    path = evidence_path(beside, str(plan))
+    everything = {k: v for i in indices for k, v in outputs[i].evidence.items()}
+    if sum(v.nbytes for v in everything.values()) <= EVIDENCE_CAP:
+        return write_evidence(path, everything, metadata)
+    return write_evidence(path, {k: v for t in targets for k, v in outputs[int(t)].evidence.items()}, metadata)
+
+
+def _provenance(spec: TaskSpec, quantizer: Quantizer, pool: Pool, device: str) -> dict:
+    """The parts of every result that name what was run, on what, and where."""
+    source = pool_source(pool.store)
+    return {
+        "task": TaskRef(id=spec.id, version=spec.version, hash=spec.hash, pool_hash=spec.pool_hash),
+        "quantizer": QuantizerRef(**quantizer.describe()),
+        "pool_source": PoolSourceRef(repo=source.repo, revision=source.revision) if source else None,
+        "environment": Environment(**environment(device)),
+    }

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.stats import norm
 
 import independent
-from mia_ptq_bench.attack import ATTACKS, global_threshold, leave_one_out, lira_offline, lira_online
+from mia_ptq_bench.attack import ATTACKS, AttackInput, global_threshold, leave_one_out, lira_offline, lira_online
 from mia_ptq_bench.metrics import attack_metrics
-from mia_ptq_bench.spec.schema import LiraSpec
+from mia_ptq_bench.spec import load_task
 
 
 def synthetic(gap: float, shadows: int = 32, examples: int = 3000, queries: int = 2, seed: int = 0):
@@ -19,17 +20,18 @@ def synthetic(gap: float, shadows: int = 32, examples: int = 3000, queries: int 
 
 
 @pytest.mark.parametrize("name", ["lira-online", "lira-online-fixed", "lira-offline", "lira-offline-fixed",
-                                  "global-threshold"])
+                                  "rmia-online", "rmia-offline", "global-threshold"])
 def test_attacks_separate_distinct_gaussians(name: str) -> None:
     shadow, shadow_in, target, labels = synthetic(gap=2.0)
-    scores = ATTACKS.get(name)(shadow, shadow_in, target, LiraSpec())
+    scores = ATTACKS.get(name)(AttackInput(shadow, shadow_in, target, ~labels), load_task("tiny-digits"))
     assert attack_metrics(labels, scores).auc > 0.85
 
 
-@pytest.mark.parametrize("name", ["lira-online", "lira-offline", "global-threshold"])
+@pytest.mark.parametrize("name", ["lira-online", "lira-offline", "rmia-online", "rmia-offline", "global-threshold"])
 def test_attacks_are_at_chance_on_identical_gaussians(name: str) -> None:
     shadow, shadow_in, target, labels = synthetic(gap=0.0, examples=6000)
-    auc = attack_metrics(labels, ATTACKS.get(name)(shadow, shadow_in, target, LiraSpec())).auc
+    scores = ATTACKS.get(name)(AttackInput(shadow, shadow_in, target, ~labels), load_task("tiny-digits"))
+    auc = attack_metrics(labels, scores).auc
     assert abs(auc - 0.5) < 0.03
 
 
@@ -69,10 +71,33 @@ def test_quirk_options_change_the_answer() -> None:
     assert not np.allclose(truncated, lira_online(shadow, shadow_in, target))
 
 
-def test_missing_side_is_a_clear_error() -> None:
+def test_an_example_with_shadows_on_one_side_only_borrows_the_mean_gap() -> None:
+    """Few shadows (a cheap adaptive attacker) leave some examples with no IN or no OUT model."""
     shadow, shadow_in, target, _ = synthetic(gap=1.0, examples=10)
-    shadow_in[:, 3] = True
-    with pytest.raises(ValueError, match="no shadow model on this side"):
+    shadow_in[:, 3] = True  # example 3: every shadow trained on it
+    shadow_in[:, 7] = False  # example 7: none did
+    both = [j for j in range(10) if j not in (3, 7)]
+    med_in = np.array([np.median(shadow[shadow_in[:, j], j], axis=0) for j in range(10) if j in both])
+    med_out = np.array([np.median(shadow[~shadow_in[:, j], j], axis=0) for j in range(10) if j in both])
+    gap = (med_in - med_out).mean(axis=0)  # (Q,)
+    sd_in = np.array([np.std(shadow[shadow_in[:, j], j], axis=0) for j in both + [3]]).mean(axis=0)
+    sd_out = np.array([np.std(shadow[~shadow_in[:, j], j], axis=0) for j in both + [7]]).mean(axis=0)
+    mu_in_3 = np.median(shadow[:, 3], axis=0)
+    mu_out_7 = np.median(shadow[:, 7], axis=0)
+    sd_in_3, sd_out_7 = np.std(shadow[:, 3], axis=0), np.std(shadow[:, 7], axis=0)
+    expected_3 = (norm.logpdf(target[3], mu_in_3, sd_in_3) - norm.logpdf(target[3], mu_in_3 - gap, sd_out)).mean()
+    expected_7 = (norm.logpdf(target[7], mu_out_7 + gap, sd_in) - norm.logpdf(target[7], mu_out_7, sd_out_7)).mean()
+    ours = lira_online(shadow, shadow_in, target)
+    np.testing.assert_allclose(ours[[3, 7]], [expected_3, expected_7], rtol=1e-10)
+    np.testing.assert_allclose(ours[both], independent.lira(shadow[:, both], shadow_in[:, both], target[both]),
+                               rtol=0, atol=1e-9)  # the others are untouched
+    assert np.isfinite(lira_offline(shadow, shadow_in, target)).all()
+
+
+def test_no_example_with_both_sides_is_a_clear_error() -> None:
+    shadow, shadow_in, target, _ = synthetic(gap=1.0, examples=10)
+    shadow_in[:, :5], shadow_in[:, 5:] = True, False
+    with pytest.raises(ValueError, match="no example has shadow models on both sides"):
         lira_online(shadow, shadow_in, target)
 
 

@@ -34,3 +34,19 @@ def test_validate_rejects_other_files(tmp_path) -> None:
     other.write_text("hi")
     result = cli.invoke(app, ["validate", str(other)])
     assert result.exit_code == 1 and "not a task (.yaml) or result (.json)" in result.stderr
+
+
+def test_version_and_short_help() -> None:
+    from mia_ptq_bench import __version__
+
+    assert cli.invoke(app, ["--version"]).output.strip() == f"mia-ptq-bench {__version__}"
+    assert "Usage" in cli.invoke(app, ["-h"]).output and "Usage" in cli.invoke(app, ["evaluate", "-h"]).output
+
+
+def test_near_misses_get_a_suggestion(tmp_path) -> None:
+    result = cli.invoke(app, ["evaluate", "rnt", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown quantizer 'rnt' (did you mean 'rtn'?)" in result.stderr
+    result = cli.invoke(app, ["evaluate", "rtn", "--task", "digits-mpl", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown task 'digits-mpl' (did you mean 'digits-mlp'?)" in result.stderr
+    result = cli.invoke(app, ["evaluate", "zzzz", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "did you mean" not in result.stderr  # no suggestion for nothing close

@@ -73,16 +73,24 @@ def test_every_metric_is_recomputed_by_an_independent_lira(evaluated) -> None:
         result = load_result(path)
         with np.load(path.with_suffix(".npz")) as archive:
             arrays = {k: archive[k] for k in archive.files}
-        keep, shadows_all = arrays["keep"], arrays["shadow_scores"]
+        keep = arrays["keep"]
+        shadow_scores = arrays[f"shadows__{result.threat_model}__scores"]
+        shadow_models = arrays[f"shadows__{result.threat_model}__models"]
+        assert list(shadow_models) == result.shadow_models
         for row, target in enumerate(arrays["targets"]):
-            others = np.delete(np.arange(keep.shape[0]), target)
+            others = shadow_models != target  # each target's shadows: the others (leave-one-out)
+            shadows, shadow_in = shadow_scores[others], keep[shadow_models[others]]
             recomputed = {
-                "lira-online": independent.lira(shadows_all[others], keep[others], arrays["target_scores"][row]),
-                "lira-offline-fixed": independent.lira(shadows_all[others], keep[others], arrays["target_scores"][row],
+                "lira-online": independent.lira(shadows, shadow_in, arrays["target_scores"][row]),
+                "lira-offline-fixed": independent.lira(shadows, shadow_in, arrays["target_scores"][row],
                                                        online=False, fixed=True),
                 "global-threshold": arrays["target_scores"][row].mean(axis=1),
             }
             stored = result.quantized.targets[row]
+            chosen = arrays["strongest_membership"][row]  # the strongest strategy's scores, measured independently
+            assert stored.strongest.tpr_at_0_1pct_fpr.tpr == pytest.approx(
+                independent.tpr_at(keep[target], chosen, 0.001), abs=1e-9)
+            assert stored.strongest.attack in recomputed or stored.strongest.attack.startswith("rmia")
             for attack, scores in recomputed.items():
                 np.testing.assert_allclose(arrays[f"membership__{attack}"][row], scores, rtol=0, atol=1e-9)
                 labels = keep[target]
@@ -105,8 +113,9 @@ def test_oblivious_and_adaptive_use_different_shadows(evaluated) -> None:
     folder, _ = evaluated
     with np.load(folder / "w1.58-last8--oblivious.npz") as a, np.load(folder / "w1.58-last8--adaptive.npz") as b:
         assert np.array_equal(a["target_scores"], b["target_scores"])
-        assert not np.array_equal(a["shadow_scores"], b["shadow_scores"])
-        np.testing.assert_array_equal(a["shadow_scores"][a["targets"]], a["reference_scores"])
+        assert not np.array_equal(a["shadows__oblivious__scores"], b["shadows__adaptive__scores"])
+        np.testing.assert_array_equal(a["shadows__oblivious__scores"][a["targets"]], a["reference_scores"])
+        np.testing.assert_array_equal(b["shadows__adaptive__scores"][b["targets"]], b["target_scores"])
     oblivious = load_result(folder / "w1.58-last8--oblivious.json").quantized.attacks["lira-online"].auc.mean
     adaptive = load_result(folder / "w1.58-last8--adaptive.json").quantized.attacks["lira-online"].auc.mean
     assert oblivious != adaptive

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from io import StringIO
@@ -18,6 +19,7 @@ from conftest import TASKS
 from mia_ptq_bench.board.rank import pareto_front
 from mia_ptq_bench.board.build import build_site, safe_url
 from mia_ptq_bench.cli import app
+from mia_ptq_bench.results.io import load_result
 
 REPO = Path(__file__).resolve().parent.parent
 cli = CliRunner()
@@ -75,7 +77,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_site_layout(site: Path) -> None:
     boards = sorted(p.name for p in (site / "boards").glob("*.html"))
-    assert boards == [f"tiny-digits--{t}--{p}.html" for t in ("adaptive", "oblivious") for p in ("w1.58-last8", "w4")]
+    assert boards == sorted(f"tiny-digits--{t}--{p}{view}.html" for t in ("adaptive", "oblivious")
+                            for p in ("w1.58-last8", "w4") for view in ("", "--strongest"))
     assert {p.stem for p in (site / "entries").glob("*.html")} == {"fp32", "rtn", "example-stochastic-rounding",
                                                                   "hostile", "old-entry"}
     assert (site / "style.css").is_file() and (site / "results.csv").is_file()
@@ -89,6 +92,18 @@ def test_boards_rank_with_references_and_keep_stale_apart(site: Path) -> None:
     assert table.pareto.any()
     html = (site / "boards" / "tiny-digits--oblivious--w4.html").read_text()
     assert "Stale results" in html and html.index("old-entry") > html.index("Stale results")
+
+
+def test_strongest_board_ranks_by_the_strategy_chosen_per_target(site: Path) -> None:
+    table = pd.read_csv(site / "boards" / "tiny-digits--adaptive--w4--strongest.csv")
+    plain = pd.read_csv(site / "boards" / "tiny-digits--adaptive--w4.csv").set_index("entry")
+    assert list(table.tpr_at_0_1pct_fpr) == sorted(table.tpr_at_0_1pct_fpr)
+    assert set(table.entry) == set(plain.index)
+    for row in table.itertuples():  # the figures are each result's strongest summary, not the headline attack's
+        name = "fp32--adaptive.json" if row.entry == "fp32" else "w4--adaptive.json"
+        result = load_result(site.parent / "submissions" / row.entry / "results" / "tiny-digits" / name)
+        assert row.tpr_at_0_1pct_fpr == pytest.approx(result.quantized.strongest.tpr_at_0_1pct_fpr.mean, abs=1e-12)
+        assert row.true_positives_0_1pct == result.quantized.strongest.tpr_at_0_1pct_fpr.true_positives
 
 
 def test_hostile_metadata_is_escaped_in_the_html(site: Path) -> None:
@@ -129,14 +144,42 @@ def test_workflows_are_valid_and_safe() -> None:
         check = subprocess.run(["check-jsonschema", "--builtin-schema", "vendor.github-workflows",
                                 *map(str, workflows.glob("*.yml"))], capture_output=True, text=True, timeout=120)
         assert check.returncode == 0, check.stdout + check.stderr
-    validate = yaml.safe_load((workflows / "validate-submission.yml").read_text())
+    loaded = {p.name: yaml.safe_load(p.read_text()) for p in workflows.glob("*.yml")}
+    validate = loaded["validate-submission.yml"]
     triggers = validate[True]  # YAML reads the key `on` as True
     assert "pull_request" in triggers and "pull_request_target" not in triggers
-    assert validate["permissions"] == {"contents": "read"}
     steps = " ".join(str(s.get("run", "")) for s in validate["jobs"]["validate"]["steps"])
     assert "mptq-bench validate submissions/" in steps and "evaluate" not in steps
     assert "bash .ci/run" in (workflows / "tests.yml").read_text()
     assert "leaderboard build" in (workflows / "pages.yml").read_text()
+    for name, workflow in loaded.items():
+        # least privilege: nothing for the workflow, each job states its own
+        assert workflow["permissions"] == {}, name
+        for job_name, job in workflow["jobs"].items():
+            granted = job.get("permissions")
+            assert isinstance(granted, dict), f"{name}: job {job_name} states no permissions"
+            writes = {k for k, v in granted.items() if v == "write"}
+            if job_name == "deploy":
+                assert granted == {"pages": "write", "id-token": "write"}, name
+                assert "run" not in " ".join(map(str, job["steps"])), "the deploying job runs no repository code"
+            else:
+                assert writes == set() and granted.get("id-token") is None, f"{name}: {job_name} may write {writes}"
+            for step in job["steps"]:
+                uses = step.get("uses")
+                if uses is None:
+                    continue
+                action, _, ref = uses.partition("@")
+                # pinned by full commit SHA, the tag it stands for in a comment beside it
+                assert re.fullmatch(r"[0-9a-f]{40}", ref), f"{name}: {uses} is not pinned to a commit SHA"
+                line = next(line for line in (workflows / name).read_text().splitlines() if uses in line)
+                assert re.search(r"# v\d+\.\d+\.\d+$", line), f"{name}: {uses} has no tag comment"
+                if action == "actions/checkout":
+                    assert step.get("with", {}).get("persist-credentials") is False, f"{name}: checkout keeps the token"
+    pages = loaded["pages.yml"]
+    # deploy only from main: a workflow_dispatch on another branch must not publish its site
+    for job_name in ("build", "deploy"):
+        assert pages["jobs"][job_name]["if"] == "github.ref == 'refs/heads/main'"
+    assert pages["jobs"]["deploy"]["needs"] == "build"
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +219,9 @@ def test_every_page_in_chromium(site: Path, browser) -> None:
         if path.parent.name == "boards":
             rows = page.locator("table.board").first.locator("tbody tr").count()
             assert page.locator("svg.plot circle.point").count() == rows  # one point per entry
-            assert page.locator("svg.plot polyline.roc").count() == rows
+            # a ROC per entry for one attack; the strongest-attack view mixes attacks per target: no single ROC
+            strongest = path.name.endswith("--strongest.html")
+            assert page.locator("svg.plot polyline.roc").count() == (0 if strongest else rows)
             stem = path.name.removesuffix(".html")
             csv_table = pd.read_csv(path.parent / f"{stem}.csv")
             json_table = pd.DataFrame(json.loads((path.parent / f"{stem}.json").read_text()))
@@ -205,3 +250,21 @@ def test_hostile_entry_renders_inert_in_chromium(site: Path, browser) -> None:
     assert EVIL in page.locator("h1").inner_text()
     assert page.locator("a[href^='javascript']").count() == 0
     page.close()
+
+
+@pytest.mark.parametrize("cell, written", [
+    ('=HYPERLINK("http://evil","x")', "'=HYPERLINK(\"http://evil\",\"x\")"), ("+1+1", "'+1+1"), ("-2+3", "'-2+3"),
+    ("@SUM(A1)", "'@SUM(A1)"), ("\tx", "'\tx"), ("\rx", "'\rx"), ("plain", "plain"), ("a=b", "a=b"),
+])
+def test_csv_cells_never_start_a_formula(tmp_path: Path, cell: str, written: str) -> None:
+    from mia_ptq_bench.board.build import _downloads
+
+    table = pd.DataFrame({"display_name": [cell], "tpr": [-0.5], "rank": [1], "reference": [True],
+                          "quantizer_config": [{"=k": "-v"}]})
+    _downloads(table, tmp_path, "board")
+    back = pd.read_csv(tmp_path / "board.csv", keep_default_na=False)
+    assert len(back) == 1 and back.display_name[0] == written  # a CR inside a cell does not split the row
+    # numbers stay numbers (a negative one is not text to neutralise), booleans stay booleans
+    assert back.tpr[0] == -0.5 and back["rank"][0] == 1 and bool(back.reference[0]) is True
+    assert back.quantizer_config[0] == '{"=k": "-v"}'
+    assert json.loads((tmp_path / "board.json").read_text())[0]["display_name"] == cell  # JSON keeps the text

@@ -5,7 +5,7 @@ import pytest
 from scipy.special import softmax
 
 from mia_ptq_bench.pool import balanced_keep_masks
-from mia_ptq_bench.score import logit_scaled_confidence
+from mia_ptq_bench.inference import logit_scaled_confidence
 
 
 @pytest.mark.parametrize("n_models, n_examples, pkeep", [(64, 1000, 0.5), (16, 333, 0.5), (10, 2000, 0.3)])

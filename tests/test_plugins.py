@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import TASKS
 from mia_ptq_bench.cli import app
-from mia_ptq_bench.quantize.plugins import resolve
+from mia_ptq_bench.submission.resolve import resolve
 from mia_ptq_bench.submission import validate_submission, write_manifest
 
 REPO = Path(__file__).resolve().parent.parent

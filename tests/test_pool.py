@@ -193,7 +193,7 @@ def test_batchnorm_models_build_in_stacked_groups(tmp_path: Path) -> None:
     spec = load_task("tiny-cnn")
     data = load_dataset(spec.dataset)
     pool = build_pool(spec, data, tmp_path, trainer="stacked", stack=2)
-    assert pool.scores.shape == (4, 300, 2) and np.isfinite(pool.scores).all()
+    assert pool.scores.shape == (spec.membership.n_models, 300, 2) and np.isfinite(pool.scores).all()
     assert 2 <= auto_stack(spec, data, torch.device("cpu"), force=True) <= 4
     # stacking was measured on the CPU only: elsewhere the automatic choice trains one at a time
     assert auto_stack(spec, data, torch.device("cuda")) == 1
@@ -203,7 +203,7 @@ def test_batchnorm_models_build_in_stacked_groups(tmp_path: Path) -> None:
 def test_our_trainer_learns_as_well_as_the_reference_loop() -> None:
     """Same recipe, same members: the study-style DataLoader loop and ours reach the same accuracy."""
     from mia_ptq_bench.pool.reference import train_reference
-    from mia_ptq_bench.score import accuracy
+    from mia_ptq_bench.inference import accuracy
 
     spec = load_task("tiny-cnn")
     spec = spec.model_copy(update={

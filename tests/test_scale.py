@@ -18,7 +18,9 @@ import yaml
 from conftest import TASKS
 from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.pool import PoolStore, build_pool
-from mia_ptq_bench.pool.hub import MANIFEST, export_pool
+from mia_ptq_bench.atomic import sha256_file
+from mia_ptq_bench.errors import BenchError
+from mia_ptq_bench.pool.hub import MANIFEST, export_pool, install_snapshot
 from mia_ptq_bench.results.io import load_result
 from mia_ptq_bench.runner import RunOptions, evaluate
 from mia_ptq_bench.spec import load_task
@@ -207,3 +209,78 @@ def test_truncated_cache_file_is_detected_and_rebuilt(tmp_path: Path) -> None:
     assert second.returncode == 0 and "rebuilding model 4" in second.stdout and "model-0004.safetensors" in second.stdout
     for path in sorted((tmp_path / "r1").rglob("*.json")):
         assert numbers(path) == numbers(tmp_path / "r2" / path.relative_to(tmp_path / "r1"))
+
+
+# -- the Hub manifest is the repository owner's: hostile until checked --------------------------------
+
+def _rewrite_manifest(snapshot: Path, change) -> None:
+    manifest = json.loads((snapshot / MANIFEST).read_text())
+    change(manifest["files"])
+    (snapshot / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _nothing_installed(cache: Path) -> bool:
+    return not (cache / "pools").exists() or not any(p for p in (cache / "pools").iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("name", ["../../blobs/evilblob", "models/../../../blobs/evilblob", "/tmp/evilblob",
+                                  "../../../../../../../../etc/hostname",
+                                  "models/./model-0000.json", "models\\evil"])
+def test_manifest_names_must_be_plain_files_of_the_pool(hub_cache: dict, tmp_path: Path, name: str) -> None:
+    snapshot = hub_cache["snapshot"]
+    blob = snapshot.parent.parent / "blobs" / "evilblob"  # a real file with the right sha256: the old pull installed it
+    blob.parent.mkdir(exist_ok=True)
+    blob.write_bytes(b"not a pool file")
+    _rewrite_manifest(snapshot, lambda files: files.update({name: sha256_file(blob)}))
+    with pytest.raises(BenchError) as info:
+        install_snapshot(snapshot, load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool")
+    assert str(info.value) == (f"hub mptq/tiny-digits-pool@{COMMIT[:12]}: {MANIFEST}: files: {name!r} is not a plain "
+                               "relative name inside the pool; refused")
+    assert _nothing_installed(tmp_path / "cache") and not (tmp_path / "cache" / "blobs").exists()
+
+
+def test_manifest_must_list_exactly_the_pool(hub_cache: dict, tmp_path: Path) -> None:
+    snapshot, spec, cache = hub_cache["snapshot"], load_task("tiny-digits"), tmp_path / "cache"
+    _rewrite_manifest(snapshot, lambda files: files.pop("models/model-0007.safetensors"))  # an incomplete pool
+    with pytest.raises(BenchError, match=r"files: models/model-0007\.safetensors missing: the pool would be "
+                                         r"incomplete; refused"):
+        install_snapshot(snapshot, spec, cache, "mptq/tiny-digits-pool")
+    assert _nothing_installed(cache)
+    _rewrite_manifest(snapshot, lambda files: files.update({"models/model-0007.safetensors": "0" * 64,
+                                                            "models/model-0008.json": "0" * 64}))
+    with pytest.raises(BenchError, match=r"files: 'models/model-0008\.json' is not a file of the pool of tiny-digits "
+                                         r"\(8 models\); refused"):
+        install_snapshot(snapshot, spec, cache, "mptq/tiny-digits-pool")
+    assert _nothing_installed(cache)
+
+
+def test_a_snapshot_file_linking_outside_the_repository_is_refused(hub_cache: dict, tmp_path: Path) -> None:
+    snapshot = hub_cache["snapshot"]
+    outside = tmp_path / "outside.json"
+    record = snapshot / "models" / "model-0002.json"
+    outside.write_bytes(record.read_bytes())  # same content, same sha256: only where it lives is wrong
+    record.unlink()
+    record.symlink_to(outside)
+    with pytest.raises(BenchError, match=r"models/model-0002\.json: leads outside the downloaded repository; refused"):
+        install_snapshot(snapshot, load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool")
+
+
+def test_a_verified_snapshot_installs_whole(hub_cache: dict, tmp_path: Path) -> None:
+    source = install_snapshot(hub_cache["snapshot"], load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool")
+    assert source.revision == COMMIT and PoolStore(tmp_path / "cache", load_task("tiny-digits")).is_complete_pool()
+
+
+@pytest.mark.slow
+def test_pool_pull_refuses_a_manifest_escaping_the_pool(hub_cache: dict, tmp_path: Path) -> None:
+    """Through the real Hub client and the CLI: exit 2, one line, nothing installed anywhere."""
+    snapshot = hub_cache["snapshot"]
+    blob = snapshot.parent.parent / "blobs" / "evilblob"
+    blob.parent.mkdir(exist_ok=True)
+    blob.write_bytes(b"evil")
+    _rewrite_manifest(snapshot, lambda files: files.update({"../../blobs/evilblob": sha256_file(blob)}))
+    env = {k: v for k, v in hub_cache.items() if k != "snapshot"}
+    cache = tmp_path / "c"
+    pulled = cli("pool", "pull", "tiny-digits", "--repo", "mptq/tiny-digits-pool", "--cache-dir", str(cache), env=env)
+    assert pulled.returncode == 2 and "'../../blobs/evilblob' is not a plain relative name inside the pool; refused" \
+        in pulled.stderr and "Traceback" not in pulled.stderr
+    assert _nothing_installed(cache) and not (cache / "blobs").exists()

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from mia_ptq_bench.errors import SpecError
+from mia_ptq_bench.runner import check_task
 from mia_ptq_bench.spec import available_tasks, load_task
 from mia_ptq_bench.spec.loader import TASKS_ENV
 
@@ -74,7 +75,6 @@ def test_pool_hash_ignores_plans_but_not_training(tmp_path: Path, tiny_dict: dic
     (lambda d: d["training"].update(optimiser="adam"), "training.optimiser", "unknown field"),
     (lambda d: d.update(plans=["w4", "w3.5"]), "plans", "cannot parse precision plan"),
     (lambda d: d.update(plans=["w4", "w4"]), "plans", "duplicate"),
-    (lambda d: d.update(attacks=["lira-sideways"]), "attacks.0", "lira-online"),
     (lambda d: d["targets"].update(count=99), "(document)", "exceeds membership.n_models"),
     (lambda d: d.pop("training"), "training", "Field required"),
 ])
@@ -85,6 +85,54 @@ def test_bad_specs_name_file_field_and_reason(tmp_path: Path, tiny_dict: dict, m
         load_task(path)
     message = str(info.value)
     assert str(path) in message and f": {field}:" in message and reason in message
+
+
+@pytest.mark.parametrize("mutate, field, reason", [
+    (lambda d: d.update(attacks=["lira-online", "lira-sideways"]), "attacks[1]",
+     "unknown attack 'lira-sideways'; known: global-threshold, lira-offline"),
+    (lambda d: d.update(queries=["rotate"]), "queries[0]", "unknown query 'rotate'; known: hflip, identity"),
+    (lambda d: d.update(threat_models=["psychic"]), "threat_models[0]", "unknown threat model 'psychic'; known: adaptive"),
+    (lambda d: d["dataset"].update(name="mnist"), "dataset.name", "unknown dataset 'mnist'; known: cifar10"),
+    (lambda d: d["model"].update(arch="vit"), "model.arch", "unknown model 'vit'; known: cnn"),
+])
+def test_names_are_checked_against_their_registries(tmp_path: Path, tiny_dict: dict, mutate, field: str,
+                                                    reason: str) -> None:
+    mutate(tiny_dict)
+    path = write_task(tmp_path, tiny_dict)
+    with pytest.raises(SpecError) as info:
+        check_task(load_task(path), str(path))
+    assert f"{path}: {field}: {reason}" in str(info.value)
+
+
+def test_extends_merges_mappings_and_replaces_lists(tmp_path: Path, tiny_dict: dict) -> None:
+    parent = load_task(write_task(tmp_path, tiny_dict))
+    child = {"id": "child", "extends": "tiny-digits.yaml", "plans": ["w2"], "training": {"epochs": 7}}
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump(child))
+    loaded = load_task(tmp_path / "child.yaml")
+    assert loaded.plans == ["w2"] and loaded.training.epochs == 7
+    assert loaded.training.lr == parent.training.lr and loaded.dataset == parent.dataset  # inherited
+    # identity is the resolved content: the same spec written out in full has the same hash
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "child.yaml").write_text(yaml.safe_dump(loaded.model_dump(mode="json")))
+    assert load_task(tmp_path / "flat" / "child.yaml").hash == loaded.hash
+
+
+def test_extends_cycles_and_missing_parents_are_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("id: a\nextends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("id: b\nextends: a.yaml\n")
+    with pytest.raises(SpecError, match=r"a\.yaml: extends: 'b\.yaml' makes a cycle: b\.yaml -> a\.yaml -> b\.yaml"):
+        load_task(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("id: c\nextends: nowhere.yaml\n")
+    with pytest.raises(SpecError, match=r"c\.yaml: extends: .*nowhere\.yaml not found"):
+        load_task(tmp_path / "c.yaml")
+
+
+def test_bundled_study_tasks_state_only_their_differences() -> None:
+    text = (Path(__file__).parent.parent / "tasks" / "cifar100-resnet50.yaml").read_text()
+    assert "extends: cifar100-resnet18" in text and len(text.splitlines()) < 10
+    spec = load_task("cifar100-resnet50")
+    assert (spec.dataset.name, spec.model.arch, spec.training.epochs, spec.membership.n_models) == (
+        "cifar100", "resnet50", 100, 64)
 
 
 def test_id_must_match_file_name(tmp_path: Path, tiny_dict: dict) -> None:

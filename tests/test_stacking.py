@@ -21,7 +21,7 @@ from mia_ptq_bench.pool import pool_keep_masks
 from mia_ptq_bench.pool.train import (Schedule, init_model, make_schedule, stack_size, train_sequential,
                                       train_stacked)
 from mia_ptq_bench.pool.wide import NotStackable, stack_states, unstack_state, widen
-from mia_ptq_bench.score import accuracy
+from mia_ptq_bench.inference import accuracy
 from mia_ptq_bench.spec import load_task
 
 CPU = torch.device("cpu")

@@ -1,50 +1,10 @@
-"""Membership-inference attacks behind a registry; each maps shadow and target scores to membership scores."""
+"""Membership-inference attacks: pure functions on score arrays, their registry, threat models, the loop."""
 
-from __future__ import annotations
-
-from collections.abc import Callable
-
-import numpy as np
-
-from ..registry import Registry
-from ..spec.schema import LiraSpec
 from .lira import global_threshold, lira_offline, lira_online
+from .registry import ATTACKS, AttackInput
+from .rmia import rmia_offline, rmia_online
+from .run import ShadowSet, attack_inputs, leave_one_out, run_attacks
+from .threats import THREAT_MODELS, ThreatModel
 
-Attack = Callable[[np.ndarray, np.ndarray, np.ndarray, LiraSpec], np.ndarray]
-ATTACKS: Registry[Attack] = Registry("attack")
-
-
-@ATTACKS.register("lira-online")
-def _online(shadow_scores, shadow_in, target_scores, options: LiraSpec) -> np.ndarray:
-    return lira_online(shadow_scores, shadow_in, target_scores, equalize_counts=options.equalize_counts)
-
-
-@ATTACKS.register("lira-online-fixed")
-def _online_fixed(shadow_scores, shadow_in, target_scores, options: LiraSpec) -> np.ndarray:
-    return lira_online(shadow_scores, shadow_in, target_scores, fixed_variance=True,
-                       fixed_variance_out=options.fixed_variance_out, equalize_counts=options.equalize_counts)
-
-
-@ATTACKS.register("lira-offline")
-def _offline(shadow_scores, shadow_in, target_scores, options: LiraSpec) -> np.ndarray:
-    return lira_offline(shadow_scores, shadow_in, target_scores, test=options.offline_test,
-                        equalize_counts=options.equalize_counts)
-
-
-@ATTACKS.register("lira-offline-fixed")
-def _offline_fixed(shadow_scores, shadow_in, target_scores, options: LiraSpec) -> np.ndarray:
-    return lira_offline(shadow_scores, shadow_in, target_scores, fixed_variance=True, test=options.offline_test,
-                        equalize_counts=options.equalize_counts)
-
-
-@ATTACKS.register("global-threshold")
-def _threshold(shadow_scores, shadow_in, target_scores, options: LiraSpec) -> np.ndarray:
-    return global_threshold(target_scores)
-
-
-def leave_one_out(n_models: int, target: int) -> np.ndarray:
-    """Shadow indices for a pool target: every other pool model (LiRA's own evaluation)."""
-    return np.delete(np.arange(n_models), target)
-
-
-__all__ = ["ATTACKS", "global_threshold", "leave_one_out", "lira_offline", "lira_online"]
+__all__ = ["ATTACKS", "THREAT_MODELS", "AttackInput", "ShadowSet", "ThreatModel", "attack_inputs", "global_threshold",
+           "leave_one_out", "lira_offline", "lira_online", "rmia_offline", "rmia_online", "run_attacks"]

@@ -46,20 +46,53 @@ def gaussian_fit(shadow_scores: np.ndarray, mask: np.ndarray, fixed_variance: bo
     """Per example and query: centre = median, spread = std (ddof 0) of the selected shadows.
 
     With ``fixed_variance`` one spread over every selected score replaces the per-example ones.
+    Columns with no selected shadow come back as NaN (``fit_sides`` fills them).
     """
-    if not mask.any(axis=0).all():
-        missing = int((~mask.any(axis=0)).sum())
-        raise ValueError(f"{missing} examples have no shadow model on this side; use more shadow models")
-    centre = masked_median(shadow_scores, mask)
-    if fixed_variance:
-        spread = np.full_like(centre, masked_std(shadow_scores, mask, pooled=True))
-    else:
-        spread = masked_std(shadow_scores, mask)
+    if not mask.any():
+        raise ValueError("no example has a shadow model on this side; use more shadow models")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centre = masked_median(shadow_scores, mask)
+        if fixed_variance:
+            spread = np.full_like(centre, masked_std(shadow_scores, mask, pooled=True))
+        else:
+            spread = masked_std(shadow_scores, mask)
+    empty = ~mask.any(axis=0)
+    centre[empty], spread[empty] = np.nan, np.nan
     return centre, spread
 
 
-def _split(shadow_in: np.ndarray, equalize_counts: bool) -> tuple[np.ndarray, np.ndarray]:
+def fit_sides(shadow_scores: np.ndarray, inside: np.ndarray, outside: np.ndarray, fixed_variance: bool):
+    """(mu_in, sd_in, mu_out, sd_out), each (N, Q); an example with no shadow on one side borrows.
+
+    With few shadows (an adaptive attacker that quantized only some models) an example can
+    have every shadow on one side. Its missing centre is then its other side's centre moved
+    by the mean IN - OUT gap over the examples that have both, and its missing spread is the
+    mean spread of that side: the best guess the attacker's own shadows support.
+    """
+    mu_in, sd_in = gaussian_fit(shadow_scores, inside, fixed_variance)
+    mu_out, sd_out = gaussian_fit(shadow_scores, outside, fixed_variance)
+    missing_in, missing_out = np.isnan(mu_in), np.isnan(mu_out)
+    if missing_in.any() or missing_out.any():
+        both = ~(missing_in | missing_out)
+        if not both.any(axis=0).all():
+            raise ValueError("no example has shadow models on both sides; use more shadow models")
+        gap = np.where(both, mu_in - mu_out, 0.0).sum(axis=0) / both.sum(axis=0)
+        mu_in = np.where(missing_in, mu_out + gap, mu_in)
+        mu_out = np.where(missing_out, mu_in - gap, mu_out)
+        sd_in = np.where(missing_in, np.nanmean(sd_in, axis=0), sd_in)
+        sd_out = np.where(missing_out, np.nanmean(sd_out, axis=0), sd_out)
+    return mu_in, sd_in, mu_out, sd_out
+
+
+def _split(shadow_in: np.ndarray, equalize_counts: bool,
+           references: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     inside, outside = shadow_in.astype(bool), ~shadow_in.astype(bool)
+    if references is not None:  # per-example subsets, e.g. rmia.select_references
+        references = np.asarray(references)
+        if references.shape != inside.shape or references.dtype != bool:
+            raise ValueError(f"references must be bool of shape {inside.shape}, got {references.dtype} "
+                             f"{references.shape}")
+        inside, outside = inside & references, outside & references
     if equalize_counts:  # the reference code's truncation to the smallest count over examples
         inside = first_k(inside, int(inside.sum(axis=0).min()))
         outside = first_k(outside, int(outside.sum(axis=0).min()))
@@ -67,11 +100,14 @@ def _split(shadow_in: np.ndarray, equalize_counts: bool) -> tuple[np.ndarray, np
 
 
 def lira_online(shadow_scores: np.ndarray, shadow_in: np.ndarray, target_scores: np.ndarray, *,
-                fixed_variance: bool = False, fixed_variance_out: str = "out", equalize_counts: bool = False) -> np.ndarray:
-    """Likelihood ratio log N(s; in) - log N(s; out), averaged over queries."""
-    inside, outside = _split(shadow_in, equalize_counts)
-    mu_in, sd_in = gaussian_fit(shadow_scores, inside, fixed_variance)
-    mu_out, sd_out = gaussian_fit(shadow_scores, outside, fixed_variance)
+                fixed_variance: bool = False, fixed_variance_out: str = "out", equalize_counts: bool = False,
+                references: np.ndarray | None = None) -> np.ndarray:
+    """Likelihood ratio log N(s; in) - log N(s; out), averaged over queries.
+
+    ``references`` (S, N) bool, optional: only these shadows serve each example.
+    """
+    inside, outside = _split(shadow_in, equalize_counts, references)
+    mu_in, sd_in, mu_out, sd_out = fit_sides(shadow_scores, inside, outside, fixed_variance)
     if fixed_variance and fixed_variance_out == "in":
         sd_out = sd_in  # reference-code quirk, only on request
     ratio = norm.logpdf(target_scores, mu_in, sd_in + EPS) - norm.logpdf(target_scores, mu_out, sd_out + EPS)
@@ -79,10 +115,17 @@ def lira_online(shadow_scores: np.ndarray, shadow_in: np.ndarray, target_scores:
 
 
 def lira_offline(shadow_scores: np.ndarray, shadow_in: np.ndarray, target_scores: np.ndarray, *,
-                 fixed_variance: bool = False, test: str = "one-sided", equalize_counts: bool = False) -> np.ndarray:
-    """OUT shadows only. One-sided (LiRA paper): log P[Z < s] under OUT. Two-sided (reference code): -log N(s; out)."""
-    _, outside = _split(shadow_in, equalize_counts)
-    mu_out, sd_out = gaussian_fit(shadow_scores, outside, fixed_variance)
+                 fixed_variance: bool = False, test: str = "one-sided", equalize_counts: bool = False,
+                 references: np.ndarray | None = None) -> np.ndarray:
+    """OUT shadows only. One-sided (LiRA paper): log P[Z < s] under OUT. Two-sided (reference code): -log N(s; out).
+
+    ``references`` (S, N) bool, optional: only these shadows serve each example.
+    """
+    inside, outside = _split(shadow_in, equalize_counts, references)
+    if outside.any(axis=0).all():
+        mu_out, sd_out = gaussian_fit(shadow_scores, outside, fixed_variance)
+    else:  # the IN shadows only say where OUT lies through the gap (fit_sides)
+        _, _, mu_out, sd_out = fit_sides(shadow_scores, inside, outside, fixed_variance)
     if test == "one-sided":
         per_query = norm.logcdf(target_scores, mu_out, sd_out + EPS)
     elif test == "two-sided":

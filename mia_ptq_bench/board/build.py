@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,9 +22,9 @@ import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from ..atomic import write_text_atomic
-from ..errors import BenchError
+from ..errors import BenchError, WriteError
 from ..spec import load_task
-from .collect import Collected, collect
+from .collect import STRONGEST, Collected, collect
 from .rank import board, missing_references
 from .svg import Point, privacy_utility, roc_curves
 
@@ -56,16 +57,48 @@ def _points(table: pd.DataFrame) -> list[Point]:
             for r in table.itertuples()]
 
 
+# A text cell starting with one of these is a formula to a spreadsheet: '=HYPERLINK("http://evil", "x")' as a
+# display name would be a live link (or worse) in whoever opens the CSV (OWASP: CSV injection).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: object) -> object:
+    """A CSV cell that no spreadsheet evaluates: text (and lists/mappings, written as JSON) starting with a
+    formula character gets a leading apostrophe; numbers, booleans and missing values stay as they are."""
+    if isinstance(value, (dict, list, tuple)):
+        value = json.dumps(value, sort_keys=True)
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
 def _downloads(table: pd.DataFrame, folder: Path, name: str) -> None:
     """``name``.csv and ``name``.json (names hold dots, as in w1.58: no Path.with_suffix here)."""
     flat = table.drop(columns=[c for c in ("roc_fpr", "roc_tpr") if c in table.columns])
-    write_text_atomic(folder / f"{name}.csv", flat.to_csv(index=False))
+    # Numbers and booleans are never touched; text may be object or pandas' string dtype, so test for numbers.
+    text_columns = [c for c in flat.columns if not pd.api.types.is_numeric_dtype(flat[c])]
+    # CRLF line ends (RFC 4180) also make the writer quote a text cell holding a bare CR, which would split the row
+    write_text_atomic(folder / f"{name}.csv", flat.assign(**{c: flat[c].map(csv_safe) for c in text_columns})
+                      .to_csv(index=False, lineterminator="\r\n"))
     write_text_atomic(folder / f"{name}.json", flat.to_json(orient="records", indent=1) + "\n")
 
 
-def build_site(submissions: Path, out: Path) -> dict:
-    """Render the whole site into ``out`` (replaced); returns a summary for the CLI."""
-    collected: Collected = collect(submissions)
+def build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, str]] | None = None) -> dict:
+    """Render the whole site into ``out`` (replaced); returns a summary for the CLI.
+
+    A folder that cannot be written (read-only, full disk) is one WriteError naming it; the previous site
+    stays in place until the new one is whole.
+    """
+    try:
+        return _build_site(Path(submissions), Path(out), checks)
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise WriteError(f"{exc.filename or out}: cannot write the site: {exc.strerror or exc}") from None
+
+
+def _build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, str]] | None) -> dict:
+    collected: Collected = collect(submissions, checks)
     if collected.rows.empty:
         raise BenchError(f"{submissions}: no valid results to build a leaderboard from"
                          + (f" (skipped: {'; '.join(collected.skipped)})" if collected.skipped else ""))
@@ -86,30 +119,40 @@ def build_site(submissions: Path, out: Path) -> dict:
         threats = []
         for threat in spec.threat_models:
             boards = []
-            for plan in spec.plans:
-                table = board(rows, task_id, threat, plan, attack)
-                if table.empty:
-                    continue
-                missing = missing_references(table)
-                if missing:
-                    raise BenchError(f"board {task_id}/{threat}/{plan}: no result from the reference "
-                                     f"submission(s) {', '.join(missing)}; every board shows fp32 and rtn")
-                name = board_name(task_id, threat, plan)
-                _downloads(table, staging / "boards", name)
-                stale = rows[(rows.task == task_id) & (rows.threat_model == threat) & (rows.plan == plan)
-                             & (rows.attack == attack) & rows.stale]
-                title = f"{task_id} · {threat} · {plan}"
-                scatter = privacy_utility(_points(table), f"Privacy against utility: {title}", PLOT_FLOOR)
-                rocs = roc_curves([(r.display_name, r.roc_fpr, r.roc_tpr, bool(r.reference))
-                                   for r in table.itertuples()], f"ROC ({attack}): {title}")
-                page = env.get_template("board.html.j2").render(
-                    root="../", title=title, task=spec, threat=threat, plan=plan, attack=attack, name=name,
-                    table=table.to_dict("records"), stale=stale.to_dict("records"), scatter=scatter, rocs=rocs)
-                write_text_atomic(staging / "boards" / f"{name}.html", page)
-                boards.append({"plan": plan, "name": name, "table": table.to_dict("records")})
-            threats.append({"threat": threat, "boards": boards})
+            for view in (attack, STRONGEST):
+                for plan in spec.plans:
+                    table = board(rows, task_id, threat, plan, view)
+                    if table.empty:
+                        continue
+                    missing = missing_references(table)
+                    if missing:  # a board is only published beside its references: leave this one out, say why
+                        collected.skipped.append(f"board {task_id}/{threat}/{plan}: no result from the reference "
+                                                 f"submission(s) {', '.join(missing)}; every board shows fp32 "
+                                                 "and rtn")
+                        continue
+                    name = board_name(task_id, threat, plan) + ("--strongest" if view == STRONGEST else "")
+                    _downloads(table, staging / "boards", name)
+                    stale = rows[(rows.task == task_id) & (rows.threat_model == threat) & (rows.plan == plan)
+                                 & (rows.attack == view) & rows.stale]
+                    shown = "the strongest attack per target" if view == STRONGEST else view
+                    title = f"{task_id} · {threat} · {plan}" + (" · strongest attack" if view == STRONGEST else "")
+                    scatter = privacy_utility(_points(table), f"Privacy against utility: {title}", PLOT_FLOOR)
+                    rocs = roc_curves([(r.display_name, r.roc_fpr, r.roc_tpr, bool(r.reference))
+                                       for r in table.itertuples()], f"ROC ({attack}): {title}") \
+                        if view != STRONGEST else None
+                    page = env.get_template("board.html.j2").render(
+                        root="../", title=title, task=spec, threat=threat, plan=plan, attack=shown, name=name,
+                        strongest=view == STRONGEST, table=table.to_dict("records"),
+                        stale=stale.to_dict("records"), scatter=scatter, rocs=rocs)
+                    write_text_atomic(staging / "boards" / f"{name}.html", page)
+                    boards.append({"plan": plan, "name": name, "view": view, "table": table.to_dict("records")})
+            threats.append({"threat": threat, "boards": [b for b in boards if b["view"] != STRONGEST],
+                            "strongest": [b for b in boards if b["view"] == STRONGEST]})
         tasks.append({"spec": spec, "attack": attack, "threats": threats})
 
+    if not any(th["boards"] for t in tasks for th in t["threats"]):
+        raise BenchError(f"{submissions}: no board can be built: "
+                         + "; ".join(line for line in collected.skipped if line.startswith("board "))[:2000])
     headline_attack = {t["spec"].id: t["attack"] for t in tasks}
     for name, spec in collected.submissions.items():
         mine = rows[(rows.entry == name)].sort_values(["task", "threat_model", "plan", "attack"])
@@ -133,7 +176,8 @@ def build_site(submissions: Path, out: Path) -> dict:
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
-    return {"boards": sum(len(th["boards"]) for t in tasks for th in t["threats"]), "entries": len(collected.submissions),
+    return {"boards": sum(len(th["boards"]) + len(th["strongest"]) for t in tasks for th in t["threats"]),
+            "entries": len(collected.submissions),
             "skipped": collected.skipped, "out": out}
 
 

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from ..errors import BenchError
-from ..quantize.plugins import load_submission
 from ..results.io import load_result
 from ..spec import load_task
-from ..spec.submission import SubmissionSpec
-from ..submission import find_submissions, validate_submission
-
-REFERENCES = ("fp32", "rtn")
+from ..submission import REFERENCE_ENTRIES, SubmissionSpec, find_submissions, load_submission, validate_submission
+from ..submission.validate import expected_results
 
 
 @dataclass
@@ -24,12 +22,17 @@ class Collected:
     skipped: list[str] = field(default_factory=list)  # one line per submission left out, with the reason
 
 
-def _row(name: str, spec: SubmissionSpec, result, attack: str, stale: bool) -> dict:
+STRONGEST = "strongest"  # the board view ranked by each target's strongest strategy (metrics/select.py)
+
+
+def _row(name: str, spec: SubmissionSpec, result, attack: str, stale: bool, check: str = "unchecked") -> dict:
     q = result.quantized
-    summary = q.attacks[attack]
+    summary = q.strongest if attack == STRONGEST else q.attacks[attack]
     low, one = summary.tpr_at_0_1pct_fpr, summary.tpr_at_1pct_fpr
+    nan = float("nan")
+    auc = (nan, nan, nan) if attack == STRONGEST else (summary.auc.mean, summary.auc.ci_low, summary.auc.ci_high)
     return {
-        "entry": name, "display_name": spec.display_name, "reference": name in REFERENCES,
+        "entry": name, "display_name": spec.display_name, "reference": name in REFERENCE_ENTRIES, "check": check,
         "task": result.task.id, "task_version": result.task.version, "stale": stale,
         "plan": result.plan, "threat_model": result.threat_model, "attack": attack, "targets": low.n,
         "test_accuracy": q.test_accuracy.mean, "test_accuracy_low": q.test_accuracy.ci_low,
@@ -39,32 +42,45 @@ def _row(name: str, spec: SubmissionSpec, result, attack: str, stale: bool) -> d
         "false_positives_0_1pct": low.false_positives, "negatives": low.negatives,
         "tpr_at_1pct_fpr": one.mean, "tpr_at_1pct_fpr_low": one.ci_low, "tpr_at_1pct_fpr_high": one.ci_high,
         "false_positives_1pct": one.false_positives,
-        "auc": summary.auc.mean, "auc_low": summary.auc.ci_low, "auc_high": summary.auc.ci_high,
-        "roc_fpr": list(q.roc_fpr_grid), "roc_tpr": list(summary.roc_tpr),
+        "auc": auc[0], "auc_low": auc[1], "auc_high": auc[2],
+        "roc_fpr": list(q.roc_fpr_grid) if attack != STRONGEST else [],
+        "roc_tpr": list(summary.roc_tpr) if attack != STRONGEST else [],
+        "strongest_chosen": ", ".join(f"{k} ({v})" for k, v in q.strongest.chosen.items()) if attack == STRONGEST else "",
         "quantizer_config": result.quantizer.config, "config_hash": result.quantizer.config_hash,
     }
 
 
-def collect(root: Path) -> Collected:
-    """Load every submission that validates; an invalid one is skipped with its first problem."""
+def collect(root: Path, checks: Mapping[Path, tuple[str, str]] | None = None) -> Collected:
+    """Load every submission that validates; an invalid one is skipped with its first problem.
+
+    Only what ``validate`` accepted is read, and only the expected result files of the tasks a submission
+    lists; anything that still fails to load skips its submission with one line, never the whole build.
+    ``checks`` maps a result file (resolved) to how its numbers were checked (``recomputed``,
+    ``self-reported``) and why; a result whose recomputation disagreed (``refused``) leaves its submission out.
+    """
     rows, specs, skipped = [], {}, []
     for folder in find_submissions(root):
         problems = [p for p in validate_submission(folder) if "task.hash: stale" not in p]
         if problems:
             skipped.append(f"{folder.name}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
             continue
-        spec = load_submission(folder)
+        try:
+            spec = load_submission(folder)
+            mine = []
+            for task_id in spec.tasks:
+                current = load_task(task_id)
+                for plan, threat in expected_results(task_id, ["fp32"] if spec.quantizer.builtin == "fp32" else None):
+                    path = folder / "results" / task_id / f"{plan}--{threat}.json"
+                    result = load_result(path)
+                    stale = result.task.hash != current.hash
+                    check, reason = (checks or {}).get(path.resolve(), ("unchecked", ""))
+                    if check == "refused":
+                        raise BenchError(f"{path}: recomputed from its evidence: {reason}")
+                    mine += [_row(spec.name, spec, result, attack, stale, check)
+                             for attack in [*result.quantized.attacks, STRONGEST]]
+        except (BenchError, ValueError, KeyError, TypeError, IndexError) as exc:  # validated, yet unreadable
+            skipped.append(f"{folder.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            continue
         specs[spec.name] = spec
-        for path in sorted((folder / "results").rglob("*.json")):
-            if path.name == "MANIFEST.json":
-                continue
-            result = load_result(path)
-            try:
-                current = load_task(result.task.id)
-            except BenchError:
-                skipped.append(f"{folder.name}: {path}: task {result.task.id!r} no longer exists")
-                continue
-            stale = result.task.hash != current.hash
-            for attack in result.quantized.attacks:
-                rows.append(_row(spec.name, spec, result, attack, stale))
+        rows += mine
     return Collected(pd.DataFrame(rows), specs, skipped)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-BOARD_COLUMNS = ["rank", "entry", "display_name", "reference", "pareto", "plan", "test_accuracy", "test_accuracy_low",
+from ..submission.schema import REFERENCE_ENTRIES
+
+BOARD_COLUMNS = ["rank", "entry", "display_name", "reference", "check", "pareto", "plan", "test_accuracy", "test_accuracy_low",
                  "test_accuracy_high", "tpr_at_0_1pct_fpr", "tpr_at_0_1pct_fpr_low", "tpr_at_0_1pct_fpr_high",
                  "true_positives_0_1pct", "positives", "false_positives_0_1pct", "negatives", "tpr_at_1pct_fpr",
                  "tpr_at_1pct_fpr_low", "tpr_at_1pct_fpr_high", "auc", "auc_low", "auc_high", "targets", "task_version"]
@@ -23,7 +25,8 @@ def pareto_front(accuracy: pd.Series, leakage: pd.Series) -> pd.Series:
 def board(rows: pd.DataFrame, task: str, threat: str, plan: str, attack: str) -> pd.DataFrame:
     """Current results at ``plan`` plus the full-precision reference, ranked (lower TPR@0.1%FPR leaks less)."""
     current = rows[(rows.task == task) & (rows.threat_model == threat) & (rows.attack == attack) & ~rows.stale]
-    table = current[(current.plan == plan) | (current.plan == "fp32")].copy()
+    # The full-precision row comes from the reference entry only (validate refuses fp32 results elsewhere).
+    table = current[(current.plan == plan) | ((current.plan == "fp32") & current.entry.isin(REFERENCE_ENTRIES))].copy()
     if table.empty:
         return table.reindex(columns=BOARD_COLUMNS)
     table = table.sort_values(["tpr_at_0_1pct_fpr", "test_accuracy", "entry"], ascending=[True, False, True])
@@ -34,4 +37,4 @@ def board(rows: pd.DataFrame, task: str, threat: str, plan: str, attack: str) ->
 
 def missing_references(table: pd.DataFrame) -> list[str]:
     present = set(table.entry)
-    return [name for name in ("fp32", "rtn") if name not in present]
+    return [name for name in REFERENCE_ENTRIES if name not in present]

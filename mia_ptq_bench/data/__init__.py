@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..spec.schema import DatasetSpec
 from . import loaders as _builtin  # noqa: F401  (registers the built-in datasets)
-from .base import DATA_ENV, DATASETS, ImageDataset, Split, default_data_root, resize, seeded_subset
+from .base import DATA_ENV, DATASET_SHAPES, DATASETS, DatasetShape, ImageDataset, Split, default_data_root, resize, \
+    seeded_subset
 
 
 def load_dataset(spec: DatasetSpec, data_root: Path | None = None, download: bool = False) -> ImageDataset:
@@ -17,4 +18,4 @@ def load_dataset(spec: DatasetSpec, data_root: Path | None = None, download: boo
     return ImageDataset(raw.name, pool, test, raw.num_classes, raw.mean, raw.std)
 
 
-__all__ = ["DATASETS", "DATA_ENV", "ImageDataset", "Split", "default_data_root", "load_dataset"]
+__all__ = ["DATASETS", "DATASET_SHAPES", "DATA_ENV", "DatasetShape", "ImageDataset", "Split", "default_data_root", "load_dataset"]

@@ -70,6 +70,28 @@ Loader = Callable[[Path, bool], ImageDataset]
 DATASETS: Registry[Loader] = Registry("dataset")
 
 
+@dataclass(frozen=True)
+class DatasetShape:
+    """What a dataset holds, known without loading it: the task's memory and time are estimated from this
+    before any data is read. A loader registers its shape in DATASET_SHAPES; without one, the estimate
+    waits until the data is loaded."""
+
+    channels: int
+    height: int
+    width: int
+    classes: int
+    pool: int  # images in the training split
+    test: int
+
+    @classmethod
+    def of(cls, dataset: ImageDataset) -> DatasetShape:
+        c, h, w = dataset.input_shape
+        return cls(c, h, w, dataset.num_classes, len(dataset.pool), len(dataset.test))
+
+
+DATASET_SHAPES: dict[str, DatasetShape] = {}
+
+
 def default_data_root() -> Path:
     env = os.environ.get(DATA_ENV)
     if env:

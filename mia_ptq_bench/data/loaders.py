@@ -16,7 +16,16 @@ import torch
 
 from ..atomic import write_npz_atomic
 from ..errors import DataError
-from .base import DATASETS, ImageDataset, Split, make_dataset
+from .base import DATASET_SHAPES, DATASETS, DatasetShape, ImageDataset, Split, make_dataset
+
+
+DATASET_SHAPES.update({
+    "digits": DatasetShape(1, 8, 8, 10, 1297, 500),
+    "fashion-mnist": DatasetShape(1, 28, 28, 10, 60_000, 10_000),
+    "cifar10": DatasetShape(3, 32, 32, 10, 50_000, 10_000),
+    "cifar100": DatasetShape(3, 32, 32, 100, 50_000, 10_000),
+    "tinyimagenet": DatasetShape(3, 64, 64, 200, 100_000, 10_000),
+})
 
 
 @DATASETS.register("digits")

@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from ..errors import SpecError
 from ..spec.schema import ModelSpec
-from . import resnet as _resnet  # noqa: F401  (registers the built-in models)
+from . import densenet as _densenet  # noqa: F401  (registers the built-in models)
+from . import resnet as _resnet  # noqa: F401
 from . import small as _small  # noqa: F401
 from .base import BLOCKS, MODELS, QUANTIZABLE, quantizable_layers
 
@@ -17,6 +18,8 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, int, int], num_classes:
         return factory(input_shape, num_classes, width=spec.width, **spec.options)
     except TypeError as exc:
         raise SpecError(f"model.options: {spec.arch} does not accept these options: {exc}") from None
+    except ValueError as exc:  # an extension's factory refusing its options
+        raise SpecError(f"model.options: {spec.arch} refuses these options: {exc}") from None
 
 
 __all__ = ["BLOCKS", "MODELS", "QUANTIZABLE", "build_model", "quantizable_layers"]

@@ -1,4 +1,4 @@
-"""ResNet18/50 and DenseNet121 with the CIFAR stem (3x3 conv1, stride 1, no max-pool).
+"""ResNet10/18/50 with the CIFAR stem (3x3 conv1, stride 1, no max-pool).
 
 The ResNets follow torchvision's layout and module names exactly (conv1, bn1,
 layer1..4, fc, downsample) so that weights are interchangeable at width 1; they
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torchvision.models.densenet import DenseNet, _DenseLayer, _Transition
 
 from .base import BLOCKS, MODELS, scaled
 
@@ -96,6 +95,16 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+@MODELS.register("resnet10")
+def resnet10(input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0) -> nn.Module:
+    """One BasicBlock per stage: the ResNet18 layout at half the depth, for CPU-sized pools.
+
+    Stages 2-4 still open with a strided block and a downsampling shortcut, so block-wise
+    reconstruction (BRECQ) meets every kind of residual block ResNet18 has.
+    """
+    return ResNet(BasicBlock, [1, 1, 1, 1], input_shape[0], num_classes, width)
+
+
 @MODELS.register("resnet18")
 def resnet18(input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0) -> nn.Module:
     return ResNet(BasicBlock, [2, 2, 2, 2], input_shape[0], num_classes, width)
@@ -104,19 +113,3 @@ def resnet18(input_shape: tuple[int, int, int], num_classes: int, width: float =
 @MODELS.register("resnet50")
 def resnet50(input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0) -> nn.Module:
     return ResNet(Bottleneck, [3, 4, 6, 3], input_shape[0], num_classes, width)
-
-
-@MODELS.register("densenet121")
-def densenet121(input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0) -> nn.Module:
-    """torchvision's DenseNet121 with a 3x3 stride-1 stem and no stem pooling."""
-    init_features = scaled(64, width)
-    model = DenseNet(growth_rate=scaled(32, width), block_config=(6, 12, 24, 16),
-                     num_init_features=init_features, num_classes=num_classes)
-    model.features.conv0 = nn.Conv2d(input_shape[0], init_features, 3, 1, 1, bias=False)
-    nn.init.kaiming_normal_(model.features.conv0.weight)
-    model.features.pool0 = nn.Identity()
-    return model
-
-
-BLOCKS.add("dense-layer", _DenseLayer)
-BLOCKS.add("dense-transition", _Transition)

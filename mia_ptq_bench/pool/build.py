@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -10,11 +11,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..context import RunContext
 from ..data import ImageDataset
 from ..errors import CacheError
 from ..executor import Executor
 from ..progress import Progress, SilentProgress
-from ..score import accuracy, score_split
+from ..inference import accuracy, score_split
 from ..spec.schema import TaskSpec
 from .masks import balanced_keep_masks
 from .store import PoolStore
@@ -43,20 +45,6 @@ def pool_keep_masks(spec: TaskSpec, n_examples: int) -> np.ndarray:
     return balanced_keep_masks(m.n_models, n_examples, m.pkeep, m.seed)
 
 
-@dataclass(frozen=True)
-class TrainJob:
-    """One group of pool models to train, self-contained so that it can run in another process."""
-
-    spec: TaskSpec
-    group: tuple[int, ...]
-    cache_dir: Path
-    data_root: Path | None
-    download: bool
-    device: str
-    speed: Speed
-    threads: int
-
-
 def train_group(spec: TaskSpec, dataset: ImageDataset, store: PoolStore, keep: np.ndarray, group: list[int],
                 device: torch.device, speed: Speed) -> list[int]:
     """Train ``group`` (stacked when it has several models) and save the models not yet complete.
@@ -78,22 +66,20 @@ def train_group(spec: TaskSpec, dataset: ImageDataset, store: PoolStore, keep: n
     return saved
 
 
-def train_job(job: TrainJob) -> list[int]:
-    """A TrainJob in a worker process: load the data, train, write into the shared cache."""
-    from ..data import load_dataset
-
-    torch.set_num_threads(job.threads)  # the driver's thread count: same float summation order, same bits
-    dataset = load_dataset(job.spec.dataset, job.data_root, job.download)
-    keep = pool_keep_masks(job.spec, len(dataset.pool))
-    device = torch.device(job.device)
-    return train_group(job.spec, dataset.to(device) if device.type == "cuda" else dataset,
-                       PoolStore(job.cache_dir, job.spec), keep, list(job.group), device, job.speed)
+def train_unit(context: RunContext, speed: Speed, group: tuple[int, ...]) -> list[int]:
+    """A unit of work (possibly in another process): load the data, train a group, write into the shared cache."""
+    context.enter()
+    dataset = context.dataset()
+    device = torch.device(context.device)
+    keep = pool_keep_masks(context.spec, len(dataset.pool))
+    return train_group(context.spec, dataset.to(device) if device.type == "cuda" else dataset,
+                       PoolStore(context.cache_dir, context.spec), keep, list(group), device, speed)
 
 
 def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: str | torch.device = "cpu",
                progress: Progress | None = None, trainer: Trainer = "auto", stack: int | None = None,
                speed: Speed | None = None, executor: Executor | None = None, data_root: Path | None = None,
-               download: bool = False) -> Pool:
+               download: bool = False, extensions: tuple[str, ...] = ()) -> Pool:
     """Train what the cache lacks (locally, or as executor jobs that reload the data from ``data_root``).
 
     ``stack``: models trained as one group; None chooses from the model's size and the machine.
@@ -128,10 +114,10 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
             train_group(spec, resident, store, keep, group, device, speed)
             progress.advance("pool")
     else:
-        jobs = [TrainJob(spec, tuple(g), Path(cache_dir), data_root, download, str(device), speed,
-                         torch.get_num_threads()) for g in groups]
-        executor.map(train_job, jobs, gpus=1 if device.type == "cuda" else 0, progress=progress, key="pool",
-                     describe=lambda job: f"pool models {job.group[0]}-{job.group[-1]}")
+        context = RunContext(spec, Path(cache_dir), data_root, download, str(device), extensions=extensions)
+        executor.map(partial(train_unit, context, speed), [tuple(g) for g in groups],
+                     gpus=1 if device.type == "cuda" else 0, progress=progress, key="pool",
+                     describe=lambda group: f"pool models {group[0]}-{group[-1]}")
         missing = [i for i in range(n_models) if not store.is_complete(i)]
         if missing:
             raise CacheError(f"{store.root}: models {missing} are still missing after the executor finished")

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import sha256_file, write_json_atomic
-from ..errors import BenchError
+from ..errors import BenchError, SpecError, WriteError
+from ..limits import MANIFEST_JSON_BYTES
+from ..readers import read_json_file
 from ..spec.schema import POOL_FIELDS, TaskSpec
 from .store import PoolStore
 
@@ -74,26 +76,62 @@ def push_pool(store: PoolStore, repo: str, private: bool = False) -> str:
     return commit.oid
 
 
+def expected_files(spec: TaskSpec) -> set[str]:
+    """The files a complete pool of ``spec`` consists of, as manifest names (POSIX, relative to the pool)."""
+    store = PoolStore(Path("."), spec)
+    names = {"pool.json", "keep.npy"}
+    for i in range(spec.membership.n_models):
+        names |= {p.relative_to(store.root).as_posix()
+                  for p in (store.weights_path(i), store.record_path(i), store.scores_path(i))}
+    return names
+
+
 def verify_snapshot(folder: Path, spec: TaskSpec, where: str) -> dict:
-    """Check a downloaded pool against the local task and its own manifest; returns the manifest."""
+    """Check a downloaded pool against the local task and its own manifest; returns the manifest.
+
+    The manifest is the repository owner's: it must list exactly the files of the task's pool, by plain
+    relative names (``../../blobs/x``, ``/etc/hostname`` and ``models/../../x`` are refused before any file
+    is read), each inside the snapshot and matching its sha256.
+    """
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = read_json_file(folder / MANIFEST, MANIFEST_JSON_BYTES, max_depth=8)
         files = manifest["files"]
         pool_hash = manifest["pool_hash"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise TypeError("files must map file names to sha256 digests")
+    except (SpecError, KeyError, TypeError) as exc:
         raise BenchError(f"{where}: {MANIFEST}: missing or malformed ({type(exc).__name__}: {exc})") from None
     if pool_hash != spec.pool_hash:
-        raise BenchError(f"{where}: {MANIFEST}: pool_hash: the pool was trained for pool {pool_hash[:12]}… "
-                         f"({manifest.get('task_id')}), the local task {spec.id} needs {spec.pool_hash[:12]}…; refused")
-    for name, expected in sorted(files.items()):
+        raise BenchError(f"{where}: {MANIFEST}: pool_hash: the pool was trained for pool {str(pool_hash)[:12]}… "
+                         f"({str(manifest.get('task_id'))[:64]}), the local task {spec.id} needs {spec.pool_hash[:12]}…; refused")
+    expected = expected_files(spec)
+    for name in sorted(files):
+        if name not in expected:
+            reason = ("is not a plain relative name inside the pool" if not _plain(name) else
+                      f"is not a file of the pool of {spec.id} ({spec.membership.n_models} models)")
+            raise BenchError(f"{where}: {MANIFEST}: files: {name[:120]!r} {reason}; refused")
+    missing = sorted(expected - set(files))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise BenchError(f"{where}: {MANIFEST}: files: {', '.join(missing[:3])}{more} missing: the pool would be "
+                         "incomplete; refused")
+    repository = folder.resolve().parent.parent  # <cache>/models--org--name: its snapshots/ and blobs/
+    for name, expected_sha in sorted(files.items()):
         path = folder / name
         if not path.is_file():
             raise BenchError(f"{where}: {name}: listed in {MANIFEST} but missing; refused")
+        if repository not in path.resolve().parents:  # the Hub cache links snapshot files to its blobs/
+            raise BenchError(f"{where}: {name}: leads outside the downloaded repository; refused")
         actual = sha256_file(path)
-        if actual != expected:
+        if actual != expected_sha:
             raise BenchError(f"{where}: {name}: sha256 {actual[:12]}… does not match the manifest's "
-                             f"{expected[:12]}… (tampered or corrupted); refused")
+                             f"{str(expected_sha)[:12]}… (tampered or corrupted); refused")
     return manifest
+
+
+def _plain(name: str) -> bool:
+    parts = name.split("/")
+    return not name.startswith("/") and "\\" not in name and "\0" not in name and all(p not in ("", ".", "..") for p in parts)
 
 
 def pull_pool(spec: TaskSpec, cache_dir: Path, repo: str, revision: str | None = None) -> PoolSource:
@@ -105,20 +143,32 @@ def pull_pool(spec: TaskSpec, cache_dir: Path, repo: str, revision: str | None =
         snapshot = Path(snapshot_download(repo, repo_type="model", revision=revision))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
         raise BenchError(f"hub {repo}@{revision or 'main'}: cannot download the pool: {exc}") from None
+    return install_snapshot(snapshot, spec, cache_dir, repo)
+
+
+def install_snapshot(snapshot: Path, spec: TaskSpec, cache_dir: Path, repo: str) -> PoolSource:
+    """Verify a snapshot folder of the Hub cache and install its pool into the cache: whole, or nothing."""
     commit = snapshot.name  # the Hub cache names each snapshot by its commit hash
     where = f"hub {repo}@{commit[:12]}"
     manifest = verify_snapshot(snapshot, spec, where)
     store = PoolStore(cache_dir, spec)
-    store.root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".pull-", dir=store.root.parent))
     try:
-        for name in manifest["files"]:
+        store.root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".pull-", dir=store.root.parent))
+    except OSError as exc:
+        raise WriteError(f"{store.root.parent}: cannot write the pool: {exc.strerror or exc}") from None
+    try:
+        for name in manifest["files"]:  # plain names of the pool's own files: verified above
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(snapshot / name, staging / name)
         write_json_atomic(staging / SOURCE, {"repo": repo, "revision": commit})
         if store.root.exists():
             shutil.rmtree(store.root)
         staging.rename(store.root)  # the pool appears whole or not at all
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise WriteError(f"{store.root}: cannot install the pool: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return PoolSource(repo, commit)

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict
 
 from ..errors import AuditError
 from ..models import quantizable_layers
-from ..spec.plans import PrecisionPlan, levels_for_bits
-
-
-class LayerAudit(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    layer: str
-    bits: float | None
-    allowed_levels: int | None
-    max_distinct: int  # the most distinct weight values held by any output channel
-    channels: int
-    passed: bool
+from ..spec.audit import LayerAudit
+from ..spec.plans import PrecisionPlan
 
 
 def distinct_per_row(weight: torch.Tensor) -> torch.Tensor:
@@ -31,11 +20,8 @@ def audit_model(model: nn.Module, plan: PrecisionPlan) -> list[LayerAudit]:
     layers = quantizable_layers(model)
     report = []
     for index, (name, layer) in enumerate(layers):
-        bits = plan.bits_for(index, len(layers))
-        allowed = None if bits is None else levels_for_bits(bits)
-        distinct = int(distinct_per_row(layer.weight).max())
-        report.append(LayerAudit(layer=name, bits=bits, allowed_levels=allowed, max_distinct=distinct,
-                                 channels=int(layer.weight.shape[0]), passed=allowed is None or distinct <= allowed))
+        report.append(LayerAudit.measured(name, plan.bits_for(index, len(layers)),
+                                          int(distinct_per_row(layer.weight).max()), int(layer.weight.shape[0])))
     return report
 
 

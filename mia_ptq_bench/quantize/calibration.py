@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from ..data import ImageDataset
 from ..data.augment import random_augment
+from ..data.splits import heldout_indices
+from ..spec.schema import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -35,3 +39,18 @@ class Calibration:
 
     def take(self, count: int) -> Calibration:
         return Calibration(self.raw[:count], self.normalize, self.crop_padding, self.hflip, self.seed)
+
+
+def calibration_set(spec: TaskSpec, dataset: ImageDataset, keep: np.ndarray, model_index: int, size: int,
+                    device: str | torch.device) -> Calibration:
+    """Pool model ``model_index``'s calibration data: ``size`` of its own members, or the task's held-out test images."""
+    cal = spec.calibration
+    if cal.source == "heldout":
+        raw = dataset.test.images[torch.as_tensor(heldout_indices(cal, len(dataset.test)))]
+    else:
+        members = np.flatnonzero(keep[model_index])
+        chosen = np.random.RandomState(cal.seed + model_index).choice(len(members), min(size, len(members)),
+                                                                     replace=False)
+        raw = dataset.pool.images[torch.as_tensor(np.sort(members[chosen]))]
+    augment = spec.training.augment
+    return Calibration(raw.to(device), dataset.normalize, augment.crop_padding, augment.hflip, cal.seed + model_index)

@@ -1,6 +1,7 @@
-"""Finding a quantizer by name: the registry, entry points, import paths, and submissions/ folders.
+"""Finding an installed quantizer by name: import paths, the registry, entry points.
 
-``mptq-bench evaluate NAME`` resolves NAME in this order:
+``mptq-bench evaluate NAME`` resolves NAME in this order (``submission/resolve.py`` adds the
+last step, which reads a submission folder):
 
 1. ``package.module:Class`` or ``path/to/file.py:Class`` -- an import path;
 2. the registry: built-ins and any class decorated with ``@register_quantizer``;
@@ -10,21 +11,15 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
-from ..errors import BenchError, UnknownNameError
-from ..spec.loader import read_yaml, validate_document
-from ..spec.submission import QuantizerReference, SubmissionSpec
+from ..errors import BenchError
+from ..extensions import import_module_or_file
 from .base import QUANTIZERS, Quantizer
 
 ENTRY_POINT_GROUP = "mia_ptq_bench.quantizers"
-DEFAULT_SUBMISSIONS = Path("submissions")
 
 
 @dataclass
@@ -49,19 +44,9 @@ def load_import_path(path: str, name: str | None = None) -> type[Quantizer]:
     if not module_part or not class_name:
         raise BenchError(f"{path!r}: expected module:Class or file.py:Class")
     try:
-        if module_part.endswith(".py"):
-            file = Path(module_part).resolve()
-            if not file.is_file():
-                raise BenchError(f"{path}: no such file {file}")
-            module_name = f"mptq_plugin_{abs(hash(str(file)))}"
-            spec = importlib.util.spec_from_file_location(module_name, file)
-            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-            sys.modules[module_name] = module
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
-        else:
-            module = importlib.import_module(module_part)
-    except ImportError as exc:
-        raise BenchError(f"{path}: cannot import {module_part}: {exc}") from None
+        module = import_module_or_file(module_part)
+    except BenchError as exc:
+        raise BenchError(f"{path}: {exc}") from None
     if not hasattr(module, class_name):
         raise BenchError(f"{path}: {module_part} has no attribute {class_name!r}")
     return _checked(getattr(module, class_name), name or class_name, path)
@@ -71,59 +56,25 @@ def entry_points() -> dict[str, metadata.EntryPoint]:
     return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def load_submission(folder: Path) -> SubmissionSpec:
-    path = folder / "submission.yaml"
-    spec: SubmissionSpec = validate_document(SubmissionSpec, read_yaml(path), str(path))
-    if spec.name != folder.name:
-        raise BenchError(f"{path}: name: {spec.name!r} must equal the folder name {folder.name!r}")
-    return spec
-
-
-def submission_quantizer(folder: Path) -> Found:
-    spec = load_submission(folder)
-    ref: QuantizerReference = spec.quantizer
-    where = f"submission {folder}"
-    if ref.builtin is not None:
-        cls = QUANTIZERS.get(ref.builtin)
-    elif ref.file is not None:
-        cls = load_import_path(f"{folder / ref.file}:{ref.class_name}", spec.name)
-    else:
-        try:
-            cls = load_import_path(str(ref.entry), spec.name)
-        except BenchError as exc:
-            raise BenchError(f"{exc}; install the submission's requirement first: pip install '{ref.requirement}'") from None
-    return Found(spec.name, cls, where, dict(ref.config))
-
-
-def resolve(name: str, submissions: Path = DEFAULT_SUBMISSIONS) -> Found:
-    """Find ``name``; if nothing matches, say every place that was searched."""
+def resolve_installed(name: str) -> Found | None:
+    """``name`` as an import path, a registered quantizer or an entry point; None if it is none of them."""
     if ":" in name:
         return Found(name, load_import_path(name), f"import path {name}")
     if name in QUANTIZERS:
         return Found(name, QUANTIZERS.get(name), "built-in registry")
-    points = entry_points()
-    if name in points:
-        point = points[name]
-        dist = point.dist.name if point.dist else "?"
-        try:
-            loaded = point.load()
-        except Exception as exc:  # a broken plugin must not look like a missing one
-            raise BenchError(f"entry point {name!r} of {dist} ({point.value}) fails to load: {exc}") from None
-        return Found(name, _checked(loaded, name, f"entry point {point.value}"), f"entry point of {dist} ({point.value})")
-    folder = Path(submissions) / name
-    if (folder / "submission.yaml").is_file():
-        return submission_quantizer(folder)
-    submitted = sorted(p.parent.name for p in Path(submissions).glob("*/submission.yaml"))
-    raise UnknownNameError(
-        f"unknown quantizer {name!r}; looked in the registry ({', '.join(QUANTIZERS) or 'empty'}), "
-        f"entry points '{ENTRY_POINT_GROUP}' ({', '.join(sorted(points)) or 'none'}), "
-        f"and {submissions}/*/submission.yaml ({', '.join(submitted) or 'none'}); "
-        "or pass package.module:Class or file.py:Class"
-    )
+    point = entry_points().get(name)
+    if point is None:
+        return None
+    dist = point.dist.name if point.dist else "?"
+    try:
+        loaded = point.load()
+    except Exception as exc:  # a broken plugin must not look like a missing one
+        raise BenchError(f"entry point {name!r} of {dist} ({point.value}) fails to load: {exc}") from None
+    return Found(name, _checked(loaded, name, f"entry point {point.value}"), f"entry point of {dist} ({point.value})")
 
 
-def discover(submissions: Path = DEFAULT_SUBMISSIONS) -> list[tuple[str, str, str]]:
-    """(name, source, first line of its docstring) for every quantizer that can be found without running submissions."""
+def discover_installed() -> list[tuple[str, str, str]]:
+    """(name, source, first line of its docstring) for every registered quantizer and entry point."""
     rows = []
     for name, cls in QUANTIZERS.items():
         builtin = cls.__module__.startswith("mia_ptq_bench.")
@@ -131,12 +82,6 @@ def discover(submissions: Path = DEFAULT_SUBMISSIONS) -> list[tuple[str, str, st
     for name, point in sorted(entry_points().items()):
         dist = point.dist.name if point.dist else "?"
         rows.append((name, f"entry point of {dist} ({point.value})", ""))
-    for path in sorted(Path(submissions).glob("*/submission.yaml")):
-        try:
-            spec = load_submission(path.parent)
-            rows.append((spec.name, f"submission {path.parent}", spec.display_name))
-        except BenchError as exc:
-            rows.append((path.parent.name, f"submission {path.parent} (invalid)", str(exc).splitlines()[0]))
     return rows
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..metrics import COMPACT_FPR_GRID, AttackMetrics, LowFprPoint, attack_metrics, summarize
-from .schema import AttackOnTarget, AttackSummary, Evaluation, LowFpr, LowFprSummary, Stat, TargetResult
+from ..metrics.select import Choice
+from .schema import (AttackOnTarget, AttackSummary, Evaluation, LowFpr, LowFprSummary, Stat, StrongestOnTarget,
+                     StrongestSummary, TargetResult)
 
 
 def _stat(values: list[float]) -> Stat:
@@ -36,8 +38,10 @@ def _low_fpr_summary(points: list[LowFpr]) -> LowFprSummary:
 
 
 def build_evaluation(keep: np.ndarray, targets: np.ndarray, membership: dict[str, np.ndarray],
-                     test_predictions: np.ndarray, test_labels: np.ndarray) -> Evaluation:
-    """keep (M, N) bool; targets (T,); membership[attack] (T, N); test_predictions (T, n_test)."""
+                     test_predictions: np.ndarray, test_labels: np.ndarray, choices: list[Choice],
+                     chosen_membership: np.ndarray) -> Evaluation:
+    """keep (M, N) bool; targets (T,); membership[attack] (T, N); test_predictions (T, n_test);
+    choices[row] the strategy chosen for each target and chosen_membership (T, N) its scores."""
     per_target, rocs = [], {name: [] for name in membership}
     for row, target in enumerate(targets):
         labels = keep[target]
@@ -47,7 +51,11 @@ def build_evaluation(keep: np.ndarray, targets: np.ndarray, membership: dict[str
             attacks[name] = _on_target(metrics)
             rocs[name].append(metrics.roc_tpr)
         accuracy = float(np.mean(test_predictions[row] == test_labels))
-        per_target.append(TargetResult(index=int(target), test_accuracy=accuracy, attacks=attacks))
+        chosen = _on_target(attack_metrics(labels, chosen_membership[row]))
+        choice = choices[row]
+        strongest = StrongestOnTarget(threat_model=choice.threat_model, attack=choice.attack, estimate=choice.estimate,
+                                      tpr_at_0_1pct_fpr=chosen.tpr_at_0_1pct_fpr, tpr_at_1pct_fpr=chosen.tpr_at_1pct_fpr)
+        per_target.append(TargetResult(index=int(target), test_accuracy=accuracy, attacks=attacks, strongest=strongest))
     summaries = {}
     for name in membership:
         results = [t.attacks[name] for t in per_target]
@@ -58,4 +66,12 @@ def build_evaluation(keep: np.ndarray, targets: np.ndarray, membership: dict[str
             tpr_at_0_1pct_fpr=_low_fpr_summary([r.tpr_at_0_1pct_fpr for r in results]),
             tpr_at_1pct_fpr=_low_fpr_summary([r.tpr_at_1pct_fpr for r in results]),
         )
-    return Evaluation(roc_fpr_grid=list(COMPACT_FPR_GRID), test_accuracy=_stat([t.test_accuracy for t in per_target]), attacks=summaries, targets=per_target)
+    chosen_counts: dict[str, int] = {}
+    for t in per_target:
+        key = f"{t.strongest.threat_model} / {t.strongest.attack}"
+        chosen_counts[key] = chosen_counts.get(key, 0) + 1
+    strongest = StrongestSummary(tpr_at_0_1pct_fpr=_low_fpr_summary([t.strongest.tpr_at_0_1pct_fpr for t in per_target]),
+                                 tpr_at_1pct_fpr=_low_fpr_summary([t.strongest.tpr_at_1pct_fpr for t in per_target]),
+                                 chosen=dict(sorted(chosen_counts.items())))
+    return Evaluation(roc_fpr_grid=list(COMPACT_FPR_GRID), test_accuracy=_stat([t.test_accuracy for t in per_target]),
+                      attacks=summaries, strongest=strongest, targets=per_target)

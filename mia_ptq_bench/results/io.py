@@ -3,24 +3,63 @@
 from __future__ import annotations
 
 import json
+import stat
+import zipfile
 from pathlib import Path
 
 import numpy as np
 from pydantic import ValidationError
 
-from ..atomic import sha256_file, write_npz_atomic, write_text_atomic
+from ..atomic import sha256_bytes, sha256_file, write_bytes_atomic, write_npz_atomic, write_text_atomic
 from ..errors import SpecError
+from ..limits import RESULT_ARRAYS_BYTES, RESULT_JSON_BYTES, size_text
+from ..readers import read_json_file
 from ..spec.loader import format_validation_error
-from .schema import ArraysRef, Result
+from .schema import ArraysRef, EvidenceRef, Result
 
-MEMBERSHIP = "membership__"
-REFERENCE_MEMBERSHIP = "reference_membership__"
 
 
 def result_path(out_dir: Path, task_id: str, quantizer: str | None, plan: str, threat_model: str) -> Path:
     """``<out>/<task>/<quantizer>/<plan>--<threat>.json``; without a quantizer level inside a submission."""
     folder = Path(out_dir) / task_id
     return (folder / quantizer if quantizer else folder) / f"{plan}--{threat_model}.json"
+
+
+EVIDENCE_CAP = 2 * 2**20  # bytes: evidence is committed with a submission, so it stays small
+
+
+def evidence_path(result_path: Path, plan: str) -> Path:
+    return result_path.parent / f"{plan}.models.safetensors"
+
+
+def write_evidence(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> EvidenceRef:
+    """The quantized weights of one plan's models, beside its result documents (shared by threat models)."""
+    from safetensors.numpy import save
+
+    # One metadata entry: safetensors writes a map's entries in an order that changes between processes.
+    data = save({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())},
+                metadata={"evidence": json.dumps(metadata, sort_keys=True)})
+    write_bytes_atomic(path, data)
+    models = sorted({int(key.split("::")[0]) for key in tensors})
+    return EvidenceRef(file=path.name, sha256=sha256_bytes(data), models=models)
+
+
+def load_evidence(path: Path, result: Result) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    if result.evidence is None:
+        raise SpecError(f"{path}: evidence: the result holds no quantized weights")
+    evidence = Path(path).parent / result.evidence.file
+    if not evidence.is_file():
+        raise SpecError(f"{path}: evidence.file: {evidence} does not exist")
+    data = evidence.read_bytes()
+    if sha256_bytes(data) != result.evidence.sha256:
+        raise SpecError(f"{path}: evidence.sha256: {evidence.name} was changed after the result was written")
+    try:
+        return load(data)
+    except (SafetensorError, ValueError) as exc:
+        raise SpecError(f"{path}: evidence.file: {evidence.name} is not a readable safetensors file ({exc})") from None
 
 
 def write_result(path: Path, result: Result, arrays: dict[str, np.ndarray]) -> Result:
@@ -33,23 +72,70 @@ def write_result(path: Path, result: Result, arrays: dict[str, np.ndarray]) -> R
 
 
 def load_result(path: Path) -> Result:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise SpecError(f"{path}: not a readable JSON document: {exc}") from None
+    """A result document, bounded in size and nesting before it is parsed (readers.py), then validated."""
+    data = read_json_file(Path(path), RESULT_JSON_BYTES)
     try:
         return Result.model_validate(data)
     except ValidationError as exc:
         raise SpecError(format_validation_error(str(path), exc)) from None
 
 
+def arrays_file(path: Path, result: Result) -> Path:
+    """Where the document's arrays are: a plain ``.npz`` file name beside it, never a path or a link.
+
+    ``arrays.file`` is written by whoever wrote the document: ``../../../../etc/passwd`` must not be read.
+    """
+    name = result.arrays.file
+    if not name.endswith(".npz") or name.startswith(".") or any(c in name for c in "/\\\0") or Path(name).name != name:
+        raise SpecError(f"{path}: arrays.file: {name[:80]!r} is not a plain .npz file name beside the document; refused")
+    arrays_path = Path(path).parent / name
+    try:
+        mode = arrays_path.lstat().st_mode
+    except OSError:
+        raise SpecError(f"{path}: arrays.file: {arrays_path} does not exist") from None
+    if stat.S_ISLNK(mode):
+        raise SpecError(f"{path}: arrays.file: {arrays_path} is a symbolic link; refused")
+    if not stat.S_ISREG(mode):
+        raise SpecError(f"{path}: arrays.file: {arrays_path} is not a regular file; refused")
+    return arrays_path
+
+
 def load_arrays(path: Path, result: Result) -> dict[str, np.ndarray]:
-    arrays_path = Path(path).parent / result.arrays.file
-    if not arrays_path.is_file():
-        raise SpecError(f"{path}: arrays.file: {arrays_path} does not exist")
+    arrays_path = arrays_file(path, result)
     actual = sha256_file(arrays_path)
     if actual != result.arrays.sha256:
         raise SpecError(f"{path}: arrays.sha256: {arrays_path.name} has sha256 {actual[:12]}…, "
                         f"the document records {result.arrays.sha256[:12]}… (file changed or corrupted)")
-    with np.load(arrays_path, allow_pickle=False) as archive:
-        return {key: archive[key] for key in archive.files}
+    return read_npz(arrays_path)
+
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def read_npz(path: Path, max_bytes: int = RESULT_ARRAYS_BYTES) -> dict[str, np.ndarray]:
+    """Every array of an .npz whose headers were checked first: numeric dtypes only (never pickled objects),
+    and no more than ``max_bytes`` in all, so a small compressed file cannot claim a huge array."""
+    where = f"{path}: arrays"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = 0
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise SpecError(f"{where}: {info.filename[:80]!r} is not an array; refused")
+                with archive.open(info) as member:  # the header only: shape and dtype, nothing allocated
+                    read_header = _HEADER_READERS.get(np.lib.format.read_magic(member))
+                    if read_header is None:
+                        raise SpecError(f"{where}: {info.filename[:80]!r} has an unsupported .npy format version")
+                    shape, _, dtype = read_header(member)
+                if dtype.hasobject or dtype.kind not in "biuf":
+                    raise SpecError(f"{where}: {info.filename[:-4]} holds {dtype} values; only numbers and booleans "
+                                    "are accepted (object arrays are never unpickled)")
+                total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if total > max_bytes:
+                    raise SpecError(f"{where}: more than {size_text(max_bytes)} of arrays; refused")
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except SpecError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        raise SpecError(f"{where}: unreadable .npz file ({type(exc).__name__}: {str(exc)[:120]})") from None

@@ -12,9 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..quantize.audit import LayerAudit
+from ..spec.audit import LayerAudit
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Strict(BaseModel):
@@ -46,10 +46,21 @@ class AttackOnTarget(Strict):
     tpr_at_1pct_fpr: LowFpr
 
 
+class StrongestOnTarget(Strict):
+    """The strategy the attacker chose for this target on its own shadows alone, and how it fared."""
+
+    threat_model: str = Field(description="whose shadows: a threat model no better informed than the result's")
+    attack: str
+    estimate: float = Field(description="TPR@0.1%FPR the attacker measured on its pseudo-targets (one ROC)")
+    tpr_at_0_1pct_fpr: LowFpr
+    tpr_at_1pct_fpr: LowFpr
+
+
 class TargetResult(Strict):
     index: int = Field(description="the pool model that played the victim")
     test_accuracy: float
     attacks: dict[str, AttackOnTarget]
+    strongest: StrongestOnTarget
 
 
 class LowFprSummary(Stat):
@@ -67,10 +78,17 @@ class AttackSummary(Strict):
     roc_tpr: list[float] = Field(description="mean over targets of the best TPR at FPR <= each value of roc_fpr_grid")
 
 
+class StrongestSummary(Strict):
+    tpr_at_0_1pct_fpr: LowFprSummary
+    tpr_at_1pct_fpr: LowFprSummary
+    chosen: dict[str, int] = Field(description="'threat model / attack' -> how many targets it was chosen for")
+
+
 class Evaluation(Strict):
     roc_fpr_grid: list[float] = Field(description="log-spaced FPR values at which roc_tpr is given")
     test_accuracy: Stat
     attacks: dict[str, AttackSummary]
+    strongest: StrongestSummary = Field(description="each target under the strategy chosen on shadows alone")
     targets: list[TargetResult]
 
 
@@ -98,20 +116,33 @@ class ArraysRef(Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class EvidenceRef(Strict):
+    file: str = Field(description="file name of the .safetensors beside this document: the quantized weights")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    models: list[int] = Field(description="the pool models whose quantized weights it holds")
+
+
 class Environment(Strict):
+    """Where a result was computed: a rerun with all of these equal reproduces it bit for bit."""
+
     package_version: str
     python: str
     platform: str
     device: str
     packages: dict[str, str]
+    torch_threads: int = Field(description="torch.get_num_threads(): the float summation order can depend on it")
+    cpu_capability: str = Field(description="torch.backends.cpu.get_cpu_capability(): the vector kernels used")
+    deterministic_algorithms: bool = Field(description="torch.are_deterministic_algorithms_enabled()")
 
 
 class Result(Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     task: TaskRef
     quantizer: QuantizerRef
     plan: str
-    threat_model: Literal["oblivious", "adaptive"]
+    threat_model: str = Field(description="a registered threat model: oblivious, adaptive-rtn, adaptive")
+    shadow_models: list[int] = Field(description="the pool models the attacker's shadows are (each target's are "
+                                                 "these minus itself)")
     pool_source: PoolSourceRef | None = Field(None, description="set when the pool was pulled from the Hub")
     n_models: int
     n_examples: int
@@ -120,6 +151,8 @@ class Result(Strict):
     reference: Evaluation = Field(description="the same targets at full precision, same attacks")
     audit: list[LayerAudit] = Field(description="per layer, the worst channel over all audited models")
     arrays: ArraysRef
+    evidence: EvidenceRef | None = Field(None, description="the quantized weights every number can be recomputed "
+                                                           "from (none for the full-precision reference)")
     environment: Environment
     started_at: datetime
     finished_at: datetime

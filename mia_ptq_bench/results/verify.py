@@ -1,4 +1,10 @@
-"""Check a result document against its arrays: schema, checksum, audit, and every number recomputed."""
+"""Check a result document against its arrays: schema, checksum, audit, and every number recomputed.
+
+From the saved scores the attacks are run again, each target's strongest strategy is chosen
+again on the shadows alone, and every metric is recomputed; all must agree with the
+document (and the saved membership scores) to 1e-9. This needs the task the result was run
+on; a result of an older task version is checked for its arithmetic only.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from ..attack import THREAT_MODELS, ShadowSet
 from ..errors import BenchError
+from ..metrics.select import Attacked, Choice, attack_targets
+from ..spec import load_task
+from ..spec.schema import TaskSpec
 from .compute import build_evaluation
-from .io import MEMBERSHIP, REFERENCE_MEMBERSHIP, load_arrays, load_result
+from .io import load_arrays, load_result
 from .schema import Result
 
 TOLERANCE = 1e-9
@@ -32,23 +42,109 @@ def _differences(stored: Any, recomputed: Any, where: str) -> list[str]:
     return [] if stored == recomputed else [f"{where}: stored {stored!r}, recomputed {recomputed!r}"]
 
 
-def _membership(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)}
+def _saved_attacks(arrays: dict[str, np.ndarray], prefix: str, result: Result, which: str) -> Attacked:
+    """The membership scores and choices as saved (for results whose task has changed since)."""
+    evaluation = result.quantized if which == "quantized" else result.reference
+    choices = [t.strongest for t in evaluation.targets]
+    membership = {k[len(prefix) + len("membership__"):]: v for k, v in arrays.items()
+                  if k.startswith(prefix + "membership__")}
+    return Attacked(membership, [Choice(c.threat_model, c.attack, c.estimate) for c in choices],
+                    arrays[prefix + "strongest_membership"])
 
 
-def verify_result(path: Path) -> Result:
-    """Raise BenchError naming the file and field of the first kind of problem found."""
+def _rerun(arrays: dict[str, np.ndarray], spec: TaskSpec, result: Result) -> tuple[Attacked, Attacked]:
+    """Attacks and choices of the quantized and the reference evaluation, from the saved scores."""
+    keep, targets = arrays["keep"], arrays["targets"]
+    names = [k.split("__")[1] for k in arrays if k.startswith("shadows__") and k.endswith("__scores")]
+    candidates = sorted((THREAT_MODELS.get(name) for name in names), key=lambda t: t.knowledge)
+    shadows = {t.shadows: ShadowSet(arrays[f"shadows__{t.name}__scores"], arrays[f"shadows__{t.name}__models"])
+               for t in candidates}
+    threat = THREAT_MODELS.get(result.threat_model)
+    if [int(m) for m in shadows[threat.shadows].models] != result.shadow_models:
+        raise BenchError("shadow_models: the document names other shadows than its arrays hold")
+    quantized = attack_targets(spec, keep, targets, arrays["target_scores"], threat, candidates, shadows)
+    oblivious = THREAT_MODELS.get("oblivious")
+    reference = attack_targets(spec, keep, targets, arrays["reference_scores"], oblivious, [oblivious],
+                               {"full-precision": shadows["full-precision"]})
+    return quantized, reference
+
+
+def _check_arrays(path: Path, arrays: dict[str, np.ndarray], result: Result) -> None:
+    """Every array the numbers are recomputed from is present, numeric and of consistent shape.
+
+    The arrays come with a submission: a missing key or a mismatched shape is one line here, not an
+    IndexError deep inside the metrics.
+    """
+    attacks = [(f"membership__{a}", "float") for a in result.quantized.attacks]
+    attacks += [(f"reference_membership__{a}", "float") for a in result.reference.attacks]
+    attacks += [("strongest_membership", "float"), ("reference_strongest_membership", "float")]
+    wanted = [("keep", "bool"), ("targets", "int"), ("test_labels", "int"), ("test_predictions", "int"),
+              ("reference_test_predictions", "int"), ("target_scores", "float"), ("reference_scores", "float"),
+              *attacks]
+    kinds = {"bool": "b", "int": "iu", "float": "fiu"}
+    for key, kind in wanted:
+        if key not in arrays:
+            raise BenchError(f"{path}: arrays: {key} is missing from {result.arrays.file}")
+        if arrays[key].dtype.kind not in kinds[kind]:
+            raise BenchError(f"{path}: arrays: {key} holds {arrays[key].dtype}, expected {kind} values")
+    keep, targets, labels = arrays["keep"], arrays["targets"], arrays["test_labels"]
+    if keep.ndim != 2 or targets.ndim != 1 or labels.ndim != 1:
+        raise BenchError(f"{path}: arrays: keep must be (models, examples), targets and test_labels one-dimensional")
+    n_models, n_examples = keep.shape
+    if targets.size and (targets.min() < 0 or targets.max() >= n_models):
+        raise BenchError(f"{path}: arrays: targets must be pool model indices below {n_models}")
+    shapes = {key: (targets.size, n_examples) for key, _ in attacks}
+    shapes.update(test_predictions=(targets.size, labels.size), reference_test_predictions=(targets.size, labels.size))
+    for key, shape in shapes.items():
+        if arrays[key].shape != shape:
+            raise BenchError(f"{path}: arrays: {key} has shape {arrays[key].shape}, expected {shape} "
+                             "(targets x examples, or targets x test images)")
+    for key in ("target_scores", "reference_scores"):
+        if arrays[key].ndim != 3 or arrays[key].shape[:2] != (targets.size, n_examples):
+            raise BenchError(f"{path}: arrays: {key} has shape {arrays[key].shape}, expected "
+                             f"({targets.size}, {n_examples}, queries)")
+
+
+def verify_result(path: Path, arrays_required: bool = True) -> Result:
+    """Raise BenchError naming the file and field of the first kind of problem found.
+
+    Without its arrays (git holds none) a document is checked for its schema and audit only,
+    unless ``arrays_required``; ``validate --recompute`` then checks its numbers from the evidence.
+    """
     result = load_result(path)
     failed = [a.layer for a in result.audit if not a.passed]
     if failed:
         raise BenchError(f"{path}: audit: layers {', '.join(failed)} failed the bit-width audit")
+    if not arrays_required and not (Path(path).parent / result.arrays.file).is_file():
+        return result
     arrays = load_arrays(path, result)
-    for name, prefix, evaluation, predictions in (
-        ("quantized", MEMBERSHIP, result.quantized, "test_predictions"),
-        ("reference", REFERENCE_MEMBERSHIP, result.reference, "reference_test_predictions"),
+    _check_arrays(path, arrays, result)
+    try:
+        spec = load_task(result.task.id)
+    except BenchError:
+        spec = None
+    try:
+        if spec is not None and spec.hash == result.task.hash:
+            quantized, reference = _rerun(arrays, spec, result)
+        else:
+            quantized = _saved_attacks(arrays, "", result, "quantized")
+            reference = _saved_attacks(arrays, "reference_", result, "reference")
+    except BenchError as exc:
+        raise BenchError(f"{path}: {exc}") from None
+    except (KeyError, ValueError) as exc:
+        raise BenchError(f"{path}: arrays: cannot rerun the attacks from the saved arrays ({type(exc).__name__}: "
+                         f"{exc})") from None
+    for name, prefix, attacked, evaluation, predictions in (
+        ("quantized", "", quantized, result.quantized, "test_predictions"),
+        ("reference", "reference_", reference, result.reference, "reference_test_predictions"),
     ):
-        recomputed = build_evaluation(arrays["keep"], arrays["targets"], _membership(arrays, prefix),
-                                      arrays[predictions], arrays["test_labels"])
+        for attack, scores in attacked.membership.items():
+            saved = arrays.get(f"{prefix}membership__{attack}")
+            if saved is None or saved.shape != scores.shape or not np.allclose(saved, scores, rtol=0, atol=TOLERANCE):
+                raise BenchError(f"{path}: arrays.{prefix}membership__{attack}: the saved membership scores are not "
+                                 "what the attack gives on the saved scores")
+        recomputed = build_evaluation(arrays["keep"], arrays["targets"], attacked.membership, arrays[predictions],
+                                      arrays["test_labels"], attacked.choices, attacked.chosen)
         problems = _differences(evaluation.model_dump(mode="json"), recomputed.model_dump(mode="json"), name)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

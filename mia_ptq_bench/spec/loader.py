@@ -7,10 +7,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError
+from ..limits import TASK_YAML_BYTES
+from ..readers import read_yaml_file
+from ..registry import did_you_mean
 from .schema import TaskSpec
 
 TASKS_ENV = "MPTQ_TASKS"
@@ -40,21 +42,14 @@ def resolve_task_path(ref: str | Path) -> Path:
     known = available_tasks()
     if str(ref) not in known:
         names = ", ".join(sorted(known)) or "none"
-        raise SpecError(f"unknown task {str(ref)!r}; known tasks: {names} (or give a path to a .yaml file)")
+        raise SpecError(f"unknown task {str(ref)!r}{did_you_mean(str(ref), known)}; known tasks: {names} "
+                        "(or give a path to a .yaml file)")
     return known[str(ref)]
 
 
-def read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+def read_yaml(path: Path, max_bytes: int = TASK_YAML_BYTES, follow_symlinks: bool = True) -> Any:
+    """A YAML file as plain data: bounded in size and nesting, UTF-8, no anchors or aliases (readers.py)."""
+    return read_yaml_file(Path(path), max_bytes, follow_symlinks)
 
 
 def format_validation_error(source: str, error: ValidationError) -> str:
@@ -66,9 +61,15 @@ def format_validation_error(source: str, error: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             reason = "unknown field"
         got = item.get("input")
-        shown = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        shown = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {_short(got)})"
         lines.append(f"{source}: {field}: {reason}{shown}")
     return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A value quoted in an error line, cut short: the line names the problem, it does not echo the input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def validate_document(model: type[BaseModel], data: Any, source: str) -> Any:
@@ -80,10 +81,52 @@ def validate_document(model: type[BaseModel], data: Any, source: str) -> Any:
         raise SpecError(format_validation_error(source, exc)) from None
 
 
+MAX_EXTENDS = 4  # a chain of parents deeper than this is a mistake, not a design
+
+
+def merge_over(parent: dict, child: dict) -> dict:
+    """``child`` over ``parent``: mappings merge key by key, anything else (lists included) is replaced."""
+    merged = dict(parent)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_over(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolved_document(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The task file's mapping with its ``extends:`` parent (a task id, or a path beside it) merged under it."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    parent_ref = data.pop("extends", None)
+    if parent_ref is None:
+        return data
+    if not isinstance(parent_ref, str):
+        raise SpecError(f"{path}: extends: expected a task id or a .yaml path, got {type(parent_ref).__name__}")
+    beside = path.parent / parent_ref
+    parent = beside if beside.suffix in (".yaml", ".yml") else resolve_task_path(parent_ref)
+    chain = (*chain, path.resolve())
+    if parent.resolve() in chain:
+        cycle = " -> ".join(p.name for p in (*chain, parent.resolve()))
+        raise SpecError(f"{path}: extends: {parent_ref!r} makes a cycle: {cycle}")
+    if len(chain) > MAX_EXTENDS:
+        raise SpecError(f"{path}: extends: more than {MAX_EXTENDS} levels of parents")
+    if not parent.is_file():
+        raise SpecError(f"{path}: extends: {parent} not found")
+    inherited = resolved_document(parent, chain)
+    inherited.pop("id", None)  # a child always names itself
+    return merge_over(inherited, data)
+
+
 def load_task(ref: str | Path) -> TaskSpec:
-    """Load a task by id (bundled or under $MPTQ_TASKS) or by path."""
+    """Load a task by id (bundled or under $MPTQ_TASKS) or by path, its ``extends:`` parents resolved.
+
+    The task's identity (its hash) is that of the resolved spec: how it is written down does not matter.
+    """
     path = resolve_task_path(ref)
-    spec: TaskSpec = validate_document(TaskSpec, read_yaml(path), str(path))
+    spec: TaskSpec = validate_document(TaskSpec, resolved_document(path), str(path))
     if path.stem != spec.id:
         raise SpecError(f"{path}: id: task id {spec.id!r} must match the file name {path.stem!r}")
     return spec

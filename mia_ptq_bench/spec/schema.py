@@ -9,62 +9,114 @@ a task does not retrain the pool.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..atomic import content_hash
 from ..errors import PlanError
+from ..limits import plain_data_problem
 from .plans import PrecisionPlan
 
 POOL_FIELDS = ("dataset", "model", "training", "membership", "queries")
 # Top-level fields added after tasks were first published: while unset they are left out of the
 # canonical content, so adding an optional feature does not make every existing result stale.
-EXTENSIONS = ("hub",)
+EXTENSIONS = ("hub", "rmia")
+
+
+# Attacks, queries and threat models are registry names: their registries are the one source of
+# truth, checked when a task is loaded for use (runner.check_task), not listed again here.
+RegistryName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]*$", max_length=64)]
+PlanText = Annotated[str, Field(max_length=32)]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Ranges: every number a task holds is bounded, so a typo or a hostile file fails at validation instead of
+# hanging, exhausting memory or silently giving meaningless numbers. Integers and booleans are strict: YAML's
+# `epochs: true` or `epochs: 2.5` is refused, not read as 1 or 2. Floats must be finite (`width: .inf`).
+def Int(ge: int, le: int, **kw: Any) -> Any:  # noqa: N802  (reads as a type in the fields below)
+    return Field(strict=True, ge=ge, le=le, **kw)
+
+
+def Float(**kw: Any) -> Any:  # noqa: N802
+    return Field(strict=True, allow_inf_nan=False, **kw)
+
+
+SEED_MAX = 2**32 - 1  # numpy's RandomState takes seeds in [0, 2**32)
+Seed = Annotated[int, Field(0, strict=True, ge=0, le=SEED_MAX, description="seed in [0, 2**32)")]
+Flag = Annotated[bool, Field(strict=True)]
+MAX_MODELS = 1024
+MAX_OPTIONS_BYTES = 4096
+
+
 class DatasetSpec(Strict):
-    name: str = Field(description="dataset registry name: digits, fashion-mnist, cifar10, cifar100, tinyimagenet")
-    pool_size: int | None = Field(None, gt=0, description="use a seeded subset of the training split as the pool")
-    test_size: int | None = Field(None, gt=0, description="use a seeded subset of the test split")
-    image_size: int | None = Field(None, gt=0, description="resize images to this side length (small test tasks)")
-    subset_seed: int = 0
+    name: str = Field(max_length=64, description="dataset registry name: digits, fashion-mnist, cifar10, cifar100, tinyimagenet")
+    pool_size: int | None = Int(1, 10_000_000, default=None, description="use a seeded subset of the training split as the pool")
+    test_size: int | None = Int(1, 10_000_000, default=None, description="use a seeded subset of the test split")
+    image_size: int | None = Int(4, 512, default=None, description="resize images to this side length (small test tasks)")
+    subset_seed: Seed = 0
 
 
 class ModelSpec(Strict):
-    arch: str = Field(description="model registry name: mlp, cnn, resnet18, resnet50, densenet121")
-    width: float = Field(1.0, gt=0, description="channel/hidden-width multiplier")
-    options: dict[str, Any] = Field(default_factory=dict, description="architecture-specific options")
+    arch: str = Field(max_length=64, description="model registry name: mlp, cnn, resnet18, resnet50, densenet121")
+    width: float = Float(default=1.0, gt=0, le=64, description="channel/hidden-width multiplier")
+    options: dict[str, Any] = Field(default_factory=dict, max_length=32, description="architecture-specific options "
+                                    "(each model checks its own; plain data, at most 4 KiB as JSON)")
+
+    @field_validator("options")
+    @classmethod
+    def _plain_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        problem = plain_data_problem(options, max_depth=4)
+        if problem:
+            raise ValueError(problem)
+        if len(json.dumps(options)) > MAX_OPTIONS_BYTES:
+            raise ValueError(f"more than {MAX_OPTIONS_BYTES} bytes as JSON")
+        return options
 
 
 class AugmentSpec(Strict):
-    crop_padding: int = Field(0, ge=0, description="random crop of the original size after zero padding")
-    hflip: bool = False
+    crop_padding: int = Int(0, 64, default=0, description="random crop of the original size after zero padding")
+    hflip: Flag = False
 
 
 class TrainingSpec(Strict):
-    epochs: int = Field(gt=0)
-    batch_size: int = Field(gt=0)
-    lr: float = Field(gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    epochs: int = Int(1, 10_000)
+    batch_size: int = Int(1, 65_536)
+    lr: float = Float(gt=0, le=100)
+    momentum: float = Float(default=0.9, ge=0, lt=1)
+    weight_decay: float = Float(default=5e-4, ge=0, le=1)
     schedule: Literal["cosine", "constant"] = "cosine"
     augment: AugmentSpec = AugmentSpec()
-    seed: int = 0
+    seed: Seed = 0
 
 
 class MembershipSpec(Strict):
-    n_models: int = Field(64, ge=2)
-    pkeep: float = Field(0.5, gt=0, lt=1)
-    seed: int = 0
+    n_models: int = Int(8, MAX_MODELS, default=64, description="pool models; every one is a target's shadow when "
+                                                               "another is attacked")
+    pkeep: float = Float(default=0.5, gt=0, lt=1)
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _whole_members(self) -> MembershipSpec:
+        # Every example is IN exactly int(pkeep * n_models) models (pool/masks.py). A fraction would be
+        # truncated silently; fewer than 2 IN (or OUT) leaves leave-one-out LiRA with an empty side for
+        # the target's own members (no shadow to fit), and 0 IN makes a model with no members to train on.
+        members = self.pkeep * self.n_models
+        if not float(members).is_integer():
+            raise ValueError(f"pkeep x n_models = {self.pkeep!r} x {self.n_models} = {members!r} is not a whole "
+                             "number of models (every example is in exactly that many)")
+        if not 2 <= members <= self.n_models - 2:
+            raise ValueError(f"pkeep x n_models = {int(members)}: every example must be IN at least 2 and OUT of at "
+                             "least 2 models, so that leave-one-out attacks keep a shadow on each side")
+        return self
 
 
 class TargetsSpec(Strict):
-    count: int = Field(ge=1, description="pool models 0..count-1 play the victim, one at a time")
+    count: int = Int(1, MAX_MODELS, description="pool models 0..count-1 play the victim, one at a time")
 
 
 class LiraSpec(Strict):
@@ -74,40 +126,69 @@ class LiraSpec(Strict):
     fixed_variance_out: Literal["out", "in"] = Field(
         "out", description="'in' reproduces the reference code's quirk of using the IN std for OUT too"
     )
-    equalize_counts: bool = Field(False, description="truncate IN and OUT shadows to the same count (reference quirk)")
+    equalize_counts: Flag = Field(False, description="truncate IN and OUT shadows to the same count (reference quirk)")
+
+
+class RmiaSpec(Strict):
+    offline_a: float = Float(default=0.3, ge=0, le=1, description="offline RMIA's linear approximation of the IN side: "
+                                                                  "Pr(x) = (1+a)/2 mean_OUT + (1-a)/2")
+    gamma: float = Float(default=1.0, ge=1, le=1e6,
+                         description="x must beat a population sample's likelihood ratio by this factor")
+
+
+# Measured on digits-mlp (benchmarks/results/adaptive_shadows_*.txt): with 31 quantized shadows the adaptive
+# attacker's TPR@0.1%FPR equals that with all 63 (RMIA, fixed-variance LiRA), with 15 it keeps ~90%.
+DEFAULT_ADAPTIVE_SHADOWS = 31
+
+
+class AdaptiveSpec(Strict):
+    shadows: int | None = Int(1, MAX_MODELS - 1, default=None,
+                              description="quantized shadows per target for attackers that quantize theirs: pool "
+                                          "models 0..shadows are quantized and each target is attacked with the "
+                                          f"others; default {DEFAULT_ADAPTIVE_SHADOWS} (every other pool model in "
+                                          "smaller pools)")
+
+
+class StrongestSpec(Strict):
+    attacks: list[RegistryName] | None = Field(None, max_length=32,
+                                               description="the attacks that count (default: all the task's)")
+    pseudo_targets: int = Int(1, 64, default=8, description="shadow models the attacker attacks itself to choose")
+    examples: int = Int(100, 1_000_000, default=2000,
+                        description="pool examples (a fixed subset) the pseudo-targets are attacked on")
 
 
 class CalibrationSpec(Strict):
     source: Literal["members", "heldout"] = "members"
-    size: int = Field(1024, gt=0)
-    seed: int = 0
+    size: int = Int(1, 100_000, default=1024)
+    seed: Seed = 0
 
 
 class HubSpec(Strict):
-    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="Hub model repository holding the pool")
-    revision: str | None = Field(None, description="commit hash (or branch/tag) to pin; results record the commit")
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", max_length=200, description="Hub model repository holding the pool")
+    revision: str | None = Field(None, pattern=r"^[\w][\w./-]*$", max_length=200,
+                                 description="commit hash (or branch/tag) to pin; results record the commit")
 
 
-AttackName = Literal["lira-online", "lira-online-fixed", "lira-offline", "lira-offline-fixed", "global-threshold"]
-QueryName = Literal["identity", "hflip"]
-ThreatModel = Literal["oblivious", "adaptive"]
 
 
 class TaskSpec(Strict):
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")
-    version: int = Field(ge=1)
-    description: str = ""
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$", max_length=64)
+    version: int = Int(1, 1_000_000)
+    description: str = Field("", max_length=10_000)
     dataset: DatasetSpec
     model: ModelSpec
     training: TrainingSpec
     membership: MembershipSpec = MembershipSpec()
     targets: TargetsSpec
-    queries: list[QueryName] = Field(default_factory=lambda: ["identity", "hflip"], min_length=1)
-    attacks: list[AttackName] = Field(default_factory=lambda: ["lira-online"], min_length=1)
+    queries: list[RegistryName] = Field(default_factory=lambda: ["identity", "hflip"], min_length=1, max_length=16)
+    attacks: list[RegistryName] = Field(default_factory=lambda: ["lira-online"], min_length=1, max_length=16)
     lira: LiraSpec = LiraSpec()
-    plans: list[str] = Field(min_length=1)
+    rmia: RmiaSpec | None = Field(None, description="RMIA's options (defaults when absent)")
+    plans: list[PlanText] = Field(min_length=1, max_length=32)
     calibration: CalibrationSpec = CalibrationSpec()
-    threat_models: list[ThreatModel] = Field(default_factory=lambda: ["oblivious"], min_length=1)
+    threat_models: list[RegistryName] = Field(default_factory=lambda: ["oblivious"], min_length=1, max_length=16)
+    adaptive: AdaptiveSpec = AdaptiveSpec()
+    strongest: StrongestSpec = StrongestSpec()
     hub: HubSpec | None = Field(None, description="pull the pool from the Hugging Face Hub instead of training it")
 
     @field_validator("plans")
@@ -132,7 +213,23 @@ class TaskSpec(Strict):
             raise ValueError(
                 f"targets.count ({self.targets.count}) exceeds membership.n_models ({self.membership.n_models})"
             )
+        shadows = self.adaptive.shadows
+        if shadows is not None and not self.targets.count - 1 <= shadows <= self.membership.n_models - 1:
+            raise ValueError(f"adaptive.shadows ({shadows}) must lie between targets.count - 1 "
+                             f"({self.targets.count - 1}) and membership.n_models - 1 ({self.membership.n_models - 1}): "
+                             "every target's quantized shadows are the other quantized models")
+        unknown = set(self.strongest.attacks or []) - set(self.attacks)
+        if unknown:
+            raise ValueError(f"strongest.attacks: {sorted(unknown)} are not among the task's attacks")
         return self
+
+    @property
+    def quantized_shadow_models(self) -> list[int]:
+        """The pool models an attacker that quantizes its shadows quantizes (targets among them)."""
+        shadows = self.adaptive.shadows
+        if shadows is None:
+            shadows = max(min(DEFAULT_ADAPTIVE_SHADOWS, self.membership.n_models - 1), self.targets.count - 1)
+        return list(range(shadows + 1))
 
     def canonical(self) -> dict:
         dumped = self.model_dump(mode="json")
@@ -148,8 +245,8 @@ class TaskSpec(Strict):
         return content_hash({key: dumped[key] for key in POOL_FIELDS})
 
     @property
-    def precision_plans(self) -> list[PrecisionPlan]:
-        return [PrecisionPlan.parse(plan) for plan in self.plans]
+    def rmia_options(self) -> RmiaSpec:
+        return self.rmia or RmiaSpec()
 
 
 def _unique(values: list[str], what: str) -> list[str]:

@@ -1,0 +1,60 @@
+"""Where and how a run's units of work execute: one record shared by the driver and every worker.
+
+A unit (train a group of pool models, quantize a group at a plan) is a top-level function
+taking a ``RunContext`` first, so it can run in this process or in a Ray worker. The
+context loads the data (and whatever a stage memoises with ``loaded``) once per process;
+what it has loaded is never pickled, so a worker reloads from the shared cache instead of
+receiving arrays over the wire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from .data import ImageDataset, load_dataset
+from .extensions import load_extensions
+from .spec.schema import TaskSpec
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, eq=False)
+class RunContext:
+    spec: TaskSpec
+    cache_dir: Path
+    data_root: Path | None = None
+    download: bool = False
+    device: str = "cpu"
+    threads: int = field(default_factory=torch.get_num_threads)  # the driver's: same summation order, same bits
+    extensions: tuple[str, ...] = ()  # user modules that register datasets, models, quantizers, attacks
+    _loaded: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_loaded": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def enter(self) -> None:
+        """Call first in a unit: a worker computes with the driver's thread count and its extensions."""
+        torch.set_num_threads(self.threads)
+        load_extensions(self.extensions)
+
+    def loaded(self, key: str, load: Callable[[], T]) -> T:
+        """``load()`` once per process and context; later calls return the same object."""
+        if key not in self._loaded:
+            self._loaded[key] = load()
+        return self._loaded[key]
+
+    def remember(self, key: str, value: T) -> T:
+        """Hand an object the driver already has to the units that run in this process."""
+        self._loaded[key] = value
+        return value
+
+    def dataset(self) -> ImageDataset:
+        return self.loaded("dataset", lambda: load_dataset(self.spec.dataset, self.data_root, self.download))

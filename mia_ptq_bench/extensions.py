@@ -1,0 +1,64 @@
+"""Loading user code that extends the benchmark: a module by name, or a .py file by path.
+
+An extension registers what it adds when imported (``@register_quantizer``, ``ATTACKS.register``,
+``DATASETS.register``, ``MODELS.register``). ``load_extensions`` imports, in order, the modules
+named by ``--plugin`` options, by ``$MPTQ_PLUGINS`` (os.pathsep-separated) and by installed
+packages' entry points in the group ``mia_ptq_bench.plugins``. Every process that runs units of
+work (a Ray worker too) loads the same list, so a registered dataset or model is found there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+
+from .errors import BenchError
+
+PLUGINS_ENV = "MPTQ_PLUGINS"
+PLUGIN_ENTRY_POINTS = "mia_ptq_bench.plugins"
+
+
+def import_module_or_file(ref: str) -> ModuleType:
+    """``package.module``, or ``path/to/file.py`` imported under a name derived from its absolute path."""
+    try:
+        if ref.endswith(".py"):
+            file = Path(ref).resolve()
+            if not file.is_file():
+                raise BenchError(f"{ref}: no such file {file}")
+            name = "mptq_plugin_" + hashlib.sha256(str(file).encode()).hexdigest()[:16]
+            if name in sys.modules:
+                return sys.modules[name]
+            spec = importlib.util.spec_from_file_location(name, file)
+            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)  # type: ignore[union-attr]
+            except BaseException:
+                del sys.modules[name]
+                raise
+            return module
+        return importlib.import_module(ref)
+    except ImportError as exc:
+        raise BenchError(f"{ref}: cannot import: {exc}") from None
+
+
+def extension_refs(refs: Iterable[str] = ()) -> tuple[str, ...]:
+    """Every extension to load: the given ones, then $MPTQ_PLUGINS, then installed entry points."""
+    from_env = [p for p in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if p]
+    points = [ep.value for ep in metadata.entry_points(group=PLUGIN_ENTRY_POINTS)]
+    return tuple(dict.fromkeys([*refs, *from_env, *points]))
+
+
+def load_extensions(refs: Iterable[str] = ()) -> tuple[str, ...]:
+    """Import every extension (each once per process); returns what was loaded, in order."""
+    loaded = extension_refs(refs)
+    for ref in loaded:
+        import_module_or_file(ref)
+    return loaded

@@ -1,0 +1,118 @@
+"""The strongest attack, chosen the way an attacker could: on models it trained itself.
+
+For each target the attacker tries every strategy it can afford (an attack of the task's
+``strongest.attacks`` with shadows of a threat model it knows enough for) against
+*pseudo-targets*: some of its own shadow models, standing in for the target, whose
+membership it knows because it trained them. Each pseudo-target is attacked with the
+remaining shadows (the pseudo-target and the real target left out); the strategy with the
+highest TPR at 0.1% FPR over all pseudo-targets' examples together (one ROC: a single model's
+few hundred non-members allow no false positive at 0.1%) wins; ties go to the higher TPR at
+1% FPR, then AUC, then the less informed strategy. On large pools the pseudo-targets are
+attacked on a fixed subset of examples (``strongest.examples``), which bounds the cost. The target's own membership is never read: only then is the
+chosen strategy's membership score of the target scored against the truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..attack import ATTACKS, THREAT_MODELS, AttackInput, ShadowSet, ThreatModel, run_attacks
+from ..spec.schema import TaskSpec
+from .roc import attack_metrics
+
+
+@dataclass(frozen=True)
+class Choice:
+    threat_model: str
+    attack: str
+    estimate: float  # TPR@0.1%FPR over the pseudo-targets (one ROC over their examples)
+
+
+def choose(spec: TaskSpec, keep: np.ndarray, target: int, strategies: dict[str, ShadowSet],
+           pseudo: ShadowSet) -> Choice:
+    """The strategy (threat model, attack) with the best shadow-only estimate for attacking ``target``.
+
+    ``strategies`` maps each threat model the attacker may use to its shadows; ``pseudo``
+    holds the models that stand in for the target (of the kind the attacker believes the
+    target is). ``keep[target]`` is never read.
+    """
+    attacks = spec.strongest.attacks or spec.attacks
+    stand_ins = [int(m) for m in pseudo.models if int(m) != target][: spec.strongest.pseudo_targets]
+    if not stand_ins:
+        raise ValueError("no shadow model can stand in for the target: use more shadows")
+    examples = evaluation_examples(keep.shape[1], spec.strongest.examples)
+    best: tuple[tuple[float, float, float], Choice] | None = None
+    for threat, shadows in strategies.items():
+        for attack in attacks:
+            labels, scores = [], []
+            for stand_in in stand_ins:
+                shadow_scores, shadow_in = shadows.without(keep, [stand_in, target])
+                inputs = AttackInput(shadow_scores[:, examples], shadow_in[:, examples],
+                                     pseudo.scores_of(stand_in)[examples], ~keep[stand_in][examples])
+                scores.append(ATTACKS.get(attack)(inputs, spec))
+                labels.append(keep[stand_in][examples])
+            # One ROC over every stand-in's examples: with a few hundred non-members each, 0.1% FPR of a single
+            # model allows no false positive at all and ranks attacks by chance.
+            metrics = attack_metrics(np.concatenate(labels), np.concatenate(scores))
+            key = (metrics.low_fpr[0].tpr, metrics.low_fpr[1].tpr, metrics.auc)
+            if best is None or key > best[0]:
+                best = (key, Choice(threat, attack, key[0]))
+    assert best is not None
+    return best[1]
+
+
+def evaluation_examples(n: int, size: int) -> np.ndarray:
+    """The pool examples the stand-ins are attacked on: all, or a fixed seeded subset of ``size`` (cost grows with N)."""
+    if n <= size:
+        return np.arange(n)
+    return np.sort(np.random.RandomState(0).choice(n, size, replace=False))
+
+
+def choose_all(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, strategies: dict[str, ShadowSet],
+               pseudo: ShadowSet) -> list[Choice]:
+    return [choose(spec, keep, int(t), strategies, pseudo) for t in targets]
+
+
+def candidate_threats(threat: ThreatModel, threats: list[ThreatModel]) -> list[ThreatModel]:
+    """The strategies an attacker of ``threat`` may choose among: the shadows of every threat model of
+    ``threats`` (the task's) it knows enough for, and full-precision shadows always (they are the pool)."""
+    run = {t.name for t in threats}
+    known = [t for _, t in THREAT_MODELS.items()
+             if t.knowledge <= threat.knowledge and (t.shadows == "full-precision" or t.name in run)]
+    return sorted(known, key=lambda t: t.knowledge)  # ties in the choice go to the less informed strategy
+
+
+@dataclass
+class Attacked:
+    """One evaluation's attacks: membership per attack, the strategy chosen per target and its scores."""
+
+    membership: dict[str, np.ndarray]
+    choices: list[Choice]
+    chosen: np.ndarray  # (T, N)
+
+
+def attack_targets(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, target_scores: np.ndarray,
+                   threat: ThreatModel, candidates: list[ThreatModel], shadows: dict[str, ShadowSet]) -> Attacked:
+    """The task's attacks with ``threat``'s shadows, and per target the strongest strategy among ``candidates``
+    chosen on shadow models alone (``metrics/select.py``)."""
+    distinct: dict[str, ShadowSet] = {}  # at full precision every threat model's shadows are the pool: try them once
+    for t in candidates:
+        if not any(_same(other, shadows[t.shadows]) for other in distinct.values()):
+            distinct[t.name] = shadows[t.shadows]
+    computed = {name: run_attacks(spec, keep, s, targets, target_scores) for name, s in distinct.items()}
+    memberships = {t.name: next(computed[n] for n, s in distinct.items() if _same(s, shadows[t.shadows]))
+                   for t in candidates}
+    choices = choose_all(spec, keep, targets, distinct, shadows[threat.shadows])
+    chosen = np.stack([memberships[c.threat_model][c.attack][row] for row, c in enumerate(choices)])
+    return Attacked(memberships[threat.name], choices, chosen)
+
+
+def _same(a: ShadowSet, b: ShadowSet) -> bool:
+    return a is b or (np.array_equal(a.models, b.models) and np.array_equal(a.scores, b.scores))
+
+
+def evaluation_arrays(prefix: str, attacked: Attacked) -> dict[str, np.ndarray]:
+    return {**{f"{prefix}membership__{k}": v for k, v in attacked.membership.items()},
+            f"{prefix}strongest_membership": attacked.chosen}

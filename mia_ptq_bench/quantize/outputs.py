@@ -1,0 +1,125 @@
+"""What the evaluation keeps of a model: its scores on the pool, its test predictions and its audit.
+
+Quantized outputs are cached per model (one .npz each) under a key of the pool, the
+quantizer's config, the plan and the calibration spec, so an interrupted run resumes
+where it stopped and a rerun costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import content_hash, write_npz_atomic
+from ..context import RunContext
+from ..data import Split
+from ..data.splits import evaluation_test_split
+from ..errors import BenchError
+from ..inference import predict_logits, score_split
+from ..pool import Pool, build_pool
+from ..progress import Progress, SilentProgress
+from ..spec.audit import LayerAudit
+from ..spec.plans import PrecisionPlan
+from .audit import audit_model, enforce_audit
+from .base import Quantizer
+from .calibration import calibration_set
+from .evidence import encode_model
+
+FORMAT = 2  # of a cached outputs file: 2 added the quantized weights
+EVIDENCE = "evidence/"  # prefix of the quantized weights' arrays inside a cached outputs file
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    scores: np.ndarray  # (N, Q) on the pool
+    test_predictions: np.ndarray  # (n_test,) on the evaluation test split
+    audit: list[LayerAudit]
+    evidence: dict[str, np.ndarray] = field(default_factory=dict)  # the quantized weights (quantize/evidence.py)
+
+
+class OutputStore:
+    """Quantized-model outputs, one .npz per model, keyed by pool, quantizer config, plan and calibration."""
+
+    def __init__(self, cache_dir: Path, pool: Pool, quantizer: Quantizer, plan: PrecisionPlan,
+                 progress: Progress | None = None) -> None:
+        spec = pool.spec
+        self.progress = progress or SilentProgress()
+        described = quantizer.describe()
+        calibration = content_hash(spec.calibration.model_dump(mode="json"))
+        self.root = (Path(cache_dir) / "quantized" / pool.store.root.name /
+                     f"{quantizer.name}-{described['config_hash'][:12]}" / f"{plan}-cal{calibration[:8]}-v{FORMAT}")
+
+    def path(self, index: int) -> Path:
+        return self.root / f"model-{index:04d}.npz"
+
+    def load(self, index: int) -> ModelOutputs | None:
+        path = self.path(index)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                audit = [LayerAudit.model_validate(x) for x in json.loads(str(archive["audit_json"]))]
+                evidence = {k.removeprefix(EVIDENCE): archive[k] for k in archive.files if k.startswith(EVIDENCE)}
+                return ModelOutputs(archive["scores"], archive["test_predictions"], audit, evidence)
+        except Exception as exc:  # zip CRC, truncation, bad JSON: all mean the file cannot be used
+            self.progress.log(f"redoing model {index}: {path}: corrupted cache file ({type(exc).__name__}: {exc})")
+            path.unlink(missing_ok=True)
+            return None
+
+    def save(self, index: int, outputs: ModelOutputs) -> None:
+        write_npz_atomic(self.path(index), {
+            "scores": outputs.scores, "test_predictions": outputs.test_predictions,
+            "audit_json": np.array(json.dumps([a.model_dump(mode="json") for a in outputs.audit])),
+            **{EVIDENCE + k: v for k, v in outputs.evidence.items()},
+        })
+
+
+def predicted_classes(model: torch.nn.Module, pool: Pool, test: Split, device: str) -> np.ndarray:
+    return predict_logits(model, pool.dataset, test, "identity", device).argmax(dim=1).numpy()
+
+
+def reference_outputs(pool: Pool, index: int, test: Split, device: str) -> ModelOutputs:
+    """A pool model at full precision: its cached pool scores, its test predictions, an fp32 audit."""
+    model = pool.load_model(index, device)
+    return ModelOutputs(pool.scores[index], predicted_classes(model, pool, test, device),
+                        audit_model(model, PrecisionPlan(None)))
+
+
+def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan: PrecisionPlan, test: Split,
+                      store: OutputStore, device: str) -> dict[int, ModelOutputs]:
+    """Quantize, audit and score a group of pool models (cached ones are loaded, not redone)."""
+    outputs = {i: cached for i in indices if (cached := store.load(i)) is not None}
+    todo = [i for i in indices if i not in outputs]
+    if not todo:
+        return outputs
+    spec = pool.spec
+    size = quantizer.calibration_size(spec.calibration.size) if spec.calibration.source == "members" else 0
+    models = [pool.load_model(i, device) for i in todo]
+    calibrations = [calibration_set(spec, pool.dataset, pool.keep, i, size, device) for i in todo]
+    quantized = quantizer.quantize_many(models, calibrations, plan)
+    for index, model in zip(todo, quantized, strict=True):
+        audit = audit_model(model, plan)
+        enforce_audit(audit, plan, f"quantizer {quantizer.name!r} on pool model {index}")
+        scores = score_split(model, pool.dataset, pool.dataset.pool, list(spec.queries), device)
+        predictions = predicted_classes(model, pool, test, device)
+        if not np.isfinite(scores).all():
+            raise BenchError(f"quantizer {quantizer.name!r} at {plan}: model {index} produced non-finite outputs")
+        outputs[index] = ModelOutputs(scores, predictions, audit, encode_model(index, model))
+        store.save(index, outputs[index])
+    return outputs
+
+
+def quantize_unit(context: RunContext, quantizer: Quantizer, plan: str, indices: tuple[int, ...]) -> list[int]:
+    """A unit of work: quantize a group of pool models into the output cache (the pool is read, never trained)."""
+    context.enter()
+    pool = context.loaded("pool", lambda: build_pool(context.spec, context.dataset(), context.cache_dir,
+                                                     context.device))
+    test = context.loaded("test", lambda: evaluation_test_split(context.spec.calibration, pool.dataset))
+    parsed = PrecisionPlan.parse(plan)
+    store = OutputStore(context.cache_dir, pool, quantizer, parsed)
+    quantized_outputs(pool, list(indices), quantizer, parsed, test, store, context.device)
+    return list(indices)

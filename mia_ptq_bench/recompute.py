@@ -1,0 +1,180 @@
+"""Recompute a committed result from its evidence, running no submitted code.
+
+A quantized result commits, beside its document, the quantized weights of the models it used
+(``<plan>.models.safetensors``: per channel a codebook and a code per weight). Against the
+task's pool (cached, pulled or trained) this module rebuilds every such model, audits it from
+its codebooks, scores it on every pool example and predicts the test split, reruns the attacks
+and the choice of the strongest strategy exactly as ``evaluate`` does, and compares every
+headline number with the document under the reproducibility contract (``results/compare.py``).
+
+A result is **recomputed** when all of that succeeds and agrees. It stays **self-reported**
+when it cannot be: no evidence (the full-precision reference has none: its models are the
+pool), evidence of the targets only (too large to commit) for an attacker with quantized
+shadows, or a quantizer that changed the architecture beyond folding BatchNorm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .attack import THREAT_MODELS, ShadowSet
+from .data import Split
+from .environment import environment
+from .errors import BenchError
+from .inference import score_split
+from .metrics.select import attack_targets, candidate_threats
+from .models import quantizable_layers
+from .pool import Pool
+from .pool.train import init_model
+from .quantize import QUANTIZERS
+from .quantize.batchnorm import fold_batchnorm
+from .quantize.evidence import decode_model, model_indices
+from .quantize.outputs import ModelOutputs, OutputStore, predicted_classes, quantized_outputs, reference_outputs
+from .results.compare import Comparison, compare_results
+from .results.compute import build_evaluation
+from .results.io import load_evidence
+from .results.schema import Environment, Result
+from .spec.audit import LayerAudit, merge_audits
+from .spec.plans import PrecisionPlan
+
+RECOMPUTED, SELF_REPORTED = "recomputed", "self-reported"
+
+
+@dataclass(frozen=True)
+class Recomputation:
+    path: Path
+    status: str  # recomputed | self-reported
+    reason: str  # why it stays self-reported, or what disagreed
+    comparisons: list[Comparison]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.comparisons)
+
+
+def rebuild(pool: Pool, index: int, tensors: dict[str, np.ndarray], device: str) -> tuple[torch.nn.Module, dict]:
+    """Model ``index`` from the evidence: the pool's architecture, BatchNorm folded if the evidence says so."""
+    spec, dataset = pool.spec, pool.dataset
+    try:
+        model, distinct = decode_model(init_model(spec, dataset, index), index, tensors)
+    except ValueError:
+        model, distinct = decode_model(fold_batchnorm(init_model(spec, dataset, index).eval()), index, tensors)
+    return model.to(device), distinct
+
+
+def evidence_outputs(pool: Pool, tensors: dict[str, np.ndarray], plan: PrecisionPlan, test: Split,
+                     device: str) -> dict[int, ModelOutputs]:
+    """Scores, test predictions and an audit read off the codebooks, for every model of the evidence."""
+    outputs = {}
+    for index in model_indices(tensors):
+        model, distinct = rebuild(pool, index, tensors, device)
+        layers = quantizable_layers(model)  # in order: the last is the classifier (the plan's -last<b>)
+        audit = [LayerAudit.measured(name, plan.bits_for(i, len(layers)), distinct[name], int(layer.weight.shape[0]))
+                 for i, (name, layer) in enumerate(layers)]
+        scores = score_split(model, pool.dataset, pool.dataset.pool, list(pool.spec.queries), device)
+        outputs[index] = ModelOutputs(scores, predicted_classes(model, pool, test, device), audit)
+    return outputs
+
+
+def _audit_problem(result: Result, recomputed: list[LayerAudit]) -> str | None:
+    recorded = {a.layer: a for a in result.audit}
+    for entry in recomputed:
+        if not entry.passed:
+            return f"audit: layer {entry.layer} holds {entry.max_distinct} values in a channel, its plan allows " \
+                   f"{entry.allowed_levels}"
+        if entry.layer not in recorded or entry.max_distinct > recorded[entry.layer].max_distinct:
+            return f"audit: layer {entry.layer} holds more values than the result records"
+    return None
+
+
+def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Path,
+              device: str = "cpu") -> Recomputation:
+    spec = pool.spec
+    threat = THREAT_MODELS.get(result.threat_model)
+    task_threats = [THREAT_MODELS.get(n) for n in spec.threat_models] + [threat]
+    candidates = candidate_threats(threat, task_threats)
+    targets = np.arange(spec.targets.count)
+    plan = PrecisionPlan.parse(result.plan)
+    if plan.is_full_precision:  # the reference: its models are the pool's own
+        outputs = {int(t): reference_outputs(pool, int(t), test, device) for t in targets}
+    elif result.evidence is None:
+        return Recomputation(path, SELF_REPORTED, "no quantized weights (evidence) beside the result", [])
+    else:
+        try:
+            outputs = evidence_outputs(pool, load_evidence(path, result), plan, test, device)
+        except (BenchError, ValueError, RuntimeError) as exc:
+            return Recomputation(path, SELF_REPORTED, f"the evidence cannot be rebuilt into models: {exc}", [])
+    missing = [int(t) for t in targets if int(t) not in outputs]
+    needs_shadows = ({c.shadows for c in candidates} & {"same-quantizer"}) and not plan.is_full_precision
+    missing += [m for m in result.shadow_models if needs_shadows and m not in outputs]
+    if missing:
+        return Recomputation(path, SELF_REPORTED, f"the evidence lacks models {sorted(set(missing))[:5]}", [])
+    problem = _audit_problem(result, merge_audits([outputs[i].audit for i in sorted(outputs)]))
+    if problem:
+        return Recomputation(path, RECOMPUTED, problem, [])
+
+    full = ShadowSet(pool.scores, np.arange(spec.membership.n_models))
+    shadows = {"full-precision": full, "same-quantizer": full, "rtn": full}  # at full precision all are the pool
+    models = np.array(result.shadow_models)
+    if "same-quantizer" in {c.shadows for c in candidates} and not plan.is_full_precision:
+        shadows["same-quantizer"] = ShadowSet(np.stack([outputs[int(m)].scores for m in models]), models)
+    if "rtn" in {c.shadows for c in candidates} and not plan.is_full_precision:  # built-in: the checker runs it
+        rtn = QUANTIZERS.get("rtn")()
+        store = OutputStore(cache_dir, pool, rtn, plan)
+        rtn_outputs = quantized_outputs(pool, [int(m) for m in models], rtn, plan, test, store, device)
+        shadows["rtn"] = ShadowSet(np.stack([rtn_outputs[int(m)].scores for m in models]), models)
+    target_scores = np.stack([outputs[int(t)].scores for t in targets])
+    predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
+    attacked = attack_targets(spec, pool.keep, targets, target_scores, threat, candidates, shadows)
+    reference = {int(t): reference_outputs(pool, int(t), test, device) for t in targets}
+    oblivious = THREAT_MODELS.get("oblivious")
+    reference_attacked = attack_targets(spec, pool.keep, targets, np.stack([reference[int(t)].scores for t in targets]),
+                                        oblivious, [oblivious], {"full-precision": full})
+    labels = test.labels.numpy()
+    rerun = result.model_copy(update={
+        "quantized": build_evaluation(pool.keep, targets, attacked.membership, predictions, labels, attacked.choices,
+                                      attacked.chosen),
+        "reference": build_evaluation(pool.keep, targets, reference_attacked.membership,
+                                      np.stack([reference[int(t)].test_predictions for t in targets]), labels,
+                                      reference_attacked.choices, reference_attacked.chosen),
+        "environment": Environment(**environment(device)),
+    })
+    comparisons = compare_results(result, rerun)
+    bad = [c for c in comparisons if not c.ok]
+    reason = f"{bad[0].result}: {bad[0].metric}: committed {bad[0].committed:.6f}, recomputed {bad[0].rerun:.6f}" \
+        if bad else ""
+    return Recomputation(path, RECOMPUTED, reason, comparisons)
+
+
+def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None = None, download: bool = False,
+                    device: str = "cpu") -> list[Recomputation]:
+    """Recompute every result file given, loading (or training) each task's pool once."""
+    from .context import RunContext
+    from .data.splits import evaluation_test_split
+    from .pool import build_pool
+    from .results.io import load_result
+    from .spec import load_task
+
+    loaded: dict[str, tuple[Pool, Split]] = {}
+    outcomes = []
+    for path in paths:
+        try:
+            result = load_result(path)
+            spec = load_task(result.task.id)
+        except BenchError as exc:  # validate refuses such a file on its own; here it is simply not recomputed
+            outcomes.append(Recomputation(path, SELF_REPORTED, str(exc).splitlines()[0], []))
+            continue
+        if spec.hash != result.task.hash:
+            outcomes.append(Recomputation(path, SELF_REPORTED, "stale: the task has changed since", []))
+            continue
+        if spec.id not in loaded:
+            context = RunContext(spec, Path(cache_dir), data_root, download, device)
+            pool = build_pool(spec, context.dataset(), cache_dir, device)
+            loaded[spec.id] = (pool, evaluation_test_split(spec.calibration, pool.dataset))
+        pool, test = loaded[spec.id]
+        outcomes.append(recompute(path, result, pool, test, Path(cache_dir), device))
+    return outcomes

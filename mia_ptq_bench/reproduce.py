@@ -1,0 +1,108 @@
+"""``mptq-bench reproduce``: rerun committed results on this machine and compare every headline number.
+
+A result file, or a submission folder (all its results), is rerun with the exact task (its
+hash must match), quantizer and config (its hash must match) and plan; the numbers are then
+compared under the reproducibility contract of ``results/compare.py``. Reproducing a
+submission runs its code: do it where that is intended (CI's unprivileged pull-request job).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .errors import BenchError
+from .progress import Progress, SilentProgress
+from .results.compare import Comparison, compare_results, same_environment
+from .results.io import load_result
+from .results.schema import Result
+from .runner import RunOptions, evaluate
+from .spec import load_task
+from .submission import MANIFEST, find_submissions
+from .submission.load import METADATA
+from .submission.resolve import resolve, submission_quantizer
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    path: Path
+    same_environment: bool
+    comparisons: list[Comparison]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.comparisons)
+
+
+def result_files(paths: list[Path]) -> list[Path]:
+    """Result documents named directly, or every one of each submission folder given."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            folders = find_submissions(path)
+            if not folders:
+                raise BenchError(f"{path}: not a result file or a submission folder")
+            files += [p for f in folders for p in sorted((f / "results").glob("*/*.json")) if p.name != MANIFEST]
+        elif path.suffix == ".json":
+            files.append(path)
+        else:
+            raise BenchError(f"{path}: not a result (.json) or a submission folder")
+    if not files:
+        raise BenchError(f"{', '.join(map(str, paths))}: no result files to reproduce")
+    return files
+
+
+def _submission_of(path: Path) -> Path | None:
+    """``submissions/<name>`` for ``submissions/<name>/results/<task>/<file>.json``."""
+    folder = path.resolve().parent.parent.parent
+    return folder if (folder / METADATA).is_file() else None
+
+
+def _quantizer_for(path: Path, result: Result):
+    folder = _submission_of(path)
+    found = submission_quantizer(folder) if folder else resolve(result.quantizer.name)
+    quantizer = found.cls(result.quantizer.config)
+    described = quantizer.describe()
+    if (described["name"], described["version"], described["config_hash"]) != (
+            result.quantizer.name, result.quantizer.version, result.quantizer.config_hash):
+        raise BenchError(f"{path}: quantizer: the result was made by {result.quantizer.name} "
+                         f"{result.quantizer.version} (config {result.quantizer.config_hash[:12]}), this code is "
+                         f"{described['name']} {described['version']} (config {described['config_hash'][:12]})")
+    return quantizer
+
+
+def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None = None,
+              tasks: list[str] | None = None) -> list[Reproduction]:
+    """Rerun and compare every result of ``paths`` (only those of ``tasks``, if given)."""
+    progress = progress or SilentProgress()
+    groups: dict[tuple, list[tuple[Path, Result]]] = {}
+    for path in result_files(paths):
+        result = load_result(path)
+        if tasks and result.task.id not in tasks:
+            continue
+        spec = load_task(result.task.id)
+        if spec.hash != result.task.hash:
+            raise BenchError(f"{path}: task.hash: the result is of {spec.id} version {result.task.version} "
+                             f"({result.task.hash[:12]}…), the task is now version {spec.version} "
+                             f"({spec.hash[:12]}…): a stale result cannot be reproduced")
+        key = (spec.id, _submission_of(path), result.quantizer.name, result.quantizer.config_hash)
+        groups.setdefault(key, []).append((path, result))
+    if not groups:
+        raise BenchError(f"no results of task(s) {', '.join(tasks or [])} to reproduce in {', '.join(map(str, paths))}")
+    reproductions = []
+    with tempfile.TemporaryDirectory(prefix="mptq-reproduce-") as scratch:
+        for (task_id, _, _, _), members in groups.items():
+            first_path, first = members[0]
+            quantizer = _quantizer_for(first_path, first)
+            plans = list(dict.fromkeys(r.plan for _, r in members))
+            threats = list(dict.fromkeys(r.threat_model for _, r in members))
+            progress.log(f"rerunning {task_id} · {quantizer.name} · {', '.join(plans)} · {', '.join(threats)}")
+            outcome = evaluate(quantizer, load_task(task_id), plans, threats,
+                               replace(options, out_dir=Path(scratch) / "rerun", per_quantizer_folder=True), progress)
+            rerun = {(r.plan, r.threat_model): r for r in outcome.results}
+            for path, committed in members:
+                again = rerun[(committed.plan, committed.threat_model)]
+                reproductions.append(Reproduction(path, same_environment(committed.environment, again.environment),
+                                                  compare_results(committed, again)))
+    return reproductions

@@ -1,0 +1,92 @@
+"""The files of a submission folder, as a pull request brings them: checked before any is read.
+
+A submission is a pull request's folder: a symbolic link in it can point anywhere on the machine that
+validates or builds the site (``results/x.json -> /etc/passwd``, a folder link to ``/``), a FIFO blocks
+a reader forever, and the number and size of files are whatever the contributor chose. The walk here
+never follows a link, stops after ``SUBMISSION_FILES`` entries, and names every problem on one line.
+Temporary files left by a writer killed mid-write (``atomic.write_atomic``) are not part of the
+submission: they are never read and are reported as nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..atomic import is_temporary
+from ..limits import (SUBMISSION_FILE_BYTES, SUBMISSION_FILES, SUBMISSION_OTHER_FILE_BYTES, SUBMISSION_TOTAL_BYTES,
+                      size_text)
+
+
+@dataclass
+class Inventory:
+    files: list[Path] = field(default_factory=list)  # regular files, relative to the folder, sorted
+    problems: list[str] = field(default_factory=list)
+
+
+def scan(folder: Path) -> Inventory:
+    """Every regular file under ``folder`` (links not followed), and every link, special file or excess."""
+    folder = Path(folder)
+    found = Inventory()
+    if folder.is_symlink():
+        found.problems.append(f"{folder}: (folder): is a symbolic link to {os.readlink(folder)}; refused")
+        return found
+    total, seen = 0, 0
+
+    def refuse(path: Path, reason: str) -> None:
+        found.problems.append(f"{path}: (file): {reason}")
+
+    def walk_error(exc: OSError) -> None:
+        found.problems.append(f"{exc.filename}: (folder): cannot be read: {exc.strerror or exc}")
+
+    for root, dirs, names in os.walk(folder, followlinks=False, onerror=walk_error):
+        here = Path(root)
+        for name in sorted(dirs):
+            if (here / name).is_symlink():  # os.walk lists it and does not descend: say so
+                refuse(here / name, f"a symbolic link (to {os.readlink(here / name)}) is not allowed in a submission")
+        dirs[:] = sorted(d for d in dirs if not (here / d).is_symlink())
+        for name in sorted(names):
+            seen += 1
+            if seen > SUBMISSION_FILES:
+                found.problems.append(f"{folder}: (folder): more than {SUBMISSION_FILES} files; refused")
+                found.files.sort()
+                return found
+            path = here / name
+            try:
+                info = path.lstat()
+            except OSError as exc:
+                refuse(path, f"cannot be read: {exc.strerror or exc}")
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                refuse(path, f"a symbolic link (to {os.readlink(path)}) is not allowed in a submission")
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                refuse(path, "not a regular file")
+                continue
+            total += info.st_size
+            if is_temporary(name):
+                continue
+            limit = SUBMISSION_FILE_BYTES.get(path.suffix, SUBMISSION_OTHER_FILE_BYTES)
+            if info.st_size > limit:
+                refuse(path, f"{size_text(info.st_size)}, larger than the {size_text(limit)} allowed for this kind of file")
+                continue
+            found.files.append(path.relative_to(folder))
+    if total > SUBMISSION_TOTAL_BYTES:
+        found.problems.append(f"{folder}: (folder): {size_text(total)} in all, more than the "
+                              f"{size_text(SUBMISSION_TOTAL_BYTES)} allowed")
+    found.files.sort()
+    return found
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed writer left under ``folder`` (call only where no writer runs)."""
+    removed = []
+    for root, _, names in os.walk(folder, followlinks=False):
+        for name in names:
+            path = Path(root) / name
+            if is_temporary(name) and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed

@@ -1,0 +1,30 @@
+"""Reading submission folders: the metadata, and where submissions are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import BenchError
+from ..limits import SUBMISSION_YAML_BYTES
+from ..spec.loader import read_yaml, validate_document
+from .schema import SubmissionSpec
+
+METADATA = "submission.yaml"
+
+
+def load_submission(folder: Path) -> SubmissionSpec:
+    path = Path(folder) / METADATA
+    # a pull request's file: bounded, and never a symbolic link (it could point anywhere on the machine)
+    data = read_yaml(path, SUBMISSION_YAML_BYTES, follow_symlinks=False)
+    spec: SubmissionSpec = validate_document(SubmissionSpec, data, str(path))
+    if spec.name != Path(folder).name:
+        raise BenchError(f"{path}: name: {spec.name!r} must equal the folder name {Path(folder).name!r}")
+    return spec
+
+
+def find_submissions(root: Path) -> list[Path]:
+    """A folder with submission.yaml is one submission; otherwise each such folder below it."""
+    root = Path(root)
+    if (root / METADATA).is_file():
+        return [root]
+    return sorted(p.parent for p in root.glob(f"*/{METADATA}"))

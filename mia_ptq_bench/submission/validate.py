@@ -1,0 +1,194 @@
+"""Validating a submission folder: metadata, allowed files, manifest, and every expected result.
+
+Validation never imports or runs submitted code: it reads files.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..atomic import sha256_file
+from ..errors import BenchError
+from ..limits import MANIFEST_JSON_BYTES
+from ..readers import read_json_file
+from ..results.io import load_result
+from ..results.verify import verify_result
+from ..spec import load_task
+from ..spec.plans import PrecisionPlan
+from .files import scan
+from .load import find_submissions, load_submission
+from .manifest import EVIDENCE_SUFFIX, MANIFEST, manifest_path
+from .schema import REFERENCE_ENTRIES, SubmissionSpec, checked_config
+
+ALLOWED_TOP = {"submission.yaml", "README.md"}
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def expected_results(task_id: str, quantizer_plans: list[str] | None) -> list[tuple[str, str]]:
+    spec = load_task(task_id)
+    plans = quantizer_plans or list(spec.plans)
+    return [(str(PrecisionPlan.parse(p)), threat) for p in plans for threat in spec.threat_models]
+
+
+def _allowed_outside_results(relative: Path) -> bool:
+    parts = relative.parts
+    if len(parts) == 1:
+        return parts[0] in ALLOWED_TOP or parts[0].startswith("LICENSE") or parts[0].endswith(".py")
+    return parts[0] != "results" and relative.suffix == ".py" and all(p.isidentifier() for p in parts[:-1])
+
+
+def validate_submission(folder: Path) -> list[str]:
+    """Every problem with a submission folder, one line each (file: field: reason). Empty means valid.
+
+    The folder's files are walked first (links, special files, counts and sizes refused, files.py), then
+    the metadata is read; results/ must hold exactly the expected ``<task>/<plan>--<threat>.json`` (and
+    their .npz) for every listed task, and nothing else, so the site never publishes a file this did not check.
+    """
+    folder = Path(folder)
+    inventory = scan(folder)
+    problems: list[str] = list(inventory.problems)
+    if folder.is_symlink():
+        return problems
+    try:
+        spec = load_submission(folder)
+    except BenchError as exc:
+        return problems + str(exc).splitlines()
+    metadata = folder / "submission.yaml"
+    reference = spec.name in REFERENCE_ENTRIES
+    if reference and spec.quantizer.builtin != spec.name:
+        problems.append(f"{metadata}: quantizer.builtin: the reference entry {spec.name!r} is the built-in {spec.name}")
+    if not reference and spec.quantizer.builtin == "fp32":
+        problems.append(f"{metadata}: quantizer.builtin: 'fp32' publishes the full-precision reference rows, which "
+                        f"only the reference entry submissions/fp32 may do")
+    if spec.quantizer.file is not None and Path(spec.quantizer.file) not in inventory.files:
+        problems.append(f"{metadata}: quantizer.file: {spec.quantizer.file} does not exist")
+
+    # the complete set of results this submission must hold, and may hold
+    builtin_plans = ["fp32"] if spec.quantizer.builtin == "fp32" and reference else None
+    expected: dict[str, tuple] = {}  # "<task>/<plan>--<threat>.json" -> (task spec, plan, threat)
+    evidence: dict[str, tuple] = {}  # "<task>/<plan>.models.safetensors" -> (task spec, plan)
+    for task_id in spec.tasks:
+        try:
+            current = load_task(task_id)
+        except BenchError as exc:
+            problems.append(f"{metadata}: tasks: {exc}")
+            continue
+        for plan, threat in expected_results(task_id, builtin_plans):
+            expected[f"{task_id}/{plan}--{threat}.json"] = (current, plan, threat)
+            if plan != "fp32":  # the plan's quantized weights, which --recompute rebuilds the numbers from
+                evidence[f"{task_id}/{plan}{EVIDENCE_SUFFIX}"] = (current, plan)
+    allowed_results = {MANIFEST, *expected, *evidence, *(name[: -len(".json")] + ".npz" for name in expected)}
+    for relative in inventory.files:
+        inside = relative.parts[0] == "results" and len(relative.parts) > 1
+        name = "/".join(relative.parts[1:])
+        if inside and name in allowed_results or not inside and _allowed_outside_results(relative):
+            continue
+        reason = (f"not an expected result of this submission (results/ holds exactly <task>/<plan>--<threat>.json "
+                  f"for the tasks it lists: {', '.join(spec.tasks)}, their .npz and <task>/<plan>{EVIDENCE_SUFFIX})"
+                  if inside else
+                  "not allowed in a submission (allowed: submission.yaml, README.md, LICENSE*, *.py, "
+                  f"results/MANIFEST.json, results/<task>/<plan>--<threat>.json|.npz, <plan>{EVIDENCE_SUFFIX})")
+        problems.append(f"{folder / relative}: (file): {reason}")
+
+    results_dir = folder / "results"
+    manifest_file = manifest_path(folder)
+    manifest = _read_manifest(manifest_file, problems)
+    present = {"/".join(r.parts[1:]) for r in inventory.files
+               if r.parts[0] == "results" and (r.suffix == ".json" or r.name.endswith(EVIDENCE_SUFFIX))
+               and r != Path("results", MANIFEST)}
+    for name in sorted(present & (set(expected) | set(evidence)) - set(manifest)):
+        problems.append(f"{results_dir / name}: (file): not listed in {MANIFEST}")
+    for name, digest in sorted(manifest.items()):
+        path = results_dir / name
+        if name not in expected and name not in evidence:
+            problems.append(f"{manifest_file}: files.{name[:80]}: not an expected result of this submission")
+        elif name not in present:
+            problems.append(f"{manifest_file}: files.{name}: listed but missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{path}: sha256: does not match {MANIFEST} (the file was changed after it was written)")
+
+    for name, (current, plan, threat) in expected.items():
+        path = results_dir / name
+        if name not in present:
+            problems.append(f"{path}: (file): missing result for task {current.id}, plan {plan}, threat model {threat}")
+            continue
+        problems.extend(_check_result(path, current, spec, plan, threat))
+    return problems
+
+
+def _read_manifest(path: Path, problems: list[str]) -> dict[str, str]:
+    """``{"files": {"<task>/<plan>--<threat>.json": sha256}}``, or {} with the problem recorded."""
+    try:
+        files = read_json_file(path, MANIFEST_JSON_BYTES, max_depth=2, follow_symlinks=False)["files"]
+        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and SHA256.match(v)
+                                                  for k, v in files.items()):
+            raise TypeError("files must map result names to sha256 hex digests")
+        return files
+    except (BenchError, KeyError, TypeError) as exc:
+        reason = str(exc).split(": ")[-1] if isinstance(exc, BenchError) else type(exc).__name__
+        problems.append(f"{path}: files: missing or unreadable manifest ({reason}); "
+                        "run `mptq-bench evaluate NAME --submission FOLDER` to write it")
+        return {}
+
+
+def _check_result(path: Path, task, spec: SubmissionSpec, plan: str, threat: str) -> list[str]:
+    try:
+        result = load_result(path)
+    except BenchError as exc:
+        return str(exc).splitlines()
+    submission = spec.name
+    problems = []
+    # the result must be this submission's quantizer, run with the config its metadata records
+    own = spec.quantizer.builtin or spec.name
+    if result.quantizer.name != own:
+        problems.append(f"{path}: quantizer.name: made by {result.quantizer.name!r}, but this submission's quantizer "
+                        f"is {own!r}")
+    changed = sorted(k for k, v in spec.quantizer.config.items() if result.quantizer.config.get(k, object()) != v)
+    if changed:
+        problems.append(f"{path}: quantizer.config: {', '.join(changed)} differ from submission.yaml's "
+                        "quantizer.config (the results must be made with the config the metadata records)")
+    if plan != "fp32" and result.evidence is not None and \
+            result.evidence.file != f"{plan}{EVIDENCE_SUFFIX}":
+        problems.append(f"{path}: evidence.file: {result.evidence.file!r} is not this plan's "
+                        f"{plan}{EVIDENCE_SUFFIX}")
+    if result.task.id != task.id:
+        problems.append(f"{path}: task.id: {result.task.id!r} in the folder of task {task.id!r}")
+    elif result.task.hash != task.hash:
+        problems.append(f"{path}: task.hash: stale result of {task.id} version {result.task.version} "
+                        f"(hash {result.task.hash[:12]}…); the current task is version {task.version} "
+                        f"(hash {task.hash[:12]}…): rerun the evaluation")
+    if result.quantizer.name == "fp32" and submission not in REFERENCE_ENTRIES:
+        problems.append(f"{path}: quantizer.name: claims the fp32 reference quantizer, which only the reference "
+                        "entry submissions/fp32 may publish")
+    try:
+        checked_config(result.quantizer.config)  # the site shows it: bounded as the metadata's config is
+    except ValueError as exc:
+        problems.append(f"{path}: quantizer.config: {exc}")
+    if (result.plan, result.threat_model) != (plan, threat):
+        problems.append(f"{path}: plan: holds {result.plan}/{result.threat_model}, its name says {plan}/{threat}")
+    if not result.audit:
+        problems.append(f"{path}: audit: no bit-width audit evidence")
+    for entry in result.audit:
+        if not entry.passed:
+            problems.append(f"{path}: audit: layer {entry.layer} holds {entry.max_distinct} values in a channel, "
+                            f"its plan allows {entry.allowed_levels}")
+    if (path.with_suffix(".npz")).is_file():
+        try:
+            verify_result(path)
+        except BenchError as exc:
+            problems.append(str(exc).splitlines()[0])
+    return problems
+
+
+def submission_problems(root: Path) -> dict[Path, list[str]]:
+    found = find_submissions(root)
+    if not found:
+        return {Path(root): [f"{root}: (folder): no submission.yaml here or in its subfolders"]}
+    strays = [p for p in sorted(Path(root).iterdir()) if (p.is_dir() or p.is_symlink()) and p not in found] \
+        if not (Path(root) / "submission.yaml").exists() else []
+    result = {folder: validate_submission(folder) for folder in found}
+    for stray in strays:
+        result[stray] = ([f"{stray}: (folder): is a symbolic link; refused"] if stray.is_symlink() else
+                         [f"{stray}: submission.yaml: missing (every folder under {root} is a submission)"])
+    return result

@@ -1,0 +1,91 @@
+"""Every code block of the extension guides and of the submission guide runs, as a reader would run it.
+
+A ``python`` or ``yaml`` block whose first line is ``# <path>`` is written to that path; a ``bash``
+block runs as one script (``set -e``) in the same folder; a ``toml`` block must parse; ``text``
+blocks are illustrations. Any other block fails the test, so a guide cannot grow an example
+that is never run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+PAGES = ["extend/quantizer.md", "extend/task.md", "extend/attack.md", "extend/dataset-and-model.md", "submit.md"]
+# Pages that start where another left off: their reader already has that page's files.
+PREREQUISITES = {"submit.md": ["extend/quantizer.md"]}
+
+
+def code_blocks(page: Path) -> list[tuple[str, str]]:
+    return [(lang, text) for lang, text in FENCE.findall(page.read_text())]
+
+
+def write_files(page: Path, folder: Path) -> None:
+    for lang, text in code_blocks(page):
+        first = text.splitlines()[0]
+        if lang in ("python", "yaml") and first.startswith("# ") and "." in first.split()[1]:
+            target = folder / first.split()[1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+
+
+def run_page(page: Path, folder: Path) -> list[str]:
+    """Run the page's blocks in order in ``folder``; returns the bash output, for the caller to check."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "COLUMNS": "120"}
+    env.pop("MPTQ_TASKS", None)  # a reader has only the bundled tasks and the ones the page writes
+    outputs = []
+    write_files(page, folder)
+    for lang, text in code_blocks(page):
+        first = text.splitlines()[0]
+        if lang in ("python", "yaml") and first.startswith("# ") and "." in first.split()[1]:
+            continue  # written by write_files
+        elif lang == "bash":
+            proc = subprocess.run(["bash", "-c", "set -e\n" + text], cwd=folder, env=env, capture_output=True,
+                                  text=True, timeout=900)
+            assert proc.returncode == 0, f"{page.name}: block failed:\n{text}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            outputs.append(proc.stdout)
+        elif lang == "toml":
+            tomllib.loads(text)
+        elif lang != "text":
+            pytest.fail(f"{page.name}: a {lang or 'plain'} block that is neither written, run nor parsed:\n{text}")
+    return outputs
+
+
+def test_every_page_is_listed() -> None:
+    found = {str(p.relative_to(DOCS)) for p in (DOCS / "extend").glob("*.md") if p.name != "README.md"}
+    assert found | {"submit.md"} == set(PAGES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PAGES)
+def test_guide_examples_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPTQ_CACHE", str(tmp_path / "cache"))
+    for earlier in PREREQUISITES.get(page, []):
+        write_files(DOCS / earlier, tmp_path)
+    outputs = run_page(DOCS / page, tmp_path)
+    assert outputs, f"{page} has no command to run"
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.json")
+                     if "cache" not in p.parts and p.name != "MANIFEST.json")
+    expected = {
+        "extend/quantizer.md": ["my-results/digits-mlp/floor-rounding/w2--adaptive.json",
+                                "my-results/digits-mlp/floor-rounding/w2--oblivious.json"],
+        "extend/task.md": ["my-results/digits-small/rtn/w2--oblivious.json"],
+        "extend/attack.md": ["my-results/digits-gap/rtn/w2--adaptive.json", "my-results/digits-gap/rtn/w2--oblivious.json"],
+        "extend/dataset-and-model.md": ["my-results/noisy-digits-deep/rtn/w2--oblivious.json"],
+        "submit.md": [f"submissions/floor-rounding/results/digits-mlp/{plan}--{threat}.json"
+                      for plan in ("w1.58", "w1.58-last8", "w2", "w4") for threat in ("adaptive", "oblivious")],
+    }[page]
+    assert [w for w in written if w.startswith(("my-results", "submissions"))] == expected
+    if page == "extend/attack.md":
+        assert "score-gap" in outputs[0]  # the new attack is in the evaluation's table
+    if page == "submit.md":
+        assert "ok submissions/floor-rounding" in outputs[-1]

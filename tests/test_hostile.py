@@ -1,0 +1,551 @@
+"""Hostile input: task files, submission YAML, terminal markup, result files and disks, each one clear line.
+
+Every test builds the hostile input itself (real files, the real CLI) and checks the one line that
+names the file, the field and the reason, and that nothing was done or written before the refusal.
+"""
+
+from __future__ import annotations
+
+import re
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import TASKS
+from mia_ptq_bench.atomic import sha256_file, write_bytes_atomic
+from mia_ptq_bench.budget import Machine, check_budget, estimate, problems
+from mia_ptq_bench.cli import app
+from mia_ptq_bench.data import DATASET_SHAPES
+from mia_ptq_bench.errors import SpecError, WriteError
+from mia_ptq_bench.spec import load_task
+from mia_ptq_bench.submission import MANIFEST, validate_submission, write_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+cli = CliRunner()
+
+
+@pytest.fixture
+def tiny_dict() -> dict:
+    return yaml.safe_load((TASKS / "tiny-digits.yaml").read_text())
+
+
+def write_task(folder: Path, data: dict) -> Path:
+    path = folder / f"{data['id']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# -- 1. bounds on task specs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("mutate, field, reason", [
+    # too few shadows: n_models 4 gave AUC 0.000 and n_models 2 took 15 GB
+    (lambda d: d["membership"].update(n_models=4), "membership.n_models", "greater than or equal to 8"),
+    (lambda d: d["membership"].update(n_models=2), "membership.n_models", "greater than or equal to 8"),
+    (lambda d: d["membership"].update(n_models=100_000), "membership.n_models", "less than or equal to 1024"),
+    (lambda d: d["membership"].update(n_models=9), "membership", "4.5 is not a whole number of models"),
+    # pkeep x n_models below 1 looped forever (a model with no members to train on)
+    (lambda d: d["membership"].update(pkeep=0.1), "membership", "= 0.8 is not a whole number of models"),
+    (lambda d: d["membership"].update(pkeep=0.125), "membership", "must be IN at least 2 and OUT of at least 2"),
+    (lambda d: d["training"].update(epochs=True), "training.epochs", "valid integer (got True)"),
+    (lambda d: d["training"].update(epochs=2.5), "training.epochs", "valid integer (got 2.5)"),
+    (lambda d: d["training"].update(epochs=10**9), "training.epochs", "less than or equal to 10000"),
+    (lambda d: d["training"].update(batch_size=0), "training.batch_size", "greater than or equal to 1"),
+    (lambda d: d["training"].update(batch_size=10**8), "training.batch_size", "less than or equal to 65536"),
+    (lambda d: d["training"].update(lr=float("nan")), "training.lr", "finite number"),
+    (lambda d: d["training"].update(lr=1e9), "training.lr", "less than or equal to 100"),
+    (lambda d: d["training"].update(seed=-1), "training.seed", "greater than or equal to 0"),
+    (lambda d: d["training"].update(augment={"hflip": 1}), "training.augment.hflip", "valid boolean"),
+    (lambda d: d["model"].update(width=float("inf")), "model.width", "finite number"),
+    (lambda d: d["model"].update(width=1000), "model.width", "less than or equal to 64"),
+    (lambda d: d["model"].update(options={"hidden": [[[[[[8]]]]]]}), "model.options", "nested deeper than 4"),
+    (lambda d: d["dataset"].update(image_size=4096), "dataset.image_size", "less than or equal to 512"),
+    (lambda d: d["dataset"].update(pool_size=10**12), "dataset.pool_size", "less than or equal to 10000000"),
+    (lambda d: d["dataset"].update(test_size=0), "dataset.test_size", "greater than or equal to 1"),
+    (lambda d: d["targets"].update(count=10**6), "targets.count", "less than or equal to 1024"),
+    (lambda d: d.update(calibration={"size": 10**9}), "calibration.size", "less than or equal to 100000"),
+    (lambda d: d.update(plans=["w4"] * 100), "plans", "at most 32 items"),
+])
+def test_every_number_in_a_task_is_bounded(tmp_path: Path, tiny_dict: dict, mutate, field: str, reason: str) -> None:
+    mutate(tiny_dict)
+    path = write_task(tmp_path, tiny_dict)
+    with pytest.raises(SpecError) as info:
+        load_task(path)
+    lines = str(info.value).splitlines()
+    assert any(line.startswith(f"{path}: {field}: ") and reason in line for line in lines), lines
+
+
+def test_bounds_leave_every_bundled_task_and_its_hash_alone() -> None:
+    # The README quotes digits-mlp's hash in its sample output; bounds change what is accepted, never what a
+    # valid task is, so the quoted hash is the task's.
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    quoted = re.search(r"digits-mlp v(\d+) \(task hash ([0-9a-f]{12})\)", readme)
+    spec = load_task("digits-mlp")
+    assert quoted and (int(quoted.group(1)), quoted.group(2)) == (spec.version, spec.hash[:12])
+
+
+@pytest.mark.parametrize("options, reason", [
+    ({"hidden": [1e12]}, "model.options.hidden[0]: expected an integer from 1 to 65536, got 1000000000000.0"),
+    ({"hidden": [True]}, "model.options.hidden[0]: expected an integer from 1 to 65536, got True"),
+    ({"hidden": 8}, "model.options.hidden: expected a list of 1 to 64 layer sizes, got 8"),
+    ({"depth": 3}, "model.options: mlp does not accept these options"),
+])
+def test_model_options_are_checked_where_the_model_reads_them(tmp_path: Path, tiny_dict: dict, options: dict,
+                                                              reason: str) -> None:
+    tiny_dict["model"]["options"] = options
+    path = write_task(tmp_path, tiny_dict)
+    result = cli.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1 and f"invalid: {path}: {reason}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_cnn_options_are_checked_too(tmp_path: Path) -> None:
+    data = yaml.safe_load((TASKS / "tiny-cnn.yaml").read_text())
+    data["model"]["options"] = {"channels": [8, 8, 8, 8, 8], "batchnorm": "yes"}
+    path = write_task(tmp_path, data)
+    with pytest.raises(SpecError, match=r"tiny-cnn\.yaml: model\.options\.batchnorm: expected true or false"):
+        check_budget(load_task(path), "cpu", tmp_path / "cache", source=str(path))
+    data["model"]["options"] = {"channels": [8, 8, 8, 8, 8]}  # five poolings of 16 pixels leave none
+    path = write_task(tmp_path, data)
+    with pytest.raises(SpecError, match=r"model\.options\.channels: 5 pooling stages need images of at least 32"):
+        check_budget(load_task(path), "cpu", tmp_path / "cache", source=str(path))
+
+
+def _absurd(tiny_dict: dict) -> dict:
+    """Every field in range, the whole far beyond any machine: 1024 MLPs of three 4M-unit layers."""
+    tiny_dict["membership"]["n_models"] = 1024
+    tiny_dict["model"].update(width=64, options={"hidden": [65536, 65536, 65536]})
+    tiny_dict["training"]["epochs"] = 10_000
+    return tiny_dict
+
+
+def test_absurd_task_is_refused_with_its_estimate_before_any_work(tmp_path: Path, tiny_dict: dict) -> None:
+    path = write_task(tmp_path, _absurd(tiny_dict))
+    check = cli.invoke(app, ["validate", str(path)])
+    assert check.exit_code == 1
+    lines = check.stderr.strip().splitlines()
+    assert any(f"invalid: {path}: budget: needs about" in line and "of memory (" in line and "this machine has" in line
+               for line in lines), lines
+    assert any("budget: about" in line and "more than a year even at 1e+15 FLOP/s" in line for line in lines), lines
+    cache = tmp_path / "cache"
+    run = cli.invoke(app, ["evaluate", "rtn", "--task", str(path), "--cache-dir", str(cache), "--out", str(tmp_path / "r")])
+    assert run.exit_code == 2 and "budget: needs about" in run.stderr
+    assert not (cache / "pools").exists() and not (tmp_path / "r" / "tiny-digits").exists()  # nothing trained or written
+
+
+def test_estimate_needs_no_data_and_no_training(tmp_path: Path) -> None:
+    """The study's CIFAR task is estimated on a machine without CIFAR: the model is built on the meta device."""
+    spec = load_task("cifar10-resnet18")
+    budget = estimate(spec, DATASET_SHAPES["cifar10"], "cpu", quantized_per_plan=64, plans=4, results=8)
+    assert budget.model.parameters == 11_173_962  # ResNet18, CIFAR stem, 10 classes
+    assert budget.memory_parts["scores"] >= 64 * 50_000 * 2 * 8  # M x N x Q float64
+    assert not (tmp_path / "data").exists()
+    ok = cli.invoke(app, ["validate", str(REPO / "tasks" / "digits-mlp.yaml")])
+    assert ok.exit_code == 0 and "budget: about" in ok.output and "19,210 parameters per model" in ok.output
+
+
+def test_a_machine_too_small_is_named_in_the_refusal() -> None:
+    spec = load_task("digits-mlp")
+    budget = estimate(spec, DATASET_SHAPES["digits"], "cpu", quantized_per_plan=64, plans=4, results=8)
+    small = Machine(device="cpu", memory=1 << 20, device_memory=None, free_disk=1 << 20, flops=1e10)
+    found = problems(budget, small)
+    assert [line.split(" about")[0] for line in found] == ["budget: needs", "budget: needs"]
+    assert "this machine has 1.0 MiB" in found[0] and "1.0 MiB is free" in found[1]
+    assert problems(budget, Machine("cpu", 1 << 40, None, 1 << 40, 1e10)) == []
+
+
+def test_heldout_calibration_larger_than_the_test_split_is_refused_before_loading(tmp_path: Path) -> None:
+    data = yaml.safe_load((TASKS / "tiny-cnn.yaml").read_text())
+    data["calibration"]["size"] = 100  # test_size is 100
+    path = write_task(tmp_path, data)
+    with pytest.raises(SpecError, match=r"tiny-cnn\.yaml: calibration\.size: 100 held-out images would leave no test"):
+        check_budget(load_task(path), "cpu", tmp_path, source=str(path))
+
+
+# -- 2. YAML -------------------------------------------------------------------------------------
+
+BOMB = """\
+name: bomb
+display_name: Bomb
+version: '1'
+authors: [{name: x}]
+license: MIT
+contact: a@example.org
+tasks: [tiny-digits]
+quantizer:
+  builtin: rtn
+  config:
+    a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]
+    b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+    c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+    d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+    e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+    f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+"""
+
+
+def _folder(root: Path, name: str, text: str | bytes) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "submission.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
+    return folder
+
+
+def test_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    assert len(BOMB) < 600
+    folder = _folder(tmp_path / "subs", "bomb", BOMB)
+    result = cli.invoke(app, ["validate", str(tmp_path / "subs")])
+    assert result.exit_code == 1
+    assert f"invalid: {folder / 'submission.yaml'}:11: YAML anchor &a refused" in result.stderr
+    build = cli.invoke(app, ["leaderboard", "build", "--submissions", str(tmp_path / "subs"), "--out", str(tmp_path / "s")])
+    assert build.exit_code == 2 and "YAML anchor &a refused" in build.stderr and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("text, reason", [
+    (b"name: x\ndisplay_name: \"caf\xe9\"\n", "submission.yaml: not UTF-8 text (byte 0xe9 at offset 26)"),
+    (("a: " + "[" * 40 + "]" * 40 + "\n").encode(), "submission.yaml:1: nested deeper than 16 levels"),
+    (("description: '" + "x" * 70_000 + "'\n").encode(), "submission.yaml: 68.4 KiB, larger than the 64.0 KiB allowed"),
+    (b"name: a\nname: b\n", "submission.yaml:2: not valid YAML: duplicate key 'name'"),
+    (b"quantizer: !!python/object/apply:os.system [echo hi]\n", "submission.yaml:1: not valid YAML:"),
+    (b"quantizer: {builtin: rtn, config: {when: 2024-01-01}}\n", "quantizer.config: Value error, when: date is not plain data"),
+], ids=["latin-1", "deep", "large", "duplicate-key", "python-tag", "timestamp"])
+def test_bad_submission_yaml_is_one_line(tmp_path: Path, text: bytes, reason: str) -> None:
+    _folder(tmp_path / "subs", "x", text)
+    result = cli.invoke(app, ["validate", str(tmp_path / "subs")])
+    assert result.exit_code == 1 and reason in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Traceback" not in cli.invoke(app, ["quantizers", "--submissions", str(tmp_path / "subs")]).output
+
+
+def test_task_files_get_the_same_reader(tmp_path: Path, tiny_dict: dict) -> None:
+    path = write_task(tmp_path, tiny_dict)
+    path.write_text(path.read_text().replace("training:", "training: &t") + "again: *t\n")
+    with pytest.raises(SpecError, match=r"tiny-digits\.yaml:\d+: YAML anchor &t refused"):
+        load_task(path)
+    path.write_bytes(b"id: tiny-digits\ndescription: \xff\xfe\n")
+    with pytest.raises(SpecError, match=r"tiny-digits\.yaml: not UTF-8 text \(byte 0xff at offset 29\)"):
+        load_task(path)
+
+
+def test_config_as_rendered_on_the_site_is_bounded(tmp_path: Path) -> None:
+    spec = {"name": "big", "display_name": "Big", "version": "1", "authors": [{"name": "x"}], "license": "MIT",
+            "contact": "a@example.org", "tasks": ["tiny-digits"],
+            "quantizer": {"builtin": "rtn", "config": {f"k{i}": "v" * 100 for i in range(100)}}}
+    folder = _folder(tmp_path / "subs", "big", yaml.safe_dump(spec))
+    result = cli.invoke(app, ["validate", str(folder)])
+    assert result.exit_code == 1 and "submission.yaml: quantizer.config: Value error" in result.stderr
+    assert "more than the 8192 allowed" in result.stderr
+
+
+# -- 3. rich markup --------------------------------------------------------------------------------
+
+def test_markup_in_user_text_prints_literally(tmp_path: Path) -> None:
+    spec = {"name": "markup", "display_name": "[/]", "version": "1", "authors": [{"name": "x"}], "license": "MIT",
+            "contact": "a@example.org", "tasks": ["tiny-digits"], "quantizer": {"builtin": "rtn"}}
+    folder = _folder(tmp_path / "subs", "markup", yaml.safe_dump(spec))
+    listing = cli.invoke(app, ["quantizers", "--submissions", str(tmp_path / "subs")], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0, listing.output
+    assert "[/]" in listing.output
+    (folder / "results" / "tiny-digits" / "a[").mkdir(parents=True)  # a[/b]--c.json: [/b] closes a tag in rich
+    (folder / "results" / "tiny-digits" / "a[/b]--c.json").write_text("{}")
+    (folder / "results" / "tiny-digits" / "stray[red]--x.json").write_text("{}")
+    check = cli.invoke(app, ["validate", str(tmp_path / "subs")], env={"COLUMNS": "300"})
+    assert check.exit_code == 1 and "MarkupError" not in repr(check.exception)
+    assert "a[/b]--c.json" in check.stderr and "stray[red]--x.json" in check.stderr
+
+
+def test_emoji_codes_in_user_text_are_not_rendered(tmp_path: Path) -> None:
+    result = cli.invoke(app, ["evaluate", "nosuch.py:x", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "error: nosuch.py:x: nosuch.py: no such file" in result.stderr
+    assert "\N{CROSS MARK}" not in result.stderr
+
+
+# -- shared: three evaluated submissions on tiny-digits (the references and one entry) ----------------
+
+def _metadata(name: str, quantizer: dict, tasks: list[str], display: str | None = None) -> str:
+    return yaml.safe_dump({"name": name, "display_name": display or name, "version": "1", "authors": [{"name": "t"}],
+                           "license": "MIT", "contact": "t@example.org", "quantizer": quantizer, "tasks": tasks})
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """submissions/{fp32, rtn, mine} evaluated on tiny-digits, with their arrays; tests copy it before changing it."""
+    root = tmp_path_factory.mktemp("evaluated")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MPTQ_CACHE", str(root / "cache"))
+        mp.setenv("MPTQ_TASKS", str(TASKS))
+        for name, quantizer in (("fp32", {"builtin": "fp32"}), ("rtn", {"builtin": "rtn"}),
+                                ("mine", {"builtin": "rtn", "config": {"search": "minmax"}})):
+            folder = root / "submissions" / name
+            folder.mkdir(parents=True)
+            (folder / "submission.yaml").write_text(_metadata(name, quantizer, ["tiny-digits"]))
+            result = cli.invoke(app, ["evaluate", name, "--task", "tiny-digits", "--submission", str(folder)])
+            assert result.exit_code == 0, result.stderr
+    return root / "submissions"
+
+
+@pytest.fixture
+def subs(evaluated: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "submissions"
+    shutil.copytree(evaluated, copy)
+    return copy
+
+
+def _rewrite_arrays(document: Path, change) -> None:
+    """What a hostile author can do: change the arrays, and record their new sha256 in the document."""
+    arrays_path = document.with_suffix(".npz")
+    with np.load(arrays_path, allow_pickle=True) as archive:  # the test's own file, possibly already hostile
+        arrays = {key: archive[key] for key in archive.files}
+    arrays = change(arrays)
+    np.savez(arrays_path, **arrays)  # pickles object arrays: what a hostile file may hold
+    data = json.loads(document.read_text())
+    data["arrays"]["sha256"] = sha256_file(arrays_path)
+    document.write_text(json.dumps(data))
+
+
+def _validate_one(path: Path) -> list[str]:
+    result = cli.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr, (result.stderr, result.exception)
+    return result.stderr.strip().splitlines()
+
+
+# -- 4. result files ------------------------------------------------------------------------------------
+
+def test_result_arrays_missing_a_key_or_holding_objects_are_one_line(subs: Path) -> None:
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    assert cli.invoke(app, ["validate", str(document)]).exit_code == 0
+    _rewrite_arrays(document, lambda a: {k: v for k, v in a.items() if k != "keep"})
+    assert _validate_one(document) == [f"invalid: {document}: arrays: keep is missing from w4--oblivious.npz"]
+    _rewrite_arrays(document, lambda a: dict(a, keep=np.ones((8, 400), bool), targets=np.array([0, "x", None], object)))
+    assert _validate_one(document) == [f"invalid: {document.with_suffix('.npz')}: arrays: targets holds object values; "
+                                       "only numbers and booleans are accepted (object arrays are never unpickled)"]
+    _rewrite_arrays(document, lambda a: dict(a, targets=np.array([0, 1, 2]), test_predictions=np.zeros((3, 7), int)))
+    assert _validate_one(document) == [f"invalid: {document}: arrays: test_predictions has shape (3, 7), expected "
+                                       "(3, 200) (targets x examples, or targets x test images)"]
+
+
+def test_an_npz_claiming_a_huge_array_is_refused_from_its_header(subs: Path) -> None:
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    arrays_path = document.with_suffix(".npz")
+    with zipfile.ZipFile(arrays_path, "w") as archive, archive.open("keep.npy", "w") as member:
+        np.lib.format.write_array_header_1_0(member, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)})
+    data = json.loads(document.read_text())
+    data["arrays"]["sha256"] = sha256_file(arrays_path)
+    document.write_text(json.dumps(data))
+    assert _validate_one(document) == [f"invalid: {arrays_path}: arrays: more than 4.0 GiB of arrays; refused"]
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("../../../../etc/passwd", "is not a plain .npz file name beside the document; refused"),
+    ("/etc/passwd.npz", "is not a plain .npz file name beside the document; refused"),
+    ("sub/w4--oblivious.npz", "is not a plain .npz file name beside the document; refused"),
+    ("linked.npz", "is a symbolic link; refused"),
+])
+def test_arrays_file_must_be_a_plain_file_beside_the_document(subs: Path, name: str, reason: str) -> None:
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    (document.parent / "linked.npz").symlink_to(document.with_suffix(".npz"))
+    data = json.loads(document.read_text())
+    data["arrays"]["file"] = name
+    document.write_text(json.dumps(data))
+    # refused before reading: a sha256 mismatch would mean the file named was read
+    assert _validate_one(document) == [f"invalid: {document}: arrays.file: {name!r} {reason}" if "plain" in reason
+                                       else f"invalid: {document}: arrays.file: {document.parent / name} {reason}"]
+
+
+def test_huge_or_deeply_nested_json_is_refused_before_parsing(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"pad": "' + "x" * (33 << 20) + '"}')
+    assert _validate_one(huge) == [f"invalid: {huge}: 33.0 MiB, larger than the 32.0 MiB allowed; refused"]
+    for depth in (100, 200_000):  # below and above the parser's recursion limit
+        deep = tmp_path / f"deep{depth}.json"
+        deep.write_text("[" * depth + "]" * depth)
+        assert _validate_one(deep) == [f"invalid: {deep}: not a readable JSON document: nested deeper than 32 levels"]
+
+
+# -- 5. files and disk ------------------------------------------------------------------------------
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path):
+    """A folder nobody may write in, root included: chmod (non-root), else the immutable flag, else a read-only tmpfs."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+        yield folder
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True).returncode == 0:
+        yield folder
+        subprocess.run(["umount", str(folder)], check=True)
+        return
+    pytest.skip("running as root without chattr or mount: no folder can be made read-only for root here")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 512 KiB file system (tmpfs), where one can be mounted."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_results_folder_fails_before_any_compute(read_only_folder: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    result = cli.invoke(app, ["evaluate", "rtn", "--task", "tiny-digits", "--out", str(read_only_folder / "results"),
+                              "--cache-dir", str(cache)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {read_only_folder / 'results' / 'tiny-digits' / 'rtn'}: results folder: "
+                                    f"cannot write in {read_only_folder}: ")
+    assert not cache.exists()  # no pool trained, nothing cached: the check came first
+
+
+def test_full_disk_is_one_clear_error_and_leaves_nothing(small_disk: Path, tmp_path: Path) -> None:
+    target = small_disk / "results" / "big.json"
+    with pytest.raises(WriteError, match=r"big\.json: cannot write: No space left on device"):
+        write_bytes_atomic(target, b"x" * (1 << 20))
+    assert not target.exists() and list((small_disk / "results").iterdir()) == []  # no temporary left behind
+    # an evaluation whose pool cannot fit is refused from its estimate, before training
+    run = cli.invoke(app, ["evaluate", "rtn", "--task", "tiny-digits", "--cache-dir", str(small_disk / "cache"),
+                           "--out", str(tmp_path / "r")])
+    assert run.exit_code == 2 and "budget: needs about" in run.stderr and "of disk for the pool" in run.stderr
+    assert not (small_disk / "cache").exists()
+
+
+def test_a_failing_write_is_one_error_wherever_it_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same without mounting: the disk fills at fsync, the last step before the rename."""
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(WriteError, match=r"out\.json: cannot write: No space left on device"):
+        write_bytes_atomic(tmp_path / "out.json", b"{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temporaries_of_a_killed_writer_are_not_part_of_a_submission(subs: Path, tmp_path: Path) -> None:
+    folder = subs / "mine"
+    stray = folder / "results" / "tiny-digits" / ".w4--oblivious.json.k2j4h_x9.tmp"  # as mkstemp names them
+    stray.write_text('{"half": ')
+    assert validate_submission(folder) == []
+    build = cli.invoke(app, ["leaderboard", "build", "--submissions", str(subs), "--out", str(tmp_path / "site")])
+    assert build.exit_code == 0 and "left out" not in build.stderr
+    write_manifest(folder)  # the writer (evaluate --submission) cleans them when its run is done
+    assert not stray.exists()
+
+
+# -- 6. submission folders ----------------------------------------------------------------------------
+
+def test_symlinks_anywhere_in_a_submission_are_refused(subs: Path, tmp_path: Path) -> None:
+    folder = subs / "mine"
+    result = folder / "results" / "tiny-digits" / "w4--oblivious.json"
+    result.unlink()
+    result.symlink_to("/etc/hostname")
+    (folder / "pkg").symlink_to("/etc", target_is_directory=True)
+    problems = validate_submission(folder)
+    assert f"{result}: (file): a symbolic link (to /etc/hostname) is not allowed in a submission" in problems
+    assert f"{folder / 'pkg'}: (file): a symbolic link (to /etc) is not allowed in a submission" in problems
+    (folder / "submission.yaml").rename(tmp_path / "elsewhere.yaml")
+    (folder / "submission.yaml").symlink_to(tmp_path / "elsewhere.yaml")
+    problems = validate_submission(folder)
+    assert f"{folder / 'submission.yaml'}: is a symbolic link; refused (commit the file itself)" in problems
+    linked = subs / "linked"
+    linked.symlink_to(subs / "rtn", target_is_directory=True)
+    check = cli.invoke(app, ["validate", str(subs)])
+    assert check.exit_code == 1 and f"invalid: {linked}: (folder): is a symbolic link to {subs / 'rtn'}; refused" in check.stderr
+
+
+def test_submission_files_are_bounded_in_number_size_and_kind(subs: Path) -> None:
+    folder = subs / "mine"
+    (folder / "README.md").write_bytes(b"x" * (2 << 20))
+    os.mkfifo(folder / "LICENSE")  # a reader would block on it forever
+    many = folder / "pkg"
+    many.mkdir()
+    for i in range(1001):
+        (many / f"m{i}.py").write_text("")
+    problems = validate_submission(folder)
+    assert f"{folder / 'README.md'}: (file): 2.0 MiB, larger than the 1.0 MiB allowed for this kind of file" in problems
+    assert f"{folder / 'LICENSE'}: (file): not a regular file" in problems
+    assert f"{folder}: (folder): more than 1000 files; refused" in problems
+
+
+# -- 10. what the site publishes is what validate accepts -------------------------------------------------
+
+def test_unexpected_result_files_are_refused_and_never_published(subs: Path, tmp_path: Path) -> None:
+    folder = subs / "mine"
+    (folder / "results" / "tiny-digits" / "a--b.json").write_text("{}\n")
+    write_manifest(folder)
+    problems = validate_submission(folder)
+    assert problems == [f"{folder / 'results' / 'tiny-digits' / 'a--b.json'}: (file): not an expected result of this "
+                        "submission (results/ holds exactly <task>/<plan>--<threat>.json for the tasks it lists: "
+                        "tiny-digits, their .npz and <task>/<plan>.models.safetensors)",
+                        f"{folder / 'results' / MANIFEST}: files.tiny-digits/a--b.json: not an expected result of this "
+                        "submission"]
+    build = cli.invoke(app, ["leaderboard", "build", "--submissions", str(subs), "--out", str(tmp_path / "site")])
+    assert build.exit_code == 0, build.stderr
+    assert "left out: mine: " in build.stderr and "a--b.json: (file): not an expected result" in build.stderr
+    assert not (tmp_path / "site" / "entries" / "mine.html").exists()
+    assert "mine" not in (tmp_path / "site" / "results.csv").read_text()
+
+
+def test_results_of_a_task_without_references_leave_its_boards_out(subs: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks = tmp_path / "tasks"
+    shutil.copytree(TASKS, tasks)
+    other = yaml.safe_load((TASKS / "tiny-digits.yaml").read_text())
+    (tasks / "tiny-other.yaml").write_text(yaml.safe_dump(dict(other, id="tiny-other", plans=["w4"],
+                                                               threat_models=["oblivious"])))
+    monkeypatch.setenv("MPTQ_TASKS", str(tasks))
+    folder = subs / "mine"
+    (folder / "submission.yaml").write_text(_metadata("mine", {"builtin": "rtn", "config": {"search": "minmax"}},
+                                                      ["tiny-digits", "tiny-other"], display='=HYPERLINK("http://x")'))
+    run = cli.invoke(app, ["evaluate", "mine", "--task", "tiny-other", "--submission", str(folder)])
+    assert run.exit_code == 0, run.stderr
+    assert validate_submission(folder) == []
+    build = cli.invoke(app, ["leaderboard", "build", "--submissions", str(subs), "--out", str(tmp_path / "site")])
+    assert build.exit_code == 0, build.stderr
+    assert ("left out: board tiny-other/oblivious/w4: no result from the reference submission(s) fp32, rtn; every "
+            "board shows fp32 and rtn") in build.stderr
+    assert sorted(p.name for p in (tmp_path / "site" / "boards").glob("*.html")) == sorted(
+        f"tiny-digits--{t}--{p}{view}.html" for t in ("adaptive", "oblivious") for p in ("w1.58-last8", "w4")
+        for view in ("", "--strongest"))
+    # 9. the display name is a formula to a spreadsheet: neutralised in every CSV, numbers left as numbers
+    board = (tmp_path / "site" / "boards" / "tiny-digits--oblivious--w4.csv").read_text()
+    assert "'=HYPERLINK" in board and ',=HYPERLINK' not in board
+    table = pd.read_csv(tmp_path / "site" / "results.csv")
+    assert table.tpr_at_0_1pct_fpr.dtype == float and set(table.display_name) >= {"'=HYPERLINK(\"http://x\")"}
+
+
+def test_only_the_reference_entries_publish_reference_rows(subs: Path) -> None:
+    folder = subs / "mine"
+    # a non-reference entry that publishes fp32--oblivious.json, and a result claiming the fp32 quantizer
+    shutil.copy(subs / "fp32" / "results" / "tiny-digits" / "fp32--oblivious.json", folder / "results" / "tiny-digits")
+    document = folder / "results" / "tiny-digits" / "w4--oblivious.json"
+    data = json.loads(document.read_text())
+    data["quantizer"]["name"] = "fp32"
+    document.write_text(json.dumps(data))
+    write_manifest(folder)
+    problems = validate_submission(folder)
+    assert any(p.startswith(f"{folder / 'results' / 'tiny-digits' / 'fp32--oblivious.json'}: (file): not an expected "
+                            "result") for p in problems)
+    assert (f"{document}: quantizer.name: claims the fp32 reference quantizer, which only the reference entry "
+            "submissions/fp32 may publish") in problems
+    (folder / "submission.yaml").write_text(_metadata("mine", {"builtin": "fp32"}, ["tiny-digits"]))
+    assert (f"{folder / 'submission.yaml'}: quantizer.builtin: 'fp32' publishes the full-precision reference rows, "
+            "which only the reference entry submissions/fp32 may do") in validate_submission(folder)

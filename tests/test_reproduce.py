@@ -1,0 +1,109 @@
+"""The reproducibility contract: bit-identical reruns here, bounded differences on another CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TASKS
+from mia_ptq_bench.cli import app
+from mia_ptq_bench.results.compare import allowed_change, same_environment
+from mia_ptq_bench.results.io import load_result
+from mia_ptq_bench.results.schema import Stat
+from mia_ptq_bench.runner import RunOptions, evaluate
+from mia_ptq_bench.spec import load_task
+
+cli = CliRunner()
+VOLATILE = ("started_at", "finished_at", "seconds")
+# The portable kernels instead of this CPU's vector ones: float rounding as on another machine.
+ANOTHER_CPU = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+
+
+@pytest.fixture(scope="module")
+def committed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """rtn on tiny-digits, written as results a reader would find committed."""
+    root = tmp_path_factory.mktemp("committed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MPTQ_TASKS", str(TASKS))
+        evaluate("rtn", load_task("tiny-digits"), plans=["w1.58-last8"],
+                 options=RunOptions(out_dir=root / "results", cache_dir=root / "cache"))
+    return root / "results" / "tiny-digits" / "rtn"
+
+
+def test_two_cold_runs_give_byte_equal_arrays_and_documents(committed: Path, tmp_path: Path) -> None:
+    again = evaluate("rtn", load_task("tiny-digits"), plans=["w1.58-last8"],
+                     options=RunOptions(out_dir=tmp_path / "results", cache_dir=tmp_path / "fresh-cache"))
+    for path in again.paths:  # a new pool trained from scratch, new quantization, new attacks
+        first = committed / path.name
+        assert path.with_suffix(".npz").read_bytes() == first.with_suffix(".npz").read_bytes()
+        a, b = json.loads(path.read_text()), json.loads(first.read_text())
+        for key in VOLATILE:
+            a.pop(key), b.pop(key)
+        assert a == b  # arrays' sha256 included
+
+
+def test_reproduce_on_the_same_machine_requires_identity(committed: Path, tmp_path: Path) -> None:
+    result = cli.invoke(app, ["reproduce", str(committed / "w1.58-last8--adaptive.json"), "--cache-dir",
+                              str(tmp_path / "cache"), "--show", "all"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "1 of 1 results reproduced within tolerance" in result.output
+    assert "0.00e+00" in result.output and "OUTSIDE" not in result.output
+
+
+def test_reproduce_flags_a_number_that_was_changed(committed: Path, tmp_path: Path) -> None:
+    forged = tmp_path / "forged.json"
+    document = json.loads((committed / "w1.58-last8--oblivious.json").read_text())
+    document["quantized"]["test_accuracy"]["mean"] += 0.02
+    forged.write_text(json.dumps(document))
+    result = cli.invoke(app, ["reproduce", str(forged), "--cache-dir", str(tmp_path / "cache"), "--show", "failed"],
+                        env={"COLUMNS": "200"})
+    assert result.exit_code == 1
+    assert "OUTSIDE" in result.output and "test accuracy" in result.output
+    assert "0 of 1 results reproduced within tolerance" in result.output
+
+
+def test_reproduce_refuses_a_stale_result(committed: Path, tmp_path: Path) -> None:
+    stale = tmp_path / "stale.json"
+    document = json.loads((committed / "w1.58-last8--oblivious.json").read_text())
+    document["task"]["hash"] = "0" * 64
+    stale.write_text(json.dumps(document))
+    result = cli.invoke(app, ["reproduce", str(stale)])
+    assert result.exit_code == 2 and "a stale result cannot be reproduced" in result.stderr
+
+
+@pytest.mark.slow
+def test_reproduce_on_another_cpu_stays_within_tolerance(committed: Path, tmp_path: Path) -> None:
+    env = {**os.environ, **ANOTHER_CPU, "MPTQ_TASKS": str(TASKS), "MPTQ_CACHE": str(tmp_path / "cache"),
+           "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "mia_ptq_bench.cli", "reproduce",
+                           *map(str, sorted(committed.glob("*.json"))), "--show", "all"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "2 of 2 results reproduced within tolerance" in proc.stdout
+    capability = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                                capture_output=True, text=True, env=env).stdout.strip()
+    assert capability == "DEFAULT"  # the rerun really used other kernels, so the tolerances applied
+    if load_result(committed / "w1.58-last8--oblivious.json").environment.cpu_capability != "DEFAULT":
+        rows = [line.split() for line in proc.stdout.splitlines() if line.rstrip().endswith(" ok")]
+        assert rows and all(float(row[-2]) > 0 for row in rows)  # another environment: tolerances, not identity
+
+
+def test_tolerance_is_a_quarter_of_the_interval_with_a_floor() -> None:
+    stat = Stat(mean=0.5, std=0.1, ci_low=0.46, ci_high=0.54, n=16)
+    assert allowed_change(stat, resolution=0.001) == pytest.approx(0.01)
+    assert allowed_change(stat, resolution=0.05) == 0.05
+    clipped = Stat(mean=0.0, std=0.0, ci_low=0.0, ci_high=0.0, n=16)
+    assert allowed_change(clipped, resolution=0.002) == 0.002
+
+
+def test_same_environment_ignores_only_the_device_string(committed: Path) -> None:
+    env = load_result(committed / "w1.58-last8--oblivious.json").environment
+    assert same_environment(env, env.model_copy(update={"device": "cpu: another name"}))
+    assert not same_environment(env, env.model_copy(update={"cpu_capability": "DEFAULT" if env.cpu_capability != "DEFAULT" else "AVX2"}))
+    assert not same_environment(env, env.model_copy(update={"torch_threads": env.torch_threads + 1}))
