@@ -1,113 +1,307 @@
-"""Pool training: the study-style reference loop against the project's trainer, in one run on one device.
+"""Pool training on one machine: a study-style loop, the sequential trainer and the stacked trainer, in one run.
 
-    python benchmarks/pool_training.py --task fashion-mnist-resnet18 --data-root DATA [--models 2] [--epochs 2]
-    python benchmarks/pool_training.py --task cifar10-resnet18 --synthetic            # 32x32x3 without CIFAR
+    python benchmarks/pool_training.py --task fashion-mnist-cnn --data-root DATA --save
+    python benchmarks/pool_training.py --task fashion-mnist-resnet --data-root DATA --save
 
-Reference: torchvision transforms on PIL images in a DataLoader, float32, one model at a time
-(pool/reference.py). Ours: the dataset resident on the device, crops and flips applied to the
-batch on the device, bfloat16 autocast and channels_last on CUDA (pool/train.py). Both train
-the same models on the same members for the same epochs; the output gives images per second,
-peak GPU memory, mean test accuracy, the ratio, and the device.
+Prints the machine (CPU, threads, torch, load), the measured fp32 peak (a 2048x2048 GEMM, best
+of N) and what the model's own convolutions reach alone and stacked, the model's FLOP per
+training image (FlopCounterMode, forward + backward), the ceiling in images per second, and
+for each trainer: images per second, % of the ceiling, mean test accuracy, ratios. The
+trainers run interleaved (--rounds), each after waiting for an idle CPU (the cores are
+shared), and the best round counts. --save writes the output under benchmarks/results/.
+
+(a) study: written like the study's Codes/train.py (QuTongxi/Quant-MIA at e543e3c):
+    lines 100-102 (a Subset of the members in a DataLoader, shuffled, batch size, 4 workers),
+    111-112 (SGD with momentum 0.9 and weight decay, CosineAnnealingLR over the epochs),
+    115-129 (per batch: cross_entropy, zero_grad, backward, step; the scheduler per epoch),
+    with the per-image torchvision transforms of Codes/Utils/utils.py lines 29-35
+    (RandomHorizontalFlip, RandomCrop with padding, ToTensor, Normalize) on PIL images.
+(b) sequential: pool/train.py train_sequential, one model at a time.
+(c) stacked: pool/train.py train_stacked, one group of G models as one wide network.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
 
-from mia_ptq_bench.data import ImageDataset, Split, load_dataset
-from mia_ptq_bench.data.base import make_dataset
-from mia_ptq_bench.environment import describe_device
+from mia_ptq_bench.atomic import write_text_atomic
+from mia_ptq_bench.data import ImageDataset, load_dataset
 from mia_ptq_bench.pool import pool_keep_masks
-from mia_ptq_bench.pool.reference import train_reference
-from mia_ptq_bench.pool.train import Speed, init_model, make_schedule, steps_per_epoch, train_sequential
+from mia_ptq_bench.pool.train import (Speed, auto_stack, init_model, make_schedule, steps_per_epoch,
+                                      train_sequential, train_stacked, training_flops)
+from mia_ptq_bench.pool.wide import widen
 from mia_ptq_bench.inference import accuracy
 from mia_ptq_bench.spec import load_task
 
-
-def synthetic(pool: int, test: int, classes: int = 10, seed: int = 0) -> ImageDataset:
-    """Learnable 32x32x3 images: a class-dependent smooth pattern plus noise."""
-    generator = torch.Generator().manual_seed(seed)
-    patterns = torch.nn.functional.interpolate(torch.rand(classes, 3, 4, 4, generator=generator) * 255, size=(32, 32),
-                                               mode="bilinear", align_corners=False)
-
-    def split(count: int) -> Split:
-        labels = torch.randint(0, classes, (count,), generator=generator)
-        noise = torch.randn(count, 3, 32, 32, generator=generator) * 60
-        return Split((patterns[labels] + noise).clamp(0, 255).to(torch.uint8), labels)
-
-    return make_dataset("synthetic", split(pool), split(test), classes)
+LINES: list[str] = []
 
 
-def peak_memory(device: torch.device) -> str:
-    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
+def say(line: str = "") -> None:
+    print(line, flush=True)
+    LINES.append(line)
 
 
-def run(label: str, spec, data: ImageDataset, keep: np.ndarray, models: int, device: torch.device, train) -> float:
+# --- the machine -------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def idle_fraction(seconds: float = 1.0) -> float:
+    """Share of the CPUs idle over ``seconds`` (Linux /proc/stat; 1.0 elsewhere)."""
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(values), values[3] + values[4]
+
+    try:
+        total, idle = sample()
+        time.sleep(seconds)
+        total2, idle2 = sample()
+    except OSError:
+        return 1.0
+    return (idle2 - idle) / max(1, total2 - total)
+
+
+def wait_for_quiet(patience: float) -> float:
+    """Wait (up to ``patience`` seconds) until the CPUs are >= 90% idle; return the idle share seen last."""
+    deadline = time.time() + patience
+    idle = idle_fraction()
+    while idle < 0.9 and time.time() < deadline:
+        time.sleep(4)
+        idle = idle_fraction()
+    return idle
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    accuracies = []
-    for index in range(models):
-        model = train(index)
-        accuracies.append(accuracy(model, data, data.test, device))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    seen = models * spec.training.epochs * steps_per_epoch(spec, len(data.pool)) * spec.training.batch_size
-    print(f"{label:10} {seen / seconds:12.0f} img/s  {seconds:8.1f} s  peak memory {peak_memory(device):>10}  "
-          f"test accuracy {100 * np.mean(accuracies):.2f}%", flush=True)
-    return seen / seconds
 
+
+def best_time(fn, device: torch.device, repeats: int) -> float:
+    fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_peak(device: torch.device, repeats: int = 10, n: int = 2048) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n**3 / best_time(lambda: torch.mm(a, b), device, repeats)
+
+
+def layer_shapes(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> list[tuple[str, nn.Conv2d, tuple]]:
+    """Each Conv2d of the model with the shape of its input at the training batch size."""
+    shapes, hooks = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out, name=name: shapes.append((name, m, tuple(args[0].shape)))))
+    with torch.no_grad():
+        model.eval()(torch.zeros(batch, *input_shape))
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+def conv_rate(conv: nn.Conv2d, shape: tuple, group: int, device: torch.device, layout) -> float:
+    """FLOP/s of one training step of ``conv`` (forward, weight and input gradients) for ``group`` models."""
+    batch, channels, height, width = shape
+    x = torch.randn(batch, group * channels, height, width, device=device).contiguous(memory_format=layout)
+    weight = torch.randn(group * conv.out_channels, channels // conv.groups, *conv.kernel_size,
+                         device=device).contiguous(memory_format=layout)
+    x.requires_grad_(channels > 1)  # the first layer's input needs no gradient
+    weight.requires_grad_()
+    out_shape = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, group * conv.groups).shape
+    grad = torch.randn(out_shape, device=device).contiguous(memory_format=layout)
+
+    def step() -> None:
+        F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, group * conv.groups).backward(grad)
+
+    macs = out_shape.numel() * (channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
+    flop = 2 * macs * (3 if x.requires_grad else 2)
+    return flop / best_time(step, device, 5)
+
+
+# --- (a) the study-style loop --------------------------------------------------------------
+
+class StudyMembers(Dataset):
+    """Members as PIL images, transformed per image, like torchvision's dataset classes."""
+
+    def __init__(self, data: ImageDataset, members: np.ndarray, transform) -> None:
+        self.images = data.pool.images.numpy()
+        self.labels = data.pool.labels.numpy()
+        self.members, self.transform = members, transform
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, i: int):
+        image = self.images[self.members[i]]
+        image = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+        return self.transform(image), int(self.labels[self.members[i]])
+
+
+def train_study_style(spec, data: ImageDataset, index: int, members: np.ndarray, device: torch.device,
+                      workers: int) -> nn.Module:
+    recipe = spec.training
+    train_trans = transforms.Compose(
+        ([transforms.RandomHorizontalFlip()] if recipe.augment.hflip else [])
+        + ([transforms.RandomCrop(data.input_shape[1], padding=recipe.augment.crop_padding)]
+           if recipe.augment.crop_padding else [])
+        + [transforms.ToTensor(), transforms.Normalize(data.mean, data.std)])
+    train_dl = DataLoader(StudyMembers(data, members, train_trans), batch_size=recipe.batch_size, shuffle=True,
+                          num_workers=workers)
+    m = init_model(spec, data, index).to(device)
+    optim = torch.optim.SGD(m.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=recipe.epochs)
+    for _ in range(recipe.epochs):
+        m.train()
+        for x, y in train_dl:
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(m(x), y)
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+        sched.step()
+    return m.eval()
+
+
+# --- the run ---------------------------------------------------------------------------------
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="fashion-mnist-resnet18")
+    parser.add_argument("--task", default="fashion-mnist-cnn")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--synthetic", action="store_true", help="32x32x3 synthetic images instead of the task's data")
-    parser.add_argument("--pool-size", type=int, default=None)
-    parser.add_argument("--models", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--width", type=float, default=None)
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers of the reference loop")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", type=int, default=2, help="models trained by the study-style and sequential loops")
+    parser.add_argument("--stack", type=int, default=None, help="models in the stacked group (default: auto_stack)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the task's epochs")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the three trainers")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers of the study-style loop (study: 4)")
+    parser.add_argument("--patience", type=float, default=600, help="seconds to wait for an idle CPU before a run")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--save", action="store_true", help="write the output to benchmarks/results/")
     args = parser.parse_args()
     device = torch.device(args.device)
     spec = load_task(args.task)
-    updates = {}
     if args.epochs:
-        updates["training"] = spec.training.model_copy(update={"epochs": args.epochs})
-    if args.width:
-        updates["model"] = spec.model.model_copy(update={"width": args.width})
-    spec = spec.model_copy(update=updates)
-    if args.synthetic:
-        data = synthetic(args.pool_size or 50_000, 10_000)
-    else:
-        dataset_spec = spec.dataset.model_copy(update={"pool_size": args.pool_size} if args.pool_size else {})
-        data = load_dataset(dataset_spec, args.data_root)
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"epochs": args.epochs})})
+    data = load_dataset(spec.dataset, args.data_root)
     keep = pool_keep_masks(spec, len(data.pool))
-    print(f"device: {describe_device(device)} · torch {torch.__version__} · task {spec.id} ({spec.model.arch} "
-          f"x{spec.model.width:g}) · {len(data.pool)} pool images {data.input_shape} · {args.models} models · "
-          f"{spec.training.epochs} epochs · batch {spec.training.batch_size}")
-
-    def reference(index: int):
-        return train_reference(spec, data, init_model(spec, data, index), np.flatnonzero(keep[index]), device,
-                               workers=args.workers, seed=index)
-
-    resident = data.to(device)
+    batch = spec.training.batch_size
+    group = args.stack or auto_stack(spec, data, device, force=True)
+    group = min(group, spec.membership.n_models)
+    models = min(args.models, group)
     speed = Speed.for_device(device)
 
-    def ours(index: int):
-        schedule = make_schedule(spec, np.flatnonzero(keep[index]), len(data.pool), index)
-        return train_sequential(spec, resident, init_model(spec, data, index), schedule, device, speed)
+    started = datetime.datetime.now()
+    say(f"# pool training benchmark · {started:%Y-%m-%d %H:%M} · task {spec.id} (pool hash {spec.pool_hash[:12]})")
+    say(f"machine: {cpu_model()} · {os.cpu_count()} CPUs · torch {torch.__version__} with {torch.get_num_threads()} "
+        f"threads · Python {platform.python_version()} · device {device}")
+    say(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} · idle share now "
+        f"{idle_fraction():.2f}")
+    say(f"model: {spec.model.arch} x{spec.model.width:g} {spec.model.options or ''} · input {data.input_shape} · "
+        f"{len(data.pool)} pool images, {len(data.test)} test · {spec.training.epochs} epochs · batch {batch} · "
+        f"{steps_per_epoch(spec, len(data.pool))} steps per epoch")
+    say()
 
-    baseline = run("reference", spec, data, keep, args.models, device, reference)
-    fast = run("ours", spec, data, keep, args.models, device, ours)
-    print(f"ratio (ours / reference images per second): {fast / baseline:.2f}")
+    idle = wait_for_quiet(args.patience)
+    peak = gemm_peak(device)
+    say(f"measured peak (idle {idle:.2f}): fp32 GEMM 2048x2048, best of 10: {peak / 1e9:.0f} GFLOP/s")
+    template = init_model(spec, data, 0)
+    wide_layout = torch.channels_last if device.type == "cpu" or speed.channels_last else torch.contiguous_format
+    say(f"the model's convolutions, one training step (forward + gradients) at batch {batch}, GFLOP/s:")
+    say(f"  {'layer':28} {'input':>20} {'alone':>8} {'x' + str(group) + ' stacked':>12}")
+    for name, conv, shape in layer_shapes(template, data.input_shape, batch):
+        alone = conv_rate(conv, shape, 1, device, torch.contiguous_format)
+        together = conv_rate(conv, shape, group, device, wide_layout)
+        say(f"  {name:28} {str(shape[1:]):>20} {alone / 1e9:8.0f} {together / 1e9:12.0f}")
+    flops = training_flops(template, data.input_shape)
+    ceiling = peak / flops
+    say(f"FLOP per training image (FlopCounterMode, forward + backward): {flops / 1e6:.2f} M")
+    say(f"ceiling at the GEMM peak: {ceiling:,.0f} images/s")
+    say()
+
+    per_model = spec.training.epochs * steps_per_epoch(spec, len(data.pool)) * batch
+    members = [np.flatnonzero(keep[i]) for i in range(group)]
+    schedules = [make_schedule(spec, members[i], len(data.pool), i) for i in range(group)]
+    resident = data.to(device)
+
+    def study() -> list[nn.Module]:
+        return [train_study_style(spec, data, i, members[i], device, args.workers) for i in range(models)]
+
+    def sequential() -> list[nn.Module]:
+        return [train_sequential(spec, resident, init_model(spec, data, i), schedules[i], device, speed)
+                for i in range(models)]
+
+    def sequential_channels_last() -> list[nn.Module]:
+        return [train_sequential(spec, resident, init_model(spec, data, i), schedules[i], device,
+                                 Speed(amp=speed.amp, channels_last=True)) for i in range(models)]
+
+    def stacked() -> list[nn.Module]:
+        return train_stacked(spec, resident, [init_model(spec, data, i) for i in range(group)], schedules, device,
+                             speed)
+
+    trainers = {"(a) study-style": (study, models), "(b) sequential": (sequential, models),
+                "(b') sequential, channels_last": (sequential_channels_last, models),
+                f"(c) stacked x{group}": (stacked, group)}
+    try:
+        widen([template, template], data.input_shape)
+    except ValueError:
+        say("(the wide network refuses this architecture: the stacked trainer runs vmapped)")
+    rates: dict[str, list[float]] = {name: [] for name in trainers}
+    accuracies: dict[str, list[float]] = {}
+    say(f"{'trainer':32} {'round':>5} {'idle':>5} {'seconds':>8} {'img/s':>8} {'% ceiling':>9} {'test acc':>9}")
+    for round_ in range(1, args.rounds + 1):
+        for name, (train, count) in trainers.items():
+            idle = wait_for_quiet(args.patience)
+            sync(device)
+            start = time.perf_counter()
+            trained = train()
+            sync(device)
+            seconds = time.perf_counter() - start
+            rate = count * per_model / seconds
+            rates[name].append(rate)
+            accuracies[name] = [accuracy(m, data, data.test, device) for m in trained]
+            say(f"{name:32} {round_:5} {idle:5.2f} {seconds:8.1f} {rate:8.0f} {100 * rate / ceiling:8.1f}% "
+                f"{100 * np.mean(accuracies[name]):8.2f}%")
+    say()
+    best = {name: max(values) for name, values in rates.items()}
+    study_rate, sequential_rate = best["(a) study-style"], best["(b) sequential"]
+    say(f"best round, images per second (models {models} for a/b, {group} for c):")
+    say(f"{'trainer':32} {'img/s':>8} {'% ceiling':>9} {'x study':>8} {'x seq':>7} {'test acc':>9} {'acc (first ' + str(models) + ')':>15}")
+    for name, rate in best.items():
+        first = 100 * np.mean(accuracies[name][:models])
+        say(f"{name:32} {rate:8.0f} {100 * rate / ceiling:8.1f}% {rate / study_rate:8.2f} {rate / sequential_rate:7.2f} "
+            f"{100 * np.mean(accuracies[name]):8.2f}% {first:14.2f}%")
+    say(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if args.save:
+        path = Path(__file__).parent / "results" / f"pool_training-{spec.id}-{started:%Y%m%d-%H%M}.txt"
+        write_text_atomic(path, "\n".join(LINES) + "\n")
+        print(f"saved {path}")
 
 
 if __name__ == "__main__":

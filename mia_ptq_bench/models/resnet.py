@@ -1,4 +1,4 @@
-"""ResNet18/50 with the CIFAR stem (3x3 conv1, stride 1, no max-pool).
+"""ResNet10/18/50 with the CIFAR stem (3x3 conv1, stride 1, no max-pool).
 
 The ResNets follow torchvision's layout and module names exactly (conv1, bn1,
 layer1..4, fc, downsample) so that weights are interchangeable at width 1; they
@@ -93,6 +93,16 @@ class ResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+@MODELS.register("resnet10")
+def resnet10(input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0) -> nn.Module:
+    """One BasicBlock per stage: the ResNet18 layout at half the depth, for CPU-sized pools.
+
+    Stages 2-4 still open with a strided block and a downsampling shortcut, so block-wise
+    reconstruction (BRECQ) meets every kind of residual block ResNet18 has.
+    """
+    return ResNet(BasicBlock, [1, 1, 1, 1], input_shape[0], num_classes, width)
 
 
 @MODELS.register("resnet18")

@@ -20,10 +20,9 @@ from ..inference import accuracy, score_split
 from ..spec.schema import TaskSpec
 from .masks import balanced_keep_masks
 from .store import PoolStore
-from .train import Speed, can_stack, init_model, make_schedule, train_sequential, train_stacked
+from .train import Speed, auto_stack, init_model, make_schedule, train_sequential, train_stacked
 
 Trainer = Literal["auto", "sequential", "stacked"]
-DEFAULT_STACK = 16  # models per stacked group: also the most work an interrupted build can lose
 
 
 @dataclass
@@ -55,7 +54,7 @@ def train_group(spec: TaskSpec, dataset: ImageDataset, store: PoolStore, keep: n
     models = [init_model(spec, dataset, i) for i in group]
     schedules = [make_schedule(spec, np.flatnonzero(keep[i]), len(dataset.pool), i) for i in group]
     if len(group) > 1:
-        trained = train_stacked(spec, dataset, models, schedules, device)
+        trained = train_stacked(spec, dataset, models, schedules, device, speed)
     else:
         trained = [train_sequential(spec, dataset, models[0], schedules[0], device, speed)]
     saved = []
@@ -78,10 +77,13 @@ def train_unit(context: RunContext, speed: Speed, group: tuple[int, ...]) -> lis
 
 
 def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: str | torch.device = "cpu",
-               progress: Progress | None = None, trainer: Trainer = "auto", stack: int = DEFAULT_STACK,
+               progress: Progress | None = None, trainer: Trainer = "auto", stack: int | None = None,
                speed: Speed | None = None, executor: Executor | None = None, data_root: Path | None = None,
                download: bool = False, extensions: tuple[str, ...] = ()) -> Pool:
-    """Train what the cache lacks (locally, or as executor jobs that reload the data from ``data_root``)."""
+    """Train what the cache lacks (locally, or as executor jobs that reload the data from ``data_root``).
+
+    ``stack``: models trained as one group; None chooses from the model's size and the machine.
+    """
     progress = progress or SilentProgress()
     device = torch.device(device)
     speed = speed or Speed.for_device(device)
@@ -97,8 +99,8 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
             progress.log(f"rebuilding model {index}: {problem.split(';')[0]}")
             store.discard(index)
             done[index] = False
-    stacked = trainer == "stacked" or (trainer == "auto" and can_stack(init_model(spec, dataset, 0)))
-    group_size = stack if stacked else 1
+    # stack=None: models per group from the model's size and the machine (pool/train.py auto_stack)
+    group_size = 1 if trainer == "sequential" else stack or auto_stack(spec, dataset, device, trainer == "stacked")
     # Groups are fixed by model index, and a group is trained whole even when an earlier run
     # saved part of it: stacked results depend (in the last float bits) on the group, so this
     # keeps a resumed pool bit-identical to an uninterrupted one.

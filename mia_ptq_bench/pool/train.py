@@ -14,7 +14,9 @@ concatenates fresh permutations of the model's own members.
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,11 +24,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..data import ImageDataset
 from ..data.augment import augment
 from ..models import build_model
 from ..spec.schema import TaskSpec
+from .wide import NotStackable, unstack_state, widen
 
 
 @dataclass(frozen=True)
@@ -135,44 +139,146 @@ def train_sequential(spec: TaskSpec, dataset: ImageDataset, model: nn.Module, sc
     return model.to(memory_format=torch.contiguous_format).eval()
 
 
-def can_stack(model: nn.Module) -> bool:
-    """Stacked (vmapped) training needs stateless layers: no BatchNorm running statistics."""
-    return not any(True for _ in model.buffers())
+# Stacking pays while one model's step is little work: per-op overheads are shared and the wide
+# network runs channels_last, the CPU's fast layout. Measured on 2 CPU cores (benchmarks/results/):
+# ResNet18 at width 1 (350 GFLOP per step) gained nothing, width 1/4 (22 GFLOP) ~1.15x at G=2,
+# the CNN and width 1/8 (0.4 and 5.5 GFLOP) ~1.3x, with no further gain past G of 4 to 8.
+STEP_WORK = 24e9
+MAX_STACK = 16  # also the most work an interrupted build can lose
+MEMORY_SHARE = 0.25  # of the device's total memory, for one group's training
+
+
+def stack_size(flops_per_image: float, batch_size: int, bytes_per_model: float, memory: float, models: int) -> int:
+    """Models per stacked group (1: train one at a time) from one model's work per step and footprint."""
+    by_work = math.ceil(STEP_WORK / max(flops_per_image * batch_size, 1.0))
+    by_memory = int(memory * MEMORY_SHARE // max(bytes_per_model, 1.0))
+    return max(1, min(by_work, by_memory, MAX_STACK, models))
+
+
+def training_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """FLOP of one training image, forward and backward (convolutions and matmuls, as FlopCounterMode counts)."""
+    model = copy.deepcopy(model).cpu().train()
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(torch.zeros(2, *input_shape)), torch.zeros(2, dtype=torch.long)).backward()
+    return counter.get_total_flops() / 2
+
+
+def training_bytes(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> float:
+    """Rough training footprint of one model: activations kept for the backward (twice, for their
+    gradients) and weights, gradients, momentum and the stacked copy."""
+    def saved(batch: int) -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            copy.deepcopy(model).cpu().train()(torch.zeros(batch, *input_shape)).sum()
+        return total
+
+    per_image = saved(2) - saved(1)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 2 * per_image * batch_size + 4 * weights
+
+
+def device_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def auto_stack(spec: TaskSpec, dataset: ImageDataset, device: torch.device, force: bool = False) -> int:
+    """How many models to train as one; 1 where stacking was not measured faster.
+
+    Measured on the CPU only: elsewhere (and for models the wide network cannot hold, whose
+    vmapped fallback trailed one-at-a-time training) the answer is 1 unless ``force``. The
+    total memory, not the free memory, sets the cap, so that a resumed build forms the same
+    groups (and the same bits) as an uninterrupted one on the same machine.
+    """
+    model, shape, batch = init_model(spec, dataset, 0), dataset.input_shape, spec.training.batch_size
+    models = spec.membership.n_models
+    if not force:
+        if device.type != "cpu":
+            return 1
+        try:
+            widen([model, model], shape)
+        except NotStackable:
+            return 1
+    size = stack_size(training_flops(model, shape), batch, training_bytes(model, shape, batch),
+                      device_memory(device), models)
+    return max(size, min(2, models)) if force else size
+
+
+def stack_schedules(schedules: list[Schedule]) -> Schedule:
+    """One schedule for a group, batch-major: row b*G + g is model g's b-th image of the step.
+
+    In that order a batch of G*B images reshapes without a copy into the wide network's input
+    (B, G*C, H, W), where model g owns channel block g.
+    """
+    return Schedule(torch.stack([s.batches for s in schedules], dim=2).flatten(1),
+                    torch.stack([s.shifts for s in schedules], dim=2).flatten(1, 2),
+                    torch.stack([s.flips for s in schedules], dim=2).flatten(1))
 
 
 def train_stacked(spec: TaskSpec, dataset: ImageDataset, models: list[nn.Module], schedules: list[Schedule],
-                  device: torch.device) -> list[nn.Module]:
-    """Train same-architecture, buffer-free models as one: stacked parameters, vmapped forward.
+                  device: torch.device, speed: Speed = Speed()) -> list[nn.Module]:
+    """Train same-architecture models as one, each on its own schedule; equal to training them one by one.
 
-    SGD (momentum, weight decay) acts elementwise and the summed loss gives each
-    model its own gradient, so this equals training them one by one.
+    The models run as one wide network (pool/wide.py); an architecture that cannot be widened
+    runs vmapped over stacked parameters and buffers instead (torch.func), which is slower on
+    the CPU but takes any model. SGD (momentum, weight decay) acts elementwise and the loss is
+    the sum of the models' own mean losses, so every model gets exactly its own update.
     """
-    params, _ = stack_module_state([m.to(device) for m in models])
-    params = {name: p.detach().requires_grad_() for name, p in params.items()}
-    template = models[0]
+    group, batch, classes = len(models), spec.training.batch_size, dataset.num_classes
+    # Grouped convolutions want channels_last on the CPU: in NCHW, oneDNN computes the weight
+    # gradient of a convolution with one input channel per group some 100x slower (benchmarks/).
+    wide_layout = speed.channels_last or device.type == "cpu"
+    layout = torch.channels_last if wide_layout else torch.contiguous_format
+    try:
+        wide = widen(models, dataset.input_shape).to(device, memory_format=layout).train()
+        forward = torch.compile(wide) if speed.compile else wide
+        params = list(wide.parameters())
+    except NotStackable:
+        wide = None
+        weights, buffers = stack_module_state([m.to(device).train() for m in models])
+        weights = {name: p.detach().requires_grad_() for name, p in weights.items()}
+        params = list(weights.values())
+        template = models[0]
 
-    def forward(weights: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-        return functional_call(template, weights, (images,))
+        def one(w: dict, b: dict, images: torch.Tensor) -> torch.Tensor:
+            return functional_call(template, (w, b), (images,))
 
-    batched_forward = torch.vmap(forward)
-    optimizer = _optimizer(spec, list(params.values()))
+        vmapped = torch.vmap(one, in_dims=(0, 0, 1), out_dims=1)
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            return vmapped(weights, buffers, images.view(batch, group, *images.shape[1:]))
+
+    optimizer = _optimizer(spec, params)
     per_epoch = steps_per_epoch(spec, len(dataset.pool))
     padding = spec.training.augment.crop_padding
-    classes = dataset.num_classes
-    for step in range(schedules[0].batches.shape[0]):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(spec, step, per_epoch)
-        batches = [_batch(dataset, s, step, padding, device) for s in schedules]
-        images = torch.stack([b[0] for b in batches])
-        labels = torch.stack([b[1] for b in batches])
-        logits = batched_forward(params, images)
-        # Mean over each model's batch, summed over models: each model gets exactly its own gradient.
-        loss = F.cross_entropy(logits.reshape(-1, classes), labels.reshape(-1), reduction="sum") / labels.shape[1]
+    schedule = on_device(stack_schedules(schedules), device)
+    autocast = speed.amp and device.type == "cuda"
+    for step in range(schedule.batches.shape[0]):
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = learning_rate(spec, step, per_epoch)
+        images, labels = _batch(dataset, schedule, step, padding, device)
+        if wide is not None:
+            images = images.view(batch, -1, *images.shape[2:]).contiguous(memory_format=layout)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = forward(images).reshape(batch * group, classes)
+            # Each model's mean loss, summed over models: each model gets exactly its own gradient.
+            loss = F.cross_entropy(logits, labels, reduction="sum") / batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     trained = []
-    for i, model in enumerate(models):
-        model.load_state_dict({name: p[i].detach() for name, p in params.items()})
-        trained.append(model.eval())
+    for index, model in enumerate(models):
+        if wide is not None:
+            state = unstack_state(wide, group, index)
+        else:
+            state = {name: t[index].detach() for name, t in {**weights, **buffers}.items()}
+        model.load_state_dict(state)
+        trained.append(model.to(device).eval())
     return trained

@@ -1,0 +1,120 @@
+"""G same-architecture models as one wide network, so that small models make big convolutions.
+
+Every activation of the wide network holds the G models side by side along the channel axis,
+model g owning channel block g: a Conv2d(C, O, groups=k) becomes Conv2d(G*C, G*O, groups=G*k),
+a BatchNorm over G*C channels keeps each model's batch and running statistics to its own
+channels, a Linear becomes one batched matmul, and channel-wise layers (ReLU, pooling,
+Flatten, residual additions) need no change. A forward of the wide network is then G
+independent forwards, and the gradient of the summed losses is each model's own gradient.
+
+A layer that mixes channels across blocks (DenseNet's concatenations, for one) would break
+this, so ``widen`` checks the wide network against the models it came from and refuses
+what it cannot stack.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+
+class NotStackable(ValueError):
+    pass
+
+
+class StackedLinear(nn.Module):
+    """G independent Linear layers: (B, G*in) -> (B, G*out), weights (G, out, in)."""
+
+    def __init__(self, models: int, in_features: int, out_features: int, bias: bool = True,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.models = models
+        self.weight = nn.Parameter(torch.empty(models, out_features, in_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(models, out_features, dtype=dtype)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        x = x.reshape(batch, self.models, -1).transpose(0, 1)
+        weight = self.weight.transpose(1, 2)
+        y = torch.bmm(x, weight) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), x, weight)
+        return y.transpose(0, 1).reshape(batch, -1)
+
+
+def _wide_layer(module: nn.Module, g: int, dtype: torch.dtype) -> nn.Module | None:
+    if type(module) is nn.Conv2d:
+        return nn.Conv2d(g * module.in_channels, g * module.out_channels, module.kernel_size, module.stride,
+                         module.padding, module.dilation, g * module.groups, module.bias is not None,
+                         module.padding_mode, dtype=dtype)
+    if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d):
+        return type(module)(g * module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, dtype=dtype)
+    if type(module) is nn.Linear:
+        return StackedLinear(g, module.in_features, module.out_features, module.bias is not None, dtype)
+    if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+        raise NotStackable(f"{type(module).__name__} has weights the wide network does not know how to stack")
+    return None
+
+
+def stack_states(models: list[nn.Module], wide: nn.Module) -> dict[str, torch.Tensor]:
+    """The wide network's state holding ``models`` side by side."""
+    states = [m.state_dict() for m in models]
+    stacked = {}
+    for name, slot in wide.state_dict().items():
+        parts = [s[name] for s in states]
+        if slot.ndim == parts[0].ndim + 1:
+            stacked[name] = torch.stack(parts)
+        elif slot.ndim == 0:  # num_batches_tracked: every model has taken the same steps
+            stacked[name] = parts[0]
+        else:
+            stacked[name] = torch.cat(parts)
+    return stacked
+
+
+def unstack_state(wide: nn.Module, models: int, index: int) -> dict[str, torch.Tensor]:
+    """Model ``index``'s own state dict, out of the wide network's."""
+    state = {}
+    for name, value in wide.state_dict().items():
+        if isinstance(_owner(wide, name), StackedLinear):
+            state[name] = value[index]
+        elif value.ndim == 0:
+            state[name] = value
+        else:
+            state[name] = value.chunk(models)[index]
+    return {name: value.detach().clone() for name, value in state.items()}
+
+
+def _owner(root: nn.Module, name: str) -> nn.Module:
+    return root.get_submodule(name.rpartition(".")[0])
+
+
+def widen(models: list[nn.Module], input_shape: tuple[int, ...]) -> nn.Module:
+    """One wide network holding ``models`` (same architecture) side by side; NotStackable if it cannot.
+
+    The check runs the wide network and the models on a small random batch (in eval mode, on
+    copies on the CPU) and compares: a mix-up between channel blocks changes every output.
+    """
+    g = len(models)
+    wide = copy.deepcopy(models[0]).cpu()
+    dtype = next(wide.parameters()).dtype  # float64 in the tests
+    for name, module in list(wide.named_modules()):
+        replacement = _wide_layer(module, g, dtype)
+        if replacement is not None and not name:
+            wide = replacement
+        elif replacement is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(wide.get_submodule(parent), child, replacement)
+    copies = [copy.deepcopy(m).cpu().eval() for m in models]
+    wide.load_state_dict(stack_states(copies, wide))
+    wide.eval()
+    probe = torch.randn(2, g, *input_shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    with torch.no_grad():
+        alone = torch.stack([m(probe[:, i]) for i, m in enumerate(copies)], dim=1)
+        try:
+            together = wide(probe.flatten(1, 2)).view_as(alone)
+        except RuntimeError as exc:
+            raise NotStackable(f"the wide network does not run: {exc}") from None
+    if not torch.allclose(together, alone, rtol=1e-3, atol=1e-4):
+        raise NotStackable("the models' channels mix in the wide network (a layer acts across channels)")
+    return wide.train(models[0].training)
