@@ -29,8 +29,7 @@ from .errors import SpecError
 from .limits import size_text
 from .models import build_model
 from .pool import PoolStore
-from .pool.build import DEFAULT_STACK
-from .pool.train import can_stack
+from .pool.train import MAX_STACK, MEMORY_SHARE
 from .spec.plans import PrecisionPlan
 from .spec.schema import TaskSpec
 
@@ -96,7 +95,6 @@ class ModelSize:
     forward_flops: float  # one example, one forward pass
     activations: int  # values the layers output for one example (about what autograd keeps for backward)
     largest: int  # values of the largest layer output for one example (what inference holds at a time)
-    stackable: bool  # trained in stacked groups (no BatchNorm buffers)
 
 
 def measure_model(spec: TaskSpec, input_shape: tuple[int, int, int], classes: int) -> ModelSize:
@@ -125,7 +123,7 @@ def measure_model(spec: TaskSpec, input_shape: tuple[int, int, int], classes: in
         for hook in hooks:
             hook.remove()
     parameters = sum(p.numel() for p in model.parameters())
-    return ModelSize(parameters, float(counter.get_total_flops()), activations[0], activations[1], can_stack(model))
+    return ModelSize(parameters, float(counter.get_total_flops()), activations[0], activations[1])
 
 
 @dataclass(frozen=True)
@@ -172,7 +170,12 @@ def estimate(spec: TaskSpec, raw: DatasetShape, device: str, quantized_per_plan:
     members = round(n_pool * spec.membership.pkeep)
     batch = spec.training.batch_size
     steps = spec.training.epochs * max(1, math.ceil(members / batch))
-    together = min(DEFAULT_STACK, m) if model.stackable else 1  # pool/build.py trains buffer-free models in groups
+    # pool/train.py auto_stack: on a CPU up to MAX_STACK models train as one, as many as fit in
+    # MEMORY_SHARE of the memory; on an accelerator one at a time
+    per_model = 16 * model.parameters + 4 * model.activations * batch + 4 * batch * pixels
+    memory_total = _memory() if torch.device(device).type == "cpu" else None
+    fit = int(MEMORY_SHARE * memory_total // max(per_model, 1)) if memory_total else MAX_STACK
+    together = max(1, min(MAX_STACK, m, fit)) if torch.device(device).type == "cpu" else 1
     scores = m * n_pool * q * 8
     adaptive = quantized_per_plan >= m
 
@@ -187,7 +190,7 @@ def estimate(spec: TaskSpec, raw: DatasetShape, device: str, quantized_per_plan:
     }
     # The models trained together: weights, gradients, momentum and a stacked copy, plus one batch's
     # activations kept for the backward pass; inference holds a layer's input and output for 1024 images.
-    training = together * (16 * model.parameters + 4 * model.activations * batch + 4 * batch * pixels)
+    training = together * per_model
     inference = 2 * 4 * model.largest * INFERENCE_BATCH + 4 * n_pool * raw.classes
     on_device = training + inference
     if torch.device(device).type == "cuda":

@@ -194,7 +194,7 @@ def test_batchnorm_models_build_in_stacked_groups(tmp_path: Path) -> None:
     data = load_dataset(spec.dataset)
     pool = build_pool(spec, data, tmp_path, trainer="stacked", stack=2)
     assert pool.scores.shape == (spec.membership.n_models, 300, 2) and np.isfinite(pool.scores).all()
-    assert 2 <= auto_stack(spec, data, torch.device("cpu"), force=True) <= 4
+    assert 2 <= auto_stack(spec, data, torch.device("cpu"), force=True) <= spec.membership.n_models
     # stacking was measured on the CPU only: elsewhere the automatic choice trains one at a time
     assert auto_stack(spec, data, torch.device("cuda")) == 1
 
