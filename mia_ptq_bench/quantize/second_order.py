@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from typing import ClassVar, Literal
 
 import torch
@@ -9,11 +11,12 @@ import torch.nn as nn
 from pydantic import Field
 
 from ..errors import BenchError
-
 from ..models import quantizable_layers
 from .base import register_quantizer
+from .calibration import Calibration
 from .common import CalibratedQuantizer, GridConfig, set_weight
-from .obs import NumericalError, accumulate_hessians, gptq_quantize, obc_quantize
+from .obs import HessianAccumulator, NumericalError, accumulate_hessians, gptq_quantize, obc_quantize_many
+from .units import ForwardCursor, Unit, forward_plan
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -27,11 +30,67 @@ class HessianConfig(GridConfig):
     batch_size: int = Field(256, ge=1)
 
 
+# Hessians taken from the full-precision model (``sequential: false``, OBC's way) do not depend on
+# the plan, so a quantizer keeps them for the next plans of the same models (the runner quantizes
+# every plan with one quantizer object): at most this many bytes, least recently used dropped first.
+HESSIAN_CACHE_BYTES = 1 << 30
+
+
+class _HessianCache:
+    """Full-precision Hessians by content: the model's weights, the calibration images and the settings."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.entries: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+
+    @staticmethod
+    def key(model: nn.Module, calibration: Calibration, names: list[str], settings: tuple) -> str:
+        digest = hashlib.blake2b(digest_size=20)
+        for name, tensor in model.state_dict().items():
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:{tensor.device}".encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(calibration.raw.cpu().contiguous().numpy().tobytes())
+        digest.update(calibration.images.cpu().contiguous().numpy().tobytes())  # what normalize makes of them
+        digest.update(repr((calibration.crop_padding, calibration.hflip, calibration.seed, names, settings)).encode())
+        return digest.hexdigest()
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        found = self.entries.get(key)
+        if found is not None:
+            self.entries.move_to_end(key)
+        return found
+
+    def put(self, key: str, hessians: dict[str, torch.Tensor]) -> None:
+        size = sum(h.numel() * h.element_size() for h in hessians.values())
+        if size > self.budget:
+            return
+        self.entries[key] = hessians
+        while sum(x.numel() * x.element_size() for e in self.entries.values() for x in e.values()) > self.budget:
+            self.entries.popitem(last=False)
+
+
 class _SecondOrder(CalibratedQuantizer):
     Config: ClassVar = HessianConfig
 
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        self._hessian_cache = _HessianCache(HESSIAN_CACHE_BYTES)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_hessian_cache", None)  # worker processes start with an empty cache
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._hessian_cache = _HessianCache(HESSIAN_CACHE_BYTES)
+
     def sweep(self, weight: torch.Tensor, hessian: torch.Tensor, grid) -> torch.Tensor:
         raise NotImplementedError
+
+    def sweep_many(self, weights: list[torch.Tensor], hessians: list[torch.Tensor], grids: list) -> list[torch.Tensor]:
+        """The same layer of several models; methods whose sweep batches across models override this."""
+        return [self.sweep(w, h, g) for w, h, g in zip(weights, hessians, grids)]
 
     def check_model(self, model) -> None:
         super().check_model(model)
@@ -40,37 +99,76 @@ class _SecondOrder(CalibratedQuantizer):
                 raise BenchError(f"{self.name}: layer {name!r} is a grouped convolution (groups={module.groups}); "
                                  "its Hessian is not one matrix per layer, which this method needs")
 
-    def _hessians(self, model, names: list[str], calibration) -> dict[str, torch.Tensor]:
+    def _batches(self, calibration) -> list[torch.Tensor]:
         cfg: HessianConfig = self.config  # type: ignore[assignment]
+        return [batch for r in range(cfg.rounds) for batch in calibration.augmented(r).split(cfg.batch_size)]
+
+    def _hessians(self, model, names: list[str], calibration) -> dict[str, torch.Tensor]:
         layers = {name: model.get_submodule(name) for name in names}
-        batches = (batch for r in range(cfg.rounds) for batch in calibration.augmented(r).split(cfg.batch_size))
-        hessians = accumulate_hessians(model, layers, batches)
+        hessians = accumulate_hessians(model, layers, self._batches(calibration))
         for name, hessian in hessians.items():
-            if not torch.isfinite(hessian).all():
-                raise BenchError(f"{self.name}: non-finite calibration activations reach layer {name!r}")
+            _check_finite(self.name, name, hessian)
         return hessians
+
+    def _original_hessians(self, original, names: list[str], calibration) -> dict[str, torch.Tensor]:
+        """Every layer's Hessian from the full-precision model: one pass, remembered for the next plans."""
+        cfg: HessianConfig = self.config  # type: ignore[assignment]
+        key = _HessianCache.key(original, calibration, names, (cfg.rounds, cfg.batch_size))
+        found = self._hessian_cache.get(key)
+        if found is None:
+            found = self._hessians(original, names, calibration)
+            self._hessian_cache.put(key, found)
+        return found
 
     def quantize_prepared(self, models, originals, calibrations, levels) -> None:
         cfg: HessianConfig = self.config  # type: ignore[assignment]
         names = [name for name, _ in quantizable_layers(models[0])]
         key = f"{self.name}-layers"
         self.progress.start(key, f"  {self.name}: {len(names)} layers × {len(models)} models", len(names) * len(models))
-        for model, original, calibration in zip(models, originals, calibrations):
-            hessians = {} if cfg.sequential else self._hessians(original, names, calibration)
-            for name in names:
-                hessian = self._hessians(model, [name], calibration)[name] if cfg.sequential else hessians[name]
-                layer = model.get_submodule(name)
-                grid = cfg.grid(layer.weight.detach(), levels[name])
-                try:
-                    quantized = self.sweep(layer.weight, hessian, grid)
-                    if not torch.isfinite(quantized).all():
-                        raise NumericalError("the quantized weights are not finite")
-                except NumericalError as exc:
-                    raise BenchError(f"{self.name}: the sweep over layer {name!r} ({hessian.shape[0]} inputs) became "
-                                     f"numerically unstable ({exc}; too little calibration data for a full-rank "
-                                     "Hessian?); set rel_damp > 0 or dtype float64") from None
-                set_weight(model, name, quantized)
-                self.progress.advance(key)
+        cursors = None
+        if cfg.sequential:
+            # Each layer's Hessian from the model quantized so far: the models' forward passes are
+            # carried from layer to layer (units.ForwardCursor) instead of re-run from the input.
+            units = [Unit(name, layer, layer, layer, {"": name}) for name, layer in quantizable_layers(models[0])]
+            plan = forward_plan(models[0], units)
+            if plan is not None:
+                names = [names[u] for u in plan.order]
+                cursors = [ForwardCursor(m, plan, self._batches(c)) for m, c in zip(models, calibrations)]
+                position = {name: u for u, name in enumerate(n for n, _ in quantizable_layers(models[0]))}
+            fixed = None
+        else:
+            fixed = [self._original_hessians(o, names, c) for o, c in zip(originals, calibrations)]
+        for name in names:
+            layers = [m.get_submodule(name) for m in models]
+            if fixed is not None:
+                hessians = [h[name] for h in fixed]
+            elif cursors is not None:
+                hessians = []
+                for cursor, layer in zip(cursors, layers):
+                    accumulator = HessianAccumulator(layer)
+                    for value in cursor.inputs_per_batch(position[name]):
+                        accumulator.add(value)
+                    hessians.append(_check_finite(self.name, name, accumulator.hessian))
+            else:
+                hessians = [self._hessians(m, [name], c)[name] for m, c in zip(models, calibrations)]
+            grids = [cfg.grid(layer.weight.detach(), levels[name]) for layer in layers]
+            try:
+                quantized = self.sweep_many([layer.weight for layer in layers], hessians, grids)
+                if not all(torch.isfinite(q).all() for q in quantized):
+                    raise NumericalError("the quantized weights are not finite")
+            except NumericalError as exc:
+                raise BenchError(f"{self.name}: the sweep over layer {name!r} ({hessians[0].shape[0]} inputs) became "
+                                 f"numerically unstable ({exc}; too little calibration data for a full-rank "
+                                 "Hessian?); set rel_damp > 0 or dtype float64") from None
+            for model, q in zip(models, quantized):
+                set_weight(model, name, q)
+            self.progress.advance(key, len(models))
+
+
+def _check_finite(method: str, name: str, hessian: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(hessian).all():
+        raise BenchError(f"{method}: non-finite calibration activations reach layer {name!r}")
+    return hessian
 
 
 class OBCConfig(HessianConfig):
@@ -90,9 +188,14 @@ class OBC(_SecondOrder):
         return self.config.calibration  # type: ignore[attr-defined]
 
     def sweep(self, weight, hessian, grid):
+        return self.sweep_many([weight], [hessian], [grid])[0]
+
+    def sweep_many(self, weights, hessians, grids):
+        # The rows of every model go through one sweep (obs.obc_quantize_many): bit for bit what
+        # each model would get alone, with the per-step overhead shared.
         cfg: OBCConfig = self.config  # type: ignore[assignment]
-        return obc_quantize(weight, hessian, grid, parallel=cfg.parallel, rel_damp=cfg.rel_damp,
-                            fallback_damp=cfg.fallback_damp, dtype=DTYPES[cfg.dtype])
+        return obc_quantize_many(weights, hessians, grids, parallel=cfg.parallel, rel_damp=cfg.rel_damp,
+                                 fallback_damp=cfg.fallback_damp, dtype=DTYPES[cfg.dtype])
 
 
 class GPTQConfig(HessianConfig):

@@ -114,3 +114,177 @@ def capture(model: nn.Module, module: nn.Module, images: torch.Tensor, where: st
         handle.remove()
         model.train(was_training)
     return torch.cat(store)
+
+
+# -- Capture by propagation ------------------------------------------------------------------------
+#
+# ``capture`` re-runs the model from its input for every unit: O(L^2) layer evaluations for L
+# units. A ``ForwardCursor`` instead runs the model's traced graph once, in segments, pausing
+# before each unit: the values still needed later (the "live" ones) are kept per calibration
+# batch, and the next segment continues from them with the weights as they are by then. Each
+# module sees the same batch as in a full forward pass with the same earlier weights, so the
+# captured values are the same, bit for bit (the tests compare them with ``capture``).
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps the given module types (BRECQ's blocks) as single calls."""
+
+    def __init__(self, leaves: tuple[type, ...]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class ForwardPlan:
+    """A model's graph cut before each unit, with the units in the order the graph reaches them."""
+
+    nodes: list[fx.Node]
+    order: list[int]  # unit indices, in the order their first modules are called
+    first: dict[int, int]  # unit -> index of the node calling its first module
+    last: dict[int, int]  # unit -> index of the node calling its last module
+    last_use: dict[fx.Node, int]  # node -> index of the last node reading it
+
+
+def forward_plan(model: nn.Module, units: list[Unit], blocks: bool = False) -> ForwardPlan | None:
+    """How to run ``model`` unit by unit, or None where that is not possible (then use ``capture``).
+
+    Possible when the model traces with fx (blocks kept whole), every unit's first and last
+    module and each of its quantizable layers are called exactly once, and every unit lies
+    between its own first call and the next unit's: then the segment before a unit uses only
+    weights of units already processed, exactly as a full forward pass at that point would.
+    Units are processed in the order the graph calls them; a model's registration order differs
+    only for parallel branches (a ResNet's downsample), whose inputs do not depend on each other.
+    """
+    leaves = tuple(block for _, block in BLOCKS.items()) if blocks else ()
+    try:
+        graph = _Tracer(leaves).trace(model)
+    except Exception:  # noqa: BLE001 -- dynamic control flow and the like: fall back to capture
+        return None
+    nodes = list(graph.nodes)
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    calls: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        if node.op == "call_module":
+            calls.setdefault(str(node.target), []).append(index)
+
+    def single_call(module: nn.Module) -> int | None:
+        name = names.get(id(module))
+        found = calls.get(name, []) if name is not None else []
+        return found[0] if len(found) == 1 else None
+
+    first, last, layer_calls = {}, {}, {}
+    for u, unit in enumerate(units):
+        f, last_index = single_call(unit.first), single_call(unit.last)
+        if f is None or last_index is None or last_index < f or not nodes[f].args or nodes[f].kwargs:
+            return None
+        first[u], last[u] = f, last_index
+        layer_calls[u] = [calls.get(prefix_name, [None]) for prefix_name in
+                          (names.get(id(unit.module.get_submodule(p))) for p in unit.layers)]
+    order = sorted(first, key=first.get)
+    if len({first[u] for u in order}) != len(order):
+        return None
+    for position, u in enumerate(order):
+        end = first[order[position + 1]] if position + 1 < len(order) else len(nodes)
+        if last[u] >= end:
+            return None
+        for found in layer_calls[u]:
+            if blocks and units[u].first is units[u].last and found == [None]:
+                continue  # a layer inside a block kept whole: called within the block's own call
+            if len(found) != 1 or found[0] is None or not first[u] <= found[0] < end:
+                return None
+    last_use: dict[fx.Node, int] = {}
+    for index, node in enumerate(nodes):
+        for used in node.all_input_nodes:
+            last_use[used] = index
+    return ForwardPlan(nodes, order, first, last, last_use)
+
+
+class ForwardCursor:
+    """One model's forward pass over fixed batches, run segment by segment along a ``ForwardPlan``."""
+
+    def __init__(self, model: nn.Module, plan: ForwardPlan, batches: list[torch.Tensor]) -> None:
+        self.model = model.eval()
+        self.plan = plan
+        self.modules = dict(model.named_modules(remove_duplicate=False))
+        placeholders = [n for n in plan.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise ValueError("a ForwardCursor needs a model with one input")
+        self.envs: list[dict[fx.Node, object]] = [{placeholders[0]: batch} for batch in batches]
+        self.position = 0  # index of the next node to run
+
+    @torch.no_grad()
+    def run_to(self, stop: int, keep: fx.Node | None = None) -> list[object]:
+        """Run the nodes before index ``stop`` on every batch; return ``keep``'s value per batch (cloned)."""
+        kept = []
+        for env in self.envs:
+            for index in range(self.position, stop):
+                node = self.plan.nodes[index]
+                env[node] = self._run(node, env)
+                if node is keep:
+                    kept.append(_clone(env[node]))
+                for used in node.all_input_nodes:  # free what no later node reads
+                    if self.plan.last_use.get(used, -1) <= index:
+                        env.pop(used, None)
+        self.position = max(self.position, stop)
+        return kept
+
+    def input_of(self, unit: int) -> torch.Tensor:
+        """The unit's input for every image (its first module's first argument), as ``capture(..., "input")``."""
+        index = self.plan.first[unit]
+        self.run_to(index)
+        source = self.plan.nodes[index].args[0]
+        values = [_clone(fx.node.map_arg(source, lambda n, env=env: env[n])) for env in self.envs]
+        return torch.cat([_as_tensor(v) for v in values])
+
+    def inputs_per_batch(self, unit: int) -> list[torch.Tensor]:
+        """The unit's input batch by batch, not copied (for reading before the cursor moves on)."""
+        index = self.plan.first[unit]
+        self.run_to(index)
+        source = self.plan.nodes[index].args[0]
+        return [_as_tensor(fx.node.map_arg(source, lambda n, env=env: env[n])) for env in self.envs]
+
+    def output_of(self, unit: int) -> torch.Tensor:
+        """The unit's output for every image (its last module's output), as ``capture(..., "output")``."""
+        index = self.plan.last[unit]
+        if self.position > index:
+            raise RuntimeError("the cursor has already run past this unit")
+        kept = self.run_to(index + 1, keep=self.plan.nodes[index])
+        return torch.cat([_as_tensor(v) for v in kept])
+
+    def _run(self, node: fx.Node, env: dict) -> object:
+        args = fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        if node.op == "placeholder":
+            return env[node]
+        if node.op == "get_attr":
+            target = self.model
+            for part in str(node.target).split("."):
+                target = getattr(target, part)
+            return target
+        if node.op == "call_module":
+            return self.modules[str(node.target)](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            receiver, *rest = args
+            return getattr(receiver, str(node.target))(*rest, **kwargs)
+        if node.op == "output":
+            return args[0]
+        raise RuntimeError(f"unknown fx op {node.op}")
+
+
+def _clone(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
+def _as_tensor(value: object) -> torch.Tensor:
+    if isinstance(value, (list, tuple)):  # DenseNet layers take the list of earlier feature maps
+        return torch.cat(list(value), 1)
+    return value  # type: ignore[return-value]
