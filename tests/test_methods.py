@@ -15,7 +15,8 @@ from mia_ptq_bench.models import build_model
 from mia_ptq_bench.quantize import QUANTIZERS, Calibration, audit_model
 from mia_ptq_bench.quantize.grid import fit_grid
 from mia_ptq_bench.quantize.audit import distinct_per_row
-from mia_ptq_bench.quantize.obs import NumericalError, gptq_quantize, inverse_hessian, obc_quantize, round_to_grid
+from mia_ptq_bench.quantize.obs import (NumericalError, gptq_quantize, inverse_hessian, obc_quantize, obc_quantize_many,
+                                        round_to_grid)
 from mia_ptq_bench.quantize.rounding import RoundingSchedule, learn_rounding
 from mia_ptq_bench.quantize.units import block_units, capture, layer_units
 from mia_ptq_bench.spec import PrecisionPlan
@@ -177,6 +178,29 @@ def test_obc_compaction_changes_nothing(dtype: torch.dtype) -> None:
     grid = fit_grid(w, 3)
     assert torch.equal(obc_quantize(w, h, grid, parallel=3, dtype=dtype, compact=1.0),
                        obc_quantize(w, h, grid, parallel=3, dtype=dtype, compact=0.9))
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 10**9])  # one row per batch (parallel=2: two), or every row at once
+def test_obc_of_several_models_at_once_equals_each_alone(batch_bytes: int) -> None:
+    layers = [tiny_layer(seed, rows=4, columns=12) for seed in (1, 2, 3)]
+    grids = [fit_grid(w, 3) for w, _ in layers]
+    together = obc_quantize_many([w for w, _ in layers], [h for _, h in layers], grids, parallel=2,
+                                 dtype=torch.float64, batch_bytes=batch_bytes)
+    for (w, h), grid, q in zip(layers, grids, together):
+        assert torch.equal(q, obc_quantize(w, h, grid, parallel=4, dtype=torch.float64))
+
+
+def test_obc_keeps_full_precision_hessians_across_plans_without_changing_results() -> None:
+    model = trained_like("mlp", {"hidden": [16]})
+    cal = calibration(32)
+    reused = QUANTIZERS.get("obc")()
+    reused.quantize(copy.deepcopy(model), cal, PrecisionPlan.parse("w4"))  # fills the quantizer's Hessian cache
+    second = reused.quantize(copy.deepcopy(model), cal, PrecisionPlan.parse("w2"))
+    fresh = QUANTIZERS.get("obc")().quantize(copy.deepcopy(model), cal, PrecisionPlan.parse("w2"))
+    assert all(torch.equal(a, b) for a, b in zip(second.state_dict().values(), fresh.state_dict().values()))
+    # a different calibration set is a different key: not served from the cache
+    other = reused.quantize(copy.deepcopy(model), calibration(32, seed=5), PrecisionPlan.parse("w2"))
+    assert any(not torch.equal(a, b) for a, b in zip(other.state_dict().values(), fresh.state_dict().values()))
 
 
 @pytest.mark.parametrize("seed, block", list(itertools.product(range(4), (1, 2, 128))))
