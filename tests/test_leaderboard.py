@@ -275,3 +275,11 @@ def test_entry_page_shows_the_command_that_reproduces_it(site: Path) -> None:
     assert "mptq-bench reproduce submissions/rtn --task tiny-digits" in html
     # the command names the entry's own folder, never another's
     assert "submissions/fp32" not in html
+
+
+def test_the_index_leads_with_the_real_image_task() -> None:
+    from mia_ptq_bench.board.build import task_order
+
+    assert task_order(["tiny-digits", "digits-mlp", "fashion-mnist-resnet", "a-task"]) == [
+        "fashion-mnist-resnet", "digits-mlp", "a-task", "tiny-digits"]
+    assert task_order(["tiny-digits", "a-task"]) == ["a-task", "tiny-digits"]

@@ -37,6 +37,16 @@ def safe_url(value: object) -> str | None:
     return text if urlparse(text).scheme in ("http", "https") else None
 
 
+# The index opens on these tasks, in this order (the real-image grid first; digits-mlp is the quick
+# default), then every other task with results, alphabetically.
+LEAD_TASKS = ("fashion-mnist-resnet", "digits-mlp")
+
+
+def task_order(task_ids) -> list[str]:
+    lead = [t for t in LEAD_TASKS if t in set(task_ids)]
+    return lead + sorted(set(task_ids) - set(lead))
+
+
 def board_name(task: str, threat: str, plan: str) -> str:
     return f"{task}--{threat}--{plan}"
 
@@ -113,7 +123,7 @@ def _build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, s
         shutil.copy(asset, staging / asset.name)
 
     tasks = []
-    for task_id in sorted(rows.task.unique()):
+    for task_id in task_order(rows.task.unique()):
         spec = load_task(task_id)
         attack = spec.attacks[0]
         threats = []
