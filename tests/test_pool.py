@@ -222,3 +222,22 @@ def test_our_trainer_learns_as_well_as_the_reference_loop() -> None:
         reference.append(accuracy(train_reference(spec, data, init_model(spec, data, i), members, seed=i), data, data.test))
     assert min(np.mean(ours), np.mean(reference)) > 0.6  # both learn (10% is chance)
     assert abs(np.mean(ours) - np.mean(reference)) < 0.06  # and equally well, within 6 points over 4 models
+
+
+def test_quantized_outputs_of_other_pool_weights_are_redone(tiny_task, tmp_path: Path) -> None:
+    """A retrained pool keeps its cache folder's name; its old quantized outputs must not be reused."""
+    import dataclasses
+
+    from mia_ptq_bench.quantize import QUANTIZERS
+    from mia_ptq_bench.quantize.outputs import ModelOutputs, OutputStore
+    from mia_ptq_bench.spec import PrecisionPlan
+
+    pool = build_pool(tiny_task, load_dataset(tiny_task.dataset), tmp_path)
+    store = OutputStore(tmp_path, pool, QUANTIZERS.get("rtn")(), PrecisionPlan.parse("w2"))
+    outputs = ModelOutputs(np.zeros((pool.keep.shape[1], 1)), np.zeros(3, dtype=np.int64), [])
+    store.save(0, outputs)
+    assert store.load(0) is not None
+    record = pool.store.record(0)
+    retrained = dataclasses.replace(record, weights_sha256="0" * 64)
+    pool.store.record = lambda index: retrained  # the pool model now has other weights
+    assert store.load(0) is None and not store.path(0).exists()

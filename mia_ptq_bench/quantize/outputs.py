@@ -50,6 +50,7 @@ class OutputStore:
         self.progress = progress or SilentProgress()
         described = quantizer.describe()
         calibration = content_hash(spec.calibration.model_dump(mode="json"))
+        self.pool = pool
         self.root = (Path(cache_dir) / "quantized" / pool.store.root.name /
                      f"{quantizer.name}-{described['config_hash'][:12]}" / f"{plan}-cal{calibration[:8]}-v{FORMAT}")
 
@@ -62,6 +63,13 @@ class OutputStore:
             return None
         try:
             with np.load(path, allow_pickle=False) as archive:
+                # Quantized from the pool model as it is now? A retrained pool (cache cleared, another
+                # trainer) keeps its folder name, so the outputs say which weights they came from.
+                source = str(archive["pool_weights_sha256"]) if "pool_weights_sha256" in archive.files else None
+                if source != self.pool.store.record(index).weights_sha256:
+                    self.progress.log(f"redoing model {index}: {path}: quantized from other pool weights")
+                    path.unlink(missing_ok=True)
+                    return None
                 audit = [LayerAudit.model_validate(x) for x in json.loads(str(archive["audit_json"]))]
                 evidence = {k.removeprefix(EVIDENCE): archive[k] for k in archive.files if k.startswith(EVIDENCE)}
                 return ModelOutputs(archive["scores"], archive["test_predictions"], audit, evidence)
@@ -73,6 +81,7 @@ class OutputStore:
     def save(self, index: int, outputs: ModelOutputs) -> None:
         write_npz_atomic(self.path(index), {
             "scores": outputs.scores, "test_predictions": outputs.test_predictions,
+            "pool_weights_sha256": np.array(self.pool.store.record(index).weights_sha256),
             "audit_json": np.array(json.dumps([a.model_dump(mode="json") for a in outputs.audit])),
             **{EVIDENCE + k: v for k, v in outputs.evidence.items()},
         })
