@@ -43,7 +43,7 @@ def _ci(stat: Stat, scale: float = 100.0, digits: int = 2) -> str:
 
 
 def _label(result: Result, many_threats: bool) -> str:
-    return escape(f"{result.plan} ({result.threat_model})" if many_threats else result.plan)
+    return escape(f"{result.plan} {result.threat_model}" if many_threats else result.plan)
 
 
 def _row(label: str, evaluation: Evaluation, attack: str) -> list[str]:
@@ -64,7 +64,8 @@ def results_table(results: list[Result], attack: str) -> Table:
     table = Table(title=escape(f"{first.task.id} · {first.quantizer.name} · {attack} · mean±95% CI over {n_targets} targets"),
                   caption=f"TPR@x%: true-positive rate (%) at x% false-positive rate. At 0.1%, each target has {per_target_negatives} non-members, so that point allows "
                           f"{allowed} false positive(s); TP/P sums true positives over targets.",
-                  title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+                  title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0)
+    # the box's one-space column divider only: the widest row (w1.58-last8 adaptive-rtn) then fits an 80-column terminal
     for header in ("model", "test acc %", "TPR@.1% %", "TP/P", "TPR@1% %", "AUC"):
         table.add_column(header, justify="left" if header == "model" else "right", no_wrap=True)
     table.add_row(*_row("fp32 (ref)", first.reference, attack), style="dim")
@@ -79,10 +80,11 @@ def attacks_table(results: list[Result]) -> Table:
     first = results[0]
     many_threats = len({r.threat_model for r in results}) > 1
     attacks = list(first.reference.attacks)
-    table = Table(title="AUC by attack (mean over targets)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title="AUC by attack (mean over targets)", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  padding=0)
     table.add_column("model", no_wrap=True)
-    for attack in attacks:
-        table.add_column(escape(attack.removeprefix("lira-")), justify="right")
+    for attack in attacks:  # headers on two lines ("online" over "fixed"): seven attacks fit 80 columns
+        table.add_column(escape(attack.removeprefix("lira-").replace("-", "\n", 1)), justify="right", no_wrap=True)
     table.add_row("fp32 (ref)", *[f"{first.reference.attacks[a].auc.mean:.3f}" for a in attacks], style="dim")
     for result in results:
         if result.plan != "fp32":

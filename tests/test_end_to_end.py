@@ -46,7 +46,24 @@ def test_evaluate_writes_one_result_per_plan_and_threat_model(evaluated) -> None
     assert names == ["w1.58-last8--adaptive.json", "w1.58-last8--oblivious.json", "w4--adaptive.json",
                      "w4--oblivious.json"]
     assert all((folder / n).with_suffix(".npz").is_file() for n in names)
-    assert "fp32 (ref)" in output and "w1.58-last8 (adaptive)" in output and "TPR@.1%" in output
+    assert "fp32 (ref)" in output and "w1.58-last8 adaptive" in output and "TPR@.1%" in output
+
+
+def test_tables_fit_an_80_column_terminal(evaluated) -> None:
+    from rich.console import Console
+
+    from mia_ptq_bench.report import attacks_table, results_table
+
+    folder, _ = evaluated
+    results = [load_result(p) for p in sorted(folder.glob("*.json"))]
+    # the longest label a bundled task makes: w1.58-last8 with the adaptive-rtn attacker
+    results += [r.model_copy(update={"threat_model": "adaptive-rtn"}) for r in results if r.plan == "w1.58-last8"]
+    console = Console(width=80, record=True, color_system=None)
+    console.print(results_table(results, "lira-online"))
+    console.print(attacks_table(results))
+    text = console.export_text()
+    assert "…" not in text and "w1.58-last8 adaptive-rtn" in text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80
 
 
 def test_results_validate(evaluated) -> None:
