@@ -202,7 +202,7 @@ def test_batchnorm_models_build_in_stacked_groups(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_our_trainer_learns_as_well_as_the_reference_loop() -> None:
     """Same recipe, same members: the study-style DataLoader loop and ours reach the same accuracy."""
-    from mia_ptq_bench.pool.reference import train_reference
+    from study_loop import train_reference
     from mia_ptq_bench.inference import accuracy
 
     spec = load_task("tiny-cnn")

@@ -3,7 +3,7 @@
 torchvision transforms on PIL images inside a DataLoader (RandomCrop with padding,
 RandomHorizontalFlip, ToTensor, Normalize), float32, one model at a time, SGD with
 CosineAnnealingLR stepped per epoch, a fresh shuffle of the model's members each epoch.
-Used by benchmarks/pool_training.py and by the test that checks our trainer learns as well.
+Used by the test that checks our trainer learns as well (benchmarks/pool_training.py times its own copy).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms.functional import to_pil_image
 
-from ..data import ImageDataset
-from ..spec.schema import TaskSpec
+from mia_ptq_bench.data import ImageDataset
+from mia_ptq_bench.spec.schema import TaskSpec
 
 
 class _Members(Dataset):
