@@ -82,25 +82,31 @@ class Interrupt(Exception):
     pass
 
 
+def interrupt_after_saving(models: int, monkeypatch: pytest.MonkeyPatch, build) -> None:
+    """Run ``build`` until it has saved ``models`` pool models, then kill it (an Interrupt)."""
+    original_save = build_module.PoolStore.save_model
+    saved = []
+
+    def save_then_maybe_die(self, index, *args, **kwargs):
+        original_save(self, index, *args, **kwargs)
+        saved.append(index)
+        if len(saved) == models:
+            raise Interrupt
+
+    monkeypatch.setattr(build_module.PoolStore, "save_model", save_then_maybe_die)
+    with pytest.raises(Interrupt):
+        build()
+    monkeypatch.setattr(build_module.PoolStore, "save_model", original_save)
+
+
 @pytest.mark.parametrize("trainer", ["stacked", "sequential"])
 def test_interrupted_build_resumes_to_identical_pool(tiny_task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      trainer: str) -> None:
     data = load_dataset(tiny_task.dataset)
     reference = build_pool(tiny_task, data, tmp_path / "reference", trainer=trainer, stack=3)
 
-    saved = []
-    original_save = build_module.PoolStore.save_model
-
-    def save_then_maybe_die(self, index, *args, **kwargs):
-        original_save(self, index, *args, **kwargs)
-        saved.append(index)
-        if len(saved) == 4:
-            raise Interrupt
-
-    monkeypatch.setattr(build_module.PoolStore, "save_model", save_then_maybe_die)
-    with pytest.raises(Interrupt):
-        build_pool(tiny_task, data, tmp_path / "resumed", trainer=trainer, stack=3)
-    monkeypatch.setattr(build_module.PoolStore, "save_model", original_save)
+    interrupt_after_saving(4, monkeypatch, lambda: build_pool(tiny_task, data, tmp_path / "resumed", trainer=trainer,
+                                                              stack=3))
 
     trained_again = []
     original_schedule = build_module.make_schedule
@@ -117,19 +123,7 @@ def test_interrupted_batchnorm_build_resumes_to_identical_pool(tmp_path: Path, m
     spec = load_task("tiny-cnn")
     data = load_dataset(spec.dataset)
     reference = build_pool(spec, data, tmp_path / "reference", trainer="stacked", stack=2)
-    original_save = build_module.PoolStore.save_model
-    saved = []
-
-    def save_then_maybe_die(self, index, *args, **kwargs):
-        original_save(self, index, *args, **kwargs)
-        saved.append(index)
-        if len(saved) == 3:
-            raise Interrupt
-
-    monkeypatch.setattr(build_module.PoolStore, "save_model", save_then_maybe_die)
-    with pytest.raises(Interrupt):
-        build_pool(spec, data, tmp_path / "resumed", trainer="stacked", stack=2)
-    monkeypatch.setattr(build_module.PoolStore, "save_model", original_save)
+    interrupt_after_saving(3, monkeypatch, lambda: build_pool(spec, data, tmp_path / "resumed", trainer="stacked", stack=2))
     resumed = build_pool(spec, data, tmp_path / "resumed", trainer="stacked", stack=2)
     np.testing.assert_array_equal(resumed.scores, reference.scores)  # group [2, 3] retrained whole: same bits
     for index in range(4):
