@@ -109,7 +109,7 @@ def _frame(x_axis, y_axis, x_label: str, y_label: str, title: str, key: str) -> 
     for value, text in x_axis.ticks():
         x = x_axis(value)
         parts.append(f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{HEIGHT - BOTTOM}" class="grid"/>')
-        parts.append(f'<text x="{x:.1f}" y="{HEIGHT - BOTTOM + FONT + 6}" class="tick" text-anchor="middle">'
+        parts.append(f'<text x="{x:.1f}" y="{HEIGHT - BOTTOM + FONT + 10}" class="tick" text-anchor="middle">'
                      f'{escape(text)}</text>')
     for value, text in y_axis.ticks():
         y = y_axis(value)
