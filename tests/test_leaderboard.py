@@ -88,7 +88,10 @@ def test_boards_rank_with_references_and_keep_stale_apart(site: Path) -> None:
     table = pd.read_csv(site / "boards" / "tiny-digits--oblivious--w4.csv")
     assert {"fp32", "rtn"} <= set(table.entry) and "old-entry" not in set(table.entry)
     assert list(table.tpr_at_0_1pct_fpr) == sorted(table.tpr_at_0_1pct_fpr)
-    assert list(table["rank"]) == list(range(1, len(table) + 1))
+    # references are yardsticks, not ranked; entries are, from 1, never going down the table
+    assert table[table.reference]["rank"].isna().all() and table[~table.reference]["rank"].notna().all()
+    ranks = list(table[~table.reference]["rank"])
+    assert ranks[0] == 1 and ranks == sorted(ranks)
     assert table.pareto.any()
     html = (site / "boards" / "tiny-digits--oblivious--w4.html").read_text()
     assert "Stale results" in html and html.index("old-entry") > html.index("Stale results")
@@ -109,7 +112,10 @@ def test_strongest_board_ranks_by_the_strategy_chosen_per_target(site: Path) -> 
 def test_hostile_metadata_is_escaped_in_the_html(site: Path) -> None:
     for page in [site / "index.html", site / "entries" / "hostile.html", *(site / "boards").glob("*.html")]:
         html = page.read_text()
-        assert "<script" not in html and "onerror=" not in html.replace("onerror=&#34;", "")
+        # the one script is the site's own sort.js; no submission text became markup
+        own = f'<script src="{"" if page.name == "index.html" else "../"}sort.js" defer></script>'
+        assert html.count(own) == 1 and "<script" not in html.replace(own, "")
+        assert "onerror=" not in html.replace("onerror=&#34;", "")
         assert 'href="javascript:' not in html
     entry = (site / "entries" / "hostile.html").read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in entry and "javascript:alert(1)" in entry
@@ -198,6 +204,12 @@ def browser():
         browser.close()
 
 
+def _scripts(page) -> list[str]:
+    """The scripts a page loads, by file name: the site's own sort.js and nothing inline."""
+    sources = page.eval_on_selector_all("script", "els => els.map(e => e.getAttribute('src') || 'INLINE')")
+    return [source.rsplit("/", 1)[-1] for source in sources]
+
+
 def test_every_page_in_chromium(site: Path, browser) -> None:
     pages = [site / "index.html", *sorted((site / "boards").glob("*.html")), *sorted((site / "entries").glob("*.html"))]
     seen_links = set()
@@ -210,7 +222,7 @@ def test_every_page_in_chromium(site: Path, browser) -> None:
         page.goto(path.as_uri())
         page.wait_for_load_state("load")
         assert problems == [], (path.name, problems)
-        assert page.locator("script").count() == 0
+        assert _scripts(page) == ["sort.js"]
         for href in page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)"):
             if href.startswith("file://"):
                 seen_links.add(href.split("#")[0])
@@ -226,9 +238,9 @@ def test_every_page_in_chromium(site: Path, browser) -> None:
             csv_table = pd.read_csv(path.parent / f"{stem}.csv")
             json_table = pd.DataFrame(json.loads((path.parent / f"{stem}.json").read_text()))
             assert len(csv_table) == len(json_table) == rows
-            shown = page.locator("table.board").first.locator("tbody tr td:nth-child(2) a").all_inner_texts()
+            shown = page.locator("table.board").first.locator("tbody tr th[scope=row] a").all_inner_texts()
             assert shown == list(csv_table.display_name) == list(json_table.display_name)
-            first_tpr = page.locator("table.board").first.locator("tbody tr").first.locator("td").nth(3).inner_text()
+            first_tpr = page.locator("table.board").first.locator("tbody tr").first.locator("td.num").nth(2).inner_text()
             assert first_tpr.split()[0] == f"{100 * csv_table.tpr_at_0_1pct_fpr[0]:.3f}"
         page.close()
     for link in seen_links:
@@ -246,7 +258,7 @@ def test_hostile_entry_renders_inert_in_chromium(site: Path, browser) -> None:
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
     page.goto((site / "entries" / "hostile.html").as_uri())
     page.wait_for_load_state("load")
-    assert dialogs == [] and page.locator("script").count() == 0 and page.locator("img").count() == 0
+    assert dialogs == [] and _scripts(page) == ["sort.js"] and page.locator("img").count() == 0
     assert EVIL in page.locator("h1").inner_text()
     assert page.locator("a[href^='javascript']").count() == 0
     page.close()
@@ -283,3 +295,217 @@ def test_the_index_leads_with_the_real_image_task() -> None:
     assert task_order(["tiny-digits", "digits-mlp", "fashion-mnist-resnet", "a-task"]) == [
         "fashion-mnist-resnet", "digits-mlp", "a-task", "tiny-digits"]
     assert task_order(["tiny-digits", "a-task"]) == ["a-task", "tiny-digits"]
+
+
+# -- the site as its readers expect (issue 18) ----------------------------------------------------------
+
+SAMPLE_PAGES = ["index.html", "boards/tiny-digits--oblivious--w4.html", "entries/example-stochastic-rounding.html"]
+
+
+def test_tied_ranks_follow_the_intervals_and_skip_references() -> None:
+    from mia_ptq_bench.board.rank import tied_ranks
+
+    # sorted by mean: a ref, A [0,2], B [1,3] overlaps A, C [5,6] is clear of both, D [5.5,7] overlaps C
+    low = pd.Series([0.0, 0.0, 1.0, 5.0, 5.5])
+    high = pd.Series([9.0, 2.0, 3.0, 6.0, 7.0])
+    ranks, tied = tied_ranks(low, high, pd.Series([True, False, False, False, False]))
+    assert ranks.isna().tolist() == [True, False, False, False, False]
+    assert ranks[1:].tolist() == [1, 1, 3, 3] and tied.tolist() == [False, True, True, True, True]
+    ranks, tied = tied_ranks(pd.Series([0.0, 4.0]), pd.Series([1.0, 5.0]), pd.Series([False, False]))
+    assert ranks.tolist() == [1, 2] and not tied.any()
+
+
+def test_boards_mark_ties_and_leave_references_unranked(site: Path) -> None:
+    table = pd.read_csv(site / "boards" / "tiny-digits--oblivious--w4.csv")
+    html = (site / "boards" / "tiny-digits--oblivious--w4.html").read_text()
+    ranks = re.findall(r'<td class="num rank" data-value="([^"]*)">(.*?)</td>', html)
+    assert len(ranks) == len(table)
+    for (value, shown), row in zip(ranks, table.itertuples()):
+        if row.reference:
+            assert value == "" and shown == "–"
+        else:
+            assert value == str(int(row.rank)) and (shown.startswith("<abbr") == bool(row.tied))
+
+
+def test_entry_page_shows_the_effective_config_plans_in_task_order_and_fp32(site: Path) -> None:
+    html = (site / "entries" / "rtn.html").read_text()
+    recorded = load_result(site.parent / "submissions" / "rtn" / "results" / "tiny-digits" / "w4--oblivious.json")
+    assert recorded.quantizer.config  # the result records the resolved defaults; submission.yaml had none
+    shown = re.findall(r'<pre class="config">(.*?)</pre>', html, re.S)[0]
+    assert json.loads(shown.replace("&#34;", '"')) == recorded.quantizer.config
+    # the task lists w4 before w1.58-last8; text order would put w1.58-last8 first
+    plans = re.findall(r'<td class="plan">([^<]*)</td>', html)
+    assert plans[:2] == ["w4", "w1.58-last8"]
+    assert 'data-entry="fp32 (reference)"' in html
+
+
+def test_board_links_to_every_other_board_of_its_task(site: Path) -> None:
+    html = (site / "boards" / "tiny-digits--adaptive--w4.html").read_text()
+    others = {p.name for p in (site / "boards").glob("tiny-digits--*.html")} - {"tiny-digits--adaptive--w4.html"}
+    assert others <= set(re.findall(r'href="([^"/]+\.html)"', html))
+    assert 'aria-current="page"' in html
+
+
+def test_repository_and_guide_links_come_from_github_actions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench.board.build import repository_url
+
+    monkeypatch.setenv("GITHUB_SERVER_URL", "https://github.com")
+    monkeypatch.setenv("GITHUB_REPOSITORY", "someone/mia-ptq-bench")
+    assert repository_url() == "https://github.com/someone/mia-ptq-bench"
+    assert repository_url("javascript:alert(1)") is None
+    monkeypatch.delenv("GITHUB_REPOSITORY")
+    assert repository_url() is None
+
+
+def test_tables_have_captions_and_header_scopes(site: Path) -> None:
+    for name in SAMPLE_PAGES:
+        html = (site / name).read_text()
+        assert html.count("<table") == html.count("<caption>"), name
+        assert "<th>" not in html, name  # every header cell says what it heads
+        assert 'aria-describedby="plot-' in html or name == "index.html"
+
+
+def test_same_method_same_colour_everywhere(site: Path) -> None:
+    from mia_ptq_bench.board.palette import colour_for
+
+    assert colour_for("fp32") != colour_for("rtn")
+    seen: dict[str, set[str]] = {}
+    for page in sorted((site / "boards").glob("*--w*.html")):
+        html = page.read_text()
+        for colour, entry in re.findall(r'(?:fill|stroke)="(#[0-9a-f]{6})" class="(?:point[^"]*|roc)" data-entry="([^"]*)"',
+                                        html):
+            seen.setdefault(entry, set()).add(colour)
+    assert {"Full precision", "Round to nearest"} <= set(seen)
+    assert all(len(colours) == 1 for colours in seen.values()), seen
+    assert seen["Full precision"] != seen["Round to nearest"]
+
+
+def test_plot_axes_in_percent_and_roc_from_the_resolved_fpr(site: Path) -> None:
+    from mia_ptq_bench.board.svg import roc_floor
+
+    assert roc_floor(600) == 1e-3 and roc_floor(75) == 1e-2 and roc_floor(20_000) == 1e-5
+    html = (site / "boards" / "tiny-digits--oblivious--w4.html").read_text()
+    table = pd.read_csv(site / "boards" / "tiny-digits--oblivious--w4.csv")
+    ticks = re.findall(r'class="tick"[^>]*>([^<]*)</text>', html)
+    assert any(t.endswith("%") for t in ticks)
+    floor = roc_floor(float((table.negatives / table.targets).max()))
+    assert f">{100 * floor:g}%</text>" in html and ">0.001%</text>" not in html
+
+
+@pytest.fixture
+def phone(browser):
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    yield context
+    context.close()
+
+
+def test_pages_do_not_scroll_sideways_on_a_phone(site: Path, phone) -> None:
+    for name in SAMPLE_PAGES:
+        page = phone.new_page()
+        page.goto((site / name).as_uri())
+        page.wait_for_load_state("load")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390, name
+        # an interval is one line: each .ci box is one text line high
+        heights = page.eval_on_selector_all(".ci", "els => els.map(e => e.getClientRects().length)")
+        assert heights and set(heights) == {1}, name
+        page.close()
+
+
+def _boxes(svg) -> list[dict]:
+    """The rendered box of every text element in one plot."""
+    return svg.evaluate("s => [...s.querySelectorAll('text')].map(e => { const r = e.getBoundingClientRect();"
+                        " return {x: r.left, y: r.top, r: r.right, b: r.bottom, t: e.textContent}; })")
+
+
+def test_plot_labels_neither_collide_nor_leave_the_plot(site: Path, browser) -> None:
+    pages = [*sorted((site / "boards").glob("*.html")), *sorted((site / "entries").glob("*.html"))]
+    for width in (390, 1200):
+        context = browser.new_context(viewport={"width": width, "height": 900})
+        for path in pages:
+            page = context.new_page()
+            page.goto(path.as_uri())
+            page.wait_for_load_state("load")
+            for index in range(page.locator("svg.plot").count()):
+                svg = page.locator("svg.plot").nth(index)
+                frame = svg.bounding_box()
+                texts = _boxes(svg)
+                for box in texts:
+                    assert frame["x"] - 0.5 <= box["x"] and box["r"] <= frame["x"] + frame["width"] + 0.5, (path.name, box)
+                    assert frame["y"] - 0.5 <= box["y"] and box["b"] <= frame["y"] + frame["height"] + 0.5, (path.name, box)
+                for i, a in enumerate(texts):
+                    for b in texts[i + 1:]:
+                        apart = a["r"] <= b["x"] or b["r"] <= a["x"] or a["b"] <= b["y"] or b["b"] <= a["y"]
+                        assert apart, (path.name, width, a["t"], b["t"])
+                # one legend entry per plotted method, in the plot's own figure
+                plotted = svg.evaluate("s => [...new Set([...s.querySelectorAll('[data-entry]')].map(e => e.dataset.entry))]")
+                legend = svg.evaluate("s => [...s.parentElement.querySelectorAll('ul.legend li')].map(e => e.dataset.entry)")
+                assert plotted and sorted(plotted) == sorted(legend), (path.name, plotted, legend)
+            page.close()
+        context.close()
+
+
+def test_headers_sort_the_rows_and_without_javascript_every_row_is_there(site: Path, browser) -> None:
+    path = site / "boards" / "tiny-digits--oblivious--w4.html"
+    table = pd.read_csv(path.with_suffix(".csv"))
+    names = "tbody tr th[scope=row] a"
+    page = browser.new_page()
+    page.goto(path.as_uri())
+    page.wait_for_load_state("load")
+    board = page.locator("table.board").first
+    assert board.locator(names).all_inner_texts() == list(table.display_name)
+    accuracy = board.locator("thead th").nth(2)
+    accuracy.locator("button.sort").click()
+    ascending = sorted(table.itertuples(), key=lambda r: r.test_accuracy)
+    shown = board.locator(names).all_inner_texts()
+    assert accuracy.get_attribute("aria-sort") == "ascending"
+    assert [table.set_index("display_name").test_accuracy[n] for n in shown] == [r.test_accuracy for r in ascending]
+    accuracy.locator("button.sort").press("Enter")  # the keyboard sorts too: the other way
+    assert accuracy.get_attribute("aria-sort") == "descending"
+    again = board.locator(names).all_inner_texts()
+    assert [table.set_index("display_name").test_accuracy[n] for n in again] == sorted(
+        table.test_accuracy, reverse=True)
+    page.close()
+
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(path.as_uri())
+    page.wait_for_load_state("load")
+    board = page.locator("table.board").first
+    assert board.locator(names).all_inner_texts() == list(table.display_name)
+    assert board.locator("button.sort").count() == 0
+    first_tpr = board.locator("tbody tr").first.locator("td.num").nth(2).inner_text()
+    assert first_tpr.split()[0] == f"{100 * table.tpr_at_0_1pct_fpr[0]:.3f}"
+    context.close()
+
+
+def test_dark_mode_follows_the_reader(site: Path, browser) -> None:
+    backgrounds = {}
+    for scheme in ("light", "dark"):
+        context = browser.new_context(color_scheme=scheme)
+        page = context.new_page()
+        page.goto((site / "index.html").as_uri())
+        page.wait_for_load_state("load")
+        backgrounds[scheme] = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        context.close()
+    assert backgrounds["light"] == "rgb(255, 255, 255)" and backgrounds["dark"] != backgrounds["light"]
+
+
+def _luminance(rgb: str) -> float:
+    channels = [int(v) / 255 for v in re.findall(r"\d+", rgb)[:3]]
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def test_small_grey_text_keeps_its_contrast(site: Path, browser) -> None:
+    for scheme in ("light", "dark"):
+        context = browser.new_context(color_scheme=scheme)
+        page = context.new_page()
+        page.goto((site / "boards" / "tiny-digits--oblivious--w4.html").as_uri())
+        page.wait_for_load_state("load")
+        for selector in (".ci", ".muted", "ul.legend li", "tr.reference .ci"):
+            fg, bg = page.eval_on_selector(selector, """e => { let b = e, c;
+                while (b && ((c = getComputedStyle(b).backgroundColor) === 'rgba(0, 0, 0, 0)')) b = b.parentElement;
+                return [getComputedStyle(e).color, c || 'rgb(255, 255, 255)']; }""")
+            light, dark = sorted([_luminance(fg), _luminance(bg)], reverse=True)
+            assert (light + 0.05) / (dark + 0.05) >= 4.5, (scheme, selector, fg, bg)
+        context.close()

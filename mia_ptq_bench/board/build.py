@@ -12,6 +12,7 @@ Layout of the built site::
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Mapping
 from importlib import resources
@@ -25,8 +26,9 @@ from ..atomic import write_text_atomic
 from ..errors import BenchError, WriteError
 from ..spec import load_task
 from .collect import STRONGEST, Collected, collect
+from .palette import colour_for
 from .rank import board, missing_references
-from .svg import Point, privacy_utility, roc_curves
+from .svg import DASHES, Curve, Point, privacy_utility, roc_curves, roc_floor
 
 PLOT_FLOOR = 1e-4  # TPR@0.1%FPR of 0 is drawn here on the log axis
 
@@ -61,10 +63,46 @@ def _environment() -> Environment:
 
 
 def _points(table: pd.DataFrame) -> list[Point]:
-    return [Point(label=r.display_name, x=100 * r.test_accuracy, x_low=100 * r.test_accuracy_low,
-                  x_high=100 * r.test_accuracy_high, y=r.tpr_at_0_1pct_fpr, y_low=r.tpr_at_0_1pct_fpr_low,
-                  y_high=r.tpr_at_0_1pct_fpr_high, reference=bool(r.reference), pareto=bool(r.pareto))
+    return [Point(label=r.display_name, colour=colour_for(r.entry), x=100 * r.test_accuracy,
+                  x_low=100 * r.test_accuracy_low, x_high=100 * r.test_accuracy_high, y=r.tpr_at_0_1pct_fpr,
+                  y_low=r.tpr_at_0_1pct_fpr_low, y_high=r.tpr_at_0_1pct_fpr_high, reference=bool(r.reference),
+                  pareto=bool(r.pareto))
             for r in table.itertuples()]
+
+
+def _negatives_per_target(table: pd.DataFrame) -> float:
+    """Non-members per target (``negatives`` is summed over targets): 1/this is the smallest FPR resolved."""
+    per_target = (table.negatives / table.targets.clip(lower=1)).dropna()
+    return float(per_target.max()) if len(per_target) else float("nan")
+
+
+def repository_url(explicit: str | None = None) -> str | None:
+    """The repository the site links to: given, or the one GitHub Actions is building (pages.yml), else none."""
+    if explicit:
+        return safe_url(explicit)
+    server, repo = os.environ.get("GITHUB_SERVER_URL"), os.environ.get("GITHUB_REPOSITORY")
+    return safe_url(f"{server.rstrip('/')}/{repo}") if server and repo else None
+
+
+def plan_key(plans: list[str]):
+    """Sort key putting fp32 first, then the task's own plan order (not text order: w1.58-last8 after w1.58)."""
+    order = {plan: i for i, plan in enumerate(["fp32", *plans])}
+    return lambda plan: (order.get(plan, len(order)), plan)
+
+
+def effective_configs(mine: pd.DataFrame, plans: dict[str, list[str]]) -> list[dict]:
+    """The quantizer configs the entry's results record (the resolved config, defaults filled in), one per
+    distinct config with the task/plan results it covers: an empty ``config:`` in submission.yaml means the
+    quantizer's defaults, and the results say what those were."""
+    groups: dict[str, dict] = {}
+    for r in mine.itertuples():
+        group = groups.setdefault(r.config_hash, {"config": json.dumps(r.quantizer_config, indent=2, sort_keys=True),
+                                                  "hash": r.config_hash, "results": set()})
+        group["results"].add((r.task, r.plan))
+    for group in groups.values():
+        group["results"] = [f"{task} {plan}" for task, plan in
+                            sorted(group["results"], key=lambda tp: (tp[0], plan_key(plans.get(tp[0], []))(tp[1])))]
+    return list(groups.values())
 
 
 # A text cell starting with one of these is a formula to a spreadsheet: '=HYPERLINK("http://evil", "x")' as a
@@ -93,21 +131,23 @@ def _downloads(table: pd.DataFrame, folder: Path, name: str) -> None:
     write_text_atomic(folder / f"{name}.json", flat.to_json(orient="records", indent=1) + "\n")
 
 
-def build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, str]] | None = None) -> dict:
+def build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, str]] | None = None,
+               repository: str | None = None) -> dict:
     """Render the whole site into ``out`` (replaced); returns a summary for the CLI.
 
     A folder that cannot be written (read-only, full disk) is one WriteError naming it; the previous site
     stays in place until the new one is whole.
     """
     try:
-        return _build_site(Path(submissions), Path(out), checks)
+        return _build_site(Path(submissions), Path(out), checks, repository)
     except WriteError:
         raise
     except OSError as exc:
         raise WriteError(f"{exc.filename or out}: cannot write the site: {exc.strerror or exc}") from None
 
 
-def _build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, str]] | None) -> dict:
+def _build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, str]] | None,
+                repository: str | None) -> dict:
     collected: Collected = collect(submissions, checks)
     if collected.rows.empty:
         raise BenchError(f"{submissions}: no valid results to build a leaderboard from"
@@ -122,68 +162,34 @@ def _build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, s
     for asset in static.iterdir():
         shutil.copy(asset, staging / asset.name)
 
+    repository = repository_url(repository)
+    links = {"repository": repository, "guide": f"{repository}/blob/main/docs/submit.md" if repository else None}
     tasks = []
     for task_id in task_order(rows.task.unique()):
         spec = load_task(task_id)
         attack = spec.attacks[0]
-        threats = []
-        for threat in spec.threat_models:
-            boards = []
-            for view in (attack, STRONGEST):
-                for plan in spec.plans:
-                    table = board(rows, task_id, threat, plan, view)
-                    if table.empty:
-                        continue
-                    missing = missing_references(table)
-                    if missing:  # a board is only published beside its references: leave this one out, say why
-                        collected.skipped.append(f"board {task_id}/{threat}/{plan}: no result from the reference "
-                                                 f"submission(s) {', '.join(missing)}; every board shows fp32 "
-                                                 "and rtn")
-                        continue
-                    name = board_name(task_id, threat, plan) + ("--strongest" if view == STRONGEST else "")
-                    _downloads(table, staging / "boards", name)
-                    stale = rows[(rows.task == task_id) & (rows.threat_model == threat) & (rows.plan == plan)
-                                 & (rows.attack == view) & rows.stale]
-                    shown = "the strongest attack per target" if view == STRONGEST else view
-                    title = f"{task_id} · {threat} · {plan}" + (" · strongest attack" if view == STRONGEST else "")
-                    scatter = privacy_utility(_points(table), f"Privacy against utility: {title}", PLOT_FLOOR)
-                    rocs = roc_curves([(r.display_name, r.roc_fpr, r.roc_tpr, bool(r.reference))
-                                       for r in table.itertuples()], f"ROC ({attack}): {title}") \
-                        if view != STRONGEST else None
-                    page = env.get_template("board.html.j2").render(
-                        root="../", title=title, task=spec, threat=threat, plan=plan, attack=shown, name=name,
-                        strongest=view == STRONGEST, table=table.to_dict("records"),
-                        stale=stale.to_dict("records"), scatter=scatter, rocs=rocs)
-                    write_text_atomic(staging / "boards" / f"{name}.html", page)
-                    boards.append({"plan": plan, "name": name, "view": view, "table": table.to_dict("records")})
-            threats.append({"threat": threat, "boards": [b for b in boards if b["view"] != STRONGEST],
-                            "strongest": [b for b in boards if b["view"] == STRONGEST]})
+        boards = _task_boards(rows, spec, attack, collected.skipped)
+        for b in boards:
+            _render_board(env, staging, rows, spec, attack, b, boards, links)
+        threats = [{"threat": threat,
+                    "boards": [b for b in boards if b["threat"] == threat and b["view"] != STRONGEST],
+                    "strongest": [b for b in boards if b["threat"] == threat and b["view"] == STRONGEST]}
+                   for threat in spec.threat_models]
         tasks.append({"spec": spec, "attack": attack, "threats": threats})
 
     if not any(th["boards"] for t in tasks for th in t["threats"]):
         raise BenchError(f"{submissions}: no board can be built: "
                          + "; ".join(line for line in collected.skipped if line.startswith("board "))[:2000])
     headline_attack = {t["spec"].id: t["attack"] for t in tasks}
+    plans = {t["spec"].id: list(t["spec"].plans) for t in tasks}
     for name, spec in collected.submissions.items():
-        mine = rows[(rows.entry == name)].sort_values(["task", "threat_model", "plan", "attack"])
-        headline = mine[mine.task.map(headline_attack) == mine.attack]
-        groups = []
-        for (task_id, threat), part in headline.groupby(["task", "threat_model"], sort=True):
-            curves = [(r.plan, r.roc_fpr, r.roc_tpr, r.plan == "fp32") for r in part.itertuples()]
-            groups.append({"task": task_id, "threat": threat, "rows": part.to_dict("records"),
-                           "rocs": roc_curves(curves, f"ROC of {spec.display_name}: {task_id} · {threat}")})
-        config = json.dumps(spec.quantizer.config, indent=2, sort_keys=True)
-        # What a reader runs, in a clone of the repository, to check this entry's numbers on their machine.
-        reproduce = [f"mptq-bench reproduce submissions/{name} --task {task_id}"
-                     for task_id in sorted(set(mine.task))]
-        page = env.get_template("entry.html.j2").render(root="../", title=spec.display_name, entry=spec,
-                                                          groups=groups, config=config, reproduce=reproduce)
-        write_text_atomic(staging / "entries" / f"{name}.html", page)
+        _render_entry(env, staging, rows, name, spec, headline_attack, plans, links)
 
     headline_rows = rows[(rows.task.map(headline_attack) == rows.attack) & ~rows.stale]
     _downloads(headline_rows.sort_values(["task", "threat_model", "plan", "tpr_at_0_1pct_fpr"]), staging, "results")
     index = env.get_template("index.html.j2").render(root="", title="mia-ptq-bench leaderboard", tasks=tasks,
-                                                     entries=collected.submissions, skipped=collected.skipped)
+                                                     entries=collected.submissions, skipped=collected.skipped,
+                                                     links=links)
     write_text_atomic(staging / "index.html", index)
 
     if out.exists():
@@ -194,4 +200,76 @@ def _build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, s
             "skipped": collected.skipped, "out": out}
 
 
-__all__ = ["build_site", "safe_url"]
+def _task_boards(rows: pd.DataFrame, spec, attack: str, skipped: list[str]) -> list[dict]:
+    """Every board of one task that can be published, in the task's order: threat model, view, plan."""
+    boards = []
+    for threat in spec.threat_models:
+        for view in (attack, STRONGEST):
+            for plan in spec.plans:
+                table = board(rows, spec.id, threat, plan, view)
+                if table.empty:
+                    continue
+                missing = missing_references(table)
+                if missing:  # a board is only published beside its references: leave this one out, say why
+                    skipped.append(f"board {spec.id}/{threat}/{plan}: no result from the reference "
+                                   f"submission(s) {', '.join(missing)}; every board shows fp32 and rtn")
+                    continue
+                name = board_name(spec.id, threat, plan) + ("--strongest" if view == STRONGEST else "")
+                boards.append({"plan": plan, "threat": threat, "name": name, "view": view, "frame": table,
+                               "table": table.to_dict("records")})
+    return boards
+
+
+def _render_board(env: Environment, staging: Path, rows: pd.DataFrame, spec, attack: str, b: dict,
+                  siblings: list[dict], links: dict) -> None:
+    """One board page, its CSV and JSON; ``siblings`` are every board of the task, for the navigation."""
+    table, threat, plan, view, name = b["frame"], b["threat"], b["plan"], b["view"], b["name"]
+    _downloads(table, staging / "boards", name)
+    stale = rows[(rows.task == spec.id) & (rows.threat_model == threat) & (rows.plan == plan)
+                 & (rows.attack == view) & rows.stale]
+    shown = "the strongest attack per target" if view == STRONGEST else view
+    title = f"{spec.id} · {threat} · {plan}" + (" · strongest attack" if view == STRONGEST else "")
+    scatter = privacy_utility(_points(table), f"Privacy against utility: {title}", PLOT_FLOOR, name + "--scatter")
+    rocs = None
+    if view != STRONGEST:  # the strongest view mixes attacks per target: no single ROC to draw
+        curves = [Curve(r.display_name, colour_for(r.entry), r.roc_fpr, r.roc_tpr, bool(r.reference))
+                  for r in table.itertuples()]
+        rocs = roc_curves(curves, f"ROC ({attack}): {title}", roc_floor(_negatives_per_target(table)), name + "--roc")
+    page = env.get_template("board.html.j2").render(
+        root="../", title=title, task=spec, threat=threat, plan=plan, attack=shown, name=name,
+        strongest=view == STRONGEST, table=b["table"], stale=stale.to_dict("records"), scatter=scatter, rocs=rocs,
+        floor=PLOT_FLOOR, siblings=siblings, current=b, links=links)
+    write_text_atomic(staging / "boards" / f"{name}.html", page)
+
+
+def _render_entry(env: Environment, staging: Path, rows: pd.DataFrame, name: str, spec,
+                  headline_attack: dict[str, str], plans: dict[str, list[str]], links: dict) -> None:
+    """One entry page: metadata, the effective config, its results per task and threat model with ROC curves
+    beside the full-precision reference's."""
+    mine = rows[(rows.entry == name) & rows.task.isin(list(headline_attack))]
+    headline = mine[mine.task.map(headline_attack) == mine.attack]
+    groups = []
+    for (task_id, threat), part in headline.groupby(["task", "threat_model"], sort=True):
+        order = plan_key(plans[task_id])
+        part = part.sort_values("plan", key=lambda column: column.map(order))
+        colour = colour_for(name)
+        curves = [Curve(r.plan, colour, r.roc_fpr, r.roc_tpr, r.plan == "fp32", DASHES[i % len(DASHES)])
+                  for i, r in enumerate(part.itertuples())]
+        if name != "fp32":  # the yardstick every curve is read against
+            fp32 = rows[(rows.entry == "fp32") & (rows.task == task_id) & (rows.threat_model == threat)
+                        & (rows.attack == headline_attack[task_id]) & ~rows.stale]
+            curves += [Curve("fp32 (reference)", colour_for("fp32"), r.roc_fpr, r.roc_tpr, True) for r in fp32.itertuples()]
+        key = f"{task_id}--{threat}"
+        groups.append({"task": task_id, "threat": threat, "key": key, "rows": part.to_dict("records"),
+                       "rocs": roc_curves(curves, f"ROC of {spec.display_name}: {task_id} · {threat}",
+                                          roc_floor(_negatives_per_target(part)), key)})
+    submitted = json.dumps(spec.quantizer.config, indent=2, sort_keys=True)
+    # What a reader runs, in a clone of the repository, to check this entry's numbers on their machine.
+    reproduce = [f"mptq-bench reproduce submissions/{name} --task {task_id}" for task_id in sorted(set(mine.task))]
+    page = env.get_template("entry.html.j2").render(
+        root="../", title=spec.display_name, entry=spec, groups=groups, submitted=submitted,
+        configs=effective_configs(mine, plans), reproduce=reproduce, links=links)
+    write_text_atomic(staging / "entries" / f"{name}.html", page)
+
+
+__all__ = ["build_site", "repository_url", "safe_url"]

@@ -6,7 +6,7 @@ import pandas as pd
 
 from ..submission.schema import REFERENCE_ENTRIES
 
-BOARD_COLUMNS = ["rank", "entry", "display_name", "reference", "check", "pareto", "plan", "test_accuracy", "test_accuracy_low",
+BOARD_COLUMNS = ["rank", "tied", "entry", "display_name", "reference", "check", "pareto", "plan", "test_accuracy", "test_accuracy_low",
                  "test_accuracy_high", "tpr_at_0_1pct_fpr", "tpr_at_0_1pct_fpr_low", "tpr_at_0_1pct_fpr_high",
                  "true_positives_0_1pct", "positives", "false_positives_0_1pct", "negatives", "tpr_at_1pct_fpr",
                  "tpr_at_1pct_fpr_low", "tpr_at_1pct_fpr_high", "auc", "auc_low", "auc_high", "targets", "task_version"]
@@ -22,6 +22,26 @@ def pareto_front(accuracy: pd.Series, leakage: pd.Series) -> pd.Series:
     return pd.Series(flags, index=accuracy.index)
 
 
+def tied_ranks(low: pd.Series, high: pd.Series, reference: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Ranks that claim no more than the 95% intervals show, for rows already sorted by the mean.
+
+    An entry's rank is 1 + the number of entries that leak significantly less (whose whole interval lies
+    below its own), so entries whose intervals overlap share a rank, as in 1, 1, 3. The running maximum
+    keeps ranks from going down the sorted table (a wide interval could otherwise outrank a narrow one
+    above it). References (fp32, rtn) are yardsticks, not competitors: no rank, and they rank no one.
+    ``tied`` marks every ranked row that shares its rank with another.
+    """
+    ranked = ~reference.astype(bool)
+    ranks = pd.Series(float("nan"), index=low.index)
+    best = 0
+    for i in low.index[ranked]:
+        better = int((high[ranked] < low[i]).sum())
+        best = max(best, 1 + better)
+        ranks[i] = best
+    tied = ranks.notna() & ranks.duplicated(keep=False)
+    return ranks.astype("Int64"), tied
+
+
 def board(rows: pd.DataFrame, task: str, threat: str, plan: str, attack: str) -> pd.DataFrame:
     """Current results at ``plan`` plus the full-precision reference, ranked (lower TPR@0.1%FPR leaks less)."""
     current = rows[(rows.task == task) & (rows.threat_model == threat) & (rows.attack == attack) & ~rows.stale]
@@ -30,7 +50,8 @@ def board(rows: pd.DataFrame, task: str, threat: str, plan: str, attack: str) ->
     if table.empty:
         return table.reindex(columns=BOARD_COLUMNS)
     table = table.sort_values(["tpr_at_0_1pct_fpr", "test_accuracy", "entry"], ascending=[True, False, True])
-    table["rank"] = range(1, len(table) + 1)
+    table["rank"], table["tied"] = tied_ranks(table.tpr_at_0_1pct_fpr_low, table.tpr_at_0_1pct_fpr_high,
+                                              table.reference)
     table["pareto"] = pareto_front(table.test_accuracy, table.tpr_at_0_1pct_fpr)
     return table[BOARD_COLUMNS + ["roc_fpr", "roc_tpr"]].reset_index(drop=True)
 
