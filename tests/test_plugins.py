@@ -209,4 +209,4 @@ def test_adaptive_is_reported_beside_oblivious(tmp_path: Path) -> None:
                               "--out", str(tmp_path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     rows = [line for line in result.output.splitlines() if line.strip().startswith("w1.58-last8")]
-    assert any("(oblivious)" in r for r in rows) and any("(adaptive)" in r for r in rows)
+    assert any(r.split()[1] == "oblivious" for r in rows) and any(r.split()[1] == "adaptive" for r in rows)
