@@ -89,6 +89,9 @@ def test_guide_examples_run(page: str, tmp_path: Path, monkeypatch: pytest.Monke
     }[page]
     assert [w for w in written if w.startswith(("my-results", "submissions"))] == expected
     if page == "extend/attack.md":
-        assert "score-gap" in outputs[0]  # the new attack is in the evaluation's table
+        # the new attack is a column of the evaluation's AUC table, its name on two header lines
+        lines = outputs[0].splitlines()
+        assert any("score" in upper and "gap" in lower and upper.rstrip().endswith("score")
+                   for upper, lower in zip(lines, lines[1:])), outputs[0]
     if page == "submit.md":
         assert "ok submissions/floor-rounding" in outputs[-1]
