@@ -173,9 +173,12 @@ def estimate(spec: TaskSpec, raw: DatasetShape, device: str, quantized_per_plan:
     # pool/train.py auto_stack: on a CPU up to MAX_STACK models train as one, as many as fit in
     # MEMORY_SHARE of the memory; on an accelerator one at a time
     per_model = 16 * model.parameters + 4 * model.activations * batch + 4 * batch * pixels
-    memory_total = _memory() if torch.device(device).type == "cpu" else None
-    fit = int(MEMORY_SHARE * memory_total // max(per_model, 1)) if memory_total else MAX_STACK
-    together = max(1, min(MAX_STACK, m, fit)) if torch.device(device).type == "cpu" else 1
+    if torch.device(device).type == "cpu":
+        memory_total = _memory()
+        fit = int(MEMORY_SHARE * memory_total // max(per_model, 1)) if memory_total else MAX_STACK
+        together = max(1, min(MAX_STACK, m, fit))
+    else:
+        together = 1
     scores = m * n_pool * q * 8
     adaptive = quantized_per_plan >= m
 

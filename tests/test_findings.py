@@ -5,6 +5,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from mia_ptq_bench.cli import app
+from builtin_submission import evaluated_builtin
 
 cli = CliRunner()
 
@@ -12,13 +13,7 @@ cli = CliRunner()
 def test_findings_are_generated_from_results(tmp_path: Path) -> None:
     submissions = tmp_path / "submissions"
     for name in ("fp32", "rtn"):
-        folder = submissions / name
-        folder.mkdir(parents=True)
-        (folder / "submission.yaml").write_text(
-            f"name: {name}\ndisplay_name: {name}\nversion: '1'\nauthors: [{{name: t}}]\nlicense: MIT\n"
-            f"contact: t@example.org\nquantizer: {{builtin: {name}}}\ntasks: [tiny-digits]\n")
-        result = cli.invoke(app, ["evaluate", name, "--task", "tiny-digits", "--submission", str(folder)])
-        assert result.exit_code == 0, result.stderr
+        evaluated_builtin(submissions, name)
     out = tmp_path / "findings.md"
     result = cli.invoke(app, ["findings", "--task", "tiny-digits", "--submissions", str(submissions), "--out", str(out)])
     assert result.exit_code == 0, result.stderr

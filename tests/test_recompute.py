@@ -18,6 +18,7 @@ from mia_ptq_bench.cli import app
 from mia_ptq_bench.quantize.evidence import decode_weight, encode_weight
 from mia_ptq_bench.runner import RunOptions, evaluate
 from mia_ptq_bench.spec import load_task
+from builtin_submission import evaluated_builtin
 
 cli = CliRunner()
 
@@ -121,13 +122,7 @@ def test_codebook_round_trip_is_exact() -> None:
 
 
 def _submission(root: Path, name: str) -> Path:
-    folder = root / name
-    folder.mkdir(parents=True)
-    (folder / "submission.yaml").write_text(
-        f"name: {name}\ndisplay_name: {name}\nversion: '1'\nauthors: [{{name: t}}]\nlicense: MIT\n"
-        f"contact: t@example.org\nquantizer: {{builtin: {name}}}\ntasks: [tiny-digits]\n")
-    result = cli.invoke(app, ["evaluate", name, "--task", "tiny-digits", "--submission", str(folder)])
-    assert result.exit_code == 0, result.stderr
+    folder = evaluated_builtin(root, name)
     for arrays in folder.rglob("*.npz"):  # as git holds it
         arrays.unlink()
     return folder
