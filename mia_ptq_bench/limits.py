@@ -27,10 +27,15 @@ JSON_DEPTH = 32
 # twice) is about 200 MiB uncompressed.
 RESULT_ARRAYS_BYTES = 4 * GiB
 
+# Evidence: one plan's quantized weights as bit-packed codes and per-channel codebooks, committed with
+# a submission. 16 ResNet10 (width 1/8) targets at 4 bits take 1.1 MiB; a study-size ResNet18 target
+# about 6 MiB, so 16 of them fit under the cap.
+EVIDENCE_FILE_BYTES = 128 * MiB
+
 # A submission folder: results for many tasks, a little code, a README.
 SUBMISSION_FILES = 1000
 SUBMISSION_FILE_BYTES = {".json": RESULT_JSON_BYTES, ".npz": RESULT_ARRAYS_BYTES, ".py": 1 * MiB,
-                         ".yaml": SUBMISSION_YAML_BYTES}
+                         ".yaml": SUBMISSION_YAML_BYTES, ".safetensors": EVIDENCE_FILE_BYTES}
 SUBMISSION_OTHER_FILE_BYTES = 1 * MiB  # README.md, LICENSE*
 SUBMISSION_TOTAL_BYTES = 8 * GiB
 

@@ -485,6 +485,23 @@ def test_submission_files_are_bounded_in_number_size_and_kind(subs: Path) -> Non
     assert f"{folder}: (folder): more than 1000 files; refused" in problems
 
 
+def test_evidence_has_its_own_size_limit(subs: Path) -> None:
+    # Evidence of 16 small ResNet targets is a little over 1 MiB: above the limit for a README, well
+    # within the one for evidence; beyond that limit it is refused before it is read.
+    from mia_ptq_bench.limits import EVIDENCE_FILE_BYTES
+    from mia_ptq_bench.submission.files import scan
+
+    folder = subs / "mine"
+    fits, too_big = folder / "fits.models.safetensors", folder / "big.models.safetensors"
+    fits.write_bytes(b"\0" * ((1 << 20) + (100 << 10)))
+    with too_big.open("wb") as handle:  # sparse: no 128 MiB written
+        handle.truncate(EVIDENCE_FILE_BYTES + 1)
+    found = scan(folder)
+    assert Path("fits.models.safetensors") in found.files
+    assert Path("big.models.safetensors") not in found.files
+    assert any(p.startswith(f"{too_big}: (file): 128.0 MiB, larger than the 128.0 MiB allowed") for p in found.problems)
+
+
 # -- 10. what the site publishes is what validate accepts -------------------------------------------------
 
 def test_unexpected_result_files_are_refused_and_never_published(subs: Path, tmp_path: Path) -> None:
