@@ -401,16 +401,20 @@ def leaderboard_build(
     cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder for --recompute")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="dataset folder for --recompute")] = None,
     download: Annotated[bool, typer.Option(help="allow downloading a missing dataset for --recompute")] = False,
+    repository: Annotated[Optional[str], typer.Option(help="http(s) URL of the repository the site links to (default: the "
+                                                            "one GitHub Actions builds, else no link)")] = None,
 ) -> None:
     """Render every validated result under submissions/ into a static site."""
-    from .board.build import build_site
+    from .board.build import build_site, repository_url
 
     def action() -> None:
         if not submissions.is_dir():
             raise BenchError(f"{submissions}: no such folder (give --submissions the folder that holds the "
                              "submission folders)")
         checks = _site_checks(submissions, _cache_dir(cache_dir), data_root, download) if recompute else None
-        summary = build_site(submissions, out, checks)
+        if repository is not None and repository_url(repository) is None:
+            raise BenchError(f"--repository: {repository!r} is not an http(s) URL")
+        summary = build_site(submissions, out, checks, repository)
         for line in summary["skipped"]:
             errors.print(f"[yellow]left out:[/] {escape(line)}", highlight=False, soft_wrap=True)
         console.print(escape(f"built {summary['boards']} boards and {summary['entries']} entry pages into "

@@ -380,6 +380,42 @@ def test_same_method_same_colour_everywhere(site: Path) -> None:
     assert seen["Full precision"] != seen["Round to nearest"]
 
 
+def test_entries_never_share_a_colour_even_when_their_names_hash_alike() -> None:
+    import hashlib
+
+    from mia_ptq_bench.board.palette import FIXED, OTHERS, assign_colours, colour_for
+
+    def slot(name: str) -> int:
+        return int(hashlib.sha256(name.encode()).hexdigest(), 16) % len(OTHERS)
+
+    names = [f"entry-{i}" for i in range(200)]
+    first = names[0]
+    twin = next(n for n in names[1:] if slot(n) == slot(first))  # a name that wants the same colour
+    pair = assign_colours([twin, first, "rtn"])
+    assert pair["rtn"] == FIXED["rtn"] and pair[first] == colour_for(first) == OTHERS[slot(first)]
+    assert pair[twin] == OTHERS[(slot(first) + 1) % len(OTHERS)]  # the next free slot, not a shared colour
+    many = assign_colours(names[:20] + list(FIXED))
+    assert len(set(many.values())) == len(many)  # 26 entries, 26 colours (past the palette: generated ones)
+    assert assign_colours(reversed(names[:20])) == {n: many[n] for n in names[:20]}  # order of arrival is irrelevant
+
+
+def test_leaderboard_build_links_the_repository_it_is_given(site: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPTQ_TASKS", str(site.parent / "tasks-v2"))
+    monkeypatch.setenv("MPTQ_CACHE", str(site.parent / "cache"))
+    source = site.parent / "submissions"
+    built = cli.invoke(app, ["leaderboard", "build", "--submissions", str(source), "--out", str(tmp_path / "s"),
+                             "--repository", "https://example.org/me/fork"])
+    assert built.exit_code == 0, built.stderr
+    index = (tmp_path / "s" / "index.html").read_text()
+    assert 'href="https://example.org/me/fork"' in index
+    assert 'href="https://example.org/me/fork/blob/main/docs/submit.md"' in index
+    refused = cli.invoke(app, ["leaderboard", "build", "--submissions", str(source), "--out", str(tmp_path / "t"),
+                               "--repository", "javascript:alert(1)"])
+    assert refused.exit_code == 2 and "--repository: 'javascript:alert(1)' is not an http(s) URL" in refused.stderr
+    assert not (tmp_path / "t").exists()
+
+
 def test_plot_axes_in_percent_and_roc_from_the_resolved_fpr(site: Path) -> None:
     from mia_ptq_bench.board.svg import roc_floor
 

@@ -26,7 +26,7 @@ from ..atomic import write_text_atomic
 from ..errors import BenchError, WriteError
 from ..spec import load_task
 from .collect import STRONGEST, Collected, collect
-from .palette import colour_for
+from .palette import assign_colours, colour_for
 from .rank import board, missing_references
 from .svg import DASHES, Curve, Point, privacy_utility, roc_curves, roc_floor
 
@@ -62,8 +62,8 @@ def _environment() -> Environment:
     return env
 
 
-def _points(table: pd.DataFrame) -> list[Point]:
-    return [Point(label=r.display_name, colour=colour_for(r.entry), x=100 * r.test_accuracy,
+def _points(table: pd.DataFrame, colours: dict[str, str]) -> list[Point]:
+    return [Point(label=r.display_name, colour=colours[r.entry], x=100 * r.test_accuracy,
                   x_low=100 * r.test_accuracy_low, x_high=100 * r.test_accuracy_high, y=r.tpr_at_0_1pct_fpr,
                   y_low=r.tpr_at_0_1pct_fpr_low, y_high=r.tpr_at_0_1pct_fpr_high, reference=bool(r.reference),
                   pareto=bool(r.pareto))
@@ -164,13 +164,14 @@ def _build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, s
 
     repository = repository_url(repository)
     links = {"repository": repository, "guide": f"{repository}/blob/main/docs/submit.md" if repository else None}
+    colours = assign_colours(rows.entry.unique())
     tasks = []
     for task_id in task_order(rows.task.unique()):
         spec = load_task(task_id)
         attack = spec.attacks[0]
         boards = _task_boards(rows, spec, attack, collected.skipped)
         for b in boards:
-            _render_board(env, staging, rows, spec, attack, b, boards, links)
+            _render_board(env, staging, rows, spec, attack, b, boards, links, colours)
         threats = [{"threat": threat,
                     "boards": [b for b in boards if b["threat"] == threat and b["view"] != STRONGEST],
                     "strongest": [b for b in boards if b["threat"] == threat and b["view"] == STRONGEST]}
@@ -183,7 +184,7 @@ def _build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, s
     headline_attack = {t["spec"].id: t["attack"] for t in tasks}
     plans = {t["spec"].id: list(t["spec"].plans) for t in tasks}
     for name, spec in collected.submissions.items():
-        _render_entry(env, staging, rows, name, spec, headline_attack, plans, links)
+        _render_entry(env, staging, rows, name, spec, headline_attack, plans, links, colours)
 
     headline_rows = rows[(rows.task.map(headline_attack) == rows.attack) & ~rows.stale]
     _downloads(headline_rows.sort_values(["task", "threat_model", "plan", "tpr_at_0_1pct_fpr"]), staging, "results")
@@ -221,7 +222,7 @@ def _task_boards(rows: pd.DataFrame, spec, attack: str, skipped: list[str]) -> l
 
 
 def _render_board(env: Environment, staging: Path, rows: pd.DataFrame, spec, attack: str, b: dict,
-                  siblings: list[dict], links: dict) -> None:
+                  siblings: list[dict], links: dict, colours: dict[str, str]) -> None:
     """One board page, its CSV and JSON; ``siblings`` are every board of the task, for the navigation."""
     table, threat, plan, view, name = b["frame"], b["threat"], b["plan"], b["view"], b["name"]
     _downloads(table, staging / "boards", name)
@@ -229,10 +230,10 @@ def _render_board(env: Environment, staging: Path, rows: pd.DataFrame, spec, att
                  & (rows.attack == view) & rows.stale]
     shown = "the strongest attack per target" if view == STRONGEST else view
     title = f"{spec.id} · {threat} · {plan}" + (" · strongest attack" if view == STRONGEST else "")
-    scatter = privacy_utility(_points(table), f"Privacy against utility: {title}", PLOT_FLOOR, name + "--scatter")
+    scatter = privacy_utility(_points(table, colours), f"Privacy against utility: {title}", PLOT_FLOOR, name + "--scatter")
     rocs = None
     if view != STRONGEST:  # the strongest view mixes attacks per target: no single ROC to draw
-        curves = [Curve(r.display_name, colour_for(r.entry), r.roc_fpr, r.roc_tpr, bool(r.reference))
+        curves = [Curve(r.display_name, colours[r.entry], r.roc_fpr, r.roc_tpr, bool(r.reference))
                   for r in table.itertuples()]
         rocs = roc_curves(curves, f"ROC ({attack}): {title}", roc_floor(_negatives_per_target(table)), name + "--roc")
     page = env.get_template("board.html.j2").render(
@@ -243,7 +244,8 @@ def _render_board(env: Environment, staging: Path, rows: pd.DataFrame, spec, att
 
 
 def _render_entry(env: Environment, staging: Path, rows: pd.DataFrame, name: str, spec,
-                  headline_attack: dict[str, str], plans: dict[str, list[str]], links: dict) -> None:
+                  headline_attack: dict[str, str], plans: dict[str, list[str]], links: dict,
+                  colours: dict[str, str]) -> None:
     """One entry page: metadata, the effective config, its results per task and threat model with ROC curves
     beside the full-precision reference's."""
     mine = rows[(rows.entry == name) & rows.task.isin(list(headline_attack))]
@@ -252,7 +254,7 @@ def _render_entry(env: Environment, staging: Path, rows: pd.DataFrame, name: str
     for (task_id, threat), part in headline.groupby(["task", "threat_model"], sort=True):
         order = plan_key(plans[task_id])
         part = part.sort_values("plan", key=lambda column: column.map(order))
-        colour = colour_for(name)
+        colour = colours.get(name, colour_for(name))
         curves = [Curve(r.plan, colour, r.roc_fpr, r.roc_tpr, r.plan == "fp32", DASHES[i % len(DASHES)])
                   for i, r in enumerate(part.itertuples())]
         if name != "fp32":  # the yardstick every curve is read against
