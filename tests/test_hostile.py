@@ -374,9 +374,19 @@ def test_huge_or_deeply_nested_json_is_refused_before_parsing(tmp_path: Path) ->
 
 # -- 5. files and disk ------------------------------------------------------------------------------
 
+def _succeeds(command: list[str]) -> bool:
+    try:
+        return subprocess.run(command, capture_output=True).returncode == 0
+    except FileNotFoundError:  # the tool is not installed
+        return False
+
+
 @pytest.fixture
-def read_only_folder(tmp_path: Path):
-    """A folder nobody may write in, root included: chmod (non-root), else the immutable flag, else a read-only tmpfs."""
+def read_only_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A folder nobody may write in, root included: chmod (non-root), else the immutable flag, else a read-only
+    tmpfs; in a container that allows none of them (root, no CAP_SYS_ADMIN, as CI's), the kernel's answer is
+    played by refusing, with EACCES, every file created in the folder through the tempfile module (which
+    every writer of the benchmark uses)."""
     folder = tmp_path / "read-only"
     folder.mkdir()
     if os.geteuid() != 0:
@@ -384,26 +394,59 @@ def read_only_folder(tmp_path: Path):
         yield folder
         folder.chmod(0o755)
         return
-    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+    if _succeeds(["chattr", "+i", str(folder)]):
         yield folder
         subprocess.run(["chattr", "-i", str(folder)], check=True)
         return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True).returncode == 0:
+    if _succeeds(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)]):
         yield folder
         subprocess.run(["umount", str(folder)], check=True)
         return
-    pytest.skip("running as root without chattr or mount: no folder can be made read-only for root here")
+    import tempfile
+
+    real_mkstemp = tempfile.mkstemp
+
+    def refused_inside(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve().is_relative_to(folder.resolve()):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused_inside)
+    yield folder
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path):
-    """A real 512 KiB file system (tmpfs), where one can be mounted."""
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A 512 KiB file system: a real tmpfs where one can be mounted; elsewhere (no CAP_SYS_ADMIN, as in CI)
+    a folder whose reported free space is 512 KiB and where a write beyond it fails with ENOSPC at fsync."""
     folder = tmp_path / "small-disk"
     folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(folder)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
+    if _succeeds(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(folder)]):
+        yield folder
+        subprocess.run(["umount", str(folder)], check=True)
+        return
+    capacity = 512 << 10
+    real_usage, real_fsync = shutil.disk_usage, os.fsync
+
+    def inside(path) -> bool:
+        return Path(path).resolve().is_relative_to(folder.resolve())
+
+    def usage(path):
+        if inside(path):
+            used = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            return shutil._ntuple_diskusage(capacity, used, max(capacity - used, 0))
+        return real_usage(path)
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if inside(name) and os.fstat(fd).st_size + sum(f.stat().st_size for f in folder.rglob("*")
+                                                          if f.is_file() and not f.samefile(name)) > capacity:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    monkeypatch.setattr(os, "fsync", fsync)
     yield folder
-    subprocess.run(["umount", str(folder)], check=True)
 
 
 def test_read_only_results_folder_fails_before_any_compute(read_only_folder: Path, tmp_path: Path) -> None:
