@@ -424,11 +424,17 @@ def leaderboard_build(
 
 
 def _site_checks(submissions: Path, cache_dir: Path, data_root: Optional[Path], download: bool) -> dict:
-    """For every result file under ``submissions``: (recomputed | self-reported | refused, why)."""
+    """For every result the site would publish: (recomputed | self-reported | refused, why). Only submissions
+    that validate are recomputed (the build leaves the others out): nothing refused is trained for or read."""
+    from .board.collect import published_files, split_stale
     from .recompute import RECOMPUTED, recompute_files
-    from .submission import MANIFEST
+    from .submission import find_submissions, load_submission, validate_submission
 
-    files = sorted(p for p in submissions.glob("*/results/*/*.json") if p.name != MANIFEST and not p.is_symlink())
+    files = []
+    for folder in find_submissions(submissions):
+        problems, stale = split_stale(validate_submission(folder))
+        if not problems:
+            files += [path for _, path in published_files(folder, load_submission(folder)) if str(path) not in stale]
     checks = {}
     for outcome in recompute_files(files, cache_dir, data_root, download):
         if outcome.status == RECOMPUTED:

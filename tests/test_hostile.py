@@ -27,7 +27,8 @@ from mia_ptq_bench.atomic import sha256_file, write_bytes_atomic
 from mia_ptq_bench.budget import Machine, check_budget, estimate, problems
 from mia_ptq_bench.cli import app
 from mia_ptq_bench.data import DATASET_SHAPES
-from mia_ptq_bench.errors import SpecError, WriteError
+from mia_ptq_bench.errors import BenchError, SpecError, WriteError
+from mia_ptq_bench.results.io import load_result
 from mia_ptq_bench.spec import load_task
 from mia_ptq_bench.submission import MANIFEST, validate_submission, write_manifest
 
@@ -482,6 +483,29 @@ def test_a_failing_write_is_one_error_wherever_it_fails(tmp_path: Path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_site_build_that_fails_half_way_leaves_the_old_site_and_no_debris(
+        subs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench.board.build import build_site
+
+    out = tmp_path / "site"
+    build_site(subs, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    calls = {"n": 0}
+    real_fsync = os.fsync
+
+    def fills_up(fd: int) -> None:  # the disk fills after a few pages
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fills_up)
+    with pytest.raises(WriteError, match="cannot write: No space left on device"):
+        build_site(subs, out)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "submissions"]  # no site.building left
+
+
 def test_temporaries_of_a_killed_writer_are_not_part_of_a_submission(subs: Path, tmp_path: Path) -> None:
     folder = subs / "mine"
     stray = folder / "results" / "tiny-digits" / ".w4--oblivious.json.k2j4h_x9.tmp"  # as mkstemp names them
@@ -609,3 +633,96 @@ def test_only_the_reference_entries_publish_reference_rows(subs: Path) -> None:
     (folder / "submission.yaml").write_text(_metadata("mine", {"builtin": "fp32"}, ["tiny-digits"]))
     assert (f"{folder / 'submission.yaml'}: quantizer.builtin: 'fp32' publishes the full-precision reference rows, "
             "which only the reference entry submissions/fp32 may do") in validate_submission(folder)
+
+
+# -- 1. a result must be what the submission's own quantizer made, audited as its plan allows ------------
+
+def _edit(document: Path, change) -> None:
+    """Change a result document and rewrite the manifest, as a hostile author would."""
+    data = json.loads(document.read_text())
+    change(data)
+    document.write_text(json.dumps(data))
+    write_manifest(document.parents[2])
+
+
+def test_a_result_of_another_quantizer_or_config_is_not_this_submissions(subs: Path) -> None:
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    # rtn's own result (default config) copied into "mine" (whose metadata says search: minmax)
+    shutil.copy(subs / "rtn" / "results" / "tiny-digits" / "w4--oblivious.json", document)
+    write_manifest(subs / "mine")
+    problems = validate_submission(subs / "mine")
+    assert (f"{document}: quantizer.config: search differ from submission.yaml's quantizer.config (the results must "
+            "be made with the config the metadata records)") in problems
+
+    def rename(data: dict) -> None:
+        data["quantizer"]["name"] = "gptq"
+
+    _edit(document, rename)
+    assert f"{document}: quantizer.name: made by 'gptq', but this submission's quantizer is 'rtn'" \
+        in validate_submission(subs / "mine")
+
+
+def test_a_config_hash_that_is_not_the_configs_is_refused(subs: Path) -> None:
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+
+    def forge(data: dict) -> None:  # keep the hash, claim another config value the metadata does not name
+        data["quantizer"]["config"]["steps"] = 1
+
+    _edit(document, forge)
+    assert f"{document}: quantizer.config_hash: is not the hash of the recorded name, version and config" \
+        in validate_submission(subs / "mine")
+
+
+def test_a_forged_audit_is_refused_without_recomputing(subs: Path) -> None:
+    document = subs / "mine" / "results" / "tiny-digits" / "w1.58-last8--oblivious.json"
+    layer = json.loads(document.read_text())["audit"][0]["layer"]
+
+    def claim_pass(data: dict) -> None:  # 9999 values in a channel, yet "passed"
+        data["audit"][0].update(max_distinct=9999, passed=True)
+
+    _edit(document, claim_pass)
+    assert (f"{document}: audit: layer {layer}: passed is true for 9999 values in a channel where 3 are allowed"
+            in validate_submission(subs / "mine"))
+
+    def allow_more(data: dict) -> None:  # and a plan that "allows" them
+        data["audit"][0].update(max_distinct=9999, allowed_levels=10000, passed=True)
+
+    _edit(document, allow_more)
+    assert (f"{document}: audit: layer {layer} records 1.58 bits (10000 values); plan w1.58-last8 gives it 1.58 bits (3 values)"
+            in validate_submission(subs / "mine"))
+
+
+def test_a_quantized_result_without_evidence_is_refused(subs: Path) -> None:
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+
+    def drop(data: dict) -> None:  # no weights to recompute from: the numbers would be taken on trust
+        data["evidence"] = None
+
+    _edit(document, drop)
+    assert (f"{document}: evidence: missing: a quantized result names its plan's quantized weights "
+            "(w4.models.safetensors), from which every number is recomputed") in validate_submission(subs / "mine")
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/hostname", "w2.models.safetensors", "/etc/hostname"])
+def test_evidence_is_only_the_plans_own_file_beside_the_document(subs: Path, name: str) -> None:
+    from mia_ptq_bench.results.io import load_evidence
+
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    data = json.loads(document.read_text())
+    data["evidence"]["file"] = name
+    document.write_text(json.dumps(data))
+    with pytest.raises(BenchError, match=rf"evidence\.file: {re.escape(repr(name))} is not w4\.models\.safetensors "
+                                         "beside the document; refused"):
+        load_evidence(document, load_result(document))
+
+
+def test_evidence_that_is_a_link_is_never_read(subs: Path, tmp_path: Path) -> None:
+    from mia_ptq_bench.results.io import load_evidence
+
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    evidence = document.parent / "w4.models.safetensors"
+    moved = tmp_path / "elsewhere.safetensors"
+    evidence.rename(moved)
+    evidence.symlink_to(moved)
+    with pytest.raises(BenchError, match="is not a regular file"):
+        load_evidence(document, load_result(document))

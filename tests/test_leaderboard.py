@@ -80,11 +80,11 @@ def test_site_layout(site: Path) -> None:
     assert boards == sorted(f"tiny-digits--{t}--{p}{view}.html" for t in ("adaptive", "oblivious")
                             for p in ("w1.58-last8", "w4") for view in ("", "--strongest"))
     assert {p.stem for p in (site / "entries").glob("*.html")} == {"fp32", "rtn", "example-stochastic-rounding",
-                                                                  "hostile", "old-entry"}
+                                                                  "hostile"}  # old-entry publishes nothing current
     assert (site / "style.css").is_file() and (site / "results.csv").is_file()
 
 
-def test_boards_rank_with_references_and_keep_stale_apart(site: Path) -> None:
+def test_boards_rank_with_references_and_leave_stale_results_out(site: Path) -> None:
     table = pd.read_csv(site / "boards" / "tiny-digits--oblivious--w4.csv")
     assert {"fp32", "rtn"} <= set(table.entry) and "old-entry" not in set(table.entry)
     assert list(table.tpr_at_0_1pct_fpr) == sorted(table.tpr_at_0_1pct_fpr)
@@ -93,8 +93,12 @@ def test_boards_rank_with_references_and_keep_stale_apart(site: Path) -> None:
     ranks = list(table[~table.reference]["rank"])
     assert ranks[0] == 1 and ranks == sorted(ranks)
     assert table.pareto.any()
+    # old-entry's results are of task version 1: validate refuses them (nothing checks them against the
+    # current task), so the site leaves them out and says why
     html = (site / "boards" / "tiny-digits--oblivious--w4.html").read_text()
-    assert "Stale results" in html and html.index("old-entry") > html.index("Stale results")
+    assert "old-entry" not in html
+    index = (site / "index.html").read_text()
+    assert "old-entry: " in index and "results of an older version of tiny-digits; rerun the evaluation" in index
 
 
 def test_strongest_board_ranks_by_the_strategy_chosen_per_target(site: Path) -> None:
@@ -156,6 +160,10 @@ def test_workflows_are_valid_and_safe() -> None:
     assert "pull_request" in triggers and "pull_request_target" not in triggers
     steps = " ".join(str(s.get("run", "")) for s in validate["jobs"]["validate"]["steps"])
     assert "mptq-bench validate submissions/" in steps and "evaluate" not in steps
+    # submitted code runs only in the reproduce job, only after validation, on the tasks the site labels
+    reproduce = validate["jobs"]["reproduce"]
+    assert reproduce["needs"] == "validate"
+    assert "REPRODUCED_IN_PULL_REQUESTS" in " ".join(str(s.get("run", "")) for s in reproduce["steps"])
     assert "bash .ci/run" in (workflows / "tests.yml").read_text()
     assert "leaderboard build" in (workflows / "pages.yml").read_text()
     for name, workflow in loaded.items():
@@ -378,6 +386,19 @@ def test_same_method_same_colour_everywhere(site: Path) -> None:
     assert {"Full precision", "Round to nearest"} <= set(seen)
     assert all(len(colours) == 1 for colours in seen.values()), seen
     assert seen["Full precision"] != seen["Round to nearest"]
+
+
+def test_results_of_tasks_the_pull_request_job_reruns_are_labelled_reproduced(
+        site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mia_ptq_bench.board.collect as collect_module
+
+    board = "boards/tiny-digits--oblivious--w4.html"
+    assert "check-reproduced" not in (site / board).read_text()  # tiny-digits is not rerun in pull requests
+    monkeypatch.setattr(collect_module, "REPRODUCED_IN_PULL_REQUESTS", ("tiny-digits",))
+    monkeypatch.setenv("MPTQ_TASKS", str(site.parent / "tasks-v2"))
+    build_site(site.parent / "submissions", tmp_path / "s")
+    html = (tmp_path / "s" / board).read_text()
+    assert html.count('class="tag check-reproduced"') == html.count('class="tag check-unchecked"') > 0
 
 
 def test_entries_never_share_a_colour_even_when_their_names_hash_alike() -> None:

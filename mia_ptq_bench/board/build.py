@@ -144,6 +144,8 @@ def build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, st
         raise
     except OSError as exc:
         raise WriteError(f"{exc.filename or out}: cannot write the site: {exc.strerror or exc}") from None
+    finally:  # a build that failed half-way leaves nothing behind (a finished one renamed its staging folder)
+        shutil.rmtree(Path(out).with_name(Path(out).name + ".building"), ignore_errors=True)
 
 
 def _build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, str]] | None,
@@ -186,7 +188,7 @@ def _build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, s
     for name, spec in collected.submissions.items():
         _render_entry(env, staging, rows, name, spec, headline_attack, plans, links, colours)
 
-    headline_rows = rows[(rows.task.map(headline_attack) == rows.attack) & ~rows.stale]
+    headline_rows = rows[rows.task.map(headline_attack) == rows.attack]
     _downloads(headline_rows.sort_values(["task", "threat_model", "plan", "tpr_at_0_1pct_fpr"]), staging, "results")
     index = env.get_template("index.html.j2").render(root="", title="mia-ptq-bench leaderboard", tasks=tasks,
                                                      entries=collected.submissions, skipped=collected.skipped,
@@ -226,8 +228,6 @@ def _render_board(env: Environment, staging: Path, rows: pd.DataFrame, spec, att
     """One board page, its CSV and JSON; ``siblings`` are every board of the task, for the navigation."""
     table, threat, plan, view, name = b["frame"], b["threat"], b["plan"], b["view"], b["name"]
     _downloads(table, staging / "boards", name)
-    stale = rows[(rows.task == spec.id) & (rows.threat_model == threat) & (rows.plan == plan)
-                 & (rows.attack == view) & rows.stale]
     shown = "the strongest attack per target" if view == STRONGEST else view
     title = f"{spec.id} · {threat} · {plan}" + (" · strongest attack" if view == STRONGEST else "")
     scatter = privacy_utility(_points(table, colours), f"Privacy against utility: {title}", PLOT_FLOOR, name + "--scatter")
@@ -238,7 +238,7 @@ def _render_board(env: Environment, staging: Path, rows: pd.DataFrame, spec, att
         rocs = roc_curves(curves, f"ROC ({attack}): {title}", roc_floor(_negatives_per_target(table)), name + "--roc")
     page = env.get_template("board.html.j2").render(
         root="../", title=title, task=spec, threat=threat, plan=plan, attack=shown, name=name,
-        strongest=view == STRONGEST, table=b["table"], stale=stale.to_dict("records"), scatter=scatter, rocs=rocs,
+        strongest=view == STRONGEST, table=b["table"], scatter=scatter, rocs=rocs,
         floor=PLOT_FLOOR, siblings=siblings, current=b, links=links)
     write_text_atomic(staging / "boards" / f"{name}.html", page)
 
@@ -259,7 +259,7 @@ def _render_entry(env: Environment, staging: Path, rows: pd.DataFrame, name: str
                   for i, r in enumerate(part.itertuples())]
         if name != "fp32":  # the yardstick every curve is read against
             fp32 = rows[(rows.entry == "fp32") & (rows.task == task_id) & (rows.threat_model == threat)
-                        & (rows.attack == headline_attack[task_id]) & ~rows.stale]
+                        & (rows.attack == headline_attack[task_id])]
             curves += [Curve("fp32 (reference)", colour_for("fp32"), r.roc_fpr, r.roc_tpr, True) for r in fp32.itertuples()]
         key = f"{task_id}--{threat}"
         groups.append({"task": task_id, "threat": threat, "key": key, "rows": part.to_dict("records"),

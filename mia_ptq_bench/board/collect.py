@@ -10,8 +10,8 @@ import pandas as pd
 
 from ..errors import BenchError
 from ..results.io import load_result
-from ..spec import load_task
 from ..submission import REFERENCE_ENTRIES, SubmissionSpec, find_submissions, load_submission, validate_submission
+from ..submission.schema import REPRODUCED_IN_PULL_REQUESTS
 from ..submission.validate import expected_results
 
 
@@ -25,7 +25,7 @@ class Collected:
 STRONGEST = "strongest"  # the board view ranked by each target's strongest strategy (metrics/select.py)
 
 
-def _row(name: str, spec: SubmissionSpec, result, attack: str, stale: bool, check: str = "unchecked") -> dict:
+def _row(name: str, spec: SubmissionSpec, result, attack: str, check: str = "unchecked") -> dict:
     q = result.quantized
     summary = q.strongest if attack == STRONGEST else q.attacks[attack]
     low, one = summary.tpr_at_0_1pct_fpr, summary.tpr_at_1pct_fpr
@@ -33,7 +33,8 @@ def _row(name: str, spec: SubmissionSpec, result, attack: str, stale: bool, chec
     auc = (nan, nan, nan) if attack == STRONGEST else (summary.auc.mean, summary.auc.ci_low, summary.auc.ci_high)
     return {
         "entry": name, "display_name": spec.display_name, "reference": name in REFERENCE_ENTRIES, "check": check,
-        "task": result.task.id, "task_version": result.task.version, "stale": stale,
+        "reproduced": result.task.id in REPRODUCED_IN_PULL_REQUESTS,
+        "task": result.task.id, "task_version": result.task.version,
         "plan": result.plan, "threat_model": result.threat_model, "attack": attack, "targets": low.n,
         "test_accuracy": q.test_accuracy.mean, "test_accuracy_low": q.test_accuracy.ci_low,
         "test_accuracy_high": q.test_accuracy.ci_high,
@@ -50,37 +51,52 @@ def _row(name: str, spec: SubmissionSpec, result, attack: str, stale: bool, chec
     }
 
 
+def published_files(folder: Path, spec: SubmissionSpec) -> list[tuple[str, Path]]:
+    """(task, result document) for every result a validated submission publishes: exactly the expected ones."""
+    return [(task_id, folder / "results" / task_id / f"{plan}--{threat}.json") for task_id in spec.tasks
+            for plan, threat in expected_results(task_id, ["fp32"] if spec.quantizer.builtin == "fp32" else None)]
+
+
+def split_stale(problems: list[str]) -> tuple[list[str], set[str]]:
+    """``validate``'s problems apart from stale results, and the stale result files (left out one by one)."""
+    stale = {p.split(": task.hash: ")[0] for p in problems if ": task.hash: stale" in p}
+    return [p for p in problems if ": task.hash: stale" not in p], stale
+
+
 def collect(root: Path, checks: Mapping[Path, tuple[str, str]] | None = None) -> Collected:
     """Load every submission that validates; an invalid one is skipped with its first problem.
 
-    Only what ``validate`` accepted is read, and only the expected result files of the tasks a submission
-    lists; anything that still fails to load skips its submission with one line, never the whole build.
-    ``checks`` maps a result file (resolved) to how its numbers were checked (``recomputed``,
+    Only what ``validate`` accepted is published, and only the expected result files of the tasks a
+    submission lists. A result of an older task version (``validate`` refuses it: its numbers cannot be
+    checked against the current task) is left out on its own, with one line; any other problem leaves the
+    submission out. Anything that still fails to load skips its submission with one line, never the whole
+    build. ``checks`` maps a result file (resolved) to how its numbers were checked (``recomputed``,
     ``self-reported``) and why; a result whose recomputation disagreed (``refused``) leaves its submission out.
     """
     rows, specs, skipped = [], {}, []
     for folder in find_submissions(root):
-        problems = [p for p in validate_submission(folder) if "task.hash: stale" not in p]
+        problems, stale = split_stale(validate_submission(folder))
         if problems:
             skipped.append(f"{folder.name}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
             continue
         try:
             spec = load_submission(folder)
             mine = []
-            for task_id in spec.tasks:
-                current = load_task(task_id)
-                for plan, threat in expected_results(task_id, ["fp32"] if spec.quantizer.builtin == "fp32" else None):
-                    path = folder / "results" / task_id / f"{plan}--{threat}.json"
-                    result = load_result(path)
-                    stale = result.task.hash != current.hash
-                    check, reason = (checks or {}).get(path.resolve(), ("unchecked", ""))
-                    if check == "refused":
-                        raise BenchError(f"{path}: recomputed from its evidence: {reason}")
-                    mine += [_row(spec.name, spec, result, attack, stale, check)
-                             for attack in [*result.quantized.attacks, STRONGEST]]
+            for task_id, path in published_files(folder, spec):
+                if str(path) in stale:
+                    line = f"{folder.name}: {path.parent}: results of an older version of {task_id}; rerun the evaluation"
+                    skipped += [] if line in skipped else [line]
+                    continue
+                result = load_result(path)
+                check, reason = (checks or {}).get(path.resolve(), ("unchecked", ""))
+                if check == "refused":
+                    raise BenchError(f"{path}: recomputed from its evidence: {reason}")
+                mine += [_row(spec.name, spec, result, attack, check)
+                         for attack in [*result.quantized.attacks, STRONGEST]]
         except (BenchError, ValueError, KeyError, TypeError, IndexError) as exc:  # validated, yet unreadable
             skipped.append(f"{folder.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             continue
-        specs[spec.name] = spec
-        rows += mine
+        if mine:
+            specs[spec.name] = spec
+            rows += mine
     return Collected(pd.DataFrame(rows), specs, skipped)

@@ -6,7 +6,7 @@ import pandas as pd
 
 from ..submission.schema import REFERENCE_ENTRIES
 
-BOARD_COLUMNS = ["rank", "tied", "entry", "display_name", "reference", "check", "pareto", "plan", "test_accuracy", "test_accuracy_low",
+BOARD_COLUMNS = ["rank", "tied", "entry", "display_name", "reference", "check", "reproduced", "pareto", "plan", "test_accuracy", "test_accuracy_low",
                  "test_accuracy_high", "tpr_at_0_1pct_fpr", "tpr_at_0_1pct_fpr_low", "tpr_at_0_1pct_fpr_high",
                  "true_positives_0_1pct", "positives", "false_positives_0_1pct", "negatives", "tpr_at_1pct_fpr",
                  "tpr_at_1pct_fpr_low", "tpr_at_1pct_fpr_high", "auc", "auc_low", "auc_high", "targets", "task_version"]
@@ -44,7 +44,7 @@ def tied_ranks(low: pd.Series, high: pd.Series, reference: pd.Series) -> tuple[p
 
 def board(rows: pd.DataFrame, task: str, threat: str, plan: str, attack: str) -> pd.DataFrame:
     """Current results at ``plan`` plus the full-precision reference, ranked (lower TPR@0.1%FPR leaks less)."""
-    current = rows[(rows.task == task) & (rows.threat_model == threat) & (rows.attack == attack) & ~rows.stale]
+    current = rows[(rows.task == task) & (rows.threat_model == threat) & (rows.attack == attack)]
     # The full-precision row comes from the reference entry only (validate refuses fp32 results elsewhere).
     table = current[(current.plan == plan) | ((current.plan == "fp32") & current.entry.isin(REFERENCE_ENTRIES))].copy()
     if table.empty:

@@ -12,8 +12,8 @@ from pydantic import ValidationError
 
 from ..atomic import sha256_bytes, sha256_file, write_bytes_atomic, write_npz_atomic, write_text_atomic
 from ..errors import SpecError
-from ..limits import RESULT_ARRAYS_BYTES, RESULT_JSON_BYTES, size_text
-from ..readers import read_json_file
+from ..limits import EVIDENCE_FILE_BYTES, RESULT_ARRAYS_BYTES, RESULT_JSON_BYTES, size_text
+from ..readers import read_bounded, read_json_file
 from ..spec.loader import format_validation_error
 from .schema import ArraysRef, EvidenceRef, Result
 
@@ -50,10 +50,19 @@ def load_evidence(path: Path, result: Result) -> dict[str, np.ndarray]:
 
     if result.evidence is None:
         raise SpecError(f"{path}: evidence: the result holds no quantized weights")
-    evidence = Path(path).parent / result.evidence.file
-    if not evidence.is_file():
-        raise SpecError(f"{path}: evidence.file: {evidence} does not exist")
-    data = evidence.read_bytes()
+    # evidence.file is written by whoever wrote the document: only this plan's file beside it is read
+    name = result.evidence.file
+    if name != evidence_path(Path(path), result.plan).name:
+        raise SpecError(f"{path}: evidence.file: {name[:80]!r} is not {result.plan}.models.safetensors beside the "
+                        "document; refused")
+    evidence = Path(path).parent / name
+    try:
+        mode = evidence.lstat().st_mode
+    except OSError:
+        raise SpecError(f"{path}: evidence.file: {evidence} does not exist") from None
+    if stat.S_ISLNK(mode) or not stat.S_ISREG(mode):
+        raise SpecError(f"{path}: evidence.file: {evidence} is not a regular file (links are refused)")
+    data = read_bounded(evidence, EVIDENCE_FILE_BYTES, follow_symlinks=False)
     if sha256_bytes(data) != result.evidence.sha256:
         raise SpecError(f"{path}: evidence.sha256: {evidence.name} was changed after the result was written")
     try:

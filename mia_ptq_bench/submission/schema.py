@@ -13,6 +13,10 @@ from ..limits import CONFIG_DEPTH, CONFIG_JSON_BYTES, plain_data_problem
 # The reference entries every board shows beside the submitted methods: full precision and round-to-nearest.
 REFERENCE_ENTRIES = ("fp32", "rtn")
 
+# The tasks cheap enough for the pull-request job to rerun a submission's own code on
+# (.github/workflows/validate-submission.yml reads this list); the site labels their results "reproduced".
+REPRODUCED_IN_PULL_REQUESTS = ("digits-mlp",)
+
 PINNED = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!_-]+$")
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..atomic import sha256_file
-from ..errors import BenchError
+from ..atomic import content_hash, sha256_file
+from ..errors import BenchError, PlanError
 from ..limits import MANIFEST_JSON_BYTES
 from ..readers import read_json_file
 from ..results.io import load_result
 from ..results.verify import verify_result
 from ..spec import load_task
-from ..spec.plans import PrecisionPlan
+from ..spec.audit import LayerAudit
+from ..spec.plans import PrecisionPlan, levels_for_bits
 from .files import scan
 from .load import find_submissions, load_submission
 from .manifest import EVIDENCE_SUFFIX, MANIFEST, manifest_path
@@ -132,6 +133,30 @@ def _read_manifest(path: Path, problems: list[str]) -> dict[str, str]:
         return {}
 
 
+def audit_problems(audit: list[LayerAudit], plan: str) -> list[str]:
+    """What is wrong with an audit as recorded: each layer's bits and allowed levels are the plan's (the
+    last layer is the classifier), and ``passed`` follows from them; the values it counts are recomputed
+    from the evidence by ``validate --recompute``."""
+    try:
+        parsed = PrecisionPlan.parse(plan)
+    except PlanError:
+        return []  # the file name check reports an unknown plan
+    problems = []
+    for index, entry in enumerate(audit):
+        bits = parsed.bits_for(index, len(audit))
+        allowed = None if bits is None else levels_for_bits(bits)
+        if entry.bits != bits or entry.allowed_levels != allowed:
+            problems.append(f"audit: layer {entry.layer} records {entry.bits} bits ({entry.allowed_levels} values); "
+                            f"plan {plan} gives it {bits} bits ({allowed} values)")
+        elif entry.passed != (allowed is None or entry.max_distinct <= allowed):
+            problems.append(f"audit: layer {entry.layer}: passed is {str(entry.passed).lower()} for "
+                            f"{entry.max_distinct} values in a channel where {allowed} are allowed")
+        elif not entry.passed:
+            problems.append(f"audit: layer {entry.layer} holds {entry.max_distinct} values in a channel, "
+                            f"its plan allows {allowed}")
+    return problems
+
+
 def _check_result(path: Path, task, spec: SubmissionSpec, plan: str, threat: str) -> list[str]:
     try:
         result = load_result(path)
@@ -148,8 +173,13 @@ def _check_result(path: Path, task, spec: SubmissionSpec, plan: str, threat: str
     if changed:
         problems.append(f"{path}: quantizer.config: {', '.join(changed)} differ from submission.yaml's "
                         "quantizer.config (the results must be made with the config the metadata records)")
-    if plan != "fp32" and result.evidence is not None and \
-            result.evidence.file != f"{plan}{EVIDENCE_SUFFIX}":
+    if content_hash({k: result.quantizer.model_dump()[k] for k in ("name", "version", "config")}) != \
+            result.quantizer.config_hash:
+        problems.append(f"{path}: quantizer.config_hash: is not the hash of the recorded name, version and config")
+    if plan != "fp32" and result.evidence is None:
+        problems.append(f"{path}: evidence: missing: a quantized result names its plan's quantized weights "
+                        f"({plan}{EVIDENCE_SUFFIX}), from which every number is recomputed")
+    elif plan != "fp32" and result.evidence.file != f"{plan}{EVIDENCE_SUFFIX}":
         problems.append(f"{path}: evidence.file: {result.evidence.file!r} is not this plan's "
                         f"{plan}{EVIDENCE_SUFFIX}")
     if result.task.id != task.id:
@@ -169,10 +199,7 @@ def _check_result(path: Path, task, spec: SubmissionSpec, plan: str, threat: str
         problems.append(f"{path}: plan: holds {result.plan}/{result.threat_model}, its name says {plan}/{threat}")
     if not result.audit:
         problems.append(f"{path}: audit: no bit-width audit evidence")
-    for entry in result.audit:
-        if not entry.passed:
-            problems.append(f"{path}: audit: layer {entry.layer} holds {entry.max_distinct} values in a channel, "
-                            f"its plan allows {entry.allowed_levels}")
+    problems += [f"{path}: {line}" for line in audit_problems(result.audit, plan)]
     if (path.with_suffix(".npz")).is_file():
         try:
             verify_result(path)
