@@ -28,6 +28,8 @@ class RichProgress:
 
     def start(self, key: str, description: str, total: int) -> None:
         self.tasks[key] = self.bars.add_task(escape(description), total=total)  # names a user's quantizer
+        if total == 0:  # all cached: done now, so its clock stops at 0:00 instead of running with later stages
+            self.bars.update(self.tasks[key], completed=0)
 
     def advance(self, key: str, amount: int = 1) -> None:
         self.bars.advance(self.tasks[key], amount)

@@ -163,6 +163,37 @@ def test_tampered_numbers_are_rejected(evaluated, tmp_path: Path) -> None:
     assert "quantized.targets[1].attacks.lira-online.auc" in result.stderr and "do not match" in result.stderr
 
 
+def test_the_attack_table_of_digits_mlp_lists_rmia() -> None:
+    # What `mptq-bench evaluate rtn` prints on its default task, from the committed reference results.
+    from rich.console import Console
+
+    from mia_ptq_bench.report import attacks_table
+
+    folder = Path(__file__).parents[1] / "submissions" / "rtn" / "results" / "digits-mlp"
+    results = [load_result(p) for p in sorted(folder.glob("*--*.json"))]
+    console = Console(width=80, record=True, color_system=None)
+    console.print(attacks_table(results))
+    header = " ".join(console.export_text().splitlines()[:4])
+    assert set(load_task("digits-mlp").attacks) >= {"rmia-online", "rmia-offline"}
+    assert header.count("rmia") == 2 and "online" in header and "offline" in header
+
+
+def test_a_stage_with_nothing_to_do_is_finished_at_once() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from mia_ptq_bench.report import RichProgress
+
+    with RichProgress(Console(file=StringIO(), width=80)) as progress:
+        progress.start("cached", "rtn w4: quantize + score 0 of 16 models", 0)
+        progress.start("work", "rtn w2: quantize + score 2 of 16 models", 2)
+        bars = {key: progress.bars.tasks[index] for key, index in progress.tasks.items()}
+        assert bars["cached"].finished and not bars["work"].finished  # its clock stopped; the other runs on
+        progress.advance("work", 2)
+        assert bars["work"].finished
+
+
 def test_failed_audit_in_a_result_is_rejected(evaluated, tmp_path: Path) -> None:
     folder, _ = evaluated
     document = json.loads((folder / "w4--oblivious.json").read_text())
