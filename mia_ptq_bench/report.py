@@ -95,17 +95,21 @@ def attacks_table(results: list[Result]) -> Table:
 
 
 def reproduction_table(outcomes, show: str = "headline") -> Table:
-    """Per result and metric: committed, rerun, difference, tolerance; ``show`` failed, headline or all rows."""
-    table = Table(title="reproduction", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+    """Per result and metric: committed, rerun, difference, tolerance; ``show`` failed, headline or all rows.
+
+    Fits an 80-column terminal: the result's plan and threat model, and the metric's attack and measure,
+    each on two lines; one-space dividers."""
+    table = Table(title="reproduction", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0,
                   caption="tolerance 0: same environment, must be bit-identical; otherwise docs/reproducibility.md",
                   caption_justify="left")
     for header in ("result", "metric", "committed", "rerun", "|Δ|", "tolerance", ""):
-        table.add_column(header, justify="left" if header in ("result", "metric", "") else "right", no_wrap=True)
+        table.add_column(header, justify="left" if header in ("result", "metric", "") else "right",
+                         no_wrap=header not in ("result", "metric"))
     for outcome in outcomes:
         for c in outcome.comparisons:
             headline = c.metric in ("test accuracy", "strongest TPR@0.1%", "lira-online TPR@0.1%")
             if show == "all" or (show == "headline" and headline) or not c.ok:
-                table.add_row(escape(c.result), escape(c.metric), f"{c.committed:.6f}", f"{c.rerun:.6f}",
+                table.add_row(escape(c.result.replace("--", "\n")), escape(c.metric.replace(" TPR", "\nTPR").replace(" AUC", "\nAUC")), f"{c.committed:.6f}", f"{c.rerun:.6f}",
                               f"{abs(c.rerun - c.committed):.2e}", f"{c.tolerance:.2e}",
                               "ok" if c.ok else "[bold red]OUTSIDE[/]")
     return table

@@ -163,6 +163,23 @@ def test_tampered_numbers_are_rejected(evaluated, tmp_path: Path) -> None:
     assert "quantized.targets[1].attacks.lira-online.auc" in result.stderr and "do not match" in result.stderr
 
 
+def test_the_reproduction_table_fits_an_80_column_terminal() -> None:
+    from rich.console import Console
+
+    from mia_ptq_bench.report import reproduction_table
+    from mia_ptq_bench.reproduce import Reproduction
+    from mia_ptq_bench.results.compare import Comparison
+
+    # the widest cells: the longest plan and threat model, the longest metric, a failed row, a large number
+    rows = [Comparison("w1.58-last8--adaptive-rtn", "lira-online-fixed TPR@0.1%", 0.123456, 123.456789, 1e-3),
+            Comparison("w4--oblivious", "test accuracy", 0.9, 0.9, 0.0)]
+    console = Console(width=80, record=True, color_system=None)
+    console.print(reproduction_table([Reproduction(Path("r.json"), False, rows)], show="all"))
+    text = console.export_text()
+    assert "…" not in text and "OUTSIDE" in text and "adaptive-rtn" in text and "123.456789" in text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80
+
+
 def test_the_attack_table_of_digits_mlp_lists_rmia() -> None:
     # What `mptq-bench evaluate rtn` prints on its default task, from the committed reference results.
     from rich.console import Console
