@@ -521,6 +521,14 @@ def test_headers_sort_the_rows_and_without_javascript_every_row_is_there(site: P
     again = board.locator(names).all_inner_texts()
     assert [table.set_index("display_name").test_accuracy[n] for n in again] == sorted(
         table.test_accuracy, reverse=True)
+    # the filter keeps the rows holding every word typed, and clearing it brings every row back
+    search = page.locator("label.filter input").first
+    search.fill("round nearest")
+    visible = [n for n in board.locator(names).all() if n.is_visible()]
+    assert [n.inner_text() for n in visible] == ["Round to nearest"]
+    assert page.locator("label.filter span").first.inner_text() == f"1 of {len(table)} rows"
+    search.fill("")
+    assert all(n.is_visible() for n in board.locator(names).all())
     page.close()
 
     context = browser.new_context(java_script_enabled=False)
@@ -529,7 +537,7 @@ def test_headers_sort_the_rows_and_without_javascript_every_row_is_there(site: P
     page.wait_for_load_state("load")
     board = page.locator("table.board").first
     assert board.locator(names).all_inner_texts() == list(table.display_name)
-    assert board.locator("button.sort").count() == 0
+    assert board.locator("button.sort").count() == 0 and page.locator("label.filter").count() == 0
     first_tpr = board.locator("tbody tr").first.locator("td.num").nth(2).inner_text()
     assert first_tpr.split()[0] == f"{100 * table.tpr_at_0_1pct_fpr[0]:.3f}"
     context.close()

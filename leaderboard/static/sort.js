@@ -3,6 +3,8 @@
 // (so mouse and keyboard both work; a header's own link stays a link) that sorts the rows by that column,
 // again to reverse.
 // Cells carry their exact value in data-value; an empty value (a reference's rank, a missing result) sorts last.
+// Above each such table a filter box (also added by the script, so a page without JavaScript has none and
+// shows every row) keeps the rows whose text holds every word typed, e.g. "round", "w2 adaptive", "frontier".
 "use strict";
 (function () {
   function value(row, index) {
@@ -37,8 +39,37 @@
     header.setAttribute("aria-sort", ascending ? "ascending" : "descending");
   }
 
+  function filterBy(table, query, status) {
+    var words = query.toLowerCase().split(/\s+/).filter(Boolean);
+    var shown = 0, rows = table.tBodies[0].rows;
+    Array.prototype.forEach.call(rows, function (row) {
+      var text = row.textContent.toLowerCase();
+      var keep = words.every(function (word) { return text.indexOf(word) !== -1; });
+      row.hidden = !keep;
+      if (keep) shown += 1;
+    });
+    status.textContent = words.length ? shown + " of " + rows.length + " rows" : "";
+  }
+
+  function addFilter(table) {
+    var label = document.createElement("label");
+    label.className = "filter";
+    label.textContent = "filter rows ";
+    var input = document.createElement("input");
+    input.type = "search";
+    input.setAttribute("aria-controls", table.id || "");
+    var status = document.createElement("span");
+    status.className = "muted";
+    status.setAttribute("aria-live", "polite");
+    label.appendChild(input);
+    label.appendChild(status);
+    table.parentNode.insertBefore(label, table);
+    input.addEventListener("input", function () { filterBy(table, input.value, status); });
+  }
+
   function enhance(table) {
     if (!table.tHead || !table.tBodies.length) return;
+    addFilter(table);
     Array.prototype.forEach.call(table.tHead.rows[0].cells, function (header, index) {
       var button = document.createElement("button");
       button.type = "button";
