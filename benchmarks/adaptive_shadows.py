@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/adaptive-shadows"))
     args = parser.parse_args()
     spec = load_task(args.task)
-    spec = spec.model_copy(update={"adaptive": AdaptiveSpec(shadows=None)})  # quantize every pool model
+    spec = spec.model_copy(update={"adaptive": AdaptiveSpec(shadows=spec.membership.n_models - 1)})  # every pool model
     counts = [int(c) for c in args.counts.split(",")]
     plans = args.plans.split(",")
     outcome = evaluate(args.quantizer, spec, plans=plans, threat_models=["adaptive"],
