@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=4)
     parser.add_argument("--plan", default="w2")
     parser.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
+    parser.add_argument("--skip", action="append", default=[],
+                        help="leave out the settings whose label contains this text (repeatable), e.g. 'study steps'")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
     spec = load_task(args.task)
@@ -73,7 +75,7 @@ def main() -> None:
              f"{'method':9} {'setting':44} {'output MSE':>10} {'test acc':>9} {'TPR@0.1%':>9} {'TP':>5} {'seconds':>8}"]
     print("\n".join(lines), flush=True)
     for method, label, overrides in VARIANTS:
-        if args.only and method not in args.only.split(","):
+        if (args.only and method not in args.only.split(",")) or any(text in label for text in args.skip):
             continue
         quantizer = QUANTIZERS.get(method)(overrides)
         cals = [calibration_set(spec, data, pool.keep, t, quantizer.calibration_size(spec.calibration.size), "cpu")
@@ -95,6 +97,7 @@ def main() -> None:
         lines.append(line)
     if args.save:
         path = Path(__file__).parent / "results" / f"study_settings-{spec.id}-{args.plan}.txt"
+        lines.insert(1, f"# left out: {', '.join(args.skip)}" if args.skip else "# every setting")
         write_text_atomic(path, "\n".join(lines) + "\n")
         print(f"saved {path}")
 
