@@ -335,7 +335,9 @@ def render(submissions: Path, task: str, figures: Path | None = None, figures_li
                   f"{adaptive} attacker quantizes {n_quantized} of them (the task's budget), so online LiRA's "
                   "per-example Gaussians rest on fewer models"
                   + (" — with this few, a drop from oblivious to adaptive can be the smaller shadow set, "
-                     "not the quantizer's doing (compare full precision under both in section 6)."
+                     "not the quantizer's doing: online LiRA's per-example variances need many shadows per side, "
+                     "while its fixed-variance form and RMIA do not, which is why the strongest attacker "
+                     "(section 6) is the better measure here."
                      if n_quantized < 31 else "."), ""]
         for method in methods:
             parts = []
