@@ -37,6 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from mia_ptq_bench.allocator import keep_freed_memory
 from mia_ptq_bench.atomic import write_text_atomic
 from mia_ptq_bench.data import ImageDataset, load_dataset
 from mia_ptq_bench.pool import pool_keep_masks
@@ -221,6 +222,8 @@ def main() -> None:
     say(f"# pool training benchmark · {started:%Y-%m-%d %H:%M} · task {spec.id} (pool hash {spec.pool_hash[:12]})")
     say(f"machine: {cpu_model()} · {os.cpu_count()} CPUs · torch {torch.__version__} with {torch.get_num_threads()} "
         f"threads · Python {platform.python_version()} · device {device}")
+    kept = keep_freed_memory()
+    say(f"allocator: {'freed memory kept for reuse (mia_ptq_bench.allocator), for every trainer below' if kept else 'default (not glibc)'}")
     say(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} · idle share now "
         f"{idle_fraction():.2f}")
     say(f"model: {spec.model.arch} x{spec.model.width:g} {spec.model.options or ''} · input {data.input_shape} · "

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from .allocator import keep_freed_memory
 from .data import ImageDataset, load_dataset
 from .extensions import load_extensions
 from .spec.schema import TaskSpec
@@ -34,6 +35,9 @@ class RunContext:
     extensions: tuple[str, ...] = ()  # user modules that register datasets, models, quantizers, attacks
     _loaded: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        keep_freed_memory()  # the driver trains and quantizes in this process too
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_loaded": {}}
 
@@ -43,6 +47,7 @@ class RunContext:
     def enter(self) -> None:
         """Call first in a unit: a worker computes with the driver's thread count and its extensions."""
         torch.set_num_threads(self.threads)
+        keep_freed_memory()
         load_extensions(self.extensions)
 
     def loaded(self, key: str, load: Callable[[], T]) -> T:

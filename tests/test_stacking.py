@@ -205,3 +205,32 @@ def test_stack_size_rule() -> None:
     assert stack_size(171 * mega, 128, bytes_per_model=400 * mega, memory=24e9, models=64) == 2
     # smaller models stack at least as wide
     assert stack_size(1 * mega, 64, 20 * mega, 8e9, 64) >= stack_size(20 * mega, 64, 20 * mega, 8e9, 64)
+
+
+def test_the_wide_network_pools_before_its_relu_and_computes_the_same_bits(monkeypatch) -> None:
+    import mia_ptq_bench.pool.wide as wide_module
+
+    spec = small_task("cnn")
+    data = load_dataset(spec.dataset)
+    group = models(spec, data, [0, 1])
+    swapped = widen(group, data.input_shape).train()
+    monkeypatch.setattr(wide_module, "_pool_before_relu", lambda network: None)
+    plain = widen(group, data.input_shape).train()
+    kinds = [type(m).__name__ for m in swapped if type(m) in (nn.ReLU, nn.MaxPool2d)]
+    assert kinds[:4] == ["MaxPool2d", "ReLU", "MaxPool2d", "ReLU"]
+    assert [type(m).__name__ for m in plain if type(m) in (nn.ReLU, nn.MaxPool2d)][:2] == ["ReLU", "MaxPool2d"]
+
+    # Windows with no positive value, exact zeros and ties: where the two orders could differ, if at all.
+    x = torch.randn(8, 2 * data.input_shape[0], *data.input_shape[1:], generator=torch.Generator().manual_seed(0))
+    x[0] = -x[0].abs()
+    x[1, :, ::2] = 0.0
+    x[2] = x[2].round()
+    outputs, grads = [], []
+    for network in (swapped, plain):
+        out = network(x.clone())
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append([p.grad.clone() for p in network.parameters()])
+    assert torch.equal(outputs[0], outputs[1])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..allocator import keep_freed_memory
 from ..context import RunContext
 from ..data import ImageDataset
 from ..errors import CacheError
@@ -84,6 +85,7 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
 
     ``stack``: models trained as one group; None chooses from the model's size and the machine.
     """
+    keep_freed_memory()
     progress = progress or SilentProgress()
     device = torch.device(device)
     speed = speed or Speed.for_device(device)
