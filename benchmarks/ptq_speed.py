@@ -1,33 +1,57 @@
-"""PTQ speed: each method as the project runs it against a straightforward run of the same algorithm.
+"""PTQ speed on a task's own models: each method as the benchmark runs it against a plain run of the same algorithm.
 
-    python benchmarks/ptq_speed.py [--device cuda] [--width 1.0] [--models 4] [--iters 20000] [--plans w4,w2]
+    python benchmarks/ptq_speed.py --task fashion-mnist-resnet --data-root DATA --save
 
-On a CIFAR-size ResNet18 (32x32x3 inputs, CIFAR stem; random weights with BatchNorm
-statistics from the calibration images), for every method and plan it times:
-- ours: the project's implementation (AdaRound/BRECQ: the ``--models`` targets batched
-  into one optimisation; OBC: 32 rows per sweep, arrays shrunk to the free columns as they
-  go; GPTQ: lazy 128-column blocks);
-- straightforward: the same algorithm run plainly (AdaRound/BRECQ: one model at a time;
-  OBC: one row at a time on full-size arrays; GPTQ: every column's update applied at once to
-  all later columns),
-and prints seconds per model, the ratio, and the output reconstruction error of both
-(mean squared error of the logits against the full-precision model on the calibration set).
-Defaults are the study's iteration counts on a GPU and a reduced setting on a CPU.
+Trains ``--models`` pool models with the task's recipe (or loads them from a complete pool in
+``--cache-dir``), then for every method and plan times
+- ours: what `mptq-bench evaluate` runs: ``quantize_many`` on the whole group (AdaRound/BRECQ:
+  one optimisation for all models; OBC: the rows of every model in one sweep, 32 at a time, arrays
+  shrunk as columns are fixed, in-place downdates; GPTQ: lazy 128-column blocks);
+- plain: the same algorithm written straightforwardly, on ``--plain-models`` of the models
+  (AdaRound/BRECQ: one model at a time; OBC: one row at a time on full-size arrays; GPTQ: every
+  column's update applied at once to all later columns),
+and prints models per minute, the ratio, and the reconstruction error of both (mean squared
+error of the logits against the full-precision model, BatchNorm folded, on test images) with
+the test accuracy. Both run in this process, interleaved per method, after an idle-CPU wait;
+--save writes the output under benchmarks/results/ with the machine's description.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
+import os
+import platform
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from mia_ptq_bench.environment import describe_device
-from mia_ptq_bench.models import build_model
-from mia_ptq_bench.quantize import QUANTIZERS, Calibration
-from mia_ptq_bench.quantize.obs import obc_quantize
-from mia_ptq_bench.quantize.second_order import OBC
+sys.path.insert(0, str(Path(__file__).parent))
+from pool_training import cpu_model, idle_fraction, wait_for_quiet  # noqa: E402
+
+from mia_ptq_bench.allocator import keep_freed_memory  # noqa: E402
+from mia_ptq_bench.atomic import write_text_atomic  # noqa: E402
+from mia_ptq_bench.cli import make_quantizer  # noqa: E402
+from mia_ptq_bench.data import load_dataset  # noqa: E402
+from mia_ptq_bench.inference import accuracy  # noqa: E402
+from mia_ptq_bench.pool import PoolStore, build_pool, pool_keep_masks  # noqa: E402
+from mia_ptq_bench.pool.train import Speed, init_model, make_schedule, train_stacked  # noqa: E402
+from mia_ptq_bench.quantize import QUANTIZERS  # noqa: E402
+from mia_ptq_bench.quantize.calibration import calibration_set  # noqa: E402
+from mia_ptq_bench.quantize.obs import obc_quantize  # noqa: E402
+from mia_ptq_bench.quantize.second_order import OBC  # noqa: E402
+from mia_ptq_bench.spec import PrecisionPlan, load_task  # noqa: E402
+
+LINES: list[str] = []
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+    LINES.append(line)
 
 
 class PlainOBC(OBC):
@@ -36,95 +60,108 @@ class PlainOBC(OBC):
     def sweep(self, weight, hessian, grid):
         return obc_quantize(weight, hessian, grid, parallel=1, rel_damp=self.config.rel_damp,
                             fallback_damp=self.config.fallback_damp, compact=1.0)
-from mia_ptq_bench.spec import PrecisionPlan
-from mia_ptq_bench.spec.schema import ModelSpec
+
+    def sweep_many(self, weights, hessians, grids):
+        return [self.sweep(w, h, g) for w, h, g in zip(weights, hessians, grids)]
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def pool_models(spec, data, count: int, cache_dir: Path | None, device: torch.device) -> list[torch.nn.Module]:
+    if cache_dir is not None and PoolStore(cache_dir, spec).is_complete_pool():
+        pool = build_pool(spec, data, cache_dir, device)
+        return [pool.load_model(i, device) for i in range(count)]
+    keep = pool_keep_masks(spec, len(data.pool))
+    schedules = [make_schedule(spec, np.flatnonzero(keep[i]), len(data.pool), i) for i in range(count)]
+    return train_stacked(spec, data.to(device), [init_model(spec, data, i) for i in range(count)], schedules,
+                         device, Speed.for_device(device))
 
 
-def make_models(count: int, width: float, device: str, images: torch.Tensor) -> list[torch.nn.Module]:
-    models = []
-    for seed in range(count):
-        torch.manual_seed(seed)
-        model = build_model(ModelSpec(arch="resnet18", width=width), (3, 32, 32), 10).to(device)
-        with torch.no_grad():
-            model.train()
-            model(images[:256])
-        models.append(model.eval())
-    return models
-
-
-def calibration(count: int, device: str, seed: int) -> Calibration:
-    generator = torch.Generator().manual_seed(seed)
-    # Smooth random images (upsampled noise): correlated pixels, like natural images.
-    low = torch.randint(0, 256, (count, 3, 8, 8), generator=generator).float()
-    raw = torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
-    raw = raw.round().clamp(0, 255).to(torch.uint8).to(device)
-    return Calibration(raw, lambda x: (x.float() / 255.0 - 0.5) / 0.25, crop_padding=4, hflip=True, seed=seed)
-
-
-def reconstruction_error(original: torch.nn.Module, quantized: torch.nn.Module, images: torch.Tensor) -> float:
+def logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return float((quantized(images) - original(images)).square().mean())
-
-
-def run(method: str, config: dict, models, calibrations, plan, device: str, batched: bool,
-        plain: bool = False) -> tuple[float, list]:
-    quantizer = PlainOBC(config) if plain and method == "obc" else QUANTIZERS.get(method)(config)
-    copies = [copy.deepcopy(m) for m in models]
-    synchronize(device)
-    start = time.perf_counter()
-    if batched:
-        out = quantizer.quantize_many(copies, calibrations, plan)
-    else:
-        out = [quantizer.quantize(m, c, plan) for m, c in zip(copies, calibrations)]
-    synchronize(device)
-    return (time.perf_counter() - start) / len(models), out
+        return torch.cat([model.eval()(batch) for batch in images.split(500)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--width", type=float, default=None, help="ResNet18 width (default 1.0 on GPU, 0.25 on CPU)")
-    parser.add_argument("--models", type=int, default=4, help="targets quantized together by the batched methods")
-    parser.add_argument("--iters", type=int, default=None, help="AdaRound/BRECQ steps (default 20000 on GPU, 100 on CPU)")
-    parser.add_argument("--calibration", type=int, default=None, help="images (default 1024 on GPU, 128 on CPU)")
-    parser.add_argument("--plans", default="w4,w2,w1.58,w1.58-last8")
+    parser.add_argument("--task", default="fashion-mnist-resnet")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="use this cache's pool when it is complete")
+    parser.add_argument("--models", type=int, default=16, help="models quantized together (evaluate: 16 per group)")
+    parser.add_argument("--plain-models", type=int, default=2, help="of those, quantized by the plain runs")
+    parser.add_argument("--plans", default="w2")
     parser.add_argument("--methods", default="adaround,brecq,obc,gptq")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="config override for both runs of a method, e.g. adaround.iters=500")
+    parser.add_argument("--patience", type=float, default=300)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
-    gpu = args.device.startswith("cuda")
-    width = args.width if args.width is not None else (1.0 if gpu else 0.25)
-    iters = args.iters if args.iters is not None else (20000 if gpu else 100)
-    count = args.calibration if args.calibration is not None else (1024 if gpu else 128)
+    device = torch.device(args.device)
+    kept = keep_freed_memory()
+    spec = load_task(args.task)
+    data = load_dataset(spec.dataset, args.data_root)
+    keep = pool_keep_masks(spec, len(data.pool))
+    started = datetime.datetime.now()
+    say(f"# PTQ speed benchmark · {started:%Y-%m-%d %H:%M} · task {spec.id} (pool hash {spec.pool_hash[:12]})")
+    say(f"machine: {cpu_model()} · {os.cpu_count()} CPUs · torch {torch.__version__} with {torch.get_num_threads()} "
+        f"threads · Python {platform.python_version()} · device {device} · allocator "
+        f"{'keeps freed memory' if kept else 'default'} (for both runs)")
+    say(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} · idle share now {idle_fraction():.2f}")
 
-    calibrations = [calibration(count, args.device, seed) for seed in range(args.models)]
-    models = make_models(args.models, width, args.device, calibrations[0].images)
-    print(f"device: {describe_device(args.device)} · torch {torch.__version__} · ResNet18 width {width} on 32x32x3 · "
-          f"{args.models} models · {count} calibration images · AdaRound/BRECQ {iters} steps")
-    print(f"{'method':9} {'plan':12} {'ours s/model':>13} {'plain s/model':>14} {'ratio':>6} {'err ours':>10} {'err plain':>10}")
-    configs = {
-        "adaround": ({"iters": iters}, {"iters": iters}),
-        "brecq": ({"iters": iters}, {"iters": iters}),
-        "obc": ({"calibration": count, "rounds": 10}, {"calibration": count, "rounds": 10}),
-        "gptq": ({"block_size": 128}, {"block_size": 1}),
-    }
+    start = time.perf_counter()
+    models = pool_models(spec, data, args.models, args.cache_dir, device)
+    test_images = data.normalize(data.test.images[:1000]).to(device)
+    test = data.test
+    say(f"{args.models} {spec.model.arch} x{spec.model.width:g} pool models ready in {time.perf_counter() - start:.0f} s; "
+        f"plain runs on the first {args.plain_models}; test accuracy at fp32 "
+        f"{100 * np.mean([accuracy(m, data, test, device) for m in models[:args.plain_models]]):.2f}%")
+    overrides: dict[str, list[str]] = {}
+    for item in args.set:
+        method, _, setting = item.partition(".")
+        overrides.setdefault(method, []).append(setting)
+    say(f"config overrides: {overrides or 'none (the defaults evaluate uses)'}")
+    say()
+    say(f"{'method':9} {'plan':12} {'ours models/min':>15} {'plain models/min':>16} {'ratio':>6} "
+        f"{'MSE ours':>9} {'MSE plain':>9} {'acc ours':>8} {'acc plain':>9}")
+    plain_configs = {"gptq": {"block_size": 1}}
     for method in args.methods.split(","):
-        ours_cfg, plain_cfg = configs[method]
-        batched = method in ("adaround", "brecq")
+        cls = QUANTIZERS.get(method)
+        settings = overrides.get(method, [])
         for text in args.plans.split(","):
             plan = PrecisionPlan.parse(text)
-            ours_s, ours = run(method, ours_cfg, models, calibrations, plan, args.device, batched=batched)
-            plain_s, plain = run(method, plain_cfg, models, calibrations, plan, args.device, batched=False, plain=True)
-            images = calibrations[0].images
+
+            def calibrations(count: int, size: int):
+                return [calibration_set(spec, data, keep, i, size, device) for i in range(count)]
+
+            ours_q = make_quantizer(cls, settings)
+            size = ours_q.calibration_size(spec.calibration.size)
+            wait_for_quiet(args.patience)
+            cals = calibrations(args.models, size)
+            t0 = time.perf_counter()
+            ours = ours_q.quantize_many([copy.deepcopy(m) for m in models], cals, plan)
+            ours_s = (time.perf_counter() - t0) / args.models
+
+            plain_q = make_quantizer(PlainOBC if method == "obc" else cls, settings, plain_configs.get(method))
+            wait_for_quiet(args.patience)
+            cals = calibrations(args.plain_models, size)
+            t0 = time.perf_counter()
+            plain = [plain_q.quantize(copy.deepcopy(m), c, plan) for m, c in zip(models, cals)]
+            plain_s = (time.perf_counter() - t0) / args.plain_models
+
             folded = [QUANTIZERS.get("rtn")().quantize(copy.deepcopy(m), c, PrecisionPlan.parse("w16"))
-                      for m, c in zip(models, calibrations)]
-            err_ours = sum(reconstruction_error(f, q, images) for f, q in zip(folded, ours)) / len(models)
-            err_plain = sum(reconstruction_error(f, q, images) for f, q in zip(folded, plain)) / len(models)
-            print(f"{method:9} {text:12} {ours_s:13.2f} {plain_s:14.2f} {plain_s / ours_s:6.2f} "
-                  f"{err_ours:10.3e} {err_plain:10.3e}", flush=True)
+                      for m, c in zip(models, calibrations(args.models, 8))]
+            reference = [logits(f, test_images) for f in folded]
+            n = args.plain_models
+            mse = [float(np.mean([(logits(q, test_images) - r).square().mean() for q, r in zip(group, reference)]))
+                   for group in (ours[:n], plain)]
+            acc = [100 * float(np.mean([accuracy(q, data, test, device) for q in group])) for group in (ours[:n], plain)]
+            say(f"{method:9} {text:12} {60 / ours_s:15.2f} {60 / plain_s:16.2f} {plain_s / ours_s:6.2f} "
+                f"{mse[0]:9.4f} {mse[1]:9.4f} {acc[0]:7.2f}% {acc[1]:8.2f}%")
+    say("(MSE and accuracy over the first plain-models models, of both; ratio = plain seconds per model / ours)")
+    say(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if args.save:
+        path = Path(__file__).parent / "results" / f"ptq_speed-{spec.id}-{started:%Y%m%d-%H%M}.txt"
+        write_text_atomic(path, "\n".join(LINES) + "\n")
+        print(f"saved {path}")
 
 
 if __name__ == "__main__":
