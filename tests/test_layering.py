@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mia_ptq_bench"
 # The data flow, upstream first. A module may import from its own stage and any stage before it,
 # never from a later one. Utilities come first; composition (runner, CLI, rendering) comes last.
 STAGES = [
-    {"__init__", "errors", "limits", "readers", "atomic", "registry", "cache", "progress", "environment", "executor", "extensions"},
+    {"__init__", "errors", "limits", "readers", "atomic", "allocator", "registry", "cache", "progress", "environment", "executor", "extensions"},
     {"spec"}, {"data"}, {"models"}, {"context"}, {"inference"}, {"pool"}, {"quantize"}, {"attack"}, {"metrics"},
     {"results"}, {"submission"}, {"board"}, {"findings"},
     {"runner", "budget", "recompute", "reproduce", "cache_admin", "plugin", "report", "cli", "tasks", "leaderboard"},
