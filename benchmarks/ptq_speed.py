@@ -109,8 +109,8 @@ def main() -> None:
 
     start = time.perf_counter()
     models = pool_models(spec, data, args.models, args.cache_dir, device)
-    test_images = data.normalize(data.test.images[:1000]).to(device)
     test = data.test
+    test_images = data.normalize(test.images[:1000]).to(device)
     say(f"{args.models} {spec.model.arch} x{spec.model.width:g} pool models ready in {time.perf_counter() - start:.0f} s; "
         f"plain runs on the first {args.plain_models}; test accuracy at fp32 "
         f"{100 * np.mean([accuracy(m, data, test, device) for m in models[:args.plain_models]]):.2f}%")
@@ -123,14 +123,20 @@ def main() -> None:
     say(f"{'method':9} {'plan':12} {'ours models/min':>15} {'plain models/min':>16} {'ratio':>6} "
         f"{'MSE ours':>9} {'MSE plain':>9} {'acc ours':>8} {'acc plain':>9}")
     plain_configs = {"gptq": {"block_size": 1}}
+
+    def calibrations(count: int, size: int):
+        return [calibration_set(spec, data, keep, i, size, device) for i in range(count)]
+
+    # The reference for the reconstruction error: each full-precision model with BatchNorm folded.
+    n = args.plain_models
+    folded = [QUANTIZERS.get("rtn")().quantize(copy.deepcopy(m), c, PrecisionPlan.parse("w16"))
+              for m, c in zip(models[:n], calibrations(n, 8))]
+    reference = [logits(f, test_images) for f in folded]
     for method in args.methods.split(","):
         cls = QUANTIZERS.get(method)
         settings = overrides.get(method, [])
         for text in args.plans.split(","):
             plan = PrecisionPlan.parse(text)
-
-            def calibrations(count: int, size: int):
-                return [calibration_set(spec, data, keep, i, size, device) for i in range(count)]
 
             ours_q = make_quantizer(cls, settings)
             size = ours_q.calibration_size(spec.calibration.size)
@@ -147,10 +153,6 @@ def main() -> None:
             plain = [plain_q.quantize(copy.deepcopy(m), c, plan) for m, c in zip(models, cals)]
             plain_s = (time.perf_counter() - t0) / args.plain_models
 
-            folded = [QUANTIZERS.get("rtn")().quantize(copy.deepcopy(m), c, PrecisionPlan.parse("w16"))
-                      for m, c in zip(models, calibrations(args.models, 8))]
-            reference = [logits(f, test_images) for f in folded]
-            n = args.plain_models
             mse = [float(np.mean([(logits(q, test_images) - r).square().mean() for q, r in zip(group, reference)]))
                    for group in (ours[:n], plain)]
             acc = [100 * float(np.mean([accuracy(q, data, test, device) for q in group])) for group in (ours[:n], plain)]

@@ -35,9 +35,6 @@ class RunContext:
     extensions: tuple[str, ...] = ()  # user modules that register datasets, models, quantizers, attacks
     _loaded: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        keep_freed_memory()  # the driver trains and quantizes in this process too
-
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_loaded": {}}
 
