@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,19 @@ import pytest
 TESTS = Path(__file__).parent
 TASKS = TESTS / "tasks"
 SHARED_FASHION = TESTS.parent.parent / "shared" / "data" / "fashion-mnist"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist every worker (and every process it starts) computes on one thread.
+
+    The workers already run side by side on the cores; a second thread each would oversubscribe them,
+    and OpenMP threads that wait by spinning then burn the time the other worker needs.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -24,8 +25,8 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 # the threat models digits-mlp evaluates, each written as its own result file
 THREATS = load_task("digits-mlp").threat_models
 PAGES = ["extend/quantizer.md", "extend/task.md", "extend/attack.md", "extend/dataset-and-model.md", "submit.md"]
-# Pages that start where another left off: their reader already has that page's files.
-PREREQUISITES = {"submit.md": ["extend/quantizer.md"]}
+# Pages that start where another left off: their reader has run that page, so has its files and its cache.
+PREREQUISITE = {"submit.md": "extend/quantizer.md"}
 
 
 def code_blocks(page: Path) -> list[tuple[str, str]]:
@@ -42,9 +43,9 @@ def write_files(page: Path, folder: Path) -> None:
 
 
 def run_page(page: Path, folder: Path) -> list[str]:
-    """Run the page's blocks in order in ``folder``; returns the bash output, for the caller to check."""
+    """Run the page's blocks in order in ``folder`` (cache: ``folder/cache``); returns the bash output, for the caller to check."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "COLUMNS": "120"}
+           "COLUMNS": "120", "MPTQ_CACHE": str(folder / "cache")}
     env.pop("MPTQ_TASKS", None)  # a reader has only the bundled tasks and the ones the page writes
     outputs = []
     write_files(page, folder)
@@ -69,16 +70,40 @@ def test_every_page_is_listed() -> None:
     assert found | {"submit.md"} == set(PAGES)
 
 
+def result_files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*.json")
+            if "cache" not in p.relative_to(folder).parts and p.name != "MANIFEST.json"}
+
+
+@pytest.fixture(scope="module")
+def readers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[str]]]:
+    """Pages other pages build on, run once: page -> (its reader's folder, the page's outputs)."""
+    done: dict[str, tuple[Path, list[str]]] = {}
+    for page in sorted(set(PREREQUISITE.values())):
+        folder = tmp_path_factory.mktemp(page.replace("/", "-"))
+        done[page] = (folder, run_page(DOCS / page, folder))
+    return done
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("page", PAGES)
-def test_guide_examples_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MPTQ_CACHE", str(tmp_path / "cache"))
-    for earlier in PREREQUISITES.get(page, []):
-        write_files(DOCS / earlier, tmp_path)
-    outputs = run_page(DOCS / page, tmp_path)
+@pytest.mark.parametrize("page", [pytest.param(page, marks=pytest.mark.xdist_group("readers"))
+                                  if page in PREREQUISITE or page in PREREQUISITE.values() else page for page in PAGES])
+def test_guide_examples_run(page: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    needed = page in PREREQUISITE or page in PREREQUISITE.values()
+    readers: dict[str, tuple[Path, list[str]]] = request.getfixturevalue("readers") if needed else {}
+    if page in readers:
+        folder, outputs = readers[page]
+        before: set[str] = set()
+    else:
+        folder = tmp_path / "reader"
+        if page in PREREQUISITE:  # continue in a copy of the earlier page's reader: its files and its cache
+            shutil.copytree(readers[PREREQUISITE[page]][0], folder, symlinks=True)
+        else:
+            folder.mkdir()
+        before = result_files(folder)
+        outputs = run_page(DOCS / page, folder)
     assert outputs, f"{page} has no command to run"
-    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.json")
-                     if "cache" not in p.parts and p.name != "MANIFEST.json")
+    written = sorted(result_files(folder) - before)
     expected = {
         "extend/quantizer.md": sorted(f"my-results/digits-mlp/floor-rounding/w2--{threat}.json" for threat in THREATS),
         "extend/task.md": ["my-results/digits-small/rtn/w2--oblivious.json"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,37 +179,60 @@ def _run_and_kill(args: list[str], env: dict, watch: Path, pattern: str, after: 
     pytest.fail(f"the run ended (or hung) before {after} files matched {pattern}: nothing was interrupted")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage, pattern, after", [("pool", "model-*.json", 2), ("quantization", "model-*.npz", 6)])
-def test_sigkill_then_rerun_gives_identical_results(tmp_path: Path, stage: str, pattern: str, after: int) -> None:
-    env = {"MPTQ_TASKS": str(TASKS)}
-    args = ["evaluate", "adaround", "--task", "kill-cnn", "--set", "iters=150"]
-    reference = cli(*args, "--cache-dir", str(tmp_path / "c1"), "--out", str(tmp_path / "r1"), env=env)
+KILL_ENV = {"MPTQ_TASKS": str(TASKS)}
+KILL_ARGS = ["evaluate", "adaround", "--task", "kill-cnn", "--set", "iters=150"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run of ``KILL_ARGS`` that nobody kills: its cache (``cache``) and results (``results``).
+
+    The tests below compare interrupted runs with it; they share it because it is the slowest part of each.
+    """
+    root = tmp_path_factory.mktemp("uninterrupted")
+    reference = cli(*KILL_ARGS, "--cache-dir", str(root / "cache"), "--out", str(root / "results"), env=KILL_ENV)
     assert reference.returncode == 0, reference.stderr
-    watch = tmp_path / "c2" / ("pools" if stage == "pool" else "quantized")
-    _run_and_kill([*args, "--cache-dir", str(tmp_path / "c2"), "--out", str(tmp_path / "r2")], env, watch, pattern, after)
-    for written in (tmp_path / "r2").rglob("*.json"):  # results of plans finished before the kill are whole
-        load_result(written)
-    rerun = cli(*args, "--cache-dir", str(tmp_path / "c2"), "--out", str(tmp_path / "r2"), env=env)
-    assert rerun.returncode == 0, rerun.stderr
-    first = sorted((tmp_path / "r1").rglob("*.json"))
-    assert len(first) == 4
-    for path in first:
-        assert numbers(path) == numbers(tmp_path / "r2" / path.relative_to(tmp_path / "r1"))
+    assert len(list((root / "results").rglob("*.json"))) == 4
+    return root
+
+
+def assert_same_results(first: Path, second: Path) -> None:
+    paths = sorted(first.rglob("*.json"))
+    assert paths
+    for path in paths:
+        assert numbers(path) == numbers(second / path.relative_to(first))
 
 
 @pytest.mark.slow
-def test_truncated_cache_file_is_detected_and_rebuilt(tmp_path: Path) -> None:
-    env = {"MPTQ_TASKS": str(TASKS)}
-    args = ["evaluate", "rtn", "--task", "kill-cnn", "--cache-dir", str(tmp_path / "c")]
-    first = cli(*args, "--out", str(tmp_path / "r1"), env=env)
+@pytest.mark.xdist_group("uninterrupted")
+@pytest.mark.parametrize("stage, pattern, after", [("pool", "model-*.json", 2), ("quantization", "model-*.npz", 6)])
+def test_sigkill_then_rerun_gives_identical_results(uninterrupted: Path, tmp_path: Path, stage: str, pattern: str,
+                                                    after: int) -> None:
+    cache = tmp_path / "cache"
+    if stage == "quantization":  # start where the uninterrupted run's pool left off: only quantization is killed
+        shutil.copytree(uninterrupted / "cache" / "pools", cache / "pools")
+    watch = cache / ("pools" if stage == "pool" else "quantized")
+    _run_and_kill([*KILL_ARGS, "--cache-dir", str(cache), "--out", str(tmp_path / "results")], KILL_ENV, watch,
+                  pattern, after)
+    for written in (tmp_path / "results").rglob("*.json"):  # results of plans finished before the kill are whole
+        load_result(written)
+    rerun = cli(*KILL_ARGS, "--cache-dir", str(cache), "--out", str(tmp_path / "results"), env=KILL_ENV)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_results(uninterrupted / "results", tmp_path / "results")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("uninterrupted")
+def test_truncated_cache_file_is_detected_and_rebuilt(uninterrupted: Path, tmp_path: Path) -> None:
+    shutil.copytree(uninterrupted / "cache" / "pools", tmp_path / "cache" / "pools")
+    args = ["evaluate", "rtn", "--task", "kill-cnn", "--cache-dir", str(tmp_path / "cache")]
+    first = cli(*args, "--out", str(tmp_path / "r1"), env=KILL_ENV)
     assert first.returncode == 0, first.stderr
-    weights = next((tmp_path / "c" / "pools").rglob("model-0004.safetensors"))
+    weights = next((tmp_path / "cache" / "pools").rglob("model-0004.safetensors"))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    second = cli(*args, "--out", str(tmp_path / "r2"), env=env)
+    second = cli(*args, "--out", str(tmp_path / "r2"), env=KILL_ENV)
     assert second.returncode == 0 and "rebuilding model 4" in second.stdout and "model-0004.safetensors" in second.stdout
-    for path in sorted((tmp_path / "r1").rglob("*.json")):
-        assert numbers(path) == numbers(tmp_path / "r2" / path.relative_to(tmp_path / "r1"))
+    assert_same_results(tmp_path / "r1", tmp_path / "r2")
 
 
 # -- the Hub manifest is the repository owner's: hostile until checked --------------------------------

@@ -54,18 +54,18 @@ def choose(spec: TaskSpec, keep: np.ndarray, targets: int | Sequence[int], strat
         raise ValueError("no shadow model can stand in for the target: use more shadows")
     examples = evaluation_examples(keep.shape[1], spec.strongest.examples)
     best: tuple[tuple[float, float, float], Choice] | None = None
+    labels = np.concatenate([keep[stand_in][examples] for stand_in in stand_ins])
     for threat, shadows in strategies.items():
+        inputs = []  # one per stand-in, shared by every attack
+        for stand_in in stand_ins:
+            shadow_scores, shadow_in = shadows.without(keep, [stand_in, *left_out])
+            inputs.append(AttackInput(shadow_scores[:, examples], shadow_in[:, examples],
+                                      pseudo.scores_of(stand_in)[examples], ~keep[stand_in][examples]))
         for attack in attacks:
-            labels, scores = [], []
-            for stand_in in stand_ins:
-                shadow_scores, shadow_in = shadows.without(keep, [stand_in, *left_out])
-                inputs = AttackInput(shadow_scores[:, examples], shadow_in[:, examples],
-                                     pseudo.scores_of(stand_in)[examples], ~keep[stand_in][examples])
-                scores.append(ATTACKS.get(attack)(inputs, spec))
-                labels.append(keep[stand_in][examples])
+            scores = [ATTACKS.get(attack)(x, spec) for x in inputs]
             # One ROC over every stand-in's examples: with a few hundred non-members each, 0.1% FPR of a single
             # model allows no false positive at all and ranks attacks by chance.
-            metrics = attack_metrics(np.concatenate(labels), np.concatenate(scores))
+            metrics = attack_metrics(labels, np.concatenate(scores))
             key = (metrics.low_fpr[0].tpr, metrics.low_fpr[1].tpr, metrics.auc)
             if best is None or key > best[0]:
                 best = (key, Choice(threat, attack, key[0]))
