@@ -107,3 +107,25 @@ def test_global_threshold_is_mean_over_queries() -> None:
 
 def test_leave_one_out() -> None:
     assert leave_one_out(5, 2).tolist() == [0, 1, 3, 4]
+
+
+@pytest.mark.parametrize("shadows, equalize", [(32, False), (32, True), (3, False)])
+@pytest.mark.parametrize("order", ["registry", "reversed"])
+def test_attacks_sharing_one_input_give_what_each_gives_alone(shadows: int, equalize: bool, order: str) -> None:
+    # The attacks on one AttackInput share their fits and reference means through its memo; each must
+    # still give, bit for bit, what it gives on a fresh input, whichever attack ran first. With 3 shadows
+    # some examples have every shadow on one side, so the borrowed fits are shared too.
+    scores, shadow_in, target, _ = synthetic(gap=1.0, shadows=shadows, examples=400)
+    spec = load_task("digits-mlp")
+    spec = spec.model_copy(update={"lira": spec.lira.model_copy(update={"equalize_counts": equalize})})
+    population = np.random.default_rng(1).random(target.shape[0]) < 0.5
+    names = [name for name, _ in ATTACKS.items()]
+    if order == "reversed":
+        names = names[::-1]
+    shared = AttackInput(scores, shadow_in, target, population)
+    for name in names:
+        alone = ATTACKS.get(name)(AttackInput(scores, shadow_in, target, population), spec)
+        assert np.array_equal(ATTACKS.get(name)(shared, spec), alone, equal_nan=True), name
+    assert shared.memo, "the attacks shared nothing"
+    assert not any(array.flags.writeable for value in shared.memo.values()
+                   for array in (value if isinstance(value, tuple) else (value,)))

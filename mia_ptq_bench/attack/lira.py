@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
+from .memo import remembered
+
 EPS = 1e-30  # keeps a zero spread finite, as the reference code does
 
 
@@ -42,26 +44,33 @@ def masked_std(values: np.ndarray, mask: np.ndarray, pooled: bool = False) -> np
     return np.sqrt(np.where(selected, (values - mean) ** 2, 0.0).sum(axis=0) / count)
 
 
-def gaussian_fit(shadow_scores: np.ndarray, mask: np.ndarray, fixed_variance: bool):
+def gaussian_fit(shadow_scores: np.ndarray, mask: np.ndarray, fixed_variance: bool, *,
+                 memo: dict | None = None, key: tuple | None = None):
     """Per example and query: centre = median, spread = std (ddof 0) of the selected shadows.
 
     With ``fixed_variance`` one spread over every selected score replaces the per-example ones.
-    Columns with no selected shadow come back as NaN (``fit_sides`` fills them).
+    Columns with no selected shadow come back as NaN (``fit_sides`` fills them). ``memo`` and
+    ``key`` (naming ``mask``) let the attacks on the same arrays share the median and the fits.
     """
     if not mask.any():
         raise ValueError("no example has a shadow model on this side; use more shadow models")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        centre = masked_median(shadow_scores, mask)
-        if fixed_variance:
-            spread = np.full_like(centre, masked_std(shadow_scores, mask, pooled=True))
-        else:
-            spread = masked_std(shadow_scores, mask)
-    empty = ~mask.any(axis=0)
-    centre[empty], spread[empty] = np.nan, np.nan
-    return centre, spread
+
+    def fit():
+        with np.errstate(invalid="ignore", divide="ignore"):
+            centre = remembered(memo, key and (*key, "median"), lambda: masked_median(shadow_scores, mask)).copy()
+            if fixed_variance:
+                spread = np.full_like(centre, masked_std(shadow_scores, mask, pooled=True))
+            else:
+                spread = masked_std(shadow_scores, mask)
+        empty = ~mask.any(axis=0)
+        centre[empty], spread[empty] = np.nan, np.nan
+        return centre, spread
+
+    return remembered(memo, key and (*key, "fit", fixed_variance), fit)
 
 
-def fit_sides(shadow_scores: np.ndarray, inside: np.ndarray, outside: np.ndarray, fixed_variance: bool):
+def fit_sides(shadow_scores: np.ndarray, inside: np.ndarray, outside: np.ndarray, fixed_variance: bool, *,
+              memo: dict | None = None, key: tuple | None = None):
     """(mu_in, sd_in, mu_out, sd_out), each (N, Q); an example with no shadow on one side borrows.
 
     With few shadows (an adaptive attacker that quantized only some models) an example can
@@ -69,8 +78,8 @@ def fit_sides(shadow_scores: np.ndarray, inside: np.ndarray, outside: np.ndarray
     by the mean IN - OUT gap over the examples that have both, and its missing spread is the
     mean spread of that side: the best guess the attacker's own shadows support.
     """
-    mu_in, sd_in = gaussian_fit(shadow_scores, inside, fixed_variance)
-    mu_out, sd_out = gaussian_fit(shadow_scores, outside, fixed_variance)
+    mu_in, sd_in = gaussian_fit(shadow_scores, inside, fixed_variance, memo=memo, key=key and (*key, "in"))
+    mu_out, sd_out = gaussian_fit(shadow_scores, outside, fixed_variance, memo=memo, key=key and (*key, "out"))
     missing_in, missing_out = np.isnan(mu_in), np.isnan(mu_out)
     if missing_in.any() or missing_out.any():
         both = ~(missing_in | missing_out)
@@ -99,15 +108,22 @@ def _split(shadow_in: np.ndarray, equalize_counts: bool,
     return inside, outside
 
 
+def _memo_key(equalize_counts: bool, references: np.ndarray | None) -> tuple | None:
+    """What the IN/OUT masks depend on besides the arrays: memoised only without per-call references."""
+    return None if references is not None else ("lira", equalize_counts)
+
+
 def lira_online(shadow_scores: np.ndarray, shadow_in: np.ndarray, target_scores: np.ndarray, *,
                 fixed_variance: bool = False, fixed_variance_out: str = "out", equalize_counts: bool = False,
-                references: np.ndarray | None = None) -> np.ndarray:
+                references: np.ndarray | None = None, memo: dict | None = None) -> np.ndarray:
     """Likelihood ratio log N(s; in) - log N(s; out), averaged over queries.
 
-    ``references`` (S, N) bool, optional: only these shadows serve each example.
+    ``references`` (S, N) bool, optional: only these shadows serve each example. ``memo``, optional:
+    a dict kept with these arrays, in which the LiRA variants share their fits (same numbers).
     """
     inside, outside = _split(shadow_in, equalize_counts, references)
-    mu_in, sd_in, mu_out, sd_out = fit_sides(shadow_scores, inside, outside, fixed_variance)
+    mu_in, sd_in, mu_out, sd_out = fit_sides(shadow_scores, inside, outside, fixed_variance, memo=memo,
+                                             key=_memo_key(equalize_counts, references))
     if fixed_variance and fixed_variance_out == "in":
         sd_out = sd_in  # reference-code quirk, only on request
     ratio = norm.logpdf(target_scores, mu_in, sd_in + EPS) - norm.logpdf(target_scores, mu_out, sd_out + EPS)
@@ -116,16 +132,18 @@ def lira_online(shadow_scores: np.ndarray, shadow_in: np.ndarray, target_scores:
 
 def lira_offline(shadow_scores: np.ndarray, shadow_in: np.ndarray, target_scores: np.ndarray, *,
                  fixed_variance: bool = False, test: str = "one-sided", equalize_counts: bool = False,
-                 references: np.ndarray | None = None) -> np.ndarray:
+                 references: np.ndarray | None = None, memo: dict | None = None) -> np.ndarray:
     """OUT shadows only. One-sided (LiRA paper): log P[Z < s] under OUT. Two-sided (reference code): -log N(s; out).
 
-    ``references`` (S, N) bool, optional: only these shadows serve each example.
+    ``references`` (S, N) bool, optional: only these shadows serve each example. ``memo`` as for
+    :func:`lira_online`.
     """
     inside, outside = _split(shadow_in, equalize_counts, references)
+    key = _memo_key(equalize_counts, references)
     if outside.any(axis=0).all():
-        mu_out, sd_out = gaussian_fit(shadow_scores, outside, fixed_variance)
+        mu_out, sd_out = gaussian_fit(shadow_scores, outside, fixed_variance, memo=memo, key=key and (*key, "out"))
     else:  # the IN shadows only say where OUT lies through the gap (fit_sides)
-        _, _, mu_out, sd_out = fit_sides(shadow_scores, inside, outside, fixed_variance)
+        _, _, mu_out, sd_out = fit_sides(shadow_scores, inside, outside, fixed_variance, memo=memo, key=key)
     if test == "one-sided":
         per_query = norm.logcdf(target_scores, mu_out, sd_out + EPS)
     elif test == "two-sided":

@@ -87,6 +87,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import expit, log_expit
 
+from .memo import remembered
+
 OFFLINE_A = 0.3
 GAMMA = 1.0
 
@@ -207,17 +209,25 @@ def _log_mixture(weight: float, log_mean: np.ndarray, complement: np.ndarray) ->
 
 
 def relative_likelihood(shadow_scores: np.ndarray, shadow_in: np.ndarray, target_scores: np.ndarray, *,
-                        online: bool, references: np.ndarray | None = None, a: float = OFFLINE_A) -> np.ndarray:
-    """(N,) log(Pr(x|θ) / Pr(x)), the mean over queries of the per-query log ratios (module docstring)."""
+                        online: bool, references: np.ndarray | None = None, a: float = OFFLINE_A,
+                        memo: dict | None = None) -> np.ndarray:
+    """(N,) log(Pr(x|θ) / Pr(x)), the mean over queries of the per-query log ratios (module docstring).
+
+    ``memo``, optional: a dict kept with these arrays, in which the online and offline attacks share
+    the shadows' probabilities and reference means (same numbers); used only without ``references``.
+    """
     if not online and not 0.0 <= a <= 1.0:
         raise ValueError(f"offline a must lie in [0, 1], got {a}")
+    if references is not None:
+        memo = None
     shadow_scores, shadow_in, target_scores, references = _check_scores(shadow_scores, shadow_in, target_scores,
                                                                         references)
     outside, inside = references & ~shadow_in, references & shadow_in
-    log_p, complement_p = log_expit(shadow_scores), expit(-shadow_scores)
-    out_mean = _reference_mean(log_p, complement_p, outside, "OUT")
+    log_p, complement_p = remembered(memo, ("rmia", "p"),
+                                     lambda: (log_expit(shadow_scores), expit(-shadow_scores)))
+    out_mean = remembered(memo, ("rmia", "OUT"), lambda: _reference_mean(log_p, complement_p, outside, "OUT"))
     if online or not outside.any(axis=0).all():
-        in_mean = _reference_mean(log_p, complement_p, inside, "IN")
+        in_mean = remembered(memo, ("rmia", "IN"), lambda: _reference_mean(log_p, complement_p, inside, "IN"))
         out_mean, in_mean = _borrow(out_mean, in_mean), _borrow(in_mean, out_mean)
         if np.isnan(out_mean[1]).any():
             raise ValueError("some examples have no reference model at all")
@@ -274,19 +284,21 @@ def _break_ties(fraction: np.ndarray, log_ratio: np.ndarray, size: int) -> np.nd
 
 def rmia_offline(shadow_scores: np.ndarray, shadow_in: np.ndarray, target_scores: np.ndarray,
                  population: np.ndarray, *, references: np.ndarray | None = None, a: float = OFFLINE_A,
-                 gamma: float = GAMMA, tie_break: bool = True) -> np.ndarray:
+                 gamma: float = GAMMA, tie_break: bool = True, memo: dict | None = None) -> np.ndarray:
     """RMIA with reference models that did not train on x; the IN scores do not enter the result.
 
     ``references`` (S, N) bool restricts the reference models per example (e.g.
     :func:`select_references`); every example needs at least one OUT reference.
     """
-    log_ratio = relative_likelihood(shadow_scores, shadow_in, target_scores, online=False, references=references, a=a)
+    log_ratio = relative_likelihood(shadow_scores, shadow_in, target_scores, online=False, references=references, a=a,
+                                    memo=memo)
     return pairwise_score(log_ratio, population, gamma=gamma, tie_break=tie_break)
 
 
 def rmia_online(shadow_scores: np.ndarray, shadow_in: np.ndarray, target_scores: np.ndarray,
                 population: np.ndarray, *, references: np.ndarray | None = None, gamma: float = GAMMA,
-                tie_break: bool = True) -> np.ndarray:
+                tie_break: bool = True, memo: dict | None = None) -> np.ndarray:
     """RMIA with IN and OUT reference models; every example needs at least one of each."""
-    log_ratio = relative_likelihood(shadow_scores, shadow_in, target_scores, online=True, references=references)
+    log_ratio = relative_likelihood(shadow_scores, shadow_in, target_scores, online=True, references=references,
+                                    memo=memo)
     return pairwise_score(log_ratio, population, gamma=gamma, tie_break=tie_break)
