@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +35,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from mia_ptq_bench.allocator import keep_freed_memory
-from mia_ptq_bench.atomic import write_text_atomic
 from mia_ptq_bench.data import ImageDataset, load_dataset
 from mia_ptq_bench.pool import pool_keep_masks
 from mia_ptq_bench.pool.train import (Speed, auto_stack, init_model, make_schedule, steps_per_epoch,
@@ -47,50 +43,7 @@ from mia_ptq_bench.pool.wide import widen
 from mia_ptq_bench.inference import accuracy
 from mia_ptq_bench.spec import load_task
 
-LINES: list[str] = []
-
-
-def say(line: str = "") -> None:
-    print(line, flush=True)
-    LINES.append(line)
-
-
-# --- the machine -------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def idle_fraction(seconds: float = 1.0) -> float:
-    """Share of the CPUs idle over ``seconds`` (Linux /proc/stat; 1.0 elsewhere)."""
-    def sample() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(values), values[3] + values[4]
-
-    try:
-        total, idle = sample()
-        time.sleep(seconds)
-        total2, idle2 = sample()
-    except OSError:
-        return 1.0
-    return (idle2 - idle) / max(1, total2 - total)
-
-
-def wait_for_quiet(patience: float) -> float:
-    """Wait (up to ``patience`` seconds) until the CPUs are >= 90% idle; return the idle share seen last."""
-    deadline = time.time() + patience
-    idle = idle_fraction()
-    while idle < 0.9 and time.time() < deadline:
-        time.sleep(4)
-        idle = idle_fraction()
-    return idle
-
+from machine import describe, idle_fraction, load_average, save, say, wait_for_quiet
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -220,12 +173,10 @@ def main() -> None:
 
     started = datetime.datetime.now()
     say(f"# pool training benchmark · {started:%Y-%m-%d %H:%M} · task {spec.id} (pool hash {spec.pool_hash[:12]})")
-    say(f"machine: {cpu_model()} · {os.cpu_count()} CPUs · torch {torch.__version__} with {torch.get_num_threads()} "
-        f"threads · Python {platform.python_version()} · device {device}")
+    say(describe(device))
     kept = keep_freed_memory()
     say(f"allocator: {'freed memory kept for reuse (mia_ptq_bench.allocator), for every trainer below' if kept else 'default (not glibc)'}")
-    say(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} · idle share now "
-        f"{idle_fraction():.2f}")
+    say(f"load average at start: {load_average()} · idle share now {idle_fraction():.2f}")
     say(f"model: {spec.model.arch} x{spec.model.width:g} {spec.model.options or ''} · input {data.input_shape} · "
         f"{len(data.pool)} pool images, {len(data.test)} test · {spec.training.epochs} epochs · batch {batch} · "
         f"{steps_per_epoch(spec, len(data.pool))} steps per epoch")
@@ -300,11 +251,9 @@ def main() -> None:
         first = 100 * np.mean(accuracies[name][:models])
         say(f"{name:32} {rate:8.0f} {100 * rate / ceiling:8.1f}% {rate / study_rate:8.2f} {rate / sequential_rate:7.2f} "
             f"{100 * np.mean(accuracies[name]):8.2f}% {first:14.2f}%")
-    say(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    say(f"load average at the end: {load_average()}")
     if args.save:
-        path = Path(__file__).parent / "results" / f"pool_training-{spec.id}-{started:%Y%m%d-%H%M}.txt"
-        write_text_atomic(path, "\n".join(LINES) + "\n")
-        print(f"saved {path}")
+        save(f"pool_training-{spec.id}-{started:%Y%m%d-%H%M}.txt")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,10 +28,9 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pool_training import cpu_model, idle_fraction, wait_for_quiet  # noqa: E402
+from machine import describe, idle_fraction, load_average, save, say, wait_for_quiet  # noqa: E402
 
 from mia_ptq_bench.allocator import keep_freed_memory  # noqa: E402
-from mia_ptq_bench.atomic import write_text_atomic  # noqa: E402
 from mia_ptq_bench.data import load_dataset  # noqa: E402
 from mia_ptq_bench.pool import pool_keep_masks  # noqa: E402
 from mia_ptq_bench.pool.train import init_model  # noqa: E402
@@ -44,14 +41,6 @@ from mia_ptq_bench.quantize.obs import HessianAccumulator  # noqa: E402
 from mia_ptq_bench.quantize.rounding import RoundingSchedule, learn_rounding  # noqa: E402
 from mia_ptq_bench.quantize.units import block_units, capture, layer_units  # noqa: E402
 from mia_ptq_bench.spec import PrecisionPlan, load_task  # noqa: E402
-
-LINES: list[str] = []
-
-
-def say(line: str = "") -> None:
-    print(line, flush=True)
-    LINES.append(line)
-
 
 def looped_vmap(function):
     """A stand-in for ``torch.vmap``: the same per-model computation, one model after another."""
@@ -93,9 +82,8 @@ def main() -> None:
     started = datetime.datetime.now()
     say(f"# PTQ profile · {started:%Y-%m-%d %H:%M} · task {spec.id} ({spec.model.arch} x{spec.model.width:g}), "
         f"{args.models} freshly initialised pool models, calibrated on their members")
-    say(f"machine: {cpu_model()} · {os.cpu_count()} CPUs · torch {torch.__version__} with {torch.get_num_threads()} "
-        f"threads · Python {platform.python_version()} · allocator {'keeps freed memory' if kept else 'default'}")
-    say(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} · idle share now {idle_fraction():.2f}")
+    say(f"{describe()} · allocator {'keeps freed memory' if kept else 'default'}")
+    say(f"load average at start: {load_average()} · idle share now {idle_fraction():.2f}")
     models = [init_model(spec, data, i).eval() for i in range(args.models)]
     images = calibration_set(spec, data, keep, 0, 256, "cpu").images
 
@@ -137,11 +125,9 @@ def main() -> None:
             total = time.perf_counter() - start
         say(f"{method:5} {total / count:7.2f} s per model · Hessians (float64) {100 * spent[0] / total:5.1f}% · "
             f"the rest {100 * (1 - spent[0] / total):5.1f}%")
-    say(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    say(f"load average at the end: {load_average()}")
     if args.save:
-        path = Path(__file__).parent / "results" / f"ptq_profile-{spec.id}-{started:%Y%m%d-%H%M}.txt"
-        write_text_atomic(path, "\n".join(LINES) + "\n")
-        print(f"saved {path}")
+        save(f"ptq_profile-{spec.id}-{started:%Y%m%d-%H%M}.txt")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,10 +29,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pool_training import cpu_model, idle_fraction, wait_for_quiet  # noqa: E402
+from machine import describe, idle_fraction, load_average, save, say, wait_for_quiet  # noqa: E402
 
 from mia_ptq_bench.allocator import keep_freed_memory  # noqa: E402
-from mia_ptq_bench.atomic import write_text_atomic  # noqa: E402
 from mia_ptq_bench.cli import make_quantizer  # noqa: E402
 from mia_ptq_bench.data import load_dataset  # noqa: E402
 from mia_ptq_bench.inference import accuracy  # noqa: E402
@@ -45,14 +42,6 @@ from mia_ptq_bench.quantize.calibration import calibration_set  # noqa: E402
 from mia_ptq_bench.quantize.obs import obc_quantize  # noqa: E402
 from mia_ptq_bench.quantize.second_order import OBC  # noqa: E402
 from mia_ptq_bench.spec import PrecisionPlan, load_task  # noqa: E402
-
-LINES: list[str] = []
-
-
-def say(line: str = "") -> None:
-    print(line, flush=True)
-    LINES.append(line)
-
 
 class PlainOBC(OBC):
     """The same sweep one row at a time, on full-size arrays throughout."""
@@ -102,10 +91,9 @@ def main() -> None:
     keep = pool_keep_masks(spec, len(data.pool))
     started = datetime.datetime.now()
     say(f"# PTQ speed benchmark · {started:%Y-%m-%d %H:%M} · task {spec.id} (pool hash {spec.pool_hash[:12]})")
-    say(f"machine: {cpu_model()} · {os.cpu_count()} CPUs · torch {torch.__version__} with {torch.get_num_threads()} "
-        f"threads · Python {platform.python_version()} · device {device} · allocator "
+    say(f"{describe(device)} · allocator "
         f"{'keeps freed memory' if kept else 'default'} (for both runs)")
-    say(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} · idle share now {idle_fraction():.2f}")
+    say(f"load average at start: {load_average()} · idle share now {idle_fraction():.2f}")
 
     start = time.perf_counter()
     models = pool_models(spec, data, args.models, args.cache_dir, device)
@@ -159,11 +147,9 @@ def main() -> None:
             say(f"{method:9} {text:12} {60 / ours_s:15.2f} {60 / plain_s:16.2f} {plain_s / ours_s:6.2f} "
                 f"{mse[0]:9.4f} {mse[1]:9.4f} {acc[0]:7.2f}% {acc[1]:8.2f}%")
     say("(MSE and accuracy over the first plain-models models, of both; ratio = plain seconds per model / ours)")
-    say(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    say(f"load average at the end: {load_average()}")
     if args.save:
-        path = Path(__file__).parent / "results" / f"ptq_speed-{spec.id}-{started:%Y%m%d-%H%M}.txt"
-        write_text_atomic(path, "\n".join(LINES) + "\n")
-        print(f"saved {path}")
+        save(f"ptq_speed-{spec.id}-{started:%Y%m%d-%H%M}.txt")
 
 
 if __name__ == "__main__":

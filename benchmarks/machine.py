@@ -1,0 +1,77 @@
+"""What every benchmark shares: the machine it ran on, waiting for quiet cores, and its saved output.
+
+A benchmark prints through ``say``; ``save`` writes everything said so far under
+benchmarks/results/ (atomically), so the file holds exactly what the reader saw.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from mia_ptq_bench.atomic import write_text_atomic
+
+RESULTS = Path(__file__).parent / "results"
+LINES: list[str] = []
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+    LINES.append(line)
+
+
+def save(name: str) -> Path:
+    """Write every line said so far to benchmarks/results/``name``; returns the path."""
+    path = RESULTS / name
+    write_text_atomic(path, "\n".join(LINES) + "\n")
+    print(f"saved {path}")
+    return path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(device: str | torch.device = "cpu") -> str:
+    """One line: CPU, cores, torch and its threads, Python, device."""
+    return (f"machine: {cpu_model()} · {os.cpu_count()} CPUs · torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads · Python {platform.python_version()} · device {device}")
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def idle_fraction(seconds: float = 1.0) -> float:
+    """Share of the CPUs idle over ``seconds`` (Linux /proc/stat; 1.0 elsewhere)."""
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(values), values[3] + values[4]
+
+    try:
+        total, idle = sample()
+        time.sleep(seconds)
+        total2, idle2 = sample()
+    except OSError:
+        return 1.0
+    return (idle2 - idle) / max(1, total2 - total)
+
+
+def wait_for_quiet(patience: float) -> float:
+    """Wait (up to ``patience`` seconds) until the CPUs are >= 90% idle; return the idle share seen last."""
+    deadline = time.time() + patience
+    idle = idle_fraction()
+    while idle < 0.9 and time.time() < deadline:
+        time.sleep(4)
+        idle = idle_fraction()
+    return idle
