@@ -256,6 +256,32 @@ def test_batched_models_equal_one_at_a_time() -> None:
             assert (a != b).float().mean() < 0.01, name  # at most a float-rounding tie flips a weight
 
 
+def test_a_unit_run_model_by_model_gives_each_model_what_it_gets_alone() -> None:
+    # A convolution with one input channel runs its models one by one inside each step (faster on a
+    # CPU than vmap's grouped convolution): then every model's rounding is exactly its own, bit for bit.
+    from mia_ptq_bench.quantize.common import GridConfig
+    from mia_ptq_bench.quantize.rounding import RoundingSchedule, learn_rounding, runs_per_model
+
+    cpu = torch.device("cpu")
+    units = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        units.append(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4).eval(), nn.ReLU()))
+    assert runs_per_model(units[0], cpu) and not runs_per_model(nn.Sequential(nn.Conv2d(2, 4, 3)), cpu)
+    assert not runs_per_model(units[0], torch.device("cuda"))  # measured on CPUs only: CUDA keeps vmap
+    inputs = torch.randn(3, 24, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        targets = torch.stack([u(x) + 0.01 * torch.randn_like(u(x)) for u, x in zip(units, inputs)])
+    grids = [{"0.weight": GridConfig().grid(u[0].weight.detach(), 4)} for u in units]
+    schedule = RoundingSchedule(60, 8, 1e-2, 0.01, 20.0, 2.0, 0.2, 0)
+    with torch.enable_grad():
+        together, _ = learn_rounding(units, ["0.weight"], {"0.weight": 4}, grids, inputs, targets, schedule)
+        for m, unit in enumerate(units):
+            alone, _ = learn_rounding([unit], ["0.weight"], {"0.weight": 4}, grids[m:m + 1], inputs[m:m + 1],
+                                      targets[m:m + 1], schedule)
+            assert torch.equal(together[m]["0.weight"], alone[0]["0.weight"])
+
+
 @pytest.mark.parametrize("method", ["adaround", "brecq", "obc", "gptq"])
 def test_methods_refuse_fp32_plan(method: str) -> None:
     assert "fp32" in QUANTIZERS.get(method)().unsupported(PrecisionPlan.parse("fp32"))

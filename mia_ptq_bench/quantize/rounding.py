@@ -11,7 +11,8 @@ rounds up where V >= 0.
 The units of M models (same architecture, e.g. ten targets, or 64 shadows for the adaptive
 attacker) are optimised together: parameters stacked along a model axis, the forward pass
 vmapped. Adam is elementwise and the losses add up, so each model gets exactly its own
-optimisation; the batching only amortises the per-step overhead.
+optimisation; the batching only amortises the per-step overhead. One kind of unit runs its
+models one after another inside each step instead (``runs_per_model``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,19 @@ class _Layer:
         return ((integers - self.zero) * self.scale).reshape(self.shape)
 
 
+def runs_per_model(unit: nn.Module, device: torch.device) -> bool:
+    """Whether a step runs the unit's models one by one, not vmapped: on a CPU, a convolution with one input channel.
+
+    vmap turns the M models' convolutions into one grouped convolution. On a CPU that is faster for
+    every unit of ResNet10 but its first, where each group has a single input channel: 7.4 ms per
+    model-step vmapped against 4.3 ms for the same convolutions one by one, and looping every unit
+    would be 1.6x slower (benchmarks/ptq_profile.py). Each model then computes exactly what it
+    would alone. Unmeasured on CUDA, which keeps vmap.
+    """
+    first = next((m for m in unit.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    return device.type == "cpu" and isinstance(first, nn.Conv2d) and first.in_channels == 1
+
+
 def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[str, int],
                    grids: list[dict[str, Grid]], inputs: torch.Tensor, targets: torch.Tensor,
                    schedule: RoundingSchedule) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
@@ -97,7 +111,11 @@ def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[
     def forward(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
         return functional_call(template, {**p, **b}, (x,))
 
-    batched = torch.vmap(forward)
+    def looped(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([forward({k: v[m] for k, v in p.items()}, {k: v[m] for k, v in b.items()}, x[m])
+                            for m in range(x.shape[0])])
+
+    batched = looped if runs_per_model(template, inputs.device) else torch.vmap(forward)
     optimizer = torch.optim.Adam([layer.v for layer in layers], lr=schedule.lr)
     generator = torch.Generator().manual_seed(schedule.seed)
     count = inputs.shape[1]
