@@ -6,9 +6,9 @@ Timing hardly depends on what the weights learned, so the models here are the po
 initialised ones (no pool to train), calibrated on their own members as ``evaluate`` does;
 ``benchmarks/ptq_speed.py`` measures speed and reconstruction error on trained models. Prints:
 - per AdaRound (layer) and BRECQ (block) unit: milliseconds per model per optimisation step with
-  ``--models`` models vmapped together (what ``evaluate`` runs) and with the same models looped
-  one by one inside each step (each convolution run per model instead of as one grouped
-  convolution), so a reader sees which units batching helps and which it slows;
+  ``--models`` models vmapped together and with the same models looped one by one inside each
+  step (each convolution run per model instead of as one grouped convolution), so a reader sees
+  which units batching helps and which it slows (``rounding.runs_per_model`` picks per unit);
 - for GPTQ and OBC on ``--second-order-models`` models: seconds per model, and the share spent accumulating
   the layer Hessians (float64, in ``obs.HessianAccumulator.add``) against the rest (grids, sweeps,
   forward passes).
@@ -42,14 +42,6 @@ from mia_ptq_bench.quantize.rounding import RoundingSchedule, learn_rounding  # 
 from mia_ptq_bench.quantize.units import block_units, capture, layer_units  # noqa: E402
 from mia_ptq_bench.spec import PrecisionPlan, load_task  # noqa: E402
 
-def looped_vmap(function):
-    """A stand-in for ``torch.vmap``: the same per-model computation, one model after another."""
-    def run(params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([function({k: v[m] for k, v in params.items()}, {k: v[m] for k, v in buffers.items()}, x[m])
-                            for m in range(x.shape[0])])
-    return run
-
-
 def unit_step_ms(units_per_model, u: int, models, images, steps: int, looped: bool) -> float:
     first = [units[u] for units in units_per_model]
     inputs = torch.stack([capture(m, unit.first, images, "input") for m, unit in zip(models, first)])
@@ -58,9 +50,10 @@ def unit_step_ms(units_per_model, u: int, models, images, steps: int, looped: bo
     grids = [{f"{p}.weight": GridConfig().grid(m.get_submodule(layer).weight.detach(), 4)
               for p, layer in unit.layers.items()} for m, unit in zip(models, first)]
     schedule = RoundingSchedule(steps, 32, 1e-2, 0.001, 20.0, 2.0, 0.2, 0)
-    with torch.enable_grad(), mock.patch.object(torch, "vmap", looped_vmap if looped else torch.vmap):
+    with torch.enable_grad():
         start = time.perf_counter()
-        learn_rounding([unit.module for unit in first], keys, {k: 4 for k in keys}, grids, inputs, targets, schedule)
+        learn_rounding([unit.module for unit in first], keys, {k: 4 for k in keys}, grids, inputs, targets, schedule,
+                       per_model=looped)
         return (time.perf_counter() - start) / steps / len(models) * 1e3
 
 

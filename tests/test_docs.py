@@ -27,6 +27,7 @@ THREATS = load_task("digits-mlp").threat_models
 PAGES = ["extend/quantizer.md", "extend/task.md", "extend/attack.md", "extend/dataset-and-model.md", "submit.md"]
 # Pages that start where another left off: their reader has run that page, so has its files and its cache.
 PREREQUISITE = {"submit.md": "extend/quantizer.md"}
+CHAINED = set(PREREQUISITE) | set(PREREQUISITE.values())  # run in one xdist worker, sharing the ``readers`` fixture
 
 
 def code_blocks(page: Path) -> list[tuple[str, str]]:
@@ -43,7 +44,7 @@ def write_files(page: Path, folder: Path) -> None:
 
 
 def run_page(page: Path, folder: Path) -> list[str]:
-    """Run the page's blocks in order in ``folder`` (cache: ``folder/cache``); returns the bash output, for the caller to check."""
+    """Run the page's blocks in order in ``folder``, caching in ``folder/cache``; returns the bash output to check."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "COLUMNS": "120", "MPTQ_CACHE": str(folder / "cache")}
     env.pop("MPTQ_TASKS", None)  # a reader has only the bundled tasks and the ones the page writes
@@ -86,11 +87,10 @@ def readers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, l
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page", [pytest.param(page, marks=pytest.mark.xdist_group("readers"))
-                                  if page in PREREQUISITE or page in PREREQUISITE.values() else page for page in PAGES])
+@pytest.mark.parametrize("page", [pytest.param(page, marks=pytest.mark.xdist_group("readers")) if page in CHAINED
+                                  else page for page in PAGES])
 def test_guide_examples_run(page: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    needed = page in PREREQUISITE or page in PREREQUISITE.values()
-    readers: dict[str, tuple[Path, list[str]]] = request.getfixturevalue("readers") if needed else {}
+    readers: dict[str, tuple[Path, list[str]]] = request.getfixturevalue("readers") if page in CHAINED else {}
     if page in readers:
         folder, outputs = readers[page]
         before: set[str] = set()

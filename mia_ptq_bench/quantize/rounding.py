@@ -86,14 +86,24 @@ def runs_per_model(unit: nn.Module, device: torch.device) -> bool:
     return device.type == "cpu" and isinstance(first, nn.Conv2d) and first.in_channels == 1
 
 
+def one_by_one(function):
+    """What ``torch.vmap(function)`` computes, computed one model after another: the same per-model ops as alone."""
+    def run(params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([function({k: v[m] for k, v in params.items()}, {k: v[m] for k, v in buffers.items()}, x[m])
+                            for m in range(x.shape[0])])
+    return run
+
+
 def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[str, int],
                    grids: list[dict[str, Grid]], inputs: torch.Tensor, targets: torch.Tensor,
-                   schedule: RoundingSchedule) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+                   schedule: RoundingSchedule, per_model: bool | None = None,
+                   ) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
     """Hard-rounded weights per model and key, for ``units`` (one per model) reconstructing ``targets``,
     and per model the fraction of soft choices that ended decided (within 0.01 of 0 or 1).
 
     inputs (M, n, ...) and targets (M, n, ...) are each model's captured unit inputs (from its
-    partly quantized self) and full-precision outputs.
+    partly quantized self) and full-precision outputs. ``per_model`` forces the models to run one by
+    one (True) or vmapped (False) inside each step; by default ``runs_per_model`` chooses.
     """
     template = units[0]
     params, buffers = stack_module_state(units)
@@ -111,11 +121,9 @@ def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[
     def forward(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
         return functional_call(template, {**p, **b}, (x,))
 
-    def looped(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([forward({k: v[m] for k, v in p.items()}, {k: v[m] for k, v in b.items()}, x[m])
-                            for m in range(x.shape[0])])
-
-    batched = looped if runs_per_model(template, inputs.device) else torch.vmap(forward)
+    if per_model is None:
+        per_model = runs_per_model(template, inputs.device)
+    batched = one_by_one(forward) if per_model else torch.vmap(forward)
     optimizer = torch.optim.Adam([layer.v for layer in layers], lr=schedule.lr)
     generator = torch.Generator().manual_seed(schedule.seed)
     count = inputs.shape[1]
