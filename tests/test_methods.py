@@ -282,6 +282,30 @@ def test_a_unit_run_model_by_model_gives_each_model_what_it_gets_alone() -> None
             assert torch.equal(together[m]["0.weight"], alone[0]["0.weight"])
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 4, 4, 4), (2, 8, 10), (1, 4, 3, 2, 2)])
+def test_reconstruction_loss_is_the_per_model_lp_loss_with_the_same_gradient(shape: tuple) -> None:
+    # Values on a 1/8 grid and averages over powers of two make every step exact in float32, on any
+    # CPU: the fused loss must then equal the reference formula and give the same gradient, bit for bit.
+    from mia_ptq_bench.quantize.rounding import reconstruction_loss
+
+    generator = torch.Generator().manual_seed(sum(shape))
+    output = (torch.randint(-16, 17, shape, generator=generator) / 8).requires_grad_()
+    target = torch.randint(-16, 17, shape, generator=generator) / 8
+    fused = reconstruction_loss(output, target)
+    (fused_grad,) = torch.autograd.grad(fused, output)
+    error = (output - target).pow(2)
+    reference = error.sum(dim=2).mean(dim=tuple(range(1, error.ndim - 1))).sum()
+    (reference_grad,) = torch.autograd.grad(reference, output)
+    assert float(fused) == float(reference) > 0
+    assert torch.equal(fused_grad, reference_grad)
+    # Models do not mix: changing one model's output changes only that model's term.
+    moved = output.detach().clone()
+    moved[0] += 1
+    per_model = [float(reconstruction_loss(o[None], t[None])) for o, t in zip(moved, target)]
+    assert float(reconstruction_loss(moved, target)) == sum(per_model)
+    assert per_model[1:] == [float(reconstruction_loss(o[None], t[None])) for o, t in zip(output.detach()[1:], target[1:])]
+
+
 @pytest.mark.parametrize("method", ["adaround", "brecq", "obc", "gptq"])
 def test_methods_refuse_fp32_plan(method: str) -> None:
     assert "fp32" in QUANTIZERS.get(method)().unsupported(PrecisionPlan.parse("fp32"))
