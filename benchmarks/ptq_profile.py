@@ -53,7 +53,7 @@ def unit_step_ms(units_per_model, u: int, models, images, steps: int, looped: bo
     with torch.enable_grad():
         start = time.perf_counter()
         learn_rounding([unit.module for unit in first], keys, {k: 4 for k in keys}, grids, inputs, targets, schedule,
-                       per_model=looped)
+                       way="one_by_one" if looped else "vmap")
         return (time.perf_counter() - start) / steps / len(models) * 1e3
 
 

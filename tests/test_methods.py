@@ -282,6 +282,57 @@ def test_a_unit_run_model_by_model_gives_each_model_what_it_gets_alone() -> None
             assert torch.equal(together[m]["0.weight"], alone[0]["0.weight"])
 
 
+@pytest.mark.parametrize("conv", [dict(bias=False), dict(bias=True, stride=2, groups=2, dilation=2, padding=2)])
+def test_a_convolution_unit_as_one_grouped_convolution_computes_what_each_model_computes(conv: dict) -> None:
+    from mia_ptq_bench.quantize.rounding import grouped_convolution, side_by_side
+
+    units = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        bn = nn.BatchNorm2d(4)
+        with torch.no_grad():
+            bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_(), bn.bias.normal_()
+        units.append(nn.Sequential(nn.Conv2d(4, 4, 3, **conv), bn.eval(), nn.ReLU()))
+    run = grouped_convolution(units[0], 3)
+    params, buffers = torch.func.stack_module_state(units)
+    x = torch.randn(3, 5, 4, 9, 9, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        together = run(params, buffers, side_by_side(x))
+        alone = side_by_side(torch.stack([unit(xm) for unit, xm in zip(units, x)]))
+    assert together.shape == alone.shape and torch.allclose(together, alone, atol=1e-5)
+
+
+def test_only_eval_convolution_layer_units_run_grouped_and_they_learn_the_same_rounding() -> None:
+    from mia_ptq_bench.quantize.common import GridConfig
+    from mia_ptq_bench.quantize.rounding import RoundingSchedule, grouped_convolution, learn_rounding
+
+    assert grouped_convolution(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4).train()), 2) is None
+    assert grouped_convolution(nn.Sequential(nn.Conv2d(2, 4, 3), nn.MaxPool2d(2)), 2) is None
+    assert grouped_convolution(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), 2) is None
+    assert grouped_convolution(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), 2) is None
+    assert grouped_convolution(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4).eval(), nn.ReLU()), 2)
+    units = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        units.append(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4).eval(), nn.ReLU()))
+    inputs = torch.randn(3, 24, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        targets = torch.stack([u(x) + 0.01 * torch.randn_like(u(x)) for u, x in zip(units, inputs)])
+    grids = [{"0.weight": GridConfig().grid(u[0].weight.detach(), 4)} for u in units]
+    schedule = RoundingSchedule(60, 8, 1e-2, 0.01, 20.0, 2.0, 0.2, 0)
+    with torch.enable_grad():
+        learned = {way: learn_rounding(units, ["0.weight"], {"0.weight": 4}, grids, inputs, targets, schedule, way=way)
+                   for way in ("grouped", "vmap")}
+        with pytest.raises(ValueError, match="grouped convolution"):
+            learn_rounding([nn.Sequential(nn.Linear(3, 2))], ["0.weight"], {"0.weight": 4},
+                           [{"0.weight": GridConfig().grid(torch.ones(2, 3), 4)}], torch.ones(1, 4, 3),
+                           torch.ones(1, 4, 2), schedule, way="grouped")
+    for grouped, vmapped in zip(learned["grouped"][0], learned["vmap"][0]):
+        flips = (grouped["0.weight"] != vmapped["0.weight"]).float().mean()
+        assert flips < 0.01  # the same optimisation: at most a float-rounding tie flips a weight
+    assert learned["grouped"][1] == pytest.approx(learned["vmap"][1], abs=0.01)
+
+
 @pytest.mark.parametrize("shape", [(3, 2, 4, 4, 4), (2, 8, 10), (1, 4, 3, 2, 2)])
 def test_reconstruction_loss_is_the_per_model_lp_loss_with_the_same_gradient(shape: tuple) -> None:
     # Values on a 1/8 grid and averages over powers of two make every step exact in float32, on any
@@ -291,7 +342,7 @@ def test_reconstruction_loss_is_the_per_model_lp_loss_with_the_same_gradient(sha
     generator = torch.Generator().manual_seed(sum(shape))
     output = (torch.randint(-16, 17, shape, generator=generator) / 8).requires_grad_()
     target = torch.randint(-16, 17, shape, generator=generator) / 8
-    fused = reconstruction_loss(output, target)
+    fused = reconstruction_loss(output, target, shape[0] * shape[2])
     (fused_grad,) = torch.autograd.grad(fused, output)
     error = (output - target).pow(2)
     reference = error.sum(dim=2).mean(dim=tuple(range(1, error.ndim - 1))).sum()
@@ -301,9 +352,15 @@ def test_reconstruction_loss_is_the_per_model_lp_loss_with_the_same_gradient(sha
     # Models do not mix: changing one model's output changes only that model's term.
     moved = output.detach().clone()
     moved[0] += 1
-    per_model = [float(reconstruction_loss(o[None], t[None])) for o, t in zip(moved, target)]
-    assert float(reconstruction_loss(moved, target)) == sum(per_model)
-    assert per_model[1:] == [float(reconstruction_loss(o[None], t[None])) for o, t in zip(output.detach()[1:], target[1:])]
+    channels = shape[2]
+    per_model = [float(reconstruction_loss(o[None], t[None], channels)) for o, t in zip(moved, target)]
+    assert float(reconstruction_loss(moved, target, shape[0] * channels)) == sum(per_model)
+    assert per_model[1:] == [float(reconstruction_loss(o[None], t[None], channels))
+                             for o, t in zip(output.detach()[1:], target[1:])]
+    # The grouped layout (batch, models x channels, ...) holds the same values: the same loss.
+    if len(shape) == 5:
+        from mia_ptq_bench.quantize.rounding import side_by_side
+        assert float(reconstruction_loss(side_by_side(moved), side_by_side(target), shape[0] * channels)) == sum(per_model)
 
 
 @pytest.mark.parametrize("method", ["adaround", "brecq", "obc", "gptq"])
