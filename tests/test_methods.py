@@ -282,9 +282,35 @@ def test_a_unit_run_model_by_model_gives_each_model_what_it_gets_alone() -> None
             assert torch.equal(together[m]["0.weight"], alone[0]["0.weight"])
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_residual_block_as_grouped_convolutions_computes_what_each_model_computes(stride: int) -> None:
+    from torchvision.models.densenet import _DenseLayer
+    from mia_ptq_bench.models.resnet import BasicBlock
+    from mia_ptq_bench.quantize.rounding import grouped_forward, side_by_side
+
+    blocks = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        block = BasicBlock(4, 8 if stride == 2 else 4, stride)
+        for bn in block.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                with torch.no_grad():
+                    bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_()
+        blocks.append(block.eval())
+    assert (blocks[0].downsample is not None) == (stride == 2)
+    run = grouped_forward(blocks[0], 3)
+    params, buffers = torch.func.stack_module_state(blocks)
+    x = torch.randn(3, 5, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        together = run(params, buffers, side_by_side(x))
+        alone = side_by_side(torch.stack([block(xm) for block, xm in zip(blocks, x)]))
+    assert together.shape == alone.shape and torch.allclose(together, alone, atol=1e-5)
+    assert grouped_forward(_DenseLayer(4, 2, 2, 0.0).eval(), 3) is None  # concatenates channels: stays with vmap
+
+
 @pytest.mark.parametrize("conv", [dict(bias=False), dict(bias=True, stride=2, groups=2, dilation=2, padding=2)])
 def test_a_convolution_unit_as_one_grouped_convolution_computes_what_each_model_computes(conv: dict) -> None:
-    from mia_ptq_bench.quantize.rounding import grouped_convolution, side_by_side
+    from mia_ptq_bench.quantize.rounding import grouped_forward, side_by_side
 
     units = []
     for seed in range(3):
@@ -293,7 +319,7 @@ def test_a_convolution_unit_as_one_grouped_convolution_computes_what_each_model_
         with torch.no_grad():
             bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_(), bn.bias.normal_()
         units.append(nn.Sequential(nn.Conv2d(4, 4, 3, **conv), bn.eval(), nn.ReLU()))
-    run = grouped_convolution(units[0], 3)
+    run = grouped_forward(units[0], 3)
     params, buffers = torch.func.stack_module_state(units)
     x = torch.randn(3, 5, 4, 9, 9, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -302,15 +328,15 @@ def test_a_convolution_unit_as_one_grouped_convolution_computes_what_each_model_
     assert together.shape == alone.shape and torch.allclose(together, alone, atol=1e-5)
 
 
-def test_only_eval_convolution_layer_units_run_grouped_and_they_learn_the_same_rounding() -> None:
+def test_only_units_of_convolutions_relus_and_sums_run_grouped_and_they_learn_the_same_rounding() -> None:
     from mia_ptq_bench.quantize.common import GridConfig
-    from mia_ptq_bench.quantize.rounding import RoundingSchedule, grouped_convolution, learn_rounding
+    from mia_ptq_bench.quantize.rounding import RoundingSchedule, grouped_forward, learn_rounding
 
-    assert grouped_convolution(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4).train()), 2) is None
-    assert grouped_convolution(nn.Sequential(nn.Conv2d(2, 4, 3), nn.MaxPool2d(2)), 2) is None
-    assert grouped_convolution(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), 2) is None
-    assert grouped_convolution(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), 2) is None
-    assert grouped_convolution(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4).eval(), nn.ReLU()), 2)
+    assert grouped_forward(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4).train()), 2) is None
+    assert grouped_forward(nn.Sequential(nn.Conv2d(2, 4, 3), nn.MaxPool2d(2)), 2) is None
+    assert grouped_forward(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), 2) is None
+    assert grouped_forward(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), 2) is None
+    assert grouped_forward(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4).eval(), nn.ReLU()), 2)
     units = []
     for seed in range(3):
         torch.manual_seed(seed)
@@ -323,7 +349,7 @@ def test_only_eval_convolution_layer_units_run_grouped_and_they_learn_the_same_r
     with torch.enable_grad():
         learned = {way: learn_rounding(units, ["0.weight"], {"0.weight": 4}, grids, inputs, targets, schedule, way=way)
                    for way in ("grouped", "vmap")}
-        with pytest.raises(ValueError, match="grouped convolution"):
+        with pytest.raises(ValueError, match="grouped convolutions"):
             learn_rounding([nn.Sequential(nn.Linear(3, 2))], ["0.weight"], {"0.weight": 4},
                            [{"0.weight": GridConfig().grid(torch.ones(2, 3), 4)}], torch.ones(1, 4, 3),
                            torch.ones(1, 4, 2), schedule, way="grouped")

@@ -10,18 +10,21 @@ rounds up where V >= 0.
 
 The units of M models (same architecture, e.g. ten targets, or 64 shadows for the adaptive
 attacker) are optimised together: parameters stacked along a model axis, the forward pass
-vmapped, or for a convolution layer unit written out as one grouped convolution
-(``grouped_convolution``). Adam is elementwise and the losses add up, so each model gets its own
+vmapped, or for a unit of convolutions, ReLUs and additions (AdaRound's layers, BRECQ's
+residual blocks) with each convolution one grouped convolution (``grouped_forward``). Adam is
+elementwise and the losses add up, so each model gets its own
 optimisation; the batching only amortises the per-step overhead. One kind of unit runs its
 models one after another inside each step instead (``runs_per_model``).
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.fx as fx
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
@@ -99,43 +102,65 @@ def runs_per_model(unit: nn.Module, device: torch.device) -> bool:
     return device.type == "cpu" and isinstance(first, nn.Conv2d) and first.in_channels == 1
 
 
-def grouped_convolution(template: nn.Module, models: int):
-    """The unit's forward pass for all models as one grouped convolution, or None if the unit is not
-    a Conv2d followed only by BatchNorm2d in eval mode, ReLU or Identity (an AdaRound layer unit).
+# Operations that act the same on each model's channels when the models sit side by side along them.
+_SIDE_BY_SIDE_FUNCTIONS = {operator.add, torch.add, torch.relu, F.relu}
+
+
+def grouped_forward(template: nn.Module, models: int):
+    """The unit's forward pass for all models at once, each convolution one grouped convolution, or
+    None unless the unit's traced graph holds only Conv2d, BatchNorm2d in eval mode, ReLU, Identity
+    and additions: an AdaRound layer unit, or a BRECQ residual block (a DenseNet layer concatenates
+    channels, so it stays with vmap).
 
     Its input and output hold the models side by side along the channels, (batch, models x channels,
     H, W), so a step gathers its batch along the first axis and nothing is transposed. vmap builds
-    the same grouped convolution but moves the model axis in and out of the channels around every
-    operation: this is about 20% faster per step on ResNet10's layer units (docs/quantizers.md).
-    The same sums in another order: results agree with vmap's up to float rounding.
+    the same grouped convolutions but moves the model axis in and out of the channels around every
+    operation: this is 10-25% faster per step on ResNet10's units (docs/quantizers.md). The same
+    sums, in the same or another order: results agree with vmap's up to float rounding.
     """
-    if not isinstance(template, nn.Sequential) or not isinstance(template[0], nn.Conv2d):
+    try:
+        graph = fx.symbolic_trace(template)
+    except Exception:  # untraceable control flow: vmap handles it
         return None
-    conv, followers = template[0], list(template)[1:]
-    if conv.padding_mode != "zeros" or not all(
-            isinstance(m, (nn.ReLU, nn.Identity)) or (type(m) is nn.BatchNorm2d and not m.training
-                                                      and m.track_running_stats) for m in followers):
-        return None
+    modules = dict(graph.named_modules())
+    for node in graph.graph.nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if node.op == "call_module" and not (
+                (isinstance(module, nn.Conv2d) and module.padding_mode == "zeros")
+                or (type(module) is nn.BatchNorm2d and not module.training and module.track_running_stats)
+                or isinstance(module, (nn.ReLU, nn.Identity))):
+            return None
+        if node.op == "call_function" and node.target not in _SIDE_BY_SIDE_FUNCTIONS:
+            return None
+        if node.op in ("call_method", "get_attr"):
+            return None
 
     def flat(tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.reshape(-1, *tensor.shape[2:])
 
-    def run(params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
-        out = F.conv2d(x, flat(params["0.weight"]), flat(params.get("0.bias")), conv.stride,
-                       conv.padding, conv.dilation, conv.groups * models)
-        for i, module in enumerate(followers, start=1):
+    class SideBySide(fx.Interpreter):
+        def __init__(self, params: dict, buffers: dict) -> None:
+            super().__init__(graph)
+            self.params, self.buffers = params, buffers
+
+        def call_module(self, target, args, kwargs):
+            module, p, b = modules[target], self.params, self.buffers
+            if isinstance(module, nn.Conv2d):
+                return F.conv2d(args[0], flat(p[f"{target}.weight"]), flat(p.get(f"{target}.bias")), module.stride,
+                                module.padding, module.dilation, module.groups * models)
             if isinstance(module, nn.BatchNorm2d):
-                out = F.batch_norm(out, flat(buffers[f"{i}.running_mean"]),
-                                   flat(buffers[f"{i}.running_var"]), flat(params.get(f"{i}.weight")),
-                                   flat(params.get(f"{i}.bias")), False, 0.0, module.eps)
-            elif isinstance(module, nn.ReLU):
-                out = F.relu(out)
-        return out
+                return F.batch_norm(args[0], flat(b[f"{target}.running_mean"]), flat(b[f"{target}.running_var"]),
+                                    flat(p.get(f"{target}.weight")), flat(p.get(f"{target}.bias")), False, 0.0,
+                                    module.eps)
+            return super().call_module(target, args, kwargs)  # ReLU, Identity
+
+    def run(params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+        return SideBySide(params, buffers).run(x)
     return run
 
 
 def side_by_side(activations: torch.Tensor) -> torch.Tensor:
-    """(models, n, C, ...) -> (n, models x C, ...), the layout of ``grouped_convolution``."""
+    """(models, n, C, ...) -> (n, models x C, ...), the layout of ``grouped_forward``."""
     return activations.transpose(0, 1).reshape(activations.shape[1], -1, *activations.shape[3:]).contiguous()
 
 
@@ -155,8 +180,8 @@ def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[
     and per model the fraction of soft choices that ended decided (within 0.01 of 0 or 1).
 
     inputs (M, n, ...) and targets (M, n, ...) are each model's captured unit inputs (from its
-    partly quantized self) and full-precision outputs. Inside each step the models run as one grouped
-    convolution ("grouped", ``grouped_convolution``), vmapped ("vmap") or one by one ("one_by_one",
+    partly quantized self) and full-precision outputs. Inside each step the models run as grouped
+    convolutions ("grouped", ``grouped_forward``), vmapped ("vmap") or one by one ("one_by_one",
     ``runs_per_model``); ``way`` forces one, by default the first that applies of one_by_one, grouped, vmap.
     """
     template = units[0]
@@ -176,12 +201,12 @@ def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[
         return functional_call(template, {**p, **b}, (x,))
 
     models = len(units)
-    grouped = grouped_convolution(template, models)
+    grouped = grouped_forward(template, models)
     if way is None:
         way = "one_by_one" if runs_per_model(template, inputs.device) else "grouped" if grouped else "vmap"
     if way == "grouped":
         if grouped is None:
-            raise ValueError(f"a {type(template).__name__} unit cannot run as one grouped convolution")
+            raise ValueError(f"a {type(template).__name__} unit cannot run as grouped convolutions")
         batched, axis = grouped, 0
         inputs, targets = side_by_side(inputs), side_by_side(targets)
     else:
