@@ -3,12 +3,13 @@
     python benchmarks/ptq_profile.py --task fashion-mnist-resnet --data-root DATA --save
 
 Timing hardly depends on what the weights learned, so the models here are the pool's freshly
-initialised ones (no pool to train), calibrated on their own members as ``evaluate`` does;
+initialised ones (no pool to train), BatchNorm folded and calibrated on their own members as
+``evaluate`` does by default;
 ``benchmarks/ptq_speed.py`` measures speed and reconstruction error on trained models. Prints:
-- per AdaRound (layer) and BRECQ (block) unit: milliseconds per model per optimisation step with
-  ``--models`` models vmapped together and with the same models looped one by one inside each
-  step (each convolution run per model instead of as one grouped convolution), so a reader sees
-  which units batching helps and which it slows (``rounding.runs_per_model`` picks per unit);
+- per AdaRound (layer) and BRECQ (block) unit: milliseconds per model per optimisation step for
+  ``--models`` models run each way ``rounding.learn_rounding`` knows: vmapped, as grouped
+  convolutions on activations kept side by side (``rounding.grouped_forward``, where the unit
+  allows it) and looped one by one inside each step, and which way it picks by default;
 - for GPTQ and OBC on ``--second-order-models`` models: seconds per model, and the share spent accumulating
   the layer Hessians (float64, in ``obs.HessianAccumulator.add``) against the rest (grids, sweeps,
   forward passes).
@@ -38,14 +39,25 @@ from mia_ptq_bench.quantize import QUANTIZERS  # noqa: E402
 from mia_ptq_bench.quantize.calibration import calibration_set  # noqa: E402
 from mia_ptq_bench.quantize.common import GridConfig  # noqa: E402
 from mia_ptq_bench.quantize.obs import HessianAccumulator  # noqa: E402
-from mia_ptq_bench.quantize.rounding import RoundingSchedule, learn_rounding  # noqa: E402
+from mia_ptq_bench.quantize.batchnorm import fold_batchnorm  # noqa: E402
+from mia_ptq_bench.quantize.rounding import (RoundingSchedule, grouped_forward, learn_rounding,  # noqa: E402
+                                             runs_per_model)
 from mia_ptq_bench.quantize.units import block_units, capture, layer_units  # noqa: E402
 from mia_ptq_bench.spec import PrecisionPlan, load_task  # noqa: E402
 
-def unit_step_ms(units_per_model, u: int, models, images, steps: int, looped: bool) -> float:
+WAYS = ("vmap", "grouped", "one_by_one")
+
+
+def default_way(unit, count: int) -> str:
+    if runs_per_model(unit, torch.device("cpu")):
+        return "one_by_one"
+    return "grouped" if grouped_forward(unit, count) else "vmap"
+
+
+def unit_step_ms(units_per_model, u: int, models, images, steps: int, way: str) -> float:
     first = [units[u] for units in units_per_model]
-    inputs = torch.stack([capture(m, unit.first, images, "input") for m, unit in zip(models, first)])
-    targets = torch.stack([capture(m, unit.last, images, "output") for m, unit in zip(models, first)])
+    inputs = torch.stack([capture(m, unit.first, images, "input") for m, unit in zip(models, first)], dim=1)
+    targets = torch.stack([capture(m, unit.last, images, "output") for m, unit in zip(models, first)], dim=1)
     keys = [f"{prefix}.weight" for prefix in first[0].layers]
     grids = [{f"{p}.weight": GridConfig().grid(m.get_submodule(layer).weight.detach(), 4)
               for p, layer in unit.layers.items()} for m, unit in zip(models, first)]
@@ -53,7 +65,7 @@ def unit_step_ms(units_per_model, u: int, models, images, steps: int, looped: bo
     with torch.enable_grad():
         start = time.perf_counter()
         learn_rounding([unit.module for unit in first], keys, {k: 4 for k in keys}, grids, inputs, targets, schedule,
-                       way="one_by_one" if looped else "vmap")
+                       way=way)
         return (time.perf_counter() - start) / steps / len(models) * 1e3
 
 
@@ -77,23 +89,28 @@ def main() -> None:
         f"{args.models} freshly initialised pool models, calibrated on their members")
     say(f"{describe()} · allocator {'keeps freed memory' if kept else 'default'}")
     say(f"load average at start: {load_average()} · idle share now {idle_fraction():.2f}")
-    models = [init_model(spec, data, i).eval() for i in range(args.models)]
+    models = [fold_batchnorm(init_model(spec, data, i).eval()) for i in range(args.models)]
     images = calibration_set(spec, data, keep, 0, 256, "cpu").images
 
     for method, split in (("adaround", layer_units), ("brecq", block_units)):
         say()
         say(f"{method}: ms per model per step, {args.models} models, batch 32, {args.steps} steps per unit")
-        say(f"{'unit':28} {'input':14} {'vmapped':>8} {'looped':>8} {'looped/vmapped':>15}")
+        say(f"{'unit':28} {'input':14} " + " ".join(f"{way:>10}" for way in WAYS) + f" {'default':>10}")
         units_per_model = [split(m) for m in models]
-        totals = [0.0, 0.0]
+        totals = dict.fromkeys(WAYS + ("default",), 0.0)
         for u, unit in enumerate(units_per_model[0]):
             wait_for_quiet(args.patience)
-            times = [unit_step_ms(units_per_model, u, models, images, args.steps, looped) for looped in (False, True)]
-            totals = [t + x for t, x in zip(totals, times)]
+            chosen = default_way(unit.module, args.models)
+            times = {way: unit_step_ms(units_per_model, u, models, images, args.steps, way) for way in WAYS
+                     if way != "grouped" or grouped_forward(unit.module, args.models)}
+            times["default"] = times[chosen]
+            for way in totals:  # a unit that cannot run grouped counts at its default in that column
+                totals[way] += times.get(way, times["default"])
             first_input = capture(models[0], unit.first, images[:1], "input")
-            say(f"{unit.name:28} {'x'.join(map(str, first_input.shape[1:])):14} {times[0]:8.3f} {times[1]:8.3f} "
-                f"{times[1] / times[0]:15.2f}")
-        say(f"{'all units':28} {'':14} {totals[0]:8.3f} {totals[1]:8.3f} {totals[1] / totals[0]:15.2f}")
+            cells = " ".join(f"{times[way]:10.3f}" if way in times else f"{'-':>10}" for way in WAYS)
+            say(f"{unit.name:28} {'x'.join(map(str, first_input.shape[1:])):14} {cells} {chosen:>10}")
+        say(f"{'all units':28} {'':14} " + " ".join(f"{totals[way]:10.3f}" for way in WAYS)
+            + f" {totals['default']:10.3f}")
 
     say()
     count = args.second_order_models

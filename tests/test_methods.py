@@ -231,8 +231,8 @@ def test_adaround_rounding_variables_end_at_zero_or_one(levels: int) -> None:
     # 2,000 steps instead of 20,000, with a 10x learning rate to match
     schedule = RoundingSchedule(iters=2000, batch_size=32, lr=1e-2, reg_weight=0.01, beta_start=20, beta_end=2,
                                 warmup=0.2, seed=0)
-    weights, decided = learn_rounding([layer], ["0.weight"], {"0.weight": levels}, [{"0.weight": grid}], x[None],
-                                      target[None], schedule)
+    weights, decided = learn_rounding([layer], ["0.weight"], {"0.weight": levels}, [{"0.weight": grid}], x[:, None],
+                                      target[:, None], schedule)
     assert decided[0] > 0.99  # soft choices within 0.01 of 0 or 1: hard rounding changes almost nothing
     values = weights[0]["0.weight"]
     exact = layer[0].weight.detach()
@@ -275,18 +275,24 @@ def test_a_unit_run_model_by_model_gives_each_model_what_it_gets_alone() -> None
     grids = [{"0.weight": GridConfig().grid(u[0].weight.detach(), 4)} for u in units]
     schedule = RoundingSchedule(60, 8, 1e-2, 0.01, 20.0, 2.0, 0.2, 0)
     with torch.enable_grad():
-        together, _ = learn_rounding(units, ["0.weight"], {"0.weight": 4}, grids, inputs, targets, schedule)
+        together, _ = learn_rounding(units, ["0.weight"], {"0.weight": 4}, grids, inputs.transpose(0, 1),
+                                     targets.transpose(0, 1), schedule)
         for m, unit in enumerate(units):
-            alone, _ = learn_rounding([unit], ["0.weight"], {"0.weight": 4}, grids[m:m + 1], inputs[m:m + 1],
-                                      targets[m:m + 1], schedule)
+            alone, _ = learn_rounding([unit], ["0.weight"], {"0.weight": 4}, grids[m:m + 1],
+                                      inputs[m:m + 1].transpose(0, 1), targets[m:m + 1].transpose(0, 1), schedule)
             assert torch.equal(together[m]["0.weight"], alone[0]["0.weight"])
+
+
+def side_by_side(x: torch.Tensor) -> torch.Tensor:
+    """(models, n, C, ...) -> (n, models x C, ...): the models side by side along the channels."""
+    return x.transpose(0, 1).flatten(1, 2)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_a_residual_block_as_grouped_convolutions_computes_what_each_model_computes(stride: int) -> None:
     from torchvision.models.densenet import _DenseLayer
     from mia_ptq_bench.models.resnet import BasicBlock
-    from mia_ptq_bench.quantize.rounding import grouped_forward, side_by_side
+    from mia_ptq_bench.quantize.rounding import grouped_forward
 
     blocks = []
     for seed in range(3):
@@ -310,7 +316,7 @@ def test_a_residual_block_as_grouped_convolutions_computes_what_each_model_compu
 
 @pytest.mark.parametrize("conv", [dict(bias=False), dict(bias=True, stride=2, groups=2, dilation=2, padding=2)])
 def test_a_convolution_unit_as_one_grouped_convolution_computes_what_each_model_computes(conv: dict) -> None:
-    from mia_ptq_bench.quantize.rounding import grouped_forward, side_by_side
+    from mia_ptq_bench.quantize.rounding import grouped_forward
 
     units = []
     for seed in range(3):
@@ -347,16 +353,18 @@ def test_only_units_of_convolutions_relus_and_sums_run_grouped_and_they_learn_th
     grids = [{"0.weight": GridConfig().grid(u[0].weight.detach(), 4)} for u in units]
     schedule = RoundingSchedule(60, 8, 1e-2, 0.01, 20.0, 2.0, 0.2, 0)
     with torch.enable_grad():
-        learned = {way: learn_rounding(units, ["0.weight"], {"0.weight": 4}, grids, inputs, targets, schedule, way=way)
-                   for way in ("grouped", "vmap")}
+        learned = {way: learn_rounding(units, ["0.weight"], {"0.weight": 4}, grids, inputs.transpose(0, 1),
+                                       targets.transpose(0, 1), schedule, way=way)
+                   for way in ("grouped", "vmap", "one_by_one")}
         with pytest.raises(ValueError, match="grouped convolutions"):
             learn_rounding([nn.Sequential(nn.Linear(3, 2))], ["0.weight"], {"0.weight": 4},
-                           [{"0.weight": GridConfig().grid(torch.ones(2, 3), 4)}], torch.ones(1, 4, 3),
-                           torch.ones(1, 4, 2), schedule, way="grouped")
-    for grouped, vmapped in zip(learned["grouped"][0], learned["vmap"][0]):
-        flips = (grouped["0.weight"] != vmapped["0.weight"]).float().mean()
-        assert flips < 0.01  # the same optimisation: at most a float-rounding tie flips a weight
-    assert learned["grouped"][1] == pytest.approx(learned["vmap"][1], abs=0.01)
+                           [{"0.weight": GridConfig().grid(torch.ones(2, 3), 4)}], torch.ones(4, 1, 3),
+                           torch.ones(4, 1, 2), schedule, way="grouped")
+    for way in ("grouped", "one_by_one"):
+        for theirs, vmapped in zip(learned[way][0], learned["vmap"][0]):
+            flips = (theirs["0.weight"] != vmapped["0.weight"]).float().mean()
+            assert flips < 0.01, way  # the same optimisation: at most a float-rounding tie flips a weight
+        assert learned[way][1] == pytest.approx(learned["vmap"][1], abs=0.01)
 
 
 @pytest.mark.parametrize("shape", [(3, 2, 4, 4, 4), (2, 8, 10), (1, 4, 3, 2, 2)])
@@ -385,7 +393,6 @@ def test_reconstruction_loss_is_the_per_model_lp_loss_with_the_same_gradient(sha
                              for o, t in zip(output.detach()[1:], target[1:])]
     # The grouped layout (batch, models x channels, ...) holds the same values: the same loss.
     if len(shape) == 5:
-        from mia_ptq_bench.quantize.rounding import side_by_side
         assert float(reconstruction_loss(side_by_side(moved), side_by_side(target), shape[0] * channels)) == sum(per_model)
 
 

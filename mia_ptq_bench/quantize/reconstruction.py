@@ -58,10 +58,11 @@ class _Reconstruction(CalibratedQuantizer):
         for u in range(count):
             sources = models if cfg.inputs == "quantized" else originals
             source_units = quantized_units if cfg.inputs == "quantized" else original_units
+            # Example-major, the models side by side: what learn_rounding reads without copying.
             inputs = torch.stack([capture(src, su[u].first, cal.images, "input", cfg.capture_batch)
-                                  for src, su, cal in zip(sources, source_units, calibrations)])
+                                  for src, su, cal in zip(sources, source_units, calibrations)], dim=1)
             targets = torch.stack([capture(orig, ou[u].last, cal.images, "output", cfg.capture_batch)
-                                   for orig, ou, cal in zip(originals, original_units, calibrations)])
+                                   for orig, ou, cal in zip(originals, original_units, calibrations)], dim=1)
             if not (torch.isfinite(inputs).all() and torch.isfinite(targets).all()):
                 raise BenchError(f"{self.name}: non-finite calibration activations at {quantized_units[0][u].name}")
             unit_layers = quantized_units[0][u].layers

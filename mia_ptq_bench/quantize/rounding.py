@@ -113,7 +113,7 @@ def grouped_forward(template: nn.Module, models: int):
     channels, so it stays with vmap).
 
     Its input and output hold the models side by side along the channels, (batch, models x channels,
-    H, W), so a step gathers its batch along the first axis and nothing is transposed. vmap builds
+    H, W): the example-major activations of ``learn_rounding`` viewed without a copy. vmap builds
     the same grouped convolutions but moves the model axis in and out of the channels around every
     operation: this is 10-25% faster per step on ResNet10's units (docs/quantizers.md). The same
     sums, in the same or another order: results agree with vmap's up to float rounding.
@@ -159,16 +159,12 @@ def grouped_forward(template: nn.Module, models: int):
     return run
 
 
-def side_by_side(activations: torch.Tensor) -> torch.Tensor:
-    """(models, n, C, ...) -> (n, models x C, ...), the layout of ``grouped_forward``."""
-    return activations.transpose(0, 1).reshape(activations.shape[1], -1, *activations.shape[3:]).contiguous()
-
-
 def one_by_one(function):
-    """What ``torch.vmap(function)`` computes, computed one model after another: the same per-model ops as alone."""
+    """What ``torch.vmap(function)`` computes on (batch, models, ...), computed one model after another:
+    the same per-model ops as alone."""
     def run(params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([function({k: v[m] for k, v in params.items()}, {k: v[m] for k, v in buffers.items()}, x[m])
-                            for m in range(x.shape[0])])
+        return torch.stack([function({k: v[m] for k, v in params.items()}, {k: v[m] for k, v in buffers.items()},
+                                     x[:, m]) for m in range(x.shape[1])], dim=1)
     return run
 
 
@@ -179,10 +175,12 @@ def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[
     """Hard-rounded weights per model and key, for ``units`` (one per model) reconstructing ``targets``,
     and per model the fraction of soft choices that ended decided (within 0.01 of 0 or 1).
 
-    inputs (M, n, ...) and targets (M, n, ...) are each model's captured unit inputs (from its
-    partly quantized self) and full-precision outputs. Inside each step the models run as grouped
-    convolutions ("grouped", ``grouped_forward``), vmapped ("vmap") or one by one ("one_by_one",
-    ``runs_per_model``); ``way`` forces one, by default the first that applies of one_by_one, grouped, vmap.
+    inputs (n, M, ...) and targets (n, M, ...) hold, example by example, each model's captured unit
+    inputs (from its partly quantized self) and full-precision outputs side by side: a step gathers
+    its batch along the first axis, and every way below reads that layout without copying it.
+    Inside each step the models run as grouped convolutions ("grouped", ``grouped_forward``),
+    vmapped ("vmap") or one by one ("one_by_one", ``runs_per_model``); ``way`` forces one, by
+    default the first that applies of one_by_one, grouped, vmap.
     """
     template = units[0]
     params, buffers = stack_module_state(units)
@@ -207,19 +205,19 @@ def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[
     if way == "grouped":
         if grouped is None:
             raise ValueError(f"a {type(template).__name__} unit cannot run as grouped convolutions")
-        batched, axis = grouped, 0
-        inputs, targets = side_by_side(inputs), side_by_side(targets)
+
+        def batched(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
+            return grouped(p, b, x.flatten(1, 2)).unflatten(1, (models, -1))
     else:
-        batched, axis = {"one_by_one": one_by_one(forward), "vmap": torch.vmap(forward)}[way], 1
-    model_channels = models * targets.shape[2] if axis == 1 else targets.shape[1]
+        batched = {"one_by_one": one_by_one(forward), "vmap": torch.vmap(forward, in_dims=(0, 0, 1), out_dims=1)}[way]
     optimizer = torch.optim.Adam([layer.v for layer in layers], lr=schedule.lr)
     generator = torch.Generator().manual_seed(schedule.seed)
-    count = inputs.shape[axis]
+    model_channels = models * targets.shape[2]
     for step in range(schedule.iters):
-        index = torch.randperm(count, generator=generator)[: schedule.batch_size].to(inputs.device)
+        index = torch.randperm(inputs.shape[0], generator=generator)[: schedule.batch_size].to(inputs.device)
         soft = {layer.key: layer.weights(soft_choice(layer.v)) for layer in layers}
-        output = batched({**params, **soft}, buffers, inputs.index_select(axis, index))
-        loss = reconstruction_loss(output, targets.index_select(axis, index), model_channels)
+        output = batched({**params, **soft}, buffers, inputs.index_select(0, index))
+        loss = reconstruction_loss(output, targets.index_select(0, index), model_channels)
         if step >= schedule.warmup * schedule.iters:
             beta = beta_at(step, schedule)
             for layer in layers:
