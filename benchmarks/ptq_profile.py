@@ -40,18 +40,12 @@ from mia_ptq_bench.quantize.calibration import calibration_set  # noqa: E402
 from mia_ptq_bench.quantize.common import GridConfig  # noqa: E402
 from mia_ptq_bench.quantize.obs import HessianAccumulator  # noqa: E402
 from mia_ptq_bench.quantize.batchnorm import fold_batchnorm  # noqa: E402
-from mia_ptq_bench.quantize.rounding import (RoundingSchedule, grouped_forward, learn_rounding,  # noqa: E402
-                                             runs_per_model)
+from mia_ptq_bench.quantize.rounding import (RoundingSchedule, choose_way, grouped_forward,  # noqa: E402
+                                             learn_rounding)
 from mia_ptq_bench.quantize.units import block_units, capture, layer_units  # noqa: E402
 from mia_ptq_bench.spec import PrecisionPlan, load_task  # noqa: E402
 
 WAYS = ("vmap", "grouped", "one_by_one")
-
-
-def default_way(unit, count: int) -> str:
-    if runs_per_model(unit, torch.device("cpu")):
-        return "one_by_one"
-    return "grouped" if grouped_forward(unit, count) else "vmap"
 
 
 def unit_step_ms(units_per_model, u: int, models, images, steps: int, way: str) -> float:
@@ -100,7 +94,7 @@ def main() -> None:
         totals = dict.fromkeys(WAYS + ("default",), 0.0)
         for u, unit in enumerate(units_per_model[0]):
             wait_for_quiet(args.patience)
-            chosen = default_way(unit.module, args.models)
+            chosen = choose_way(unit.module, args.models, torch.device("cpu"))
             times = {way: unit_step_ms(units_per_model, u, models, images, args.steps, way) for way in WAYS
                      if way != "grouped" or grouped_forward(unit.module, args.models)}
             times["default"] = times[chosen]

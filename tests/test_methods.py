@@ -288,6 +288,27 @@ def side_by_side(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).flatten(1, 2)
 
 
+def randomise_batchnorm(module: nn.Module) -> nn.Module:
+    """Running statistics and affine parameters away from their defaults, so BatchNorm does something."""
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_(), bn.bias.normal_()
+    return module.eval()
+
+
+def assert_grouped_forward_computes_each_models_output(units: list[nn.Module], x: torch.Tensor) -> None:
+    """x (models, n, ...): the grouped pass over all units equals each unit on its own input."""
+    from mia_ptq_bench.quantize.rounding import grouped_forward
+
+    run = grouped_forward(units[0], len(units))
+    params, buffers = torch.func.stack_module_state(units)
+    with torch.no_grad():
+        together = run(params, buffers, side_by_side(x))
+        alone = side_by_side(torch.stack([unit(xm) for unit, xm in zip(units, x)]))
+    assert together.shape == alone.shape and torch.allclose(together, alone, atol=1e-5)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_a_residual_block_as_grouped_convolutions_computes_what_each_model_computes(stride: int) -> None:
     from torchvision.models.densenet import _DenseLayer
@@ -297,41 +318,21 @@ def test_a_residual_block_as_grouped_convolutions_computes_what_each_model_compu
     blocks = []
     for seed in range(3):
         torch.manual_seed(seed)
-        block = BasicBlock(4, 8 if stride == 2 else 4, stride)
-        for bn in block.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                with torch.no_grad():
-                    bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_()
-        blocks.append(block.eval())
+        blocks.append(randomise_batchnorm(BasicBlock(4, 8 if stride == 2 else 4, stride)))
     assert (blocks[0].downsample is not None) == (stride == 2)
-    run = grouped_forward(blocks[0], 3)
-    params, buffers = torch.func.stack_module_state(blocks)
-    x = torch.randn(3, 5, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        together = run(params, buffers, side_by_side(x))
-        alone = side_by_side(torch.stack([block(xm) for block, xm in zip(blocks, x)]))
-    assert together.shape == alone.shape and torch.allclose(together, alone, atol=1e-5)
+    assert_grouped_forward_computes_each_models_output(
+        blocks, torch.randn(3, 5, 4, 8, 8, generator=torch.Generator().manual_seed(1)))
     assert grouped_forward(_DenseLayer(4, 2, 2, 0.0).eval(), 3) is None  # concatenates channels: stays with vmap
 
 
 @pytest.mark.parametrize("conv", [dict(bias=False), dict(bias=True, stride=2, groups=2, dilation=2, padding=2)])
 def test_a_convolution_unit_as_one_grouped_convolution_computes_what_each_model_computes(conv: dict) -> None:
-    from mia_ptq_bench.quantize.rounding import grouped_forward
-
     units = []
     for seed in range(3):
         torch.manual_seed(seed)
-        bn = nn.BatchNorm2d(4)
-        with torch.no_grad():
-            bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_(), bn.bias.normal_()
-        units.append(nn.Sequential(nn.Conv2d(4, 4, 3, **conv), bn.eval(), nn.ReLU()))
-    run = grouped_forward(units[0], 3)
-    params, buffers = torch.func.stack_module_state(units)
-    x = torch.randn(3, 5, 4, 9, 9, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        together = run(params, buffers, side_by_side(x))
-        alone = side_by_side(torch.stack([unit(xm) for unit, xm in zip(units, x)]))
-    assert together.shape == alone.shape and torch.allclose(together, alone, atol=1e-5)
+        units.append(randomise_batchnorm(nn.Sequential(nn.Conv2d(4, 4, 3, **conv), nn.BatchNorm2d(4), nn.ReLU())))
+    assert_grouped_forward_computes_each_models_output(
+        units, torch.randn(3, 5, 4, 9, 9, generator=torch.Generator().manual_seed(1)))
 
 
 def test_only_units_of_convolutions_relus_and_sums_run_grouped_and_they_learn_the_same_rounding() -> None:
