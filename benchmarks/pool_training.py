@@ -5,8 +5,9 @@
 
 Prints the machine (CPU, threads, torch, load), the measured fp32 peak (a 2048x2048 GEMM, best
 of N) and what the model's own convolutions reach alone and stacked, the model's FLOP per
-training image (FlopCounterMode, forward + backward), the ceiling in images per second, and
-for each trainer: images per second, % of the ceiling, mean test accuracy, ratios. The
+training image (FlopCounterMode, forward + backward), two ceilings in images per second (every
+FLOP at the GEMM peak; only the model's convolutions, each at its measured stacked rate), and
+for each trainer: images per second, % of both ceilings, mean test accuracy, ratios. The
 trainers run interleaved (--rounds), each after waiting for an idle CPU (the cores are
 shared), and the best round counts. --save writes the output under benchmarks/results/.
 
@@ -81,8 +82,8 @@ def layer_shapes(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> 
     return shapes
 
 
-def conv_rate(conv: nn.Conv2d, shape: tuple, group: int, device: torch.device, layout) -> float:
-    """FLOP/s of one training step of ``conv`` (forward, weight and input gradients) for ``group`` models."""
+def conv_step(conv: nn.Conv2d, shape: tuple, group: int, device: torch.device, layout) -> tuple[float, float]:
+    """FLOP and best seconds of one training step of ``conv`` (forward, weight and input gradients) for ``group`` models."""
     batch, channels, height, width = shape
     x = torch.randn(batch, group * channels, height, width, device=device).contiguous(memory_format=layout)
     weight = torch.randn(group * conv.out_channels, channels // conv.groups, *conv.kernel_size,
@@ -97,7 +98,7 @@ def conv_rate(conv: nn.Conv2d, shape: tuple, group: int, device: torch.device, l
 
     macs = out_shape.numel() * (channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
     flop = 2 * macs * (3 if x.requires_grad else 2)
-    return flop / best_time(step, device, 5)
+    return flop, best_time(step, device, 5)
 
 
 # --- (a) the study-style loop --------------------------------------------------------------
@@ -189,14 +190,19 @@ def main() -> None:
     wide_layout = torch.channels_last if device.type == "cpu" or speed.channels_last else torch.contiguous_format
     say(f"the model's convolutions, one training step (forward + gradients) at batch {batch}, GFLOP/s:")
     say(f"  {'layer':28} {'input':>20} {'alone':>8} {'x' + str(group) + ' stacked':>12}")
+    conv_seconds = 0.0  # per training image, every convolution at its stacked rate
     for name, conv, shape in layer_shapes(template, data.input_shape, batch):
-        alone = conv_rate(conv, shape, 1, device, torch.contiguous_format)
-        together = conv_rate(conv, shape, group, device, wide_layout)
-        say(f"  {name:28} {str(shape[1:]):>20} {alone / 1e9:8.0f} {together / 1e9:12.0f}")
+        flop, alone = conv_step(conv, shape, 1, device, torch.contiguous_format)
+        flop_together, together = conv_step(conv, shape, group, device, wide_layout)
+        conv_seconds += together / (batch * group)
+        say(f"  {name:28} {str(shape[1:]):>20} {flop / alone / 1e9:8.0f} {flop_together / together / 1e9:12.0f}")
     flops = training_flops(template, data.input_shape)
     ceiling = peak / flops
+    conv_ceiling = 1 / conv_seconds
     say(f"FLOP per training image (FlopCounterMode, forward + backward): {flops / 1e6:.2f} M")
     say(f"ceiling at the GEMM peak: {ceiling:,.0f} images/s")
+    say(f"ceiling of the model's own convolutions, each at its x{group} stacked rate above and nothing else run "
+        f"(no BatchNorm, activations, loss or SGD): {conv_ceiling:,.0f} images/s")
     say()
 
     per_model = spec.training.epochs * steps_per_epoch(spec, len(data.pool)) * batch
@@ -246,10 +252,12 @@ def main() -> None:
     best = {name: max(values) for name, values in rates.items()}
     study_rate, sequential_rate = best["(a) study-style"], best["(b) sequential"]
     say(f"best round, images per second (models {models} for a/b, {group} for c):")
-    say(f"{'trainer':32} {'img/s':>8} {'% ceiling':>9} {'x study':>8} {'x seq':>7} {'test acc':>9} {'acc (first ' + str(models) + ')':>15}")
+    say(f"{'trainer':32} {'img/s':>8} {'% ceiling':>9} {'% convs':>8} {'x study':>8} {'x seq':>7} {'test acc':>9} "
+        f"{'acc (first ' + str(models) + ')':>15}")
     for name, rate in best.items():
         first = 100 * np.mean(accuracies[name][:models])
-        say(f"{name:32} {rate:8.0f} {100 * rate / ceiling:8.1f}% {rate / study_rate:8.2f} {rate / sequential_rate:7.2f} "
+        say(f"{name:32} {rate:8.0f} {100 * rate / ceiling:8.1f}% {100 * rate / conv_ceiling:7.1f}% "
+            f"{rate / study_rate:8.2f} {rate / sequential_rate:7.2f} "
             f"{100 * np.mean(accuracies[name]):8.2f}% {first:14.2f}%")
     say(f"load average at the end: {load_average()}")
     if args.save:

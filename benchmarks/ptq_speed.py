@@ -9,10 +9,15 @@ Trains ``--models`` pool models with the task's recipe (or loads them from a com
   shrunk as columns are fixed, in-place downdates; GPTQ: lazy 128-column blocks);
 - plain: the same algorithm written straightforwardly, on ``--plain-models`` of the models
   (AdaRound/BRECQ: one model at a time; OBC: one row at a time on full-size arrays; GPTQ: every
-  column's update applied at once to all later columns),
-and prints models per minute, the ratio, and the reconstruction error of both (mean squared
+  column's update applied at once to all later columns).
+Ours quantizes every plan of ``--plans`` with one quantizer object, as `evaluate` runs a grid (so
+OBC computes each model's full-precision Hessians once, for all plans); plain starts a fresh
+quantizer per plan, as the study runs one process per bit width. With several plans a last row
+per method gives the whole grid's ratio (``--plans w4,w2,w1.58,w1.58-last8`` is the task's grid).
+It prints models per minute, the ratio, and the reconstruction error of both (mean squared
 error of the logits against the full-precision model, BatchNorm folded, on test images) with
-the test accuracy. Both run in this process, interleaved per method, after an idle-CPU wait;
+the test accuracy. Both run in this process, one after the other per method (``--rounds`` times,
+interleaved, the best time counting), after an idle-CPU wait;
 --save writes the output under benchmarks/results/ with the machine's description.
 """
 
@@ -80,6 +85,7 @@ def main() -> None:
     parser.add_argument("--methods", default="adaround,brecq,obc,gptq")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="config override for both runs of a method, e.g. adaround.iters=500")
+    parser.add_argument("--rounds", type=int, default=1, help="repetitions of both runs, interleaved; the best counts")
     parser.add_argument("--patience", type=float, default=300)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--save", action="store_true")
@@ -106,8 +112,10 @@ def main() -> None:
     for item in args.set:
         method, _, setting = item.partition(".")
         overrides.setdefault(method, []).append(setting)
-    say(f"config overrides: {overrides or 'none (the defaults evaluate uses)'}")
+    say(f"config overrides: {overrides or 'none (the defaults evaluate uses)'} · "
+        f"{args.rounds} round(s) of both runs, the best time of each side counts")
     say()
+    n = args.plain_models
     say(f"{'method':9} {'plan':12} {'ours models/min':>15} {'plain models/min':>16} {'ratio':>6} "
         f"{'MSE ours':>9} {'MSE plain':>9} {'acc ours':>8} {'acc plain':>9}")
     plain_configs = {"gptq": {"block_size": 1}}
@@ -116,36 +124,47 @@ def main() -> None:
         return [calibration_set(spec, data, keep, i, size, device) for i in range(count)]
 
     # The reference for the reconstruction error: each full-precision model with BatchNorm folded.
-    n = args.plain_models
     folded = [QUANTIZERS.get("rtn")().quantize(copy.deepcopy(m), c, PrecisionPlan.parse("w16"))
               for m, c in zip(models[:n], calibrations(n, 8))]
     reference = [logits(f, test_images) for f in folded]
+    texts = args.plans.split(",")
+    plans = {text: PrecisionPlan.parse(text) for text in texts}
     for method in args.methods.split(","):
         cls = QUANTIZERS.get(method)
         settings = overrides.get(method, [])
-        for text in args.plans.split(","):
-            plan = PrecisionPlan.parse(text)
-
-            ours_q = make_quantizer(cls, settings)
+        # Ours: one quantizer for every plan, as `evaluate` runs a grid (OBC keeps each model's
+        # full-precision Hessians for the next plans). Plain: a fresh quantizer per plan, as the
+        # study runs one process per bit width, so nothing carries over from plan to plan.
+        ours_s: dict[str, float] = {}
+        plain_s: dict[str, float] = {}
+        ours, plain = {}, {}
+        for _ in range(args.rounds):  # interleaved; each side keeps its best round
+            ours_q = make_quantizer(cls, settings)  # a new one per round: nothing cached from the last
             size = ours_q.calibration_size(spec.calibration.size)
             wait_for_quiet(args.patience)
-            cals = calibrations(args.models, size)
-            t0 = time.perf_counter()
-            ours = ours_q.quantize_many([copy.deepcopy(m) for m in models], cals, plan)
-            ours_s = (time.perf_counter() - t0) / args.models
-
-            plain_q = make_quantizer(PlainOBC if method == "obc" else cls, settings, plain_configs.get(method))
+            for text, plan in plans.items():
+                cals = calibrations(args.models, size)
+                t0 = time.perf_counter()
+                ours[text] = ours_q.quantize_many([copy.deepcopy(m) for m in models], cals, plan)[:n]
+                ours_s[text] = min(ours_s.get(text, np.inf), (time.perf_counter() - t0) / args.models)
             wait_for_quiet(args.patience)
-            cals = calibrations(args.plain_models, size)
-            t0 = time.perf_counter()
-            plain = [plain_q.quantize(copy.deepcopy(m), c, plan) for m, c in zip(models, cals)]
-            plain_s = (time.perf_counter() - t0) / args.plain_models
-
+            for text, plan in plans.items():
+                plain_q = make_quantizer(PlainOBC if method == "obc" else cls, settings, plain_configs.get(method))
+                cals = calibrations(n, size)
+                t0 = time.perf_counter()
+                plain[text] = [plain_q.quantize(copy.deepcopy(m), c, plan) for m, c in zip(models, cals)]
+                plain_s[text] = min(plain_s.get(text, np.inf), (time.perf_counter() - t0) / n)
+        for text in texts:
             mse = [float(np.mean([(logits(q, test_images) - r).square().mean() for q, r in zip(group, reference)]))
-                   for group in (ours[:n], plain)]
-            acc = [100 * float(np.mean([accuracy(q, data, test, device) for q in group])) for group in (ours[:n], plain)]
-            say(f"{method:9} {text:12} {60 / ours_s:15.2f} {60 / plain_s:16.2f} {plain_s / ours_s:6.2f} "
-                f"{mse[0]:9.4f} {mse[1]:9.4f} {acc[0]:7.2f}% {acc[1]:8.2f}%")
+                   for group in (ours[text], plain[text])]
+            acc = [100 * float(np.mean([accuracy(q, data, test, device) for q in group]))
+                   for group in (ours[text], plain[text])]
+            say(f"{method:9} {text:12} {60 / ours_s[text]:15.2f} {60 / plain_s[text]:16.2f} "
+                f"{plain_s[text] / ours_s[text]:6.2f} {mse[0]:9.4f} {mse[1]:9.4f} {acc[0]:7.2f}% {acc[1]:8.2f}%")
+        if len(texts) > 1:
+            ours_total, plain_total = sum(ours_s.values()), sum(plain_s.values())
+            say(f"{method:9} {'all plans':12} {60 * len(texts) / ours_total:15.2f} {60 * len(texts) / plain_total:16.2f} "
+                f"{plain_total / ours_total:6.2f}   (model-plans per minute over the {len(texts)} plans)")
     say("(MSE and accuracy over the first plain-models models, of both; ratio = plain seconds per model / ours)")
     say(f"load average at the end: {load_average()}")
     if args.save:
