@@ -233,7 +233,7 @@ def main() -> None:
     except ValueError:
         say("(the wide network refuses this architecture: the stacked trainer runs vmapped)")
     rates: dict[str, list[float]] = {name: [] for name in trainers}
-    accuracies: dict[str, list[float]] = {}
+    accuracies: dict[str, list[list[float]]] = {name: [] for name in trainers}  # per round, per model
     say(f"{'trainer':32} {'round':>5} {'idle':>5} {'seconds':>8} {'img/s':>8} {'% ceiling':>9} {'test acc':>9}")
     for round_ in range(1, args.rounds + 1):
         for name, (train, count) in trainers.items():
@@ -245,20 +245,24 @@ def main() -> None:
             seconds = time.perf_counter() - start
             rate = count * per_model / seconds
             rates[name].append(rate)
-            accuracies[name] = [accuracy(m, data, data.test, device) for m in trained]
+            accuracies[name].append([accuracy(m, data, data.test, device) for m in trained])
             say(f"{name:32} {round_:5} {idle:5.2f} {seconds:8.1f} {rate:8.0f} {100 * rate / ceiling:8.1f}% "
-                f"{100 * np.mean(accuracies[name]):8.2f}%")
+                f"{100 * np.mean(accuracies[name][-1]):8.2f}%")
     say()
-    best = {name: max(values) for name, values in rates.items()}
+    # The accuracy beside a best rate is that round's: the study-style loop shuffles and augments
+    # from torch's global generator, as the study's does, so each round trains on another order.
+    best_round = {name: int(np.argmax(values)) for name, values in rates.items()}
+    best = {name: rates[name][i] for name, i in best_round.items()}
     study_rate, sequential_rate = best["(a) study-style"], best["(b) sequential"]
     say(f"best round, images per second (models {models} for a/b, {group} for c):")
     say(f"{'trainer':32} {'img/s':>8} {'% ceiling':>9} {'% convs':>8} {'x study':>8} {'x seq':>7} {'test acc':>9} "
         f"{'acc (first ' + str(models) + ')':>15}")
     for name, rate in best.items():
-        first = 100 * np.mean(accuracies[name][:models])
+        round_accuracies = accuracies[name][best_round[name]]
+        first = 100 * np.mean(round_accuracies[:models])
         say(f"{name:32} {rate:8.0f} {100 * rate / ceiling:8.1f}% {100 * rate / conv_ceiling:7.1f}% "
             f"{rate / study_rate:8.2f} {rate / sequential_rate:7.2f} "
-            f"{100 * np.mean(accuracies[name]):8.2f}% {first:14.2f}%")
+            f"{100 * np.mean(round_accuracies):8.2f}% {first:14.2f}%")
     say(f"load average at the end: {load_average()}")
     if args.save:
         save(f"pool_training-{spec.id}-{started:%Y%m%d-%H%M}.txt")
