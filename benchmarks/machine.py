@@ -42,9 +42,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_kernels() -> str:
+    """The vector instructions torch's CPU kernels use here (AVX512, AVX2, ...): machines sold
+    under one model name differ in it, and it moves every speed in these files."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # torch before 2.0
+        return "unknown"
+
+
 def describe(device: str | torch.device = "cpu") -> str:
-    """One line: CPU, cores, torch and its threads, Python, device."""
-    return (f"machine: {cpu_model()} · {os.cpu_count()} CPUs · torch {torch.__version__} with "
+    """One line: CPU and its vector kernels, cores, torch and its threads, Python, device."""
+    return (f"machine: {cpu_model()} ({cpu_kernels()}) · {os.cpu_count()} CPUs · torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads · Python {platform.python_version()} · device {device}")
 
 

@@ -22,7 +22,6 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +41,8 @@ from mia_ptq_bench.attack.rmia import (
     select_references,
 )
 from mia_ptq_bench.metrics import attack_metrics, summarize
+
+from machine import cpu_kernels, cpu_model
 
 ATTACKS = (  # name, online?, function of (shadow, shadow_in, target, population, references)
     ("RMIA offline", False, lambda s, i, t, p, r: rmia_offline(s, i, t, p, references=r)),
@@ -77,14 +78,7 @@ SENSITIVITY = (  # a and gamma chosen knowing the labels would be an upper bound
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = f"{cpu_model()} ({cpu_kernels()})"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=True).stdout.strip()
