@@ -25,6 +25,10 @@ def test_findings_are_generated_from_results(tmp_path: Path) -> None:
     # answers are sentences with their paired intervals, and the study's numbers beside them
     assert "- **rtn** at w1.58-last8: the study's attacker falls from" in text and " pp [" in text
     assert "*Study*" in text and "PROTOCOL" not in text and "fp32 fp32" not in text and "% kept" not in text
+    wall = text.split("## Wall time", 1)[1]
+    per_method = [int(line.split(": ")[1].split(" s")[0]) for line in wall.splitlines() if " s on " in line]
+    together = int(wall.split("- All together: ")[1].split(" s")[0])
+    assert len(per_method) == 2 and abs(together - sum(per_method)) <= 1  # each line rounds on its own
     figures = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
     assert figures == ["tiny-digits-accuracy-vs-leakage.png", "tiny-digits-attackers.png",
                        "tiny-digits-leakage-vs-bits.png"]

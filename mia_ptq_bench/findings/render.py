@@ -412,9 +412,13 @@ def render(submissions: Path, task: str, figures: Path | None = None, figures_li
 
     # 7. wall time
     lines += ["## Wall time", "", "Seconds from the start of each `evaluate` run to its last result, as recorded:", ""]
+    total = 0.0
     for method in [*methods, "fp32"]:
         times = [(r.seconds, r.environment.device) for (m, _, _), r in data.results.items() if m == method]
         if times:
-            lines.append(f"- {name(method)}: {max(t for t, _ in times):.0f} s on {times[0][1]}")
-    lines.append("")
+            seconds = max(t for t, _ in times)
+            total += seconds
+            lines.append(f"- {name(method)}: {seconds:.0f} s on {times[0][1]}")
+    # the grid's cost at a glance; the first run on a cold cache also carries the pool's training
+    lines += [f"- All together: {total:.0f} s ({total / 3600:.2f} h)", ""]
     return "\n".join(lines)
