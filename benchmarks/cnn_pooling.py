@@ -1,0 +1,142 @@
+"""Is the max-pool worth replacing in the stacked CNN's training step? One run answers it.
+
+    python benchmarks/cnn_pooling.py --data-root DATA [--save]
+
+The stacked trainer runs fashion-mnist-cnn's pool as one wide network (pool/wide.py). This prints,
+for that wide network's training step (forward, backward, SGD; random images, as the speed does not
+depend on them): the share of each kind of operator (torch.profiler), then the step's time with the
+native max-pool against two stand-ins of the same output shape, timed interleaved, best round
+counting: three elementwise maxima over strided views (the same values) and a bare strided pick (no
+max at all, so a floor for any pooling written from elementwise ops). Last, what drawing,
+augmenting and normalising one step's images costs, as the trainer does it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from machine import describe, idle_fraction, load_average, save, say, wait_for_quiet
+from mia_ptq_bench.allocator import keep_freed_memory
+from mia_ptq_bench.data import load_dataset
+from mia_ptq_bench.models import build_model
+from mia_ptq_bench.pool.train import _batch, auto_stack, make_schedule, on_device, stack_schedules
+from mia_ptq_bench.pool.wide import widen
+from mia_ptq_bench.spec import load_task
+
+
+class StridedPick(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, ::2, ::2]
+
+
+class ThreeMaxima(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.maximum(x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]),
+                             torch.maximum(x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]))
+
+
+def with_pooling(wide: nn.Module, pooling: type[nn.Module] | None) -> nn.Module:
+    net = copy.deepcopy(wide)
+    for module in net.modules():
+        if isinstance(module, nn.Sequential):
+            for i, layer in enumerate(module):
+                if pooling is not None and isinstance(layer, nn.MaxPool2d):
+                    module[i] = pooling()
+    return net.to(memory_format=torch.channels_last).train()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="fashion-mnist-cnn")
+    parser.add_argument("--data-root", type=Path)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
+    parser.add_argument("--patience", type=float, default=120.0)
+    parser.add_argument("--save", action="store_true")
+    args = parser.parse_args()
+    keep_freed_memory()
+    spec = load_task(args.task)
+    data = load_dataset(spec.dataset, args.data_root)
+    cpu = torch.device("cpu")
+    group, batch, classes = auto_stack(spec, data, cpu), spec.training.batch_size, data.num_classes
+    say(f"# CNN pooling benchmark · {datetime.now():%Y-%m-%d %H:%M} · task {args.task}, {group} models stacked, "
+        f"batch {batch} each")
+    say(describe(cpu))
+    say(f"load average at start: {load_average()} · idle share now {wait_for_quiet(args.patience):.2f}")
+
+    torch.manual_seed(0)
+    models = [build_model(spec.model, data.input_shape, classes) for _ in range(group)]
+    wide = widen(models, data.input_shape)
+    ways = {"native max-pool": None, "three maxima": ThreeMaxima, "strided pick": StridedPick}
+    nets = {name: with_pooling(wide, pooling) for name, pooling in ways.items()}
+    optimizers = {name: torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9) for name, net in nets.items()}
+    images = torch.randn(batch, group * data.input_shape[0], *data.input_shape[1:])
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, classes, (batch * group,))
+
+    def step(name: str) -> None:
+        loss = F.cross_entropy(nets[name](images).reshape(batch * group, classes), labels, reduction="sum") / batch
+        optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[name].step()
+
+    for name in nets:
+        for _ in range(5):
+            step(name)
+    with torch.profiler.profile() as profiler:
+        for _ in range(args.steps):
+            step("native max-pool")
+    totals = sorted(((e.key, e.self_cpu_time_total) for e in profiler.key_averages()), key=lambda kv: -kv[1])
+    whole = sum(t for _, t in totals)
+    say()
+    say("native step, share of self CPU time (torch.profiler), operators above 2%:")
+    for key, spent in totals:
+        if spent / whole >= 0.02:
+            say(f"  {key:45s} {100 * spent / whole:5.1f}%")
+
+    best = {name: float("inf") for name in nets}
+    for _ in range(args.rounds):
+        for name in nets:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(name)
+            best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
+    say()
+    say(f"training step, best of {args.rounds} interleaved rounds of {args.steps} steps (idle {idle_fraction():.2f}):")
+    for name, seconds in best.items():
+        say(f"  {name:18s} {1e3 * seconds:7.1f} ms  {batch * group / seconds:8.0f} img/s  "
+            f"{best['native max-pool'] / seconds:5.2f}x native")
+
+    members = np.arange(len(data.pool) // 2)
+    schedule = on_device(stack_schedules([make_schedule(spec, members, len(data.pool), i) for i in range(group)]), cpu)
+    padding = spec.training.augment.crop_padding
+
+    def prepare(index: int) -> torch.Tensor:
+        drawn, _ = _batch(data, schedule, index, padding, cpu)
+        return drawn.view(batch, -1, *drawn.shape[2:]).contiguous(memory_format=torch.channels_last)
+
+    for index in range(5):
+        prepare(index)
+    fastest = float("inf")
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        for index in range(args.steps):
+            prepare(index)
+        fastest = min(fastest, (time.perf_counter() - start) / args.steps)
+    say(f"drawing, augmenting and normalising one step's {batch * group} images: {1e3 * fastest:.1f} ms")
+    say(f"load average at the end: {load_average()}")
+    if args.save:
+        save(f"cnn_pooling-{args.task}-{datetime.now():%Y%m%d-%H%M}.txt")
+
+
+if __name__ == "__main__":
+    main()
