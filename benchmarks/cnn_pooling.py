@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from machine import describe, idle_fraction, load_average, save, say, wait_for_quiet
+from machine import best_time, describe, idle_fraction, load_average, save, say, wait_for_quiet
 from mia_ptq_bench.allocator import keep_freed_memory
 from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.models import build_model
@@ -124,14 +124,7 @@ def main() -> None:
         drawn, _ = _batch(data, schedule, index, padding, cpu)
         return drawn.view(batch, -1, *drawn.shape[2:]).contiguous(memory_format=torch.channels_last)
 
-    for index in range(5):
-        prepare(index)
-    fastest = float("inf")
-    for _ in range(args.rounds):
-        start = time.perf_counter()
-        for index in range(args.steps):
-            prepare(index)
-        fastest = min(fastest, (time.perf_counter() - start) / args.steps)
+    fastest = best_time(lambda: [prepare(index) for index in range(args.steps)], cpu, args.rounds) / args.steps
     say(f"drawing, augmenting and normalising one step's {batch * group} images: {1e3 * fastest:.1f} ms")
     say(f"load average at the end: {load_average()}")
     if args.save:

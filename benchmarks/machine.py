@@ -57,6 +57,25 @@ def describe(device: str | torch.device = "cpu") -> str:
             f"{torch.get_num_threads()} threads · Python {platform.python_version()} · device {device}")
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer reads work done, not work launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn, device: torch.device, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn``, after one untimed warm-up call."""
+    fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 

@@ -44,24 +44,7 @@ from mia_ptq_bench.pool.wide import widen
 from mia_ptq_bench.inference import accuracy
 from mia_ptq_bench.spec import load_task
 
-from machine import describe, idle_fraction, load_average, save, say, wait_for_quiet
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_time(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
+from machine import best_time, describe, idle_fraction, load_average, save, say, sync, wait_for_quiet
 
 def gemm_peak(device: torch.device, repeats: int = 10, n: int = 2048) -> float:
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
