@@ -8,10 +8,10 @@ depend on them): the share of each kind of operator (torch.profiler), then the s
 native max-pool against two stand-ins of the same output shape, timed interleaved, best round
 counting: three elementwise maxima over strided views (the same values) and a bare strided pick (no
 max at all, so a floor for any pooling written from elementwise ops). Then each layer's forward and
-backward timed on its own (no profiler), beside the whole step: torch.profiler's shares overstate
-what it cannot see inside, zero-fills above all, so the last lines time the max-pool gradient's
-zero-fill both ways. Last, what drawing, augmenting and normalising one step's images costs, as the
-trainer does it.
+backward, timed alone on a real step's tensors (no profiler), and the first max-pool's backward timed
+the same number of calls untraced (before and after) and under torch.profiler, with what the profiler
+records as ``fill_`` in it: whether its shares of zero-fills can be taken at face value. Last, what
+drawing, augmenting and normalising one step's images costs, as the trainer does it.
 """
 
 from __future__ import annotations
@@ -58,36 +58,48 @@ def with_pooling(wide: nn.Module, pooling: type[nn.Module] | None) -> nn.Module:
 
 
 def step_tensors(net: nn.Sequential, images: torch.Tensor, labels: torch.Tensor, batch: int, classes: int):
-    """Each layer's input in a real step, and the gradient its output gets back, laid out like the output
-    (as the backward kernels hand it on; a retained ``.grad`` may come back in another layout)."""
-    activations = [images]
-    for layer in net:
+    """Each layer's input in a real step, and the gradient its output gets back, as the backward hands
+    it on (its layout included: Flatten's backward hands the last ReLU a plain NCHW gradient)."""
+    activations, grads = [images], [None] * len(net)
+    for index, layer in enumerate(net):
         activations.append(layer(activations[-1]))
-        activations[-1].retain_grad()
+        activations[-1].register_hook(lambda grad, index=index: grads.__setitem__(index, grad))
     logits = activations[-1].reshape(labels.numel(), classes)
     (F.cross_entropy(logits, labels, reduction="sum") / batch).backward()
-    grads = [torch.empty_like(y).copy_(y.grad) for y in activations[1:]]
     return [a.detach() for a in activations[:-1]], grads
 
 
-def layer_backward(layer: nn.Module, first: bool, x: torch.Tensor, grad: torch.Tensor):
-    """A function running ``layer``'s backward on ``grad`` as the step does (the images need no gradient)."""
-    x = x.detach().requires_grad_(not first)
+def layer_backward(layer: nn.Module, input_needs_grad: bool, x: torch.Tensor, grad: torch.Tensor):
+    """A function computing the gradients ``layer``'s backward computes in a step from ``grad`` (its
+    parameters', and its input's unless that is the images), or None if there are none. Called
+    through ``autograd.grad``, so without the step's accumulation into ``.grad``."""
+    x = x.detach().requires_grad_(input_needs_grad)
     y = layer(x)
-    wanted = ([] if first else [x]) + list(layer.parameters())
+    wanted = ([x] if input_needs_grad else []) + list(layer.parameters())
     return (lambda: torch.autograd.grad(y, wanted, grad, retain_graph=True)) if wanted else None
 
 
 def layer_times(net: nn.Sequential, inputs: list[torch.Tensor], grads: list[torch.Tensor], device: torch.device,
                 repeats: int) -> list[tuple[str, float, float]]:
-    """(layer, forward seconds, backward seconds) of each layer of the wide network, each timed alone."""
+    """(layer, forward seconds, backward seconds) of each layer of the wide network, each the fastest of
+    ``repeats`` calls alone (the forward on a detached input, so without autograd's recording)."""
     times = []
     for index, layer in enumerate(net):
         forward = best_time(lambda: layer(inputs[index]), device, repeats)
-        backward = layer_backward(layer, index == 0, inputs[index], grads[index])
+        backward = layer_backward(layer, index > 0, inputs[index], grads[index])
         times.append((f"{index} {type(layer).__name__}", forward,
                       best_time(backward, device, repeats) if backward else 0.0))
     return times
+
+
+def mean_time(fn, calls: int) -> float:
+    """Seconds per call over ``calls`` calls in a row, after one untimed call: what a step pays on
+    average, page faults and all (``best_time`` keeps only the luckiest call)."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
 
 
 def main() -> None:
@@ -153,27 +165,31 @@ def main() -> None:
             f"{best['native max-pool'] / seconds:5.2f}x native")
 
     say()
-    net, repeats = nets["native max-pool"], 3 * args.rounds
+    # Single layers are short and noisy on a shared machine: more calls than the step's rounds.
+    net, calls = nets["native max-pool"], 3 * args.rounds
     inputs, grads = step_tensors(net, images, labels, batch, classes)
-    parts = layer_times(net, inputs, grads, cpu, repeats)
-    whole = sum(f + b for _, f, b in parts)
-    say(f"each layer timed alone on a real step's tensors, best of {repeats} (idle {idle_fraction():.2f}), ms:")
-    say(f"  {'layer':22s} {'forward':>8} {'backward':>8} {'share':>6}")
+    parts = layer_times(net, inputs, grads, cpu, calls)
+    layers_total = sum(f + b for _, f, b in parts)
+    say(f"each layer timed alone on a real step's tensors, fastest of {calls} calls (idle {idle_fraction():.2f}), ms:")
+    say(f"  {'layer':22s} {'forward':>8} {'backward':>8} {'of all layers':>13}")
     for name, forward, backward in parts:
-        say(f"  {name:22s} {1e3 * forward:8.2f} {1e3 * backward:8.2f} {100 * (forward + backward) / whole:5.1f}%")
+        say(f"  {name:22s} {1e3 * forward:8.2f} {1e3 * backward:8.2f} {100 * (forward + backward) / layers_total:12.1f}%")
     say(f"  {'all layers':22s} {1e3 * sum(f for _, f, _ in parts):8.2f} {1e3 * sum(b for _, _, b in parts):8.2f}"
-        f"   (the whole step above: {1e3 * best['native max-pool']:.1f} ms, with loss and SGD)")
-    pool = next(i for i, layer in enumerate(net) if isinstance(layer, nn.MaxPool2d))
-    backward = layer_backward(net[pool], False, inputs[pool], grads[pool])
-    timed = best_time(backward, cpu, repeats)
+        f"   (sum of fastest calls; the whole step above, {1e3 * best['native max-pool']:.1f} ms, is the mean "
+        "step of its fastest round, loss and SGD included)")
+    first_pool_index = next(i for i, layer in enumerate(net) if isinstance(layer, nn.MaxPool2d))
+    backward = layer_backward(net[first_pool_index], True, inputs[first_pool_index], grads[first_pool_index])
+    before = mean_time(backward, calls)
     with torch.profiler.profile() as profiler:
-        for _ in range(repeats):
-            backward()
+        traced = mean_time(backward, calls)
+    after = mean_time(backward, calls)
     recorded = {e.key: e for e in profiler.key_averages()}
-    total = recorded["aten::max_pool2d_with_indices_backward"].cpu_time_total / repeats / 1e3
-    fill = recorded["aten::fill_"].self_cpu_time_total / repeats / 1e3 if "aten::fill_" in recorded else 0.0
-    say(f"the first max-pool's backward, input {tuple(inputs[pool].shape)}: {1e3 * timed:.2f} ms timed; "
-        f"under torch.profiler {total:.2f} ms a call, {fill:.2f} ms of it recorded as fill_")
+    pool_op = recorded["aten::max_pool2d_with_indices_backward"]
+    fill = recorded["aten::fill_"].self_cpu_time_total / pool_op.count if "aten::fill_" in recorded else 0.0
+    say(f"the first max-pool's backward, input {tuple(inputs[first_pool_index].shape)}, mean of {calls} calls: "
+        f"untraced {1e3 * before:.2f} ms before and {1e3 * after:.2f} after; traced {1e3 * traced:.2f} ms, "
+        f"of which torch.profiler records {pool_op.cpu_time_total / pool_op.count / 1e3:.2f} ms in the operator and "
+        f"{fill / 1e3:.2f} as fill_")
     members = np.arange(len(data.pool) // 2)
     schedule = on_device(stack_schedules([make_schedule(spec, members, len(data.pool), i) for i in range(group)]), cpu)
     padding = spec.training.augment.crop_padding
