@@ -28,6 +28,21 @@ def test_augment_crop_and_flip() -> None:
     assert torch.equal(flipped[0], images[0].flip(-1)) and torch.equal(flipped[1], images[1])
 
 
+def test_augment_equals_pad_crop_then_flip_per_image() -> None:
+    """Every shift at the edges and both flips, on several channels, against the plain per-image recipe."""
+    padding, height, width = 2, 5, 4
+    shifts = torch.tensor([[r, c] for r in range(2 * padding + 1) for c in range(2 * padding + 1)] * 2)
+    flips = torch.arange(len(shifts)) >= len(shifts) // 2
+    images = torch.randint(1, 256, (len(shifts), 3, height, width), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    out = augment(images, shifts, flips, padding)
+    for image, (row, col), flip, got in zip(images, shifts.tolist(), flips.tolist(), out):
+        crop = torch.nn.functional.pad(image, (padding,) * 4)[:, row:row + height, col:col + width]
+        assert torch.equal(got, crop.flip(-1) if flip else crop)
+    assert torch.equal(augment(images, shifts, flips, 0), torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images))
+    assert augment(images, shifts, torch.zeros_like(flips), 0) is images
+
+
 def test_schedule_draws_only_members_and_is_seeded(tiny_task) -> None:
     keep = pool_keep_masks(tiny_task, 400)
     members = np.flatnonzero(keep[3])
