@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from machine import best_time, describe, idle_fraction, load_average, save, say, wait_for_quiet
+from machine import best_time, describe, idle_fraction, load_average, mean_time, save, say, wait_for_quiet
 from mia_ptq_bench.allocator import keep_freed_memory
 from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.models import build_model
@@ -90,16 +90,6 @@ def layer_times(net: nn.Sequential, inputs: list[torch.Tensor], grads: list[torc
         times.append((f"{index} {type(layer).__name__}", forward,
                       best_time(backward, device, repeats) if backward else 0.0))
     return times
-
-
-def mean_time(fn, calls: int) -> float:
-    """Seconds per call over ``calls`` calls in a row, after one untimed call: what a step pays on
-    average, page faults and all (``best_time`` keeps only the luckiest call)."""
-    fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
 
 
 def main() -> None:
@@ -179,10 +169,10 @@ def main() -> None:
         "step of its fastest round, loss and SGD included)")
     first_pool_index = next(i for i, layer in enumerate(net) if isinstance(layer, nn.MaxPool2d))
     backward = layer_backward(net[first_pool_index], True, inputs[first_pool_index], grads[first_pool_index])
-    before = mean_time(backward, calls)
+    before = mean_time(backward, cpu, calls)
     with torch.profiler.profile() as profiler:
-        traced = mean_time(backward, calls)
-    after = mean_time(backward, calls)
+        traced = mean_time(backward, cpu, calls)
+    after = mean_time(backward, cpu, calls)
     recorded = {e.key: e for e in profiler.key_averages()}
     pool_op = recorded["aten::max_pool2d_with_indices_backward"]
     fill = recorded["aten::fill_"].self_cpu_time_total / pool_op.count if "aten::fill_" in recorded else 0.0

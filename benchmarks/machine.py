@@ -76,6 +76,18 @@ def best_time(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
+def mean_time(fn, device: torch.device, calls: int) -> float:
+    """Seconds per call over ``calls`` calls in a row, after one untimed warm-up call: what a step pays
+    on average, page faults and all (``best_time`` keeps only the luckiest call)."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
 def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
