@@ -8,8 +8,9 @@ Trains ``--models`` pool models with the task's recipe (or loads them from a com
   one optimisation for all models; OBC: the rows of every model in one sweep, 32 at a time, arrays
   shrunk as columns are fixed, in-place downdates; GPTQ: lazy 128-column blocks);
 - plain: the same algorithm written straightforwardly, on ``--plain-models`` of the models
-  (AdaRound/BRECQ: one model at a time; OBC: one row at a time on full-size arrays; GPTQ: every
-  column's update applied at once to all later columns).
+  (AdaRound/BRECQ: one model at a time, each step autograd through the soft weights with the
+  regulariser a term of the loss, as the study's code does; OBC: one row at a time on full-size
+  arrays; GPTQ: every column's update applied at once to all later columns).
 Ours quantizes every plan of ``--plans`` with one quantizer object, as `evaluate` runs a grid (so
 OBC computes each model's full-precision Hessians once, for all plans); plain starts a fresh
 quantizer per plan, as the study runs one process per bit width. With several plans a last row
@@ -29,9 +30,12 @@ import datetime
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe, idle_fraction, load_average, save, say, wait_for_quiet  # noqa: E402
@@ -45,6 +49,7 @@ from mia_ptq_bench.pool.train import Speed, init_model, make_schedule, train_sta
 from mia_ptq_bench.quantize import QUANTIZERS  # noqa: E402
 from mia_ptq_bench.quantize.calibration import calibration_set  # noqa: E402
 from mia_ptq_bench.quantize.obs import obc_quantize  # noqa: E402
+from mia_ptq_bench.quantize.rounding import beta_at, initial_v, soft_choice  # noqa: E402
 from mia_ptq_bench.quantize.second_order import OBC  # noqa: E402
 from mia_ptq_bench.spec import PrecisionPlan, load_task  # noqa: E402
 
@@ -57,6 +62,52 @@ class PlainOBC(OBC):
 
     def sweep_many(self, weights, hessians, grids):
         return [self.sweep(w, h, g) for w, h, g in zip(weights, hessians, grids)]
+
+
+def plain_learn_rounding(units, weight_keys, levels, grids, inputs, targets, schedule, way=None):
+    """``rounding.learn_rounding`` for one model, its step as the study's code writes it: the soft
+    weights built from V inside autograd, the loss the per-channel-summed squared error plus the
+    regulariser, ``backward`` and Adam."""
+    (unit,), (grid,) = units, grids
+    inputs, targets = inputs[:, 0], targets[:, 0]
+    state = {**dict(unit.named_parameters()), **dict(unit.named_buffers())}
+    state = {k: t.detach() for k, t in state.items()}
+    shapes, floors, vs = {}, {}, {}
+    for key in weight_keys:
+        rows = state[key].reshape(state[key].shape[0], -1)
+        shapes[key], floors[key] = state[key].shape, torch.floor(rows / grid[key].scale)
+        vs[key] = initial_v(rows / grid[key].scale - floors[key]).clone().requires_grad_()
+
+    def soft_weight(key: str, h: torch.Tensor) -> torch.Tensor:
+        g = grid[key]
+        integers = torch.clamp(floors[key] + h + g.zero_point, 0, levels[key] - 1)
+        return ((integers - g.zero_point) * g.scale).reshape(shapes[key])
+
+    optimizer = torch.optim.Adam(list(vs.values()), lr=schedule.lr)
+    generator = torch.Generator().manual_seed(schedule.seed)
+    for step in range(schedule.iters):
+        index = torch.randperm(inputs.shape[0], generator=generator)[: schedule.batch_size]
+        weights = {key: soft_weight(key, soft_choice(v)) for key, v in vs.items()}
+        output = functional_call(unit, {**state, **weights}, (inputs[index],))
+        loss = F.mse_loss(output, targets[index], reduction="none").sum(1).mean()
+        if step >= schedule.warmup * schedule.iters:
+            beta = beta_at(step, schedule)
+            loss = loss + schedule.reg_weight * sum((1 - (2 * soft_choice(v) - 1).abs().pow(beta)).sum()
+                                                    for v in vs.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return [{key: soft_weight(key, (v >= 0).float()) for key, v in vs.items()}], [float("nan")]
+
+
+def plain_reconstruction(cls):
+    """AdaRound or BRECQ with ``plain_learn_rounding`` in place of the batched optimisation."""
+    class Plain(cls):
+        def quantize_prepared(self, *args, **kwargs):
+            with mock.patch("mia_ptq_bench.quantize.reconstruction.learn_rounding", plain_learn_rounding):
+                return super().quantize_prepared(*args, **kwargs)
+    return Plain
 
 
 def pool_models(spec, data, count: int, cache_dir: Path | None, device: torch.device) -> list[torch.nn.Module]:
@@ -119,6 +170,8 @@ def main() -> None:
     say(f"{'method':9} {'plan':12} {'ours models/min':>15} {'plain models/min':>16} {'ratio':>6} "
         f"{'MSE ours':>9} {'MSE plain':>9} {'acc ours':>8} {'acc plain':>9}")
     plain_configs = {"gptq": {"block_size": 1}}
+    plain_classes = {"obc": PlainOBC, "adaround": plain_reconstruction(QUANTIZERS.get("adaround")),
+                     "brecq": plain_reconstruction(QUANTIZERS.get("brecq"))}
 
     def calibrations(count: int, size: int):
         return [calibration_set(spec, data, keep, i, size, device) for i in range(count)]
@@ -149,7 +202,7 @@ def main() -> None:
                 ours_s[text] = min(ours_s.get(text, np.inf), (time.perf_counter() - t0) / args.models)
             wait_for_quiet(args.patience)
             for text, plan in plans.items():
-                plain_q = make_quantizer(PlainOBC if method == "obc" else cls, settings, plain_configs.get(method))
+                plain_q = make_quantizer(plain_classes.get(method, cls), settings, plain_configs.get(method))
                 cals = calibrations(n, size)
                 t0 = time.perf_counter()
                 plain[text] = [plain_q.quantize(copy.deepcopy(m), c, plan) for m, c in zip(models, cals)]

@@ -397,6 +397,51 @@ def test_reconstruction_loss_is_the_per_model_lp_loss_with_the_same_gradient(sha
         assert float(reconstruction_loss(side_by_side(moved), side_by_side(target), shape[0] * channels)) == sum(per_model)
 
 
+def test_reconstruction_gradient_is_the_losss_gradient_bit_for_bit() -> None:
+    # The same exact values as above: a gradient computed without the loss must be autograd's, bit for bit.
+    from mia_ptq_bench.quantize.rounding import reconstruction_gradient, reconstruction_loss
+
+    generator = torch.Generator().manual_seed(0)
+    output = (torch.randint(-16, 17, (4, 6, 4, 4), generator=generator) / 8).requires_grad_()
+    target = torch.randint(-16, 17, (4, 6, 4, 4), generator=generator) / 8
+    (expected,) = torch.autograd.grad(reconstruction_loss(output, target, 6), output)
+    assert torch.equal(reconstruction_gradient(output.detach(), target, 6), expected) and expected.abs().max() > 0
+
+
+@pytest.mark.parametrize("beta", [None, 20.0, 7.3, 2.0])
+def test_rounding_gradient_written_out_is_autograds(beta: float | None) -> None:
+    # AdaRound's step writes V's chain rule out by hand. Autograd on the formula it stands for must
+    # agree, also where the formula has kinks: soft choices clipped at 0 and 1 (V = +-10), weights
+    # whose grid point is pinned by the clamp at either end of the grid, and the regulariser's |.|.
+    from mia_ptq_bench.quantize.rounding import _Layer, initial_v, soft_choice
+
+    generator = torch.Generator().manual_seed(1)
+    levels, shape = 4, torch.Size([2, 3, 2, 3, 3])  # (models, C_out, C_in, k, k)
+    scale = torch.rand(2, 3, 1, generator=generator) + 0.5
+    zero = torch.full((2, 3, 1), 1.0)
+    floor = torch.randint(-3, 4, (2, 3, 18), generator=generator).float()  # grid points -2..4 of 0..3
+    v = initial_v(torch.rand(2, 3, 18, generator=generator) * 0.98 + 0.01)
+    v[0, 0, :6] = torch.tensor([10.0, -10.0, 10.0, -10.0, 0.0, 3.0])
+    floor[0, 0, :4] = torch.tensor([-1.0, -1.0, 2.0, 2.0])  # base -1 (below the grid) and 3 (its last point)
+    assert ((floor + zero < 0).any() and (floor + zero == levels - 1).any() and (floor + zero > levels - 1).any())
+    weight_grad = torch.randn(shape, generator=generator)
+
+    reference_v = v.clone().requires_grad_()
+    integers = torch.clamp(floor + soft_choice(reference_v) + zero, 0, levels - 1)
+    reference_weights = ((integers - zero) * scale).reshape(shape)
+    objective = (reference_weights * weight_grad).sum()
+    if beta is not None:
+        objective = objective + 0.01 * (1 - (2 * soft_choice(reference_v) - 1).abs().pow(beta)).sum()
+    objective.backward()
+
+    layer = _Layer("0.weight", shape, floor, scale, zero, levels, v.clone().requires_grad_())
+    soft = layer.soft_weights()
+    torch.testing.assert_close(soft, reference_weights.detach(), rtol=1e-6, atol=1e-6)
+    layer.set_gradient(weight_grad, 0.01, beta)
+    torch.testing.assert_close(layer.v.grad, reference_v.grad, rtol=1e-5, atol=1e-7)
+    assert (reference_v.grad == 0).any() and (reference_v.grad != 0).any()  # the kinks were reached
+
+
 @pytest.mark.parametrize("method", ["adaround", "brecq", "obc", "gptq"])
 def test_methods_refuse_fp32_plan(method: str) -> None:
     assert "fp32" in QUANTIZERS.get(method)().unsupported(PrecisionPlan.parse("fp32"))

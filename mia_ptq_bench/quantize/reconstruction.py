@@ -44,6 +44,9 @@ class ReconstructionConfig(GridConfig):
 class _Reconstruction(CalibratedQuantizer):
     Config = ReconstructionConfig
     granularity: ClassVar[str] = "layer"
+    # 2: V's gradient written out by hand (rounding._Layer.set_gradient): the same derivative,
+    # other float rounding, so a few roundings may differ from version 1's.
+    version: ClassVar[str] = "2"
 
     def units(self, model) -> list[Unit]:
         return layer_units(model) if self.granularity == "layer" else block_units(model)

@@ -15,6 +15,11 @@ residual blocks) with each convolution one grouped convolution (``grouped_forwar
 elementwise and the losses add up, so each model gets its own
 optimisation; the batching only amortises the per-step overhead. One kind of unit runs its
 models one after another inside each step instead (``runs_per_model``).
+
+Autograd runs only through the unit itself: the soft weights enter it as leaves, and V's gradient
+(rectified sigmoid, grid clamp, regulariser) is written out in ``_Layer.set_gradient``. That is the
+same derivative in a dozen passes over V instead of some forty, 1.2x (AdaRound) and 1.1x (BRECQ)
+faster per step on ResNet10, up to 1.4x on its weight-heavy last layers (docs/quantizers.md).
 """
 
 from __future__ import annotations
@@ -71,11 +76,43 @@ class _Layer:
     scale: torch.Tensor  # (M, C, 1)
     zero: torch.Tensor  # (M, C, 1)
     levels: int
-    v: torch.Tensor  # (M, C, K), optimised
+    v: torch.Tensor  # (M, C, K), optimised; its gradient is written by ``set_gradient``
+
+    def __post_init__(self) -> None:
+        # A weight whose lower grid point is the grid's last, or below its first, is pinned there by
+        # the clamp whatever h is: its soft weight is a constant. Every other one is offset + slope * h.
+        base = self.floor + self.zero
+        movable = (base >= 0) & (base <= self.levels - 2)
+        self.slope = torch.where(movable, self.scale, 0.0)
+        self.offset = torch.where(movable, self.floor * self.scale, self.rows(torch.zeros_like(self.v)))
+
+    def rows(self, rounding: torch.Tensor) -> torch.Tensor:
+        integers = torch.clamp(self.floor + rounding + self.zero, 0, self.levels - 1)
+        return (integers - self.zero) * self.scale
 
     def weights(self, rounding: torch.Tensor) -> torch.Tensor:
-        integers = torch.clamp(self.floor + rounding + self.zero, 0, self.levels - 1)
-        return ((integers - self.zero) * self.scale).reshape(self.shape)
+        return self.rows(rounding).reshape(self.shape)
+
+    def soft_weights(self) -> torch.Tensor:
+        """The weights at the current soft choices h(V), as a leaf that collects its gradient."""
+        with torch.no_grad():
+            self.sigmoid = torch.sigmoid(self.v)
+            self.unclipped = self.sigmoid * (ZETA - GAMMA) + GAMMA
+            self.h = self.unclipped.clamp(0, 1)
+            return torch.addcmul(self.offset, self.slope, self.h).reshape(self.shape).requires_grad_()
+
+    def set_gradient(self, weight_grad: torch.Tensor, reg_weight: float, beta: float | None) -> None:
+        """V's gradient of the reconstruction loss (through ``weight_grad``) plus, when ``beta`` is set,
+        of ``reg_weight * sum(1 - |2h - 1|**beta)``: the chain rule written out, so a step makes a
+        dozen passes over V instead of autograd's forty-odd for the same derivative."""
+        with torch.no_grad():
+            grad_h = weight_grad.reshape(self.v.shape) * self.slope
+            if beta is not None:
+                t = self.h * 2 - 1
+                grad_h.add_(t.abs().pow_(beta - 1).mul_(t.sgn()), alpha=-2 * reg_weight * beta)
+            # The rectified sigmoid passes gradient where the clip does not bite (inclusive, like clamp's).
+            grad_h = torch.where(self.unclipped == self.h, grad_h, 0.0).mul_(ZETA - GAMMA)
+            self.v.grad = torch.ops.aten.sigmoid_backward(grad_h, self.sigmoid)
 
 
 def reconstruction_loss(output: torch.Tensor, target: torch.Tensor, model_channels: int) -> torch.Tensor:
@@ -87,6 +124,12 @@ def reconstruction_loss(output: torch.Tensor, target: torch.Tensor, model_channe
     over the outputs instead of five (tests/test_methods.py checks both).
     """
     return F.mse_loss(output, target, reduction="sum") * (model_channels / output.numel())
+
+
+def reconstruction_gradient(output: torch.Tensor, target: torch.Tensor, model_channels: int) -> torch.Tensor:
+    """The gradient of ``reconstruction_loss`` with respect to ``output``, without computing the loss:
+    the optimisation only ever needs this."""
+    return torch.sub(output, target).mul_(2 * model_channels / output.numel())
 
 
 def runs_per_model(unit: nn.Module, device: torch.device) -> bool:
@@ -217,21 +260,17 @@ def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[
             return grouped(p, b, x.flatten(1, 2)).unflatten(1, (models, -1))
     else:
         batched = {"one_by_one": one_by_one(forward), "vmap": torch.vmap(forward, in_dims=(0, 0, 1), out_dims=1)}[way]
-    optimizer = torch.optim.Adam([layer.v for layer in layers], lr=schedule.lr)
+    optimizer = torch.optim.Adam([layer.v for layer in layers], lr=schedule.lr, fused=True)
     generator = torch.Generator().manual_seed(schedule.seed)
     model_channels = models * targets.shape[2]
     for step in range(schedule.iters):
         index = torch.randperm(inputs.shape[0], generator=generator)[: schedule.batch_size].to(inputs.device)
-        soft = {layer.key: layer.weights(soft_choice(layer.v)) for layer in layers}
+        soft = {layer.key: layer.soft_weights() for layer in layers}
         output = batched({**params, **soft}, buffers, inputs.index_select(0, index))
-        loss = reconstruction_loss(output, targets.index_select(0, index), model_channels)
-        if step >= schedule.warmup * schedule.iters:
-            beta = beta_at(step, schedule)
-            for layer in layers:
-                h = soft_choice(layer.v)
-                loss = loss + schedule.reg_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        output.backward(reconstruction_gradient(output.detach(), targets.index_select(0, index), model_channels))
+        beta = beta_at(step, schedule) if step >= schedule.warmup * schedule.iters else None
+        for layer in layers:
+            layer.set_gradient(soft[layer.key].grad, schedule.reg_weight, beta)
         optimizer.step()
 
     with torch.no_grad():
