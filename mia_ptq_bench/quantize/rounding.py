@@ -18,8 +18,9 @@ models one after another inside each step instead (``runs_per_model``).
 
 Autograd runs only through the unit itself: the soft weights enter it as leaves, and V's gradient
 (rectified sigmoid, grid clamp, regulariser) is written out in ``_Layer.set_gradient``. That is the
-same derivative in a dozen passes over V instead of some forty, 1.2x (AdaRound) and 1.1x (BRECQ)
-faster per step on ResNet10, up to 1.4x on its weight-heavy last layers (docs/quantizers.md).
+same derivative in about a dozen elementwise passes over V instead of some forty (counted from the
+operations each way runs): 1.2x (AdaRound) and 1.1x (BRECQ) faster per step on ResNet10, about
+1.4-1.5x on its weight-heavy last layers (docs/quantizers.md).
 """
 
 from __future__ import annotations
@@ -110,8 +111,10 @@ class _Layer:
             if beta is not None:
                 t = self.h * 2 - 1
                 grad_h.add_(t.abs().pow_(beta - 1).mul_(t.sgn()), alpha=-2 * reg_weight * beta)
-            # The rectified sigmoid passes gradient where the clip does not bite (inclusive, like clamp's).
-            grad_h = torch.where(self.unclipped == self.h, grad_h, 0.0).mul_(ZETA - GAMMA)
+            # The rectified sigmoid passes gradient strictly inside its clip, as torch's clamp does; at a
+            # movable weight that also covers the grid clamp, whose ends h then sits at.
+            inside = (self.unclipped > 0) & (self.unclipped < 1)
+            grad_h = torch.where(inside, grad_h, 0.0).mul_(ZETA - GAMMA)
             self.v.grad = torch.ops.aten.sigmoid_backward(grad_h, self.sigmoid)
 
 
@@ -270,7 +273,8 @@ def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[
         output.backward(reconstruction_gradient(output.detach(), targets.index_select(0, index), model_channels))
         beta = beta_at(step, schedule) if step >= schedule.warmup * schedule.iters else None
         for layer in layers:
-            layer.set_gradient(soft[layer.key].grad, schedule.reg_weight, beta)
+            grad = soft[layer.key].grad
+            layer.set_gradient(torch.zeros_like(soft[layer.key]) if grad is None else grad, schedule.reg_weight, beta)
         optimizer.step()
 
     with torch.no_grad():
