@@ -34,8 +34,6 @@ from unittest import mock
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe, idle_fraction, load_average, save, say, wait_for_quiet  # noqa: E402
@@ -49,7 +47,7 @@ from mia_ptq_bench.pool.train import Speed, init_model, make_schedule, train_sta
 from mia_ptq_bench.quantize import QUANTIZERS  # noqa: E402
 from mia_ptq_bench.quantize.calibration import calibration_set  # noqa: E402
 from mia_ptq_bench.quantize.obs import obc_quantize  # noqa: E402
-from mia_ptq_bench.quantize.rounding import beta_at, initial_v, soft_choice  # noqa: E402
+from mia_ptq_bench.quantize.rounding import autograd_learn_rounding  # noqa: E402
 from mia_ptq_bench.quantize.second_order import OBC  # noqa: E402
 from mia_ptq_bench.spec import PrecisionPlan, load_task  # noqa: E402
 
@@ -64,48 +62,11 @@ class PlainOBC(OBC):
         return [self.sweep(w, h, g) for w, h, g in zip(weights, hessians, grids)]
 
 
-def plain_learn_rounding(units, weight_keys, levels, grids, inputs, targets, schedule, way=None):
-    """``rounding.learn_rounding`` for one model, its step as the study's code writes it: the soft
-    weights built from V inside autograd, the loss the per-channel-summed squared error plus the
-    regulariser, ``backward`` and Adam."""
-    (unit,), (grid,) = units, grids
-    inputs, targets = inputs[:, 0], targets[:, 0]
-    state = {**dict(unit.named_parameters()), **dict(unit.named_buffers())}
-    state = {k: t.detach() for k, t in state.items()}
-    shapes, floors, vs = {}, {}, {}
-    for key in weight_keys:
-        rows = state[key].reshape(state[key].shape[0], -1)
-        shapes[key], floors[key] = state[key].shape, torch.floor(rows / grid[key].scale)
-        vs[key] = initial_v(rows / grid[key].scale - floors[key]).clone().requires_grad_()
-
-    def soft_weight(key: str, h: torch.Tensor) -> torch.Tensor:
-        g = grid[key]
-        integers = torch.clamp(floors[key] + h + g.zero_point, 0, levels[key] - 1)
-        return ((integers - g.zero_point) * g.scale).reshape(shapes[key])
-
-    optimizer = torch.optim.Adam(list(vs.values()), lr=schedule.lr)
-    generator = torch.Generator().manual_seed(schedule.seed)
-    for step in range(schedule.iters):
-        index = torch.randperm(inputs.shape[0], generator=generator)[: schedule.batch_size]
-        weights = {key: soft_weight(key, soft_choice(v)) for key, v in vs.items()}
-        output = functional_call(unit, {**state, **weights}, (inputs[index],))
-        loss = F.mse_loss(output, targets[index], reduction="none").sum(1).mean()
-        if step >= schedule.warmup * schedule.iters:
-            beta = beta_at(step, schedule)
-            loss = loss + schedule.reg_weight * sum((1 - (2 * soft_choice(v) - 1).abs().pow(beta)).sum()
-                                                    for v in vs.values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        return [{key: soft_weight(key, (v >= 0).float()) for key, v in vs.items()}], [float("nan")]
-
-
 def plain_reconstruction(cls):
-    """AdaRound or BRECQ with ``plain_learn_rounding`` in place of the batched optimisation."""
+    """AdaRound or BRECQ with ``rounding.autograd_learn_rounding`` in place of the batched optimisation."""
     class Plain(cls):
         def quantize_prepared(self, *args, **kwargs):
-            with mock.patch("mia_ptq_bench.quantize.reconstruction.learn_rounding", plain_learn_rounding):
+            with mock.patch("mia_ptq_bench.quantize.reconstruction.learn_rounding", autograd_learn_rounding):
                 return super().quantize_prepared(*args, **kwargs)
     return Plain
 

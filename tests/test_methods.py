@@ -444,56 +444,30 @@ def test_rounding_gradient_written_out_is_autograds(beta: float | None) -> None:
 
 def test_learned_rounding_follows_the_autograd_loop_it_stands_for() -> None:
     # The whole step wired up (each layer's gradient, the warm-up before the regulariser and its
-    # annealed beta) against the loop as the study's code writes it: autograd through the soft
-    # weights, the regulariser a term of the loss. Only float rounding differs, so at most a tie flips.
-    from torch.func import functional_call
-
+    # annealed beta) against the loop as the study's code writes it (``autograd_learn_rounding``:
+    # autograd through the soft weights, the regulariser a term of the loss). Only float rounding
+    # differs, so at most a tie flips.
     from mia_ptq_bench.quantize.common import GridConfig
-    from mia_ptq_bench.quantize.rounding import RoundingSchedule, beta_at, initial_v, learn_rounding, soft_choice
+    from mia_ptq_bench.quantize.rounding import RoundingSchedule, autograd_learn_rounding, learn_rounding
 
     torch.manual_seed(0)
     unit = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1))
     x = torch.randn(64, 3, 6, 6)
     with torch.no_grad():
         y = unit(x) + 0.05 * torch.randn(64, 4, 6, 6)
-    keys, levels = ["0.weight", "2.weight"], 4
-    grids = {key: GridConfig().grid(unit.get_parameter(key).detach(), levels) for key in keys}
+    keys, levels = ["0.weight", "2.weight"], {"0.weight": 4, "2.weight": 4}
+    grids = {key: GridConfig().grid(unit.get_parameter(key).detach(), 4) for key in keys}
     schedule = RoundingSchedule(iters=60, batch_size=16, lr=5e-2, reg_weight=0.05, beta_start=20, beta_end=2,
                                 warmup=0.5, seed=0)
     with torch.enable_grad():
-        (ours,), _ = learn_rounding([unit], keys, {key: levels for key in keys}, [grids], x[:, None], y[:, None],
-                                    schedule)
-
-        state = {key: value.detach() for key, value in unit.state_dict().items()}
-        rows = {key: state[key].reshape(state[key].shape[0], -1) / grids[key].scale for key in keys}
-        floors = {key: torch.floor(r) for key, r in rows.items()}
-        vs = {key: initial_v(r - floors[key]).requires_grad_() for key, r in rows.items()}
-
-        def weights(key: str, h: torch.Tensor) -> torch.Tensor:
-            grid = grids[key]
-            integers = torch.clamp(floors[key] + h + grid.zero_point, 0, levels - 1)
-            return ((integers - grid.zero_point) * grid.scale).reshape(state[key].shape)
-
-        optimizer = torch.optim.Adam(list(vs.values()), lr=schedule.lr)
-        generator = torch.Generator().manual_seed(schedule.seed)
-        for step in range(schedule.iters):
-            index = torch.randperm(len(x), generator=generator)[: schedule.batch_size]
-            output = functional_call(unit, {**state, **{k: weights(k, soft_choice(v)) for k, v in vs.items()}},
-                                     (x[index],))
-            loss = (output - y[index]).pow(2).sum(1).mean()
-            if step >= schedule.warmup * schedule.iters:
-                beta = beta_at(step, schedule)
-                loss = loss + schedule.reg_weight * sum((1 - (2 * soft_choice(v) - 1).abs().pow(beta)).sum()
-                                                        for v in vs.values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    for key, v in vs.items():
-        reference = weights(key, (v >= 0).float()).detach()
-        nearest = weights(key, (rows[key] - floors[key] >= 0.5).float())
-        moved = (reference != nearest).float().mean()
-        assert moved > 0.05, key  # the optimisation did move roundings, so a wiring error would show
-        assert (ours[key] != reference).float().mean() < 0.01, key
+        (ours,), _ = learn_rounding([unit], keys, levels, [grids], x[:, None], y[:, None], schedule)
+        (reference,), (decided,) = autograd_learn_rounding([unit], keys, levels, [grids], x[:, None], y[:, None],
+                                                           schedule)
+    assert 0 < decided < 1
+    for key in keys:
+        nearest = grids[key].round_to_nearest(unit.get_parameter(key).detach().flatten(1)).reshape(ours[key].shape)
+        assert (reference[key] != nearest).float().mean() > 0.05, key  # roundings moved: wiring errors would show
+        assert (ours[key] != reference[key]).float().mean() < 0.01, key
 
 
 @pytest.mark.parametrize("method", ["adaround", "brecq", "obc", "gptq"])

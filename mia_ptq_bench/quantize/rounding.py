@@ -289,3 +289,44 @@ def _decided(v: torch.Tensor, margin: float = 0.01) -> torch.Tensor:
     """Per model, how many soft choices lie within ``margin`` of 0 or 1."""
     h = soft_choice(v)
     return ((h <= margin) | (h >= 1 - margin)).flatten(1).sum(1)
+
+
+def autograd_learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[str, int],
+                            grids: list[dict[str, Grid]], inputs: torch.Tensor, targets: torch.Tensor,
+                            schedule: RoundingSchedule, way: str | None = None,
+                            ) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+    """``learn_rounding`` for one model, its step as the study's code writes it: the soft weights
+    built from V inside autograd, the loss the per-channel-summed squared error plus the regulariser,
+    ``backward`` and Adam. The reference the tests and ``benchmarks/ptq_speed.py`` hold it to."""
+    (unit,), (grid,) = units, grids
+    inputs, targets = inputs[:, 0], targets[:, 0]
+    state = {**dict(unit.named_parameters()), **dict(unit.named_buffers())}
+    state = {k: t.detach() for k, t in state.items()}
+    shapes, floors, vs = {}, {}, {}
+    for key in weight_keys:
+        rows = state[key].reshape(state[key].shape[0], -1)
+        shapes[key], floors[key] = state[key].shape, torch.floor(rows / grid[key].scale)
+        vs[key] = initial_v(rows / grid[key].scale - floors[key]).clone().requires_grad_()
+
+    def soft_weight(key: str, h: torch.Tensor) -> torch.Tensor:
+        g = grid[key]
+        integers = torch.clamp(floors[key] + h + g.zero_point, 0, levels[key] - 1)
+        return ((integers - g.zero_point) * g.scale).reshape(shapes[key])
+
+    optimizer = torch.optim.Adam(list(vs.values()), lr=schedule.lr)
+    generator = torch.Generator().manual_seed(schedule.seed)
+    for step in range(schedule.iters):
+        index = torch.randperm(inputs.shape[0], generator=generator)[: schedule.batch_size]
+        weights = {key: soft_weight(key, soft_choice(v)) for key, v in vs.items()}
+        output = functional_call(unit, {**state, **weights}, (inputs[index],))
+        loss = F.mse_loss(output, targets[index], reduction="none").sum(1).mean()
+        if step >= schedule.warmup * schedule.iters:
+            beta = beta_at(step, schedule)
+            loss = loss + schedule.reg_weight * sum((1 - (2 * soft_choice(v) - 1).abs().pow(beta)).sum()
+                                                    for v in vs.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        decided = sum(int(_decided(v[None])) for v in vs.values()) / sum(v.numel() for v in vs.values())
+        return [{key: soft_weight(key, (v >= 0).float()) for key, v in vs.items()}], [decided]
