@@ -222,6 +222,21 @@ def one_by_one(function):
     return run
 
 
+def _rounding_layers(params: dict[str, torch.Tensor], weight_keys: list[str], levels: dict[str, int],
+                     grids: list[dict[str, Grid]]) -> list[_Layer]:
+    """One ``_Layer`` per weight key of the models' stacked ``params``, V starting at the weights."""
+    layers = []
+    for key in weight_keys:
+        weight = params[key]
+        rows = weight.reshape(weight.shape[0], weight.shape[1], -1)
+        scale = torch.stack([g[key].scale for g in grids])
+        zero = torch.stack([g[key].zero_point for g in grids])
+        floor = torch.floor(rows / scale)
+        v = initial_v(rows / scale - floor).clone().requires_grad_()
+        layers.append(_Layer(key, weight.shape, floor, scale, zero, levels[key], v))
+    return layers
+
+
 def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[str, int],
                    grids: list[dict[str, Grid]], inputs: torch.Tensor, targets: torch.Tensor,
                    schedule: RoundingSchedule, way: str | None = None,
@@ -239,15 +254,7 @@ def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[
     template = units[0]
     params, buffers = stack_module_state(units)
     params = {k: p.detach() for k, p in params.items()}
-    layers = []
-    for key in weight_keys:
-        weight = params[key]
-        rows = weight.reshape(weight.shape[0], weight.shape[1], -1)
-        scale = torch.stack([g[key].scale for g in grids])
-        zero = torch.stack([g[key].zero_point for g in grids])
-        floor = torch.floor(rows / scale)
-        v = initial_v(rows / scale - floor).clone().requires_grad_()
-        layers.append(_Layer(key, weight.shape, floor, scale, zero, levels[key], v))
+    layers = _rounding_layers(params, weight_keys, levels, grids)
 
     def forward(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
         return functional_call(template, {**p, **b}, (x,))
@@ -298,35 +305,25 @@ def autograd_learn_rounding(units: list[nn.Module], weight_keys: list[str], leve
     """``learn_rounding`` for one model, its step as the study's code writes it: the soft weights
     built from V inside autograd, the loss the per-channel-summed squared error plus the regulariser,
     ``backward`` and Adam. The reference the tests and ``benchmarks/ptq_speed.py`` hold it to."""
-    (unit,), (grid,) = units, grids
+    (unit,) = units
     inputs, targets = inputs[:, 0], targets[:, 0]
-    state = {**dict(unit.named_parameters()), **dict(unit.named_buffers())}
-    state = {k: t.detach() for k, t in state.items()}
-    shapes, floors, vs = {}, {}, {}
-    for key in weight_keys:
-        rows = state[key].reshape(state[key].shape[0], -1)
-        shapes[key], floors[key] = state[key].shape, torch.floor(rows / grid[key].scale)
-        vs[key] = initial_v(rows / grid[key].scale - floors[key]).clone().requires_grad_()
-
-    def soft_weight(key: str, h: torch.Tensor) -> torch.Tensor:
-        g = grid[key]
-        integers = torch.clamp(floors[key] + h + g.zero_point, 0, levels[key] - 1)
-        return ((integers - g.zero_point) * g.scale).reshape(shapes[key])
-
-    optimizer = torch.optim.Adam(list(vs.values()), lr=schedule.lr)
+    params, buffers = stack_module_state(units)
+    state = {k: t[0].detach() for k, t in {**params, **buffers}.items()}
+    layers = _rounding_layers({k: p.detach() for k, p in params.items()}, weight_keys, levels, grids)
+    optimizer = torch.optim.Adam([layer.v for layer in layers], lr=schedule.lr)
     generator = torch.Generator().manual_seed(schedule.seed)
     for step in range(schedule.iters):
         index = torch.randperm(inputs.shape[0], generator=generator)[: schedule.batch_size]
-        weights = {key: soft_weight(key, soft_choice(v)) for key, v in vs.items()}
+        weights = {layer.key: layer.weights(soft_choice(layer.v))[0] for layer in layers}
         output = functional_call(unit, {**state, **weights}, (inputs[index],))
         loss = F.mse_loss(output, targets[index], reduction="none").sum(1).mean()
         if step >= schedule.warmup * schedule.iters:
             beta = beta_at(step, schedule)
-            loss = loss + schedule.reg_weight * sum((1 - (2 * soft_choice(v) - 1).abs().pow(beta)).sum()
-                                                    for v in vs.values())
+            loss = loss + schedule.reg_weight * sum((1 - (2 * soft_choice(layer.v) - 1).abs().pow(beta)).sum()
+                                                    for layer in layers)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        decided = sum(int(_decided(v[None])) for v in vs.values()) / sum(v.numel() for v in vs.values())
-        return [{key: soft_weight(key, (v >= 0).float()) for key, v in vs.items()}], [decided]
+        decided = sum(int(_decided(layer.v)) for layer in layers) / sum(layer.v.numel() for layer in layers)
+        return [{layer.key: layer.weights((layer.v >= 0).to(layer.v.dtype))[0] for layer in layers}], [decided]
