@@ -6,11 +6,13 @@ Trains ``--models`` pool models with the task's recipe (or loads them from a com
 ``--cache-dir``), then for every method and plan times
 - ours: what `mptq-bench evaluate` runs: ``quantize_many`` on the whole group (AdaRound/BRECQ:
   one optimisation for all models; OBC: the rows of every model in one sweep, 32 at a time, arrays
-  shrunk as columns are fixed, in-place downdates; GPTQ: lazy 128-column blocks);
+  shrunk as columns are fixed, in-place downdates; GPTQ: lazy 128-column blocks; every method:
+  each layer's grid search run once over the rows of all models, BatchNorm pairs traced once);
 - plain: the same algorithm written straightforwardly, on ``--plain-models`` of the models
   (AdaRound/BRECQ: one model at a time, each step autograd through the soft weights with the
   regulariser a term of the loss, as the study's code does; OBC: one row at a time on full-size
-  arrays; GPTQ: every column's update applied at once to all later columns).
+  arrays; GPTQ: every column's update applied at once to all later columns; RTN, and the grids
+  and BatchNorm folding of every method: the same code given one model at a time).
 Ours quantizes every plan of ``--plans`` with one quantizer object, as `evaluate` runs a grid (so
 OBC computes each model's full-precision Hessians once, for all plans); plain starts a fresh
 quantizer per plan, as the study runs one process per bit width. With several plans a last row

@@ -10,7 +10,7 @@ from mia_ptq_bench.errors import AuditError
 from mia_ptq_bench.models import build_model, quantizable_layers
 from mia_ptq_bench.quantize import QUANTIZERS, Calibration, audit_model, enforce_audit, fit_grid
 from mia_ptq_bench.quantize.audit import distinct_per_row
-from mia_ptq_bench.quantize.grid import minmax_grid
+from mia_ptq_bench.quantize.grid import fit_grids, minmax_grid
 from mia_ptq_bench.spec import PrecisionPlan
 from mia_ptq_bench.spec.schema import ModelSpec
 
@@ -62,6 +62,54 @@ def test_lp_search_beats_minmax_on_heavy_tails() -> None:
         lp = fit_grid(weight, levels).round_to_nearest(weight)
         mm = minmax_grid(weight, levels).round_to_nearest(weight)
         assert ((weight - lp).abs().pow(2.4).mean(1) <= (weight - mm).abs().pow(2.4).mean(1) + 1e-7).all()
+
+
+@pytest.mark.parametrize("levels", [3, 4, 16])
+def test_grids_searched_together_are_each_weights_own(levels: int) -> None:
+    # Every row's search reads only its own row, so stacking the models' rows changes no grid.
+    weights = [torch.randn(6, 72, generator=torch.Generator().manual_seed(i)) * (i + 1) for i in range(4)]
+    weights[2][3] = 0.0  # a dead channel: its scale is the floor, as alone
+    weights[1][0, :] = torch.linspace(-1, 1, 72)  # evenly spread: many shrinks come close
+    together = fit_grids(weights, levels)
+    for weight, grid in zip(weights, together):
+        alone = fit_grid(weight, levels)
+        assert torch.equal(grid.scale, alone.scale) and torch.equal(grid.zero_point, alone.zero_point)
+        assert grid.levels == levels
+
+
+def test_grids_of_other_shapes_or_per_tensor_are_searched_one_by_one() -> None:
+    a, b = torch.randn(4, 9), 3 * torch.randn(4, 18)
+    mixed = fit_grids([a, b], 4)
+    assert [g.scale.shape for g in mixed] == [(4, 1), (4, 1)]
+    assert torch.equal(mixed[1].scale, fit_grid(b, 4).scale)
+    per_tensor = fit_grids([a, 10 * a], 4, per_channel=False)
+    assert [g.scale.shape for g in per_tensor] == [(1, 1), (1, 1)]
+    assert torch.equal(per_tensor[1].scale, fit_grid(10 * a, 4, per_channel=False).scale)
+
+
+@pytest.mark.parametrize("bn", ["fold", "keep"])
+def test_rtn_on_a_group_gives_each_model_what_it_gets_alone(bn: str) -> None:
+    models = []
+    for seed in range(3):
+        model, generator = small_cnn(), torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+            for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+                # fold scales each model's weights by its own statistics
+                norm.running_mean.copy_(torch.rand(norm.running_mean.shape, generator=generator) - 0.5)
+                norm.running_var.copy_(0.5 + torch.rand(norm.running_var.shape, generator=generator))
+        models.append(model)
+    quantizer = QUANTIZERS.get("rtn")({"bn": bn})
+    plan = PrecisionPlan.parse("w2")
+    together = quantizer.quantize_many([copy.deepcopy(m) for m in models], [calibration() for _ in models], plan)
+    for model, grouped in zip(models, together):
+        alone = quantizer.quantize(copy.deepcopy(model), calibration(), plan)
+        assert alone.state_dict().keys() == grouped.state_dict().keys()
+        for (name, a), b in zip(alone.state_dict().items(), grouped.state_dict().values()):
+            assert torch.equal(a, b), name
+    first = next(name for name, _ in quantizable_layers(models[0]))
+    assert not torch.equal(together[0].get_submodule(first).weight, together[1].get_submodule(first).weight)
 
 
 def test_per_tensor_grid_shares_one_scale() -> None:

@@ -42,9 +42,12 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold conv->BN pairs in place (eval-mode statistics); the model computes the same function in eval mode."""
-    for conv_name, bn_name in conv_bn_pairs(model):
+def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]] | None = None) -> nn.Module:
+    """Fold conv->BN pairs in place (eval-mode statistics); the model computes the same function in eval mode.
+
+    ``pairs``: the model's ``conv_bn_pairs``, when already traced on a model of the same architecture.
+    """
+    for conv_name, bn_name in conv_bn_pairs(model) if pairs is None else pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         conv.weight.mul_(scale.view(-1, 1, 1, 1))

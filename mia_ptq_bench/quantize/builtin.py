@@ -31,9 +31,11 @@ class RoundToNearest(CalibratedQuantizer):
 
     Config = GridConfig
     study_bn = "keep"
+    uses_originals = False
 
     def quantize_prepared(self, models, originals, calibrations, levels) -> None:
-        for model in models:
-            for name, layer in quantizable_layers(model):
-                grid = self.config.grid(layer.weight, levels[name])
+        for name, _ in quantizable_layers(models[0]):
+            layers = [model.get_submodule(name) for model in models]
+            grids = self.config.grids([layer.weight.detach() for layer in layers], levels[name])
+            for model, layer, grid in zip(models, layers, grids):
                 set_weight(model, name, grid.round_to_nearest(as_rows(layer.weight.detach(), grid)).view_as(layer.weight))

@@ -13,9 +13,9 @@ from ..errors import BenchError
 from ..models import QUANTIZABLE, quantizable_layers
 from ..spec.plans import PrecisionPlan, levels_for_bits
 from .base import Quantizer, QuantizerConfig
-from .batchnorm import BNPolicy, fold_batchnorm, reestimate_batchnorm
+from .batchnorm import BNPolicy, conv_bn_pairs, fold_batchnorm, reestimate_batchnorm
 from .calibration import Calibration
-from .grid import Grid, fit_grid
+from .grid import Grid, fit_grid, fit_grids
 
 
 class GridConfig(QuantizerConfig):
@@ -29,6 +29,10 @@ class GridConfig(QuantizerConfig):
     def grid(self, weight: torch.Tensor, levels: int) -> Grid:
         return fit_grid(weight, levels, per_channel=self.per_channel, search=self.search, p=self.p, steps=self.steps)
 
+    def grids(self, weights: list[torch.Tensor], levels: int) -> list[Grid]:
+        """``grid`` for the same layer of several models, searched together (the same grids)."""
+        return fit_grids(weights, levels, per_channel=self.per_channel, search=self.search, p=self.p, steps=self.steps)
+
 
 def layer_levels(model: nn.Module, plan: PrecisionPlan) -> dict[str, int]:
     layers = quantizable_layers(model)
@@ -40,6 +44,7 @@ class CalibratedQuantizer(Quantizer):
 
     Config: ClassVar[type[GridConfig]] = GridConfig
     study_bn: ClassVar[BNPolicy] = "fold"
+    uses_originals: ClassVar[bool] = True  # False: quantize_prepared gets no full-precision copies (an empty list)
 
     @property
     def bn_policy(self) -> BNPolicy:
@@ -62,10 +67,11 @@ class CalibratedQuantizer(Quantizer):
             self.check_model(model)
         models = [m.eval() for m in models]
         if self.bn_policy == "fold":
-            models = [fold_batchnorm(m) for m in models]
+            pairs = conv_bn_pairs(models[0])  # traced once: the group shares one architecture
+            models = [fold_batchnorm(m, pairs) for m in models]
         size = min(len(c) for c in calibrations)
         calibrations = [c.take(size) for c in calibrations]
-        originals = [copy.deepcopy(m) for m in models]
+        originals = [copy.deepcopy(m) for m in models] if self.uses_originals else []
         self.quantize_prepared(models, originals, calibrations, layer_levels(models[0], plan))
         if self.bn_policy == "reestimate":
             models = [reestimate_batchnorm(m, c.images) for m, c in zip(models, calibrations)]

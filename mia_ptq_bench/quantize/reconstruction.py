@@ -70,8 +70,9 @@ class _Reconstruction(CalibratedQuantizer):
                 raise BenchError(f"{self.name}: non-finite calibration activations at {quantized_units[0][u].name}")
             unit_layers = quantized_units[0][u].layers
             keys = [f"{prefix}.weight" for prefix in unit_layers]
-            grids = [{f"{prefix}.weight": cfg.grid(model.get_submodule(layer).weight.detach(), levels[layer])
-                      for prefix, layer in unit_layers.items()} for model in models]
+            per_layer = {prefix: cfg.grids([model.get_submodule(layer).weight.detach() for model in models], levels[layer])
+                         for prefix, layer in unit_layers.items()}
+            grids = [{f"{prefix}.weight": per_layer[prefix][i] for prefix in unit_layers} for i in range(len(models))]
             unit_levels = {f"{prefix}.weight": levels[layer] for prefix, layer in unit_layers.items()}
             with torch.enable_grad():
                 hard, _ = learn_rounding([qu[u].module for qu in quantized_units], keys, unit_levels, grids, inputs,

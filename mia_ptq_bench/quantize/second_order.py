@@ -151,7 +151,7 @@ class _SecondOrder(CalibratedQuantizer):
                     hessians.append(_check_finite(self.name, name, accumulator.hessian))
             else:
                 hessians = [self._hessians(m, [name], c)[name] for m, c in zip(models, calibrations)]
-            grids = [cfg.grid(layer.weight.detach(), levels[name]) for layer in layers]
+            grids = cfg.grids([layer.weight.detach() for layer in layers], levels[name])
             try:
                 quantized = self.sweep_many([layer.weight for layer in layers], hessians, grids)
                 if not all(torch.isfinite(q).all() for q in quantized):
