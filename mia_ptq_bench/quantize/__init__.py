@@ -6,7 +6,7 @@ from . import second_order as _second_order  # noqa: F401  (registers obc and gp
 from .audit import LayerAudit, audit_model, enforce_audit
 from .calibration import Calibration
 from .base import QUANTIZERS, Quantizer, QuantizerConfig, register_quantizer
-from .grid import Grid, fit_grid
+from .grid import Grid, fit_grid, fit_grids
 
 __all__ = ["QUANTIZERS", "Calibration", "Grid", "LayerAudit", "Quantizer", "QuantizerConfig", "audit_model", "enforce_audit",
-           "fit_grid", "register_quantizer"]
+           "fit_grid", "fit_grids", "register_quantizer"]
