@@ -5,12 +5,14 @@
 Trains ``--models`` pool models with the task's recipe (or loads them from a complete pool in
 ``--cache-dir``), then for every method and plan times
 - ours: what `mptq-bench evaluate` runs: ``quantize_many`` on the whole group (AdaRound/BRECQ:
-  one optimisation for all models; OBC: the rows of every model in one sweep, 32 at a time, arrays
+  one optimisation for all models, the units' inputs and targets from forward passes carried from
+  unit to unit; OBC: the rows of every model in one sweep, 32 at a time, arrays
   shrunk as columns are fixed, in-place downdates; GPTQ: lazy 128-column blocks; every method:
   each layer's grid search run once over the rows of all models, BatchNorm pairs traced once);
 - plain: the same algorithm written straightforwardly, on ``--plain-models`` of the models
   (AdaRound/BRECQ: one model at a time, each step autograd through the soft weights with the
-  regulariser a term of the loss, as the study's code does; OBC: one row at a time on full-size
+  regulariser a term of the loss, and each unit's inputs and targets from a forward pass of the
+  calibration images stopped at the unit, as the study's code does; OBC: one row at a time on full-size
   arrays; GPTQ: every column's update applied at once to all later columns; RTN, and the grids
   and BatchNorm folding of every method: the same code given one model at a time).
 Ours quantizes every plan of ``--plans`` with one quantizer object, as `evaluate` runs a grid (so
@@ -65,10 +67,12 @@ class PlainOBC(OBC):
 
 
 def plain_reconstruction(cls):
-    """AdaRound or BRECQ with ``rounding.autograd_learn_rounding`` in place of the batched optimisation."""
+    """AdaRound or BRECQ with ``rounding.autograd_learn_rounding`` in place of the batched optimisation,
+    and each unit's inputs and targets captured by a pass from the images that stops at the unit."""
     class Plain(cls):
         def quantize_prepared(self, *args, **kwargs):
-            with mock.patch("mia_ptq_bench.quantize.reconstruction.learn_rounding", autograd_learn_rounding):
+            with (mock.patch("mia_ptq_bench.quantize.reconstruction.learn_rounding", autograd_learn_rounding),
+                  mock.patch("mia_ptq_bench.quantize.reconstruction.forward_plan", return_value=None)):
                 return super().quantize_prepared(*args, **kwargs)
     return Plain
 

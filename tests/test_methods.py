@@ -560,3 +560,53 @@ def test_singular_hessian_takes_the_fallback_damping() -> None:
         assert torch.isfinite(q).all() and (distinct_per_row(q) <= 3).all()
     with pytest.raises(NumericalError, match="not positive definite even with damping"):
         inverse_hessian(-h, 0.01)
+
+
+# The architectures every built-in family reaches: a chain, residual blocks with shortcuts, dense blocks.
+CURSOR_NETS = [("cnn", {"batchnorm": True, "hidden": 16}, 0.25), ("resnet18", {}, 0.0625),
+               pytest.param("densenet121", {}, 0.0625, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("arch, options, width", CURSOR_NETS)
+@pytest.mark.parametrize("blocks", [False, True])
+def test_a_carried_forward_pass_captures_what_a_pass_from_the_images_captures(arch, options, width, blocks) -> None:
+    from mia_ptq_bench.quantize.units import ForwardCursor, forward_plan
+
+    model = trained_like(arch, options, width=width)
+    units = block_units(model) if blocks else layer_units(model)
+    plan = forward_plan(model, units, blocks=blocks)
+    assert plan is not None and sorted(plan.order) == list(range(len(units)))
+    images = calibration(40).images
+    cursor = ForwardCursor(model, plan, list(images.split(16)))  # 16, 16, 8: batches as capture splits them
+    for u in plan.order:
+        x = cursor.input_of(u)
+        assert torch.equal(x, capture(model, units[u].first, images, "input", 16)), units[u].name
+        with torch.no_grad():  # change the unit's weights before reading its output: the cursor must see them
+            for name in units[u].layers.values():
+                model.get_submodule(name).weight.mul_(0.5)
+        assert torch.equal(cursor.output_of(u), capture(model, units[u].last, images, "output", 16)), units[u].name
+    with pytest.raises(RuntimeError, match="already run past"):
+        cursor.output_of(plan.order[0])
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq"])
+@pytest.mark.parametrize("inputs", ["quantized", "full_precision"])
+def test_reconstruction_with_carried_passes_learns_what_it_learns_from_per_unit_passes(method: str, inputs: str) -> None:
+    from unittest import mock
+
+    model = trained_like("resnet18", width=0.0625)
+    cals = [calibration(24, seed=s) for s in (0, 1)]
+    models = [model, copy.deepcopy(model)]
+    with torch.no_grad():
+        for p in models[1].parameters():
+            p.mul_(1.1)
+    quantizer = QUANTIZERS.get(method)({"iters": 30, "inputs": inputs, "capture_batch": 16})
+    plan = PrecisionPlan.parse("w2")
+    carried = quantizer.quantize_many([copy.deepcopy(m) for m in models], cals, plan)
+    with mock.patch("mia_ptq_bench.quantize.reconstruction.forward_plan", return_value=None):
+        rerun = quantizer.quantize_many([copy.deepcopy(m) for m in models], cals, plan)
+    for a, b in zip(carried, rerun):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+    rtn = QUANTIZERS.get("rtn")({"bn": quantizer.bn_policy}).quantize(copy.deepcopy(models[0]), cals[0], plan)
+    assert any(not torch.equal(x, y) for x, y in zip(carried[0].state_dict().values(), rtn.state_dict().values()))

@@ -3,7 +3,8 @@
 Both walk the model's units in order. For each, the unit's input is captured from the
 model as quantized so far (the reference code's ``asym=True``) and its target output
 from the full-precision copy; the rounding of every weight in the unit is then learned
-(``rounding.learn_rounding``) and fixed. Several models go through together.
+(``rounding.learn_rounding``) and fixed. Several models go through together, each
+model's forward pass carried from unit to unit where the model traces (``units.ForwardCursor``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..errors import BenchError
 from .base import register_quantizer
 from .common import CalibratedQuantizer, GridConfig, set_weight
 from .rounding import RoundingSchedule, learn_rounding
-from .units import Unit, block_units, capture, layer_units
+from .units import ForwardCursor, Unit, block_units, capture, forward_plan, layer_units
 
 
 # The study runs 20,000 Adam steps per unit at lr 1e-3. On two CPU cores the benchmark's default is a
@@ -56,16 +57,30 @@ class _Reconstruction(CalibratedQuantizer):
         quantized_units = [self.units(m) for m in models]
         original_units = [self.units(o) for o in originals]
         count = len(quantized_units[0])
+        sources = models if cfg.inputs == "quantized" else originals
+        source_units = quantized_units if cfg.inputs == "quantized" else original_units
+        # Each unit's inputs and targets from forward passes carried from unit to unit (units.ForwardCursor:
+        # the values ``capture`` gives, bit for bit) where the model allows it, instead of a pass from the
+        # images per unit and model; units then go in the order the forward pass reaches them, which
+        # differs only for parallel branches (a shortcut), whose inputs and targets do not depend on it.
+        plan = forward_plan(models[0], quantized_units[0], blocks=self.granularity == "block")
+        if plan is not None:
+            batches = [list(cal.images.split(cfg.capture_batch)) for cal in calibrations]
+            target_cursors = [ForwardCursor(o, plan, b) for o, b in zip(originals, batches)]
+            source_cursors = (target_cursors if cfg.inputs == "full_precision"
+                              else [ForwardCursor(m, plan, b) for m, b in zip(models, batches)])
         key = f"{self.name}-units"
         self.progress.start(key, f"  {self.name}: {count} {self.granularity}s × {len(models)} models", count)
-        for u in range(count):
-            sources = models if cfg.inputs == "quantized" else originals
-            source_units = quantized_units if cfg.inputs == "quantized" else original_units
+        for u in plan.order if plan is not None else range(count):
             # Example-major, the models side by side: what learn_rounding reads without copying.
-            inputs = torch.stack([capture(src, su[u].first, cal.images, "input", cfg.capture_batch)
-                                  for src, su, cal in zip(sources, source_units, calibrations)], dim=1)
-            targets = torch.stack([capture(orig, ou[u].last, cal.images, "output", cfg.capture_batch)
-                                   for orig, ou, cal in zip(originals, original_units, calibrations)], dim=1)
+            if plan is not None:
+                inputs = torch.stack([cursor.input_of(u) for cursor in source_cursors], dim=1)
+                targets = torch.stack([cursor.output_of(u) for cursor in target_cursors], dim=1)
+            else:
+                inputs = torch.stack([capture(src, su[u].first, cal.images, "input", cfg.capture_batch)
+                                      for src, su, cal in zip(sources, source_units, calibrations)], dim=1)
+                targets = torch.stack([capture(orig, ou[u].last, cal.images, "output", cfg.capture_batch)
+                                       for orig, ou, cal in zip(originals, original_units, calibrations)], dim=1)
             if not (torch.isfinite(inputs).all() and torch.isfinite(targets).all()):
                 raise BenchError(f"{self.name}: non-finite calibration activations at {quantized_units[0][u].name}")
             unit_layers = quantized_units[0][u].layers
