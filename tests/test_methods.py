@@ -610,3 +610,36 @@ def test_reconstruction_with_carried_passes_learns_what_it_learns_from_per_unit_
             assert torch.equal(x, y), name
     rtn = QUANTIZERS.get("rtn")({"bn": quantizer.bn_policy}).quantize(copy.deepcopy(models[0]), cals[0], plan)
     assert any(not torch.equal(x, y) for x, y in zip(carried[0].state_dict().values(), rtn.state_dict().values()))
+
+
+def test_a_cursor_measures_the_most_it_keeps_at_once() -> None:
+    from mia_ptq_bench.quantize.units import carried_bytes, carry_fits, forward_plan
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    plan = forward_plan(model, layer_units(model))
+    # Input (4 floats), then the Linear's output (8) beside it, then the ReLU's (8) beside that: the input
+    # is dropped once its last reader has run, so the peak is the two 8-float values, 64 bytes.
+    assert carried_bytes(model, plan, torch.randn(1, 4)) == 64
+    from unittest import mock
+
+    with mock.patch("mia_ptq_bench.quantize.units.device_memory", return_value=64 * 1000 * 3 / 0.25):
+        assert carry_fits(model, plan, torch.randn(1, 4), examples=1000, cursors=3)
+        assert not carry_fits(model, plan, torch.randn(1, 4), examples=1001, cursors=3)
+
+
+@pytest.mark.parametrize("method", ["adaround", "gptq"])
+def test_where_carried_passes_would_not_fit_in_memory_each_unit_is_captured_from_the_images(method: str) -> None:
+    from unittest import mock
+
+    model = trained_like("resnet18", width=0.0625)
+    cal = calibration(24)
+    config = {"adaround": {"iters": 30, "capture_batch": 16}, "gptq": {"batch_size": 16}}[method]
+    quantizer = QUANTIZERS.get(method)(config)
+    plan = PrecisionPlan.parse("w2")
+    carried = quantizer.quantize(copy.deepcopy(model), cal, plan)
+    module = {"adaround": "reconstruction", "gptq": "second_order"}[method]
+    with (mock.patch("mia_ptq_bench.quantize.units.device_memory", return_value=1.0),
+          mock.patch(f"mia_ptq_bench.quantize.{module}.ForwardCursor", side_effect=AssertionError("no cursor"))):
+        rerun = quantizer.quantize(copy.deepcopy(model), cal, plan)
+    for (name, x), y in zip(carried.state_dict().items(), rerun.state_dict().values()):
+        assert torch.equal(x, y), name

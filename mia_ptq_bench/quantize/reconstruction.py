@@ -18,7 +18,7 @@ from ..errors import BenchError
 from .base import register_quantizer
 from .common import CalibratedQuantizer, GridConfig, set_weight
 from .rounding import RoundingSchedule, learn_rounding
-from .units import ForwardCursor, Unit, block_units, capture, forward_plan, layer_units
+from .units import ForwardCursor, Unit, block_units, capture, carry_fits, forward_plan, layer_units
 
 
 # The study runs 20,000 Adam steps per unit at lr 1e-3. On two CPU cores the benchmark's default is a
@@ -60,10 +60,15 @@ class _Reconstruction(CalibratedQuantizer):
         sources = models if cfg.inputs == "quantized" else originals
         source_units = quantized_units if cfg.inputs == "quantized" else original_units
         # Each unit's inputs and targets from forward passes carried from unit to unit (units.ForwardCursor:
-        # the values ``capture`` gives, bit for bit) where the model allows it, instead of a pass from the
-        # images per unit and model; units then go in the order the forward pass reaches them, which
-        # differs only for parallel branches (a shortcut), whose inputs and targets do not depend on it.
+        # the values ``capture`` gives, bit for bit) where the model traces and the carried values fit in
+        # memory, instead of a pass from the images per unit and model. Units then go in the order the
+        # forward pass reaches them: that differs only for parallel branches (a shortcut), whose inputs
+        # and targets do not depend on it.
         plan = forward_plan(models[0], quantized_units[0], blocks=self.granularity == "block")
+        cursors = len(models) * (1 if cfg.inputs == "full_precision" else 2)
+        images = calibrations[0].images
+        if plan is not None and not carry_fits(models[0], plan, images[:1], len(images), cursors):
+            plan = None
         if plan is not None:
             batches = [list(cal.images.split(cfg.capture_batch)) for cal in calibrations]
             target_cursors = [ForwardCursor(o, plan, b) for o, b in zip(originals, batches)]

@@ -16,7 +16,7 @@ from .base import register_quantizer
 from .calibration import Calibration
 from .common import CalibratedQuantizer, GridConfig, set_weight
 from .obs import HessianAccumulator, NumericalError, accumulate_hessians, gptq_quantize, obc_quantize_many
-from .units import ForwardCursor, Unit, forward_plan
+from .units import ForwardCursor, Unit, carry_fits, forward_plan
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -131,9 +131,13 @@ class _SecondOrder(CalibratedQuantizer):
             # carried from layer to layer (units.ForwardCursor) instead of re-run from the input.
             units = [Unit(name, layer, layer, layer, {"": name}) for name, layer in quantizable_layers(models[0])]
             plan = forward_plan(models[0], units)
+            batches = [self._batches(c) for c in calibrations]
+            if plan is not None and not carry_fits(models[0], plan, batches[0][0][:1], sum(map(len, batches[0])),
+                                                   len(models)):
+                plan = None
             if plan is not None:
                 names = [names[u] for u in plan.order]
-                cursors = [ForwardCursor(m, plan, self._batches(c)) for m, c in zip(models, calibrations)]
+                cursors = [ForwardCursor(m, plan, b) for m, b in zip(models, batches)]
                 position = {name: u for u, name in enumerate(n for n, _ in quantizable_layers(models[0]))}
             fixed = None
         else:

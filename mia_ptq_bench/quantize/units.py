@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..models import BLOCKS, QUANTIZABLE, quantizable_layers
+from ..pool.train import MEMORY_SHARE, device_memory
 
 # Modules that may directly follow a layer and belong to its output.
 _FOLLOWERS = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.Identity)
@@ -214,6 +215,7 @@ class ForwardCursor:
             raise ValueError("a ForwardCursor needs a model with one input")
         self.envs: list[dict[fx.Node, object]] = [{placeholders[0]: batch} for batch in batches]
         self.position = 0  # index of the next node to run
+        self.peak_bytes = 0  # the most one batch's kept values have held at once
 
     @torch.no_grad()
     def run_to(self, stop: int, keep: fx.Node | None = None) -> list[object]:
@@ -223,6 +225,7 @@ class ForwardCursor:
             for index in range(self.position, stop):
                 node = self.plan.nodes[index]
                 env[node] = self._run(node, env)
+                self.peak_bytes = max(self.peak_bytes, sum(_nbytes(value) for value in env.values()))
                 if node is keep:
                     kept.append(_clone(env[node]))
                 for used in node.all_input_nodes:  # free what no later node reads
@@ -274,6 +277,29 @@ class ForwardCursor:
         if node.op == "output":
             return args[0]
         raise RuntimeError(f"unknown fx op {node.op}")
+
+
+def carried_bytes(model: nn.Module, plan: ForwardPlan, image: torch.Tensor) -> int:
+    """The most bytes a ``ForwardCursor`` on ``model`` keeps at once per image (``image``: a batch of one)."""
+    cursor = ForwardCursor(model, plan, [image])
+    cursor.run_to(len(plan.nodes))
+    return cursor.peak_bytes
+
+
+def carry_fits(model: nn.Module, plan: ForwardPlan, example: torch.Tensor, examples: int, cursors: int) -> bool:
+    """Whether ``cursors`` cursors over ``examples`` inputs like ``example`` (a batch of one), each over a
+    model like ``model``, keep their values within the share of the device's memory that training a group
+    may take; where they would not, a pass per unit from the images (``capture``) holds one unit's values."""
+    needed = carried_bytes(model, plan, example) * examples * cursors
+    return needed <= MEMORY_SHARE * device_memory(example.device)
+
+
+def _nbytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def _clone(value: object) -> object:
