@@ -617,12 +617,15 @@ def test_a_cursor_measures_the_most_it_keeps_at_once() -> None:
 
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     plan = forward_plan(model, layer_units(model))
-    # Input (4 floats), then the Linear's output (8) beside it, then the ReLU's (8) beside that: the input
-    # is dropped once its last reader has run, so the peak is the two 8-float values, 64 bytes.
-    assert carried_bytes(model, plan, torch.randn(1, 4)) == 64
+    # Between two nodes a paused cursor holds only what later nodes read: the input (4 floats), then the
+    # Linear's output (8), then the ReLU's (8), then the logits (2). The peak is 8 floats, 32 bytes.
+    assert carried_bytes(model, plan, torch.randn(1, 4)) == 32
+    # A view or an in-place result shares its input's storage: counted once.
+    inplace = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8, 2)).eval()
+    assert carried_bytes(inplace, forward_plan(inplace, layer_units(inplace)), torch.randn(1, 4)) == 32
     from unittest import mock
 
-    with mock.patch("mia_ptq_bench.quantize.units.device_memory", return_value=64 * 1000 * 3 / 0.25):
+    with mock.patch("mia_ptq_bench.quantize.units.device_memory", return_value=32 * 1000 * 3 / 0.25):
         assert carry_fits(model, plan, torch.randn(1, 4), examples=1000, cursors=3)
         assert not carry_fits(model, plan, torch.randn(1, 4), examples=1001, cursors=3)
 
@@ -643,3 +646,33 @@ def test_where_carried_passes_would_not_fit_in_memory_each_unit_is_captured_from
         rerun = quantizer.quantize(copy.deepcopy(model), cal, plan)
     for (name, x), y in zip(carried.state_dict().items(), rerun.state_dict().values()):
         assert torch.equal(x, y), name
+
+
+class _HeadRegisteredFirst(nn.Module):
+    """Registers its classifier before the layer that feeds it: registration order is not call order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(32, 10)
+        self.body = nn.Linear(256, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x.flatten(1))))
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq", "gptq"])
+def test_the_machines_memory_changes_no_result_even_where_call_order_is_not_registration_order(method: str) -> None:
+    # The carried passes are used only where they fit in memory; the fallback must take the units in the
+    # same order, or a machine with less memory would quantize the head before the body feeding it.
+    from unittest import mock
+
+    torch.manual_seed(0)
+    model = _HeadRegisteredFirst().eval()
+    cal = calibration(48)
+    quantizer = QUANTIZERS.get(method)({"gptq": {}}.get(method, {"iters": 40}))
+    plan = PrecisionPlan.parse("w2")
+    carried = quantizer.quantize(copy.deepcopy(model), cal, plan)
+    with mock.patch("mia_ptq_bench.quantize.units.device_memory", return_value=1.0):
+        fallback = quantizer.quantize(copy.deepcopy(model), cal, plan)
+    for name in ("body.weight", "head.weight"):
+        assert torch.equal(carried.state_dict()[name], fallback.state_dict()[name]), name

@@ -77,6 +77,37 @@ def test_grids_searched_together_are_each_weights_own(levels: int) -> None:
         assert grid.levels == levels
 
 
+def test_single_row_weights_are_searched_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With several threads torch sums one long row in parallel pieces, but the same row among others
+    # in one piece: stacked, a one-channel layer's mean error could differ in the last bit (a near-tie
+    # between two shrinks then picks another grid), so such weights are never stacked.
+    from mia_ptq_bench.quantize import grid as grid_module
+
+    rows = [torch.randn(1, 4096, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    searched = []
+    original = grid_module.fit_grid
+    monkeypatch.setattr(grid_module, "fit_grid", lambda w, *a, **k: searched.append(w.shape) or original(w, *a, **k))
+    together = fit_grids(rows, 4)
+    assert searched == [(1, 4096)] * 3
+    for row, grid in zip(rows, together):
+        assert torch.equal(grid.scale, original(row, 4).scale)
+
+
+def test_grids_are_searched_in_chunks_of_bounded_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench.quantize import grid as grid_module
+
+    weights = [torch.randn(4, 18, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    monkeypatch.setattr(grid_module, "STACKED_ELEMENTS", 2 * 4 * 18)  # two weights per search
+    searched = []
+    original = grid_module.fit_grid
+    monkeypatch.setattr(grid_module, "fit_grid", lambda w, *a, **k: searched.append(w.shape) or original(w, *a, **k))
+    together = fit_grids(weights, 4)
+    assert searched == [(8, 18), (8, 18), (4, 18)]
+    for weight, grid in zip(weights, together):
+        assert torch.equal(grid.scale, original(weight, 4).scale)
+    assert fit_grids([], 4) == []
+
+
 def test_grids_of_other_shapes_or_per_tensor_are_searched_one_by_one() -> None:
     a, b = torch.randn(4, 9), 3 * torch.randn(4, 18)
     mixed = fit_grids([a, b], 4)

@@ -44,7 +44,7 @@ class CalibratedQuantizer(Quantizer):
 
     Config: ClassVar[type[GridConfig]] = GridConfig
     study_bn: ClassVar[BNPolicy] = "fold"
-    uses_originals: ClassVar[bool] = True  # False: quantize_prepared gets no full-precision copies (an empty list)
+    uses_originals: ClassVar[bool] = True  # False: quantize_prepared gets an empty list (a subclass that reads them sets True)
 
     @property
     def bn_policy(self) -> BNPolicy:

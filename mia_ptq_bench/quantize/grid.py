@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 MIN_SCALE = 1e-8
+STACKED_ELEMENTS = 1 << 22  # weights searched together at most (a search holds a few temporaries this size)
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,25 @@ def fit_grids(weights: list[torch.Tensor], levels: int, *, per_channel: bool = T
     """``fit_grid`` for several same-shape weights (one layer of a group of models) in one search.
 
     Per channel, every row's search is its own, so the rows of all weights are searched together
-    and the result split: the same grids, with the ~500 small tensor operations of an L_p search
-    run once per layer instead of once per model. Per tensor, each weight is one search.
+    (up to ``STACKED_ELEMENTS`` at a time) and the result split: the same grids, with the ~500 small
+    tensor operations of an L_p search run once per layer instead of once per model. Each weight is
+    searched alone per tensor, for differing shapes or dtypes, and for a single-row weight: torch
+    sums one long row in parallel pieces, but a row among others in one piece, so its mean error,
+    and possibly its grid, could differ in the last bit.
     """
-    if not per_channel or len({tuple(w.shape) for w in weights}) > 1:
+    alone = (not per_channel or len({(tuple(w.shape), w.dtype) for w in weights}) > 1
+             or any(w.shape[0] == 1 for w in weights))
+    if alone:
         return [fit_grid(w, levels, per_channel=per_channel, search=search, p=p, steps=steps) for w in weights]
-    stacked = fit_grid(torch.cat([w.detach().flatten(1) for w in weights]), levels, search=search, p=p, steps=steps)
-    rows = [w.shape[0] for w in weights]
-    return [Grid(scale, zero, levels)
-            for scale, zero in zip(stacked.scale.split(rows), stacked.zero_point.split(rows))]
+    grids: list[Grid] = []
+    chunk = max(1, STACKED_ELEMENTS // max(1, weights[0].numel())) if weights else 1
+    for start in range(0, len(weights), chunk):
+        part = weights[start : start + chunk]
+        stacked = fit_grid(torch.cat([w.detach().flatten(1) for w in part]), levels, search=search, p=p, steps=steps)
+        rows = [w.shape[0] for w in part]
+        grids += [Grid(scale, zero, levels)
+                  for scale, zero in zip(stacked.scale.split(rows), stacked.zero_point.split(rows))]
+    return grids
 
 
 def as_rows(weight: torch.Tensor, grid: Grid) -> torch.Tensor:

@@ -59,12 +59,14 @@ class _Reconstruction(CalibratedQuantizer):
         count = len(quantized_units[0])
         sources = models if cfg.inputs == "quantized" else originals
         source_units = quantized_units if cfg.inputs == "quantized" else original_units
-        # Each unit's inputs and targets from forward passes carried from unit to unit (units.ForwardCursor:
-        # the values ``capture`` gives, bit for bit) where the model traces and the carried values fit in
-        # memory, instead of a pass from the images per unit and model. Units then go in the order the
-        # forward pass reaches them: that differs only for parallel branches (a shortcut), whose inputs
-        # and targets do not depend on it.
+        # Units go in the order the forward pass reaches them where the model traces (for the built-in
+        # models that differs from registration order only for a shortcut, whose input and target do not
+        # depend on it), in registration order elsewhere. Their inputs and targets come from forward passes
+        # carried from unit to unit (units.ForwardCursor: the values ``capture`` gives, bit for bit) where
+        # the carried values fit in memory, else from a pass from the images per unit and model: the same
+        # order and values either way, so the machine's memory changes no result.
         plan = forward_plan(models[0], quantized_units[0], blocks=self.granularity == "block")
+        order = plan.order if plan is not None else list(range(count))
         cursors = len(models) * (1 if cfg.inputs == "full_precision" else 2)
         images = calibrations[0].images
         if plan is not None and not carry_fits(models[0], plan, images[:1], len(images), cursors):
@@ -76,7 +78,7 @@ class _Reconstruction(CalibratedQuantizer):
                               else [ForwardCursor(m, plan, b) for m, b in zip(models, batches)])
         key = f"{self.name}-units"
         self.progress.start(key, f"  {self.name}: {count} {self.granularity}s × {len(models)} models", count)
-        for u in plan.order if plan is not None else range(count):
+        for u in order:
             # Example-major, the models side by side: what learn_rounding reads without copying.
             if plan is not None:
                 inputs = torch.stack([cursor.input_of(u) for cursor in source_cursors], dim=1)

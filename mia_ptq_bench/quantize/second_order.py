@@ -130,15 +130,15 @@ class _SecondOrder(CalibratedQuantizer):
             # Each layer's Hessian from the model quantized so far: the models' forward passes are
             # carried from layer to layer (units.ForwardCursor) instead of re-run from the input.
             units = [Unit(name, layer, layer, layer, {"": name}) for name, layer in quantizable_layers(models[0])]
+            # Layers in the order the forward pass reaches them where the model traces, whether or not the
+            # carried passes fit in memory (else each layer's Hessian comes from a pass from the images).
             plan = forward_plan(models[0], units)
-            batches = [self._batches(c) for c in calibrations]
-            if plan is not None and not carry_fits(models[0], plan, batches[0][0][:1], sum(map(len, batches[0])),
-                                                   len(models)):
-                plan = None
             if plan is not None:
                 names = [names[u] for u in plan.order]
-                cursors = [ForwardCursor(m, plan, b) for m, b in zip(models, batches)]
-                position = {name: u for u, name in enumerate(n for n, _ in quantizable_layers(models[0]))}
+                images = calibrations[0].images
+                if carry_fits(models[0], plan, images[:1], cfg.rounds * len(images), len(models)):
+                    cursors = [ForwardCursor(m, plan, self._batches(c)) for m, c in zip(models, calibrations)]
+                    position = {name: u for u, name in enumerate(n for n, _ in quantizable_layers(models[0]))}
             fixed = None
         else:
             fixed = [self._original_hessians(o, names, c) for o, c in zip(originals, calibrations)]

@@ -215,7 +215,7 @@ class ForwardCursor:
             raise ValueError("a ForwardCursor needs a model with one input")
         self.envs: list[dict[fx.Node, object]] = [{placeholders[0]: batch} for batch in batches]
         self.position = 0  # index of the next node to run
-        self.peak_bytes = 0  # the most one batch's kept values have held at once
+        self.peak_bytes = 0  # the most one batch's values held between two nodes (what a paused cursor keeps)
 
     @torch.no_grad()
     def run_to(self, stop: int, keep: fx.Node | None = None) -> list[object]:
@@ -225,12 +225,12 @@ class ForwardCursor:
             for index in range(self.position, stop):
                 node = self.plan.nodes[index]
                 env[node] = self._run(node, env)
-                self.peak_bytes = max(self.peak_bytes, sum(_nbytes(value) for value in env.values()))
                 if node is keep:
                     kept.append(_clone(env[node]))
                 for used in node.all_input_nodes:  # free what no later node reads
                     if self.plan.last_use.get(used, -1) <= index:
                         env.pop(used, None)
+                self.peak_bytes = max(self.peak_bytes, _live_bytes(env))
         self.position = max(self.position, stop)
         return kept
 
@@ -280,7 +280,7 @@ class ForwardCursor:
 
 
 def carried_bytes(model: nn.Module, plan: ForwardPlan, image: torch.Tensor) -> int:
-    """The most bytes a ``ForwardCursor`` on ``model`` keeps at once per image (``image``: a batch of one)."""
+    """The most bytes a paused ``ForwardCursor`` on ``model`` keeps per image (``image``: a batch of one)."""
     cursor = ForwardCursor(model, plan, [image])
     cursor.run_to(len(plan.nodes))
     return cursor.peak_bytes
@@ -294,12 +294,23 @@ def carry_fits(model: nn.Module, plan: ForwardPlan, example: torch.Tensor, examp
     return needed <= MEMORY_SHARE * device_memory(example.device)
 
 
-def _nbytes(value: object) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.nbytes
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0
+def _live_bytes(env: dict[fx.Node, object]) -> int:
+    """Bytes of the distinct tensor storages in ``env`` (views and in-place results count once;
+    values fetched with get_attr are the model's own, not per example, and do not count)."""
+    storages: dict[int, int] = {}
+
+    def visit(value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    for node, value in env.items():
+        if node.op != "get_attr":
+            visit(value)
+    return sum(storages.values())
 
 
 def _clone(value: object) -> object:
