@@ -602,7 +602,11 @@ def test_reconstruction_with_carried_passes_learns_what_it_learns_from_per_unit_
             p.mul_(1.1)
     quantizer = QUANTIZERS.get(method)({"iters": 30, "inputs": inputs, "capture_batch": 16})
     plan = PrecisionPlan.parse("w2")
-    carried = quantizer.quantize_many([copy.deepcopy(m) for m in models], cals, plan)
+    from mia_ptq_bench.quantize import reconstruction
+
+    with mock.patch.object(reconstruction, "ForwardCursor", wraps=reconstruction.ForwardCursor) as cursor:
+        carried = quantizer.quantize_many([copy.deepcopy(m) for m in models], cals, plan)
+    assert cursor.call_count == (2 if inputs == "full_precision" else 4)  # a small model's passes fit: carried
     with mock.patch("mia_ptq_bench.quantize.reconstruction.forward_plan", return_value=None):
         rerun = quantizer.quantize_many([copy.deepcopy(m) for m in models], cals, plan)
     for a, b in zip(carried, rerun):
@@ -623,6 +627,8 @@ def test_a_cursor_measures_the_most_it_keeps_at_once() -> None:
     # A view or an in-place result shares its input's storage: counted once.
     inplace = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8, 2)).eval()
     assert carried_bytes(inplace, forward_plan(inplace, layer_units(inplace)), torch.randn(1, 4)) == 32
+    # The example given as a slice of a larger batch (as the quantizers pass it) counts as one example.
+    assert carried_bytes(model, plan, torch.randn(1000, 4)[:1]) == 32
     from unittest import mock
 
     with mock.patch("mia_ptq_bench.quantize.units.device_memory", return_value=32 * 1000 * 3 / 0.25):
@@ -634,13 +640,17 @@ def test_a_cursor_measures_the_most_it_keeps_at_once() -> None:
 def test_where_carried_passes_would_not_fit_in_memory_each_unit_is_captured_from_the_images(method: str) -> None:
     from unittest import mock
 
+    from mia_ptq_bench.quantize.units import ForwardCursor
+
     model = trained_like("resnet18", width=0.0625)
     cal = calibration(24)
     config = {"adaround": {"iters": 30, "capture_batch": 16}, "gptq": {"batch_size": 16}}[method]
     quantizer = QUANTIZERS.get(method)(config)
     plan = PrecisionPlan.parse("w2")
-    carried = quantizer.quantize(copy.deepcopy(model), cal, plan)
     module = {"adaround": "reconstruction", "gptq": "second_order"}[method]
+    with mock.patch(f"mia_ptq_bench.quantize.{module}.ForwardCursor", wraps=ForwardCursor) as cursor:
+        carried = quantizer.quantize(copy.deepcopy(model), cal, plan)
+    assert cursor.call_count > 0  # with this machine's memory the passes are carried
     with (mock.patch("mia_ptq_bench.quantize.units.device_memory", return_value=1.0),
           mock.patch(f"mia_ptq_bench.quantize.{module}.ForwardCursor", side_effect=AssertionError("no cursor"))):
         rerun = quantizer.quantize(copy.deepcopy(model), cal, plan)

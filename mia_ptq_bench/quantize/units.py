@@ -281,7 +281,7 @@ class ForwardCursor:
 
 def carried_bytes(model: nn.Module, plan: ForwardPlan, image: torch.Tensor) -> int:
     """The most bytes a paused ``ForwardCursor`` on ``model`` keeps per image (``image``: a batch of one)."""
-    cursor = ForwardCursor(model, plan, [image])
+    cursor = ForwardCursor(model, plan, [image.clone()])  # its own storage: a slice would count its whole base
     cursor.run_to(len(plan.nodes))
     return cursor.peak_bytes
 
