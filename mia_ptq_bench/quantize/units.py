@@ -215,7 +215,6 @@ class ForwardCursor:
             raise ValueError("a ForwardCursor needs a model with one input")
         self.envs: list[dict[fx.Node, object]] = [{placeholders[0]: batch} for batch in batches]
         self.position = 0  # index of the next node to run
-        self.peak_bytes = 0  # the most one batch's values held between two nodes (what a paused cursor keeps)
 
     @torch.no_grad()
     def run_to(self, stop: int, keep: fx.Node | None = None) -> list[object]:
@@ -230,7 +229,6 @@ class ForwardCursor:
                 for used in node.all_input_nodes:  # free what no later node reads
                     if self.plan.last_use.get(used, -1) <= index:
                         env.pop(used, None)
-                self.peak_bytes = max(self.peak_bytes, _live_bytes(env))
         self.position = max(self.position, stop)
         return kept
 
@@ -282,8 +280,11 @@ class ForwardCursor:
 def carried_bytes(model: nn.Module, plan: ForwardPlan, image: torch.Tensor) -> int:
     """The most bytes a paused ``ForwardCursor`` on ``model`` keeps per image (``image``: a batch of one)."""
     cursor = ForwardCursor(model, plan, [image.clone()])  # its own storage: a slice would count its whole base
-    cursor.run_to(len(plan.nodes))
-    return cursor.peak_bytes
+    peak = 0
+    for index in range(len(plan.nodes)):  # one node at a time: what is kept between two nodes
+        cursor.run_to(index + 1)
+        peak = max(peak, _live_bytes(cursor.envs[0]))
+    return peak
 
 
 def carry_fits(model: nn.Module, plan: ForwardPlan, example: torch.Tensor, examples: int, cursors: int) -> bool:
