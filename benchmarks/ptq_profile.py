@@ -9,7 +9,9 @@ initialised ones (no pool to train), BatchNorm folded and calibrated on their ow
 - per AdaRound (layer) and BRECQ (block) unit: milliseconds per model per optimisation step for
   ``--models`` models run each way ``rounding.learn_rounding`` knows: vmapped, as grouped
   convolutions on activations kept side by side (``rounding.grouped_forward``, where the unit
-  allows it) and looped one by one inside each step, and which way it picks by default;
+  allows it), looped one by one inside each step, and from per-example moments
+  (``moments.MomentGradient``, for a unit affine in its weight; the column includes building the
+  moments), and which way it picks by default;
 - for GPTQ and OBC on ``--second-order-models`` models: seconds per model, and the share spent accumulating
   the layer Hessians (float64, in ``obs.HessianAccumulator.add``) against the rest (grids, sweeps,
   forward passes).
@@ -34,21 +36,24 @@ from machine import describe, idle_fraction, load_average, save, say, wait_for_q
 from mia_ptq_bench.allocator import keep_freed_memory  # noqa: E402
 from mia_ptq_bench.data import load_dataset  # noqa: E402
 from mia_ptq_bench.pool import pool_keep_masks  # noqa: E402
-from mia_ptq_bench.pool.train import init_model  # noqa: E402
+from mia_ptq_bench.pool.train import MEMORY_SHARE, device_memory, init_model  # noqa: E402
 from mia_ptq_bench.quantize import QUANTIZERS  # noqa: E402
 from mia_ptq_bench.quantize.calibration import calibration_set  # noqa: E402
 from mia_ptq_bench.quantize.common import GridConfig  # noqa: E402
 from mia_ptq_bench.quantize.obs import HessianAccumulator  # noqa: E402
 from mia_ptq_bench.quantize.batchnorm import fold_batchnorm  # noqa: E402
+from mia_ptq_bench.quantize.moments import AffineUnit, MomentGradient  # noqa: E402
 from mia_ptq_bench.quantize.rounding import (RoundingSchedule, choose_way, grouped_forward,  # noqa: E402
                                              learn_rounding)
 from mia_ptq_bench.quantize.units import block_units, capture, layer_units  # noqa: E402
 from mia_ptq_bench.spec import PrecisionPlan, load_task  # noqa: E402
 
-WAYS = ("vmap", "grouped", "one_by_one")
+WAYS = ("vmap", "grouped", "one_by_one", "moments")
 
 
-def unit_step_ms(units_per_model, u: int, models, images, steps: int, way: str) -> float:
+def unit_step_ms(units_per_model, u: int, models, images, steps: int, way: str, iters: int) -> float:
+    """Milliseconds per model per step; a way's set-up before its first step (the moments) counts
+    once per ``iters`` steps, as in a default run."""
     first = [units[u] for units in units_per_model]
     inputs = torch.stack([capture(m, unit.first, images, "input") for m, unit in zip(models, first)], dim=1)
     targets = torch.stack([capture(m, unit.last, images, "output") for m, unit in zip(models, first)], dim=1)
@@ -56,11 +61,20 @@ def unit_step_ms(units_per_model, u: int, models, images, steps: int, way: str) 
     grids = [{f"{p}.weight": GridConfig().grid(m.get_submodule(layer).weight.detach(), 4)
               for p, layer in unit.layers.items()} for m, unit in zip(models, first)]
     schedule = RoundingSchedule(steps, 32, 1e-2, 0.001, 20.0, 2.0, 0.2, 0)
-    with torch.enable_grad():
+    setup = [0.0]
+    build = MomentGradient.__init__
+
+    def timed_build(self, *args, build=build):
+        start = time.perf_counter()
+        build(self, *args)
+        setup[0] += time.perf_counter() - start
+
+    with torch.enable_grad(), mock.patch.object(MomentGradient, "__init__", timed_build):
         start = time.perf_counter()
         learn_rounding([unit.module for unit in first], keys, {k: 4 for k in keys}, grids, inputs, targets, schedule,
                        way=way)
-        return (time.perf_counter() - start) / steps / len(models) * 1e3
+        total = time.perf_counter() - start
+    return ((total - setup[0]) / steps + setup[0] / iters) / len(models) * 1e3
 
 
 def main() -> None:
@@ -71,6 +85,9 @@ def main() -> None:
     parser.add_argument("--second-order-models", type=int, default=4, help="models quantized by GPTQ and OBC")
     parser.add_argument("--steps", type=int, default=40, help="optimisation steps timed per unit")
     parser.add_argument("--plan", default="w2")
+    parser.add_argument("--calibration", type=int, default=256, help="calibration images per model")
+    parser.add_argument("--iters", type=int, default=2000, help="steps per unit the moments' set-up is spread over")
+    parser.add_argument("--skip-second-order", action="store_true")
     parser.add_argument("--patience", type=float, default=120)
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
@@ -84,7 +101,7 @@ def main() -> None:
     say(f"{describe()} · allocator {'keeps freed memory' if kept else 'default'}")
     say(f"load average at start: {load_average()} · idle share now {idle_fraction():.2f}")
     models = [fold_batchnorm(init_model(spec, data, i).eval()) for i in range(args.models)]
-    images = calibration_set(spec, data, keep, 0, 256, "cpu").images
+    images = calibration_set(spec, data, keep, 0, args.calibration, "cpu").images
 
     for method, split in (("adaround", layer_units), ("brecq", block_units)):
         say()
@@ -94,23 +111,27 @@ def main() -> None:
         totals = dict.fromkeys(WAYS + ("default",), 0.0)
         for u, unit in enumerate(units_per_model[0]):
             wait_for_quiet(args.patience)
-            chosen = choose_way(unit.module, args.models, torch.device("cpu"))
-            times = {way: unit_step_ms(units_per_model, u, models, images, args.steps, way) for way in WAYS
-                     if way != "grouped" or grouped_forward(unit.module, args.models)}
-            times["default"] = times[chosen]
-            for way in totals:  # a unit that cannot run grouped counts at its default in that column
-                totals[way] += times.get(way, times["default"])
             first_input = capture(models[0], unit.first, images[:1], "input")
+            chosen = choose_way(unit.module, args.models, torch.device("cpu"), first_input.shape[1:], len(images))
+            possible = {"grouped": grouped_forward(unit.module, args.models) is not None,
+                        "moments": AffineUnit.of(unit.module) is not None and AffineUnit.of(unit.module).table_bytes(
+                            len(images), args.models) <= MEMORY_SHARE * device_memory(torch.device("cpu"))}
+            times = {way: unit_step_ms(units_per_model, u, models, images, args.steps, way, args.iters) for way in WAYS
+                     if possible.get(way, True)}
+            times["default"] = times[chosen]
+            for way in totals:  # a unit that cannot run a way counts at its default in that column
+                totals[way] += times.get(way, times["default"])
             cells = " ".join(f"{times[way]:10.3f}" if way in times else f"{'-':>10}" for way in WAYS)
             say(f"{unit.name:28} {'x'.join(map(str, first_input.shape[1:])):14} {cells} {chosen:>10}")
         say(f"{'all units':28} {'':14} " + " ".join(f"{totals[way]:10.3f}" for way in WAYS)
             + f" {totals['default']:10.3f}")
 
-    say()
-    count = args.second_order_models
-    say(f"second-order methods at {args.plan}, {count} models quantized together, their default calibration")
+    count = 0 if args.skip_second_order else args.second_order_models
+    if count:
+        say()
+        say(f"second-order methods at {args.plan}, {count} models quantized together, their default calibration")
     plan = PrecisionPlan.parse(args.plan)
-    for method in ("gptq", "obc"):
+    for method in ("gptq", "obc") if count else ():
         quantizer = QUANTIZERS.get(method)()
         size = quantizer.calibration_size(spec.calibration.size)
         cals = [calibration_set(spec, data, keep, i, size, "cpu") for i in range(count)]

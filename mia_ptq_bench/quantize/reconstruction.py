@@ -17,7 +17,7 @@ from pydantic import Field
 from ..errors import BenchError
 from .base import register_quantizer
 from .common import CalibratedQuantizer, GridConfig, set_weight
-from .rounding import RoundingSchedule, learn_rounding
+from .rounding import RoundingSchedule, choose_way, learn_rounding
 from .units import ForwardCursor, Unit, block_units, capture, carry_fits, forward_plan, layer_units
 
 
@@ -48,6 +48,9 @@ class _Reconstruction(CalibratedQuantizer):
     # 2: V's gradient written out by hand (rounding._Layer.set_gradient): the same derivative,
     # other float rounding, so a few roundings may differ from version 1's.
     version: ClassVar[str] = "2"
+    # Whether a unit affine in its weight may take its steps' gradient from per-example moments
+    # (rounding.moments_fit): the same gradient, other float rounding.
+    moments: ClassVar[bool] = False
 
     def units(self, model) -> list[Unit]:
         return layer_units(model) if self.granularity == "layer" else block_units(model)
@@ -96,9 +99,10 @@ class _Reconstruction(CalibratedQuantizer):
                          for prefix, layer in unit_layers.items()}
             grids = [{f"{prefix}.weight": per_layer[prefix][i] for prefix in unit_layers} for i in range(len(models))]
             unit_levels = {f"{prefix}.weight": levels[layer] for prefix, layer in unit_layers.items()}
+            modules = [qu[u].module for qu in quantized_units]
+            way = None if self.moments else choose_way(modules[0], len(modules), inputs.device)
             with torch.enable_grad():
-                hard, _ = learn_rounding([qu[u].module for qu in quantized_units], keys, unit_levels, grids, inputs,
-                                         targets, cfg.schedule())
+                hard, _ = learn_rounding(modules, keys, unit_levels, grids, inputs, targets, cfg.schedule(), way)
             for model, weights in zip(models, hard):
                 for prefix, layer in unit_layers.items():
                     set_weight(model, layer, weights[f"{prefix}.weight"])
@@ -111,6 +115,10 @@ class AdaRound(_Reconstruction):
 
     granularity = "layer"
     study_bn = "keep"
+    # 3: the early convolutions' steps take their gradient from per-example moments (moments.py):
+    # 1.7x faster steps on ResNet10, other float rounding than version 2.
+    version = "3"
+    moments = True
 
 
 class BRECQConfig(ReconstructionConfig):
@@ -124,3 +132,5 @@ class BRECQ(_Reconstruction):
     Config = BRECQConfig
     granularity = "block"
     study_bn = "fold"
+    # Its layer units are a model's stem and classifier, where moments do not pay (a ReLU in the
+    # unit, or a linear layer): it keeps the convolutions, and version 2 its bits.

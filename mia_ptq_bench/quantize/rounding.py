@@ -34,7 +34,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
+from ..pool.train import MEMORY_SHARE, device_memory
 from .grid import Grid
+from .moments import AffineUnit, MomentGradient
 
 GAMMA, ZETA = -0.1, 1.1
 
@@ -206,8 +208,22 @@ def grouped_forward(template: nn.Module, models: int):
     return run
 
 
-def choose_way(template: nn.Module, models: int, device: torch.device) -> str:
-    """How ``learn_rounding`` runs a unit's models by default: one_by_one, else grouped, else vmap."""
+def moments_fit(template: nn.Module, input_shape: torch.Size, examples: int, models: int,
+                device: torch.device) -> bool:
+    """Whether a step takes its gradient from per-example moments (``moments.MomentGradient``): the
+    unit is affine in its weight, its moments are small against a convolution step's work, and
+    their table fits in the memory share a training group may take."""
+    affine = AffineUnit.of(template)
+    return (affine is not None and affine.worth_it(input_shape)
+            and affine.table_bytes(examples, models) <= MEMORY_SHARE * device_memory(device))
+
+
+def choose_way(template: nn.Module, models: int, device: torch.device, input_shape: torch.Size | None = None,
+               examples: int = 0) -> str:
+    """How ``learn_rounding`` runs a unit's models by default: from moments where ``moments_fit`` says
+    so for inputs of ``input_shape`` (per example), else one_by_one, else grouped, else vmap."""
+    if input_shape is not None and moments_fit(template, input_shape, examples, models, device):
+        return "moments"
     if runs_per_model(template, device):
         return "one_by_one"
     return "grouped" if grouped_forward(template, models) else "vmap"
@@ -260,28 +276,39 @@ def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[
         return functional_call(template, {**p, **b}, (x,))
 
     models = len(units)
-    way = way or choose_way(template, models, inputs.device)
-    if way == "grouped":
+    way = way or choose_way(template, models, inputs.device, inputs.shape[2:], inputs.shape[0])
+    moment_gradient = None
+    if way == "moments":
+        affine = AffineUnit.of(template)
+        if affine is None or weight_keys != ["0.weight"]:
+            raise ValueError(f"a {type(template).__name__} unit is not one layer affine in its weight")
+        moment_gradient = MomentGradient(affine, params, buffers, inputs, targets)
+    elif way == "grouped":
         grouped = grouped_forward(template, models)
         if grouped is None:
             raise ValueError(f"a {type(template).__name__} unit cannot run as grouped convolutions")
 
         def batched(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
             return grouped(p, b, x.flatten(1, 2)).unflatten(1, (models, -1))
-    else:
+    elif way in ("one_by_one", "vmap"):
         batched = {"one_by_one": one_by_one(forward), "vmap": torch.vmap(forward, in_dims=(0, 0, 1), out_dims=1)}[way]
+    else:
+        raise ValueError(f"unknown way {way!r}")
     optimizer = torch.optim.Adam([layer.v for layer in layers], lr=schedule.lr, fused=True)
     generator = torch.Generator().manual_seed(schedule.seed)
     model_channels = models * targets.shape[2]
     for step in range(schedule.iters):
         index = torch.randperm(inputs.shape[0], generator=generator)[: schedule.batch_size].to(inputs.device)
         soft = {layer.key: layer.soft_weights() for layer in layers}
-        output = batched({**params, **soft}, buffers, inputs.index_select(0, index))
-        output.backward(reconstruction_gradient(output.detach(), targets.index_select(0, index), model_channels))
+        if moment_gradient is not None:
+            grads = {"0.weight": moment_gradient(soft["0.weight"].detach(), index)}
+        else:
+            output = batched({**params, **soft}, buffers, inputs.index_select(0, index))
+            output.backward(reconstruction_gradient(output.detach(), targets.index_select(0, index), model_channels))
+            grads = {key: torch.zeros_like(w) if w.grad is None else w.grad for key, w in soft.items()}
         beta = beta_at(step, schedule) if step >= schedule.warmup * schedule.iters else None
         for layer in layers:
-            grad = soft[layer.key].grad
-            layer.set_gradient(torch.zeros_like(soft[layer.key]) if grad is None else grad, schedule.reg_weight, beta)
+            layer.set_gradient(grads[layer.key], schedule.reg_weight, beta)
         optimizer.step()
 
     with torch.no_grad():
