@@ -36,7 +36,7 @@ from machine import describe, idle_fraction, load_average, save, say, wait_for_q
 from mia_ptq_bench.allocator import keep_freed_memory  # noqa: E402
 from mia_ptq_bench.data import load_dataset  # noqa: E402
 from mia_ptq_bench.pool import pool_keep_masks  # noqa: E402
-from mia_ptq_bench.pool.train import MEMORY_SHARE, device_memory, init_model  # noqa: E402
+from mia_ptq_bench.pool.train import init_model  # noqa: E402
 from mia_ptq_bench.quantize import QUANTIZERS  # noqa: E402
 from mia_ptq_bench.quantize.calibration import calibration_set  # noqa: E402
 from mia_ptq_bench.quantize.common import GridConfig  # noqa: E402
@@ -112,10 +112,11 @@ def main() -> None:
         for u, unit in enumerate(units_per_model[0]):
             wait_for_quiet(args.patience)
             first_input = capture(models[0], unit.first, images[:1], "input")
-            chosen = choose_way(unit.module, args.models, torch.device("cpu"), first_input.shape[1:], len(images))
+            # BRECQ never takes moments (reconstruction.BRECQ.moments): its default is chosen without a shape
+            chosen = choose_way(unit.module, args.models, torch.device("cpu"),
+                                first_input.shape[1:] if method == "adaround" else None)
             possible = {"grouped": grouped_forward(unit.module, args.models) is not None,
-                        "moments": AffineUnit.of(unit.module) is not None and AffineUnit.of(unit.module).table_bytes(
-                            len(images), args.models) <= MEMORY_SHARE * device_memory(torch.device("cpu"))}
+                        "moments": AffineUnit.of(unit.module) is not None}
             times = {way: unit_step_ms(units_per_model, u, models, images, args.steps, way, args.iters) for way in WAYS
                      if possible.get(way, True)}
             times["default"] = times[chosen]

@@ -41,19 +41,21 @@ class AffineUnit:
 
     @staticmethod
     def of(unit: nn.Module) -> AffineUnit | None:
-        if not isinstance(unit, nn.Sequential) or len(unit) == 0:
+        # Exact types, no hooks: a subclass or a hook could compute anything, and the moments
+        # assume what these plain modules compute.
+        if type(unit) is not nn.Sequential or len(unit) == 0 or any(_hooked(m) for m in unit.modules()):
             return None
         layer = unit[0]
-        if isinstance(layer, nn.Conv2d):
-            if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        if type(layer) is nn.Conv2d:
+            if layer.groups != 1 or layer.padding_mode != "zeros" or layer.padding == "same":
                 return None
-        elif not isinstance(layer, nn.Linear):
+        elif type(layer) is not nn.Linear:
             return None
         batchnorm, eps = None, 0.0
         for index, module in list(unit.named_children())[1:]:
-            if isinstance(module, nn.Identity):
+            if type(module) is nn.Identity:
                 continue
-            if (type(module) is nn.BatchNorm2d and isinstance(layer, nn.Conv2d) and batchnorm is None
+            if (type(module) is nn.BatchNorm2d and type(layer) is nn.Conv2d and batchnorm is None
                     and not module.training and module.track_running_stats):
                 batchnorm, eps = index, module.eps
                 continue
@@ -64,7 +66,8 @@ class AffineUnit:
         """(batch, K + 1, positions): each position's input patch, in the weight's order, and a 1."""
         if isinstance(self.layer, nn.Conv2d):
             layer = self.layer
-            cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+            padding = 0 if layer.padding == "valid" else layer.padding
+            cols = F.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride)
         else:
             cols = x.reshape(x.shape[0], -1, 1)
         return torch.cat([cols, cols.new_ones(cols.shape[0], 1, cols.shape[2])], 1)
@@ -92,6 +95,7 @@ class AffineUnit:
             return self.patches(torch.zeros(1, *input_shape, device=self.layer.weight.device)).shape[2]
 
     def table_bytes(self, examples: int, models: int) -> int:
+        """The size of the moments' table for ``examples`` per model."""
         out_channels, fan_in = self.layer.weight.shape[0], self.layer.weight[0].numel()
         return examples * models * (fan_in + 1) * (fan_in + 1 + out_channels) * self.layer.weight.element_size()
 
@@ -144,3 +148,7 @@ class MomentGradient:
                     .add_(self.shift * second[:, k:k + 1, :]).sub_(cross.transpose(1, 2)))
         scale = 2.0 / (index.numel() * self.positions)
         return residual[..., :k].mul_(self.slope * scale).reshape(self.shape)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)

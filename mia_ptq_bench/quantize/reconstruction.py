@@ -49,7 +49,7 @@ class _Reconstruction(CalibratedQuantizer):
     # other float rounding, so a few roundings may differ from version 1's.
     version: ClassVar[str] = "2"
     # Whether a unit affine in its weight may take its steps' gradient from per-example moments
-    # (rounding.moments_fit): the same gradient, other float rounding.
+    # (rounding.moments_pay): the same gradient, other float rounding.
     moments: ClassVar[bool] = False
 
     def units(self, model) -> list[Unit]:

@@ -208,25 +208,30 @@ def grouped_forward(template: nn.Module, models: int):
     return run
 
 
-def moments_fit(template: nn.Module, input_shape: torch.Size, examples: int, models: int,
-                device: torch.device) -> bool:
+def moments_pay(template: nn.Module, input_shape: torch.Size) -> bool:
     """Whether a step takes its gradient from per-example moments (``moments.MomentGradient``): the
-    unit is affine in its weight, its moments are small against a convolution step's work, and
-    their table fits in the memory share a training group may take."""
+    unit is affine in its weight and its moments are small against a convolution step's work. Read
+    off the shapes alone, so no machine takes another way (their float rounding differs); memory
+    only splits the models into groups whose moments fit (``learn_rounding``)."""
     affine = AffineUnit.of(template)
-    return (affine is not None and affine.worth_it(input_shape)
-            and affine.table_bytes(examples, models) <= MEMORY_SHARE * device_memory(device))
+    return affine is not None and affine.worth_it(input_shape)
 
 
-def choose_way(template: nn.Module, models: int, device: torch.device, input_shape: torch.Size | None = None,
-               examples: int = 0) -> str:
-    """How ``learn_rounding`` runs a unit's models by default: from moments where ``moments_fit`` says
+def choose_way(template: nn.Module, models: int, device: torch.device, input_shape: torch.Size | None = None) -> str:
+    """How ``learn_rounding`` runs a unit's models by default: from moments where ``moments_pay`` says
     so for inputs of ``input_shape`` (per example), else one_by_one, else grouped, else vmap."""
-    if input_shape is not None and moments_fit(template, input_shape, examples, models, device):
+    if input_shape is not None and moments_pay(template, input_shape):
         return "moments"
     if runs_per_model(template, device):
         return "one_by_one"
     return "grouped" if grouped_forward(template, models) else "vmap"
+
+
+def models_per_table(affine: AffineUnit, examples: int, device: torch.device) -> int:
+    """How many models' moments one table holds: as many as fit the memory share a training group may
+    take, at least one. Each model's steps compute the same bits in a group of any size (Adam and the
+    gradient's products act model by model), so this changes no result."""
+    return max(1, int(MEMORY_SHARE * device_memory(device) // max(affine.table_bytes(examples, 1), 1)))
 
 
 def one_by_one(function):
@@ -264,8 +269,9 @@ def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[
     inputs (from its partly quantized self) and full-precision outputs side by side: a step gathers
     its batch along the first axis, and every way below reads that layout without copying it.
     Inside each step the models run as grouped convolutions ("grouped", ``grouped_forward``),
-    vmapped ("vmap") or one by one ("one_by_one", ``runs_per_model``); ``way`` forces one, by
-    default ``choose_way`` picks.
+    vmapped ("vmap") or one by one ("one_by_one", ``runs_per_model``), or a unit affine in its weight
+    takes its gradient from per-example moments ("moments", ``moments.MomentGradient``); ``way``
+    forces one, by default ``choose_way`` picks.
     """
     template = units[0]
     params, buffers = stack_module_state(units)
@@ -276,12 +282,17 @@ def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[
         return functional_call(template, {**p, **b}, (x,))
 
     models = len(units)
-    way = way or choose_way(template, models, inputs.device, inputs.shape[2:], inputs.shape[0])
+    way = way or choose_way(template, models, inputs.device, inputs.shape[2:])
     moment_gradient = None
     if way == "moments":
         affine = AffineUnit.of(template)
         if affine is None or weight_keys != ["0.weight"]:
             raise ValueError(f"a {type(template).__name__} unit is not one layer affine in its weight")
+        group = models_per_table(affine, inputs.shape[0], inputs.device)
+        if group < models:
+            parts = [learn_rounding(units[s:s + group], weight_keys, levels, grids[s:s + group], inputs[:, s:s + group],
+                                    targets[:, s:s + group], schedule, way) for s in range(0, models, group)]
+            return [w for part in parts for w in part[0]], [d for part in parts for d in part[1]]
         moment_gradient = MomentGradient(affine, params, buffers, inputs, targets)
     elif way == "grouped":
         grouped = grouped_forward(template, models)
