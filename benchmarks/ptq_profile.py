@@ -97,7 +97,7 @@ def main() -> None:
     keep = pool_keep_masks(spec, len(data.pool))
     started = datetime.datetime.now()
     say(f"# PTQ profile · {started:%Y-%m-%d %H:%M} · task {spec.id} ({spec.model.arch} x{spec.model.width:g}), "
-        f"{args.models} freshly initialised pool models, calibrated on their members")
+        f"{args.models} freshly initialised pool models, calibrated on {args.calibration} of their members")
     say(f"{describe()} · allocator {'keeps freed memory' if kept else 'default'}")
     say(f"load average at start: {load_average()} · idle share now {idle_fraction():.2f}")
     models = [fold_batchnorm(init_model(spec, data, i).eval()) for i in range(args.models)]
@@ -105,7 +105,8 @@ def main() -> None:
 
     for method, split in (("adaround", layer_units), ("brecq", block_units)):
         say()
-        say(f"{method}: ms per model per step, {args.models} models, batch 32, {args.steps} steps per unit")
+        say(f"{method}: ms per model per step, {args.models} models, batch 32, {args.steps} steps per unit"
+            + (f" (the moments' set-up counted once per {args.iters} steps)" if method == "adaround" else ""))
         say(f"{'unit':28} {'input':14} " + " ".join(f"{way:>10}" for way in WAYS) + f" {'default':>10}")
         units_per_model = [split(m) for m in models]
         totals = dict.fromkeys(WAYS + ("default",), 0.0)

@@ -24,9 +24,11 @@ import torch.nn.functional as F
 
 # A step reads its batch's moments, (K + 1) x (K + 1 + C) numbers per example, where a convolution
 # step does about 4 K C multiply-adds per position. On ResNet10's units with 16 models and 1,024
-# examples (benchmarks/ptq_profile.py) the moments took 0.07-0.23x a grouped convolution's time
-# per step where they were under 1/120 of that work, 0.62x at 1/77, but 1.07x at 1/35 and 3.5x at
-# 1/19: their table (up to 1.7 GB) is read from memory, where the convolution's work is compute.
+# examples (benchmarks/results/ptq_profile-fashion-mnist-resnet-20261204-2055.txt) the moments
+# took 0.07-0.24x a grouped convolution's time per step where they were under 1/120 of that work,
+# 0.66x at 1/77, 1.00x at 1/35 and 3.8-12x at 1/19 and beyond: their table (up to 1.7 GB) is read
+# from memory, where the convolution's work is compute. (A small 1x1 shortcut at 1/41 was still
+# 0.43x; the line leaves it out.)
 WORK_PER_MOMENT = 50
 
 
