@@ -10,8 +10,9 @@ initialised ones (no pool to train), BatchNorm folded and calibrated on their ow
   ``--models`` models run each way ``rounding.learn_rounding`` knows: vmapped, as grouped
   convolutions on activations kept side by side (``rounding.grouped_forward``, where the unit
   allows it), looped one by one inside each step, and from per-example moments
-  (``moments.MomentGradient``, for a unit affine in its weight; the column includes building the
-  moments), and which way it picks by default;
+  (``moments.MomentGradient``, for a unit affine in its weight; building the moments counts once
+  per ``--iters`` steps, as in a default run), and which way it picks by default (BRECQ never
+  takes the moments);
 - for GPTQ and OBC on ``--second-order-models`` models: seconds per model, and the share spent accumulating
   the layer Hessians (float64, in ``obs.HessianAccumulator.add``) against the rest (grids, sweeps,
   forward passes).

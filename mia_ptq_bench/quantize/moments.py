@@ -34,8 +34,8 @@ WORK_PER_MOMENT = 50
 
 @dataclass(frozen=True)
 class AffineUnit:
-    """A unit ``nn.Sequential(layer, [BatchNorm2d in eval mode], Identity...)``: its layer's key prefix
-    and its BatchNorm's (or None)."""
+    """A unit ``nn.Sequential(layer, [BatchNorm2d in eval mode], Identity...)``: its layer, and its
+    BatchNorm's key prefix in the unit (or None) with that BatchNorm's eps."""
 
     layer: nn.Conv2d | nn.Linear
     batchnorm: str | None
