@@ -274,6 +274,17 @@ def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[
     forces one, by default ``choose_way`` picks.
     """
     template = units[0]
+    models = len(units)
+    way = way or choose_way(template, models, inputs.device, inputs.shape[2:])
+    if way == "moments":
+        affine = AffineUnit.of(template)
+        if affine is None or weight_keys != ["0.weight"]:
+            raise ValueError(f"a {type(template).__name__} unit is not one layer affine in its weight")
+        group = models_per_table(affine, inputs.shape[0], inputs.device)
+        if group < models:  # before anything is stacked: each group stacks its own
+            parts = [learn_rounding(units[s:s + group], weight_keys, levels, grids[s:s + group], inputs[:, s:s + group],
+                                    targets[:, s:s + group], schedule, way) for s in range(0, models, group)]
+            return [w for part in parts for w in part[0]], [d for part in parts for d in part[1]]
     params, buffers = stack_module_state(units)
     params = {k: p.detach() for k, p in params.items()}
     layers = _rounding_layers(params, weight_keys, levels, grids)
@@ -281,18 +292,8 @@ def learn_rounding(units: list[nn.Module], weight_keys: list[str], levels: dict[
     def forward(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
         return functional_call(template, {**p, **b}, (x,))
 
-    models = len(units)
-    way = way or choose_way(template, models, inputs.device, inputs.shape[2:])
     moment_gradient = None
     if way == "moments":
-        affine = AffineUnit.of(template)
-        if affine is None or weight_keys != ["0.weight"]:
-            raise ValueError(f"a {type(template).__name__} unit is not one layer affine in its weight")
-        group = models_per_table(affine, inputs.shape[0], inputs.device)
-        if group < models:
-            parts = [learn_rounding(units[s:s + group], weight_keys, levels, grids[s:s + group], inputs[:, s:s + group],
-                                    targets[:, s:s + group], schedule, way) for s in range(0, models, group)]
-            return [w for part in parts for w in part[0]], [d for part in parts for d in part[1]]
         moment_gradient = MomentGradient(affine, params, buffers, inputs, targets)
     elif way == "grouped":
         grouped = grouped_forward(template, models)
