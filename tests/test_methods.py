@@ -631,7 +631,7 @@ def test_a_cursor_measures_the_most_it_keeps_at_once() -> None:
     assert carried_bytes(model, plan, torch.randn(1000, 4)[:1]) == 32
     from unittest import mock
 
-    with mock.patch("mia_ptq_bench.quantize.units.device_memory", return_value=32 * 1000 * 3 / 0.25):
+    with mock.patch("mia_ptq_bench.pool.train.device_memory", return_value=32 * 1000 * 3 / 0.25):
         assert carry_fits(model, plan, torch.randn(1, 4), examples=1000, cursors=3)
         assert not carry_fits(model, plan, torch.randn(1, 4), examples=1001, cursors=3)
 
@@ -651,7 +651,7 @@ def test_where_carried_passes_would_not_fit_in_memory_each_unit_is_captured_from
     with mock.patch(f"mia_ptq_bench.quantize.{module}.ForwardCursor", wraps=ForwardCursor) as cursor:
         carried = quantizer.quantize(copy.deepcopy(model), cal, plan)
     assert cursor.call_count > 0  # with this machine's memory the passes are carried
-    with (mock.patch("mia_ptq_bench.quantize.units.device_memory", return_value=1.0),
+    with (mock.patch("mia_ptq_bench.pool.train.device_memory", return_value=1.0),
           mock.patch(f"mia_ptq_bench.quantize.{module}.ForwardCursor", side_effect=AssertionError("no cursor"))):
         rerun = quantizer.quantize(copy.deepcopy(model), cal, plan)
     for (name, x), y in zip(carried.state_dict().items(), rerun.state_dict().values()):
@@ -682,7 +682,7 @@ def test_the_machines_memory_changes_no_result_even_where_call_order_is_not_regi
     quantizer = QUANTIZERS.get(method)({"gptq": {}}.get(method, {"iters": 40}))
     plan = PrecisionPlan.parse("w2")
     carried = quantizer.quantize(copy.deepcopy(model), cal, plan)
-    with mock.patch("mia_ptq_bench.quantize.units.device_memory", return_value=1.0):
+    with mock.patch("mia_ptq_bench.pool.train.device_memory", return_value=1.0):
         fallback = quantizer.quantize(copy.deepcopy(model), cal, plan)
     for name in ("body.weight", "head.weight"):
         assert torch.equal(carried.state_dict()[name], fallback.state_dict()[name]), name

@@ -160,7 +160,7 @@ def test_models_whose_moments_do_not_fit_together_learn_in_groups_with_the_same_
 
     def learn(per_table: int):
         table = AffineUnit.of(units[0]).table_bytes(40, per_table)
-        monkeypatch.setattr(rounding, "device_memory", lambda device: (table + 1) / rounding.MEMORY_SHARE)
+        monkeypatch.setattr(rounding, "memory_share", lambda device: table + 1)
         built = []
         monkeypatch.setattr(rounding, "MomentGradient",
                             lambda *args: built.append(args[-1].shape[1]) or MomentGradient(*args))

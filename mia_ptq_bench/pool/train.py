@@ -189,6 +189,12 @@ def device_memory(device: torch.device) -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def memory_share(device: torch.device) -> float:
+    """The bytes one group's work may take on ``device``: training a stacked group, or quantizing one
+    (carried forward passes, moment tables)."""
+    return MEMORY_SHARE * device_memory(device)
+
+
 def auto_stack(spec: TaskSpec, dataset: ImageDataset, device: torch.device, force: bool = False) -> int:
     """How many models to train as one; 1 where stacking was not measured faster.
 

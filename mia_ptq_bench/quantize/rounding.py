@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
-from ..pool.train import MEMORY_SHARE, device_memory
+from ..pool.train import memory_share
 from .grid import Grid
 from .moments import AffineUnit, MomentGradient
 
@@ -231,7 +231,7 @@ def models_per_table(affine: AffineUnit, examples: int, device: torch.device) ->
     """How many models' moments one table holds: as many as fit the memory share a training group may
     take, at least one. Each model's steps compute the same bits in a group of any size (Adam and the
     gradient's products act model by model), so this changes no result."""
-    return max(1, int(MEMORY_SHARE * device_memory(device) // max(affine.table_bytes(examples, 1), 1)))
+    return max(1, int(memory_share(device) // max(affine.table_bytes(examples, 1), 1)))
 
 
 def one_by_one(function):

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..models import BLOCKS, QUANTIZABLE, quantizable_layers
-from ..pool.train import MEMORY_SHARE, device_memory
+from ..pool.train import memory_share
 
 # Modules that may directly follow a layer and belong to its output.
 _FOLLOWERS = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.Identity)
@@ -292,7 +292,7 @@ def carry_fits(model: nn.Module, plan: ForwardPlan, example: torch.Tensor, examp
     model like ``model``, keep their values within the share of the device's memory that training a group
     may take; where they would not, a pass per unit from the images (``capture``) holds one unit's values."""
     needed = carried_bytes(model, plan, example) * examples * cursors
-    return needed <= MEMORY_SHARE * device_memory(example.device)
+    return needed <= memory_share(example.device)
 
 
 def _live_bytes(env: dict[fx.Node, object]) -> int:
