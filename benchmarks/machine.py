@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mia_ptq_bench.atomic import write_text_atomic
+from mia_ptq_bench.environment import processor_name
 
 RESULTS = Path(__file__).parent / "results"
 LINES: list[str] = []
@@ -33,13 +34,7 @@ def save(name: str) -> Path:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return processor_name()
 
 
 def cpu_kernels() -> str:

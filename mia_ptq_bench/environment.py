@@ -24,6 +24,20 @@ def describe_device(device: str | torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def processor_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows: two CPUs with the same
+    vector extensions can still run other kernels, so a rerun elsewhere cannot promise the same bits."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def environment(device: str | torch.device) -> dict:
     """What a rerun must match to reproduce a result bit for bit (docs/reproducibility.md)."""
     packages = {}
@@ -33,6 +47,7 @@ def environment(device: str | torch.device) -> dict:
         except metadata.PackageNotFoundError:
             packages[name] = "absent"
     return {"package_version": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
-            "device": describe_device(device), "packages": packages, "torch_threads": torch.get_num_threads(),
+            "processor": processor_name(), "device": describe_device(device), "packages": packages,
+            "torch_threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}

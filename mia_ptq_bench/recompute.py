@@ -142,6 +142,7 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
                                       np.stack([reference[int(t)].test_predictions for t in targets]), labels,
                                       reference_attacked.choices, reference_attacked.chosen),
         "environment": Environment(**environment(device)),
+        "pool_digest": pool.store.digest(),
     })
     comparisons = compare_results(result, rerun)
     bad = [c for c in comparisons if not c.ok]

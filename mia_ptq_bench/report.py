@@ -94,13 +94,29 @@ def attacks_table(results: list[Result]) -> Table:
     return table
 
 
+REGIME_MEANING = {
+    "identical": "the same environment: the rerun must be bit-identical (tolerance 0)",
+    "same pool": "another environment, the same pool: within 1/4 of the committed 95% interval",
+    "retrained pool": "the pool was retrained in another environment, a new draw of the training noise: "
+                      "within 5 standard errors of the difference of two means; the committed pool (pulled) "
+                      "allows the closer check",
+}
+
+
+def reproduction_caption(outcomes) -> str:
+    """What each tolerance in the table means, one line per case that occurred (docs/reproducibility.md)."""
+    cases = dict.fromkeys(o.regime for o in outcomes)
+    return "\n".join(f"{sum(o.regime == case for o in outcomes)} result(s): {REGIME_MEANING[case]}" for case in cases) \
+        + "\n(docs/reproducibility.md)"
+
+
 def reproduction_table(outcomes, show: str = "headline") -> Table:
     """Per result and metric: committed, rerun, difference, tolerance; ``show`` failed, headline or all rows.
 
     Fits an 80-column terminal: the result's plan and threat model, and the metric's attack and measure,
     each on two lines; one-space dividers."""
     table = Table(title="reproduction", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0,
-                  caption="tolerance 0: same environment, must be bit-identical; otherwise docs/reproducibility.md",
+                  caption=reproduction_caption(outcomes),
                   caption_justify="left")
     for header in ("result", "metric", "committed", "rerun", "|Δ|", "tolerance", ""):
         table.add_column(header, justify="left" if header in ("result", "metric", "") else "right",

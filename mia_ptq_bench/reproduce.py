@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import BenchError
 from .progress import Progress, SilentProgress
-from .results.compare import Comparison, compare_results, same_environment
+from .results.compare import Comparison, compare_results, regime
 from .results.io import load_result
 from .results.schema import Result
 from .runner import RunOptions, evaluate
@@ -27,7 +27,7 @@ from .submission.resolve import resolve, submission_quantizer
 @dataclass(frozen=True)
 class Reproduction:
     path: Path
-    same_environment: bool
+    regime: str  # results.compare: identical, same pool or retrained pool
     comparisons: list[Comparison]
 
     @property
@@ -103,6 +103,6 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
             rerun = {(r.plan, r.threat_model): r for r in outcome.results}
             for path, committed in members:
                 again = rerun[(committed.plan, committed.threat_model)]
-                reproductions.append(Reproduction(path, same_environment(committed.environment, again.environment),
+                reproductions.append(Reproduction(path, regime(committed, again),
                                                   compare_results(committed, again)))
     return reproductions

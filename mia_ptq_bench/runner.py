@@ -252,5 +252,6 @@ def _provenance(spec: TaskSpec, quantizer: Quantizer, pool: Pool, device: str) -
         "task": TaskRef(id=spec.id, version=spec.version, hash=spec.hash, pool_hash=spec.pool_hash),
         "quantizer": QuantizerRef(**quantizer.describe()),
         "pool_source": PoolSourceRef(repo=source.repo, revision=source.revision) if source else None,
+        "pool_digest": pool.store.digest(),
         "environment": Environment(**environment(device)),
     }

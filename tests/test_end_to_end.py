@@ -174,7 +174,7 @@ def test_the_reproduction_table_fits_an_80_column_terminal() -> None:
     rows = [Comparison("w1.58-last8--adaptive-rtn", "lira-online-fixed TPR@0.1%", 0.123456, 123.456789, 1e-3),
             Comparison("w4--oblivious", "test accuracy", 0.9, 0.9, 0.0)]
     console = Console(width=80, record=True, color_system=None)
-    console.print(reproduction_table([Reproduction(Path("r.json"), False, rows)], show="all"))
+    console.print(reproduction_table([Reproduction(Path("r.json"), "same pool", rows)], show="all"))
     text = console.export_text()
     assert "…" not in text and "OUTSIDE" in text and "adaptive-rtn" in text and "123.456789" in text
     assert max(len(line.rstrip()) for line in text.splitlines()) <= 80

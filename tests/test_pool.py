@@ -165,6 +165,7 @@ class Logged:
 def test_corrupted_cache_files_are_detected_and_rebuilt(tiny_task, tmp_path: Path) -> None:
     data = load_dataset(tiny_task.dataset)
     pool = build_pool(tiny_task, data, tmp_path, trainer="sequential")
+    digest = pool.store.digest()
     scores = pool.store.scores_path(2)
     scores.write_bytes(scores.read_bytes()[:-8] + b"garbage!")
     weights = pool.store.weights_path(5)
@@ -176,6 +177,12 @@ def test_corrupted_cache_files_are_detected_and_rebuilt(tiny_task, tmp_path: Pat
     assert "model 5" in log.lines[1] and "model-0005.safetensors" in log.lines[1]
     np.testing.assert_array_equal(rebuilt.scores, pool.scores)  # retrained to the same bits
     assert torch.equal(rebuilt.load_model(5).state_dict()["1.weight"], pool.load_model(5).state_dict()["1.weight"])
+    # the same bits make the same files (safetensors' metadata order is not left to chance): the same pool digest
+    assert rebuilt.store.digest() == digest
+    reseeded = tiny_task.training.model_copy(update={"seed": tiny_task.training.seed + 1})
+    other = build_pool(tiny_task.model_copy(update={"training": reseeded}), data, tmp_path / "other",
+                       trainer="sequential")
+    assert other.store.digest() != digest
 
 
 def test_weights_corrupted_after_the_build_are_refused(tiny_task, tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
-"""The reproducibility contract: bit-identical reruns here, bounded differences on another CPU."""
+"""The reproducibility contract: bit-identical reruns here, bounded differences elsewhere (same or retrained pool)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ from typer.testing import CliRunner
 
 from conftest import TASKS
 from mia_ptq_bench.cli import app
-from mia_ptq_bench.results.compare import allowed_change, same_environment
+from mia_ptq_bench.results.compare import (IDENTICAL, RETRAINED_POOL, SAME_POOL, allowed_change, compare_results,
+                                           regime, same_environment)
 from mia_ptq_bench.results.io import load_result
 from mia_ptq_bench.results.schema import Stat
 from mia_ptq_bench.runner import RunOptions, evaluate
@@ -94,6 +96,21 @@ def test_reproduce_on_another_cpu_stays_within_tolerance(committed: Path, tmp_pa
         assert rows and all(float(row[-2]) > 0 for row in rows)  # another environment: tolerances, not identity
 
 
+@pytest.mark.slow
+def test_reproduce_on_another_cpu_with_the_same_pool_keeps_the_quarter(committed: Path, tmp_path: Path) -> None:
+    # The committed pool (as pulled from the Hub would give it), everything after it redone by other kernels.
+    shutil.copytree(committed.parents[2] / "cache" / "pools", tmp_path / "cache" / "pools")
+    env = {**os.environ, **ANOTHER_CPU, "MPTQ_TASKS": str(TASKS), "MPTQ_CACHE": str(tmp_path / "cache"),
+           "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "mia_ptq_bench.cli", "reproduce",
+                           *map(str, sorted(committed.glob("*.json"))), "--show", "all"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "2 of 2 results reproduced within tolerance" in proc.stdout
+    assert "2 result(s): another environment, the same pool" in proc.stdout
+    assert "retrained" not in proc.stdout
+
+
 def test_tolerance_is_a_quarter_of_the_interval_with_a_floor() -> None:
     stat = Stat(mean=0.5, std=0.1, ci_low=0.46, ci_high=0.54, n=16)
     assert allowed_change(stat, resolution=0.001) == pytest.approx(0.01)
@@ -102,8 +119,48 @@ def test_tolerance_is_a_quarter_of_the_interval_with_a_floor() -> None:
     assert allowed_change(clipped, resolution=0.002) == 0.002
 
 
-def test_same_environment_ignores_only_the_device_string(committed: Path) -> None:
+def test_same_environment_ignores_only_the_cpus_device_string(committed: Path) -> None:
     env = load_result(committed / "w1.58-last8--oblivious.json").environment
     assert same_environment(env, env.model_copy(update={"device": "cpu: another name"}))
+    gpu = env.model_copy(update={"device": "cuda: NVIDIA A100-SXM4-40GB"})
+    assert not same_environment(env, gpu) and same_environment(gpu, gpu)
+    assert not same_environment(gpu, gpu.model_copy(update={"device": "cuda: NVIDIA H100 80GB HBM3"}))
     assert not same_environment(env, env.model_copy(update={"cpu_capability": "DEFAULT" if env.cpu_capability != "DEFAULT" else "AVX2"}))
     assert not same_environment(env, env.model_copy(update={"torch_threads": env.torch_threads + 1}))
+    assert env.processor and not same_environment(env, env.model_copy(update={"processor": "another CPU"}))
+    # a result written before the processor was recorded: no rerun can claim its environment
+    assert not same_environment(env.model_copy(update={"processor": None}), env)
+
+
+def test_the_tolerance_follows_from_environment_and_pool(committed: Path) -> None:
+    result = load_result(committed / "w1.58-last8--oblivious.json")
+    assert result.pool_digest is not None
+    elsewhere = result.environment.model_copy(update={"processor": "another CPU"})
+    assert regime(result, result) == IDENTICAL
+    assert regime(result, result.model_copy(update={"environment": elsewhere})) == SAME_POOL
+    retrained = result.model_copy(update={"environment": elsewhere, "pool_digest": "f" * 64})
+    assert regime(result, retrained) == RETRAINED_POOL
+    # A result from before pool digests: its full-precision reference depends on the pool alone.
+    older = result.model_copy(update={"pool_digest": None})
+    assert regime(older, result.model_copy(update={"environment": elsewhere})) == SAME_POOL
+    accuracy = result.reference.test_accuracy
+    moved = result.reference.model_copy(
+        update={"test_accuracy": accuracy.model_copy(update={"mean": accuracy.mean + 1e-9})})
+    assert regime(older, result.model_copy(update={"environment": elsewhere, "reference": moved})) == RETRAINED_POOL
+
+    stat = Stat(mean=0.8, std=0.08, ci_low=0.76, ci_high=0.84, n=16)
+    assert [allowed_change(stat, 1e-4, case) for case in (IDENTICAL, SAME_POOL, RETRAINED_POOL)] == \
+        [0.0, pytest.approx(0.01), pytest.approx(5 * 0.02 * 2 ** 0.5)]  # 5 x sqrt(0.08^2 + 0.08^2) / sqrt(16)
+    # Welch: the rerun's own spread counts, so a committed sample with no spread still leaves room
+    spread = Stat(mean=0.8, std=0.16, ci_low=0.72, ci_high=0.88, n=16)
+    flat = Stat(mean=0.001, std=0.0, ci_low=0.001, ci_high=0.001, n=16)
+    assert allowed_change(stat, 1e-4, RETRAINED_POOL, spread) == pytest.approx(5 * (0.08 ** 2 + 0.16 ** 2) ** 0.5 / 4)
+    assert allowed_change(flat, 1e-4, RETRAINED_POOL, spread) == pytest.approx(0.2)
+    assert allowed_change(flat, 1e-4, SAME_POOL) == 1e-4
+    committed_side = result.model_copy(
+        update={"quantized": result.quantized.model_copy(update={"test_accuracy": stat})})
+    shifted = result.quantized.model_copy(update={"test_accuracy": stat.model_copy(update={"mean": 0.85})})
+    for digest, ok in ((result.pool_digest, False), ("f" * 64, True)):  # 0.05 from the committed 0.8
+        rerun = result.model_copy(update={"environment": elsewhere, "pool_digest": digest, "quantized": shifted})
+        row = next(c for c in compare_results(committed_side, rerun) if c.metric == "test accuracy")
+        assert row.ok is ok

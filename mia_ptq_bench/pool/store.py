@@ -15,6 +15,7 @@ flight. Every read checks the recorded sha256.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,10 @@ class PoolStore:
 
     def save_model(self, index: int, model: nn.Module, scores: np.ndarray, test_accuracy: float) -> None:
         state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-        write_bytes_atomic(self.weights_path(index), save(state, metadata={"pool_hash": self.spec.pool_hash,
-                                                                            "index": str(index)}))
+        # One metadata entry: safetensors writes a map's entries in an order that changes between
+        # processes, and the same weights must make the same file (its sha256 names the pool: digest).
+        about = json.dumps({"pool_hash": self.spec.pool_hash, "index": index}, sort_keys=True)
+        write_bytes_atomic(self.weights_path(index), save(state, metadata={"pool": about}))
         write_atomic(self.scores_path(index), lambda handle: np.save(handle, scores.astype(np.float64)))
         write_json_atomic(self.record_path(index), {
             "index": index, "test_accuracy": test_accuracy,
@@ -115,6 +118,13 @@ class PoolStore:
                                str(info["weights_sha256"]), str(info["scores_sha256"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise CacheError(f"{path}: {exc}: malformed completion record; delete it to retrain model {index}") from None
+
+    def digest(self) -> str:
+        """sha256 over every model's recorded weights and scores sha256, in model order: one name for
+        this very pool. A pool retrained on another CPU rounds differently and gets another digest."""
+        records = [self.record(i) for i in range(self.spec.membership.n_models)]
+        lines = "".join(f"{r.index} {r.weights_sha256} {r.scores_sha256}\n" for r in records)
+        return hashlib.sha256(lines.encode()).hexdigest()
 
     def load_scores(self, index: int) -> np.ndarray:
         path = self.scores_path(index)

@@ -128,6 +128,8 @@ class Environment(Strict):
     package_version: str
     python: str
     platform: str
+    processor: str | None = Field(None, description="the CPU's model name; results written before it was recorded "
+                                                    "lack it, and no rerun counts as their environment")
     device: str
     packages: dict[str, str]
     torch_threads: int = Field(description="torch.get_num_threads(): the float summation order can depend on it")
@@ -144,6 +146,9 @@ class Result(Strict):
     shadow_models: list[int] = Field(description="the pool models the attacker's shadows are (each target's are "
                                                  "these minus itself)")
     pool_source: PoolSourceRef | None = Field(None, description="set when the pool was pulled from the Hub")
+    pool_digest: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                                    description="sha256 over the pool models' weight and score files' sha256: equal "
+                                                "only for the very same trained pool (absent in older results)")
     n_models: int
     n_examples: int
     n_test: int = Field(description="test images behind test accuracy (held-out calibration images excluded)")
