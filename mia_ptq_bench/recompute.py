@@ -29,6 +29,7 @@ from .inference import score_split
 from .metrics.select import attack_targets, candidate_threats
 from .models import quantizable_layers
 from .pool import Pool
+from .pool.hub import pool_source
 from .pool.train import init_model
 from .quantize import QUANTIZERS
 from .quantize.batchnorm import fold_batchnorm
@@ -37,7 +38,7 @@ from .quantize.outputs import ModelOutputs, OutputStore, predicted_classes, quan
 from .results.compare import Comparison, compare_results
 from .results.compute import build_evaluation
 from .results.io import load_evidence
-from .results.schema import Environment, Result
+from .results.schema import Environment, PoolSourceRef, Result
 from .spec.audit import LayerAudit, merge_audits
 from .spec.plans import PrecisionPlan
 
@@ -143,6 +144,7 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
                                       reference_attacked.choices, reference_attacked.chosen),
         "environment": Environment(**environment(device)),
         "pool_digest": pool.store.digest(),
+        "pool_source": PoolSourceRef.of(pool_source(pool.store)),  # the checker's pool, not the document's claim
     })
     comparisons = compare_results(result, rerun)
     bad = [c for c in comparisons if not c.ok]

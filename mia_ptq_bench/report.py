@@ -96,10 +96,10 @@ def attacks_table(results: list[Result]) -> Table:
 
 REGIME_MEANING = {
     "identical": "the same environment: the rerun must be bit-identical (tolerance 0)",
-    "same pool": "another environment, the same pool: within 1/4 of the committed 95% interval",
-    "retrained pool": "the pool was retrained in another environment, a new draw of the training noise: "
-                      "within 5 standard errors of the difference of two means; the committed pool (pulled) "
-                      "allows the closer check",
+    "same pool": "another environment, the same pool: within 1/4 of the 95% interval",
+    "retrained pool": "the pool was trained here and nothing trusted says the result used it (a new draw "
+                      "of the training noise): within 6 standard errors of the difference of two means; "
+                      "a pool pulled from the task's Hub repository gets the closer check",
 }
 
 

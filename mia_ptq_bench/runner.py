@@ -251,7 +251,7 @@ def _provenance(spec: TaskSpec, quantizer: Quantizer, pool: Pool, device: str) -
     return {
         "task": TaskRef(id=spec.id, version=spec.version, hash=spec.hash, pool_hash=spec.pool_hash),
         "quantizer": QuantizerRef(**quantizer.describe()),
-        "pool_source": PoolSourceRef(repo=source.repo, revision=source.revision) if source else None,
+        "pool_source": PoolSourceRef.of(source),
         "pool_digest": pool.store.digest(),
         "environment": Environment(**environment(device)),
     }

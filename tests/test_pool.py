@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,22 @@ def test_corrupted_cache_files_are_detected_and_rebuilt(tiny_task, tmp_path: Pat
     other = build_pool(tiny_task.model_copy(update={"training": reseeded}), data, tmp_path / "other",
                        trainer="sequential")
     assert other.store.digest() != digest
+
+
+def test_the_pool_digest_names_weights_and_scores(tiny_task, tmp_path: Path) -> None:
+    data = load_dataset(tiny_task.dataset)
+    pool = build_pool(tiny_task, data, tmp_path, trainer="sequential")
+    store, digest = pool.store, pool.store.digest()
+    model = pool.load_model(3)
+    for _ in range(8):  # safetensors orders a map's entries by chance: the same weights must give the same file
+        store.save_model(3, model, store.load_scores(3), store.record(3).test_accuracy)
+        assert store.digest() == digest
+    record = json.loads(store.record_path(3).read_text())
+    for field in ("weights_sha256", "scores_sha256"):
+        store.record_path(3).write_text(json.dumps({**record, field: "0" * 64}))
+        assert store.digest() != digest, field
+    store.record_path(3).write_text(json.dumps(record))
+    assert store.digest() == digest
 
 
 def test_weights_corrupted_after_the_build_are_refused(tiny_task, tmp_path: Path) -> None:

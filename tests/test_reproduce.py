@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from conftest import TASKS
 from mia_ptq_bench.cli import app
+from mia_ptq_bench.errors import SpecError
 from mia_ptq_bench.results.compare import (IDENTICAL, RETRAINED_POOL, SAME_POOL, allowed_change, compare_results,
                                            regime, same_environment)
 from mia_ptq_bench.results.io import load_result
-from mia_ptq_bench.results.schema import Stat
+from mia_ptq_bench.results.schema import PoolSourceRef, Stat
 from mia_ptq_bench.runner import RunOptions, evaluate
 from mia_ptq_bench.spec import load_task
 
@@ -150,17 +151,42 @@ def test_the_tolerance_follows_from_environment_and_pool(committed: Path) -> Non
 
     stat = Stat(mean=0.8, std=0.08, ci_low=0.76, ci_high=0.84, n=16)
     assert [allowed_change(stat, 1e-4, case) for case in (IDENTICAL, SAME_POOL, RETRAINED_POOL)] == \
-        [0.0, pytest.approx(0.01), pytest.approx(5 * 0.02 * 2 ** 0.5)]  # 5 x sqrt(0.08^2 + 0.08^2) / sqrt(16)
-    # Welch: the rerun's own spread counts, so a committed sample with no spread still leaves room
-    spread = Stat(mean=0.8, std=0.16, ci_low=0.72, ci_high=0.88, n=16)
+        [0.0, pytest.approx(0.01), pytest.approx(6 * 0.08 * (2 / 16) ** 0.5)]
     flat = Stat(mean=0.001, std=0.0, ci_low=0.001, ci_high=0.001, n=16)
-    assert allowed_change(stat, 1e-4, RETRAINED_POOL, spread) == pytest.approx(5 * (0.08 ** 2 + 0.16 ** 2) ** 0.5 / 4)
-    assert allowed_change(flat, 1e-4, RETRAINED_POOL, spread) == pytest.approx(0.2)
-    assert allowed_change(flat, 1e-4, SAME_POOL) == 1e-4
-    committed_side = result.model_copy(
-        update={"quantized": result.quantized.model_copy(update={"test_accuracy": stat})})
-    shifted = result.quantized.model_copy(update={"test_accuracy": stat.model_copy(update={"mean": 0.85})})
+    assert allowed_change(flat, 1e-4, RETRAINED_POOL) == allowed_change(flat, 1e-4, SAME_POOL) == 1e-4
+    rerun_stat = stat.model_copy(update={"mean": 0.85})
     for digest, ok in ((result.pool_digest, False), ("f" * 64, True)):  # 0.05 from the committed 0.8
-        rerun = result.model_copy(update={"environment": elsewhere, "pool_digest": digest, "quantized": shifted})
-        row = next(c for c in compare_results(committed_side, rerun) if c.metric == "test accuracy")
+        committed = result.model_copy(update={"pool_digest": digest, "quantized": result.quantized.model_copy(
+            update={"test_accuracy": stat.model_copy(update={"mean": 0.8})})})
+        rerun = result.model_copy(update={"environment": elsewhere,
+                                          "quantized": result.quantized.model_copy(update={"test_accuracy": rerun_stat})})
+        row = next(c for c in compare_results(committed, rerun) if c.metric == "test accuracy")
         assert row.ok is ok
+
+
+def test_a_document_cannot_widen_its_own_check(committed: Path) -> None:
+    """What the committed document says can only make the check stricter: the case and the widths
+    come from the checker's rerun."""
+    result = load_result(committed / "w1.58-last8--oblivious.json")
+    elsewhere = result.environment.model_copy(update={"processor": "another CPU"})
+    rerun = result.model_copy(update={"environment": elsewhere})
+    # a digest of some other pool does not buy the retrained tolerance when the checker pulled the canonical pool
+    pulled = rerun.model_copy(update={"pool_source": PoolSourceRef(repo="org/pool", revision="abc")})
+    forged_digest = result.model_copy(update={"pool_digest": "0" * 64})
+    assert regime(forged_digest, pulled) == SAME_POOL and regime(forged_digest, rerun) == RETRAINED_POOL
+    # an interval or a spread blown up in the document widens nothing: the widths are the rerun's
+    accuracy = result.quantized.test_accuracy
+    inflated = accuracy.model_copy(update={"mean": accuracy.mean + 0.05, "std": float("inf"), "ci_low": 0.0,
+                                           "ci_high": float("inf")})
+    forged = result.model_copy(update={"quantized": result.quantized.model_copy(update={"test_accuracy": inflated})})
+    row = next(c for c in compare_results(forged, rerun) if c.metric == "test accuracy")
+    assert row.tolerance < 0.05 and not row.ok  # a quarter of the rerun's own interval
+
+
+def test_a_document_with_an_infinite_number_is_refused(committed: Path, tmp_path: Path) -> None:
+    document = json.loads((committed / "w1.58-last8--oblivious.json").read_text())
+    document["quantized"]["test_accuracy"]["ci_high"] = float("inf")  # written as JSON's Infinity
+    path = tmp_path / "w1.58-last8--oblivious.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(SpecError, match=r"quantized\.test_accuracy\.ci_high: Input should be a finite number"):
+        load_result(path)

@@ -18,7 +18,8 @@ SCHEMA_VERSION = 2
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Every number of a result is finite: JSON's Infinity or NaN in a document is refused on reading.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Stat(Strict):
@@ -109,6 +110,11 @@ class QuantizerRef(Strict):
 class PoolSourceRef(Strict):
     repo: str
     revision: str = Field(description="the Hub commit the pool was pulled at")
+
+    @classmethod
+    def of(cls, source) -> PoolSourceRef | None:
+        """From a pool's record of where it was pulled (``pool.hub.pool_source``), or None for a pool trained here."""
+        return None if source is None else cls(repo=source.repo, revision=source.revision)
 
 
 class ArraysRef(Strict):
