@@ -80,14 +80,19 @@ def test_reproduce_refuses_a_stale_result(committed: Path, tmp_path: Path) -> No
     assert result.exit_code == 2 and "a stale result cannot be reproduced" in result.stderr
 
 
-@pytest.mark.slow
-def test_reproduce_on_another_cpu_stays_within_tolerance(committed: Path, tmp_path: Path) -> None:
-    env = {**os.environ, **ANOTHER_CPU, "MPTQ_TASKS": str(TASKS), "MPTQ_CACHE": str(tmp_path / "cache"),
-           "COLUMNS": "200"}
+def reproduce_with_other_kernels(committed: Path, cache: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """``mptq-bench reproduce`` of every committed result, in a process on torch's portable kernels."""
+    env = {**os.environ, **ANOTHER_CPU, "MPTQ_TASKS": str(TASKS), "MPTQ_CACHE": str(cache), "COLUMNS": "200"}
     proc = subprocess.run([sys.executable, "-m", "mia_ptq_bench.cli", "reproduce",
                            *map(str, sorted(committed.glob("*.json"))), "--show", "all"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return proc, env
+
+
+@pytest.mark.slow
+def test_reproduce_on_another_cpu_stays_within_tolerance(committed: Path, tmp_path: Path) -> None:
+    proc, env = reproduce_with_other_kernels(committed, tmp_path / "cache")
     assert "2 of 2 results reproduced within tolerance" in proc.stdout
     capability = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
                                 capture_output=True, text=True, env=env).stdout.strip()
@@ -101,12 +106,7 @@ def test_reproduce_on_another_cpu_stays_within_tolerance(committed: Path, tmp_pa
 def test_reproduce_on_another_cpu_with_the_same_pool_keeps_the_quarter(committed: Path, tmp_path: Path) -> None:
     # The committed pool (as pulled from the Hub would give it), everything after it redone by other kernels.
     shutil.copytree(committed.parents[2] / "cache" / "pools", tmp_path / "cache" / "pools")
-    env = {**os.environ, **ANOTHER_CPU, "MPTQ_TASKS": str(TASKS), "MPTQ_CACHE": str(tmp_path / "cache"),
-           "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "mia_ptq_bench.cli", "reproduce",
-                           *map(str, sorted(committed.glob("*.json"))), "--show", "all"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    proc, _ = reproduce_with_other_kernels(committed, tmp_path / "cache")
     assert "2 of 2 results reproduced within tolerance" in proc.stdout
     assert "2 result(s): another environment, the same pool" in proc.stdout
     assert "retrained" not in proc.stdout
