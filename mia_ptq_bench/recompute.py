@@ -143,8 +143,10 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
                                       np.stack([reference[int(t)].test_predictions for t in targets]), labels,
                                       reference_attacked.choices, reference_attacked.chosen),
         "environment": Environment(**environment(device)),
+        # the checker's own pool and test split, never the document's claims (compare reads these)
         "pool_digest": pool.store.digest(),
-        "pool_source": PoolSourceRef.of(pool_source(pool.store)),  # the checker's pool, not the document's claim
+        "pool_source": PoolSourceRef.of(pool_source(pool.store)),
+        "n_test": len(test),
     })
     comparisons = compare_results(result, rerun)
     bad = [c for c in comparisons if not c.ok]

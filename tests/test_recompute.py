@@ -64,6 +64,28 @@ def test_a_changed_number_is_caught(committed: Path, tmp_path: Path) -> None:
         in result.stderr
 
 
+def test_a_document_cannot_loosen_its_own_recomputation(committed: Path, tmp_path: Path) -> None:
+    # Claims of another machine and pool, a tiny test split and a wide spread, around a forged accuracy.
+    folder = copy_of(committed, tmp_path)
+    path = folder / "w4--oblivious.json"
+    document = json.loads(path.read_text())
+    document["environment"]["processor"] = "another CPU"
+    document["pool_digest"] = "0" * 64
+    document["pool_source"] = {"repo": "someone/pool", "revision": "abc"}
+    document["n_test"] = 1
+    document["quantized"]["test_accuracy"].update(mean=0.0, std=10.0, ci_low=0.0, ci_high=1.0)
+    del document["quantized"]["attacks"]["lira-offline-fixed"]  # and an attack left out
+    path.write_text(json.dumps(document))
+    result = validate(folder, tmp_path)
+    assert result.exit_code == 1
+    assert "w4--oblivious.json: recomputed from its evidence: w4--oblivious: test accuracy: committed 0.000000" \
+        in result.stderr
+    document["quantized"]["test_accuracy"] = json.loads((committed / path.name).read_text())["quantized"]["test_accuracy"]
+    path.write_text(json.dumps(document))
+    result = validate(folder, tmp_path)
+    assert result.exit_code == 1 and "lira-offline-fixed AUC (not in the document)" in result.stderr
+
+
 def _rewrite_evidence(folder: Path, plan: str, change) -> None:
     path = folder / f"{plan}.models.safetensors"
     tensors = load(path.read_bytes())

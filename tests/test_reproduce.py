@@ -181,6 +181,21 @@ def test_a_document_cannot_widen_its_own_check(committed: Path) -> None:
     forged = result.model_copy(update={"quantized": result.quantized.model_copy(update={"test_accuracy": inflated})})
     row = next(c for c in compare_results(forged, rerun) if c.metric == "test accuracy")
     assert row.tolerance < 0.05 and not row.ok  # a quarter of the rerun's own interval
+    # the same with a forged digest (the retrained case): the width is still the rerun's spread, and the
+    # resolution the rerun's test split, whatever n_test the document gives
+    loose = forged.model_copy(update={"pool_digest": "0" * 64, "n_test": 1})
+    assert regime(loose, rerun) == RETRAINED_POOL
+    row = next(c for c in compare_results(loose, rerun) if c.metric == "test accuracy")
+    assert row.tolerance == allowed_change(accuracy, 5 / (rerun.n_test * accuracy.n), RETRAINED_POOL)
+    # an attack left out of the document, or one the rerun does not know, fails instead of being skipped
+    attacks = dict(result.quantized.attacks)
+    dropped = attacks.pop("lira-online")
+    short = result.model_copy(update={"quantized": result.quantized.model_copy(update={"attacks": attacks})})
+    extra = result.model_copy(update={"quantized": result.quantized.model_copy(
+        update={"attacks": {**result.quantized.attacks, "made-up": dropped}})})
+    for document, note in ((short, "not in the document"), (extra, "not rerun")):
+        failed = [c for c in compare_results(document, rerun) if not c.ok]
+        assert [c.metric for c in failed] == [f"{'lira-online' if note.startswith('not in') else 'made-up'} AUC ({note})"]
 
 
 def test_a_document_with_an_infinite_number_is_refused(committed: Path, tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """How close a rerun must come to a committed result: the reproducibility contract, as pure functions.
 
-The committed document is the submitter's word: which case applies, and how wide its tolerance
-is, come from what the checker computed itself (the rerun) and can only be tightened by what
-the document claims. Three cases (``regime``):
+The committed document is the submitter's word: how wide a tolerance is comes from what the
+checker computed itself (the rerun), and which case applies from the checker's pool, loosened by
+the document only where the checker trained that pool itself (then it cannot tell). Three cases (``regime``):
 
 - ``identical``: the same environment (every field of ``Environment`` equal: package versions,
   Python, platform, processor, torch threads, CPU capability, deterministic flag, and the GPU
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from .schema import Environment, Evaluation, LowFprSummary, Result, Stat
 
 IDENTICAL, SAME_POOL, RETRAINED_POOL = "identical", "same pool", "retrained pool"
-SAME_POOL_SHARE = 0.25  # of the committed 95% interval's half-width
+SAME_POOL_SHARE = 0.25  # of the rerun's 95% interval's half-width
 RETRAINED_SE = 6.0  # standard errors of the difference of two means (measured: at most 4.7 apart)
 EXAMPLES_OF_SLACK = 5
 AUC_RESOLUTION = 1e-4
@@ -69,7 +69,8 @@ def same_pool(committed: Result, rerun: Result) -> bool:
     """Whether the rerun's pool is, by what the checker can trust, the one the result used: pulled from
     the task's Hub repository (the canonical pool, whatever the document says), or the document names
     this very pool (equal digests; for documents from before digests, the same full-precision
-    reference numbers). A document can only claim its way into the stricter case, never out of it."""
+    reference numbers). Against a pulled pool no claim of the document loosens the case; against a pool
+    the checker trained, a document can always claim another pool (docs/reproducibility.md)."""
     if rerun.pool_source is not None:
         return True
     if committed.pool_digest is not None:
@@ -102,8 +103,8 @@ def allowed_change(stat: Stat, resolution: float, case: str = SAME_POOL) -> floa
 
 
 def headline_stats(committed: Evaluation, rerun: Evaluation, n_test: int) -> list[tuple[str, Stat, Stat, float]]:
-    """(metric, committed, rerun, resolution) for every headline number of one evaluation; the
-    resolution from the rerun's counts and ``n_test`` (the checker's)."""
+    """(metric, committed, rerun, resolution) for every headline number of one evaluation, over the
+    attacks both hold; the resolution from the rerun's counts and ``n_test`` (the checker's)."""
     targets = rerun.test_accuracy.n
 
     def rate(stat: LowFprSummary) -> float:
@@ -116,8 +117,10 @@ def headline_stats(committed: Evaluation, rerun: Evaluation, n_test: int) -> lis
         ("strongest TPR@1%", committed.strongest.tpr_at_1pct_fpr, rerun.strongest.tpr_at_1pct_fpr,
          rate(rerun.strongest.tpr_at_1pct_fpr)),
     ]
-    for attack, summary in committed.attacks.items():
-        other = rerun.attacks[attack]
+    for attack, other in rerun.attacks.items():
+        summary = committed.attacks.get(attack)
+        if summary is None:
+            continue  # compare_results fails it
         pairs += [(f"{attack} AUC", summary.auc, other.auc, AUC_RESOLUTION),
                   (f"{attack} TPR@0.1%", summary.tpr_at_0_1pct_fpr, other.tpr_at_0_1pct_fpr,
                    rate(other.tpr_at_0_1pct_fpr)),
@@ -125,9 +128,17 @@ def headline_stats(committed: Evaluation, rerun: Evaluation, n_test: int) -> lis
     return pairs
 
 
+def _missing(label: str, committed: Evaluation, rerun: Evaluation) -> list[Comparison]:
+    """A failing row per attack that only one side reports: a document cannot leave out (or invent) one."""
+    return [Comparison(label, f"{attack} AUC ({'not in the document' if attack in rerun.attacks else 'not rerun'})",
+                       committed.attacks[attack].auc.mean if attack in committed.attacks else math.nan,
+                       rerun.attacks[attack].auc.mean if attack in rerun.attacks else math.nan, 0.0)
+            for attack in sorted(set(committed.attacks) ^ set(rerun.attacks))]
+
+
 def _rows(label: str, committed: Evaluation, rerun: Evaluation, n_test: int, case: str) -> list[Comparison]:
     return [Comparison(label, metric, a.mean, b.mean, allowed_change(b, resolution, case))
-            for metric, a, b, resolution in headline_stats(committed, rerun, n_test)]
+            for metric, a, b, resolution in headline_stats(committed, rerun, n_test)] + _missing(label, committed, rerun)
 
 
 def compare_results(committed: Result, rerun: Result) -> list[Comparison]:

@@ -155,9 +155,9 @@ class Result(Strict):
     pool_digest: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
                                     description="sha256 over the pool models' weight and score files' sha256: equal "
                                                 "only for the very same trained pool (absent in older results)")
-    n_models: int
-    n_examples: int
-    n_test: int = Field(description="test images behind test accuracy (held-out calibration images excluded)")
+    n_models: int = Field(ge=1)
+    n_examples: int = Field(ge=1)
+    n_test: int = Field(ge=1, description="test images behind test accuracy (held-out calibration images excluded)")
     quantized: Evaluation = Field(description="the targets after quantization with this plan")
     reference: Evaluation = Field(description="the same targets at full precision, same attacks")
     audit: list[LayerAudit] = Field(description="per layer, the worst channel over all audited models")
