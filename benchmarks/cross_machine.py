@@ -24,8 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe, save, say  # noqa: E402
 
-from mia_ptq_bench.results.compare import (RETRAINED_POOL, RETRAINED_SE, SAME_POOL, allowed_change,  # noqa: E402
-                                           headline_stats, regime)
+from mia_ptq_bench.results.compare import RETRAINED_POOL, RETRAINED_SE, SAME_POOL, compare_results, regime  # noqa: E402
 from mia_ptq_bench.results.io import load_result  # noqa: E402
 
 SUBMISSIONS = Path(__file__).parents[1] / "submissions"
@@ -63,13 +62,11 @@ def main() -> None:
     for quantizer, committed, rerun in pairs:
         case = regime(committed, rerun)
         cases.add(case)
-        rows: dict[str, list[tuple[float, str]]] = {SAME_POOL: [], RETRAINED_POOL: []}
-        for label, a, b in (("", committed.quantized, rerun.quantized),
-                            ("fp32 ref ", committed.reference, rerun.reference)):
-            for metric, old, new, resolution in headline_stats(a, b, committed.n_test):
-                for tolerance in rows:
-                    allowed = allowed_change(new, resolution, tolerance)
-                    rows[tolerance].append((abs(new.mean - old.mean) / allowed, f"{label}{metric}"))
+        # what `mptq-bench reproduce` would compare, under each tolerance in turn
+        rows = {tolerance: [(abs(c.rerun - c.committed) / c.tolerance,
+                             f"{'fp32 ref ' if c.result.endswith('(fp32 ref)') else ''}{c.metric}")
+                            for c in compare_results(committed, rerun, tolerance)]
+                for tolerance in (SAME_POOL, RETRAINED_POOL)}
         for tolerance, found in rows.items():
             ratios[tolerance] += [r for r, _ in found]
         same, retrained = (np.array([r for r, _ in rows[t]]) for t in (SAME_POOL, RETRAINED_POOL))

@@ -33,10 +33,6 @@ def save(name: str) -> Path:
     return path
 
 
-def cpu_model() -> str:
-    return processor_name()
-
-
 def cpu_kernels() -> str:
     """The vector instructions torch's CPU kernels use here (AVX512, AVX2, ...): machines sold
     under one model name differ in it, and it moves every speed in these files."""
@@ -48,7 +44,7 @@ def cpu_kernels() -> str:
 
 def describe(device: str | torch.device = "cpu") -> str:
     """One line: CPU and its vector kernels, cores, torch and its threads, Python, device."""
-    return (f"machine: {cpu_model()} ({cpu_kernels()}) · {os.cpu_count()} CPUs · torch {torch.__version__} with "
+    return (f"machine: {processor_name()} ({cpu_kernels()}) · {os.cpu_count()} CPUs · torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads · Python {platform.python_version()} · device {device}")
 
 

@@ -40,9 +40,10 @@ from mia_ptq_bench.attack.rmia import (
     rmia_online,
     select_references,
 )
+from mia_ptq_bench.environment import processor_name
 from mia_ptq_bench.metrics import attack_metrics, summarize
 
-from machine import cpu_kernels, cpu_model
+from machine import cpu_kernels
 
 ATTACKS = (  # name, online?, function of (shadow, shadow_in, target, population, references)
     ("RMIA offline", False, lambda s, i, t, p, r: rmia_offline(s, i, t, p, references=r)),
@@ -78,7 +79,7 @@ SENSITIVITY = (  # a and gamma chosen knowing the labels would be an upper bound
 
 
 def machine() -> str:
-    cpu = f"{cpu_model()} ({cpu_kernels()})"
+    cpu = f"{processor_name()} ({cpu_kernels()})"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=True).stdout.strip()

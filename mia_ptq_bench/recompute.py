@@ -23,13 +23,11 @@ import torch
 
 from .attack import THREAT_MODELS, ShadowSet
 from .data import Split
-from .environment import environment
 from .errors import BenchError
 from .inference import score_split
 from .metrics.select import attack_targets, candidate_threats
 from .models import quantizable_layers
 from .pool import Pool
-from .pool.hub import pool_source
 from .pool.train import init_model
 from .quantize import QUANTIZERS
 from .quantize.batchnorm import fold_batchnorm
@@ -38,7 +36,8 @@ from .quantize.outputs import ModelOutputs, OutputStore, predicted_classes, quan
 from .results.compare import Comparison, compare_results
 from .results.compute import build_evaluation
 from .results.io import load_evidence
-from .results.schema import Environment, PoolSourceRef, Result
+from .runner import where_run
+from .results.schema import Result
 from .spec.audit import LayerAudit, merge_audits
 from .spec.plans import PrecisionPlan
 
@@ -142,11 +141,8 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
         "reference": build_evaluation(pool.keep, targets, reference_attacked.membership,
                                       np.stack([reference[int(t)].test_predictions for t in targets]), labels,
                                       reference_attacked.choices, reference_attacked.chosen),
-        "environment": Environment(**environment(device)),
-        # the checker's own pool and test split, never the document's claims (compare reads these)
-        "pool_digest": pool.store.digest(),
-        "pool_source": PoolSourceRef.of(pool_source(pool.store)),
-        "n_test": len(test),
+        # the checker's own pool, environment and test split, never the document's claims (compare reads these)
+        **where_run(pool, device), "n_test": len(test),
     })
     comparisons = compare_results(result, rerun)
     bad = [c for c in comparisons if not c.ok]

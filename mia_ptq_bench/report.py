@@ -8,6 +8,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .results.compare import IDENTICAL, RETRAINED_POOL, SAME_POOL
 from .results.schema import Evaluation, Result, Stat
 
 
@@ -95,9 +96,9 @@ def attacks_table(results: list[Result]) -> Table:
 
 
 REGIME_MEANING = {
-    "identical": "the same environment: the rerun must be bit-identical (tolerance 0)",
-    "same pool": "another environment, the same pool: within 1/4 of the 95% interval",
-    "retrained pool": "the pool was trained here and nothing trusted says the result used it (a new draw "
+    IDENTICAL: "the same environment: the rerun must be bit-identical (tolerance 0)",
+    SAME_POOL: "another environment, the same pool: within 1/4 of the 95% interval",
+    RETRAINED_POOL: "the pool was trained here and nothing trusted says the result used it (a new draw "
                       "of the training noise): within 6 standard errors of the difference of two means; "
                       "a pool pulled from the task's Hub repository gets the closer check",
 }

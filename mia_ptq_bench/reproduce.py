@@ -103,6 +103,6 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
             rerun = {(r.plan, r.threat_model): r for r in outcome.results}
             for path, committed in members:
                 again = rerun[(committed.plan, committed.threat_model)]
-                reproductions.append(Reproduction(path, regime(committed, again),
-                                                  compare_results(committed, again)))
+                case = regime(committed, again)
+                reproductions.append(Reproduction(path, case, compare_results(committed, again, case)))
     return reproductions

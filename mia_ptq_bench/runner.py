@@ -247,11 +247,15 @@ def write_plan_evidence(spec: TaskSpec, quantizer: Quantizer, plan: PrecisionPla
 
 def _provenance(spec: TaskSpec, quantizer: Quantizer, pool: Pool, device: str) -> dict:
     """The parts of every result that name what was run, on what, and where."""
-    source = pool_source(pool.store)
     return {
         "task": TaskRef(id=spec.id, version=spec.version, hash=spec.hash, pool_hash=spec.pool_hash),
         "quantizer": QuantizerRef(**quantizer.describe()),
-        "pool_source": PoolSourceRef.of(source),
-        "pool_digest": pool.store.digest(),
-        "environment": Environment(**environment(device)),
+        **where_run(pool, device),
     }
+
+
+def where_run(pool: Pool, device: str) -> dict:
+    """The pool (its Hub source, its digest) and the environment a result was computed with: what
+    ``results.compare`` reads to choose a rerun's tolerance (``recompute`` records its own the same way)."""
+    return {"pool_source": PoolSourceRef.of(pool_source(pool.store)), "pool_digest": pool.store.digest(),
+            "environment": Environment(**environment(device))}

@@ -141,9 +141,10 @@ def _rows(label: str, committed: Evaluation, rerun: Evaluation, n_test: int, cas
             for metric, a, b, resolution in headline_stats(committed, rerun, n_test)] + _missing(label, committed, rerun)
 
 
-def compare_results(committed: Result, rerun: Result) -> list[Comparison]:
-    """Every headline number of the quantized targets and of their full-precision reference."""
-    case = regime(committed, rerun)
+def compare_results(committed: Result, rerun: Result, case: str | None = None) -> list[Comparison]:
+    """Every headline number of the quantized targets and of their full-precision reference, under
+    ``case``'s tolerance (by default ``regime``'s)."""
+    case = case or regime(committed, rerun)
     label = f"{committed.plan}--{committed.threat_model}"
     return (_rows(label, committed.quantized, rerun.quantized, rerun.n_test, case)
             + _rows(f"{label} (fp32 ref)", committed.reference, rerun.reference, rerun.n_test, case))
