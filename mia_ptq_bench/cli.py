@@ -241,7 +241,7 @@ def _recompute_all(files: list[Path], cache_dir: Path, data_root: Optional[Path]
     """Recompute every result among ``files`` (submission folders included); returns how many disagree."""
     from rich.markup import escape
 
-    from .recompute import RECOMPUTED, recompute_files
+    from .recompute import RECOMPUTED, REFUSED, recompute_files
     from .submission import MANIFEST, find_submissions
 
     results = []
@@ -253,9 +253,9 @@ def _recompute_all(files: list[Path], cache_dir: Path, data_root: Optional[Path]
             results.append(path)
     failures = 0
     for outcome in guarded(lambda: recompute_files(results, cache_dir, data_root, download)):
-        if outcome.status == RECOMPUTED and not outcome.reason:
+        if outcome.status == RECOMPUTED:
             console.print(f"[green]recomputed[/] {escape(str(outcome.path))}", highlight=False)
-        elif outcome.status == RECOMPUTED:
+        elif outcome.status == REFUSED:
             failures += 1
             errors.print(f"[bold red]invalid:[/] {escape(str(outcome.path))}: recomputed from its evidence: "
                          f"{escape(outcome.reason)}", highlight=False, soft_wrap=True)
@@ -424,10 +424,11 @@ def leaderboard_build(
 
 
 def _site_checks(submissions: Path, cache_dir: Path, data_root: Optional[Path], download: bool) -> dict:
-    """For every result the site would publish: (recomputed | self-reported | refused, why). Only submissions
-    that validate are recomputed (the build leaves the others out): nothing refused is trained for or read."""
-    from .board.collect import published_files, split_stale
-    from .recompute import RECOMPUTED, recompute_files
+    """For every result the site would publish: recomputed (with the checker's own numbers, which the site
+    shows), self-reported or refused, and why. Only submissions that validate are recomputed (the build
+    leaves the others out): nothing refused is trained for or read."""
+    from .board.collect import Check, published_files, split_stale
+    from .recompute import recompute_files
     from .submission import find_submissions, load_submission, validate_submission
 
     files = []
@@ -435,13 +436,8 @@ def _site_checks(submissions: Path, cache_dir: Path, data_root: Optional[Path], 
         problems, stale = split_stale(validate_submission(folder))
         if not problems:
             files += [path for _, path in published_files(folder, load_submission(folder)) if str(path) not in stale]
-    checks = {}
-    for outcome in recompute_files(files, cache_dir, data_root, download):
-        if outcome.status == RECOMPUTED:
-            checks[outcome.path.resolve()] = ("refused", outcome.reason) if outcome.reason else ("recomputed", "")
-        else:
-            checks[outcome.path.resolve()] = ("self-reported", outcome.reason)
-    return checks
+    return {outcome.path.resolve(): Check(outcome.status, outcome.reason, outcome.rerun)
+            for outcome in recompute_files(files, cache_dir, data_root, download)}
 
 
 @app.command()

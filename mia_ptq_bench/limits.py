@@ -22,6 +22,9 @@ YAML_NODES = 20_000  # scalars, lists and mappings together
 RESULT_JSON_BYTES = 32 * MiB
 MANIFEST_JSON_BYTES = 1 * MiB
 JSON_DEPTH = 32
+# Lists and objects in one document: a result holds about 1,000 in 240 KiB, so a document at the size
+# limit honestly holds some 130,000. Each costs far more memory parsed than its two bytes of text.
+JSON_CONTAINERS = 500_000
 
 # Arrays beside a result: the largest study task (64 models x 100,000 examples x 2 queries x 8 bytes,
 # twice) is about 200 MiB uncompressed.
@@ -33,7 +36,8 @@ RESULT_ARRAYS_BYTES = 4 * GiB
 EVIDENCE_FILE_BYTES = 128 * MiB
 
 # A submission folder: results for many tasks, a little code, a README.
-SUBMISSION_FILES = 1000
+SUBMISSION_FILES = 1000  # files and folders together
+SUBMISSION_DEPTH = 8  # folders deep, counting results/<task>/ as 2
 SUBMISSION_FILE_BYTES = {".json": RESULT_JSON_BYTES, ".npz": RESULT_ARRAYS_BYTES, ".py": 1 * MiB,
                          ".yaml": SUBMISSION_YAML_BYTES, ".safetensors": EVIDENCE_FILE_BYTES}
 SUBMISSION_OTHER_FILE_BYTES = 1 * MiB  # README.md, LICENSE*

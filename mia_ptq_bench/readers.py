@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from .errors import SpecError
-from .limits import JSON_DEPTH, YAML_DEPTH, YAML_NODES, nesting_depth, size_text
+from .limits import JSON_CONTAINERS, JSON_DEPTH, YAML_DEPTH, YAML_NODES, nesting_depth, size_text
 
 
 def read_bounded(path: Path, max_bytes: int, follow_symlinks: bool = True) -> bytes:
@@ -106,6 +106,8 @@ def parse_yaml(text: str, source: str, max_depth: int = YAML_DEPTH, max_nodes: i
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"{source}{_line(exc)}: not valid YAML: {problem}") from None
+    except (ValueError, OverflowError, TypeError) as exc:  # a tagged or implicit value yaml cannot build (2020-13-45)
+        raise SpecError(f"{source}: not valid YAML: a value cannot be read ({str(exc)[:120]})") from None
 
 
 def read_yaml_file(path: Path, max_bytes: int, follow_symlinks: bool = True) -> Any:
@@ -115,6 +117,9 @@ def read_yaml_file(path: Path, max_bytes: int, follow_symlinks: bool = True) -> 
 def read_json_file(path: Path, max_bytes: int, max_depth: int = JSON_DEPTH, follow_symlinks: bool = True) -> Any:
     """A JSON document of at most ``max_bytes``, nested at most ``max_depth`` deep."""
     text = decode_utf8(path, read_bounded(path, max_bytes, follow_symlinks))
+    containers = text.count("{") + text.count("[")  # an upper bound (brackets in strings count too), before parsing
+    if containers > JSON_CONTAINERS:
+        raise SpecError(f"{path}: not a readable JSON document: more than {JSON_CONTAINERS} lists and objects")
     try:
         data = json.loads(text)
     except RecursionError:

@@ -7,14 +7,17 @@ its codebooks, scores it on every pool example and predicts the test split, reru
 and the choice of the strongest strategy exactly as ``evaluate`` does, and compares every
 headline number with the document under the reproducibility contract (``results/compare.py``).
 
-A result is **recomputed** when all of that succeeds and agrees. It stays **self-reported**
-when it cannot be: no evidence (the full-precision reference has none: its models are the
-pool), evidence of the targets only (too large to commit) for an attacker with quantized
-shadows, or a quantizer that changed the architecture beyond folding BatchNorm.
+A result is **recomputed** when all of that succeeds and agrees; its rerun (the checker's own
+numbers) is what the site publishes. It is **refused** when it disagrees, fails the audit, or
+names evidence that is missing, unreadable, inconsistent or without its targets: a quantized
+result must be rebuilt from its weights to be published. It stays **self-reported** only where
+the evidence holds the targets but not the quantized shadows an adaptive attacker needs (too
+large to commit), or the task has changed since.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,19 +44,18 @@ from .results.schema import Result
 from .spec.audit import LayerAudit, merge_audits
 from .spec.plans import PrecisionPlan
 
-RECOMPUTED, SELF_REPORTED = "recomputed", "self-reported"
+RECOMPUTED, SELF_REPORTED, REFUSED = "recomputed", "self-reported", "refused"
+# What a malformed evidence file can raise while it is decoded and loaded into a model.
+_EVIDENCE_ERRORS = (BenchError, ValueError, RuntimeError, TypeError, KeyError, IndexError, MemoryError)
 
 
 @dataclass(frozen=True)
 class Recomputation:
     path: Path
-    status: str  # recomputed | self-reported
-    reason: str  # why it stays self-reported, or what disagreed
+    status: str  # recomputed | refused | self-reported
+    reason: str  # why it was refused or stays self-reported ("" when recomputed)
     comparisons: list[Comparison]
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.comparisons)
+    rerun: Result | None = None  # the checker's own numbers, when recomputed
 
 
 def rebuild(pool: Pool, index: int, tensors: dict[str, np.ndarray], device: str) -> tuple[torch.nn.Module, dict]:
@@ -67,10 +69,11 @@ def rebuild(pool: Pool, index: int, tensors: dict[str, np.ndarray], device: str)
 
 
 def evidence_outputs(pool: Pool, tensors: dict[str, np.ndarray], plan: PrecisionPlan, test: Split,
-                     device: str) -> dict[int, ModelOutputs]:
-    """Scores, test predictions and an audit read off the codebooks, for every model of the evidence."""
+                     device: str, wanted: set[int]) -> dict[int, ModelOutputs]:
+    """Scores, test predictions and an audit read off the codebooks, for the ``wanted`` models the evidence
+    holds (models it holds beyond them cost nothing: a submission does not choose how much is scored)."""
     outputs = {}
-    for index in model_indices(tensors):
+    for index in sorted(set(model_indices(tensors)) & wanted):
         model, distinct = rebuild(pool, index, tensors, device)
         layers = quantizable_layers(model)  # in order: the last is the classifier (the plan's -last<b>)
         audit = [LayerAudit.measured(name, plan.bits_for(i, len(layers)), distinct[name], int(layer.weight.shape[0]))
@@ -99,27 +102,39 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
     candidates = candidate_threats(threat, task_threats)
     targets = np.arange(spec.targets.count)
     plan = PrecisionPlan.parse(result.plan)
+    # The attacker's shadows are the task's (as the runner picks them), never the document's: fewer
+    # shadows make a weaker attack, which the document's numbers would then agree with.
+    models = np.array(spec.quantized_shadow_models)
+    expected = (list(range(spec.membership.n_models)) if plan.is_full_precision or threat.shadows == "full-precision"
+                else [int(m) for m in models])
+    if result.shadow_models != expected:
+        return Recomputation(path, REFUSED, f"shadow_models: the document names {len(result.shadow_models)} shadow "
+                                            f"models, the task's {threat.name} attacker uses {len(expected)} "
+                                            f"({expected[0]}..{expected[-1]})", [])
     if plan.is_full_precision:  # the reference: its models are the pool's own
         outputs = {int(t): reference_outputs(pool, int(t), test, device) for t in targets}
     elif result.evidence is None:
-        return Recomputation(path, SELF_REPORTED, "no quantized weights (evidence) beside the result", [])
+        return Recomputation(path, REFUSED, "evidence: a quantized result names no quantized weights", [])
     else:
+        wanted = {int(t) for t in targets} | {int(m) for m in models}
         try:
-            outputs = evidence_outputs(pool, load_evidence(path, result), plan, test, device)
-        except (BenchError, ValueError, RuntimeError) as exc:
-            return Recomputation(path, SELF_REPORTED, f"the evidence cannot be rebuilt into models: {exc}", [])
+            outputs = evidence_outputs(pool, load_evidence(path, result), plan, test, device, wanted)
+        except _EVIDENCE_ERRORS as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return Recomputation(path, REFUSED, f"the evidence cannot be rebuilt into models: {reason}", [])
     missing = [int(t) for t in targets if int(t) not in outputs]
-    needs_shadows = ({c.shadows for c in candidates} & {"same-quantizer"}) and not plan.is_full_precision
-    missing += [m for m in result.shadow_models if needs_shadows and m not in outputs]
     if missing:
-        return Recomputation(path, SELF_REPORTED, f"the evidence lacks models {sorted(set(missing))[:5]}", [])
+        return Recomputation(path, REFUSED, f"the evidence lacks targets {missing[:5]}", [])
+    needs_shadows = ({c.shadows for c in candidates} & {"same-quantizer"}) and not plan.is_full_precision
+    missing = sorted({int(m) for m in models if needs_shadows and int(m) not in outputs})
+    if missing:
+        return Recomputation(path, SELF_REPORTED, f"the evidence lacks the quantized shadows {missing[:5]}", [])
     problem = _audit_problem(result, merge_audits([outputs[i].audit for i in sorted(outputs)]))
     if problem:
-        return Recomputation(path, RECOMPUTED, problem, [])
+        return Recomputation(path, REFUSED, problem, [])
 
     full = ShadowSet(pool.scores, np.arange(spec.membership.n_models))
     shadows = {"full-precision": full, "same-quantizer": full, "rtn": full}  # at full precision all are the pool
-    models = np.array(result.shadow_models)
     if "same-quantizer" in {c.shadows for c in candidates} and not plan.is_full_precision:
         shadows["same-quantizer"] = ShadowSet(np.stack([outputs[int(m)].scores for m in models]), models)
     if "rtn" in {c.shadows for c in candidates} and not plan.is_full_precision:  # built-in: the checker runs it
@@ -146,9 +161,12 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
     })
     comparisons = compare_results(result, rerun)
     bad = [c for c in comparisons if not c.ok]
-    reason = f"{bad[0].result}: {bad[0].metric}: committed {bad[0].committed:.6f}, recomputed {bad[0].rerun:.6f}" \
-        if bad else ""
-    return Recomputation(path, RECOMPUTED, reason, comparisons)
+    if bad:
+        first = bad[0]
+        numbers = "" if math.isnan(first.committed) else \
+            f": committed {first.committed:.6f}, recomputed {first.rerun:.6f}"
+        return Recomputation(path, REFUSED, f"{first.result}: {first.metric}{numbers}", comparisons)
+    return Recomputation(path, RECOMPUTED, "", comparisons, rerun)
 
 
 def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None = None, download: bool = False,
@@ -158,16 +176,16 @@ def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None =
     from .data.splits import evaluation_test_split
     from .pool import build_pool
     from .results.io import load_result
-    from .spec import load_task
+    from .spec import load_registered_task
 
     loaded: dict[str, tuple[Pool, Split]] = {}
     outcomes = []
     for path in paths:
         try:
             result = load_result(path)
-            spec = load_task(result.task.id)
-        except BenchError as exc:  # validate refuses such a file on its own; here it is simply not recomputed
-            outcomes.append(Recomputation(path, SELF_REPORTED, str(exc).splitlines()[0], []))
+            spec = load_registered_task(result.task.id)
+        except BenchError as exc:  # validate refuses such a file on its own, with the same line
+            outcomes.append(Recomputation(path, REFUSED, str(exc).splitlines()[0], []))
             continue
         if spec.hash != result.task.hash:
             outcomes.append(Recomputation(path, SELF_REPORTED, "stale: the task has changed since", []))

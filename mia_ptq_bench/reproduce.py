@@ -18,7 +18,7 @@ from .results.compare import Comparison, compare_results, regime
 from .results.io import load_result
 from .results.schema import Result
 from .runner import RunOptions, evaluate
-from .spec import load_task
+from .spec import load_registered_task
 from .submission import MANIFEST, find_submissions
 from .submission.load import METADATA
 from .submission.resolve import resolve, submission_quantizer
@@ -81,7 +81,7 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
         result = load_result(path)
         if tasks and result.task.id not in tasks:
             continue
-        spec = load_task(result.task.id)
+        spec = load_registered_task(result.task.id)
         if spec.hash != result.task.hash:
             raise BenchError(f"{path}: task.hash: the result is of {spec.id} version {result.task.version} "
                              f"({result.task.hash[:12]}…), the task is now version {spec.version} "
@@ -98,7 +98,7 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
             plans = list(dict.fromkeys(r.plan for _, r in members))
             threats = list(dict.fromkeys(r.threat_model for _, r in members))
             progress.log(f"rerunning {task_id} · {quantizer.name} · {', '.join(plans)} · {', '.join(threats)}")
-            outcome = evaluate(quantizer, load_task(task_id), plans, threats,
+            outcome = evaluate(quantizer, load_registered_task(task_id), plans, threats,
                                replace(options, out_dir=Path(scratch) / "rerun", per_quantizer_folder=True), progress)
             rerun = {(r.plan, r.threat_model): r for r in outcome.results}
             for path, committed in members:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import contextlib
 import errno
 import json
 import os
@@ -219,7 +220,10 @@ def test_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
     (b"name: a\nname: b\n", "submission.yaml:2: not valid YAML: duplicate key 'name'"),
     (b"quantizer: !!python/object/apply:os.system [echo hi]\n", "submission.yaml:1: not valid YAML:"),
     (b"quantizer: {builtin: rtn, config: {when: 2024-01-01}}\n", "quantizer.config: Value error, when: date is not plain data"),
-], ids=["latin-1", "deep", "large", "duplicate-key", "python-tag", "timestamp"])
+    (b"version: 2020-13-45\n", "submission.yaml: not valid YAML: a value cannot be read (month must be in 1..12)"),
+    (b"version: " + b"9" * 5000 + b"\n", "submission.yaml: not valid YAML: a value cannot be read (Exceeds the limit"),
+    (b'version: !!float "abc"\n', "submission.yaml: not valid YAML: a value cannot be read (could not convert"),
+], ids=["latin-1", "deep", "large", "duplicate-key", "python-tag", "timestamp", "bad-date", "long-int", "bad-float"])
 def test_bad_submission_yaml_is_one_line(tmp_path: Path, text: bytes, reason: str) -> None:
     _folder(tmp_path / "subs", "x", text)
     result = cli.invoke(app, ["validate", str(tmp_path / "subs")])
@@ -361,6 +365,60 @@ def test_arrays_file_must_be_a_plain_file_beside_the_document(subs: Path, name: 
     # refused before reading: a sha256 mismatch would mean the file named was read
     assert _validate_one(document) == [f"invalid: {document}: arrays.file: {name!r} {reason}" if "plain" in reason
                                        else f"invalid: {document}: arrays.file: {document.parent / name} {reason}"]
+
+
+def _write_npz(path: Path, members: list[tuple[str, dict]]) -> None:
+    """A zip of .npy members written by hand: headers that claim what the test wants, data or none."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, header in members:
+            data = b"\0" * header.get("data_bytes", 0)
+            with archive.open(name, "w") as member:
+                np.lib.format.write_array_header_1_0(member, {k: v for k, v in header.items() if k != "data_bytes"})
+                member.write(data)
+
+
+@pytest.mark.parametrize("members, reason", [
+    ([("z.npy", {"descr": "<f8", "fortran_order": False, "shape": (-1, 2**50)}),
+      ("a.npy", {"descr": "<f8", "fortran_order": False, "shape": (2**47,)})],
+     "z claims a negative shape (-1, 1125899906842624); refused"),
+    ([("keep.npy", {"descr": "|b1", "fortran_order": False, "shape": (1,), "data_bytes": 1}),
+      ("keep.npy", {"descr": "<f8", "fortran_order": False, "shape": (2**27,)})],
+     "'keep.npy' appears twice; refused"),
+], ids=["negative-shape", "duplicate-name"])
+def test_an_npz_that_hides_its_size_is_refused_from_its_headers(subs: Path, members: list, reason: str) -> None:
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    arrays_path = document.with_suffix(".npz")
+    with pytest.warns(UserWarning, match="Duplicate name") if "twice" in reason else contextlib.nullcontext():
+        _write_npz(arrays_path, members)
+    data = json.loads(document.read_text())
+    data["arrays"]["sha256"] = sha256_file(arrays_path)
+    document.write_text(json.dumps(data))
+    assert _validate_one(document) == [f"invalid: {arrays_path}: arrays: {reason}"]
+
+
+def test_arrays_of_the_right_names_but_wrong_shapes_are_one_line(subs: Path) -> None:
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    key = "shadows__oblivious__models"
+    _rewrite_arrays(document, lambda a: dict(a, **{key: a[key].reshape(1, -1).repeat(2, axis=0)}))
+    (line,) = _validate_one(document)
+    assert line.startswith(f"invalid: {document}: arrays: cannot rerun the attacks from the saved arrays (")
+
+
+def test_numbers_outside_zero_to_one_are_refused_on_reading(subs: Path) -> None:
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    data = json.loads(document.read_text())
+    data["quantized"]["test_accuracy"].update(ci_low=-1e306, ci_high=1e306)  # overflowed the site's plots
+    document.write_text(json.dumps(data))
+    assert _validate_one(document) == [
+        f"invalid: {document}: quantized.test_accuracy.ci_low: Input should be greater than or equal to 0 (got -1e+306)",
+        f"invalid: {document}: quantized.test_accuracy.ci_high: Input should be less than or equal to 1 (got 1e+306)"]
+
+
+def test_many_small_lists_are_refused_before_parsing(tmp_path: Path) -> None:
+    many = tmp_path / "many.json"
+    many.write_text("[" + ",".join(["{}"] * 600_000) + "]")  # 2 MiB of text, hundreds of MiB parsed
+    assert _validate_one(many) == [f"invalid: {many}: not a readable JSON document: more than 500000 lists and "
+                                   "objects"]
 
 
 def test_huge_or_deeply_nested_json_is_refused_before_parsing(tmp_path: Path) -> None:
@@ -549,7 +607,20 @@ def test_submission_files_are_bounded_in_number_size_and_kind(subs: Path) -> Non
     problems = validate_submission(folder)
     assert f"{folder / 'README.md'}: (file): 2.0 MiB, larger than the 1.0 MiB allowed for this kind of file" in problems
     assert f"{folder / 'LICENSE'}: (file): not a regular file" in problems
-    assert f"{folder}: (folder): more than 1000 files; refused" in problems
+    assert f"{folder}: (folder): more than 1000 files and folders; refused" in problems
+
+
+def test_deep_folders_and_control_characters_in_names_are_refused_in_one_line_each(subs: Path) -> None:
+    folder = subs / "mine"
+    deep = folder.joinpath(*["d"] * 12)  # empty folders count too: their number and depth are the author's
+    deep.mkdir(parents=True)
+    forged = "x\n::error title=forged::validation passed\x1b[2K.py"  # a CI log line of its own, a terminal escape
+    (folder / forged).write_text("")
+    problems = validate_submission(folder)
+    assert f"{folder.joinpath(*['d'] * 9)}: (folder): nested more than 8 folders deep; refused" in problems
+    shown = f"{folder}/x\\x0a::error title=forged::validation passed\\x1b[2K.py"
+    assert f"{shown}: (file): a name with control characters is not allowed in a submission" in problems
+    assert not any("\n" in line or "\x1b" in line for line in problems)
 
 
 def test_evidence_has_its_own_size_limit(subs: Path) -> None:
@@ -570,6 +641,37 @@ def test_evidence_has_its_own_size_limit(subs: Path) -> None:
 
 
 # -- 10. what the site publishes is what validate accepts -------------------------------------------------
+
+def test_a_quantized_result_without_its_evidence_is_refused(subs: Path) -> None:
+    folder = subs / "mine"
+    (folder / "results" / "tiny-digits" / "w4.models.safetensors").unlink()
+    write_manifest(folder)  # an author who leaves the weights out and rewrites the manifest to match
+    assert validate_submission(folder) == [
+        f"{folder / 'results' / 'tiny-digits' / 'w4.models.safetensors'}: (file): missing: plan w4's quantized weights "
+        "for task tiny-digits, from which every number of its results is recomputed"]
+
+
+def test_the_pull_request_reruns_every_listed_task_however_its_id_is_spelled(
+        subs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench.submission import load
+
+    monkeypatch.setattr(load, "REPRODUCED_IN_PULL_REQUESTS", ("tiny-digits",))
+    folder = subs / "mine"
+    text = (folder / "submission.yaml").read_text().replace("- tiny-digits", '- "tiny\\x2ddigits"')
+    (folder / "submission.yaml").write_text(text)
+    assert "tiny-digits" not in text  # what matching the file's text (grep) would have missed
+    assert load.rerun_tasks(folder) == ["tiny-digits"]
+    assert validate_submission(folder) == []  # the same task for validate
+
+
+def test_task_ids_from_documents_are_looked_up_never_read_as_paths(tmp_path: Path) -> None:
+    from mia_ptq_bench.spec import load_registered_task
+
+    for ref in (str(TASKS / "tiny-digits.yaml"), "../tasks/digits-mlp.yaml", "digits-mlp.yaml"):
+        with pytest.raises(SpecError, match="unknown task"):
+            load_registered_task(ref)
+    assert load_registered_task("digits-mlp").id == "digits-mlp"
+
 
 def test_unexpected_result_files_are_refused_and_never_published(subs: Path, tmp_path: Path) -> None:
     folder = subs / "mine"

@@ -163,7 +163,9 @@ def test_workflows_are_valid_and_safe() -> None:
     # submitted code runs only in the reproduce job, only after validation, on the tasks the site labels
     reproduce = validate["jobs"]["reproduce"]
     assert reproduce["needs"] == "validate"
-    assert "REPRODUCED_IN_PULL_REQUESTS" in " ".join(str(s.get("run", "")) for s in reproduce["steps"])
+    rerun = " ".join(str(s.get("run", "")) for s in reproduce["steps"])
+    # the tasks from the parsed metadata (submission.load.rerun_tasks), never by matching its text
+    assert "rerun_tasks" in rerun and "grep" not in rerun
     assert "bash .ci/run" in (workflows / "tests.yml").read_text()
     assert "leaderboard build" in (workflows / "pages.yml").read_text()
     for name, workflow in loaded.items():

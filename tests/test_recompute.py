@@ -73,7 +73,7 @@ def test_a_document_cannot_loosen_its_own_recomputation(committed: Path, tmp_pat
     document["pool_digest"] = "0" * 64
     document["pool_source"] = {"repo": "someone/pool", "revision": "abc"}
     document["n_test"] = 1
-    document["quantized"]["test_accuracy"].update(mean=0.0, std=10.0, ci_low=0.0, ci_high=1.0)
+    document["quantized"]["test_accuracy"].update(mean=0.0, std=1.0, ci_low=0.0, ci_high=1.0)
     del document["quantized"]["attacks"]["lira-offline-fixed"]  # and an attack left out
     path.write_text(json.dumps(document))
     result = validate(folder, tmp_path)
@@ -84,6 +84,57 @@ def test_a_document_cannot_loosen_its_own_recomputation(committed: Path, tmp_pat
     path.write_text(json.dumps(document))
     result = validate(folder, tmp_path)
     assert result.exit_code == 1 and "lira-offline-fixed AUC (not in the document)" in result.stderr
+
+
+def test_in_the_same_environment_every_number_must_be_equal(committed: Path, tmp_path: Path) -> None:
+    # The means left alone, an interval narrowed and a count changed: in the same environment the
+    # rerun is bit-identical, so every number of the evaluation is held to it, not only the headline.
+    folder = copy_of(committed, tmp_path)
+    path = folder / "w4--oblivious.json"
+    document = json.loads(path.read_text())
+    accuracy = document["quantized"]["test_accuracy"]
+    assert accuracy["ci_low"] < accuracy["mean"]
+    accuracy.update(ci_low=accuracy["mean"], ci_high=accuracy["mean"])
+    path.write_text(json.dumps(document))
+    result = validate(folder, tmp_path)
+    assert result.exit_code == 1
+    assert (f"w4--oblivious: test_accuracy.ci_low: stored {accuracy['mean']!r}, recomputed "
+            f"{json.loads((committed / path.name).read_text())['quantized']['test_accuracy']['ci_low']!r} "
+            "(must be identical)") in result.stderr
+    document = json.loads((committed / path.name).read_text())
+    counted = document["reference"]["targets"][0]["attacks"]["lira-online"]["tpr_at_1pct_fpr"]
+    counted["true_positives"] += 1
+    path.write_text(json.dumps(document))
+    result = validate(folder, tmp_path)
+    assert result.exit_code == 1 and ("(fp32 ref): targets[0].attacks.lira-online.tpr_at_1pct_fpr.true_positives: "
+                                      f"stored {counted['true_positives']}, recomputed {counted['true_positives'] - 1} "
+                                      "(must be identical)") in result.stderr
+
+
+def test_the_attacker_has_the_task_s_shadows_whatever_the_document_says(committed: Path, tmp_path: Path) -> None:
+    folder = copy_of(committed, tmp_path)
+    path = folder / "w4--adaptive.json"
+    document = json.loads(path.read_text())
+    task_shadows = document["shadow_models"]
+    document["shadow_models"] = task_shadows[:2]  # fewer quantized shadows: a weaker attack, a rosier result
+    path.write_text(json.dumps(document))
+    result = validate(folder, tmp_path)
+    assert result.exit_code == 1
+    assert (f"w4--adaptive.json: recomputed from its evidence: shadow_models: the document names 2 shadow models, "
+            f"the task's adaptive attacker uses {len(task_shadows)}") in result.stderr
+
+
+def test_evidence_that_cannot_be_rebuilt_is_refused_before_it_is_unpacked(committed: Path, tmp_path: Path) -> None:
+    folder = copy_of(committed, tmp_path)
+
+    def huge_claim(tensors: dict) -> None:  # a 40-byte record claiming a 2**45-weight layer
+        tensors["0::1.weight::shape"] = np.array([1, 2**45], dtype=np.int64)
+
+    _rewrite_evidence(folder, "w4", huge_claim)
+    result = validate(folder, tmp_path)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "w4--oblivious.json: recomputed from its evidence: the evidence cannot be rebuilt into models: the weight " \
+           "record claims shape (1, 35184372088832), the architecture has" in result.stderr
 
 
 def _rewrite_evidence(folder: Path, plan: str, change) -> None:
@@ -158,7 +209,7 @@ def test_the_site_labels_recomputed_results_and_leaves_out_forged_ones(tmp_path:
 
     subs = tmp_path / "submissions"
     _submission(subs, "fp32")
-    _submission(subs, "rtn")
+    rtn = _submission(subs, "rtn")
     gptq = _submission(subs, "gptq")
     build = cli.invoke(app, ["leaderboard", "build", "--recompute", "--submissions", str(subs), "--out",
                              str(tmp_path / "site")])
@@ -169,6 +220,23 @@ def test_the_site_labels_recomputed_results_and_leaves_out_forged_ones(tmp_path:
     plain = cli.invoke(app, ["leaderboard", "build", "--submissions", str(subs), "--out", str(tmp_path / "plain")])
     assert plain.exit_code == 0, plain.stderr
     assert set(pd.read_csv(tmp_path / "plain" / "boards" / "tiny-digits--adaptive--w4.csv").check) == {"unchecked"}
+    # From another environment only the headline means are held to a tolerance: the site then shows the
+    # checker's own numbers, never an interval the document states.
+    path = rtn / "results" / "tiny-digits" / "w4--adaptive.json"
+    document = json.loads(path.read_text())
+    honest = dict(document["quantized"]["test_accuracy"])
+    assert honest["ci_low"] < honest["mean"] < honest["ci_high"]
+    document["environment"]["processor"] = "another CPU"
+    document["quantized"]["test_accuracy"].update(ci_low=honest["mean"], ci_high=honest["mean"])
+    path.write_text(json.dumps(document))
+    write_manifest(rtn)
+    build = cli.invoke(app, ["leaderboard", "build", "--recompute", "--submissions", str(subs), "--out",
+                             str(tmp_path / "site1")])
+    assert build.exit_code == 0, build.stderr
+    shown = pd.read_csv(tmp_path / "site1" / "results.csv")
+    shown = shown[(shown.entry == "rtn") & (shown.plan == "w4") & (shown.threat_model == "adaptive")]
+    assert len(shown) and set(shown.check) == {"recomputed"}
+    assert set(shown.test_accuracy_low) == {honest["ci_low"]} and set(shown.test_accuracy_high) == {honest["ci_high"]}
     # a forged number, its manifest rewritten to match: validate cannot tell without recomputing; the site can
     path = gptq / "results" / "tiny-digits" / "w4--oblivious.json"
     document = json.loads(path.read_text())

@@ -24,8 +24,8 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 
 from ..atomic import write_text_atomic
 from ..errors import BenchError, WriteError
-from ..spec import load_task
-from .collect import STRONGEST, Collected, collect
+from ..spec import load_registered_task
+from .collect import STRONGEST, Check, Collected, collect
 from .palette import assign_colours, colour_for
 from .rank import board, missing_references
 from .svg import DASHES, Curve, Point, privacy_utility, roc_curves, roc_floor
@@ -131,7 +131,7 @@ def _downloads(table: pd.DataFrame, folder: Path, name: str) -> None:
     write_text_atomic(folder / f"{name}.json", flat.to_json(orient="records", indent=1) + "\n")
 
 
-def build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, str]] | None = None,
+def build_site(submissions: Path, out: Path, checks: Mapping[Path, Check] | None = None,
                repository: str | None = None) -> dict:
     """Render the whole site into ``out`` (replaced); returns a summary for the CLI.
 
@@ -148,7 +148,7 @@ def build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, st
         shutil.rmtree(Path(out).with_name(Path(out).name + ".building"), ignore_errors=True)
 
 
-def _build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, str]] | None,
+def _build_site(submissions: Path, out: Path, checks: Mapping[Path, Check] | None,
                 repository: str | None) -> dict:
     collected: Collected = collect(submissions, checks)
     if collected.rows.empty:
@@ -169,7 +169,7 @@ def _build_site(submissions: Path, out: Path, checks: Mapping[Path, tuple[str, s
     colours = assign_colours(rows.entry.unique())
     tasks = []
     for task_id in task_order(rows.task.unique()):
-        spec = load_task(task_id)
+        spec = load_registered_task(task_id)
         attack = spec.attacks[0]
         boards = _task_boards(rows, spec, attack, collected.skipped)
         for b in boards:

@@ -10,6 +10,7 @@ import pandas as pd
 
 from ..errors import BenchError
 from ..results.io import load_result
+from ..results.schema import Result
 from ..submission import REFERENCE_ENTRIES, SubmissionSpec, find_submissions, load_submission, validate_submission
 from ..submission.schema import REPRODUCED_IN_PULL_REQUESTS
 from ..submission.validate import expected_results
@@ -23,6 +24,18 @@ class Collected:
 
 
 STRONGEST = "strongest"  # the board view ranked by each target's strongest strategy (metrics/select.py)
+
+
+@dataclass(frozen=True)
+class Check:
+    """How a result's numbers were checked before the site shows them (``validate --recompute``)."""
+
+    status: str  # recomputed | self-reported | refused | unchecked
+    reason: str = ""
+    rerun: Result | None = None  # the checker's own numbers: what the site publishes for a recomputed result
+
+
+UNCHECKED = Check("unchecked")
 
 
 def _row(name: str, spec: SubmissionSpec, result, attack: str, check: str = "unchecked") -> dict:
@@ -63,15 +76,16 @@ def split_stale(problems: list[str]) -> tuple[list[str], set[str]]:
     return [p for p in problems if ": task.hash: stale" not in p], stale
 
 
-def collect(root: Path, checks: Mapping[Path, tuple[str, str]] | None = None) -> Collected:
+def collect(root: Path, checks: Mapping[Path, Check] | None = None) -> Collected:
     """Load every submission that validates; an invalid one is skipped with its first problem.
 
     Only what ``validate`` accepted is published, and only the expected result files of the tasks a
     submission lists. A result of an older task version (``validate`` refuses it: its numbers cannot be
     checked against the current task) is left out on its own, with one line; any other problem leaves the
     submission out. Anything that still fails to load skips its submission with one line, never the whole
-    build. ``checks`` maps a result file (resolved) to how its numbers were checked (``recomputed``,
-    ``self-reported``) and why; a result whose recomputation disagreed (``refused``) leaves its submission out.
+    build. ``checks`` maps a result file (resolved) to how its numbers were checked and why; a recomputed
+    result is shown with the checker's own numbers (its rerun), so nothing the document states reaches the
+    site unchecked (intervals, counts and ROC curves included); a refused one leaves its submission out.
     """
     rows, specs, skipped = [], {}, []
     for folder in find_submissions(root):
@@ -87,11 +101,11 @@ def collect(root: Path, checks: Mapping[Path, tuple[str, str]] | None = None) ->
                     line = f"{folder.name}: {path.parent}: results of an older version of {task_id}; rerun the evaluation"
                     skipped += [] if line in skipped else [line]
                     continue
-                result = load_result(path)
-                check, reason = (checks or {}).get(path.resolve(), ("unchecked", ""))
-                if check == "refused":
-                    raise BenchError(f"{path}: recomputed from its evidence: {reason}")
-                mine += [_row(spec.name, spec, result, attack, check)
+                check = (checks or {}).get(path.resolve(), UNCHECKED)
+                if check.status == "refused":
+                    raise BenchError(f"{path}: recomputed from its evidence: {check.reason}")
+                result = check.rerun or load_result(path)
+                mine += [_row(spec.name, spec, result, attack, check.status)
                          for attack in [*result.quantized.attacks, STRONGEST]]
         except (BenchError, ValueError, KeyError, TypeError, IndexError) as exc:  # validated, yet unreadable
             skipped.append(f"{folder.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")

@@ -43,15 +43,32 @@ def encode_weight(weight: torch.Tensor) -> dict[str, np.ndarray]:
             "bits": np.array([bits], dtype=np.int64)}
 
 
-def decode_weight(parts: dict[str, np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
-    """(weight, per-channel number of distinct values); raises ValueError on an inconsistent record."""
+_PARTS = {"codebook": "f", "sizes": "iu", "codes": "u", "shape": "iu", "bits": "iu"}
+
+
+def decode_weight(parts: dict[str, np.ndarray], expected: tuple[int, ...] | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """(weight, per-channel number of distinct values); raises ValueError on an inconsistent record.
+
+    The record comes with a submission: its parts' kinds, and its shape against ``expected`` (the
+    architecture's), are checked before anything is allocated in proportion to what it claims."""
+    for part, kinds in _PARTS.items():
+        if part not in parts or parts[part].dtype.kind not in kinds:
+            raise ValueError(f"the weight record's {part} is missing or not of {kinds!r} values")
+    if parts["shape"].ndim != 1 or parts["bits"].shape != (1,) or parts["codes"].dtype != np.uint8:
+        raise ValueError("the weight record's shape, bits or codes are not laid out as written")
     shape, bits = tuple(int(s) for s in parts["shape"]), int(parts["bits"][0])
+    if expected is not None and shape != tuple(expected):
+        raise ValueError(f"the weight record claims shape {shape[:8]}, the architecture has {tuple(expected)}")
+    if len(shape) < 1 or min(shape) < 1 or not 1 <= bits <= 32:
+        raise ValueError("the weight record's shape or bits are out of range")
     codebook, sizes = parts["codebook"], parts["sizes"]
     channels, per_row = shape[0], int(np.prod(shape[1:]))
     if codebook.ndim != 2 or codebook.shape[0] != channels or sizes.shape != (channels,):
         raise ValueError("codebook and sizes do not match the weight's shape")
     if sizes.min() < 1 or sizes.max() > codebook.shape[1] or bits != _bits(codebook.shape[1]):
         raise ValueError("codebook sizes out of range")
+    if parts["codes"].size * 8 < channels * per_row * bits:
+        raise ValueError("fewer codes than the weight's shape needs")
     flat = np.unpackbits(parts["codes"], count=channels * per_row * bits).reshape(channels, per_row, bits)
     codes = (flat.astype(np.int64) << np.arange(bits)).sum(axis=2)
     if (codes >= sizes[:, None]).any():
@@ -86,16 +103,16 @@ def decode_model(template: nn.Module, index: int, tensors: dict[str, np.ndarray]
         model, name, part = key.split(SEPARATOR)
         if int(model) == index:
             grouped.setdefault(name, {})[part] = value
+    shapes = {name: tuple(tensor.shape) for name, tensor in template.state_dict().items()}
+    if set(grouped) != set(shapes):
+        raise ValueError(f"model {index}: the evidence holds tensors {sorted(set(grouped) ^ set(shapes))[:3]} "
+                         "that the architecture does not (or lacks some it needs)")
     state, distinct = {}, {}
     for name, parts in grouped.items():
         if "raw" in parts:
             state[name] = torch.from_numpy(np.array(parts["raw"]))
         else:
-            state[name], per_channel = decode_weight(parts)
+            state[name], per_channel = decode_weight(parts, shapes[name])
             distinct[name.removesuffix(".weight")] = int(per_channel.max())
-    expected = set(template.state_dict())
-    if set(state) != expected:
-        raise ValueError(f"model {index}: the evidence holds tensors {sorted(set(state) ^ expected)[:3]} "
-                         "that the architecture does not (or lacks some it needs)")
     template.load_state_dict(state)
     return template.eval(), distinct

@@ -24,13 +24,16 @@ the document only where the checker trained that pool itself (then it cannot tel
   numbers of 27 results from the AMD EPYC pool's by at most 4.7 of those standard errors.
 
 The widths and resolutions are the rerun's (its interval, spread, counts): a document's own
-``std`` or ``ci_high`` cannot widen them.
+``std`` or ``ci_high`` cannot widen them. Beside the headline means, the identical case holds every
+other number of the evaluations to equality (intervals, counts, per-target numbers, ROC curves);
+in the other cases those are the rerun's to publish (the site shows a recomputed result's rerun).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from .schema import Environment, Evaluation, LowFprSummary, Result, Stat
 
@@ -141,10 +144,41 @@ def _rows(label: str, committed: Evaluation, rerun: Evaluation, n_test: int, cas
             for metric, a, b, resolution in headline_stats(committed, rerun, n_test)] + _missing(label, committed, rerun)
 
 
+def differences(stored: Any, recomputed: Any, where: str, tolerance: float = 0.0) -> list[str]:
+    """Every place where two plain-data values (dicts, lists, numbers, strings) differ, one line each;
+    floats within ``tolerance`` of each other count as equal."""
+    if isinstance(stored, dict) and isinstance(recomputed, dict):
+        if stored.keys() != recomputed.keys():
+            return [f"{where}: keys {sorted(stored)} differ from recomputed {sorted(recomputed)}"]
+        return [d for key in stored for d in differences(stored[key], recomputed[key], f"{where}.{key}", tolerance)]
+    if isinstance(stored, list) and isinstance(recomputed, list):
+        if len(stored) != len(recomputed):
+            return [f"{where}: {len(stored)} entries, recomputed {len(recomputed)}"]
+        return [d for i, (a, b) in enumerate(zip(stored, recomputed))
+                for d in differences(a, b, f"{where}[{i}]", tolerance)]
+    if isinstance(stored, float) or isinstance(recomputed, float):
+        if not (isinstance(stored, (int, float)) and isinstance(recomputed, (int, float))
+                and math.isclose(stored, recomputed, rel_tol=0.0, abs_tol=tolerance)):
+            return [f"{where}: stored {stored!r}, recomputed {recomputed!r}"]
+        return []
+    return [] if stored == recomputed else [f"{where}: stored {stored!r}, recomputed {recomputed!r}"]
+
+
+def _exact(label: str, committed: Evaluation, rerun: Evaluation) -> list[Comparison]:
+    """In the identical case, the whole evaluation beside its headline means: intervals, counts,
+    every target's numbers and the ROC curves, which a bit-identical rerun reproduces exactly."""
+    found = differences(committed.model_dump(mode="json"), rerun.model_dump(mode="json"), "")
+    return [Comparison(label, f"{found[0].lstrip('.')} (must be identical)", math.nan, math.nan, 0.0)] if found else []
+
+
 def compare_results(committed: Result, rerun: Result, case: str | None = None) -> list[Comparison]:
     """Every headline number of the quantized targets and of their full-precision reference, under
-    ``case``'s tolerance (by default ``regime``'s)."""
+    ``case``'s tolerance (by default ``regime``'s); in the identical case every other number too."""
     case = case or regime(committed, rerun)
     label = f"{committed.plan}--{committed.threat_model}"
-    return (_rows(label, committed.quantized, rerun.quantized, rerun.n_test, case)
+    rows = (_rows(label, committed.quantized, rerun.quantized, rerun.n_test, case)
             + _rows(f"{label} (fp32 ref)", committed.reference, rerun.reference, rerun.n_test, case))
+    if case == IDENTICAL:
+        rows += (_exact(label, committed.quantized, rerun.quantized)
+                 + _exact(f"{label} (fp32 ref)", committed.reference, rerun.reference))
+    return rows

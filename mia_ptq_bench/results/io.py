@@ -127,15 +127,20 @@ def read_npz(path: Path, max_bytes: int = RESULT_ARRAYS_BYTES) -> dict[str, np.n
     where = f"{path}: arrays"
     try:
         with zipfile.ZipFile(path) as archive:
-            total = 0
+            total, names = 0, set()
             for info in archive.infolist():
                 if not info.filename.endswith(".npy"):
                     raise SpecError(f"{where}: {info.filename[:80]!r} is not an array; refused")
+                if info.filename in names:  # np.load would read the last of them, not the one checked here
+                    raise SpecError(f"{where}: {info.filename[:80]!r} appears twice; refused")
+                names.add(info.filename)
                 with archive.open(info) as member:  # the header only: shape and dtype, nothing allocated
                     read_header = _HEADER_READERS.get(np.lib.format.read_magic(member))
                     if read_header is None:
                         raise SpecError(f"{where}: {info.filename[:80]!r} has an unsupported .npy format version")
                     shape, _, dtype = read_header(member)
+                if any(int(side) < 0 for side in shape):
+                    raise SpecError(f"{where}: {info.filename[:-4][:80]} claims a negative shape {shape}; refused")
                 if dtype.hasobject or dtype.kind not in "biuf":
                     raise SpecError(f"{where}: {info.filename[:-4]} holds {dtype} values; only numbers and booleans "
                                     "are accepted (object arrays are never unpickled)")
@@ -146,5 +151,5 @@ def read_npz(path: Path, max_bytes: int = RESULT_ARRAYS_BYTES) -> dict[str, np.n
             return {key: archive[key] for key in archive.files}
     except SpecError:
         raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+    except (OSError, ValueError, EOFError, KeyError, MemoryError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
         raise SpecError(f"{where}: unreadable .npz file ({type(exc).__name__}: {str(exc)[:120]})") from None

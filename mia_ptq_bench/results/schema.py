@@ -8,7 +8,7 @@ sha256 the document records.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,27 +22,33 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+# Every number a result reports is a rate, an accuracy or an AUC: a fraction. A document that claims
+# otherwise is refused on reading, before anything (the site's plots among them) computes with it.
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Count = Annotated[int, Field(ge=0)]
+
+
 class Stat(Strict):
-    mean: float
-    std: float = Field(description="sample standard deviation over targets (ddof=1)")
-    ci_low: float = Field(description="95% Student-t interval over targets, clipped to [0, 1] for rates")
-    ci_high: float
+    mean: Fraction
+    std: float = Field(ge=0, le=1, description="sample standard deviation over targets (ddof=1)")
+    ci_low: Fraction = Field(description="95% Student-t interval over targets, clipped to [0, 1]")
+    ci_high: Fraction
     n: int = Field(ge=1)
 
 
 class LowFpr(Strict):
-    fpr_limit: float = Field(description="TPR is read at the last ROC point with FPR strictly below this")
-    tpr: float
-    fpr: float = Field(description="the FPR of that ROC point")
-    true_positives: int
-    positives: int
-    false_positives: int
-    negatives: int
+    fpr_limit: Fraction = Field(description="TPR is read at the last ROC point with FPR strictly below this")
+    tpr: Fraction
+    fpr: Fraction = Field(description="the FPR of that ROC point")
+    true_positives: Count
+    positives: Count
+    false_positives: Count
+    negatives: Count
 
 
 class AttackOnTarget(Strict):
-    auc: float
-    balanced_accuracy: float
+    auc: Fraction
+    balanced_accuracy: Fraction
     tpr_at_0_1pct_fpr: LowFpr
     tpr_at_1pct_fpr: LowFpr
 
@@ -52,23 +58,23 @@ class StrongestOnTarget(Strict):
 
     threat_model: str = Field(description="whose shadows: a threat model no better informed than the result's")
     attack: str
-    estimate: float = Field(description="TPR@0.1%FPR the attacker measured on its pseudo-targets (one ROC)")
+    estimate: Fraction = Field(description="TPR@0.1%FPR the attacker measured on its pseudo-targets (one ROC)")
     tpr_at_0_1pct_fpr: LowFpr
     tpr_at_1pct_fpr: LowFpr
 
 
 class TargetResult(Strict):
     index: int = Field(description="the pool model that played the victim")
-    test_accuracy: float
+    test_accuracy: Fraction
     attacks: dict[str, AttackOnTarget]
     strongest: StrongestOnTarget
 
 
 class LowFprSummary(Stat):
-    true_positives: int = Field(description="summed over targets")
-    positives: int
-    false_positives: int
-    negatives: int
+    true_positives: Count = Field(description="summed over targets")
+    positives: Count
+    false_positives: Count
+    negatives: Count
 
 
 class AttackSummary(Strict):
@@ -76,17 +82,17 @@ class AttackSummary(Strict):
     balanced_accuracy: Stat
     tpr_at_0_1pct_fpr: LowFprSummary
     tpr_at_1pct_fpr: LowFprSummary
-    roc_tpr: list[float] = Field(description="mean over targets of the best TPR at FPR <= each value of roc_fpr_grid")
+    roc_tpr: list[Fraction] = Field(description="mean over targets of the best TPR at FPR <= each value of roc_fpr_grid")
 
 
 class StrongestSummary(Strict):
     tpr_at_0_1pct_fpr: LowFprSummary
     tpr_at_1pct_fpr: LowFprSummary
-    chosen: dict[str, int] = Field(description="'threat model / attack' -> how many targets it was chosen for")
+    chosen: dict[str, Count] = Field(description="'threat model / attack' -> how many targets it was chosen for")
 
 
 class Evaluation(Strict):
-    roc_fpr_grid: list[float] = Field(description="log-spaced FPR values at which roc_tpr is given")
+    roc_fpr_grid: list[Fraction] = Field(description="log-spaced FPR values at which roc_tpr is given")
     test_accuracy: Stat
     attacks: dict[str, AttackSummary]
     strongest: StrongestSummary = Field(description="each target under the strategy chosen on shadows alone")

@@ -8,38 +8,21 @@ on; a result of an older task version is checked for its arithmetic only.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..attack import THREAT_MODELS, ShadowSet
 from ..errors import BenchError
 from ..metrics.select import Attacked, Choice, attack_targets
-from ..spec import load_task
+from ..spec import load_registered_task
 from ..spec.schema import TaskSpec
+from .compare import differences
 from .compute import build_evaluation
 from .io import load_arrays, load_result
 from .schema import Result
 
 TOLERANCE = 1e-9
-
-
-def _differences(stored: Any, recomputed: Any, where: str) -> list[str]:
-    if isinstance(stored, dict) and isinstance(recomputed, dict):
-        if stored.keys() != recomputed.keys():
-            return [f"{where}: keys {sorted(stored)} differ from recomputed {sorted(recomputed)}"]
-        return [d for key in stored for d in _differences(stored[key], recomputed[key], f"{where}.{key}")]
-    if isinstance(stored, list) and isinstance(recomputed, list):
-        if len(stored) != len(recomputed):
-            return [f"{where}: {len(stored)} entries, recomputed {len(recomputed)}"]
-        return [d for i, (a, b) in enumerate(zip(stored, recomputed)) for d in _differences(a, b, f"{where}[{i}]")]
-    if isinstance(stored, float) or isinstance(recomputed, float):
-        if not math.isclose(stored, recomputed, rel_tol=0.0, abs_tol=TOLERANCE):
-            return [f"{where}: stored {stored!r}, recomputed {recomputed!r}"]
-        return []
-    return [] if stored == recomputed else [f"{where}: stored {stored!r}, recomputed {recomputed!r}"]
 
 
 def _saved_attacks(arrays: dict[str, np.ndarray], prefix: str, result: Result, which: str) -> Attacked:
@@ -120,7 +103,7 @@ def verify_result(path: Path, arrays_required: bool = True) -> Result:
     arrays = load_arrays(path, result)
     _check_arrays(path, arrays, result)
     try:
-        spec = load_task(result.task.id)
+        spec = load_registered_task(result.task.id)
     except BenchError:
         spec = None
     try:
@@ -131,7 +114,7 @@ def verify_result(path: Path, arrays_required: bool = True) -> Result:
             reference = _saved_attacks(arrays, "reference_", result, "reference")
     except BenchError as exc:
         raise BenchError(f"{path}: {exc}") from None
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError, IndexError) as exc:  # arrays of the right names but not their shapes
         raise BenchError(f"{path}: arrays: cannot rerun the attacks from the saved arrays ({type(exc).__name__}: "
                          f"{exc})") from None
     for name, prefix, attacked, evaluation, predictions in (
@@ -145,7 +128,8 @@ def verify_result(path: Path, arrays_required: bool = True) -> Result:
                                  "what the attack gives on the saved scores")
         recomputed = build_evaluation(arrays["keep"], arrays["targets"], attacked.membership, arrays[predictions],
                                       arrays["test_labels"], attacked.choices, attacked.chosen)
-        problems = _differences(evaluation.model_dump(mode="json"), recomputed.model_dump(mode="json"), name)
+        problems = differences(evaluation.model_dump(mode="json"), recomputed.model_dump(mode="json"), name,
+                               TOLERANCE)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise BenchError(f"{path}: {problems[0]}{more}: numbers do not match the saved arrays")

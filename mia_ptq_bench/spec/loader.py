@@ -120,6 +120,16 @@ def resolved_document(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     return merge_over(inherited, data)
 
 
+def load_registered_task(task_id: str) -> TaskSpec:
+    """A task named in a document or a submission: looked up among the registered tasks (bundled or under
+    $MPTQ_TASKS) only, never read as a path, so a hostile id cannot point the reader at another file."""
+    known = available_tasks()
+    if task_id not in known:
+        names = ", ".join(sorted(known)) or "none"
+        raise SpecError(f"unknown task {task_id[:80]!r}{did_you_mean(task_id, known)}; known tasks: {names}")
+    return load_task(known[task_id])
+
+
 def load_task(ref: str | Path) -> TaskSpec:
     """Load a task by id (bundled or under $MPTQ_TASKS) or by path, its ``extends:`` parents resolved.
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import is_temporary
-from ..limits import (SUBMISSION_FILE_BYTES, SUBMISSION_FILES, SUBMISSION_OTHER_FILE_BYTES, SUBMISSION_TOTAL_BYTES,
-                      size_text)
+from ..limits import (SUBMISSION_DEPTH, SUBMISSION_FILE_BYTES, SUBMISSION_FILES, SUBMISSION_OTHER_FILE_BYTES,
+                      SUBMISSION_TOTAL_BYTES, size_text)
 
 
 @dataclass
@@ -26,47 +26,66 @@ class Inventory:
     problems: list[str] = field(default_factory=list)
 
 
+def shown(name: str) -> str:
+    """A file name as it may be printed: control characters (a newline that forges a CI log line, a
+    terminal escape) written out as escapes."""
+    return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in name)
+
+
 def scan(folder: Path) -> Inventory:
-    """Every regular file under ``folder`` (links not followed), and every link, special file or excess."""
+    """Every regular file under ``folder`` (links not followed), and every link, special file or excess.
+
+    The walk keeps its own stack (no recursion, so no depth exhausts it), counts folders with files
+    against ``SUBMISSION_FILES`` and refuses folders nested deeper than ``SUBMISSION_DEPTH`` and names
+    holding control characters."""
     folder = Path(folder)
     found = Inventory()
     if folder.is_symlink():
-        found.problems.append(f"{folder}: (folder): is a symbolic link to {os.readlink(folder)}; refused")
+        found.problems.append(f"{folder}: (folder): is a symbolic link to {shown(os.readlink(folder))}; refused")
         return found
     total, seen = 0, 0
 
     def refuse(path: Path, reason: str) -> None:
-        found.problems.append(f"{path}: (file): {reason}")
+        found.problems.append(f"{shown(str(path))}: (file): {reason}")
 
-    def walk_error(exc: OSError) -> None:
-        found.problems.append(f"{exc.filename}: (folder): cannot be read: {exc.strerror or exc}")
-
-    for root, dirs, names in os.walk(folder, followlinks=False, onerror=walk_error):
-        here = Path(root)
-        for name in sorted(dirs):
-            if (here / name).is_symlink():  # os.walk lists it and does not descend: say so
-                refuse(here / name, f"a symbolic link (to {os.readlink(here / name)}) is not allowed in a submission")
-        dirs[:] = sorted(d for d in dirs if not (here / d).is_symlink())
-        for name in sorted(names):
+    stack = [(folder, 0)]
+    while stack:
+        here, depth = stack.pop()
+        try:
+            with os.scandir(here) as listing:
+                entries = sorted(listing, key=lambda e: e.name, reverse=True)
+        except OSError as exc:
+            found.problems.append(f"{shown(str(here))}: (folder): cannot be read: {exc.strerror or exc}")
+            continue
+        for entry in entries:
+            path = here / entry.name
             seen += 1
             if seen > SUBMISSION_FILES:
-                found.problems.append(f"{folder}: (folder): more than {SUBMISSION_FILES} files; refused")
+                found.problems.append(f"{folder}: (folder): more than {SUBMISSION_FILES} files and folders; refused")
                 found.files.sort()
                 return found
-            path = here / name
+            if shown(entry.name) != entry.name:
+                refuse(path, "a name with control characters is not allowed in a submission")
+                continue
             try:
                 info = path.lstat()
             except OSError as exc:
                 refuse(path, f"cannot be read: {exc.strerror or exc}")
                 continue
             if stat.S_ISLNK(info.st_mode):
-                refuse(path, f"a symbolic link (to {os.readlink(path)}) is not allowed in a submission")
+                refuse(path, f"a symbolic link (to {shown(os.readlink(path))}) is not allowed in a submission")
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if depth + 1 > SUBMISSION_DEPTH:
+                    found.problems.append(f"{path}: (folder): nested more than {SUBMISSION_DEPTH} folders deep; refused")
+                else:
+                    stack.append((path, depth + 1))
                 continue
             if not stat.S_ISREG(info.st_mode):
                 refuse(path, "not a regular file")
                 continue
             total += info.st_size
-            if is_temporary(name):
+            if is_temporary(entry.name):
                 continue
             limit = SUBMISSION_FILE_BYTES.get(path.suffix, SUBMISSION_OTHER_FILE_BYTES)
             if info.st_size > limit:

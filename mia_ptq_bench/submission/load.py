@@ -7,7 +7,7 @@ from pathlib import Path
 from ..errors import BenchError
 from ..limits import SUBMISSION_YAML_BYTES
 from ..spec.loader import read_yaml, validate_document
-from .schema import SubmissionSpec
+from .schema import REPRODUCED_IN_PULL_REQUESTS, SubmissionSpec
 
 METADATA = "submission.yaml"
 
@@ -28,3 +28,10 @@ def find_submissions(root: Path) -> list[Path]:
     if (root / METADATA).is_file():
         return [root]
     return sorted(p.parent for p in root.glob(f"*/{METADATA}"))
+
+
+def rerun_tasks(folder: Path) -> list[str]:
+    """The tasks the pull-request job reruns this submission's code on: those its metadata lists (parsed,
+    as validate reads them, never matched as text) that are cheap enough (``REPRODUCED_IN_PULL_REQUESTS``)."""
+    return [task for task in load_submission(folder).tasks if task in REPRODUCED_IN_PULL_REQUESTS]
+

@@ -14,7 +14,7 @@ from ..limits import MANIFEST_JSON_BYTES
 from ..readers import read_json_file
 from ..results.io import load_result
 from ..results.verify import verify_result
-from ..spec import load_task
+from ..spec import load_registered_task
 from ..spec.audit import LayerAudit
 from ..spec.plans import PrecisionPlan, levels_for_bits
 from .files import scan
@@ -27,7 +27,7 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def expected_results(task_id: str, quantizer_plans: list[str] | None) -> list[tuple[str, str]]:
-    spec = load_task(task_id)
+    spec = load_registered_task(task_id)
     plans = quantizer_plans or list(spec.plans)
     return [(str(PrecisionPlan.parse(p)), threat) for p in plans for threat in spec.threat_models]
 
@@ -71,7 +71,7 @@ def validate_submission(folder: Path) -> list[str]:
     evidence: dict[str, tuple] = {}  # "<task>/<plan>.models.safetensors" -> (task spec, plan)
     for task_id in spec.tasks:
         try:
-            current = load_task(task_id)
+            current = load_registered_task(task_id)
         except BenchError as exc:
             problems.append(f"{metadata}: tasks: {exc}")
             continue
@@ -109,6 +109,10 @@ def validate_submission(folder: Path) -> list[str]:
         elif sha256_file(path) != digest:
             problems.append(f"{path}: sha256: does not match {MANIFEST} (the file was changed after it was written)")
 
+    for name, (current, plan) in sorted(evidence.items()):
+        if name not in present:
+            problems.append(f"{results_dir / name}: (file): missing: plan {plan}'s quantized weights for task "
+                            f"{current.id}, from which every number of its results is recomputed")
     for name, (current, plan, threat) in expected.items():
         path = results_dir / name
         if name not in present:
