@@ -198,6 +198,51 @@ def test_workflows_are_valid_and_safe() -> None:
     assert pages["jobs"]["deploy"]["needs"] == "build"
 
 
+def _git(folder: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(folder), *args], check=True, capture_output=True, text=True,
+                          env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+                               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}).stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_pull_request_jobs_run_the_base_code_on_the_pull_request_s_submissions(tmp_path: Path) -> None:
+    # A pull request that changes the validator as well as its submission: both jobs must still run the
+    # base branch's validator. The step that takes submissions/ from the pull request, run as the
+    # workflow runs it, against a repository whose pull request ref GitHub would serve.
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "validate-submission.yml").read_text())
+    origin, work = tmp_path / "origin", tmp_path / "work"
+    origin.mkdir()
+    _git(origin, "init", "-q", "-b", "main")
+    (origin / "mia_ptq_bench").mkdir()
+    (origin / "mia_ptq_bench" / "validate.py").write_text("honest\n")
+    (origin / "submissions" / "old").mkdir(parents=True)
+    (origin / "submissions" / "old" / "submission.yaml").write_text("old\n")
+    _git(origin, "add", "-A")
+    _git(origin, "commit", "-q", "-m", "base")
+    base = _git(origin, "rev-parse", "HEAD")
+    (origin / "mia_ptq_bench" / "validate.py").write_text("always passes\n")
+    (origin / "submissions" / "mine").mkdir()
+    (origin / "submissions" / "mine" / "submission.yaml").write_text("mine\n")
+    _git(origin, "rm", "-q", "submissions/old/submission.yaml")
+    _git(origin, "add", "-A")
+    _git(origin, "commit", "-q", "-m", "pull request")
+    _git(origin, "update-ref", "refs/pull/7/head", "HEAD")
+    _git(origin, "reset", "-q", "--hard", base)
+    for job in ("validate", "reproduce"):
+        steps = workflow["jobs"][job]["steps"]
+        checkout = next(s for s in steps if str(s.get("uses", "")).startswith("actions/checkout@"))
+        assert checkout["with"]["ref"] == "${{ github.event.pull_request.base.sha }}"
+        take = next(s for s in steps if s.get("name") == "Take only submissions/ from the pull request")
+        assert steps.index(take) < steps.index(next(s for s in steps if "pip install -e ." in str(s.get("run", ""))))
+        shutil.rmtree(work, ignore_errors=True)
+        subprocess.run(["git", "clone", "-q", "--no-local", str(origin), str(work)], check=True)  # what checkout gives
+        subprocess.run(["bash", "-e", "-c", take["run"]], cwd=work, check=True, capture_output=True,
+                       env={**os.environ, "NUMBER": "7"})
+        assert (work / "mia_ptq_bench" / "validate.py").read_text() == "honest\n", job
+        assert sorted(str(p.relative_to(work)) for p in (work / "submissions").rglob("*") if p.is_file()) == \
+            ["submissions/mine/submission.yaml"], job
+
+
 @pytest.fixture(scope="module")
 def browser():
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed: pip install playwright")
