@@ -11,10 +11,10 @@ from typing import Annotated, Optional, TypeVar
 import typer
 from rich import box
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 from rich.table import Table
 
-from .errors import BenchError
+from .errors import BenchError, printable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Membership-inference benchmark for post-training-quantized networks.")
@@ -24,6 +24,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={
 console = Console(emoji=False)
 errors = Console(stderr=True, emoji=False)
 T = TypeVar("T")
+
+
+def escape(text: str) -> str:
+    """Text rich prints literally: its markup escaped, control characters but line breaks written out."""
+    return escape_markup(printable(text, newlines=True))
+
+
+def one_line(text: str) -> str:
+    """A problem line (it may quote a submission's file names): literal, and never more than one line."""
+    return escape_markup(printable(text))
 
 
 def guarded(action: Callable[[], T]) -> T:
@@ -203,11 +213,11 @@ def validate(
         if path.is_dir():
             for folder, problems in submission_problems(path).items():
                 for line in problems:
-                    errors.print(f"[bold red]invalid:[/] {escape(line)}", highlight=False, soft_wrap=True)
+                    errors.print(f"[bold red]invalid:[/] {one_line(line)}", highlight=False, soft_wrap=True)
                 if problems:
                     failures += 1
                 else:
-                    console.print(f"[green]ok[/] {escape(str(folder))}", highlight=False)
+                    console.print(f"[green]ok[/] {one_line(str(folder))}", highlight=False)
             continue
         try:
             note = None
@@ -230,7 +240,7 @@ def validate(
         except BenchError as exc:
             failures += 1
             for line in str(exc).splitlines():
-                errors.print(f"[bold red]invalid:[/] {escape(line)}", highlight=False, soft_wrap=True)
+                errors.print(f"[bold red]invalid:[/] {one_line(line)}", highlight=False, soft_wrap=True)
     if recompute and not failures:
         failures += _recompute_all(files, _cache_dir(cache_dir), data_root, download)
     if failures:
@@ -239,8 +249,6 @@ def validate(
 
 def _recompute_all(files: list[Path], cache_dir: Path, data_root: Optional[Path], download: bool) -> int:
     """Recompute every result among ``files`` (submission folders included); returns how many disagree."""
-    from rich.markup import escape
-
     from .recompute import RECOMPUTED, REFUSED, recompute_files
     from .submission import MANIFEST, find_submissions
 
@@ -254,13 +262,13 @@ def _recompute_all(files: list[Path], cache_dir: Path, data_root: Optional[Path]
     failures = 0
     for outcome in guarded(lambda: recompute_files(results, cache_dir, data_root, download)):
         if outcome.status == RECOMPUTED:
-            console.print(f"[green]recomputed[/] {escape(str(outcome.path))}", highlight=False)
+            console.print(f"[green]recomputed[/] {one_line(str(outcome.path))}", highlight=False)
         elif outcome.status == REFUSED:
             failures += 1
-            errors.print(f"[bold red]invalid:[/] {escape(str(outcome.path))}: recomputed from its evidence: "
-                         f"{escape(outcome.reason)}", highlight=False, soft_wrap=True)
+            errors.print(f"[bold red]invalid:[/] {one_line(str(outcome.path))}: recomputed from its evidence: "
+                         f"{one_line(outcome.reason)}", highlight=False, soft_wrap=True)
         else:
-            console.print(f"[yellow]self-reported[/] {escape(str(outcome.path))}: {escape(outcome.reason)}",
+            console.print(f"[yellow]self-reported[/] {one_line(str(outcome.path))}: {one_line(outcome.reason)}",
                           highlight=False, soft_wrap=True)
     return failures
 
@@ -416,7 +424,7 @@ def leaderboard_build(
             raise BenchError(f"--repository: {repository!r} is not an http(s) URL")
         summary = build_site(submissions, out, checks, repository)
         for line in summary["skipped"]:
-            errors.print(f"[yellow]left out:[/] {escape(line)}", highlight=False, soft_wrap=True)
+            errors.print(f"[yellow]left out:[/] {one_line(line)}", highlight=False, soft_wrap=True)
         console.print(escape(f"built {summary['boards']} boards and {summary['entries']} entry pages into "
                              f"{summary['out']}/index.html"), highlight=False)
 

@@ -36,3 +36,10 @@ class WriteError(BenchError, OSError):
 
     Also an OSError, so code that already tolerates a failed write (an optional cache file) still does.
     """
+
+
+def printable(text: str, newlines: bool = False) -> str:
+    """``text`` with its control characters written out as escapes (line breaks kept if ``newlines``): a
+    file name from a submission cannot start a line of CI output of its own or send a terminal escape."""
+    return "".join(c if c == "\n" and newlines else f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160
+                   else c for c in text)

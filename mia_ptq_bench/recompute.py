@@ -34,11 +34,11 @@ from .pool import Pool
 from .pool.train import init_model
 from .quantize import QUANTIZERS
 from .quantize.batchnorm import fold_batchnorm
-from .quantize.evidence import decode_model, model_indices
+from .quantize.evidence import decode_model, encode_model, model_indices
 from .quantize.outputs import ModelOutputs, OutputStore, predicted_classes, quantized_outputs, reference_outputs
 from .results.compare import Comparison, compare_results
 from .results.compute import build_evaluation
-from .results.io import load_evidence
+from .results.io import EVIDENCE_CAP, load_evidence
 from .runner import where_run
 from .results.schema import Result
 from .spec.audit import LayerAudit, merge_audits
@@ -79,7 +79,9 @@ def evidence_outputs(pool: Pool, tensors: dict[str, np.ndarray], plan: Precision
         audit = [LayerAudit.measured(name, plan.bits_for(i, len(layers)), distinct[name], int(layer.weight.shape[0]))
                  for i, (name, layer) in enumerate(layers)]
         scores = score_split(model, pool.dataset, pool.dataset.pool, list(pool.spec.queries), device)
-        outputs[index] = ModelOutputs(scores, predicted_classes(model, pool, test, device), audit)
+        # re-encoded as the runner writes evidence: how large an honest file of these models is
+        outputs[index] = ModelOutputs(scores, predicted_classes(model, pool, test, device), audit,
+                                      encode_model(index, model))
     return outputs
 
 
@@ -128,7 +130,18 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
     needs_shadows = ({c.shadows for c in candidates} & {"same-quantizer"}) and not plan.is_full_precision
     missing = sorted({int(m) for m in models if needs_shadows and int(m) not in outputs})
     if missing:
-        return Recomputation(path, SELF_REPORTED, f"the evidence lacks the quantized shadows {missing[:5]}", [])
+        # The runner leaves the shadows out only when all the models' weights pass EVIDENCE_CAP; this
+        # estimates that size from the targets as an honest run encodes them (padding the file's
+        # records does not count), with a margin of 2 for shadows that hold more values than targets.
+        per_model = np.mean([sum(a.nbytes for a in outputs[int(t)].evidence.values()) for t in targets])
+        honest = per_model * len({int(t) for t in targets} | {int(m) for m in models})
+        if honest <= EVIDENCE_CAP / 2:
+            return Recomputation(path, REFUSED, f"the evidence lacks the quantized shadows {missing[:5]}, which an "
+                                                f"honest run commits: with them it would hold about "
+                                                f"{honest / 2**20:.2f} MiB, within the {EVIDENCE_CAP / 2**20:g} MiB "
+                                                "for all models", [])
+        return Recomputation(path, SELF_REPORTED, f"the evidence lacks the quantized shadows {missing[:5]} (too "
+                                                  f"large to commit: about {honest / 2**20:.1f} MiB with them)", [])
     problem = _audit_problem(result, merge_audits([outputs[i].audit for i in sorted(outputs)]))
     if problem:
         return Recomputation(path, REFUSED, problem, [])

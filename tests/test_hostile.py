@@ -396,6 +396,40 @@ def test_an_npz_that_hides_its_size_is_refused_from_its_headers(subs: Path, memb
     assert _validate_one(document) == [f"invalid: {arrays_path}: arrays: {reason}"]
 
 
+def test_an_npz_reads_exactly_the_members_whose_headers_were_counted(tmp_path: Path) -> None:
+    from mia_ptq_bench.results.io import read_npz
+
+    # np.load would answer the key "x.npy" with member x.npy (counted once) instead of x.npy.npy
+    path = tmp_path / "a.npz"
+    _write_npz(path, [("x.npy", {"descr": "|u1", "fortran_order": False, "shape": (8000,), "data_bytes": 8000}),
+                      ("x.npy.npy", {"descr": "|u1", "fortran_order": False, "shape": (8,), "data_bytes": 8})])
+    arrays = read_npz(path, max_bytes=10_000)
+    assert {k: v.nbytes for k, v in arrays.items()} == {"x": 8000, "x.npy": 8}
+
+
+def test_a_folder_name_cannot_forge_a_line_of_output(tmp_path: Path) -> None:
+    root = tmp_path / "subs"
+    (root / "x\n::error title=forged::all submissions passed").mkdir(parents=True)
+    _folder(root, "good", "name: good\n")
+    result = cli.invoke(app, ["validate", str(root)])
+    assert result.exit_code == 1
+    lines = (result.stdout + result.stderr).splitlines()
+    assert not [line for line in lines if line.startswith("::")]
+    assert any("x\\x0a::error title=forged::all submissions passed: submission.yaml: missing" in line for line in lines)
+
+
+def test_a_result_cannot_restate_its_task_s_version(subs: Path) -> None:
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    data = json.loads(document.read_text())
+    data["task"]["version"] = 10**30  # the site shows it
+    document.write_text(json.dumps(data))
+    write_manifest(subs / "mine")
+    assert validate_submission(subs / "mine") == [
+        f"{document}: task.version: the task of this hash is version 1 with pool hash "
+        f"{data['task']['pool_hash'][:12]}…, the result records version 10000000000000000000 and "
+        f"{data['task']['pool_hash'][:12]}…"]
+
+
 def test_arrays_of_the_right_names_but_wrong_shapes_are_one_line(subs: Path) -> None:
     document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
     key = "shadows__oblivious__models"
@@ -662,6 +696,27 @@ def test_the_pull_request_reruns_every_listed_task_however_its_id_is_spelled(
     assert "tiny-digits" not in text  # what matching the file's text (grep) would have missed
     assert load.rerun_tasks(folder) == ["tiny-digits"]
     assert validate_submission(folder) == []  # the same task for validate
+
+
+def test_a_document_s_task_id_is_never_read_as_a_path(subs: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench.spec import loader
+
+    elsewhere = tmp_path / "elsewhere" / "tiny-digits.yaml"
+    elsewhere.parent.mkdir()
+    shutil.copy(TASKS / "tiny-digits.yaml", elsewhere)
+    read = []
+    monkeypatch.setattr(loader, "read_yaml", lambda path, *a, real=loader.read_yaml, **k: read.append(Path(path))
+                        or real(path, *a, **k))
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    data = json.loads(document.read_text())
+    data["task"]["id"] = str(elsewhere)
+    document.write_text(json.dumps(data))
+    write_manifest(subs / "mine")
+    assert f"{document}: task.id: {str(elsewhere)!r} in the folder of task 'tiny-digits'" in \
+        validate_submission(subs / "mine")
+    assert cli.invoke(app, ["validate", str(document)]).exit_code == 0  # its arithmetic alone: no task to rerun with
+    assert read and elsewhere not in read
 
 
 def test_task_ids_from_documents_are_looked_up_never_read_as_paths(tmp_path: Path) -> None:

@@ -370,6 +370,26 @@ def test_tied_ranks_follow_the_intervals_and_skip_references() -> None:
     assert ranks.tolist() == [1, 2] and not tied.any()
 
 
+def test_self_reported_rows_are_shown_but_neither_ranked_nor_on_the_frontier() -> None:
+    from mia_ptq_bench.board.rank import BOARD_COLUMNS, board
+
+    def row(entry: str, tpr: float, accuracy: float, check: str, plan: str = "w4") -> dict:
+        numbers = {c: 0.0 for c in BOARD_COLUMNS}
+        return {**numbers, "entry": entry, "reference": entry in ("fp32", "rtn"), "check": check, "task": "t",
+                "threat_model": "oblivious", "attack": "lira-online", "plan": plan, "tpr_at_0_1pct_fpr": tpr,
+                "tpr_at_0_1pct_fpr_low": tpr - 0.001, "tpr_at_0_1pct_fpr_high": tpr + 0.001,
+                "test_accuracy": accuracy, "roc_fpr": [], "roc_tpr": []}
+
+    rows = pd.DataFrame([row("fp32", 0.05, 0.9, "recomputed", "fp32"), row("rtn", 0.03, 0.88, "recomputed"),
+                         row("claims", 0.0, 0.99, "self-reported"), row("honest", 0.02, 0.87, "recomputed"),
+                         row("other", 0.04, 0.89, "recomputed")])
+    table = board(rows, "t", "oblivious", "w4", "lira-online").set_index("entry")
+    assert pd.isna(table.loc["claims", "rank"]) and not table.loc["claims", "pareto"]
+    assert table.loc["honest", "rank"] == 1 and table.loc["other", "rank"] == 2
+    # without the self-reported row's claim of 0% leakage at 99% accuracy, honest entries stay on the frontier
+    assert table.loc["honest", "pareto"] and table.loc["other", "pareto"]
+
+
 def test_boards_mark_ties_and_leave_references_unranked(site: Path) -> None:
     table = pd.read_csv(site / "boards" / "tiny-digits--oblivious--w4.csv")
     html = (site / "boards" / "tiny-digits--oblivious--w4.html").read_text()

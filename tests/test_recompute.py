@@ -137,6 +137,45 @@ def test_evidence_that_cannot_be_rebuilt_is_refused_before_it_is_unpacked(commit
            "record claims shape (1, 35184372088832), the architecture has" in result.stderr
 
 
+@pytest.mark.parametrize("kept, reason", [
+    (lambda model, targets: model not in targets,
+     "w4--adaptive.json: recomputed from its evidence: the evidence lacks targets [0, 1, 2]"),
+    (lambda model, targets: model in targets,  # the shadows left out: a self-reported adaptive result?
+     "w4--adaptive.json: recomputed from its evidence: the evidence lacks the quantized shadows [3, 4, 5, 6, 7], "
+     "which an honest run commits"),
+], ids=["no-targets", "no-shadows"])
+def test_evidence_cannot_leave_out_what_it_is_checked_by(committed: Path, tmp_path: Path, kept, reason: str) -> None:
+    folder = copy_of(committed, tmp_path)
+    document = json.loads((folder / "w4--adaptive.json").read_text())
+    targets = {t["index"] for t in document["quantized"]["targets"]}
+    assert targets == {0, 1, 2} and len(document["shadow_models"]) > len(targets)
+
+    def leave_out(tensors: dict) -> None:
+        for key in [k for k in tensors if not kept(int(k.split("::")[0]), targets)]:
+            del tensors[key]
+
+    _rewrite_evidence(folder, "w4", leave_out)
+    result = validate(folder, tmp_path)
+    assert result.exit_code == 1 and reason in result.stderr, result.stderr
+    assert "self-reported" not in result.output
+
+
+def test_shadows_too_large_to_commit_leave_a_result_self_reported(committed: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where all the models' weights would pass the cap, the runner commits the targets' alone: such an
+    # adaptive result cannot be recomputed and is labelled so, never refused.
+    from mia_ptq_bench import recompute
+
+    monkeypatch.setattr(recompute, "EVIDENCE_CAP", 1024)
+    folder = copy_of(committed, tmp_path)
+    _rewrite_evidence(folder, "w4", lambda tensors: [tensors.pop(k) for k in list(tensors) if int(k.split("::")[0]) > 2])
+    result = validate(folder, tmp_path)
+    assert result.exit_code == 0, result.stderr
+    assert f"self-reported {folder / 'w4--adaptive.json'}: the evidence lacks the quantized shadows [3, 4, 5, 6, 7] " \
+           "(too large to commit: about" in result.output
+    assert result.output.count("recomputed ") == 3  # the oblivious attacker needs no quantized shadows
+
+
 def _rewrite_evidence(folder: Path, plan: str, change) -> None:
     path = folder / f"{plan}.models.safetensors"
     tensors = load(path.read_bytes())

@@ -22,16 +22,17 @@ def pareto_front(accuracy: pd.Series, leakage: pd.Series) -> pd.Series:
     return pd.Series(flags, index=accuracy.index)
 
 
-def tied_ranks(low: pd.Series, high: pd.Series, reference: pd.Series) -> tuple[pd.Series, pd.Series]:
+def tied_ranks(low: pd.Series, high: pd.Series, unranked: pd.Series) -> tuple[pd.Series, pd.Series]:
     """Ranks that claim no more than the 95% intervals show, for rows already sorted by the mean.
 
     An entry's rank is 1 + the number of entries that leak significantly less (whose whole interval lies
     below its own), so entries whose intervals overlap share a rank, as in 1, 1, 3. The running maximum
     keeps ranks from going down the sorted table (a wide interval could otherwise outrank a narrow one
-    above it). References (fp32, rtn) are yardsticks, not competitors: no rank, and they rank no one.
+    above it). ``unranked`` rows get no rank and rank no one: the references (fp32, rtn), yardsticks
+    rather than competitors, and self-reported results, whose numbers nobody recomputed.
     ``tied`` marks every ranked row that shares its rank with another.
     """
-    ranked = ~reference.astype(bool)
+    ranked = ~unranked.astype(bool)
     ranks = pd.Series(float("nan"), index=low.index)
     best = 0
     for i in low.index[ranked]:
@@ -50,9 +51,11 @@ def board(rows: pd.DataFrame, task: str, threat: str, plan: str, attack: str) ->
     if table.empty:
         return table.reindex(columns=BOARD_COLUMNS)
     table = table.sort_values(["tpr_at_0_1pct_fpr", "test_accuracy", "entry"], ascending=[True, False, True])
+    checked = table.check != "self-reported"  # shown and marked, but it neither ranks nor bounds the frontier
     table["rank"], table["tied"] = tied_ranks(table.tpr_at_0_1pct_fpr_low, table.tpr_at_0_1pct_fpr_high,
-                                              table.reference)
-    table["pareto"] = pareto_front(table.test_accuracy, table.tpr_at_0_1pct_fpr)
+                                              table.reference.astype(bool) | ~checked)
+    table["pareto"] = False
+    table.loc[checked, "pareto"] = pareto_front(table.test_accuracy[checked], table.tpr_at_0_1pct_fpr[checked])
     return table[BOARD_COLUMNS + ["roc_fpr", "roc_tpr"]].reset_index(drop=True)
 
 

@@ -126,7 +126,8 @@ def load_registered_task(task_id: str) -> TaskSpec:
     known = available_tasks()
     if task_id not in known:
         names = ", ".join(sorted(known)) or "none"
-        raise SpecError(f"unknown task {task_id[:80]!r}{did_you_mean(task_id, known)}; known tasks: {names}")
+        raise SpecError(f"unknown task {task_id[:80]!r}{did_you_mean(task_id, known)}; known tasks: {names} (a task "
+                        "of your own is found by its id once its file is in a folder listed in $MPTQ_TASKS)")
     return load_task(known[task_id])
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import is_temporary
+from ..errors import printable as shown
 from ..limits import (SUBMISSION_DEPTH, SUBMISSION_FILE_BYTES, SUBMISSION_FILES, SUBMISSION_OTHER_FILE_BYTES,
                       SUBMISSION_TOTAL_BYTES, size_text)
 
@@ -24,12 +25,6 @@ from ..limits import (SUBMISSION_DEPTH, SUBMISSION_FILE_BYTES, SUBMISSION_FILES,
 class Inventory:
     files: list[Path] = field(default_factory=list)  # regular files, relative to the folder, sorted
     problems: list[str] = field(default_factory=list)
-
-
-def shown(name: str) -> str:
-    """A file name as it may be printed: control characters (a newline that forges a CI log line, a
-    terminal escape) written out as escapes."""
-    return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in name)
 
 
 def scan(folder: Path) -> Inventory:

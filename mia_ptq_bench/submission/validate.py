@@ -192,6 +192,10 @@ def _check_result(path: Path, task, spec: SubmissionSpec, plan: str, threat: str
         problems.append(f"{path}: task.hash: stale result of {task.id} version {result.task.version} "
                         f"(hash {result.task.hash[:12]}…); the current task is version {task.version} "
                         f"(hash {task.hash[:12]}…): rerun the evaluation")
+    elif (result.task.version, result.task.pool_hash) != (task.version, task.pool_hash):  # the site shows them
+        problems.append(f"{path}: task.version: the task of this hash is version {task.version} with pool hash "
+                        f"{task.pool_hash[:12]}…, the result records version {str(result.task.version)[:20]} and "
+                        f"{result.task.pool_hash[:12]}…")
     if result.quantizer.name == "fp32" and submission not in REFERENCE_ENTRIES:
         problems.append(f"{path}: quantizer.name: claims the fp32 reference quantizer, which only the reference "
                         "entry submissions/fp32 may publish")
