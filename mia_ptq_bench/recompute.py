@@ -113,12 +113,13 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
         return Recomputation(path, REFUSED, f"shadow_models: the document names {len(result.shadow_models)} shadow "
                                             f"models, the task's {threat.name} attacker uses {len(expected)} "
                                             f"({expected[0]}..{expected[-1]})", [])
+    needs_shadows = ({c.shadows for c in candidates} & {"same-quantizer"}) and not plan.is_full_precision
     if plan.is_full_precision:  # the reference: its models are the pool's own
         outputs = {int(t): reference_outputs(pool, int(t), test, device) for t in targets}
     elif result.evidence is None:
         return Recomputation(path, REFUSED, "evidence: a quantized result names no quantized weights", [])
     else:
-        wanted = {int(t) for t in targets} | {int(m) for m in models}
+        wanted = {int(t) for t in targets} | ({int(m) for m in models} if needs_shadows else set())
         try:
             outputs = evidence_outputs(pool, load_evidence(path, result), plan, test, device, wanted)
         except _EVIDENCE_ERRORS as exc:
@@ -127,7 +128,6 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
     missing = [int(t) for t in targets if int(t) not in outputs]
     if missing:
         return Recomputation(path, REFUSED, f"the evidence lacks targets {missing[:5]}", [])
-    needs_shadows = ({c.shadows for c in candidates} & {"same-quantizer"}) and not plan.is_full_precision
     missing = sorted({int(m) for m in models if needs_shadows and int(m) not in outputs})
     if missing:
         # The runner leaves the shadows out only when all the models' weights pass EVIDENCE_CAP; this
