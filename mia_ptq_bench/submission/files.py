@@ -10,6 +10,7 @@ submission: they are never read and are reported as nothing.
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from dataclasses import dataclass, field
@@ -47,8 +48,9 @@ def scan(folder: Path) -> Inventory:
     while stack:
         here, depth = stack.pop()
         try:
-            with os.scandir(here) as listing:
-                entries = sorted(listing, key=lambda e: e.name, reverse=True)
+            with os.scandir(here) as listing:  # one entry past the cap is enough to refuse: read no more
+                entries = sorted(itertools.islice(listing, SUBMISSION_FILES - seen + 1), key=lambda e: e.name,
+                                 reverse=True)
         except OSError as exc:
             found.problems.append(f"{shown(str(here))}: (folder): cannot be read: {exc.strerror or exc}")
             continue
