@@ -39,12 +39,16 @@ def resolve_task_path(ref: str | Path) -> Path:
         if not path.is_file():
             raise SpecError(f"{path}: task file not found")
         return path
+    return registered_task_path(str(ref), "or give a path to a .yaml file")
+
+
+def registered_task_path(task_id: str, hint: str) -> Path:
+    """The file of a registered task (bundled or under $MPTQ_TASKS), or one SpecError naming the known ones."""
     known = available_tasks()
-    if str(ref) not in known:
+    if task_id not in known:
         names = ", ".join(sorted(known)) or "none"
-        raise SpecError(f"unknown task {str(ref)!r}{did_you_mean(str(ref), known)}; known tasks: {names} "
-                        "(or give a path to a .yaml file)")
-    return known[str(ref)]
+        raise SpecError(f"unknown task {task_id[:80]!r}{did_you_mean(task_id, known)}; known tasks: {names} ({hint})")
+    return known[task_id]
 
 
 def read_yaml(path: Path, max_bytes: int = TASK_YAML_BYTES, follow_symlinks: bool = True) -> Any:
@@ -123,12 +127,8 @@ def resolved_document(path: Path, chain: tuple[Path, ...] = ()) -> dict:
 def load_registered_task(task_id: str) -> TaskSpec:
     """A task named in a document or a submission: looked up among the registered tasks (bundled or under
     $MPTQ_TASKS) only, never read as a path, so a hostile id cannot point the reader at another file."""
-    known = available_tasks()
-    if task_id not in known:
-        names = ", ".join(sorted(known)) or "none"
-        raise SpecError(f"unknown task {task_id[:80]!r}{did_you_mean(task_id, known)}; known tasks: {names} (a task "
-                        "of your own is found by its id once its file is in a folder listed in $MPTQ_TASKS)")
-    return load_task(known[task_id])
+    return load_task(registered_task_path(task_id, "a task of your own is found by its id once its file is in a "
+                                                   "folder listed in $MPTQ_TASKS"))
 
 
 def load_task(ref: str | Path) -> TaskSpec:
