@@ -68,6 +68,11 @@ def rebuild(pool: Pool, index: int, tensors: dict[str, np.ndarray], device: str)
     return model.to(device), distinct
 
 
+def _encoded_bytes(pool: Pool, index: int, tensors: dict[str, np.ndarray], device: str) -> int:
+    """Model ``index`` of the evidence as the runner encodes it: the size an honest file gives it."""
+    return sum(array.nbytes for array in encode_model(index, rebuild(pool, index, tensors, device)[0]).values())
+
+
 def evidence_outputs(pool: Pool, tensors: dict[str, np.ndarray], plan: PrecisionPlan, test: Split,
                      device: str, wanted: set[int]) -> dict[int, ModelOutputs]:
     """Scores, test predictions and an audit read off the codebooks, for the ``wanted`` models the evidence
@@ -79,9 +84,7 @@ def evidence_outputs(pool: Pool, tensors: dict[str, np.ndarray], plan: Precision
         audit = [LayerAudit.measured(name, plan.bits_for(i, len(layers)), distinct[name], int(layer.weight.shape[0]))
                  for i, (name, layer) in enumerate(layers)]
         scores = score_split(model, pool.dataset, pool.dataset.pool, list(pool.spec.queries), device)
-        # re-encoded as the runner writes evidence: how large an honest file of these models is
-        outputs[index] = ModelOutputs(scores, predicted_classes(model, pool, test, device), audit,
-                                      encode_model(index, model))
+        outputs[index] = ModelOutputs(scores, predicted_classes(model, pool, test, device), audit)
     return outputs
 
 
@@ -121,7 +124,8 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
     else:
         wanted = {int(t) for t in targets} | ({int(m) for m in models} if needs_shadows else set())
         try:
-            outputs = evidence_outputs(pool, load_evidence(path, result), plan, test, device, wanted)
+            tensors = load_evidence(path, result)
+            outputs = evidence_outputs(pool, tensors, plan, test, device, wanted)
         except _EVIDENCE_ERRORS as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return Recomputation(path, REFUSED, f"the evidence cannot be rebuilt into models: {reason}", [])
@@ -133,7 +137,7 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
         # The runner leaves the shadows out only when all the models' weights pass EVIDENCE_CAP; this
         # estimates that size from the targets as an honest run encodes them (padding the file's
         # records does not count), with a margin of 2 for shadows that hold more values than targets.
-        per_model = np.mean([sum(a.nbytes for a in outputs[int(t)].evidence.values()) for t in targets])
+        per_model = np.mean([_encoded_bytes(pool, int(t), tensors, device) for t in targets])
         honest = per_model * len({int(t) for t in targets} | {int(m) for m in models})
         if honest <= EVIDENCE_CAP / 2:
             return Recomputation(path, REFUSED, f"the evidence lacks the quantized shadows {missing[:5]}, which an "
