@@ -16,6 +16,7 @@ from .base import Quantizer, QuantizerConfig
 from .batchnorm import BNPolicy, conv_bn_pairs, fold_batchnorm, reestimate_batchnorm
 from .calibration import Calibration
 from .grid import Grid, fit_grid, fit_grids
+from .memo import Replay, UnitMemo, content_key
 
 
 class GridConfig(QuantizerConfig):
@@ -45,6 +46,28 @@ class CalibratedQuantizer(Quantizer):
     Config: ClassVar[type[GridConfig]] = GridConfig
     study_bn: ClassVar[BNPolicy] = "fold"
     uses_originals: ClassVar[bool] = True  # False: quantize_prepared gets an empty list (a subclass that reads them sets True)
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        self._memo = UnitMemo()
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_memo", None)  # worker processes start with an empty memo
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._memo = UnitMemo()
+
+    def replay(self, models: list[nn.Module], calibrations: list[Calibration], steps: list) -> Replay:
+        """The units an earlier plan quantized the same way on these models (call before changing them).
+
+        ``steps`` describes each unit in the order they are quantized (its layers and their levels);
+        only a method whose units depend on nothing but the units before them may replay (memo.py).
+        """
+        settings = (self.name, self.version, self.config.model_dump_json())  # type: ignore[attr-defined]
+        return self._memo.replay(content_key(models, calibrations, settings), steps)
 
     @property
     def bn_policy(self) -> BNPolicy:

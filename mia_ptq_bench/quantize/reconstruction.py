@@ -81,32 +81,46 @@ class _Reconstruction(CalibratedQuantizer):
                               else [ForwardCursor(m, plan, b) for m, b in zip(models, batches)])
         key = f"{self.name}-units"
         self.progress.start(key, f"  {self.name}: {count} {self.granularity}s × {len(models)} models", count)
-        for u in order:
-            # Example-major, the models side by side: what learn_rounding reads without copying.
-            if plan is not None:
-                inputs = torch.stack([cursor.input_of(u) for cursor in source_cursors], dim=1)
-                targets = torch.stack([cursor.output_of(u) for cursor in target_cursors], dim=1)
-            else:
-                inputs = torch.stack([capture(src, su[u].first, cal.images, "input", cfg.capture_batch)
-                                      for src, su, cal in zip(sources, source_units, calibrations)], dim=1)
-                targets = torch.stack([capture(orig, ou[u].last, cal.images, "output", cfg.capture_batch)
-                                       for orig, ou, cal in zip(originals, original_units, calibrations)], dim=1)
-            if not (torch.isfinite(inputs).all() and torch.isfinite(targets).all()):
-                raise BenchError(f"{self.name}: non-finite calibration activations at {quantized_units[0][u].name}")
-            unit_layers = quantized_units[0][u].layers
-            keys = [f"{prefix}.weight" for prefix in unit_layers]
-            per_layer = {prefix: cfg.grids([model.get_submodule(layer).weight.detach() for model in models], levels[layer])
-                         for prefix, layer in unit_layers.items()}
-            grids = [{f"{prefix}.weight": per_layer[prefix][i] for prefix in unit_layers} for i in range(len(models))]
-            unit_levels = {f"{prefix}.weight": levels[layer] for prefix, layer in unit_layers.items()}
-            modules = [qu[u].module for qu in quantized_units]
-            way = None if self.moments else choose_way(modules[0], len(modules), inputs.device)
-            with torch.enable_grad():
-                hard, _ = learn_rounding(modules, keys, unit_levels, grids, inputs, targets, cfg.schedule(), way)
-            for model, weights in zip(models, hard):
-                for prefix, layer in unit_layers.items():
-                    set_weight(model, layer, weights[f"{prefix}.weight"])
+        # A unit is described by its layers' levels: the leading units an earlier plan quantized the
+        # same way on these models are replayed, not redone (memo.py).
+        replay = self.replay(models, calibrations, [tuple((layer, levels[layer]) for layer in
+                                                          quantized_units[0][u].layers.values()) for u in order])
+        for position, u in enumerate(order):
+            weights = replay.known(position)
+            if weights is None:
+                if plan is not None:
+                    # Example-major, the models side by side: what learn_rounding reads without copying.
+                    inputs = torch.stack([cursor.input_of(u) for cursor in source_cursors], dim=1)
+                    targets = torch.stack([cursor.output_of(u) for cursor in target_cursors], dim=1)
+                else:
+                    inputs = torch.stack([capture(src, su[u].first, cal.images, "input", cfg.capture_batch)
+                                          for src, su, cal in zip(sources, source_units, calibrations)], dim=1)
+                    targets = torch.stack([capture(orig, ou[u].last, cal.images, "output", cfg.capture_batch)
+                                           for orig, ou, cal in zip(originals, original_units, calibrations)], dim=1)
+                weights = self._learn_unit(models, [qu[u] for qu in quantized_units], inputs, targets, levels)
+                replay.remember(position, weights)
+            for model, per_model in zip(models, weights):
+                for layer, weight in per_model.items():
+                    set_weight(model, layer, weight)
             self.progress.advance(key)
+
+    def _learn_unit(self, models, units: list[Unit], inputs: torch.Tensor, targets: torch.Tensor,
+                    levels: dict[str, int]) -> list[dict[str, torch.Tensor]]:
+        """One unit's learned rounding for every model: per model, layer name -> quantized weight."""
+        cfg: ReconstructionConfig = self.config  # type: ignore[assignment]
+        if not (torch.isfinite(inputs).all() and torch.isfinite(targets).all()):
+            raise BenchError(f"{self.name}: non-finite calibration activations at {units[0].name}")
+        unit_layers = units[0].layers
+        keys = [f"{prefix}.weight" for prefix in unit_layers]
+        per_layer = {prefix: cfg.grids([model.get_submodule(layer).weight.detach() for model in models], levels[layer])
+                     for prefix, layer in unit_layers.items()}
+        grids = [{f"{prefix}.weight": per_layer[prefix][i] for prefix in unit_layers} for i in range(len(models))]
+        unit_levels = {f"{prefix}.weight": levels[layer] for prefix, layer in unit_layers.items()}
+        modules = [unit.module for unit in units]
+        way = None if self.moments else choose_way(modules[0], len(modules), inputs.device)
+        with torch.enable_grad():
+            hard, _ = learn_rounding(modules, keys, unit_levels, grids, inputs, targets, cfg.schedule(), way)
+        return [{layer: weights[f"{prefix}.weight"] for prefix, layer in unit_layers.items()} for weights in hard]
 
 
 @register_quantizer("adaround")

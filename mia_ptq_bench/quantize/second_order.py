@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from typing import ClassVar, Literal
 
@@ -15,6 +14,7 @@ from ..models import quantizable_layers
 from .base import register_quantizer
 from .calibration import Calibration
 from .common import CalibratedQuantizer, GridConfig, set_weight
+from .memo import content_key
 from .obs import HessianAccumulator, NumericalError, accumulate_hessians, gptq_quantize, obc_quantize_many
 from .units import ForwardCursor, Unit, carry_fits, forward_plan
 
@@ -45,14 +45,7 @@ class _HessianCache:
 
     @staticmethod
     def key(model: nn.Module, calibration: Calibration, names: list[str], settings: tuple) -> str:
-        digest = hashlib.blake2b(digest_size=20)
-        for name, tensor in model.state_dict().items():
-            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:{tensor.device}".encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        digest.update(calibration.raw.cpu().contiguous().numpy().tobytes())
-        digest.update(calibration.images.cpu().contiguous().numpy().tobytes())  # what normalize makes of them
-        digest.update(repr((calibration.crop_padding, calibration.hflip, calibration.seed, names, settings)).encode())
-        return digest.hexdigest()
+        return content_key([model], [calibration], (names, settings))
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         found = self.entries.get(key)
@@ -142,7 +135,15 @@ class _SecondOrder(CalibratedQuantizer):
             fixed = None
         else:
             fixed = [self._original_hessians(o, names, c) for o, c in zip(originals, calibrations)]
-        for name in names:
+        # The leading layers an earlier plan quantized at the same levels on these models are replayed (memo.py).
+        replay = self.replay(models, calibrations, [(name, levels[name]) for name in names])
+        for step, name in enumerate(names):
+            known = replay.known(step)
+            if known is not None:
+                for model, per_model in zip(models, known):
+                    set_weight(model, name, per_model[name])
+                self.progress.advance(key, len(models))
+                continue
             layers = [m.get_submodule(name) for m in models]
             if fixed is not None:
                 hessians = [h[name] for h in fixed]
@@ -166,6 +167,7 @@ class _SecondOrder(CalibratedQuantizer):
                                  "Hessian?); set rel_damp > 0 or dtype float64") from None
             for model, q in zip(models, quantized):
                 set_weight(model, name, q)
+            replay.remember(step, [{name: q} for q in quantized])
             self.progress.advance(key, len(models))
 
 

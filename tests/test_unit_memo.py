@@ -1,0 +1,142 @@
+"""A plan replays the leading units an earlier plan quantized the same way: the same bits, less work."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from unittest import mock
+
+import pytest
+import torch
+
+from mia_ptq_bench.quantize import QUANTIZERS
+from mia_ptq_bench.quantize.memo import UnitMemo
+from mia_ptq_bench.spec import PrecisionPlan
+
+from test_methods import calibration, trained_like
+
+CONFIGS = {
+    "adaround": {"iters": 30, "capture_batch": 16},
+    "brecq": {"iters": 30, "capture_batch": 16},
+    "gptq": {"batch_size": 16},  # sequential: each layer's Hessian from the layers quantized before it
+    "obc": {"calibration": 24},
+}
+# Where each method does a unit's work: counted to see which units were redone.
+WORK = {"adaround": "mia_ptq_bench.quantize.reconstruction.learn_rounding",
+        "brecq": "mia_ptq_bench.quantize.reconstruction.learn_rounding"}
+
+
+def group() -> tuple[list[torch.nn.Module], list]:
+    model = trained_like("resnet18", width=0.0625)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.1)
+    return [model, other], [calibration(24, seed=s) for s in (0, 1)]
+
+
+def quantize_counting(method: str, quantizer, models, cals, plan: str):
+    """The quantized copies, and how many units' work was done (learned roundings or sweeps)."""
+    target = WORK.get(method)
+    if target is None:
+        with mock.patch.object(type(quantizer), "sweep_many", autospec=True,
+                               side_effect=type(quantizer).sweep_many) as work:
+            out = quantizer.quantize_many([copy.deepcopy(m) for m in models], cals, PrecisionPlan.parse(plan))
+    else:
+        from mia_ptq_bench.quantize import reconstruction
+        with mock.patch(target, wraps=reconstruction.learn_rounding) as work:
+            out = quantizer.quantize_many([copy.deepcopy(m) for m in models], cals, PrecisionPlan.parse(plan))
+    return out, work.call_count
+
+
+def assert_same_models(a: list[torch.nn.Module], b: list[torch.nn.Module]) -> None:
+    for x, y in zip(a, b, strict=True):
+        for (name, u), v in zip(x.state_dict().items(), y.state_dict().values(), strict=True):
+            assert torch.equal(u, v), name
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq", "gptq", "obc"])
+def test_a_plan_that_differs_only_in_the_classifier_redoes_only_the_classifier_and_gets_the_same_bits(method) -> None:
+    models, cals = group()
+    quantizer = QUANTIZERS.get(method)(CONFIGS[method])
+    first, units = quantize_counting(method, quantizer, models, cals, "w2")
+    assert units > 2
+    replayed, redone = quantize_counting(method, quantizer, models, cals, "w2-last8")
+    assert redone == 1  # the classifier alone
+    fresh, fresh_units = quantize_counting(method, QUANTIZERS.get(method)(CONFIGS[method]), models, cals, "w2-last8")
+    assert fresh_units == units
+    assert_same_models(replayed, fresh)
+    # ... and the classifier did get its own 8 bits, not the replayed 2
+    assert not torch.equal(replayed[0].fc.weight, first[0].fc.weight)
+
+
+@pytest.mark.parametrize("method", ["brecq", "gptq"])
+def test_nothing_is_replayed_where_the_first_unit_differs_or_the_data_or_settings_do(method) -> None:
+    models, cals = group()
+    quantizer = QUANTIZERS.get(method)(CONFIGS[method])
+    _, units = quantize_counting(method, quantizer, models, cals, "w2")
+    # w4 gives the first unit other levels: every unit is redone, and equals a fresh run's
+    four, redone = quantize_counting(method, quantizer, models, cals, "w4")
+    assert redone == units
+    assert_same_models(four, quantize_counting(method, QUANTIZERS.get(method)(CONFIGS[method]), models, cals, "w4")[0])
+    # other calibration images, other models, or other settings are another group
+    assert quantize_counting(method, quantizer, models, [cals[1], cals[0]], "w2")[1] == units
+    assert quantize_counting(method, quantizer, models[::-1], cals, "w2")[1] == units
+    changed = dict(CONFIGS[method], per_channel=False)
+    assert quantize_counting(method, QUANTIZERS.get(method)(changed), models, cals, "w2")[1] == units
+    # the same plan again on the same group is all replay
+    assert quantize_counting(method, quantizer, models, cals, "w2")[1] == 0
+
+
+def test_a_quantizer_sent_to_a_worker_process_starts_with_an_empty_memo() -> None:
+    models, cals = group()
+    quantizer = QUANTIZERS.get("gptq")(CONFIGS["gptq"])
+    _, units = quantize_counting("gptq", quantizer, models, cals, "w2")
+    travelled = pickle.loads(pickle.dumps(quantizer))
+    assert quantize_counting("gptq", travelled, models, cals, "w2")[1] == units
+
+
+def weights(value: float) -> list[dict[str, torch.Tensor]]:
+    return [{"layer": torch.full((4,), value)}]  # one model, 16 bytes
+
+
+def test_the_memo_replays_the_longest_matching_run_of_units() -> None:
+    memo = UnitMemo()
+    first = memo.replay("g", ["a", "b", "c"])
+    for position, value in enumerate((1.0, 2.0, 3.0)):
+        assert first.known(position) is None
+        first.remember(position, weights(value))
+    second = memo.replay("g", ["a", "x", "c"])  # matches the first unit only
+    assert second.known(0)[0]["layer"].tolist() == [1.0] * 4
+    assert second.known(1) is None and second.known(2) is None
+    second.remember(1, weights(9.0))
+    second.remember(2, weights(8.0))
+    third = memo.replay("g", ["a", "x", "c", "d"])  # the second run matches three units, the first one
+    assert [third.known(p)[0]["layer"][0].item() for p in range(3)] == [1.0, 9.0, 8.0]
+    assert third.known(3) is None
+    assert memo.replay("other group", ["a", "b", "c"]).known(0) is None
+    with pytest.raises(ValueError, match="out of order"):
+        third.remember(5, weights(0.0))
+
+
+def test_the_memo_keeps_what_it_remembers_as_its_own_host_copy() -> None:
+    memo = UnitMemo()
+    kept = memo.replay("g", ["a"])
+    mine = weights(1.0)
+    kept.remember(0, mine)
+    mine[0]["layer"].fill_(7.0)  # the caller goes on changing its tensor
+    assert memo.replay("g", ["a"]).known(0)[0]["layer"].tolist() == [1.0] * 4
+
+
+def test_the_memo_drops_the_least_recently_used_group_beyond_its_budget() -> None:
+    memo = UnitMemo(budget=40)  # two 16-byte units fit, three do not
+    memo.replay("old", ["a"]).remember(0, weights(1.0))
+    memo.replay("new", ["a"]).remember(0, weights(2.0))
+    assert memo.replay("old", ["a"]).known(0) is not None  # used again: now the most recent
+    memo.replay("third", ["a"]).remember(0, weights(3.0))
+    assert memo.replay("new", ["a"]).known(0) is None
+    assert memo.replay("old", ["a"]).known(0) is not None
+    assert memo.replay("third", ["a"]).known(0) is not None
+    nothing = UnitMemo(budget=0)
+    nothing.replay("g", ["a"]).remember(0, weights(1.0))
+    assert nothing.replay("g", ["a"]).known(0) is None
