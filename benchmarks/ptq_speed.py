@@ -16,7 +16,9 @@ Trains ``--models`` pool models with the task's recipe (or loads them from a com
   arrays; GPTQ: every column's update applied at once to all later columns; RTN, and the grids
   and BatchNorm folding of every method: the same code given one model at a time).
 Ours quantizes every plan of ``--plans`` with one quantizer object, as `evaluate` runs a grid (so
-OBC computes each model's full-precision Hessians once, for all plans); plain starts a fresh
+OBC computes each model's full-precision Hessians once, for all plans, and every method replays the
+leading units an earlier plan quantized at the same levels: w1.58-last8 redoes only the classifier
+after w1.58, ``quantize/memo.py``); plain starts a fresh
 quantizer per plan, as the study runs one process per bit width. With several plans a last row
 per method gives the whole grid's ratio (``--plans w4,w2,w1.58,w1.58-last8`` is the task's grid).
 It prints models per minute, the ratio, and the reconstruction error of both (mean squared
@@ -153,7 +155,8 @@ def main() -> None:
         cls = QUANTIZERS.get(method)
         settings = overrides.get(method, [])
         # Ours: one quantizer for every plan, as `evaluate` runs a grid (OBC keeps each model's
-        # full-precision Hessians for the next plans). Plain: a fresh quantizer per plan, as the
+        # full-precision Hessians for the next plans; every method replays the units a plan shares
+        # with an earlier one). Plain: a fresh quantizer per plan, as the
         # study runs one process per bit width, so nothing carries over from plan to plan.
         ours_s: dict[str, float] = {}
         plain_s: dict[str, float] = {}
