@@ -140,3 +140,19 @@ def test_the_memo_drops_the_least_recently_used_group_beyond_its_budget() -> Non
     nothing = UnitMemo(budget=0)
     nothing.replay("g", ["a"]).remember(0, weights(1.0))
     assert nothing.replay("g", ["a"]).known(0) is None
+
+
+def test_a_run_that_a_later_plan_extends_is_kept_once_and_pure_replays_keep_nothing_new() -> None:
+    memo = UnitMemo()
+    first = memo.replay("g", ["a", "b"])
+    first.remember(0, weights(1.0))
+    assert len(memo.groups["g"]) == 1
+    longer = memo.replay("g", ["a", "b", "c"])
+    assert longer.known(0) is not None and longer.known(1) is None
+    longer.remember(1, weights(2.0))
+    longer.remember(2, weights(3.0))
+    assert [len(run) for run in memo.groups["g"]] == [3]  # the one-unit run lives on inside the new one
+    memo.replay("g", ["a", "b"])  # all replayed, nothing remembered
+    branch = memo.replay("g", ["a", "x"])
+    branch.remember(1, weights(4.0))
+    assert sorted(len(run) for run in memo.groups["g"]) == [2, 3]

@@ -66,9 +66,14 @@ class UnitMemo:
                 matched += 1
             if matched > len(best):
                 best = run[:matched]
-        run = list(best)
-        self.groups.setdefault(key, []).append(run)
-        return Replay(self, run, list(steps))
+        return Replay(self, key, list(best), list(steps))
+
+    def _store(self, key: str, run: list[tuple[Hashable, UnitWeights]]) -> None:
+        # A run that the new one extends (it shares the very entries) is dropped: the new one holds it all.
+        runs = [r for r in self.groups.get(key, [])
+                if len(r) > len(run) or not all(a is b for a, b in zip(r, run))]
+        self.groups[key] = runs + [run]
+        self.groups.move_to_end(key)
 
     def _shrink(self) -> None:
         while self.groups and self._bytes() > self.budget:
@@ -88,9 +93,11 @@ class UnitMemo:
 class Replay:
     """One plan's pass over its units: the known ones to replay, the new ones to remember."""
 
-    def __init__(self, memo: UnitMemo, run: list[tuple[Hashable, UnitWeights]], steps: list[Hashable]) -> None:
+    def __init__(self, memo: UnitMemo, key: str, run: list[tuple[Hashable, UnitWeights]],
+                 steps: list[Hashable]) -> None:
         self.memo = memo
-        self.run = run  # the memo's record of this plan: the replayed prefix, extended by ``remember``
+        self.key = key
+        self.run = run  # the replayed prefix, extended by ``remember``; stored once it holds a new unit
         self.steps = steps
         self.replayed = len(run)
 
@@ -104,4 +111,6 @@ class Replay:
             raise ValueError(f"unit {position} remembered out of order (expected {len(self.run)})")
         self.run.append((self.steps[position], [{name: w.detach().to("cpu", copy=True) for name, w in per_model.items()}
                                                 for per_model in weights]))
+        if position == self.replayed:
+            self.memo._store(self.key, self.run)
         self.memo._shrink()
