@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 from unittest import mock
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from mia_ptq_bench.quantize import QUANTIZERS
-from mia_ptq_bench.quantize.memo import UnitMemo
+from mia_ptq_bench.quantize.memo import UnitMemo, content_key
 from mia_ptq_bench.spec import PrecisionPlan
 
 from test_methods import calibration, trained_like
@@ -82,8 +83,10 @@ def test_nothing_is_replayed_where_the_first_unit_differs_or_the_data_or_setting
     # other calibration images, other models, or other settings are another group
     assert quantize_counting(method, quantizer, models, [cals[1], cals[0]], "w2")[1] == units
     assert quantize_counting(method, quantizer, models[::-1], cals, "w2")[1] == units
-    changed = dict(CONFIGS[method], per_channel=False)
-    assert quantize_counting(method, QUANTIZERS.get(method)(changed), models, cals, "w2")[1] == units
+    kept = quantizer.config
+    quantizer.config = type(kept)(**dict(CONFIGS[method], per_channel=False))  # the same object, other settings
+    assert quantize_counting(method, quantizer, models, cals, "w2")[1] == units
+    quantizer.config = kept
     # the same plan again on the same group is all replay
     assert quantize_counting(method, quantizer, models, cals, "w2")[1] == 0
 
@@ -94,6 +97,51 @@ def test_a_quantizer_sent_to_a_worker_process_starts_with_an_empty_memo() -> Non
     _, units = quantize_counting("gptq", quantizer, models, cals, "w2")
     travelled = pickle.loads(pickle.dumps(quantizer))
     assert quantize_counting("gptq", travelled, models, cals, "w2")[1] == units
+
+
+@pytest.mark.parametrize("method, config, patches", [
+    ("brecq", {}, {"mia_ptq_bench.quantize.reconstruction.forward_plan": None}),  # captured from the images
+    ("adaround", {"inputs": "full_precision"}, {}),
+    ("adaround", {"bn": "keep"}, {}),
+    ("gptq", {"sequential": False}, {}),
+    ("gptq", {}, {"mia_ptq_bench.pool.train.device_memory": 1.0}),  # carried passes do not fit: one pass per layer
+])
+def test_replay_gives_the_plans_own_bits_on_every_path(method, config, patches) -> None:
+    models, cals = group()
+    settings = dict(CONFIGS[method], **config)
+    quantizer, alone = QUANTIZERS.get(method)(settings), QUANTIZERS.get(method)(settings)
+    with contextlib.ExitStack() as stack:
+        for target, value in patches.items():
+            stack.enter_context(mock.patch(target, return_value=value))
+        _, units = quantize_counting(method, quantizer, models, cals, "w2")
+        replayed, redone = quantize_counting(method, quantizer, models, cals, "w2-last8")
+        fresh, _ = quantize_counting(method, alone, models, cals, "w2-last8")
+    assert units > 2 and redone == 1
+    assert_same_models(replayed, fresh)
+
+
+def test_a_method_that_says_it_cannot_replay_redoes_every_unit() -> None:
+    class NoReplay(type(QUANTIZERS.get("gptq")())):
+        replays = False
+
+    models, cals = group()
+    quantizer = NoReplay(CONFIGS["gptq"])
+    _, units = quantize_counting("gptq", quantizer, models, cals, "w2")
+    assert quantize_counting("gptq", quantizer, models, cals, "w2-last8")[1] == units
+
+
+def test_the_group_key_reads_the_architecture_and_any_dtype() -> None:
+    cal = calibration(8)
+    narrow = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, stride=1), torch.nn.Flatten())
+    strided = copy.deepcopy(narrow)
+    strided[0].stride = (2, 2)  # the same parameters, another computation
+    assert content_key([narrow], [cal], ()) != content_key([strided], [cal], ())
+    half = copy.deepcopy(narrow).to(torch.bfloat16)
+    key = content_key([half], [cal], ())
+    with torch.no_grad():
+        half[0].weight[0, 0, 0, 0] += 1
+    assert content_key([half], [cal], ()) != key
+    assert content_key([narrow], [cal], ("a",)) != content_key([narrow], [cal], ("b",))
 
 
 def weights(value: float) -> list[dict[str, torch.Tensor]]:
@@ -128,15 +176,30 @@ def test_the_memo_keeps_what_it_remembers_as_its_own_host_copy() -> None:
     assert memo.replay("g", ["a"]).known(0)[0]["layer"].tolist() == [1.0] * 4
 
 
-def test_the_memo_drops_the_least_recently_used_group_beyond_its_budget() -> None:
-    memo = UnitMemo(budget=40)  # two 16-byte units fit, three do not
-    memo.replay("old", ["a"]).remember(0, weights(1.0))
-    memo.replay("new", ["a"]).remember(0, weights(2.0))
-    assert memo.replay("old", ["a"]).known(0) is not None  # used again: now the most recent
-    memo.replay("third", ["a"]).remember(0, weights(3.0))
-    assert memo.replay("new", ["a"]).known(0) is None
-    assert memo.replay("old", ["a"]).known(0) is not None
-    assert memo.replay("third", ["a"]).known(0) is not None
+def test_beyond_its_budget_the_memo_drops_the_oldest_runs_so_the_last_plans_groups_survive() -> None:
+    # The runner's order: plan after plan, each over groups g1, g2. With room for one plan's runs, the
+    # next plan must still find both groups (a least-recently-used rule would lose each just in time).
+    memo = UnitMemo(budget=32)  # two 16-byte units
+    for plan in ("w4", "w1.58"):
+        for group in ("g1", "g2"):
+            memo.replay(group, [plan]).remember(0, weights(1.0))
+    assert memo.replay("g1", ["w1.58"]).known(0) is not None
+    assert memo.replay("g2", ["w1.58"]).known(0) is not None
+    assert memo.replay("g1", ["w4"]).known(0) is None
+
+
+def test_a_plan_that_outgrows_the_budget_alone_stops_copying_its_units() -> None:
+    memo = UnitMemo(budget=40)  # two units fit, three do not
+    replay = memo.replay("g", ["a", "b", "c", "d"])
+    replay.remember(0, weights(1.0))
+    replay.remember(1, weights(2.0))
+    assert not replay.dropped
+    replay.remember(2, weights(3.0))
+    assert replay.dropped and memo.runs == []
+    replay.remember(3, weights(4.0))  # still in order, still not kept
+    assert memo.runs == [] and len(replay.run) == 3
+    with pytest.raises(ValueError, match="out of order"):
+        replay.remember(3, weights(4.0))
     nothing = UnitMemo(budget=0)
     nothing.replay("g", ["a"]).remember(0, weights(1.0))
     assert nothing.replay("g", ["a"]).known(0) is None
@@ -146,13 +209,13 @@ def test_a_run_that_a_later_plan_extends_is_kept_once_and_pure_replays_keep_noth
     memo = UnitMemo()
     first = memo.replay("g", ["a", "b"])
     first.remember(0, weights(1.0))
-    assert len(memo.groups["g"]) == 1
+    assert len(memo.runs) == 1
     longer = memo.replay("g", ["a", "b", "c"])
     assert longer.known(0) is not None and longer.known(1) is None
     longer.remember(1, weights(2.0))
     longer.remember(2, weights(3.0))
-    assert [len(run) for run in memo.groups["g"]] == [3]  # the one-unit run lives on inside the new one
+    assert [len(run) for _, run in memo.runs] == [3]  # the one-unit run lives on inside the new one
     memo.replay("g", ["a", "b"])  # all replayed, nothing remembered
     branch = memo.replay("g", ["a", "x"])
     branch.remember(1, weights(4.0))
-    assert sorted(len(run) for run in memo.groups["g"]) == [2, 3]
+    assert sorted(len(run) for _, run in memo.runs) == [2, 3]

@@ -46,6 +46,9 @@ class CalibratedQuantizer(Quantizer):
     Config: ClassVar[type[GridConfig]] = GridConfig
     study_bn: ClassVar[BNPolicy] = "fold"
     uses_originals: ClassVar[bool] = True  # False: quantize_prepared gets an empty list (a subclass that reads them sets True)
+    # Whether a plan may replay the units an earlier plan quantized the same way (memo.py); a subclass
+    # whose units read anything beyond the models, calibration, settings and earlier units sets False.
+    replays: ClassVar[bool] = True
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
@@ -66,6 +69,8 @@ class CalibratedQuantizer(Quantizer):
         ``steps`` describes each unit in the order they are quantized (its layers and their levels);
         only a method whose units depend on nothing but the units before them may replay (memo.py).
         """
+        if not self.replays:
+            return UnitMemo(budget=0).replay("", steps)  # knows nothing, keeps nothing
         settings = (self.name, self.version, self.config.model_dump_json())  # type: ignore[attr-defined]
         return self._memo.replay(content_key(models, calibrations, settings), steps)
 
