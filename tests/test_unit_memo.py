@@ -97,6 +97,11 @@ def test_a_quantizer_sent_to_a_worker_process_starts_with_an_empty_memo() -> Non
     _, units = quantize_counting("gptq", quantizer, models, cals, "w2")
     travelled = pickle.loads(pickle.dumps(quantizer))
     assert quantize_counting("gptq", travelled, models, cals, "w2")[1] == units
+    obc = QUANTIZERS.get("obc")(CONFIGS["obc"])
+    obc.quantize_many([copy.deepcopy(m) for m in models], cals, PrecisionPlan.parse("w2"))
+    assert obc._hessian_cache.entries and obc._memo.runs
+    travelled = pickle.loads(pickle.dumps(obc))
+    assert not travelled._hessian_cache.entries and not travelled._memo.runs
 
 
 @pytest.mark.parametrize("method, config, patches", [

@@ -49,19 +49,25 @@ class CalibratedQuantizer(Quantizer):
     # Whether a plan may replay the units an earlier plan quantized the same way (memo.py); a subclass
     # whose units read anything beyond the models, calibration, settings and earlier units sets False.
     replays: ClassVar[bool] = True
+    _cache_names: ClassVar[tuple[str, ...]] = ("_memo",)
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
+        self._start_caches()
+
+    def _start_caches(self) -> None:
+        """What the quantizer keeps in memory for the next plans; a subclass adds its own (and its name)."""
         self._memo = UnitMemo()
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state.pop("_memo", None)  # worker processes start with an empty memo
+        for name in self._cache_names:
+            state.pop(name, None)  # worker processes start with empty caches
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._memo = UnitMemo()
+        self._start_caches()
 
     def replay(self, models: list[nn.Module], calibrations: list[Calibration], steps: list) -> Replay:
         """The units an earlier plan quantized the same way on these models (call before changing them).

@@ -65,17 +65,10 @@ class _HessianCache:
 class _SecondOrder(CalibratedQuantizer):
     Config: ClassVar = HessianConfig
 
-    def __init__(self, config=None) -> None:
-        super().__init__(config)
-        self._hessian_cache = _HessianCache(HESSIAN_CACHE_BYTES)
+    _cache_names = ("_memo", "_hessian_cache")
 
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state.pop("_hessian_cache", None)  # worker processes start with an empty cache
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
+    def _start_caches(self) -> None:
+        super()._start_caches()
         self._hessian_cache = _HessianCache(HESSIAN_CACHE_BYTES)
 
     def sweep(self, weight: torch.Tensor, hessian: torch.Tensor, grid) -> torch.Tensor:
