@@ -224,3 +224,33 @@ def test_a_run_that_a_later_plan_extends_is_kept_once_and_pure_replays_keep_noth
     branch = memo.replay("g", ["a", "x"])
     branch.remember(1, weights(4.0))
     assert sorted(len(run) for _, run in memo.runs) == [2, 3]
+
+
+def test_full_precision_hessians_that_do_not_all_fit_are_still_found_plan_after_plan() -> None:
+    from mia_ptq_bench.quantize.second_order import _HessianCache
+
+    def hessian() -> dict[str, torch.Tensor]:
+        return {"layer": torch.zeros(4)}  # 16 bytes
+
+    cache = _HessianCache(budget=48)  # room for three models' Hessians, and the grid has five
+    found = []
+    for _plan in range(3):  # the runner's order: every plan over the same models in the same order
+        hits = 0
+        for model in "abcde":
+            if cache.get(model) is not None:
+                hits += 1
+            else:
+                cache.put(model, hessian())
+        found.append(hits)
+    assert found == [0, 2, 2]  # all but the newest slot, every plan after the first
+    assert len(cache.entries) == 3
+    one_by_one = _HessianCache(budget=48)  # each model through all its plans before the next
+    misses = 0
+    for model in "abcde":
+        for _plan in range(3):
+            if one_by_one.get(model) is None:
+                misses += 1
+                one_by_one.put(model, hessian())
+    assert misses == 5
+    one_by_one.put("too big", {"layer": torch.zeros(13)})
+    assert "too big" not in one_by_one.entries

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import ClassVar, Literal
 
 import torch
@@ -37,29 +36,36 @@ HESSIAN_CACHE_BYTES = 1 << 30
 
 
 class _HessianCache:
-    """Full-precision Hessians by content: the model's weights, the calibration images and the settings."""
+    """Full-precision Hessians by content: the model's weights, the calibration images and the settings.
+
+    Every plan of a grid reads the same models' Hessians in the same order. Where they do not all fit,
+    the newest entry makes room for the next one and the older ones stay: each plan then finds all
+    but the last few. (Dropping the least recently used one would, in that cyclic order, drop each
+    model's Hessians just before the next plan asks for them, and find none.)
+    """
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self.entries: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self.entries: dict[str, dict[str, torch.Tensor]] = {}
 
     @staticmethod
     def key(model: nn.Module, calibration: Calibration, names: list[str], settings: tuple) -> str:
         return content_key([model], [calibration], (names, settings))
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        found = self.entries.get(key)
-        if found is not None:
-            self.entries.move_to_end(key)
-        return found
+        return self.entries.get(key)
 
     def put(self, key: str, hessians: dict[str, torch.Tensor]) -> None:
-        size = sum(h.numel() * h.element_size() for h in hessians.values())
+        size = _bytes(hessians)
         if size > self.budget:
             return
+        while self.entries and sum(_bytes(e) for e in self.entries.values()) + size > self.budget:
+            self.entries.popitem()  # the newest
         self.entries[key] = hessians
-        while sum(x.numel() * x.element_size() for e in self.entries.values() for x in e.values()) > self.budget:
-            self.entries.popitem(last=False)
+
+
+def _bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class _SecondOrder(CalibratedQuantizer):
