@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import TASKS
 from mia_ptq_bench.atomic import sha256_bytes
+from mia_ptq_bench import recompute as recompute_module
 from mia_ptq_bench.cli import app
 from mia_ptq_bench.quantize.evidence import decode_weight, encode_weight
 from mia_ptq_bench.runner import RunOptions, evaluate
@@ -208,16 +210,49 @@ def test_weights_with_more_values_than_the_plan_fail_the_audit(committed: Path, 
         in result.stderr
 
 
-def test_weights_that_do_not_give_the_numbers_are_caught(committed: Path, tmp_path: Path) -> None:
+def _swap_targets(tensors: dict) -> None:  # target 0's weights replaced by target 1's: same grid, other model
+    for key in [k for k in tensors if k.startswith("1::")]:
+        tensors["0::" + key[3:]] = tensors[key]
+
+
+def test_weights_that_do_not_give_the_numbers_are_caught(committed: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     folder = copy_of(committed, tmp_path)
-
-    def swap_targets(tensors: dict) -> None:  # target 0's weights replaced by target 1's: same grid, other model
-        for key in [k for k in tensors if k.startswith("1::")]:
-            tensors["0::" + key[3:]] = tensors[key]
-
-    _rewrite_evidence(folder, "w4", swap_targets)
+    _rewrite_evidence(folder, "w4", _swap_targets)
+    monkeypatch.setattr(recompute_module, "identity_problem", lambda *args: None)  # the numbers alone catch this one
     result = validate(folder, tmp_path)
-    assert result.exit_code == 1 and "w4--oblivious.json: recomputed from its evidence" in result.stderr
+    assert result.exit_code == 1
+    assert "w4--oblivious.json: recomputed from its evidence: w4--oblivious: " in result.stderr
+
+
+def test_another_pool_model_s_weights_are_refused_even_with_numbers_to_match(committed: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A forger commits target 1's quantized weights as target 0 and rewrites the document with the
+    # numbers those weights give (computed here by the checker itself, its identity check switched
+    # off): without that check the result would be recomputed and published.
+    folder = copy_of(committed, tmp_path)
+    _rewrite_evidence(folder, "w4", _swap_targets)
+    paths = sorted(folder.glob("w4--*.json"))  # every document of the plan reads the forged weights
+    with monkeypatch.context() as patched:
+        patched.setenv("MPTQ_TASKS", str(TASKS))
+        patched.setattr(recompute_module, "identity_problem", lambda *args: None)
+        patched.setattr(recompute_module, "compare_results", lambda *args: [])  # to get the rerun's numbers
+        forged = recompute_module.recompute_files(paths, tmp_path / "cache")
+    honest = json.loads(paths[0].read_text())["quantized"]["test_accuracy"]["mean"]
+    assert forged[0].rerun.quantized.test_accuracy.mean != honest  # the swap moves the numbers
+    for path, outcome in zip(paths, forged):
+        path.write_text(outcome.rerun.model_dump_json(indent=2) + "\n")
+    with monkeypatch.context() as patched:
+        patched.setattr(recompute_module, "identity_problem", lambda *args: None)
+        result = validate(folder, tmp_path)
+        assert result.exit_code == 0 and "recomputed " in result.output, result.stderr  # the forgery would pass
+    result = validate(folder, tmp_path)
+    assert result.exit_code == 1
+    found = re.search(r"w4--\w+\.json: recomputed from its evidence: model 0 of the evidence is not recognisably "
+                      r"pool model 0: it resembles it ([\d.]+) and pool model 1 ([\d.]+) \(mean \|cosine\|",
+                      result.stderr.replace("\n", ""))
+    assert found, result.stderr
+    assert float(found[1]) < 0.5 < 0.9 < float(found[2])  # target 1's weights, quantized at 4 bits
 
 
 def test_codebook_round_trip_is_exact() -> None:
