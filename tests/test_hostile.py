@@ -6,12 +6,11 @@ names the file, the field and the reason, and that nothing was done or written b
 
 from __future__ import annotations
 
-import re
-
 import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import zipfile
@@ -696,6 +695,18 @@ def test_the_pull_request_reruns_every_listed_task_however_its_id_is_spelled(
     assert "tiny-digits" not in text  # what matching the file's text (grep) would have missed
     assert load.rerun_tasks(folder) == ["tiny-digits"]
     assert validate_submission(folder) == []  # the same task for validate
+
+
+def test_the_pull_request_installs_a_package_quantizer_at_its_pinned_version(subs: Path) -> None:
+    from mia_ptq_bench.submission import load
+
+    folder = subs / "mine"
+    assert load.requirement(folder) == ""  # a file of the folder: nothing to install
+    text = (folder / "submission.yaml").read_text()
+    quantizer = re.search(r"quantizer:\n(  .*\n)+", text)[0]
+    (folder / "submission.yaml").write_text(text.replace(
+        quantizer, "quantizer:\n  requirement: my-ptq[extra]==1.2.0\n  entry: my_ptq.quant:MyQuantizer\n"))
+    assert load.requirement(folder) == "my-ptq[extra]==1.2.0"
 
 
 def test_a_document_s_task_id_is_never_read_as_a_path(subs: Path, tmp_path: Path,

@@ -166,6 +166,14 @@ def test_workflows_are_valid_and_safe() -> None:
     rerun = " ".join(str(s.get("run", "")) for s in reproduce["steps"])
     # the tasks from the parsed metadata (submission.load.rerun_tasks), never by matching its text
     assert "rerun_tasks" in rerun and "grep" not in rerun
+    # a package-published quantizer is installed from the parsed, pinned requirement before its rerun
+    assert 'pip install "$requirement"' in rerun and "submission.load import requirement" in rerun
+    # both jobs read the pull request at the commit the run started for, never its moving head ref
+    for job in ("validate", "reproduce"):
+        steps = validate["jobs"][job]["steps"]
+        assert any(s.get("env", {}).get("HEAD_SHA") == "${{ github.event.pull_request.head.sha }}"
+                   and 'git checkout "$HEAD_SHA" -- submissions' in s.get("run", "") for s in steps), job
+    assert "refs/pull" not in (workflows / "validate-submission.yml").read_text()
     assert "bash .ci/run" in (workflows / "tests.yml").read_text()
     assert "leaderboard build" in (workflows / "pages.yml").read_text()
     for name, workflow in loaded.items():
@@ -226,21 +234,31 @@ def test_pull_request_jobs_run_the_base_code_on_the_pull_request_s_submissions(t
     _git(origin, "rm", "-q", "submissions/old/submission.yaml")
     _git(origin, "add", "-A")
     _git(origin, "commit", "-q", "-m", "pull request")
+    head = _git(origin, "rev-parse", "HEAD")  # the commit the run was started for
     _git(origin, "update-ref", "refs/pull/7/head", "HEAD")
+    _git(origin, "tag", "pushed-over", "HEAD")  # GitHub keeps serving a pushed-over commit by its hash
     _git(origin, "reset", "-q", "--hard", base)
     for job in ("validate", "reproduce"):
         steps = workflow["jobs"][job]["steps"]
         checkout = next(s for s in steps if str(s.get("uses", "")).startswith("actions/checkout@"))
         assert checkout["with"]["ref"] == "${{ github.event.pull_request.base.sha }}"
-        take = next(s for s in steps if s.get("name") == "Take only submissions/ from the pull request")
+        take = next(s for s in steps if s.get("name", "").startswith("Take only submissions/ from the pull request"))
+        assert take["env"] == {"HEAD_SHA": "${{ github.event.pull_request.head.sha }}"}
         assert steps.index(take) < steps.index(next(s for s in steps if "pip install -e ." in str(s.get("run", ""))))
         shutil.rmtree(work, ignore_errors=True)
         subprocess.run(["git", "clone", "-q", "--no-local", str(origin), str(work)], check=True)  # what checkout gives
         subprocess.run(["bash", "-e", "-c", take["run"]], cwd=work, check=True, capture_output=True,
-                       env={**os.environ, "NUMBER": "7"})
+                       env={**os.environ, "HEAD_SHA": head})
         assert (work / "mia_ptq_bench" / "validate.py").read_text() == "honest\n", job
         assert sorted(str(p.relative_to(work)) for p in (work / "submissions").rglob("*") if p.is_file()) == \
             ["submissions/mine/submission.yaml"], job
+        # While the validate job ran, the author pushed code it never saw: the reproduce job must not run it.
+        _git(origin, "checkout", "-q", "--detach", head)
+        (origin / "submissions" / "mine" / "unvalidated.py").write_text("import os\n")
+        _git(origin, "add", "-A")
+        _git(origin, "commit", "-q", "-m", "pushed while validation ran")
+        _git(origin, "update-ref", "refs/pull/7/head", "HEAD")
+        _git(origin, "checkout", "-q", "main")
 
 
 @pytest.fixture(scope="module")

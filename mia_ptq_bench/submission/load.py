@@ -30,6 +30,12 @@ def find_submissions(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.glob(f"*/{METADATA}"))
 
 
+def requirement(folder: Path) -> str:
+    """The pinned pip requirement (``name==version``, as the schema allows it) whose class the submission
+    names, or "" for a built-in or a file of the folder: what the pull-request job installs before a rerun."""
+    return load_submission(folder).quantizer.requirement or ""
+
+
 def rerun_tasks(folder: Path) -> list[str]:
     """The tasks the pull-request job reruns this submission's code on: those its metadata lists (parsed,
     as validate reads them, never matched as text) that are cheap enough (``REPRODUCED_IN_PULL_REQUESTS``)."""
