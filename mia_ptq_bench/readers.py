@@ -128,4 +128,9 @@ def read_json_file(path: Path, max_bytes: int, max_depth: int = JSON_DEPTH, foll
         raise SpecError(f"{path}: not a readable JSON document: {exc}") from None
     if nesting_depth(data) > max_depth:
         raise SpecError(f"{path}: not a readable JSON document: nested deeper than {max_depth} levels")
+    try:  # JSON's \ud800-style escapes can spell half a character, which no UTF-8 page or file can hold
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise SpecError(f"{path}: not a readable JSON document: a string holds a lone surrogate (an escape "
+                        "between \\ud800 and \\udfff that is not half of a pair), which is not text") from None
     return data

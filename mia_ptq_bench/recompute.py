@@ -203,6 +203,9 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
     problem = _audit_problem(result, merge_audits([outputs[i].audit for i in sorted(outputs)]))
     if problem:
         return Recomputation(path, REFUSED, problem, [])
+    broken = [i for i in sorted(outputs) if not np.isfinite(outputs[i].scores).all()]
+    if broken:  # e.g. NaN biases: no attack can score such a model
+        return Recomputation(path, REFUSED, f"the evidence's models {broken[:5]} give non-finite scores", [])
 
     full = ShadowSet(pool.scores, np.arange(spec.membership.n_models))
     shadows = {"full-precision": full, "same-quantizer": full, "rtn": full}  # at full precision all are the pool

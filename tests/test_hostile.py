@@ -406,6 +406,72 @@ def test_an_npz_reads_exactly_the_members_whose_headers_were_counted(tmp_path: P
     assert {k: v.nbytes for k, v in arrays.items()} == {"x": 8000, "x.npy": 8}
 
 
+@pytest.mark.parametrize("change, reason", [
+    (lambda info: setattr(info, "flag_bits", info.flag_bits | 0x1), "encrypted"),  # "password required" to read
+    (lambda info: setattr(info, "compress_type", 99), "compression 99"),  # zipfile: "not supported"
+], ids=["encrypted", "unknown-compression"])
+def test_an_npz_that_zipfile_cannot_read_is_one_line(subs: Path, change, reason: str) -> None:
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    arrays_path = document.with_suffix(".npz")
+    with zipfile.ZipFile(arrays_path) as archive:
+        members = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(arrays_path, "w") as archive:
+        for info, data in members:
+            archive.writestr(info, data)
+    with zipfile.ZipFile(arrays_path, "a") as archive:  # the flag as a hostile author's zip tool would set it
+        change(archive.infolist()[0])
+        archive.comment = b"rewritten"  # makes zipfile rewrite the central directory with the changed entry
+    with zipfile.ZipFile(arrays_path) as archive:
+        with pytest.raises((RuntimeError, NotImplementedError)):  # what reading it raises, unguarded
+            archive.read(archive.infolist()[0])
+    data = json.loads(document.read_text())
+    data["arrays"]["sha256"] = sha256_file(arrays_path)
+    document.write_text(json.dumps(data))
+    assert _validate_one(document) == [
+        f"invalid: {arrays_path}: arrays: {members[0][0].filename!r} is encrypted or compressed other than as numpy "
+        "writes it (stored or deflate); refused"]
+
+
+def test_arrays_with_an_empty_test_split_are_one_line(subs: Path) -> None:
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    _rewrite_arrays(document, lambda a: dict(a, test_labels=a["test_labels"][:0], test_predictions=a["test_predictions"][:, :0],
+                                             reference_test_predictions=a["reference_test_predictions"][:, :0]))
+    assert _validate_one(document) == [f"invalid: {document}: arrays: test_labels and targets must not be empty (no "
+                                       "accuracy or attack without them)"]
+
+
+def test_a_lone_surrogate_in_a_document_is_one_line_and_the_site_still_builds(subs: Path, tmp_path: Path) -> None:
+    folder = subs / "mine"
+    document = folder / "results" / "tiny-digits" / "w4--oblivious.json"
+    text = document.read_text()
+    document.write_text(text.replace('"search": "minmax"', '"search": "minmax", "note": "\\ud800"', 1))
+    assert '"\\ud800"' in document.read_text()  # valid JSON, but half a character: no UTF-8 page can hold it
+    write_manifest(folder)
+    assert validate_submission(folder) == [
+        f"{document}: not a readable JSON document: a string holds a lone surrogate (an escape between \\ud800 and "
+        "\\udfff that is not half of a pair), which is not text"]
+    build = cli.invoke(app, ["leaderboard", "build", "--submissions", str(subs), "--out", str(tmp_path / "site")])
+    assert build.exit_code == 0, build.stderr
+    assert "mine: " in build.stderr and "lone surrogate" in build.stderr  # left out, with its reason
+
+
+def test_a_validator_failure_costs_one_submission_not_the_site(subs: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench.board import collect as collect_module
+
+    real = collect_module.validate_submission
+
+    def broken_on_mine(folder: Path) -> list[str]:
+        if folder.name == "mine":
+            raise RuntimeError("an unforeseen input")
+        return real(folder)
+
+    monkeypatch.setattr(collect_module, "validate_submission", broken_on_mine)
+    collected = collect_module.collect(subs)
+    assert collected.skipped == ["mine: the validator failed on it (RuntimeError: an unforeseen input)"]
+    assert set(collected.submissions) == {"fp32", "rtn"}
+
+
 def test_a_folder_name_cannot_forge_a_line_of_output(tmp_path: Path) -> None:
     root = tmp_path / "subs"
     (root / "x\n::error title=forged::all submissions passed").mkdir(parents=True)
@@ -609,6 +675,25 @@ def test_temporaries_of_a_killed_writer_are_not_part_of_a_submission(subs: Path,
 
 
 # -- 6. submission folders ----------------------------------------------------------------------------
+
+def test_a_temporary_name_does_not_lift_the_size_bound(subs: Path) -> None:
+    folder = subs / "mine"
+    big = folder / ".payload.exe.abcdefgh.tmp"  # named as mkstemp would, 2 MiB against the 1 MiB for other files
+    big.write_bytes(b"\0" * (2 << 20))
+    assert validate_submission(folder) == [f"{big}: (file): 2.0 MiB, larger than the 1.0 MiB allowed for this kind of file"]
+
+
+def test_nothing_but_submission_folders_and_the_readme_sits_in_the_submissions_folder(subs: Path) -> None:
+    (subs / "README.md").write_text("# submissions\n")
+    assert cli.invoke(app, ["validate", str(subs)]).exit_code == 0
+    (subs / "blob.bin").write_bytes(b"\0" * 1000)
+    os.mkfifo(subs / "pipe")
+    result = cli.invoke(app, ["validate", str(subs)])
+    assert result.exit_code == 1
+    for name in ("blob.bin", "pipe"):
+        assert f"{subs / name}: (file): only submission folders and README.md may sit in {subs}; refused" in \
+            result.stderr.replace("\n", ""), result.stderr
+
 
 def test_symlinks_anywhere_in_a_submission_are_refused(subs: Path, tmp_path: Path) -> None:
     folder = subs / "mine"

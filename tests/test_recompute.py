@@ -255,6 +255,23 @@ def test_another_pool_model_s_weights_are_refused_even_with_numbers_to_match(com
     assert float(found[1]) < 0.5 < 0.9 < float(found[2])  # target 1's weights, quantized at 4 bits
 
 
+def test_weights_that_give_non_finite_scores_are_refused(committed: Path, tmp_path: Path) -> None:
+    folder = copy_of(committed, tmp_path)
+    nan_biases = []
+
+    def nan_bias(tensors: dict) -> None:  # target 0's biases stored raw, as NaN: the weights still pass their audit
+        for key in [k for k in tensors if k.startswith("0::") and k.endswith(".bias::raw")]:
+            tensors[key] = np.full_like(tensors[key], np.nan)
+            nan_biases.append(key)
+
+    _rewrite_evidence(folder, "w4", nan_bias)
+    assert nan_biases
+    result = validate(folder, tmp_path)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "w4--adaptive.json: recomputed from its evidence: the evidence's models [0] give non-finite scores" \
+        in result.stderr.replace("\n", ""), result.stderr
+
+
 def test_codebook_round_trip_is_exact() -> None:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randint(0, 5, (6, 3, 3, 3), generator=generator).float() * 0.125 - 0.25

@@ -89,7 +89,10 @@ def collect(root: Path, checks: Mapping[Path, Check] | None = None) -> Collected
     """
     rows, specs, skipped = [], {}, []
     for folder in find_submissions(root):
-        problems, stale = split_stale(validate_submission(folder))
+        try:
+            problems, stale = split_stale(validate_submission(folder))
+        except Exception as exc:  # noqa: BLE001 - a validator bug must cost one submission, never the whole site
+            problems, stale = [f"the validator failed on it ({type(exc).__name__}: {str(exc)[:160]})"], set()
         if problems:
             skipped.append(f"{folder.name}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
             continue

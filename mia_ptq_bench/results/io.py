@@ -134,6 +134,9 @@ def read_npz(path: Path, max_bytes: int = RESULT_ARRAYS_BYTES) -> dict[str, np.n
                 if info.filename in names:  # np.load would read the last of them, not the one checked here
                     raise SpecError(f"{where}: {info.filename[:80]!r} appears twice; refused")
                 names.add(info.filename)
+                if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    raise SpecError(f"{where}: {info.filename[:80]!r} is encrypted or compressed other than as "
+                                    "numpy writes it (stored or deflate); refused")
                 with archive.open(info) as member:  # the header only: shape and dtype, nothing allocated
                     read_header = _HEADER_READERS.get(np.lib.format.read_magic(member))
                     if read_header is None:
@@ -155,5 +158,6 @@ def read_npz(path: Path, max_bytes: int = RESULT_ARRAYS_BYTES) -> dict[str, np.n
             return arrays
     except SpecError:
         raise
-    except (OSError, ValueError, EOFError, KeyError, MemoryError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+    except (OSError, ValueError, EOFError, KeyError, MemoryError, RuntimeError, NotImplementedError,
+            zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
         raise SpecError(f"{where}: unreadable .npz file ({type(exc).__name__}: {str(exc)[:120]})") from None

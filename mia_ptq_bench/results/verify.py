@@ -74,7 +74,9 @@ def _check_arrays(path: Path, arrays: dict[str, np.ndarray], result: Result) -> 
     if keep.ndim != 2 or targets.ndim != 1 or labels.ndim != 1:
         raise BenchError(f"{path}: arrays: keep must be (models, examples), targets and test_labels one-dimensional")
     n_models, n_examples = keep.shape
-    if targets.size and (targets.min() < 0 or targets.max() >= n_models):
+    if not labels.size or not targets.size:
+        raise BenchError(f"{path}: arrays: test_labels and targets must not be empty (no accuracy or attack without them)")
+    if targets.min() < 0 or targets.max() >= n_models:
         raise BenchError(f"{path}: arrays: targets must be pool model indices below {n_models}")
     shapes = {key: (targets.size, n_examples) for key, _ in attacks}
     shapes.update(test_predictions=(targets.size, labels.size), reference_test_predictions=(targets.size, labels.size))
@@ -126,8 +128,12 @@ def verify_result(path: Path, arrays_required: bool = True) -> Result:
             if saved is None or saved.shape != scores.shape or not np.allclose(saved, scores, rtol=0, atol=TOLERANCE):
                 raise BenchError(f"{path}: arrays.{prefix}membership__{attack}: the saved membership scores are not "
                                  "what the attack gives on the saved scores")
-        recomputed = build_evaluation(arrays["keep"], arrays["targets"], attacked.membership, arrays[predictions],
-                                      arrays["test_labels"], attacked.choices, attacked.chosen)
+        try:
+            recomputed = build_evaluation(arrays["keep"], arrays["targets"], attacked.membership, arrays[predictions],
+                                          arrays["test_labels"], attacked.choices, attacked.chosen)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:  # e.g. a number no evaluation can hold
+            raise BenchError(f"{path}: arrays: the saved arrays give no valid {name} evaluation "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
         problems = differences(evaluation.model_dump(mode="json"), recomputed.model_dump(mode="json"), name,
                                TOLERANCE)
         if problems:

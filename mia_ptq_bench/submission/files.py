@@ -82,11 +82,11 @@ def scan(folder: Path) -> Inventory:
                 refuse(path, "not a regular file")
                 continue
             total += info.st_size
-            if is_temporary(entry.name):
-                continue
             limit = SUBMISSION_FILE_BYTES.get(path.suffix, SUBMISSION_OTHER_FILE_BYTES)
-            if info.st_size > limit:
+            if info.st_size > limit:  # a temporary name does not lift the bound: it is a name anyone can give
                 refuse(path, f"{size_text(info.st_size)}, larger than the {size_text(limit)} allowed for this kind of file")
+                continue
+            if is_temporary(entry.name):
                 continue
             found.files.append(path.relative_to(folder))
     if total > SUBMISSION_TOTAL_BYTES:

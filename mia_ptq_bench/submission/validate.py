@@ -23,6 +23,7 @@ from .manifest import EVIDENCE_SUFFIX, MANIFEST, manifest_path
 from .schema import REFERENCE_ENTRIES, SubmissionSpec, checked_config
 
 ALLOWED_TOP = {"submission.yaml", "README.md"}
+ROOT_README = "README.md"  # the one file beside the submission folders
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -223,6 +224,10 @@ def submission_problems(root: Path) -> dict[Path, list[str]]:
     strays = [p for p in sorted(Path(root).iterdir()) if (p.is_dir() or p.is_symlink()) and p not in found] \
         if not (Path(root) / "submission.yaml").exists() else []
     result = {folder: validate_submission(folder) for folder in found}
+    if not (Path(root) / "submission.yaml").exists():  # beside the submissions only their README: nothing unchecked
+        for entry in sorted(Path(root).iterdir()):
+            if entry.name != ROOT_README and not entry.is_symlink() and not entry.is_dir():
+                result[entry] = [f"{entry}: (file): only submission folders and {ROOT_README} may sit in {root}; refused"]
     for stray in strays:
         result[stray] = ([f"{stray}: (folder): is a symbolic link; refused"] if stray.is_symlink() else
                          [f"{stray}: submission.yaml: missing (every folder under {root} is a submission)"])
