@@ -59,6 +59,25 @@ def test_import_path_quantizer(tmp_path: Path) -> None:
     assert document["quantizer"]["config"] == {"offset": 0.25} and document["quantizer"]["version"] == "0.1"
 
 
+def test_a_quantizer_that_leaves_full_precision_weights_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "noop.py").write_text(textwrap.dedent('''
+        from mia_ptq_bench.plugin import Quantizer
+
+        class KeepsFloats(Quantizer):
+            """Claims to quantize, returns the model as it came."""
+            version = "0.1"
+
+            def quantize(self, model, calibration, plan):
+                return model
+    '''))
+    result = evaluate(f"{tmp_path / 'noop.py'}:KeepsFloats", "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "quantizer 'KeepsFloats' on pool model 0 at w2: bit-width audit failed, result refused (" in message, message
+    assert "values in a channel, plan allows 4" in message
+    assert not list((tmp_path / "r").rglob("*.json")) and not list((tmp_path / "r").rglob("*.npz"))
+
+
 def test_not_a_quantizer_is_refused(tmp_path: Path) -> None:
     (tmp_path / "other.py").write_text("class Thing:\n    pass\n")
     result = evaluate(f"{tmp_path / 'other.py'}:Thing", "--out", str(tmp_path / "r"))
