@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import TASKS
+from conftest import TASKS, needed, strict
 from mia_ptq_bench.board.rank import pareto_front
 from mia_ptq_bench.board.build import build_site, safe_url
 from mia_ptq_bench.cli import app
@@ -261,12 +261,24 @@ def test_pull_request_jobs_run_the_base_code_on_the_pull_request_s_submissions(t
         _git(origin, "checkout", "-q", "main")
 
 
+def test_under_the_test_command_a_missing_dependency_fails_instead_of_skipping(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("MPTQ_NO_SKIPS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not here"):
+        needed("no_such_module_for_the_test", "not here")
+    monkeypatch.setenv("MPTQ_NO_SKIPS", "1")  # what scripts/run-tests exports
+    with pytest.raises(pytest.fail.Exception, match=r"not here \(a skip proves nothing here\)"):
+        needed("no_such_module_for_the_test", "not here")
+    assert "export MPTQ_NO_SKIPS=1" in (REPO / "scripts" / "run-tests").read_text()
+    assert needed("json", "always there").dumps([1]) == "[1]"
+
+
 @pytest.fixture(scope="module")
 def browser():
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed: pip install playwright")
+    playwright = needed("playwright.sync_api", "playwright not installed: pip install -e '.[test]'")
     if not CHROMIUM.is_file():
         reason = f"no Chromium at {CHROMIUM}: apt-get install chromium (Debian's package), or run scripts/run-tests"
-        if os.environ.get("CI") == "true":  # in CI a skipped browser test would prove nothing: fail instead
+        if strict():  # under the test command a skipped browser test would prove nothing: fail instead
             pytest.fail(reason)
         pytest.skip(reason)
     with playwright.sync_playwright() as p:

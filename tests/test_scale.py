@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import TASKS
+from conftest import TASKS, needed
 from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.pool import PoolStore, build_pool
 from mia_ptq_bench.atomic import sha256_file
@@ -118,7 +118,7 @@ def test_export_manifest_lists_every_file(hub_cache: dict) -> None:
 
 @pytest.mark.slow
 def test_ray_executor_gives_identical_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ray = pytest.importorskip("ray", reason="Ray not installed: pip install -e '.[ray]'")
+    ray = needed("ray", "Ray not installed: pip install -e '.[ray]'")
     from mia_ptq_bench.executor import RayExecutor
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -138,7 +138,7 @@ def test_ray_executor_gives_identical_results(tmp_path: Path, monkeypatch: pytes
 
 @pytest.mark.slow
 def test_ray_failures_are_reported_not_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
-    ray = pytest.importorskip("ray", reason="Ray not installed")
+    ray = needed("ray", "Ray not installed: pip install -e '.[ray]'")
     from mia_ptq_bench.errors import BenchError
     from mia_ptq_bench.executor import RayExecutor
 
