@@ -78,6 +78,43 @@ def test_a_quantizer_that_leaves_full_precision_weights_is_refused_and_writes_no
     assert not list((tmp_path / "r").rglob("*.json")) and not list((tmp_path / "r").rglob("*.npz"))
 
 
+def test_a_subclass_of_a_builtin_is_its_own_quantizer_and_editing_it_invalidates_its_cache(tmp_path: Path) -> None:
+    from mia_ptq_bench.quantize.builtin import RoundToNearest
+    from mia_ptq_bench.quantize.plugins import load_import_path
+
+    source = textwrap.dedent('''
+        from mia_ptq_bench.quantize.builtin import RoundToNearest
+
+        class Coarser(RoundToNearest):
+            """Round-to-nearest on a grid of a quarter of the plan's levels (at least two)."""
+
+            def quantize_prepared(self, models, originals, calibrations, levels):
+                super().quantize_prepared(models, originals, calibrations, {k: max(2, v // 4) for k, v in levels.items()})
+    ''')
+    plugin = tmp_path / "coarser.py"
+    plugin.write_text(source)
+    cache = str(tmp_path / "cache")
+    assert evaluate("rtn", "--cache-dir", cache, "--out", str(tmp_path / "r")).exit_code == 0
+    result = evaluate(f"{plugin}:Coarser", "--cache-dir", cache, "--out", str(tmp_path / "r"))
+    assert result.exit_code == 0, result.stderr
+    ours = json.loads((tmp_path / "r" / "tiny-digits" / "Coarser" / "w2--oblivious.json").read_text())
+    builtin = json.loads((tmp_path / "r" / "tiny-digits" / "rtn" / "w2--oblivious.json").read_text())
+    assert ours["quantizer"]["name"] == "Coarser"  # not the name it inherits: its own results, its own cache
+    assert {a["max_distinct"] for a in ours["audit"]} == {2} and {a["max_distinct"] for a in builtin["audit"]} == {4}
+    assert RoundToNearest().code_digest() == ""  # built-ins are keyed by their version
+    before = load_import_path(f"{plugin}:Coarser")().code_digest()
+    plugin.write_text(source.replace("max(2, v // 4)", "v"))  # the same class, edited, its version not bumped
+    sys.modules.pop(load_import_path(f"{plugin}:Coarser").__module__)
+    after = load_import_path(f"{plugin}:Coarser")().code_digest()
+    assert before and after and before != after
+    result = evaluate(f"{plugin}:Coarser", "--cache-dir", cache, "--out", str(tmp_path / "r2"))
+    assert result.exit_code == 0, result.stderr
+    edited = json.loads((tmp_path / "r2" / "tiny-digits" / "Coarser" / "w2--oblivious.json").read_text())
+    assert {a["max_distinct"] for a in edited["audit"]} == {4}  # the plan's own levels: quantized again, not cached
+    quantized = sorted(p.name for p in (tmp_path / "cache" / "quantized").glob("*/*"))
+    assert len([name for name in quantized if name.startswith("Coarser-")]) == 2, quantized
+
+
 def test_not_a_quantizer_is_refused(tmp_path: Path) -> None:
     (tmp_path / "other.py").write_text("class Thing:\n    pass\n")
     result = evaluate(f"{tmp_path / 'other.py'}:Thing", "--out", str(tmp_path / "r"))

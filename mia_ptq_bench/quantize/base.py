@@ -11,7 +11,10 @@ goes into every result.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import ClassVar
 
 import torch.nn as nn
@@ -67,6 +70,24 @@ class Quantizer(ABC):
 
     @abstractmethod
     def quantize(self, model: nn.Module, calibration: Calibration, plan: PrecisionPlan) -> nn.Module: ...
+
+    def code_digest(self) -> str:
+        """A digest of the source files of this quantizer's classes that live outside the benchmark, or ""
+        for a built-in: what the cache of its outputs is also keyed on, so that editing a plugin without
+        bumping its ``version`` cannot bring back outputs of the code as it was."""
+        digest = hashlib.sha256()
+        found = False
+        for cls in type(self).__mro__:
+            if cls.__module__.split(".")[0] in ("mia_ptq_bench", "builtins", "abc"):
+                continue
+            try:
+                source = inspect.getsourcefile(cls)
+            except TypeError:
+                source = None
+            data = Path(source).read_bytes() if source and Path(source).is_file() else cls.__qualname__.encode()
+            digest.update(f"{cls.__module__}:{cls.__qualname__}\0".encode() + data)
+            found = True
+        return digest.hexdigest() if found else ""
 
     def describe(self) -> dict:
         config = self.config.model_dump(mode="json")

@@ -50,9 +50,11 @@ class OutputStore:
         self.progress = progress or SilentProgress()
         described = quantizer.describe()
         calibration = content_hash(spec.calibration.model_dump(mode="json"))
+        code = quantizer.code_digest()  # "" for a built-in, whose version is bumped with its code
+        key = described["config_hash"] if not code else content_hash({"config": described["config_hash"], "code": code})
         self.pool = pool
         self.root = (Path(cache_dir) / "quantized" / pool.store.root.name /
-                     f"{quantizer.name}-{described['config_hash'][:12]}" / f"{plan}-cal{calibration[:8]}-v{FORMAT}")
+                     f"{quantizer.name}-{key[:12]}" / f"{plan}-cal{calibration[:8]}-v{FORMAT}")
 
     def path(self, index: int) -> Path:
         return self.root / f"model-{index:04d}.npz"

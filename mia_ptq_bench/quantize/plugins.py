@@ -33,7 +33,7 @@ class Found:
 def _checked(obj: object, name: str, where: str) -> type[Quantizer]:
     if not (isinstance(obj, type) and issubclass(obj, Quantizer)):
         raise BenchError(f"{where}: {obj!r} is not a subclass of mia_ptq_bench.quantize.Quantizer")
-    if not getattr(obj, "name", None):
+    if not obj.__dict__.get("name"):  # its own name, never one inherited: a subclass of rtn is not rtn
         obj.name = name
     return obj
 
