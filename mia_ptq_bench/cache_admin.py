@@ -48,7 +48,10 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
             n_models, task = 0, pool.name
         done = len(list((pool / "models").glob("*.json")))
         source = pool / "source.json"
-        origin = f", pulled from {json.loads(source.read_text()).get('repo')}" if source.is_file() else ""
+        try:
+            origin = f", pulled from {json.loads(source.read_text()).get('repo')}" if source.is_file() else ""
+        except (OSError, ValueError, AttributeError):
+            origin = ", pulled (source.json unreadable)"
         files, size = _size(pool)
         entries.append(CacheEntry("pool", pool, task, f"{done}/{n_models} models{origin}", files, size))
     for plan in sorted((Path(cache_dir) / "quantized").glob("*/*/*")):

@@ -220,6 +220,52 @@ def test_foreign_cache_folder_is_refused(tiny_task, tmp_path: Path) -> None:
         build_pool(tiny_task, data, tmp_path)
 
 
+def test_a_pool_trained_on_other_data_is_refused(tiny_task, tmp_path: Path) -> None:
+    from mia_ptq_bench.data import ImageDataset, Split
+
+    data = load_dataset(tiny_task.dataset)
+    pool = build_pool(tiny_task, data, tmp_path)
+    header = pool.store.root / "pool.json"
+    assert json.loads(header.read_text())["data_sha256"] == data.digest()
+    images = data.pool.images.clone()
+    images[0, 0, 0, 0] ^= 1  # one pixel of one image: other files under the same task
+    other = ImageDataset(data.name, Split(images, data.pool.labels), data.test, data.num_classes, data.mean, data.std)
+    assert other.digest() != data.digest()
+    with pytest.raises(CacheError, match=r"pool\.json: data_sha256: this pool was trained on other data"):
+        build_pool(tiny_task, other, tmp_path)
+    # a header written before pools recorded their data takes the data of its next use
+    info = json.loads(header.read_text())
+    del info["data_sha256"]
+    header.write_text(json.dumps(info))
+    build_pool(tiny_task, data, tmp_path)
+    assert json.loads(header.read_text())["data_sha256"] == data.digest()
+
+
+def test_a_pulled_pool_with_a_model_retrained_here_no_longer_names_the_hub(tiny_task, tmp_path: Path) -> None:
+    from mia_ptq_bench.pool.hub import pool_source
+
+    data = load_dataset(tiny_task.dataset)
+    pool = build_pool(tiny_task, data, tmp_path, trainer="sequential")
+    source = pool.store.root / "source.json"
+    source.write_text(json.dumps({"repo": "someorg/digits-pool", "revision": "0" * 40}))  # as a pull leaves it
+    assert pool_source(pool.store).repo == "someorg/digits-pool"
+    weights = pool.store.weights_path(5)
+    weights.write_bytes(weights.read_bytes()[:100])
+    rebuilt = build_pool(tiny_task, data, tmp_path, trainer="sequential")
+    assert not source.exists() and pool_source(rebuilt.store) is None
+
+
+@pytest.mark.parametrize("name, text", [("pool.json", "[]"), ("source.json", "{oops"), ("source.json", "[1]")])
+def test_malformed_pool_bookkeeping_is_one_clear_error(tiny_task, tmp_path: Path, name: str, text: str) -> None:
+    from mia_ptq_bench.pool.hub import pool_source
+
+    data = load_dataset(tiny_task.dataset)
+    pool = build_pool(tiny_task, data, tmp_path)
+    (pool.store.root / name).write_text(text)
+    with pytest.raises(CacheError, match=f"{name}: unreadable cache record"):
+        build_pool(tiny_task, data, tmp_path) if name == "pool.json" else pool_source(pool.store)
+
+
 def test_batchnorm_models_build_in_stacked_groups(tmp_path: Path) -> None:
     from mia_ptq_bench.pool.train import auto_stack
 

@@ -8,6 +8,7 @@ happen here, identically for every dataset.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,19 @@ class ImageDataset:
         """The same dataset with its images and labels resident on ``device`` (no per-batch host copies)."""
         move = lambda split: Split(split.images.to(device), split.labels.to(device))  # noqa: E731
         return ImageDataset(self.name, move(self.pool), move(self.test), self.num_classes, self.mean, self.std)
+
+    def digest(self) -> str:
+        """sha256 of what a pool learns from: both splits' pixels and labels, the classes and the normalisation.
+
+        A cached pool records it, so that a pool trained on other files (another --data-root, a
+        different download) is never taken for this data's."""
+        digest = hashlib.sha256(repr((self.name, self.num_classes, self.mean, self.std)).encode())
+        for split in (self.pool, self.test):
+            for tensor in (split.images, split.labels):
+                array = np.ascontiguousarray(tensor.cpu().numpy())
+                digest.update(repr((array.dtype.str, array.shape)).encode())
+                digest.update(array.tobytes())
+        return digest.hexdigest()
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) on any device -> normalised float32."""

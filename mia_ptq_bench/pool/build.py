@@ -92,7 +92,7 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     n_models, n_examples = spec.membership.n_models, len(dataset.pool)
     keep = pool_keep_masks(spec, n_examples)
     store = PoolStore(cache_dir, spec)
-    store.ensure_header(keep)
+    store.ensure_header(keep, dataset.digest())
 
     done = [store.is_complete(i) for i in range(n_models)]
     for index in range(n_models):

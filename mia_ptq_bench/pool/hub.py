@@ -10,21 +10,19 @@ carry both. Offline, pulling works from the Hub library's own cache (HF_HUB_OFFL
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import sha256_file, write_json_atomic
-from ..errors import BenchError, SpecError, WriteError
+from ..errors import BenchError, CacheError, SpecError, WriteError
 from ..limits import MANIFEST_JSON_BYTES
 from ..readers import read_json_file
 from ..spec.schema import POOL_FIELDS, TaskSpec
-from .store import PoolStore
+from .store import SOURCE, PoolStore
 
 MANIFEST = "manifest.json"
-SOURCE = "source.json"
 
 
 @dataclass(frozen=True)
@@ -178,5 +176,8 @@ def pool_source(store: PoolStore) -> PoolSource | None:
     path = store.root / SOURCE
     if not path.is_file():
         return None
-    info = json.loads(path.read_text())
+    info = PoolStore._read_json(path)
+    if not (isinstance(info.get("repo"), str) and isinstance(info.get("revision"), str)):
+        raise CacheError(f"{path}: unreadable cache record (no repo and revision); delete it, or the pool, to "
+                         "pull it again")
     return PoolSource(info["repo"], info["revision"])

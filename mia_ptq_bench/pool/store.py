@@ -39,6 +39,9 @@ class ModelRecord:
     scores_sha256: str
 
 
+SOURCE = "source.json"  # where a pulled pool came from (pool/hub.py); gone once any model is replaced
+
+
 class PoolStore:
     def __init__(self, cache_dir: Path, spec: TaskSpec) -> None:
         self.spec = spec
@@ -55,8 +58,9 @@ class PoolStore:
         return self.root / "models" / f"model-{index:04d}.json"
 
     # -- pool-level files -----------------------------------------------------------------
-    def ensure_header(self, keep: np.ndarray) -> None:
-        """Write pool.json and keep.npy once; refuse a folder that belongs to another pool."""
+    def ensure_header(self, keep: np.ndarray, data_sha256: str) -> None:
+        """Write pool.json and keep.npy once; refuse a folder that belongs to another pool, or to the
+        same task trained on other data (``data_sha256``: ``ImageDataset.digest``)."""
         header = self.root / "pool.json"
         if header.exists():
             info = self._read_json(header)
@@ -66,12 +70,19 @@ class PoolStore:
             stored = self._load_npy(self.root / "keep.npy")
             if stored.shape != keep.shape or not np.array_equal(stored, keep):
                 raise CacheError(f"{self.root / 'keep.npy'}: masks differ from the task's; remove the folder to rebuild")
+            recorded = info.get("data_sha256")
+            if recorded is None:  # written before pools recorded their data: from now on it is this data's
+                write_json_atomic(header, {**info, "data_sha256": data_sha256})
+            elif recorded != data_sha256:
+                raise CacheError(f"{header}: data_sha256: this pool was trained on other data ({str(recorded)[:12]}…, "
+                                 f"the data loaded now is {data_sha256[:12]}…); point --data-root at the files it was "
+                                 "built from, or remove the folder to rebuild")
             return
         dumped = self.spec.model_dump(mode="json")
         write_atomic(self.root / "keep.npy", lambda handle: np.save(handle, keep))
         write_json_atomic(header, {
             "task_id": self.spec.id, "pool_hash": self.spec.pool_hash, "package_version": __version__,
-            "spec": {key: dumped[key] for key in POOL_FIELDS},
+            "spec": {key: dumped[key] for key in POOL_FIELDS}, "data_sha256": data_sha256,
         })
 
     # -- per-model files --------------------------------------------------------------------
@@ -106,8 +117,11 @@ class PoolStore:
         return None
 
     def discard(self, index: int) -> None:
-        """Forget model ``index`` (record first, so a crash in between leaves it merely incomplete)."""
-        for path in (self.record_path(index), self.weights_path(index), self.scores_path(index)):
+        """Forget model ``index`` (record first, so a crash in between leaves it merely incomplete).
+
+        A pulled pool stops naming its Hub origin first: with a model retrained here it is that
+        pool no longer, and results must not say it is."""
+        for path in (self.root / SOURCE, self.record_path(index), self.weights_path(index), self.scores_path(index)):
             path.unlink(missing_ok=True)
 
     def record(self, index: int) -> ModelRecord:
@@ -149,9 +163,13 @@ class PoolStore:
     @staticmethod
     def _read_json(path: Path) -> dict:
         try:
-            return json.loads(path.read_text())
+            info = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise CacheError(f"{path}: unreadable cache record ({exc}); delete it to redo that work") from None
+        if not isinstance(info, dict):
+            raise CacheError(f"{path}: unreadable cache record (a JSON {type(info).__name__}, not an object); "
+                             "delete it to redo that work")
+        return info
 
     @staticmethod
     def _load_npy(path: Path) -> np.ndarray:
