@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape as escape_markup
 from rich.table import Table
 
+from .environment import usable_device
 from .errors import BenchError, printable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
@@ -75,7 +76,10 @@ def make_quantizer(cls, settings: list[str], base: dict | None = None):
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise BenchError(f"--set {item!r}: expected KEY=VALUE")
-        config[key.strip()] = yaml.safe_load(value)
+        try:
+            config[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise BenchError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(exc).split())[:160]})") from None
     try:
         return cls(config)
     except ValidationError as exc:
@@ -127,7 +131,7 @@ def evaluate(
         if cache_dir is not None:
             options.cache_dir = cache_dir
         if device is not None:
-            options.device = device
+            options.device = usable_device(device)
         shown = attack or spec.attacks[0]
         if shown not in spec.attacks:
             raise BenchError(f"--attack {shown!r} is not among the task's attacks: {', '.join(spec.attacks)}")
@@ -299,7 +303,7 @@ def reproduce(
         if cache_dir is not None:
             options.cache_dir = cache_dir
         if device is not None:
-            options.device = device
+            options.device = usable_device(device)
         with RichProgress(console) as progress:
             outcomes = run_reproduce(paths, options, progress, tasks=task)
         console.print(reproduction_table(outcomes, show))

@@ -8,6 +8,8 @@ from importlib import metadata
 
 import torch
 
+from .errors import BenchError
+
 from . import __version__
 
 TRACKED = ("torch", "torchvision", "numpy", "scipy", "scikit-learn", "pydantic", "safetensors")
@@ -15,6 +17,21 @@ TRACKED = ("torch", "torchvision", "numpy", "scipy", "scikit-learn", "pydantic",
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def usable_device(device: str) -> str:
+    """``device`` if torch can compute on it here, else one clear error (before any work starts)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise BenchError(f"--device {device!r}: not a torch device ({str(exc).splitlines()[0][:240]})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {device!r}: no CUDA device is usable here (torch.cuda.is_available() is False)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise BenchError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type not in ("cpu", "cuda"):
+        raise BenchError(f"--device {device!r}: the benchmark runs on cpu or cuda")
+    return device
 
 
 def describe_device(device: str | torch.device) -> str:

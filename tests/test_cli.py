@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from mia_ptq_bench.cli import app
@@ -50,3 +51,17 @@ def test_near_misses_get_a_suggestion(tmp_path) -> None:
     assert result.exit_code == 2 and "unknown task 'digits-mpl' (did you mean 'digits-mlp'?)" in result.stderr
     result = cli.invoke(app, ["evaluate", "zzzz", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "did you mean" not in result.stderr  # no suggestion for nothing close
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--device", "bogus"], ["--device 'bogus': not a torch device"]),
+    (["--device", "cuda:99"], ["--device 'cuda:99': no CUDA device is usable here",
+                               "--device 'cuda:99': this machine has"]),
+    (["--set", "steps=[1"], ["--set 'steps=[1': the value is not valid YAML"]),
+])
+def test_bad_options_are_one_line_before_any_work(tmp_path, args, expected) -> None:
+    result = cli.invoke(app, ["evaluate", "rtn", "--task", "tiny-digits", "--out", str(tmp_path / "r"), *args])
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "Traceback" not in message, message
+    assert any(f"error: {e}" in message for e in expected), message
+    assert not (tmp_path / "r").exists()
