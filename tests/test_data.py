@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,38 @@ def test_missing_dataset_says_how_to_get_it(tmp_path: Path, name: str, hint: str
     with pytest.raises(DataError) as info:
         DATASETS.get(name)(tmp_path, False)
     assert str(tmp_path) in str(info.value) and hint in str(info.value)
+
+
+@pytest.mark.parametrize("name, array, message", [
+    ("train-labels-idx1-ubyte", np.zeros(19, np.uint8), "labels must have one entry per image: (19,) labels for 20 images"),
+    ("train-labels-idx1-ubyte", np.full(20, 200, np.uint8), "fashion-mnist: training labels must lie in 0..9, found 200..200"),
+    ("t10k-images-idx3-ubyte", np.zeros(8 * 28 * 28, np.uint8), "images must be uint8 (N, C, H, W), got torch.uint8 (6272, 1)"),
+], ids=["counts-differ", "label-out-of-range", "one-dimensional-images"])
+def test_fashion_mnist_files_of_the_wrong_shape_are_one_data_error(tmp_path: Path, name: str, array: np.ndarray,
+                                                                   message: str) -> None:
+    fabricate.fashion_mnist(tmp_path / "fashion-mnist", compress=False)
+    fabricate.idx(tmp_path / "fashion-mnist" / name, array, compress=False)
+    with pytest.raises(DataError) as caught:
+        load_dataset(DatasetSpec(name="fashion-mnist"), tmp_path)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("content", [pickle.dumps(7), b"\x80\x04garbage that is no pickle",
+                                     pickle.dumps({b"data": np.zeros(100, np.uint8), b"labels": [0]})],
+                         ids=["an-int", "garbage", "wrong-size"])
+def test_a_damaged_cifar_batch_is_one_data_error(tmp_path: Path, content: bytes) -> None:
+    fabricate.cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(content)
+    with pytest.raises(DataError, match=r"data_batch_2: (cannot read CIFAR batch|CIFAR batch)"):
+        load_dataset(DatasetSpec(name="cifar10"), tmp_path)
+
+
+def test_tinyimagenet_decodes_again_over_a_damaged_cache_and_gives_row_major_images(tmp_path: Path) -> None:
+    fabricate.tinyimagenet(tmp_path)
+    first = DATASETS.get("tinyimagenet")(tmp_path, False)
+    # the decoder stacks images transposed from HWC: the trainers need row-major pixels from the first run on
+    assert first.pool.images.is_contiguous() and first.test.images.is_contiguous()
+    decoded = tmp_path / "tiny-imagenet-200.decoded.npz"
+    decoded.write_bytes(decoded.read_bytes()[:200])  # truncated: not a zip any more
+    again = DATASETS.get("tinyimagenet")(tmp_path, False)
+    assert torch.equal(again.pool.images, first.pool.images) and again.pool.images.is_contiguous()

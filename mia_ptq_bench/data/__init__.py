@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import BenchError, DataError
 from ..spec.schema import DatasetSpec
 from . import loaders as _builtin  # noqa: F401  (registers the built-in datasets)
 from .base import DATA_ENV, DATASET_SHAPES, DATASETS, DatasetShape, ImageDataset, Split, default_data_root, resize, \
@@ -11,7 +12,14 @@ from .base import DATA_ENV, DATASET_SHAPES, DATASETS, DatasetShape, ImageDataset
 
 
 def load_dataset(spec: DatasetSpec, data_root: Path | None = None, download: bool = False) -> ImageDataset:
-    raw = DATASETS.get(spec.name)(Path(data_root) if data_root else default_data_root(), download)
+    root = Path(data_root) if data_root else default_data_root()
+    try:
+        raw = DATASETS.get(spec.name)(root, download)
+    except BenchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed file can fail a decoder anywhere: one line, never a traceback
+        raise DataError(f"{spec.name} under {root}: the files cannot be read as this dataset "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     pool = resize(seeded_subset(raw.pool, spec.pool_size, spec.subset_seed), spec.image_size)
     test = resize(seeded_subset(raw.test, spec.test_size, spec.subset_seed + 1), spec.image_size)
     # Normalisation statistics stay those of the full training split.

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError
 from ..registry import Registry
 
 DATA_ENV = "MPTQ_DATA"
@@ -30,9 +31,10 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+            raise DataError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.shape != (self.images.shape[0],):
-            raise ValueError("labels must have one entry per image")
+            raise DataError(f"labels must have one entry per image: {tuple(self.labels.shape)} labels for "
+                            f"{self.images.shape[0]} images")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -129,6 +131,14 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 
 def make_dataset(name: str, pool: Split, test: Split, num_classes: int) -> ImageDataset:
+    for split_name, split in (("training", pool), ("test", test)):
+        if len(split) and (int(split.labels.min()) < 0 or int(split.labels.max()) >= num_classes):
+            raise DataError(f"{name}: {split_name} labels must lie in 0..{num_classes - 1}, found "
+                            f"{int(split.labels.min())}..{int(split.labels.max())}")
+    # Row-major pixels whatever the decoder left (a stack of transposed images keeps their strides):
+    # the trainers view batches without copying.
+    pool = Split(pool.images.contiguous(), pool.labels)
+    test = Split(test.images.contiguous(), test.labels)
     mean, std = channel_stats(pool.images)
     return ImageDataset(name=name, pool=pool, test=test, num_classes=num_classes, mean=mean, std=std)
 

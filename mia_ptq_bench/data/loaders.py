@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -113,18 +114,23 @@ def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as handle:
             return pickle.load(handle, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read CIFAR batch: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - unpickling a damaged file can raise almost anything
+        raise DataError(f"{path}: cannot read CIFAR batch: {type(exc).__name__}: {str(exc)[:160]}") from None
 
 
 def _cifar_split(paths: list[Path], label_key: bytes) -> Split:
     images, labels = [], []
     for path in paths:
         batch = _unpickle(path)
-        if b"data" not in batch or label_key not in batch:
+        if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
             raise DataError(f"{path}: CIFAR batch lacks {b'data'!r} or {label_key!r}")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        try:
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[label_key], dtype=np.int64).reshape(-1))
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise DataError(f"{path}: CIFAR batch is not 32x32 RGB images with a label each ({exc})") from None
+        if len(labels[-1]) != len(images[-1]):
+            raise DataError(f"{path}: {len(labels[-1])} labels for {len(images[-1])} images")
     return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
 
 
@@ -191,8 +197,8 @@ def _decode_tinyimagenet(base: Path) -> dict[str, np.ndarray]:
             raise DataError(f"{annotations}:{number}: expected 'file<TAB>wnid...' with a wnid from wnids.txt")
         test_x.append(_read_rgb(base / "val" / "images" / fields[0]))
         test_y.append(index[fields[1]])
-    return {"train_x": np.stack(train_x), "train_y": np.asarray(train_y, np.int64),
-            "test_x": np.stack(test_x), "test_y": np.asarray(test_y, np.int64),
+    return {"train_x": np.ascontiguousarray(np.stack(train_x)), "train_y": np.asarray(train_y, np.int64),
+            "test_x": np.ascontiguousarray(np.stack(test_x)), "test_y": np.asarray(test_y, np.int64),
             "num_classes": np.asarray(len(wnids))}
 
 
@@ -213,8 +219,8 @@ def load_tinyimagenet(root: Path, download: bool) -> ImageDataset:
     if decoded.is_file():
         try:
             with np.load(decoded) as archive:
-                arrays = {key: archive[key] for key in archive.files}
-        except (OSError, ValueError):
+                arrays = {key: archive[key] for key in ("train_x", "train_y", "test_x", "test_y", "num_classes")}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):  # a damaged cache: decode again
             arrays = None
     if arrays is None:
         arrays = _decode_tinyimagenet(base)
