@@ -12,6 +12,8 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .errors import BenchError
 from .progress import Progress, SilentProgress
 from .results.compare import Comparison, compare_results, regime
@@ -19,6 +21,7 @@ from .results.io import load_result
 from .results.schema import Result
 from .runner import RunOptions, evaluate
 from .spec import load_registered_task
+from .spec.loader import format_validation_error
 from .submission import MANIFEST, find_submissions
 from .submission.load import METADATA
 from .submission.resolve import resolve, submission_quantizer
@@ -62,7 +65,10 @@ def _submission_of(path: Path) -> Path | None:
 def _quantizer_for(path: Path, result: Result):
     folder = _submission_of(path)
     found = submission_quantizer(folder) if folder else resolve(result.quantizer.name)
-    quantizer = found.cls(result.quantizer.config)
+    try:
+        quantizer = found.cls(result.quantizer.config)
+    except ValidationError as exc:  # the document's config, which this quantizer's code does not accept
+        raise BenchError(format_validation_error(f"{path}: quantizer.config", exc)) from None
     described = quantizer.describe()
     if (described["name"], described["version"], described["config_hash"]) != (
             result.quantizer.name, result.quantizer.version, result.quantizer.config_hash):

@@ -80,6 +80,17 @@ def test_reproduce_refuses_a_stale_result(committed: Path, tmp_path: Path) -> No
     assert result.exit_code == 2 and "a stale result cannot be reproduced" in result.stderr
 
 
+def test_reproduce_refuses_a_config_the_quantizer_does_not_accept(committed: Path, tmp_path: Path) -> None:
+    odd = tmp_path / "odd.json"
+    document = json.loads((committed / "w1.58-last8--oblivious.json").read_text())
+    document["quantizer"]["config"]["steps"] = 0  # rtn's search runs at least one step
+    odd.write_text(json.dumps(document))
+    result = cli.invoke(app, ["reproduce", str(odd)], env={"COLUMNS": "250"})
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "Traceback" not in message, message
+    assert f"{odd}: quantizer.config: steps:" in message, message
+
+
 def reproduce_with_other_kernels(committed: Path, cache: Path) -> tuple[subprocess.CompletedProcess, dict]:
     """``mptq-bench reproduce`` of every committed result, in a process on torch's portable kernels."""
     env = {**os.environ, **ANOTHER_CPU, "MPTQ_TASKS": str(TASKS), "MPTQ_CACHE": str(cache), "COLUMNS": "200"}

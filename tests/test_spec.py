@@ -127,6 +127,23 @@ def test_extends_cycles_and_missing_parents_are_clear_errors(tmp_path: Path) -> 
         load_task(tmp_path / "c.yaml")
 
 
+def test_empty_or_unknown_parents_name_the_file_and_the_field(tmp_path: Path) -> None:
+    (tmp_path / "d.yaml").write_text('id: d\nextends: ""\n')
+    with pytest.raises(SpecError, match=r"d\.yaml: extends: expected a task id or a \.yaml path, got an empty string"):
+        load_task(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("id: e\nextends: no-such-task\n")
+    with pytest.raises(SpecError, match=r"e\.yaml: extends: unknown task 'no-such-task'"):
+        load_task(tmp_path / "e.yaml")
+
+
+def test_a_task_id_is_never_read_from_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "tiny-digits").mkdir()  # what evaluate leaves in its output folder: <out>/<task id>/
+    monkeypatch.chdir(tmp_path)
+    assert load_task("tiny-digits").id == "tiny-digits"
+    (tmp_path / "here.yaml").write_text("id: here\nextends: tiny-digits\n")
+    assert load_task("here.yaml").id == "here"  # a file name is still a file
+
+
 def test_bundled_study_tasks_state_only_their_differences() -> None:
     text = (Path(__file__).parent.parent / "tasks" / "cifar100-resnet50.yaml").read_text()
     assert "extends: cifar100-resnet18" in text and len(text.splitlines()) < 10

@@ -234,3 +234,18 @@ def test_the_wide_network_pools_before_its_relu_and_computes_the_same_bits(monke
     assert torch.equal(outputs[0], outputs[1])
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_memory_probe_takes_batchnorm_on_a_one_pixel_map() -> None:
+    from mia_ptq_bench.models import build_model
+    from mia_ptq_bench.pool.train import training_bytes
+    from mia_ptq_bench.spec.schema import ModelSpec
+
+    # A width-1/8 ResNet18 on 8x8 images ends on a 1x1 map, where BatchNorm refuses a batch of one image.
+    model = build_model(ModelSpec(arch="resnet18", width=0.125), (1, 8, 8), 10)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model.train()(torch.zeros(1, 1, 8, 8))
+    per_step = training_bytes(model, (1, 8, 8), 16)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert per_step > 4 * weights  # the activations of 16 images count, beside the weights
+    assert training_bytes(model, (1, 8, 8), 32) - per_step == per_step - training_bytes(model, (1, 8, 8), 0)

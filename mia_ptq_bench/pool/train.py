@@ -178,7 +178,8 @@ def training_bytes(model: nn.Module, input_shape: tuple[int, ...], batch_size: i
             copy.deepcopy(model).cpu().train()(torch.zeros(batch, *input_shape)).sum()
         return total
 
-    per_image = saved(2) - saved(1)
+    # Batches of 2 and 4, not 1 and 2: BatchNorm refuses a batch of one image on a 1x1 feature map.
+    per_image = (saved(4) - saved(2)) // 2
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return 2 * per_image * batch_size + 4 * weights
 

@@ -34,8 +34,11 @@ def available_tasks() -> dict[str, Path]:
 
 
 def resolve_task_path(ref: str | Path) -> Path:
+    """A task file: ``ref`` itself where it names one (a .yaml/.yml name, or a path with a folder in it),
+    else the registered task of that id. A bare id never looks in the current folder, where a results
+    folder of the same name (``<out>/<task id>/``) sits after every evaluation."""
     path = Path(ref)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
         if not path.is_file():
             raise SpecError(f"{path}: task file not found")
         return path
@@ -107,10 +110,14 @@ def resolved_document(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     parent_ref = data.pop("extends", None)
     if parent_ref is None:
         return data
-    if not isinstance(parent_ref, str):
-        raise SpecError(f"{path}: extends: expected a task id or a .yaml path, got {type(parent_ref).__name__}")
+    if not isinstance(parent_ref, str) or not parent_ref.strip():
+        got = type(parent_ref).__name__ if not isinstance(parent_ref, str) else "an empty string"
+        raise SpecError(f"{path}: extends: expected a task id or a .yaml path, got {got}")
     beside = path.parent / parent_ref
-    parent = beside if beside.suffix in (".yaml", ".yml") else resolve_task_path(parent_ref)
+    try:
+        parent = beside if beside.suffix in (".yaml", ".yml") else resolve_task_path(parent_ref)
+    except SpecError as exc:
+        raise SpecError(f"{path}: extends: {exc}") from None
     chain = (*chain, path.resolve())
     if parent.resolve() in chain:
         cycle = " -> ".join(p.name for p in (*chain, parent.resolve()))
