@@ -19,6 +19,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import CacheError
+
 
 @dataclass(frozen=True)
 class CacheEntry:
@@ -68,6 +70,10 @@ def clear_cache(cache_dir: Path, kind: str = "all", task: str | None = None) -> 
     removed = []
     for entry in list_cache(cache_dir):
         if (kind in ("all", entry.kind)) and (task is None or entry.task == task):
-            shutil.rmtree(entry.path)
+            try:
+                shutil.rmtree(entry.path)
+            except OSError as exc:
+                raise CacheError(f"{entry.path}: cannot remove it: {exc.strerror or exc}"
+                                 f"{f' (after removing {len(removed)} entries)' if removed else ''}") from None
             removed.append(entry)
     return removed

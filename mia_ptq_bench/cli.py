@@ -379,7 +379,7 @@ def cache_list(cache_dir: Annotated[Optional[Path], typer.Option(help="cache fol
     table = Table(title=f"cache: {escape(str(folder))}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("kind", "task", "what", "size"):
         table.add_column(column, justify="right" if column == "size" else "left")
-    for entry in list_cache(folder):
+    for entry in guarded(lambda: list_cache(folder)):
         table.add_row(escape(entry.kind), escape(entry.task), escape(entry.detail), f"{entry.bytes / 2**20:.1f} MiB")
     console.print(table)
 
@@ -396,7 +396,7 @@ def cache_clear(
     if kind not in ("pool", "quantized", "all"):
         errors.print(f"[bold red]error:[/] unknown kind {escape(repr(kind))}; choose pool, quantized or all")
         raise typer.Exit(2)
-    removed = clear_cache(_cache_dir(cache_dir), kind, task)
+    removed = guarded(lambda: clear_cache(_cache_dir(cache_dir), kind, task))
     console.print(f"removed {len(removed)} entries ({sum(e.bytes for e in removed) / 2**20:.1f} MiB)")
 
 

@@ -65,3 +65,13 @@ def test_bad_options_are_one_line_before_any_work(tmp_path, args, expected) -> N
     assert result.exit_code == 2 and "Traceback" not in message, message
     assert any(f"error: {e}" in message for e in expected), message
     assert not (tmp_path / "r").exists()
+
+
+def test_cache_list_reads_damaged_bookkeeping_without_a_traceback(tmp_path) -> None:
+    pool = tmp_path / "pools" / "tiny-digits-0123456789ab"
+    (pool / "models").mkdir(parents=True)
+    (pool / "pool.json").write_text("[]")
+    (pool / "source.json").write_text("{oops")
+    result = cli.invoke(app, ["cache", "list", "--cache-dir", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "pulled (source.json unreadable)" in result.output and "0/0 models" in result.output
