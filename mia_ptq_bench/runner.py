@@ -200,6 +200,11 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
         target_scores = np.stack([outputs[int(t)].scores for t in targets])
         predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
         audit = merge_audits([outputs[i].audit for i in indices])
+        # The plan's documents go first: a run killed while it rewrites the plan's shared files (the
+        # evidence, then each threat's arrays and document) leaves results missing, to be written by
+        # the next run, never a document pointing at files rewritten under it.
+        for threat in threats:
+            result_path(options.out_dir, spec.id, folder_name, str(plan), threat.name).unlink(missing_ok=True)
         evidence = None if plan.is_full_precision else write_plan_evidence(
             spec, quantizer, plan, outputs, indices, targets, result_path(options.out_dir, spec.id,
                                                                            folder_name, str(plan), "any"))

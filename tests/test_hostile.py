@@ -674,6 +674,30 @@ def test_temporaries_of_a_killed_writer_are_not_part_of_a_submission(subs: Path,
     assert not stray.exists()
 
 
+def test_a_run_killed_while_rewriting_a_plan_leaves_no_document_pointing_at_new_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench import runner
+    from mia_ptq_bench.quantize import QUANTIZERS
+
+    spec, out = load_task("tiny-digits"), tmp_path / "results"
+    options = runner.RunOptions(out_dir=out, cache_dir=tmp_path / "cache")
+    runner.evaluate("rtn", spec, plans=["w4"], options=options)
+    folder = out / "tiny-digits" / "rtn"
+    before = (folder / "w4.models.safetensors").read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the run dies after the plan's evidence, before its first document
+
+    monkeypatch.setattr(runner, "write_result", killed)
+    with pytest.raises(KeyboardInterrupt):  # the same plan again, another config: other weights, same file names
+        runner.evaluate(QUANTIZERS.get("rtn")({"search": "minmax"}), spec, plans=["w4"], options=options)
+    assert (folder / "w4.models.safetensors").read_bytes() != before  # rewritten under the old documents' names
+    for document in folder.glob("w4--*.json"):  # whatever is left must still agree with its files
+        result = load_result(document)
+        assert result.evidence.sha256 == sha256_file(folder / result.evidence.file), document.name
+    assert not list(folder.glob("w4--*.json"))
+
+
 # -- 6. submission folders ----------------------------------------------------------------------------
 
 def test_a_temporary_name_does_not_lift_the_size_bound(subs: Path) -> None:
