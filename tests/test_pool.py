@@ -320,3 +320,31 @@ def test_quantized_outputs_of_other_pool_weights_are_redone(tiny_task, tmp_path:
     retrained = dataclasses.replace(record, weights_sha256="0" * 64)
     pool.store.record = lambda index: retrained  # the pool model now has other weights
     assert store.load(0) is None and not store.path(0).exists()
+
+
+def test_hflip_query_mirrors_left_right_and_the_pool_scores_it(tiny_task, tmp_path: Path) -> None:
+    from mia_ptq_bench.inference import QUERIES
+
+    images = torch.arange(2 * 3 * 2 * 4, dtype=torch.float32).view(2, 3, 2, 4)  # no symmetry along any axis
+    mirrored = torch.empty_like(images)
+    for column in range(4):
+        mirrored[..., column] = images[..., 3 - column]
+    assert torch.equal(QUERIES.get("hflip")(images), mirrored)
+    assert torch.equal(QUERIES.get("identity")(images), images)
+
+    assert list(tiny_task.queries) == ["identity", "hflip"]
+    data = load_dataset(tiny_task.dataset)
+    pool = build_pool(tiny_task, data, tmp_path)
+    raw = data.pool.images
+    side = raw.shape[-1]
+    flipped = raw[..., [side - 1 - column for column in range(side)]]
+    labels = data.pool.labels.long()
+    for index in (0, 5):
+        model = pool.load_model(index).eval()
+        with torch.no_grad():
+            for query, batch in enumerate((raw, flipped)):
+                logits = model(data.normalize(batch)).double()
+                true = logits.gather(1, labels[:, None])[:, 0]
+                others = logits.scatter(1, labels[:, None], float("-inf")).logsumexp(1)
+                np.testing.assert_allclose(pool.scores[index, :, query], (true - others).numpy(), rtol=1e-5, atol=1e-5)
+        assert np.abs(pool.scores[index, :, 1] - pool.scores[index, :, 0]).max() > 0.1  # the mirror is seen
