@@ -14,7 +14,6 @@ def synthetic(gap: float, shadows: int = 32, examples: int = 3000, queries: int 
     """Scores ~ N(0, 1) when OUT and N(gap, 1) when IN, for shadows and a target."""
     rng = np.random.default_rng(seed)
     keep = rng.random((shadows + 1, examples)) < 0.5
-    keep[:shadows // 2, :] |= False
     scores = rng.normal(0.0, 1.0, (shadows + 1, examples, queries)) + gap * keep[..., None]
     return scores[1:], keep[1:], scores[0], keep[0]
 
@@ -60,15 +59,47 @@ def test_offline_one_sided_is_monotone_in_score() -> None:
     assert np.all(np.diff(values) > 0), "higher confidence must mean more likely a member"
 
 
-def test_quirk_options_change_the_answer() -> None:
+def test_fixed_variance_out_in_quirk_uses_the_in_spread_for_both_sides() -> None:
     shadow, shadow_in, target, _ = synthetic(gap=1.0, examples=300)
     shadow_in[:, :5] = True
     shadow_in[0, :5] = False
-    plain = lira_online(shadow, shadow_in, target, fixed_variance=True)
+    global_in = np.std(np.concatenate([shadow[shadow_in[:, j], j] for j in range(300)]))
+    global_out = np.std(np.concatenate([shadow[~shadow_in[:, j], j] for j in range(300)]))
+    assert abs(global_in - global_out) > 0.01  # the quirk is visible
+    expected = []
+    for j in range(300):
+        mu_in = np.median(shadow[shadow_in[:, j], j], axis=0)
+        mu_out = np.median(shadow[~shadow_in[:, j], j], axis=0)
+        expected.append((norm.logpdf(target[j], mu_in, global_in) - norm.logpdf(target[j], mu_out, global_in)).mean())
     quirk = lira_online(shadow, shadow_in, target, fixed_variance=True, fixed_variance_out="in")
-    truncated = lira_online(shadow, shadow_in, target, equalize_counts=True)
-    assert not np.allclose(plain, quirk)
-    assert not np.allclose(truncated, lira_online(shadow, shadow_in, target))
+    np.testing.assert_allclose(quirk, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(lira_online(shadow, shadow_in, target, fixed_variance=True),
+                               independent.lira(shadow, shadow_in, target, fixed=True), rtol=1e-10, atol=1e-12)
+
+
+def test_equalize_counts_keeps_the_first_shadows_up_to_the_smallest_count_of_each_side() -> None:
+    """The reference code's truncation: per example, only the first k_in IN and first k_out OUT shadows
+    (in shadow order) count, k being the smallest count of that side over all examples (here 5 IN, 6 OUT)."""
+    rng = np.random.default_rng(3)
+    shadows, examples = 16, 40
+    shadow = rng.normal(0, 1, (shadows, examples, 2)) + rng.normal(0, 3, (1, examples, 1))
+    target = rng.normal(0, 1, (examples, 2))
+    counts = rng.integers(7, 10, examples)  # IN counts 7-9, OUT counts 7-9...
+    counts[0], counts[1] = 5, 10  # ...but example 0 has 5 IN and example 1 has 6 OUT: the smallest
+    shadow_in = np.zeros((shadows, examples), bool)
+    for j in range(examples):
+        shadow_in[rng.permutation(shadows)[: counts[j]], j] = True
+    online, offline = [], []
+    for j in range(examples):
+        ins = [shadow[i, j] for i in range(shadows) if shadow_in[i, j]][:5]
+        outs = [shadow[i, j] for i in range(shadows) if not shadow_in[i, j]][:6]
+        mu_in, sd_in = np.median(ins, axis=0), np.std(ins, axis=0)
+        mu_out, sd_out = np.median(outs, axis=0), np.std(outs, axis=0)
+        online.append((norm.logpdf(target[j], mu_in, sd_in) - norm.logpdf(target[j], mu_out, sd_out)).mean())
+        offline.append(norm.logcdf(target[j], mu_out, sd_out).mean())
+    np.testing.assert_allclose(lira_online(shadow, shadow_in, target, equalize_counts=True), online, rtol=1e-10)
+    np.testing.assert_allclose(lira_offline(shadow, shadow_in, target, equalize_counts=True), offline, rtol=1e-10)
+    assert np.abs(lira_online(shadow, shadow_in, target) - online).max() > 0.01  # the truncation shows
 
 
 def test_an_example_with_shadows_on_one_side_only_borrows_the_mean_gap() -> None:
@@ -91,7 +122,12 @@ def test_an_example_with_shadows_on_one_side_only_borrows_the_mean_gap() -> None
     np.testing.assert_allclose(ours[[3, 7]], [expected_3, expected_7], rtol=1e-10)
     np.testing.assert_allclose(ours[both], independent.lira(shadow[:, both], shadow_in[:, both], target[both]),
                                rtol=0, atol=1e-9)  # the others are untouched
-    assert np.isfinite(lira_offline(shadow, shadow_in, target)).all()
+    # offline: example 3 has no OUT shadow; its OUT centre is its IN centre less the gap, its spread the mean OUT one
+    offline = lira_offline(shadow, shadow_in, target)
+    np.testing.assert_allclose(offline[3], norm.logcdf(target[3], mu_in_3 - gap, sd_out).mean(), rtol=1e-10)
+    others = both + [7]  # example 7 (no IN shadow) needs none: the offline attack fits the OUT side alone
+    np.testing.assert_allclose(offline[others], independent.lira(shadow[:, others], shadow_in[:, others],
+                                                                 target[others], online=False), rtol=1e-10)
 
 
 def test_no_example_with_both_sides_is_a_clear_error() -> None:
