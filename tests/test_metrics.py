@@ -57,6 +57,18 @@ def test_compact_roc_is_a_monotone_step_curve_below_the_exact_one() -> None:
         assert t == pytest.approx(independent.tpr_at(labels, scores, f + 1e-15), abs=1e-12)
 
 
+def test_compact_roc_reads_tpr_at_fpr_at_most_each_grid_value_by_hand() -> None:
+    # Sorted by score: M N M N M. ROC points (FPR, TPR): (0, 0), (0, 1/3), (1/2, 1/3), (1/2, 2/3), (1, 2/3), (1, 1).
+    labels = np.array([1, 0, 1, 0, 1], dtype=bool)
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+    m = attack_metrics(labels, scores)
+    assert m.roc_fpr[-1] == 1.0 and len(m.roc_fpr) == 51  # the grid ends exactly where the last FPR lands
+    assert m.roc_tpr[-1] == 1.0  # FPR <= 1 includes the point (1, 1), not only (1, 2/3)
+    for f, t in zip(m.roc_fpr[:-1], m.roc_tpr[:-1]):
+        assert abs(f - 0.5) > 1e-3  # no grid value within rounding of the FPR of 1/2 (the nearest is 10**-0.3)
+        assert t == pytest.approx(1 / 3 if f < 0.5 else 2 / 3, abs=1e-15), f
+
+
 def test_one_sided_labels_are_refused() -> None:
     with pytest.raises(ValueError, match="both members and non-members"):
         attack_metrics(np.ones(5, dtype=bool), np.arange(5.0))
