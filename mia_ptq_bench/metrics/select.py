@@ -44,7 +44,8 @@ def choose(spec: TaskSpec, keep: np.ndarray, targets: int | Sequence[int], strat
     """The strategy (threat model, attack) with the best shadow-only estimate for attacking ``targets``.
 
     ``targets``: one target or a block of them, all left out. ``strategies`` maps each threat
-    model the attacker may use to its shadows; ``pseudo`` holds the models that stand in for
+    model the attacker may use to its shadows, least informed first (``candidate_threats``'
+    order): an exact tie keeps the earlier strategy, and the task's attacks in their order; ``pseudo`` holds the models that stand in for
     the target (of the kind the attacker believes the target is). ``keep[t]`` of a target t is never read.
     """
     attacks = spec.strongest.attacks or spec.attacks
