@@ -117,23 +117,22 @@ def test_extends_merges_mappings_and_replaces_lists(tmp_path: Path, tiny_dict: d
     assert load_task(tmp_path / "flat" / "child.yaml").hash == loaded.hash
 
 
-def test_extends_cycles_and_missing_parents_are_clear_errors(tmp_path: Path) -> None:
+def test_extends_cycles_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("id: a\nextends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("id: b\nextends: a.yaml\n")
     with pytest.raises(SpecError, match=r"a\.yaml: extends: 'b\.yaml' makes a cycle: b\.yaml -> a\.yaml -> b\.yaml"):
         load_task(tmp_path / "b.yaml")
-    (tmp_path / "c.yaml").write_text("id: c\nextends: nowhere.yaml\n")
-    with pytest.raises(SpecError, match=r"c\.yaml: extends: .*nowhere\.yaml not found"):
+
+
+@pytest.mark.parametrize("parent, reason", [
+    ("nowhere.yaml", r"c\.yaml: extends: .*nowhere\.yaml not found"),
+    ('""', r"c\.yaml: extends: expected a task id or a \.yaml path, got an empty string"),
+    ("no-such-task", r"c\.yaml: extends: unknown task 'no-such-task'"),
+], ids=["missing-file", "empty", "unknown-id"])
+def test_missing_or_empty_parents_name_the_file_and_the_field(tmp_path: Path, parent: str, reason: str) -> None:
+    (tmp_path / "c.yaml").write_text(f"id: c\nextends: {parent}\n")
+    with pytest.raises(SpecError, match=reason):
         load_task(tmp_path / "c.yaml")
-
-
-def test_empty_or_unknown_parents_name_the_file_and_the_field(tmp_path: Path) -> None:
-    (tmp_path / "d.yaml").write_text('id: d\nextends: ""\n')
-    with pytest.raises(SpecError, match=r"d\.yaml: extends: expected a task id or a \.yaml path, got an empty string"):
-        load_task(tmp_path / "d.yaml")
-    (tmp_path / "e.yaml").write_text("id: e\nextends: no-such-task\n")
-    with pytest.raises(SpecError, match=r"e\.yaml: extends: unknown task 'no-such-task'"):
-        load_task(tmp_path / "e.yaml")
 
 
 def test_a_task_id_is_never_read_from_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
