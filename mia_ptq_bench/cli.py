@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.markup import escape as escape_markup
 from rich.table import Table
 
-from .environment import usable_device
 from .errors import BenchError, printable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
@@ -131,6 +130,8 @@ def evaluate(
         if cache_dir is not None:
             options.cache_dir = cache_dir
         if device is not None:
+            from .environment import usable_device
+
             options.device = usable_device(device)
         shown = attack or spec.attacks[0]
         if shown not in spec.attacks:
@@ -303,6 +304,8 @@ def reproduce(
         if cache_dir is not None:
             options.cache_dir = cache_dir
         if device is not None:
+            from .environment import usable_device
+
             options.device = usable_device(device)
         with RichProgress(console) as progress:
             outcomes = run_reproduce(paths, options, progress, tasks=task)

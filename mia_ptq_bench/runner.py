@@ -200,11 +200,13 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
         target_scores = np.stack([outputs[int(t)].scores for t in targets])
         predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
         audit = merge_audits([outputs[i].audit for i in indices])
-        # The plan's documents go first: a run killed while it rewrites the plan's shared files (the
-        # evidence, then each threat's arrays and document) leaves results missing, to be written by
-        # the next run, never a document pointing at files rewritten under it.
-        for threat in threats:
-            result_path(options.out_dir, spec.id, folder_name, str(plan), threat.name).unlink(missing_ok=True)
+        # All of the plan's documents go first, of every threat model (its evidence is theirs too, and
+        # holds the shadows only when a run's threats need them): a run that rewrites the plan's shared
+        # files, killed or run for fewer threats or another config, leaves results missing, to be
+        # written by the next run, never a document pointing at files rewritten under it.
+        plan_folder = result_path(options.out_dir, spec.id, folder_name, str(plan), "any").parent
+        for stale in plan_folder.glob(f"{plan}--*.json"):  # "w1.58--*" never matches "w1.58-last8--*"
+            stale.unlink(missing_ok=True)
         evidence = None if plan.is_full_precision else write_plan_evidence(
             spec, quantizer, plan, outputs, indices, targets, result_path(options.out_dir, spec.id,
                                                                            folder_name, str(plan), "any"))

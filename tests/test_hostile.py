@@ -696,6 +696,14 @@ def test_a_run_killed_while_rewriting_a_plan_leaves_no_document_pointing_at_new_
         result = load_result(document)
         assert result.evidence.sha256 == sha256_file(folder / result.evidence.file), document.name
     assert not list(folder.glob("w4--*.json"))
+    monkeypatch.undo()
+    # Not killed, but for fewer threat models: the evidence then holds the targets only, and the
+    # other threat's document from an earlier run must not stay behind pointing at it.
+    runner.evaluate("rtn", spec, plans=["w4"], options=options)
+    runner.evaluate("rtn", spec, plans=["w4"], threat_models=["oblivious"], options=options)
+    assert sorted(p.name for p in folder.glob("w4--*.json")) == ["w4--oblivious.json"]
+    result = load_result(folder / "w4--oblivious.json")
+    assert result.evidence.sha256 == sha256_file(folder / result.evidence.file)
 
 
 # -- 6. submission folders ----------------------------------------------------------------------------

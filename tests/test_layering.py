@@ -23,7 +23,7 @@ STAGES = [
 # and the site builder must not.
 LIGHT_MODULES = ["mia_ptq_bench.spec.schema", "mia_ptq_bench.spec.loader", "mia_ptq_bench.results.schema",
                  "mia_ptq_bench.results.verify", "mia_ptq_bench.submission", "mia_ptq_bench.board.build",
-                 "mia_ptq_bench.findings"]
+                 "mia_ptq_bench.findings", "mia_ptq_bench.cli"]
 
 
 def stage_of(module: str) -> int:

@@ -167,7 +167,8 @@ def test_workflows_are_valid_and_safe() -> None:
     # the tasks from the parsed metadata (submission.load.rerun_tasks), never by matching its text
     assert "rerun_tasks" in rerun and "grep" not in rerun
     # a package-published quantizer is installed from the parsed, pinned requirement before its rerun
-    assert 'pip install "$requirement"' in rerun and "submission.load import requirement" in rerun
+    assert 'pip install --constraint "$RUNNER_TEMP/constraints.txt" "$requirement"' in rerun
+    assert "submission.load import requirement" in rerun and "pip freeze --exclude-editable" in rerun
     # both jobs read the pull request at the commit the run started for, never its moving head ref
     for job in ("validate", "reproduce"):
         steps = validate["jobs"][job]["steps"]

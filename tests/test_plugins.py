@@ -107,6 +107,12 @@ def test_a_subclass_of_a_builtin_is_its_own_quantizer_and_editing_it_invalidates
     sys.modules.pop(load_import_path(f"{plugin}:Coarser").__module__)
     after = load_import_path(f"{plugin}:Coarser")().code_digest()
     assert before and after and before != after
+    moved = tmp_path / "elsewhere" / "coarser.py"  # the same code in another folder (a second clone)
+    moved.parent.mkdir()
+    moved.write_text(plugin.read_text())
+    assert load_import_path(f"{moved}:Coarser")().code_digest() == after
+    (moved.parent / "helper.py").write_text("FACTOR = 2\n")  # a module beside it, which it may import
+    assert load_import_path(f"{moved}:Coarser")().code_digest() != after
     result = evaluate(f"{plugin}:Coarser", "--cache-dir", cache, "--out", str(tmp_path / "r2"))
     assert result.exit_code == 0, result.stderr
     edited = json.loads((tmp_path / "r2" / "tiny-digits" / "Coarser" / "w2--oblivious.json").read_text())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 
-from ..errors import BenchError, DataError
+from ..errors import DataError
 from ..spec.schema import DatasetSpec
 from . import loaders as _builtin  # noqa: F401  (registers the built-in datasets)
 from .base import DATA_ENV, DATASET_SHAPES, DATASETS, DatasetShape, ImageDataset, Split, default_data_root, resize, \
@@ -15,11 +17,10 @@ def load_dataset(spec: DatasetSpec, data_root: Path | None = None, download: boo
     root = Path(data_root) if data_root else default_data_root()
     try:
         raw = DATASETS.get(spec.name)(root, download)
-    except BenchError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a malformed file can fail a decoder anywhere: one line, never a traceback
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+        # what decoding a malformed file raises: one line; a bug in a loader keeps its traceback
         raise DataError(f"{spec.name} under {root}: the files cannot be read as this dataset "
-                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
     pool = resize(seeded_subset(raw.pool, spec.pool_size, spec.subset_seed), spec.image_size)
     test = resize(seeded_subset(raw.test, spec.test_size, spec.subset_seed + 1), spec.image_size)
     # Normalisation statistics stay those of the full training split.

@@ -72,7 +72,7 @@ class ImageDataset:
             for tensor in (split.images, split.labels):
                 array = np.ascontiguousarray(tensor.cpu().numpy())
                 digest.update(repr((array.dtype.str, array.shape)).encode())
-                digest.update(array.tobytes())
+                digest.update(memoryview(array).cast("B"))  # no copy of the pixels
         return digest.hexdigest()
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

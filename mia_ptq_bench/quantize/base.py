@@ -27,6 +27,9 @@ from ..spec.plans import PrecisionPlan
 from .calibration import Calibration
 
 
+MAX_DIGESTED_FILES = 200  # .py files beside a plugin's own file that count, in name order
+
+
 class QuantizerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -72,21 +75,32 @@ class Quantizer(ABC):
     def quantize(self, model: nn.Module, calibration: Calibration, plan: PrecisionPlan) -> nn.Module: ...
 
     def code_digest(self) -> str:
-        """A digest of the source files of this quantizer's classes that live outside the benchmark, or ""
-        for a built-in: what the cache of its outputs is also keyed on, so that editing a plugin without
-        bumping its ``version`` cannot bring back outputs of the code as it was."""
+        """A digest of the source of this quantizer's classes that live outside the benchmark, or "" for a
+        built-in: what the cache of its outputs is also keyed on, so that editing a plugin without bumping
+        its ``version`` cannot bring back outputs of the code as it was.
+
+        Each such class counts with its qualified name, its file and the ``.py`` files beside it (the
+        helpers a submission folder's quantizer imports), by content only: the same code in another
+        folder or clone gives the same digest. Beside a file in site-packages only the file itself counts.
+        """
         digest = hashlib.sha256()
         found = False
         for cls in type(self).__mro__:
             if cls.__module__.split(".")[0] in ("mia_ptq_bench", "builtins", "abc"):
                 continue
+            found = True
+            digest.update(f"class {cls.__qualname__}\0".encode())
             try:
                 source = inspect.getsourcefile(cls)
-            except TypeError:
-                source = None
-            data = Path(source).read_bytes() if source and Path(source).is_file() else cls.__qualname__.encode()
-            digest.update(f"{cls.__module__}:{cls.__qualname__}\0".encode() + data)
-            found = True
+            except TypeError:  # defined where no file is (an interactive session)
+                continue
+            if not source or not Path(source).is_file():
+                continue
+            source = Path(source)
+            beside = [] if source.parent.name in ("site-packages", "dist-packages") else \
+                sorted(p for p in source.parent.glob("*.py") if p.name != source.name)
+            for file in [source, *beside[:MAX_DIGESTED_FILES]]:
+                digest.update(f"{file.name}\0".encode() + file.read_bytes() + b"\0")
         return digest.hexdigest() if found else ""
 
     def describe(self) -> dict:

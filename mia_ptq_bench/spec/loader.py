@@ -38,7 +38,7 @@ def resolve_task_path(ref: str | Path) -> Path:
     else the registered task of that id. A bare id never looks in the current folder, where a results
     folder of the same name (``<out>/<task id>/``) sits after every evaluation."""
     path = Path(ref)
-    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+    if path.suffix.lower() in (".yaml", ".yml") or "/" in str(ref) or os.sep in str(ref):
         if not path.is_file():
             raise SpecError(f"{path}: task file not found")
         return path
