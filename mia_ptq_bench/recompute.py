@@ -150,7 +150,10 @@ def _audit_problem(result: Result, recomputed: list[LayerAudit]) -> str | None:
 
 
 def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Path,
-              device: str = "cpu") -> Recomputation:
+              device: str = "cpu", identities: dict | None = None) -> Recomputation:
+    """``identities``: the identity verdicts of evidence files already checked, by (pool digest, evidence
+    sha256, models), shared by the calls of one run (a plan's threat models share one evidence file)."""
+    identities = {} if identities is None else identities
     spec = pool.spec
     threat = THREAT_MODELS.get(result.threat_model)
     task_threats = [THREAT_MODELS.get(n) for n in spec.threat_models] + [threat]
@@ -175,7 +178,11 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
         wanted = {int(t) for t in targets} | ({int(m) for m in models} if needs_shadows else set())
         try:
             tensors = load_evidence(path, result)
-            problem = identity_problem(pool, tensors, sorted(set(model_indices(tensors)) & wanted), device)
+            indices = sorted(set(model_indices(tensors)) & wanted)
+            key = (pool.store.digest(), result.evidence.sha256, tuple(indices))  # a plan's threats share one file
+            if key not in identities:
+                identities[key] = identity_problem(pool, tensors, indices, device)
+            problem = identities[key]
             if problem is None:
                 outputs = evidence_outputs(pool, tensors, plan, test, device, wanted)
         except _EVIDENCE_ERRORS as exc:
@@ -253,7 +260,7 @@ def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None =
     from .spec import load_registered_task
 
     loaded: dict[str, tuple[Pool, Split]] = {}
-    outcomes = []
+    outcomes, identities = [], {}
     for path in paths:
         try:
             result = load_result(path)
@@ -269,5 +276,5 @@ def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None =
             pool = build_pool(spec, context.dataset(), cache_dir, device)
             loaded[spec.id] = (pool, evaluation_test_split(spec.calibration, pool.dataset))
         pool, test = loaded[spec.id]
-        outcomes.append(recompute(path, result, pool, test, Path(cache_dir), device))
+        outcomes.append(recompute(path, result, pool, test, Path(cache_dir), device, identities))
     return outcomes
