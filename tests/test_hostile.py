@@ -57,7 +57,10 @@ def write_task(folder: Path, data: dict) -> Path:
     (lambda d: d["membership"].update(n_models=9), "membership", "4.5 is not a whole number of models"),
     # pkeep x n_models below 1 looped forever (a model with no members to train on)
     (lambda d: d["membership"].update(pkeep=0.1), "membership", "= 0.8 is not a whole number of models"),
-    (lambda d: d["membership"].update(pkeep=0.125), "membership", "must be IN at least 2 and OUT of at least 2"),
+    (lambda d: d["membership"].update(pkeep=0.125), "membership", "must be IN at least 3 and OUT of at least 3"),
+    # 2 IN of 8: leave-one-out kept one IN shadow for the target's members, no spread (LiRA's AUC fell to 0)
+    (lambda d: d["membership"].update(pkeep=0.25), "membership", "must be IN at least 3 and OUT of at least 3"),
+    (lambda d: d["membership"].update(pkeep=0.75), "membership", "must be IN at least 3 and OUT of at least 3"),
     (lambda d: d["training"].update(epochs=True), "training.epochs", "valid integer (got True)"),
     (lambda d: d["training"].update(epochs=2.5), "training.epochs", "valid integer (got 2.5)"),
     (lambda d: d["training"].update(epochs=10**9), "training.epochs", "less than or equal to 10000"),

@@ -98,11 +98,10 @@ def collect(root: Path, checks: Mapping[Path, Check] | None = None) -> Collected
             continue
         try:
             spec = load_submission(folder)
-            mine = []
+            mine, old = [], {}
             for task_id, path in published_files(folder, spec):
-                if str(path) in stale:
-                    line = f"{folder.name}: {path.parent}: results of an older version of {task_id}; rerun the evaluation"
-                    skipped += [] if line in skipped else [line]
+                if str(path) in stale:  # left out one by one, named in one line per task
+                    old.setdefault((task_id, path.parent), []).append(path.name)
                     continue
                 check = (checks or {}).get(path.resolve(), UNCHECKED)
                 if check.status == "refused":
@@ -110,6 +109,10 @@ def collect(root: Path, checks: Mapping[Path, Check] | None = None) -> Collected
                 result = check.rerun or load_result(path)
                 mine += [_row(spec.name, spec, result, attack, check.status)
                          for attack in [*result.quantized.attacks, STRONGEST]]
+            for (task_id, parent), names in old.items():
+                shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                skipped.append(f"{folder.name}: {parent}: {len(names)} result(s) of an older version of {task_id} "
+                               f"({shown}); rerun the evaluation")
         except (BenchError, ValueError, KeyError, TypeError, IndexError) as exc:  # validated, yet unreadable
             skipped.append(f"{folder.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             continue

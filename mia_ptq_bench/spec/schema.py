@@ -103,15 +103,18 @@ class MembershipSpec(Strict):
     @model_validator(mode="after")
     def _whole_members(self) -> MembershipSpec:
         # Every example is IN exactly int(pkeep * n_models) models (pool/masks.py). A fraction would be
-        # truncated silently; fewer than 2 IN (or OUT) leaves leave-one-out LiRA with an empty side for
-        # the target's own members (no shadow to fit), and 0 IN makes a model with no members to train on.
+        # truncated silently. Leave-one-out takes the target's own model from one side of each example:
+        # with 2 on that side, one shadow is left, whose spread is zero, and LiRA's ratio blows up on
+        # exactly the examples of one label (8 models at pkeep 0.25 or 0.75 gave an AUC of 0.000 on a
+        # real +1 member shift). Hence at least 3 IN and 3 OUT: two shadows or more on every side.
         members = self.pkeep * self.n_models
         if not float(members).is_integer():
             raise ValueError(f"pkeep x n_models = {self.pkeep!r} x {self.n_models} = {members!r} is not a whole "
                              "number of models (every example is in exactly that many)")
-        if not 2 <= members <= self.n_models - 2:
-            raise ValueError(f"pkeep x n_models = {int(members)}: every example must be IN at least 2 and OUT of at "
-                             "least 2 models, so that leave-one-out attacks keep a shadow on each side")
+        if not 3 <= members <= self.n_models - 3:
+            raise ValueError(f"pkeep x n_models = {int(members)}: every example must be IN at least 3 and OUT of at "
+                             "least 3 models, so that leave-one-out attacks keep two shadows on each side (one "
+                             "shadow has no spread)")
         return self
 
 
