@@ -102,6 +102,24 @@ def test_equalize_counts_keeps_the_first_shadows_up_to_the_smallest_count_of_eac
     assert np.abs(lira_online(shadow, shadow_in, target) - online).max() > 0.01  # the truncation shows
 
 
+def test_equalize_counts_lets_an_example_without_shadows_on_a_side_borrow() -> None:
+    """An example with no OUT shadow made the smallest OUT count 0 and emptied the side for every example
+    (an error); it counts only among examples that have some, and that example borrows its fit."""
+    shadow, shadow_in, target, _ = synthetic(gap=1.0, examples=10)
+    counts = shadow_in.sum(axis=0)
+    shadow_in[:, 7] = True  # example 7: every shadow trained on it, no OUT shadow
+    truncated = shadow_in.copy()
+    k_in, k_out = int(shadow_in.sum(axis=0).min()), int((~shadow_in[:, [j for j in range(10) if j != 7]]).sum(axis=0).min())
+    assert k_out > 0 and counts.min() > 0
+    # the same as equalizing by hand: first k_in IN and first k_out OUT shadows per example, then the attack
+    keep_in = np.cumsum(shadow_in, axis=0) <= k_in
+    keep_out = np.cumsum(~shadow_in, axis=0) <= k_out
+    served = (shadow_in & keep_in) | (~shadow_in & keep_out)
+    expected = lira_online(shadow, truncated, target, references=served)
+    np.testing.assert_allclose(lira_online(shadow, shadow_in, target, equalize_counts=True), expected, rtol=1e-12)
+    assert np.isfinite(lira_offline(shadow, shadow_in, target, equalize_counts=True)).all()
+
+
 def test_an_example_with_shadows_on_one_side_only_borrows_the_mean_gap() -> None:
     """Few shadows (a cheap adaptive attacker) leave some examples with no IN or no OUT model."""
     shadow, shadow_in, target, _ = synthetic(gap=1.0, examples=10)

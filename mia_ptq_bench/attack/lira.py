@@ -103,9 +103,17 @@ def _split(shadow_in: np.ndarray, equalize_counts: bool,
                              f"{references.shape}")
         inside, outside = inside & references, outside & references
     if equalize_counts:  # the reference code's truncation to the smallest count over examples
-        inside = first_k(inside, int(inside.sum(axis=0).min()))
-        outside = first_k(outside, int(outside.sum(axis=0).min()))
+        inside = first_k(inside, _smallest_present(inside))
+        outside = first_k(outside, _smallest_present(outside))
     return inside, outside
+
+
+def _smallest_present(side: np.ndarray) -> int:
+    """The fewest shadows any example has on this side, among examples with any: an example with none
+    borrows its fit (``fit_sides``) instead of emptying the side for every example."""
+    counts = side.sum(axis=0)
+    present = counts[counts > 0]
+    return int(present.min()) if present.size else 0
 
 
 def _memo_key(equalize_counts: bool, references: np.ndarray | None) -> tuple | None:
