@@ -8,9 +8,8 @@ from importlib import metadata
 
 import torch
 
-from .errors import BenchError
-
 from . import __version__
+from .errors import BenchError
 
 TRACKED = ("torch", "torchvision", "numpy", "scipy", "scikit-learn", "pydantic", "safetensors")
 

@@ -204,12 +204,11 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
         # holds the shadows only when a run's threats need them): a run that rewrites the plan's shared
         # files, killed or run for fewer threats or another config, leaves results missing, to be
         # written by the next run, never a document pointing at files rewritten under it.
-        plan_folder = result_path(options.out_dir, spec.id, folder_name, str(plan), "any").parent
-        for stale in plan_folder.glob(f"{plan}--*.json"):  # "w1.58--*" never matches "w1.58-last8--*"
+        beside = result_path(options.out_dir, spec.id, folder_name, str(plan), "any")
+        for stale in beside.parent.glob(f"{plan}--*.json"):  # "w1.58--*" never matches "w1.58-last8--*"
             stale.unlink(missing_ok=True)
         evidence = None if plan.is_full_precision else write_plan_evidence(
-            spec, quantizer, plan, outputs, indices, targets, result_path(options.out_dir, spec.id,
-                                                                           folder_name, str(plan), "any"))
+            spec, quantizer, plan, outputs, indices, targets, beside)
         for threat in threats:
             # 5. attack, and choose each target's strongest strategy on shadows alone
             attacked = attack_targets(spec, keep, targets, target_scores, threat, candidates[threat.name], shadows)

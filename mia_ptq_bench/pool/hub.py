@@ -176,7 +176,7 @@ def pool_source(store: PoolStore) -> PoolSource | None:
     path = store.root / SOURCE
     if not path.is_file():
         return None
-    info = PoolStore._read_json(path)
+    info = PoolStore.read_record(path)
     if not (isinstance(info.get("repo"), str) and isinstance(info.get("revision"), str)):
         raise CacheError(f"{path}: unreadable cache record (no repo and revision); delete it, or the pool, to "
                          "pull it again")

@@ -63,7 +63,7 @@ class PoolStore:
         same task trained on other data (``data_sha256``: ``ImageDataset.digest``)."""
         header = self.root / "pool.json"
         if header.exists():
-            info = self._read_json(header)
+            info = self.read_record(header)
             if info.get("pool_hash") != self.spec.pool_hash:
                 raise CacheError(f"{header}: pool_hash: belongs to pool {info.get('pool_hash')!r}, "
                                  f"not {self.spec.pool_hash!r}; remove the folder to rebuild")
@@ -126,7 +126,7 @@ class PoolStore:
 
     def record(self, index: int) -> ModelRecord:
         path = self.record_path(index)
-        info = self._read_json(path)
+        info = self.read_record(path)
         try:
             return ModelRecord(int(info["index"]), float(info["test_accuracy"]),
                                str(info["weights_sha256"]), str(info["scores_sha256"]))
@@ -161,7 +161,8 @@ class PoolStore:
                              f"(corrupted cache file); delete {self.record_path(index)} to retrain model {index}")
 
     @staticmethod
-    def _read_json(path: Path) -> dict:
+    def read_record(path: Path) -> dict:
+        """A cache's JSON bookkeeping file as a mapping, or one CacheError naming it."""
         try:
             info = json.loads(path.read_text())
         except (OSError, ValueError) as exc:

@@ -221,14 +221,16 @@ def submission_problems(root: Path) -> dict[Path, list[str]]:
     found = find_submissions(root)
     if not found:
         return {Path(root): [f"{root}: (folder): no submission.yaml here or in its subfolders"]}
-    strays = [p for p in sorted(Path(root).iterdir()) if (p.is_dir() or p.is_symlink()) and p not in found] \
-        if not (Path(root) / "submission.yaml").exists() else []
     result = {folder: validate_submission(folder) for folder in found}
-    if not (Path(root) / "submission.yaml").exists():  # beside the submissions only their README: nothing unchecked
-        for entry in sorted(Path(root).iterdir()):
-            if entry.name != ROOT_README and not entry.is_symlink() and not entry.is_dir():
-                result[entry] = [f"{entry}: (file): only submission folders and {ROOT_README} may sit in {root}; refused"]
-    for stray in strays:
-        result[stray] = ([f"{stray}: (folder): is a symbolic link; refused"] if stray.is_symlink() else
-                         [f"{stray}: submission.yaml: missing (every folder under {root} is a submission)"])
+    if (Path(root) / "submission.yaml").exists():  # one submission's own folder
+        return result
+    for entry in sorted(Path(root).iterdir()):  # beside the submissions only their README: nothing unchecked
+        if entry in found:
+            continue
+        if entry.is_symlink():
+            result[entry] = [f"{entry}: (folder): is a symbolic link; refused"]
+        elif entry.is_dir():
+            result[entry] = [f"{entry}: submission.yaml: missing (every folder under {root} is a submission)"]
+        elif not entry.is_dir() and entry.name != ROOT_README:
+            result[entry] = [f"{entry}: (file): only submission folders and {ROOT_README} may sit in {root}; refused"]
     return result
