@@ -9,6 +9,7 @@ within a few steps, for one-at-a-time training against itself in another memory 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -20,7 +21,7 @@ from mia_ptq_bench.data import ImageDataset, Split, load_dataset
 from mia_ptq_bench.pool import pool_keep_masks
 from mia_ptq_bench.pool.train import (Schedule, init_model, make_schedule, stack_size, train_sequential,
                                       train_stacked)
-from mia_ptq_bench.pool.wide import NotStackable, stack_states, unstack_state, widen
+from mia_ptq_bench.pool.wide import FlattenedStackedLinear, NotStackable, stack_states, unstack_state, widen
 from mia_ptq_bench.inference import accuracy
 from mia_ptq_bench.spec import load_task
 
@@ -234,6 +235,56 @@ def test_the_wide_network_pools_before_its_relu_and_computes_the_same_bits(monke
     assert torch.equal(outputs[0], outputs[1])
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+def _gradients_per_model(network: nn.Module, models: int) -> list[dict[str, torch.Tensor]]:
+    """Each model's own parameter gradients, out of a wide network's (through its state mapping)."""
+    as_gradients = copy.deepcopy(network)
+    for p, q in zip(as_gradients.parameters(), network.parameters(), strict=True):
+        p.data = q.grad.clone()
+    parameters = {name for name, _ in as_gradients.named_parameters()}
+    return [{name: value for name, value in unstack_state(as_gradients, models, i).items() if name in parameters}
+            for i in range(models)]
+
+
+def test_the_wide_network_reads_a_flattened_map_pixel_major_with_the_same_result(monkeypatch) -> None:
+    import mia_ptq_bench.pool.wide as wide_module
+
+    spec = small_task("cnn")
+    # 6 channels of 4x4 pixels: unequal, so that reading the map channel-major cannot pass for pixel-major
+    options = {**spec.model.options, "channels": [32, 24]}
+    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"options": options})})
+    data = float64(load_dataset(spec.dataset))
+    group = models(spec, data, [0, 1], dtype=torch.float64)
+    folded = widen(group, data.input_shape).train()
+    monkeypatch.setattr(wide_module, "_flatten_into_linear", lambda network, maps: None)
+    plain = widen(group, data.input_shape).train()
+    assert [type(m) for m in folded.modules()].count(FlattenedStackedLinear) == 1
+    assert FlattenedStackedLinear not in [type(m) for m in plain.modules()]
+    # stored pixel-major: the folded weight is not the plain one, but it maps back to each model's own
+    weight = next(m for m in folded.modules() if type(m) is FlattenedStackedLinear).weight
+    assert not torch.equal(weight, plain.get_submodule(str(len(plain) - 3)).weight)
+    for i, model in enumerate(group):
+        for (name, value), back in zip(model.state_dict().items(), unstack_state(folded, 2, i).values(), strict=True):
+            assert torch.equal(value, back), name
+
+    x = torch.randn(8, 2 * data.input_shape[0], *data.input_shape[1:], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        outputs, gradients = [], []
+        for network in (folded, plain):
+            network.zero_grad(set_to_none=True)
+            inputs = x.clone(memory_format=layout).requires_grad_()
+            out = network.to(memory_format=layout)(inputs)
+            out.square().sum().backward()
+            assert inputs.grad is not None
+            outputs.append((out.detach(), inputs.grad))
+            gradients.append(_gradients_per_model(network, 2))
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+        for ours, theirs in zip(*gradients, strict=True):
+            assert ours.keys() == theirs.keys()
+            for name in ours:
+                torch.testing.assert_close(ours[name], theirs[name], rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_the_memory_probe_takes_batchnorm_on_a_one_pixel_map() -> None:

@@ -4,7 +4,8 @@ Every activation of the wide network holds the G models side by side along the c
 model g owning channel block g: a Conv2d(C, O, groups=k) becomes Conv2d(G*C, G*O, groups=G*k),
 a BatchNorm over G*C channels keeps each model's batch and running statistics to its own
 channels, a Linear becomes one batched matmul, and channel-wise layers (ReLU, pooling,
-Flatten, residual additions) need no change. A forward of the wide network is then G
+residual additions) need no change; a Flatten and the Linear after it become one layer that reads
+each model's map in the order the channels_last layout stores it. A forward of the wide network is then G
 independent forwards, and the gradient of the summed losses is each model's own gradient.
 
 A layer that mixes channels across blocks (DenseNet's concatenations, for one) would break
@@ -25,7 +26,11 @@ class NotStackable(ValueError):
 
 
 class StackedLinear(nn.Module):
-    """G independent Linear layers: (B, G*in) -> (B, G*out), weights (G, out, in)."""
+    """G independent Linear layers: (B, G*in) -> (B, G*out), weights (G, out, in).
+
+    The product is taken as weight @ input^T, (G, out, B): then the weight's gradient comes out
+    of the backward matmul in the weight's own layout, with no transposing copy per step.
+    """
 
     def __init__(self, models: int, in_features: int, out_features: int, bias: bool = True,
                  dtype: torch.dtype | None = None) -> None:
@@ -34,12 +39,58 @@ class StackedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(models, out_features, in_features, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(models, out_features, dtype=dtype)) if bias else None
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Each model's input as columns, (G, in, B); a transposed view, which the matmul takes as it is."""
+        return x.reshape(x.shape[0], self.models, -1).permute(1, 2, 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        x = x.reshape(batch, self.models, -1).transpose(0, 1)
-        weight = self.weight.transpose(1, 2)
-        y = torch.bmm(x, weight) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), x, weight)
-        return y.transpose(0, 1).reshape(batch, -1)
+        batch, columns = x.shape[0], self.features(x)
+        y = torch.bmm(self.weight, columns) if self.bias is None else \
+            torch.baddbmm(self.bias.unsqueeze(2), self.weight, columns)
+        return y.permute(2, 0, 1).reshape(batch, -1)
+
+    def stack(self, leaf: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        """This layer's ``leaf`` parameter holding the models' own ``parts``."""
+        return torch.stack(parts)
+
+    def unstack(self, leaf: str, value: torch.Tensor, index: int) -> torch.Tensor:
+        """Model ``index``'s own ``leaf`` parameter, out of this layer's."""
+        return value[index]
+
+
+class FlattenedStackedLinear(StackedLinear):
+    """A Flatten and the StackedLinear after it, reading each model's (C, H, W) map in (H, W, C) order.
+
+    In a channels_last wide network, the models' channels sit side by side at every pixel; a plain
+    Flatten copies the map into each model's (C, H, W) order and hands its gradient back in that
+    order, so the ReLU and the max-pool before it run their backward on a mixed layout. Reading the
+    features in (H, W, C) order keeps the gradient channels_last; the weight is stored with its
+    columns in that order (``stack``/``unstack`` convert), so each model computes the same sums,
+    in another order. On fashion-mnist-cnn's wide network (G=16, 2 CPU cores) the step went from
+    73.8 to 70.0 ms.
+    """
+
+    def __init__(self, linear: StackedLinear, channels: int) -> None:
+        models, out_features, in_features = linear.weight.shape
+        super().__init__(models, in_features, out_features, linear.bias is not None, linear.weight.dtype)
+        self.channels = channels
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, self.models, self.channels)
+        return pixels.permute(2, 0, 1, 3).reshape(self.models, batch, -1).transpose(1, 2)
+
+    def _columns(self, weight: torch.Tensor, pixel_major: bool) -> torch.Tensor:
+        *lead, in_features = weight.shape
+        pixels = in_features // self.channels
+        shape = (*lead, pixels, self.channels) if pixel_major else (*lead, self.channels, pixels)
+        return weight.reshape(shape).transpose(-1, -2).reshape(*lead, in_features)
+
+    def stack(self, leaf: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([self._columns(p, pixel_major=False) if leaf == "weight" else p for p in parts])
+
+    def unstack(self, leaf: str, value: torch.Tensor, index: int) -> torch.Tensor:
+        return self._columns(value[index], pixel_major=True) if leaf == "weight" else value[index]
 
 
 def _wide_layer(module: nn.Module, g: int, dtype: torch.dtype) -> nn.Module | None:
@@ -62,9 +113,9 @@ def stack_states(models: list[nn.Module], wide: nn.Module) -> dict[str, torch.Te
     states = [m.state_dict() for m in models]
     stacked = {}
     for name, slot in wide.state_dict().items():
-        parts = [s[name] for s in states]
-        if slot.ndim == parts[0].ndim + 1:
-            stacked[name] = torch.stack(parts)
+        parts, owner = [s[name] for s in states], _owner(wide, name)
+        if isinstance(owner, StackedLinear):
+            stacked[name] = owner.stack(name.rpartition(".")[2], parts)
         elif slot.ndim == 0:  # num_batches_tracked: every model has taken the same steps
             stacked[name] = parts[0]
         else:
@@ -76,8 +127,9 @@ def unstack_state(wide: nn.Module, models: int, index: int) -> dict[str, torch.T
     """Model ``index``'s own state dict, out of the wide network's."""
     state = {}
     for name, value in wide.state_dict().items():
-        if isinstance(_owner(wide, name), StackedLinear):
-            state[name] = value[index]
+        owner = _owner(wide, name)
+        if isinstance(owner, StackedLinear):
+            state[name] = owner.unstack(name.rpartition(".")[2], value, index)
         elif value.ndim == 0:
             state[name] = value
         else:
@@ -104,6 +156,38 @@ def _pool_before_relu(network: nn.Module) -> None:
                     module[i], module[i + 1] = module[i + 1], module[i]
 
 
+def _flattened_maps(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """The channel count of every (C, H, W) map that a whole-sample nn.Flatten of ``model`` receives, by name."""
+    channels: dict[str, int] = {}
+
+    def record(name: str, inputs: tuple) -> None:
+        if inputs[0].ndim == 4:
+            channels[name] = inputs[0].shape[1]
+
+    probe = copy.deepcopy(model).cpu().eval()
+    for name, module in probe.named_modules():
+        if type(module) is nn.Flatten and module.start_dim == 1 and module.end_dim == -1:
+            module.register_forward_hook(lambda m, inputs, out, name=name: record(name, inputs))
+    dtype = next(probe.parameters()).dtype
+    try:
+        with torch.no_grad():
+            probe(torch.zeros(2, *input_shape, dtype=dtype))
+    except RuntimeError as exc:
+        raise NotStackable(f"the model does not run on its input shape: {exc}") from None
+    return channels
+
+
+def _flatten_into_linear(network: nn.Module, maps: dict[str, int]) -> None:
+    """Fold every Flatten -> StackedLinear pair of a Sequential whose Flatten receives a (C, H, W) map
+    into one FlattenedStackedLinear, in place (``maps``: C by the Flatten's name)."""
+    for prefix, module in network.named_modules():
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                name = f"{prefix}.{i}" if prefix else str(i)
+                if type(module[i]) is nn.Flatten and type(module[i + 1]) is StackedLinear and name in maps:
+                    module[i], module[i + 1] = nn.Identity(), FlattenedStackedLinear(module[i + 1], maps[name])
+
+
 def widen(models: list[nn.Module], input_shape: tuple[int, ...]) -> nn.Module:
     """One wide network holding ``models`` (same architecture) side by side; NotStackable if it cannot.
 
@@ -111,6 +195,7 @@ def widen(models: list[nn.Module], input_shape: tuple[int, ...]) -> nn.Module:
     copies on the CPU) and compares: a mix-up between channel blocks changes every output.
     """
     g = len(models)
+    maps = _flattened_maps(models[0], input_shape)
     wide = copy.deepcopy(models[0]).cpu()
     dtype = next(wide.parameters()).dtype  # float64 in the tests
     for name, module in list(wide.named_modules()):
@@ -120,6 +205,7 @@ def widen(models: list[nn.Module], input_shape: tuple[int, ...]) -> nn.Module:
         elif replacement is not None:
             parent, _, child = name.rpartition(".")
             setattr(wide.get_submodule(parent), child, replacement)
+    _flatten_into_linear(wide, maps)
     _pool_before_relu(wide)
     copies = [copy.deepcopy(m).cpu().eval() for m in models]
     wide.load_state_dict(stack_states(copies, wide))
