@@ -21,7 +21,8 @@ from mia_ptq_bench.data import ImageDataset, Split, load_dataset
 from mia_ptq_bench.pool import pool_keep_masks
 from mia_ptq_bench.pool.train import (Schedule, init_model, make_schedule, stack_size, train_sequential,
                                       train_stacked)
-from mia_ptq_bench.pool.wide import FlattenedStackedLinear, NotStackable, stack_states, unstack_state, widen
+from mia_ptq_bench.pool.wide import (FlattenedStackedLinear, NotStackable, StackedLinear, stack_states, unstack_state,
+                                     widen)
 from mia_ptq_bench.inference import accuracy
 from mia_ptq_bench.spec import load_task
 
@@ -285,6 +286,21 @@ def test_the_wide_network_reads_a_flattened_map_pixel_major_with_the_same_result
             assert ours.keys() == theirs.keys()
             for name in ours:
                 torch.testing.assert_close(ours[name], theirs[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_the_flatten_is_folded_only_where_the_two_orders_differ() -> None:
+    """One channel (an MLP on 1-channel images) or one pixel (four stages on 16px): the plain layers stay,
+    and with them the bits of the pools trained before the fold."""
+    spec = small_task("cnn")
+    data = load_dataset(spec.dataset)
+    assert data.input_shape[0] == 1
+    mlp = spec.model_copy(update={"model": spec.model.model_copy(update={"arch": "mlp", "options": {}})})
+    one_pixel = spec.model_copy(update={"model": spec.model.model_copy(
+        update={"options": {**spec.model.options, "channels": [8, 8, 8, 8]}})})
+    for task in (mlp, one_pixel):
+        kinds = [type(m) for m in widen(models(task, data, [0, 1]), data.input_shape).modules()]
+        assert nn.Flatten in kinds and StackedLinear in kinds
+        assert FlattenedStackedLinear not in kinds
 
 
 def test_the_memory_probe_takes_batchnorm_on_a_one_pixel_map() -> None:
