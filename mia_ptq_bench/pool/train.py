@@ -114,7 +114,10 @@ def on_device(schedule: Schedule, device: torch.device) -> Schedule:
 
 def _optimizer(spec: TaskSpec, params) -> torch.optim.SGD:
     recipe = spec.training
-    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    # foreach: the same elementwise update per tensor, a few dispatches per step instead of a few per
+    # tensor (1% of the stacked CNN's step on 2 CPU cores; the bits checked equal to the plain loop's)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                           foreach=True)
 
 
 def train_sequential(spec: TaskSpec, dataset: ImageDataset, model: nn.Module, schedule: Schedule,

@@ -139,18 +139,21 @@ def _owner(root: nn.Module, name: str) -> nn.Module:
 
 
 def _pool_before_relu(network: nn.Module) -> None:
-    """Swap every ReLU -> MaxPool2d pair of a Sequential to MaxPool2d -> ReLU, in place.
+    """Swap every ReLU -> MaxPool2d pair of a Sequential to MaxPool2d -> ReLU, the ReLU in place, in place.
 
     The two orders compute the same values and the same gradients, bit for bit (max picks one
     element and ReLU is monotone; where a window holds no positive value both give zero gradient),
     but the ReLU and its backward then touch a quarter of the elements: on fashion-mnist-cnn's
-    wide network (G=16, 2 CPU cores) the step went from 181 to 158 ms.
+    wide network (G=16, 2 CPU cores) the step went from 181 to 158 ms. The ReLU may then overwrite
+    the pooled map, which the max-pool's backward does not read (it keeps its input and indices),
+    and masks its gradient by output > 0, the same as input > 0: the same bits again, without a
+    fresh map to write (step 74.2 -> 71.7 ms, 8 interleaved rounds).
     """
     for module in network.modules():
         if isinstance(module, nn.Sequential):
             for i in range(len(module) - 1):
                 if type(module[i]) is nn.ReLU and type(module[i + 1]) is nn.MaxPool2d:
-                    module[i], module[i + 1] = module[i + 1], module[i]
+                    module[i], module[i + 1] = module[i + 1], nn.ReLU(inplace=True)
 
 
 def _flattened_maps(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
