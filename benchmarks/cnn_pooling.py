@@ -31,7 +31,7 @@ from machine import best_time, describe, idle_fraction, load_average, mean_time,
 from mia_ptq_bench.allocator import keep_freed_memory
 from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.models import build_model
-from mia_ptq_bench.pool.train import _batch, auto_stack, make_schedule, on_device, stack_schedules
+from mia_ptq_bench.pool.train import _batch, _padded_pool, auto_stack, make_schedule, on_device, stack_schedules
 from mia_ptq_bench.pool.wide import widen
 from mia_ptq_bench.spec import load_task
 
@@ -182,11 +182,11 @@ def main() -> None:
         f"{fill / 1e3:.2f} as fill_")
     members = np.arange(len(data.pool) // 2)
     schedule = on_device(stack_schedules([make_schedule(spec, members, len(data.pool), i) for i in range(group)]), cpu)
-    padding = spec.training.augment.crop_padding
+    padded = _padded_pool(data, spec.training.augment.crop_padding)
 
     def prepare(index: int) -> torch.Tensor:
-        drawn, _ = _batch(data, schedule, index, padding, cpu)
-        return drawn.view(batch, -1, *drawn.shape[2:]).contiguous(memory_format=torch.channels_last)
+        drawn, _ = _batch(data, padded, schedule, index, cpu, group)
+        return drawn.contiguous(memory_format=torch.channels_last)
 
     fastest = best_time(lambda: [prepare(index) for index in range(args.steps)], cpu, args.rounds) / args.steps
     say(f"drawing, augmenting and normalising one step's {batch * group} images: {1e3 * fastest:.1f} ms")

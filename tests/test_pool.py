@@ -11,7 +11,7 @@ from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.errors import CacheError
 from mia_ptq_bench.pool import build_pool, pool_keep_masks
 from mia_ptq_bench.pool import build as build_module
-from mia_ptq_bench.data.augment import augment
+from mia_ptq_bench.data.augment import augment, crop_and_flip
 from mia_ptq_bench.pool.train import (init_model, make_schedule, steps_per_epoch, train_sequential,
                                       train_stacked)
 from mia_ptq_bench.spec import load_task
@@ -42,6 +42,24 @@ def test_augment_equals_pad_crop_then_flip_per_image() -> None:
         assert torch.equal(got, crop.flip(-1) if flip else crop)
     assert torch.equal(augment(images, shifts, flips, 0), torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images))
     assert augment(images, shifts, torch.zeros_like(flips), 0) is images
+
+
+def test_crop_and_flip_lays_a_group_out_as_the_wide_networks_input() -> None:
+    """Image b*G+g of the drawn batch lands in channel block g of row b, in channels_last memory, and reads
+    the pool image its index names, cropped and flipped as the per-image recipe does."""
+    padding, group, channels, height, width = 2, 3, 2, 5, 4
+    pool = torch.randint(1, 256, (7, channels, height, width), generator=torch.Generator().manual_seed(1),
+                         dtype=torch.uint8)
+    index = torch.tensor([6, 0, 3, 3, 5, 1])  # two rows of three models, one image drawn twice
+    shifts = torch.tensor([[0, 4], [1, 2], [4, 0], [2, 2], [3, 1], [0, 0]])
+    flips = torch.tensor([True, False, True, False, False, True])
+    out = crop_and_flip(torch.nn.functional.pad(pool, (padding,) * 4), index, shifts, flips, (height, width), group)
+    assert out.shape == (2, group * channels, height, width)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for i, ((row, col), flip) in enumerate(zip(shifts.tolist(), flips.tolist())):
+        crop = torch.nn.functional.pad(pool[index[i]], (padding,) * 4)[:, row:row + height, col:col + width]
+        b, g = divmod(i, group)
+        assert torch.equal(out[b, g * channels:(g + 1) * channels], crop.flip(-1) if flip else crop), i
 
 
 def test_schedule_draws_only_members_and_is_seeded(tiny_task) -> None:

@@ -27,7 +27,7 @@ from torch.func import functional_call, stack_module_state
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..data import ImageDataset
-from ..data.augment import augment
+from ..data.augment import crop_and_flip
 from ..models import build_model
 from ..spec.schema import TaskSpec
 from .wide import NotStackable, unstack_state, widen
@@ -99,12 +99,19 @@ def learning_rate(spec: TaskSpec, step: int, per_epoch: int) -> float:
     return recipe.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / recipe.epochs))
 
 
-def _batch(dataset: ImageDataset, schedule: Schedule, step: int, padding: int, device: torch.device):
-    index = schedule.batches[step]
-    images = dataset.pool.images[index.to(dataset.pool.images.device)].to(device, non_blocking=True)
-    images = augment(images, schedule.shifts[step].to(device), schedule.flips[step].to(device), padding)
+def _padded_pool(dataset: ImageDataset, padding: int) -> torch.Tensor:
+    """The pool's raw images zero-padded once, for every step's crops to read from."""
+    return F.pad(dataset.pool.images, (padding,) * 4) if padding else dataset.pool.images
+
+
+def _batch(dataset: ImageDataset, padded: torch.Tensor, schedule: Schedule, step: int, device: torch.device,
+           group: int = 1):
+    """A step's normalised images, (B, group * C, H, W) in channels_last memory (see ``crop_and_flip``), and labels."""
+    index, where = schedule.batches[step], padded.device
+    images = crop_and_flip(padded, index.to(where), schedule.shifts[step].to(where), schedule.flips[step].to(where),
+                           dataset.input_shape[1:], group)
     labels = dataset.pool.labels[index.to(dataset.pool.labels.device)].to(device, non_blocking=True)
-    return dataset.normalize(images), labels
+    return dataset.normalize(images.to(device, non_blocking=True)), labels
 
 
 def on_device(schedule: Schedule, device: torch.device) -> Schedule:
@@ -127,13 +134,13 @@ def train_sequential(spec: TaskSpec, dataset: ImageDataset, model: nn.Module, sc
     forward = torch.compile(model) if speed.compile else model
     optimizer = _optimizer(spec, model.parameters())
     per_epoch = steps_per_epoch(spec, len(dataset.pool))
-    padding = spec.training.augment.crop_padding
+    padded = _padded_pool(dataset, spec.training.augment.crop_padding)
     schedule = on_device(schedule, device)
     autocast = speed.amp and device.type == "cuda"
     for step in range(schedule.batches.shape[0]):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(spec, step, per_epoch)  # a Python float: no device sync
-        images, labels = _batch(dataset, schedule, step, padding, device)
+        images, labels = _batch(dataset, padded, schedule, step, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = F.cross_entropy(forward(images.contiguous(memory_format=layout)), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -267,15 +274,16 @@ def train_stacked(spec: TaskSpec, dataset: ImageDataset, models: list[nn.Module]
 
     optimizer = _optimizer(spec, params)
     per_epoch = steps_per_epoch(spec, len(dataset.pool))
-    padding = spec.training.augment.crop_padding
+    padded = _padded_pool(dataset, spec.training.augment.crop_padding)
     schedule = on_device(stack_schedules(schedules), device)
     autocast = speed.amp and device.type == "cuda"
     for step in range(schedule.batches.shape[0]):
         for param_group in optimizer.param_groups:
             param_group["lr"] = learning_rate(spec, step, per_epoch)
-        images, labels = _batch(dataset, schedule, step, padding, device)
+        # the wide network's input straight from the gather: model g's images in channel block g
+        images, labels = _batch(dataset, padded, schedule, step, device, group if wide is not None else 1)
         if wide is not None:
-            images = images.view(batch, -1, *images.shape[2:]).contiguous(memory_format=layout)
+            images = images.contiguous(memory_format=layout)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = forward(images).reshape(batch * group, classes)
             # Each model's mean loss, summed over models: each model gets exactly its own gradient.
