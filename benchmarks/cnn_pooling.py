@@ -5,8 +5,8 @@
 The stacked trainer runs fashion-mnist-cnn's pool as one wide network (pool/wide.py). This prints,
 for that wide network's training step (forward, backward, SGD; random images, as the speed does not
 depend on them): the share of each kind of operator (torch.profiler), then the step's time with the
-native max-pool against two stand-ins of the same output shape, timed interleaved, best round
-counting: three elementwise maxima over strided views (the same values) and a bare strided pick (no
+native max-pool against two stand-ins of the same output shape (wherever the wide network has a
+max-pool: alone, or inside a PooledConv2d), timed interleaved, best round counting: three elementwise maxima over strided views (the same values) and a bare strided pick (no
 max at all, so a floor for any pooling written from elementwise ops). Then each layer's forward and
 backward, timed alone on a real step's tensors (no profiler), and the first max-pool's backward timed
 the same number of calls untraced (before and after) and under torch.profiler, with what the profiler
@@ -32,7 +32,7 @@ from mia_ptq_bench.allocator import keep_freed_memory
 from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.models import build_model
 from mia_ptq_bench.pool.train import _batch, _padded_pool, auto_stack, make_schedule, on_device, stack_schedules
-from mia_ptq_bench.pool.wide import widen
+from mia_ptq_bench.pool.wide import PooledConv2d, widen
 from mia_ptq_bench.spec import load_task
 
 
@@ -48,13 +48,21 @@ class ThreeMaxima(nn.Module):
 
 
 def with_pooling(wide: nn.Module, pooling: type[nn.Module] | None) -> nn.Module:
+    """The wide network with ``pooling`` for every max-pool: in a Sequential, or inside a PooledConv2d."""
     net = copy.deepcopy(wide)
     for module in net.modules():
-        if isinstance(module, nn.Sequential):
+        if pooling is not None and isinstance(module, PooledConv2d):
+            module.pool = pooling()
+        elif pooling is not None and isinstance(module, nn.Sequential):
             for i, layer in enumerate(module):
-                if pooling is not None and isinstance(layer, nn.MaxPool2d):
+                if isinstance(layer, nn.MaxPool2d):
                     module[i] = pooling()
     return net.to(memory_format=torch.channels_last).train()
+
+
+def _own_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x``, copied for a layer that would overwrite it (an in-place ReLU), so that the input stays as recorded."""
+    return x.clone() if getattr(layer, "inplace", False) else x
 
 
 def step_tensors(net: nn.Sequential, images: torch.Tensor, labels: torch.Tensor, batch: int, classes: int):
@@ -62,7 +70,7 @@ def step_tensors(net: nn.Sequential, images: torch.Tensor, labels: torch.Tensor,
     it on (its layout included: Flatten's backward hands the last ReLU a plain NCHW gradient)."""
     activations, grads = [images], [None] * len(net)
     for index, layer in enumerate(net):
-        activations.append(layer(activations[-1]))
+        activations.append(layer(_own_input(layer, activations[-1])))
         activations[-1].register_hook(lambda grad, index=index: grads.__setitem__(index, grad))
     logits = activations[-1].reshape(labels.numel(), classes)
     (F.cross_entropy(logits, labels, reduction="sum") / batch).backward()
@@ -74,7 +82,7 @@ def layer_backward(layer: nn.Module, input_needs_grad: bool, x: torch.Tensor, gr
     parameters', and its input's unless that is the images), or None if there are none. Called
     through ``autograd.grad``, so without the step's accumulation into ``.grad``."""
     x = x.detach().requires_grad_(input_needs_grad)
-    y = layer(x)
+    y = layer(_own_input(layer, x))
     wanted = ([x] if input_needs_grad else []) + list(layer.parameters())
     return (lambda: torch.autograd.grad(y, wanted, grad, retain_graph=True)) if wanted else None
 
@@ -85,7 +93,7 @@ def layer_times(net: nn.Sequential, inputs: list[torch.Tensor], grads: list[torc
     ``repeats`` calls alone (the forward on a detached input, so without autograd's recording)."""
     times = []
     for index, layer in enumerate(net):
-        forward = best_time(lambda: layer(inputs[index]), device, repeats)
+        forward = best_time(lambda: layer(_own_input(layer, inputs[index])), device, repeats)
         backward = layer_backward(layer, index > 0, inputs[index], grads[index])
         times.append((f"{index} {type(layer).__name__}", forward,
                       best_time(backward, device, repeats) if backward else 0.0))
@@ -167,8 +175,14 @@ def main() -> None:
     say(f"  {'all layers':22s} {1e3 * sum(f for _, f, _ in parts):8.2f} {1e3 * sum(b for _, _, b in parts):8.2f}"
         f"   (sum of fastest calls; the whole step above, {1e3 * best['native max-pool']:.1f} ms, is the mean "
         "step of its fastest round, loss and SGD included)")
-    first_pool_index = next(i for i, layer in enumerate(net) if isinstance(layer, nn.MaxPool2d))
-    backward = layer_backward(net[first_pool_index], True, inputs[first_pool_index], grads[first_pool_index])
+    # The first max-pool, alone or inside a PooledConv2d (there the bias comes after it, so its output
+    # gets the layer's own gradient, and its input is the convolution without the bias).
+    first = next(i for i, layer in enumerate(net) if isinstance(layer, (nn.MaxPool2d, PooledConv2d)))
+    pool, pool_input = net[first], inputs[first]
+    if isinstance(pool, PooledConv2d):
+        with torch.no_grad():
+            pool, pool_input = pool.pool, pool._conv_forward(pool_input, pool.weight, None)
+    backward = layer_backward(pool, True, pool_input, grads[first])
     before = mean_time(backward, cpu, calls)
     with torch.profiler.profile() as profiler:
         traced = mean_time(backward, cpu, calls)
@@ -176,7 +190,7 @@ def main() -> None:
     recorded = {e.key: e for e in profiler.key_averages()}
     pool_op = recorded["aten::max_pool2d_with_indices_backward"]
     fill = recorded["aten::fill_"].self_cpu_time_total / pool_op.count if "aten::fill_" in recorded else 0.0
-    say(f"the first max-pool's backward, input {tuple(inputs[first_pool_index].shape)}, mean of {calls} calls: "
+    say(f"the first max-pool's backward, input {tuple(pool_input.shape)}, mean of {calls} calls: "
         f"untraced {1e3 * before:.2f} ms before and {1e3 * after:.2f} after; traced {1e3 * traced:.2f} ms, "
         f"of which torch.profiler records {pool_op.cpu_time_total / pool_op.count / 1e3:.2f} ms in the operator and "
         f"{fill / 1e3:.2f} as fill_")

@@ -18,9 +18,10 @@ import torch
 import torch.nn as nn
 
 from mia_ptq_bench.data import ImageDataset, Split, load_dataset
+from mia_ptq_bench.data.base import channel_stats
 from mia_ptq_bench.pool import pool_keep_masks
-from mia_ptq_bench.pool.train import (Schedule, init_model, make_schedule, stack_size, train_sequential,
-                                      train_stacked)
+from mia_ptq_bench.pool.train import (Schedule, _batch, _padded_pool, init_model, make_schedule, stack_schedules,
+                                      stack_size, train_sequential, train_stacked)
 from mia_ptq_bench.pool.wide import (FlattenedStackedLinear, NotStackable, PooledConv2d, StackedLinear, stack_states,
                                      unstack_state, widen)
 from mia_ptq_bench.inference import accuracy
@@ -131,6 +132,56 @@ def test_stacked_equals_sequential_weights_and_batchnorm_statistics(arch: str) -
         a, b = stacked[0].state_dict()[name], stacked[1].state_dict()[name]
         assert (a - b).abs().max() > 1e-3, name
         assert (stacked[0].state_dict()[name] - untrained[name]).abs().max() > 1e-3, name
+
+
+def three_channels(data: ImageDataset) -> Float64:
+    """The digits as 3-channel images whose channels differ (the image, its negative, its half), with their
+    own per-channel statistics: a CIFAR-like input, in float64."""
+    def rgb(split: Split) -> Split:
+        x = split.images
+        return Split(torch.cat([x, 255 - x, x // 2], dim=1), split.labels)
+
+    pool, test = rgb(data.pool), rgb(data.test)
+    mean, std = channel_stats(pool.images)
+    return Float64(data.name, pool, test, data.num_classes, mean, std)
+
+
+@pytest.mark.parametrize("arch", ["cnn", "plain-cnn"])
+def test_stacked_equals_sequential_on_three_channels(arch: str) -> None:
+    """Each model normalises its own channels with the dataset's per-channel statistics, side by side."""
+    spec = small_task(arch)
+    data = three_channels(load_dataset(spec.dataset))
+    assert data.input_shape[0] == 3 and len(set(data.mean)) == 3
+    indices = [0, 1]
+    plans = schedules(spec, data, indices, steps=4)
+    alone = [train_sequential(spec, data, m, s, CPU) for m, s in zip(models(spec, data, indices, torch.float64), plans)]
+    stacked = train_stacked(spec, data, models(spec, data, indices, torch.float64), plans, CPU)
+    for a, b in zip(alone, stacked, strict=True):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            torch.testing.assert_close(q, p, **TOLERANCE, msg=name)
+    first = next(iter(stacked[0].state_dict()))
+    assert (stacked[0].state_dict()[first] - stacked[1].state_dict()[first]).abs().max() > 1e-3
+
+
+def test_a_batch_comes_in_the_layout_its_trainer_expects() -> None:
+    """One at a time: plain contiguous (B, C, H, W), as the models were always trained (the layout picks the
+    convolution kernels, so it decides the bits). Stacked: the wide input, model g's images in channel block
+    g, channels_last, each normalised with its own channels' statistics."""
+    spec = small_task("cnn")
+    for data in (load_dataset(spec.dataset), three_channels(load_dataset(spec.dataset))):
+        channels, group, batch = data.input_shape[0], 3, spec.training.batch_size
+        plans = schedules(spec, data, [0, 1, 2])
+        padded = _padded_pool(data, spec.training.augment.crop_padding)
+        one = [_batch(data, padded, plan, 0, CPU) for plan in plans]
+        for images, _ in one:
+            assert images.shape == (batch, *data.input_shape)
+            assert images.stride() == torch.empty(images.shape).stride()  # not merely is_contiguous()
+        wide, labels = _batch(data, padded, stack_schedules(plans), 0, CPU, group)
+        assert wide.shape == (batch, group * channels, *data.input_shape[1:])
+        assert wide.is_contiguous(memory_format=torch.channels_last)
+        for g, (images, own_labels) in enumerate(one):
+            assert torch.equal(wide[:, g * channels:(g + 1) * channels], images)
+            assert torch.equal(labels.view(batch, group)[:, g], own_labels)
 
 
 @pytest.mark.parametrize("arch", ["cnn", "resnet"])

@@ -105,13 +105,19 @@ def _padded_pool(dataset: ImageDataset, padding: int) -> torch.Tensor:
 
 
 def _batch(dataset: ImageDataset, padded: torch.Tensor, schedule: Schedule, step: int, device: torch.device,
-           group: int = 1):
-    """A step's normalised images, (B, group * C, H, W) in channels_last memory (see ``crop_and_flip``), and labels."""
+           group: int | None = None):
+    """A step's normalised images and labels: (B, C, H, W), or with ``group`` the wide network's input
+    (B, group * C, H, W) in channels_last memory (see ``crop_and_flip``)."""
     index, where = schedule.batches[step], padded.device
     images = crop_and_flip(padded, index.to(where), schedule.shifts[step].to(where), schedule.flips[step].to(where),
-                           dataset.input_shape[1:], group)
+                           dataset.input_shape[1:], group).to(device, non_blocking=True)
     labels = dataset.pool.labels[index.to(dataset.pool.labels.device)].to(device, non_blocking=True)
-    return dataset.normalize(images.to(device, non_blocking=True)), labels
+    if group is None:
+        return dataset.normalize(images), labels
+    # normalize() broadcasts a C-long mean over dim 1: hand it every model's pixel as a row of C channels
+    batch, _, height, width = images.shape
+    pixels = images.permute(0, 2, 3, 1).reshape(-1, dataset.input_shape[0], 1, 1)
+    return dataset.normalize(pixels).view(batch, height, width, -1).permute(0, 3, 1, 2), labels
 
 
 def on_device(schedule: Schedule, device: torch.device) -> Schedule:
@@ -281,7 +287,7 @@ def train_stacked(spec: TaskSpec, dataset: ImageDataset, models: list[nn.Module]
         for param_group in optimizer.param_groups:
             param_group["lr"] = learning_rate(spec, step, per_epoch)
         # the wide network's input straight from the gather: model g's images in channel block g
-        images, labels = _batch(dataset, padded, schedule, step, device, group if wide is not None else 1)
+        images, labels = _batch(dataset, padded, schedule, step, device, group if wide is not None else None)
         if wide is not None:
             images = images.contiguous(memory_format=layout)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
