@@ -255,6 +255,38 @@ def test_another_pool_model_s_weights_are_refused_even_with_numbers_to_match(com
     assert float(found[1]) < 0.5 < 0.9 < float(found[2])  # target 1's weights, quantized at 4 bits
 
 
+def test_a_channel_equalised_model_is_still_recognised_as_its_own(committed: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quantizer may rescale channels without changing the function (cross-layer equalisation: a hidden
+    unit's weights times s, the next layer's matching column divided by s, s > 0, through the ReLU).
+    The identity check must still recognise the model; swapping models must still fail it."""
+    from mia_ptq_bench.data import load_dataset
+    from mia_ptq_bench.pool import build_pool
+    from mia_ptq_bench.recompute import IDENTITY_RATIO, _channel_rows, _resemblance
+
+    monkeypatch.setenv("MPTQ_TASKS", str(TASKS))
+    spec = load_task("tiny-digits")
+    data = load_dataset(spec.dataset)
+    pool = build_pool(spec, data, committed.parents[2] / "cache")  # the fixture's pool, already trained
+    pool_rows = [_channel_rows(pool.load_model(j)) for j in range(spec.membership.n_models)]
+    x = data.normalize(data.test.images[:64])
+    for index in range(spec.membership.n_models):
+        model = pool.load_model(index)
+        hidden, out = model[1], model[3]  # Flatten, Linear, ReLU, Linear
+        s = torch.logspace(-2, 2, hidden.out_features)[torch.randperm(hidden.out_features,
+                                                                       generator=torch.Generator().manual_seed(index))]
+        before = model(x)
+        with torch.no_grad():
+            hidden.weight.mul_(s[:, None])
+            hidden.bias.mul_(s)
+            out.weight.div_(s[None, :])
+        torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)  # the same function
+        rows = _channel_rows(model)
+        resemblance = [_resemblance(rows, other) for other in pool_rows]
+        closest_other = max(r for j, r in enumerate(resemblance) if j != index)
+        assert resemblance[index] >= IDENTITY_RATIO * closest_other, (index, resemblance)
+
+
 def test_weights_that_give_non_finite_scores_are_refused(committed: Path, tmp_path: Path) -> None:
     folder = copy_of(committed, tmp_path)
     nan_biases = []
