@@ -127,12 +127,7 @@ def evaluate(
         options = RunOptions(out_dir=submission / "results" if submission else out, data_root=data_root,
                              download=download, per_quantizer_folder=submission is None,
                              executor=make_executor(executor, ray_address), extensions=extensions)
-        if cache_dir is not None:
-            options.cache_dir = cache_dir
-        if device is not None:
-            from .environment import usable_device
-
-            options.device = usable_device(device)
+        _place(options, cache_dir, device)
         shown = attack or spec.attacks[0]
         if shown not in spec.attacks:
             raise BenchError(f"--attack {shown!r} is not among the task's attacks: {', '.join(spec.attacks)}")
@@ -301,12 +296,7 @@ def reproduce(
 
     def action() -> None:
         options = RunOptions(data_root=data_root, download=download, extensions=load_extensions(plugin or []))
-        if cache_dir is not None:
-            options.cache_dir = cache_dir
-        if device is not None:
-            from .environment import usable_device
-
-            options.device = usable_device(device)
+        _place(options, cache_dir, device)
         with RichProgress(console) as progress:
             outcomes = run_reproduce(paths, options, progress, tasks=task)
         console.print(reproduction_table(outcomes, show))
@@ -365,6 +355,16 @@ def pool_pull(
 
 cache_app = typer.Typer(no_args_is_help=True, help="The cache of pools and quantized outputs.")
 app.add_typer(cache_app, name="cache")
+
+
+def _place(options, cache_dir: Optional[Path], device: Optional[str]) -> None:
+    """Apply --cache-dir and --device to a run's options (the device checked before any work starts)."""
+    if cache_dir is not None:
+        options.cache_dir = cache_dir
+    if device is not None:
+        from .environment import usable_device
+
+        options.device = usable_device(device)
 
 
 def _cache_dir(cache_dir: Optional[Path]) -> Path:

@@ -157,6 +157,15 @@ def _owner(root: nn.Module, name: str) -> nn.Module:
     return root.get_submodule(name.rpartition(".")[0])
 
 
+def _adjacent(network: nn.Module):
+    """(Sequential, i, qualified name of its i-th layer) for every pair of neighbours i, i + 1 in
+    ``network``'s Sequentials: where the rewrites below look; each may replace the pair in place."""
+    for prefix, module in network.named_modules():
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                yield module, i, f"{prefix}.{i}" if prefix else str(i)
+
+
 def _pool_before_relu(network: nn.Module) -> None:
     """Swap every ReLU -> MaxPool2d pair of a Sequential to MaxPool2d -> ReLU, the ReLU in place, in place.
 
@@ -168,22 +177,17 @@ def _pool_before_relu(network: nn.Module) -> None:
     and masks its gradient by output > 0, the same as input > 0: the same bits again, without a
     fresh map to write (step 74.2 -> 71.7 ms, 8 interleaved rounds).
     """
-    for module in network.modules():
-        if isinstance(module, nn.Sequential):
-            for i in range(len(module) - 1):
-                if type(module[i]) is nn.ReLU and type(module[i + 1]) is nn.MaxPool2d:
-                    module[i], module[i + 1] = module[i + 1], nn.ReLU(inplace=True)
+    for module, i, _ in _adjacent(network):
+        if type(module[i]) is nn.ReLU and type(module[i + 1]) is nn.MaxPool2d:
+            module[i], module[i + 1] = module[i + 1], nn.ReLU(inplace=True)
 
 
 def _bias_after_pool(network: nn.Module) -> None:
     """Fold every Conv2d (with a bias) -> MaxPool2d pair of a Sequential into a PooledConv2d, in place."""
-    for module in network.modules():
-        if isinstance(module, nn.Sequential):
-            for i in range(len(module) - 1):
-                conv, pool = module[i], module[i + 1]
-                if type(conv) is nn.Conv2d and conv.bias is not None and type(pool) is nn.MaxPool2d \
-                        and not pool.return_indices:
-                    module[i], module[i + 1] = PooledConv2d(conv, pool), nn.Identity()
+    for module, i, _ in _adjacent(network):
+        conv, pool = module[i], module[i + 1]
+        if type(conv) is nn.Conv2d and conv.bias is not None and type(pool) is nn.MaxPool2d and not pool.return_indices:
+            module[i], module[i + 1] = PooledConv2d(conv, pool), nn.Identity()
 
 
 def _flattened_maps(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
@@ -213,12 +217,9 @@ def _flattened_maps(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str,
 def _flatten_into_linear(network: nn.Module, maps: dict[str, int]) -> None:
     """Fold every Flatten -> StackedLinear pair of a Sequential whose Flatten receives a (C, H, W) map
     into one FlattenedStackedLinear, in place (``maps``: C by the Flatten's name)."""
-    for prefix, module in network.named_modules():
-        if isinstance(module, nn.Sequential):
-            for i in range(len(module) - 1):
-                name = f"{prefix}.{i}" if prefix else str(i)
-                if type(module[i]) is nn.Flatten and type(module[i + 1]) is StackedLinear and name in maps:
-                    module[i], module[i + 1] = nn.Identity(), FlattenedStackedLinear(module[i + 1], maps[name])
+    for module, i, name in _adjacent(network):
+        if type(module[i]) is nn.Flatten and type(module[i + 1]) is StackedLinear and name in maps:
+            module[i], module[i + 1] = nn.Identity(), FlattenedStackedLinear(module[i + 1], maps[name])
 
 
 def widen(models: list[nn.Module], input_shape: tuple[int, ...]) -> nn.Module:

@@ -231,6 +231,6 @@ def submission_problems(root: Path) -> dict[Path, list[str]]:
             result[entry] = [f"{entry}: (folder): is a symbolic link; refused"]
         elif entry.is_dir():
             result[entry] = [f"{entry}: submission.yaml: missing (every folder under {root} is a submission)"]
-        elif not entry.is_dir() and entry.name != ROOT_README:
+        elif entry.name != ROOT_README:
             result[entry] = [f"{entry}: (file): only submission folders and {ROOT_README} may sit in {root}; refused"]
     return result
