@@ -13,7 +13,9 @@ Trains ``--models`` pool models with the task's recipe (or loads them from a com
   (AdaRound/BRECQ: one model at a time, each step autograd through the soft weights with the
   regulariser a term of the loss, and each unit's inputs and targets from a forward pass of the
   calibration images stopped at the unit, as the study's code does; OBC: one row at a time on full-size
-  arrays; GPTQ: every column's update applied at once to all later columns; RTN, and the grids
+  arrays; GPTQ: every column's update applied at once to all later columns; OBC and GPTQ: each
+  convolution's Hessian from its whole im2col matrix in one product, as the reference codes do
+  (ours slides blocks between kernel rows, ``quantize/gram.py``); RTN, and the grids
   and BatchNorm folding of every method: the same code given one model at a time).
 Ours quantizes every plan of ``--plans`` with one quantizer object, as `evaluate` runs a grid (so
 OBC computes each model's full-precision Hessians once, for all plans, and every method replays the
@@ -52,6 +54,7 @@ from mia_ptq_bench.pool import PoolStore, build_pool, pool_keep_masks  # noqa: E
 from mia_ptq_bench.pool.train import Speed, init_model, make_schedule, train_stacked  # noqa: E402
 from mia_ptq_bench.quantize import QUANTIZERS  # noqa: E402
 from mia_ptq_bench.quantize.calibration import calibration_set  # noqa: E402
+from mia_ptq_bench.quantize.gram import layer_columns  # noqa: E402
 from mia_ptq_bench.quantize.obs import obc_quantize  # noqa: E402
 from mia_ptq_bench.quantize.rounding import autograd_learn_rounding  # noqa: E402
 from mia_ptq_bench.quantize.second_order import OBC  # noqa: E402
@@ -66,6 +69,20 @@ class PlainOBC(OBC):
 
     def sweep_many(self, weights, hessians, grids):
         return [self.sweep(w, h, g) for w, h, g in zip(weights, hessians, grids)]
+
+
+def _im2col_gram(layer, inputs, dtype=torch.float64):
+    columns = layer_columns(layer, inputs.to(dtype))
+    return columns @ columns.t()
+
+
+def plain_hessians(cls):
+    """GPTQ or OBC with each layer's Hessian from the whole im2col matrix in one product."""
+    class Plain(cls):
+        def quantize_prepared(self, *args, **kwargs):
+            with mock.patch("mia_ptq_bench.quantize.obs.input_gram", _im2col_gram):
+                return super().quantize_prepared(*args, **kwargs)
+    return Plain
 
 
 def plain_reconstruction(cls):
@@ -139,7 +156,8 @@ def main() -> None:
     say(f"{'method':9} {'plan':12} {'ours models/min':>15} {'plain models/min':>16} {'ratio':>6} "
         f"{'MSE ours':>9} {'MSE plain':>9} {'acc ours':>8} {'acc plain':>9}")
     plain_configs = {"gptq": {"block_size": 1}}
-    plain_classes = {"obc": PlainOBC, "adaround": plain_reconstruction(QUANTIZERS.get("adaround")),
+    plain_classes = {"obc": plain_hessians(PlainOBC), "gptq": plain_hessians(QUANTIZERS.get("gptq")),
+                     "adaround": plain_reconstruction(QUANTIZERS.get("adaround")),
                      "brecq": plain_reconstruction(QUANTIZERS.get("brecq"))}
 
     def calibrations(count: int, size: int):

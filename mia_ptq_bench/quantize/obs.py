@@ -18,33 +18,14 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import BenchError
+from .gram import input_gram
 from .grid import Grid
 
 
 class NumericalError(BenchError):
     """A layer's Hessian that cannot be inverted in the sweep's precision, even with the fallback damping."""
-
-
-def layer_columns(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The layer's input as columns (K, n): one per example for Linear, one per output position (im2col) for Conv2d.
-
-    For a convolution the columns are gathered straight from the (padded) input in one copy
-    into a contiguous (K, n) array: the same values in the same layout as ``F.unfold``
-    followed by a permute, which would copy the (large) column array twice.
-    """
-    if isinstance(layer, nn.Linear):
-        return inputs.reshape(-1, inputs.shape[-1]).t()
-    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
-    ph, pw = layer.padding
-    padded = F.pad(inputs, (pw, pw, ph, ph)) if ph or pw else inputs
-    patches = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)  # (N, C, Ho, Wo, span, span)
-    if dh > 1 or dw > 1:
-        patches = patches[..., ::dh, ::dw]
-    # K ordered (channel, kernel row, kernel column) and columns (image, row, column), as F.unfold.
-    return patches.permute(1, 4, 5, 0, 2, 3).reshape(patches.shape[1] * kh * kw, -1)
 
 
 class HessianAccumulator:
@@ -58,12 +39,10 @@ class HessianAccumulator:
 
     def add(self, inputs: torch.Tensor) -> None:
         batch = inputs.shape[0]
-        # Converting the input before the im2col (instead of the columns after it) gives the same
-        # float64 columns in the same layout, so the same product below, with one large copy fewer.
-        x = layer_columns(self.layer, inputs.detach().double())
+        gram = input_gram(self.layer, inputs.detach(), torch.float64)
         self.hessian *= self.images / (self.images + batch)
         self.images += batch
-        self.hessian += (2.0 / self.images) * (x @ x.t())
+        self.hessian += (2.0 / self.images) * gram
 
 
 @torch.no_grad()
