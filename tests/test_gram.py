@@ -11,12 +11,9 @@ import torch.nn as nn
 from mia_ptq_bench.quantize.gram import conv_gram, input_gram, layer_columns
 from mia_ptq_bench.quantize.obs import HessianAccumulator
 
-# Kernel (rows, columns), stride, dilation, padding, input height: small maps (each block computed
-# in full) and tall ones (blocks slid down from the one above), odd sizes, every stride phase.
-CONFIGS = [(kernel, stride, dilation, padding, height)
-           for kernel, stride, dilation, padding, height in itertools.product(
-               [(2, 1), (3, 3), (5, 2)], [1, 2, 3], [1, 2], [0, 1, 2], [3, 8, 17])
-           if dilation * (kernel[0] - 1) + 1 <= height + 2 * padding]
+# Kernel (rows, columns), padding and input height: small maps (each block computed in full) and
+# tall ones (blocks slid down from the one above), odd sizes; with every stride phase below.
+SHAPES = list(itertools.product([(2, 1), (3, 3), (5, 2)], [0, 1, 2], [3, 8, 17]))
 
 
 def _reference(conv: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
@@ -30,11 +27,18 @@ def _integer_inputs(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(seed)).float()
 
 
-@pytest.mark.parametrize("kernel,stride,dilation,padding,height", CONFIGS)
-def test_conv_gram_equals_the_im2col_product_exactly_on_integer_inputs(kernel, stride, dilation, padding, height) -> None:
-    conv = nn.Conv2d(2, 3, kernel, stride=stride, dilation=dilation, padding=padding)
-    inputs = _integer_inputs(height, (3, 2, height, 9))
-    assert torch.equal(conv_gram(conv, inputs), _reference(conv, inputs))
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_conv_gram_equals_the_im2col_product_exactly_on_integer_inputs(stride: int, dilation: int) -> None:
+    checked = 0
+    for kernel, padding, height in SHAPES:
+        if dilation * (kernel[0] - 1) + 1 > height + 2 * padding:
+            continue
+        conv = nn.Conv2d(2, 3, kernel, stride=stride, dilation=dilation, padding=padding)
+        inputs = _integer_inputs(height, (3, 2, height, 9))
+        assert torch.equal(conv_gram(conv, inputs), _reference(conv, inputs)), (kernel, padding, height)
+        checked += 1
+    assert checked >= 20
 
 
 def test_conv_gram_slides_blocks_and_agrees_to_rounding_on_real_valued_inputs() -> None:
