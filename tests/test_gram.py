@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from mia_ptq_bench.quantize import gram
 from mia_ptq_bench.quantize.gram import conv_gram, input_gram, layer_columns
 from mia_ptq_bench.quantize.obs import HessianAccumulator
 
@@ -54,33 +55,108 @@ def test_conv_gram_slides_blocks_and_agrees_to_rounding_on_real_valued_inputs() 
     assert torch.allclose(result, reference, rtol=1e-12, atol=1e-12 * reference.abs().max().item())
 
 
-def test_a_column_that_is_zero_everywhere_keeps_an_exactly_zero_row_and_column() -> None:
+def _rounding_noise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A product whose nonzero entries are off by a relative 1e-15 either way: another BLAS's grouping
+    of the additions. Exact zeros stay exact, as in any BLAS: their sums are of exact zero products."""
+    result = torch.matmul(a, b)
+    sign = torch.randint(0, 2, result.shape, generator=torch.Generator().manual_seed(result.numel())) * 2 - 1
+    return result * (1 + 1e-15 * sign)
+
+
+def test_a_column_that_is_zero_over_its_window_keeps_an_exactly_zero_row_and_column() -> None:
     # Channel 0 lives only in the top input row: kernel row 2 never sees it (its window starts one
-    # row lower), so that block's sum for it is the block above minus exactly its own mass.
+    # row lower), so sliding row 1's block down would leave the difference of two roundings of the
+    # same sum; the slide must be refused for it.
     conv = nn.Conv2d(2, 2, 3, padding=1)
     inputs = torch.randn(4, 2, 12, 12, generator=torch.Generator().manual_seed(1)) * 1.37
     inputs[:, 0, 1:] = 0
     reference = _reference(conv, inputs)
     dead = reference.diagonal() == 0
     assert dead.sum() == 3  # channel 0's kernel row 2, all three kernel columns
+    for arithmetic in (lambda a, b: torch.matmul(a, b), _rounding_noise):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.Tensor, "__matmul__", arithmetic)
+            result = conv_gram(conv, inputs)
+        assert torch.equal(result[dead], reference[dead]) and torch.equal(result[:, dead], reference[:, dead])
+        assert (result.diagonal()[~dead] > 0).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dead_columns_stay_exactly_zero_with_per_axis_strides_dilations_and_paddings(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    checked = 0
+    for _ in range(40):
+        kernel = tuple(int(v) for v in torch.randint(2, 5, (2,), generator=generator))
+        stride, dilation = (tuple(int(v) for v in torch.randint(1, 4, (2,), generator=generator)) for _ in range(2))
+        padding = tuple(int(v) for v in torch.randint(0, 3, (2,), generator=generator))
+        height, width = (int(v) for v in torch.randint(6, 19, (2,), generator=generator))
+        if any(d * (k - 1) + 1 > n + 2 * p for d, k, n, p in zip(dilation, kernel, (height, width), padding)):
+            continue
+        inputs = torch.randn(2, 2, height, width, generator=generator)
+        top, left = (int(v) for v in torch.randint(0, 4, (2,), generator=generator))
+        inputs[:, 0, top + 1:] = 0  # channel 0: a few top rows only
+        inputs[:, 1, :, :left] = 0  # channel 1: no leftmost columns
+        conv = nn.Conv2d(2, 1, kernel, stride=stride, dilation=dilation, padding=padding)
+        reference = _reference(conv, inputs)
+        dead = reference.diagonal() == 0
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.Tensor, "__matmul__", _rounding_noise)
+            result = conv_gram(conv, inputs)
+        where = (kernel, stride, dilation, padding, height, width)
+        assert torch.equal(result[dead], reference[dead]) and torch.equal(result[:, dead], reference[:, dead]), where
+        assert (result.diagonal()[~dead] > 0).all(), where
+        assert torch.allclose(result, reference, rtol=1e-12, atol=1e-12 * reference.abs().max().item()), where
+        checked += int(dead.any())
+    assert checked >= 5
+
+
+def test_a_slide_that_would_cancel_most_digits_is_computed_in_full() -> None:
+    # One bright input row above dim ones: sliding the block that holds it down past it would
+    # subtract two sums of about 1e14 to leave about 1e-6; computed in full, the dim rows keep their digits.
+    conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    inputs = torch.full((1, 1, 12, 12), 1e-3, dtype=torch.float64)
+    inputs[:, :, 0] = 1e7
+    reference = _reference(conv, inputs)
     result = conv_gram(conv, inputs)
-    assert torch.equal(result[dead], reference[dead]) and torch.equal(result[:, dead], reference[:, dead])
-    assert (result.diagonal()[~dead] > 0).all()
-    # Whether a slid sum leaves a residue depends on how the BLAS groups its additions; give every
-    # product one, and the dead rows and columns must still come out exactly zero.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.Tensor, "__matmul__", lambda a, b: torch.matmul(a, b) + 1e-200)
-        perturbed = conv_gram(conv, inputs)
-    assert torch.equal(perturbed[dead], reference[dead]) and torch.equal(perturbed[:, dead], reference[:, dead])
+    assert torch.allclose(result.diagonal(), reference.diagonal(), rtol=1e-12, atol=0)
+    assert (result.diagonal() > 0).all()
+
+
+def test_exact_on_integer_inputs_in_odd_layouts_batches_and_dtypes() -> None:
+    conv = nn.Conv2d(1, 2, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(2, 0))
+    one_image = _integer_inputs(5, (1, 1, 11, 7))
+    assert torch.equal(conv_gram(conv, one_image), _reference(conv, one_image))
+    conv = nn.Conv2d(3, 2, 3, padding=1)
+    inputs = _integer_inputs(6, (2, 3, 10, 8))
+    expected = _reference(conv, inputs)
+    assert torch.equal(conv_gram(conv, inputs.to(memory_format=torch.channels_last)), expected)
+    assert torch.equal(conv_gram(conv, inputs.transpose(2, 3).contiguous().transpose(2, 3)), expected)
+    float32 = conv_gram(conv, inputs, torch.float32)  # integer sums below 2**24: exact in float32 as well
+    assert float32.dtype == torch.float32 and torch.equal(float32.double(), expected)
+
+
+def test_a_kernel_taller_than_the_padded_input_is_a_clear_error() -> None:
+    conv = nn.Conv2d(1, 1, 3, dilation=4)  # spans 9 rows
+    with pytest.raises(ValueError, match="does not fit the padded 8x12 input"):
+        conv_gram(conv, torch.ones(1, 1, 8, 12))
 
 
 @pytest.mark.parametrize("layer", [nn.Linear(6, 2), nn.Conv2d(2, 3, 1), nn.Conv2d(2, 3, (1, 3), padding=(0, 1)),
-                                   nn.Conv2d(4, 4, 3, groups=2, padding=1)])
-def test_layers_without_kernel_rows_to_slide_take_the_plain_product(layer) -> None:
+                                   nn.Conv2d(4, 4, 3, groups=2, padding=1),
+                                   nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")])
+def test_layers_without_kernel_rows_to_slide_take_the_plain_product(layer, monkeypatch) -> None:
     shape = (5, 6) if isinstance(layer, nn.Linear) else (5, layer.in_channels, 6, 6)
     inputs = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(gram, "conv_gram", lambda *args: pytest.fail("took the sliding blocks"))
     columns = layer_columns(layer, inputs.double())
     assert torch.equal(input_gram(layer, inputs), columns @ columns.t())
+
+
+def test_a_plain_convolution_takes_the_sliding_blocks(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(gram, "conv_gram", lambda *args: calls.append(args) or torch.zeros(()))
+    input_gram(nn.Conv2d(2, 2, (2, 1)), torch.ones(1, 2, 4, 4))
+    assert len(calls) == 1
 
 
 def test_hessian_accumulator_is_the_running_mean_of_two_x_x_transpose() -> None:
