@@ -54,7 +54,7 @@ from mia_ptq_bench.pool import PoolStore, build_pool, pool_keep_masks  # noqa: E
 from mia_ptq_bench.pool.train import Speed, init_model, make_schedule, train_stacked  # noqa: E402
 from mia_ptq_bench.quantize import QUANTIZERS  # noqa: E402
 from mia_ptq_bench.quantize.calibration import calibration_set  # noqa: E402
-from mia_ptq_bench.quantize.gram import layer_columns  # noqa: E402
+from mia_ptq_bench.quantize.gram import im2col_gram  # noqa: E402
 from mia_ptq_bench.quantize.obs import obc_quantize  # noqa: E402
 from mia_ptq_bench.quantize.rounding import autograd_learn_rounding  # noqa: E402
 from mia_ptq_bench.quantize.second_order import OBC  # noqa: E402
@@ -71,16 +71,11 @@ class PlainOBC(OBC):
         return [self.sweep(w, h, g) for w, h, g in zip(weights, hessians, grids)]
 
 
-def _im2col_gram(layer, inputs, dtype=torch.float64):
-    columns = layer_columns(layer, inputs.to(dtype))
-    return columns @ columns.t()
-
-
 def plain_hessians(cls):
     """GPTQ or OBC with each layer's Hessian from the whole im2col matrix in one product."""
     class Plain(cls):
         def quantize_prepared(self, *args, **kwargs):
-            with mock.patch("mia_ptq_bench.quantize.obs.input_gram", _im2col_gram):
+            with mock.patch("mia_ptq_bench.quantize.obs.input_gram", im2col_gram):
                 return super().quantize_prepared(*args, **kwargs)
     return Plain
 

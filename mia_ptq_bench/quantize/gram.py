@@ -24,6 +24,7 @@ import torch.nn.functional as F
 # 53 bits, far from float32's rounding, the precision of the sweeps.
 SLIDE_LOSS = 64.0
 
+
 def layer_columns(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """The layer's input as columns (K, n): one per example for Linear, one per output position (im2col) for Conv2d.
 
@@ -48,6 +49,11 @@ def input_gram(layer: nn.Module, inputs: torch.Tensor, dtype: torch.dtype = torc
     if (isinstance(layer, nn.Conv2d) and layer.kernel_size[0] > 1 and layer.padding_mode == "zeros"
             and not isinstance(layer.padding, str) and layer.groups == 1):
         return conv_gram(layer, inputs, dtype)
+    return im2col_gram(layer, inputs, dtype)
+
+
+def im2col_gram(layer: nn.Module, inputs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``X @ X.T`` as one product of the whole X, as the reference codes compute it."""
     # Converting the input before the im2col (not the columns after it) saves one large copy.
     x = layer_columns(layer, inputs.to(dtype))
     return x @ x.t()
