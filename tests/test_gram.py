@@ -135,6 +135,29 @@ def test_exact_on_integer_inputs_in_odd_layouts_batches_and_dtypes() -> None:
     assert float32.dtype == torch.float32 and torch.equal(float32.double(), expected)
 
 
+# Every form a Conv2d's padding can take: none, symmetric, per axis, 'valid', 'same' (with an even
+# kernel or dilation it pads one side more), each with every padding mode that allows it.
+PADDINGS = [(0, 1, 1), (1, 1, 1), ((2, 0), 1, 1), ((0, 1), 1, 1), ("valid", 1, 1), ("same", 1, 1), ("same", 1, 2)]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding,stride,dilation", PADDINGS)
+@pytest.mark.parametrize("kernel", [(3, 3), (2, 3), (4, 1)])
+def test_columns_are_what_the_layer_multiplies_and_the_gram_is_their_product(kernel, padding, stride, dilation,
+                                                                              mode) -> None:
+    # W @ X must be the layer's own output without bias, however the layer pads; integer weights and
+    # inputs keep every sum exact, so both comparisons are exact in any order of the additions.
+    conv = nn.Conv2d(2, 3, kernel, stride=stride, dilation=dilation, padding=padding, padding_mode=mode,
+                     bias=False).double()
+    conv.weight.data = _integer_inputs(1, tuple(conv.weight.shape)).double()
+    inputs = _integer_inputs(2, (3, 2, 9, 8)).double()
+    columns = layer_columns(conv, inputs)
+    output = conv(inputs)
+    assert torch.equal((conv.weight.flatten(1) @ columns).view(3, 3, -1).transpose(0, 1).reshape(output.shape), output)
+    assert torch.equal(input_gram(conv, inputs), columns @ columns.t())
+
+
 def test_a_kernel_taller_than_the_padded_input_is_a_clear_error() -> None:
     conv = nn.Conv2d(1, 1, 3, dilation=4)  # spans 9 rows
     with pytest.raises(ValueError, match="does not fit the padded 8x12 input"):
@@ -142,8 +165,7 @@ def test_a_kernel_taller_than_the_padded_input_is_a_clear_error() -> None:
 
 
 @pytest.mark.parametrize("layer", [nn.Linear(6, 2), nn.Conv2d(2, 3, 1), nn.Conv2d(2, 3, (1, 3), padding=(0, 1)),
-                                   nn.Conv2d(4, 4, 3, groups=2, padding=1),
-                                   nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")])
+                                   nn.Conv2d(4, 4, 3, groups=2, padding=1)])
 def test_layers_without_kernel_rows_to_slide_take_the_plain_product(layer, monkeypatch) -> None:
     shape = (5, 6) if isinstance(layer, nn.Linear) else (5, layer.in_channels, 6, 6)
     inputs = torch.randn(shape, generator=torch.Generator().manual_seed(2))

@@ -530,6 +530,23 @@ def test_every_method_on_every_architecture_and_plan(arch: str) -> None:
         assert torch.isfinite(quantized(cal.images)).all()
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("method", ["adaround", "brecq", "obc", "gptq"])
+def test_every_method_takes_convolutions_padded_any_way_torch_allows(method: str) -> None:
+    # 'same' with an even kernel pads one side more, and the padding modes fill the border with
+    # inputs, not zeros: a Hessian method that zero-padded read the wrong columns (and 'same' crashed it).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, (2, 3), padding="same", padding_mode="reflect"), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding="valid"), nn.Flatten(), nn.Linear(4 * 14 * 14, 10)).eval()
+    cal = calibration(16)
+    config = {"adaround": {"iters": 2}, "brecq": {"iters": 2}, "obc": {"calibration": 16}, "gptq": {}}[method]
+    plan = PrecisionPlan.parse("w4")
+    quantized = QUANTIZERS.get(method)(config).quantize(copy.deepcopy(model), cal, plan)
+    assert all(r.passed for r in audit_model(quantized, plan))
+    assert torch.isfinite(quantized(cal.images)).all()
+
+
 def overflowing_calibration() -> Calibration:
     """Inputs around 1e20: finite in float32, but their Hessian (~1e40) overflows float32 on every IEEE machine."""
     base = calibration(32)

@@ -30,13 +30,13 @@ def layer_columns(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
     For a convolution the columns are gathered straight from the (padded) input in one copy
     into a contiguous (K, n) array: the same values in the same layout as ``F.unfold``
-    followed by a permute, which would copy the (large) column array twice.
+    followed by a permute, which would copy the (large) column array twice. The input is padded
+    as the layer's own forward pads it (``pad_input``), so ``W @ X`` is its output without bias.
     """
     if isinstance(layer, nn.Linear):
         return inputs.reshape(-1, inputs.shape[-1]).t()
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
-    ph, pw = layer.padding
-    padded = F.pad(inputs, (pw, pw, ph, ph)) if ph or pw else inputs
+    padded = pad_input(layer, inputs)
     patches = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)  # (N, C, Ho, Wo, span, span)
     if dh > 1 or dw > 1:
         patches = patches[..., ::dh, ::dw]
@@ -44,10 +44,19 @@ def layer_columns(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return patches.permute(1, 4, 5, 0, 2, 3).reshape(patches.shape[1] * kh * kw, -1)
 
 
+def pad_input(layer: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
+    """``inputs`` padded as ``layer`` pads them: any ``padding_mode``, and 'same' (which may pad one side more) or 'valid'."""
+    # The (left, right, top, bottom) amounts Conv2d itself hands F.pad, whatever form its padding was given in.
+    amounts = tuple(layer._reversed_padding_repeated_twice)
+    if not any(amounts):
+        return inputs
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    return F.pad(inputs, amounts, mode=mode)
+
+
 def input_gram(layer: nn.Module, inputs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``X @ X.T`` for X = ``layer_columns(layer, inputs)``, computed in ``dtype``."""
-    if (isinstance(layer, nn.Conv2d) and layer.kernel_size[0] > 1 and layer.padding_mode == "zeros"
-            and not isinstance(layer.padding, str) and layer.groups == 1):
+    if isinstance(layer, nn.Conv2d) and layer.kernel_size[0] > 1 and layer.groups == 1:
         return conv_gram(layer, inputs, dtype)
     return im2col_gram(layer, inputs, dtype)
 
@@ -76,8 +85,8 @@ def conv_gram(layer: nn.Conv2d, inputs: torch.Tensor, dtype: torch.dtype = torch
     otherwise the block is computed in full. A column that is zero over its window but not over the
     earlier one fails that test, so its row and column come out exactly zero, as in the plain product.
     """
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
-    padded = F.pad(inputs, (pw, pw, ph, ph)) if ph or pw else inputs
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    padded = pad_input(layer, inputs)  # the slides below hold for whatever values fill the border
     images, channels, height = padded.shape[:3]
     out_rows = (height - dh * (kh - 1) - 1) // sh + 1
     span = dw * (kw - 1) + 1
