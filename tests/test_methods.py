@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -15,11 +16,12 @@ from mia_ptq_bench.models import build_model
 from mia_ptq_bench.quantize import QUANTIZERS, Calibration, audit_model
 from mia_ptq_bench.quantize.grid import fit_grid
 from mia_ptq_bench.quantize.audit import distinct_per_row
+from mia_ptq_bench.quantize.calibration import calibration_count, calibration_set
 from mia_ptq_bench.quantize.obs import (NumericalError, gptq_quantize, inverse_hessian, obc_quantize, obc_quantize_many,
                                         round_to_grid)
 from mia_ptq_bench.quantize.rounding import RoundingSchedule, learn_rounding
 from mia_ptq_bench.quantize.units import block_units, capture, layer_units
-from mia_ptq_bench.spec import PrecisionPlan
+from mia_ptq_bench.spec import PrecisionPlan, load_task
 from mia_ptq_bench.spec.schema import DatasetSpec, ModelSpec
 
 FAST = {  # 200 steps instead of 20,000, with a 10x learning rate to match
@@ -545,6 +547,33 @@ def test_every_method_takes_convolutions_padded_any_way_torch_allows(method: str
     quantized = QUANTIZERS.get(method)(config).quantize(copy.deepcopy(model), cal, plan)
     assert all(r.passed for r in audit_model(quantized, plan))
     assert torch.isfinite(quantized(cal.images)).all()
+
+
+def test_a_models_calibration_and_weights_do_not_depend_on_the_models_quantized_with_it() -> None:
+    # OBC asks for more images than a model may have members; every model of the task then calibrates
+    # on the fewest members any of them has, so model 0 gets the same data, and weights, in any group.
+    spec = load_task("digits-mlp")
+    keep = np.zeros((3, len(_DIGITS.pool)), dtype=bool)
+    for model, members in enumerate((40, 25, 60)):
+        keep[model, torch.randperm(len(_DIGITS.pool), generator=torch.Generator().manual_seed(model))[:members]] = True
+    assert calibration_count(keep, 50) == 25 and calibration_count(keep, 20) == 20
+    cals = [calibration_set(spec, _DIGITS, keep, m, 50, "cpu") for m in range(3)]
+    assert [len(c) for c in cals] == [25, 25, 25]
+    models = [trained_like("mlp", {"hidden": [16]}) for _ in range(2)]
+    with torch.no_grad():
+        models[1][-1].weight.mul_(-1.5)
+    obc = QUANTIZERS.get("obc")({"calibration": 50, "rounds": 1})
+    plan = PrecisionPlan.parse("w2")
+    alone = obc.quantize_many([copy.deepcopy(models[0])], cals[:1], plan)[0]
+    grouped = QUANTIZERS.get("obc")({"calibration": 50, "rounds": 1}).quantize_many(copy.deepcopy(models), cals[:2], plan)[0]
+    for (name, a), (_, b) in zip(alone.state_dict().items(), grouped.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_calibration_sets_of_several_sizes_in_one_group_are_refused() -> None:
+    models = [trained_like("mlp", {"hidden": [16]}) for _ in range(2)]
+    with pytest.raises(BenchError, match=r"calibration sets of one size, got \[16, 32\]"):
+        QUANTIZERS.get("gptq")({}).quantize_many(models, [calibration(32), calibration(16)], PrecisionPlan.parse("w4"))
 
 
 def overflowing_calibration() -> Calibration:

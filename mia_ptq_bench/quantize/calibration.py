@@ -37,19 +37,26 @@ class Calibration:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
         return self.normalize(random_augment(self.raw, self.crop_padding, self.hflip, generator))
 
-    def take(self, count: int) -> Calibration:
-        return Calibration(self.raw[:count], self.normalize, self.crop_padding, self.hflip, self.seed)
+def calibration_count(keep: np.ndarray, size: int) -> int:
+    """How many of its members each pool model calibrates on: ``size``, or the fewest members any pool model has.
+
+    The same count for every model of the task, so that a model's calibration data, and with it
+    its quantized weights, do not depend on which models are quantized with it in one group
+    (a method may ask for more images than some models have members: OBC's 2,048).
+    """
+    return min(size, int(keep.sum(axis=1).min()))
 
 
 def calibration_set(spec: TaskSpec, dataset: ImageDataset, keep: np.ndarray, model_index: int, size: int,
                     device: str | torch.device) -> Calibration:
-    """Pool model ``model_index``'s calibration data: ``size`` of its own members, or the task's held-out test images."""
+    """Pool model ``model_index``'s calibration data: ``calibration_count`` of its own members, or the task's
+    held-out test images."""
     cal = spec.calibration
     if cal.source == "heldout":
         raw = dataset.test.images[torch.as_tensor(heldout_indices(cal, len(dataset.test)))]
     else:
         members = np.flatnonzero(keep[model_index])
-        chosen = np.random.RandomState(cal.seed + model_index).choice(len(members), min(size, len(members)),
+        chosen = np.random.RandomState(cal.seed + model_index).choice(len(members), calibration_count(keep, size),
                                                                      replace=False)
         raw = dataset.pool.images[torch.as_tensor(np.sort(members[chosen]))]
     augment = spec.training.augment

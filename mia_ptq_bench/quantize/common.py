@@ -103,8 +103,10 @@ class CalibratedQuantizer(Quantizer):
         if self.bn_policy == "fold":
             pairs = conv_bn_pairs(models[0])  # traced once: the group shares one architecture
             models = [fold_batchnorm(m, pairs) for m in models]
-        size = min(len(c) for c in calibrations)
-        calibrations = [c.take(size) for c in calibrations]
+        sizes = sorted({len(c) for c in calibrations})
+        if len(sizes) > 1:  # cutting them to the smallest would make a model's result depend on its group
+            raise BenchError(f"{self.name}: the models of one group need calibration sets of one size, got {sizes} "
+                             "(calibration.calibration_set gives every pool model of a task the same count)")
         originals = [copy.deepcopy(m) for m in models] if self.uses_originals else []
         self.quantize_prepared(models, originals, calibrations, layer_levels(models[0], plan))
         if self.bn_policy == "reestimate":

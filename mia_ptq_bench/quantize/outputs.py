@@ -26,7 +26,7 @@ from ..spec.audit import LayerAudit
 from ..spec.plans import PrecisionPlan
 from .audit import audit_model, enforce_audit
 from .base import Quantizer
-from .calibration import calibration_set
+from .calibration import calibration_count, calibration_set
 from .evidence import encode_model
 
 FORMAT = 2  # of a cached outputs file: 2 added the quantized weights
@@ -52,9 +52,17 @@ class OutputStore:
         calibration = content_hash(spec.calibration.model_dump(mode="json"))
         code = quantizer.code_digest()  # "" for a built-in, whose version is bumped with its code
         key = described["config_hash"] if not code else content_hash({"config": described["config_hash"], "code": code})
+        # A method asking for more images than some pool model has members calibrates every model on
+        # that fewest count (calibration_count); such outputs are named by it, apart from the outputs
+        # of the rule before it (each model capped at its own members, then its group at the fewest).
+        capped = ""
+        if spec.calibration.source == "members":
+            requested = quantizer.calibration_size(spec.calibration.size)
+            count = calibration_count(pool.keep, requested)
+            capped = f"-n{count}" if count < requested else ""
         self.pool = pool
         self.root = (Path(cache_dir) / "quantized" / pool.store.root.name /
-                     f"{quantizer.name}-{key[:12]}" / f"{plan}-cal{calibration[:8]}-v{FORMAT}")
+                     f"{quantizer.name}-{key[:12]}" / f"{plan}-cal{calibration[:8]}{capped}-v{FORMAT}")
 
     def path(self, index: int) -> Path:
         return self.root / f"model-{index:04d}.npz"

@@ -188,6 +188,9 @@ class OBC(_SecondOrder):
 
     Config = OBCConfig
     study_bn = "reestimate"
+    # 2: calibrated on the fewest members of any pool model where it asks for more images (2,048) than
+    # some models have (quantize/calibration.calibration_count); 1 cut each group to its own fewest.
+    version = "2"
 
     def calibration_size(self, task_size: int) -> int:
         return self.config.calibration  # type: ignore[attr-defined]
