@@ -147,6 +147,10 @@ def test_the_group_key_reads_the_architecture_and_any_dtype() -> None:
         half[0].weight[0, 0, 0, 0] += 1
     assert content_key([half], [cal], ()) != key
     assert content_key([narrow], [cal], ("a",)) != content_key([narrow], [cal], ("b",))
+    gained, regained = copy.deepcopy(narrow), copy.deepcopy(narrow)
+    gained.register_buffer("gain", torch.ones(1), persistent=False)  # read by a forward, kept by no state dict
+    regained.register_buffer("gain", torch.full((1,), 2.0), persistent=False)
+    assert content_key([gained], [cal], ()) != content_key([regained], [cal], ())
 
 
 def weights(value: float) -> list[dict[str, torch.Tensor]]:

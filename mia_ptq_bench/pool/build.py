@@ -18,6 +18,7 @@ from ..errors import CacheError
 from ..executor import Executor
 from ..progress import Progress, SilentProgress
 from ..inference import accuracy, score_split
+from ..models.structure import check_quantizable
 from ..spec.schema import TaskSpec
 from .masks import balanced_keep_masks
 from .store import PoolStore
@@ -86,6 +87,8 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     ``stack``: models trained as one group; None chooses from the model's size and the machine.
     """
     keep_freed_memory()
+    # Before any training: an architecture whose layers the quantizers would handle wrongly, silently.
+    check_quantizable(init_model(spec, dataset, 0), dataset.normalize(dataset.pool.images[:2]))
     progress = progress or SilentProgress()
     device = torch.device(device)
     speed = speed or Speed.for_device(device)

@@ -18,6 +18,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import BenchError
+from .units import traced_graph
+
 BNPolicy = Literal["fold", "keep", "reestimate"]
 
 
@@ -27,9 +30,15 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv name, bn name) where the BatchNorm's only input is the conv's output and nothing else reads it."""
-    graph = fx.symbolic_trace(model).graph
+    """(conv name, bn name) where the BatchNorm's only input is the conv's output and nothing else reads it.
+
+    Read off the traced graph. A model without BatchNorm has none, traced or not; one with BatchNorm
+    that does not trace (dynamic control flow) is a clear error, not a guess.
+    """
     modules = dict(model.named_modules())
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules.values()):
+        return []
+    graph = traced_graph(model, "folding BatchNorm (bn: fold; keep or reestimate do without)")
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
@@ -49,10 +58,15 @@ def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]] | None = None)
     """
     for conv_name, bn_name in conv_bn_pairs(model) if pairs is None else pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        if bn.running_var is None:
+            raise BenchError(f"BatchNorm {bn_name!r} keeps no running statistics (track_running_stats=False): it "
+                             "normalises every batch by that batch's own statistics, which no convolution can hold; "
+                             "set bn: keep")
+        # affine=False: a scale of 1 and no shift
+        scale = (bn.weight if bn.weight is not None else 1.0) / torch.sqrt(bn.running_var + bn.eps)
         conv.weight.mul_(scale.view(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        new_bias = (bias - bn.running_mean) * scale + bn.bias
+        new_bias = (bias - bn.running_mean) * scale + (bn.bias if bn.bias is not None else 0)
         conv.bias = nn.Parameter(new_bias.detach().clone())
         _set_submodule(model, bn_name, nn.Identity())
     return model

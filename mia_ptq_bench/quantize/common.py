@@ -11,6 +11,7 @@ from pydantic import Field
 
 from ..errors import BenchError
 from ..models import QUANTIZABLE, quantizable_layers
+from ..models.structure import check_quantizable
 from ..spec.plans import PrecisionPlan, levels_for_bits
 from .base import Quantizer, QuantizerConfig
 from .batchnorm import BNPolicy, conv_bn_pairs, fold_batchnorm, reestimate_batchnorm
@@ -99,6 +100,7 @@ class CalibratedQuantizer(Quantizer):
     def quantize_many(self, models: list[nn.Module], calibrations: list[Calibration], plan: PrecisionPlan) -> list[nn.Module]:
         for model in models:
             self.check_model(model)
+        check_quantizable(models[0], calibrations[0].images[:2])  # the group shares one architecture
         models = [m.eval() for m in models]
         if self.bn_policy == "fold":
             pairs = conv_bn_pairs(models[0])  # traced once: the group shares one architecture

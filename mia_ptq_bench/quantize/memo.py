@@ -44,7 +44,10 @@ def content_key(models: Sequence[nn.Module], calibrations: Sequence[Calibration]
     digest = hashlib.blake2b(digest_size=20)
     for model in models:
         digest.update(repr(model).encode())  # strides, paddings, eps: what the state does not hold
-        for name, tensor in model.state_dict().items():
+        state = model.state_dict()
+        # Buffers registered persistent=False are not in the state, but the forward pass reads them too.
+        unsaved = [(name, tensor) for name, tensor in model.named_buffers() if name not in state]
+        for name, tensor in [*state.items(), *unsaved]:
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:{tensor.device}".encode())
             digest.update(_bytes_of(tensor))
     for calibration in calibrations:

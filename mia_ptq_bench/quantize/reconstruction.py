@@ -18,7 +18,7 @@ from ..errors import BenchError
 from .base import register_quantizer
 from .common import CalibratedQuantizer, GridConfig, set_weight
 from .rounding import RoundingSchedule, choose_way, learn_rounding
-from .units import ForwardCursor, Unit, block_units, capture, carry_fits, forward_plan, layer_units
+from .units import ForwardCursor, Unit, block_units, call_order, capture, carry_fits, forward_plan, layer_units
 
 
 # The study runs 20,000 Adam steps per unit at lr 1e-3. On two CPU cores the benchmark's default is a
@@ -62,14 +62,14 @@ class _Reconstruction(CalibratedQuantizer):
         count = len(quantized_units[0])
         sources = models if cfg.inputs == "quantized" else originals
         source_units = quantized_units if cfg.inputs == "quantized" else original_units
-        # Units go in the order the forward pass reaches them where the model traces (for the built-in
-        # models that differs from registration order only for a shortcut, whose input and target do not
-        # depend on it), in registration order elsewhere. Their inputs and targets come from forward passes
+        # Units go in the order the forward pass reaches them: from the traced graph where the model traces
+        # (for the built-in models that differs from registration order only for a shortcut, whose input
+        # and target do not depend on it), from a probe pass's calls elsewhere. Their inputs and targets come from forward passes
         # carried from unit to unit (units.ForwardCursor: the values ``capture`` gives, bit for bit) where
         # the carried values fit in memory, else from a pass from the images per unit and model: the same
         # order and values either way, so the machine's memory changes no result.
         plan = forward_plan(models[0], quantized_units[0], blocks=self.granularity == "block")
-        order = plan.order if plan is not None else list(range(count))
+        order = plan.order if plan is not None else call_order(models[0], quantized_units[0], calibrations[0].images[:2])
         cursors = len(models) * (1 if cfg.inputs == "full_precision" else 2)
         images = calibrations[0].images
         if plan is not None and not carry_fits(models[0], plan, images[:1], len(images), cursors):

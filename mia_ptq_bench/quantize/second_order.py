@@ -15,7 +15,7 @@ from .calibration import Calibration
 from .common import CalibratedQuantizer, GridConfig, set_weight
 from .memo import content_key
 from .obs import HessianAccumulator, NumericalError, accumulate_hessians, gptq_quantize, obc_quantize_many
-from .units import ForwardCursor, Unit, carry_fits, forward_plan
+from .units import ForwardCursor, Unit, call_order, carry_fits, forward_plan
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -122,11 +122,13 @@ class _SecondOrder(CalibratedQuantizer):
             # Each layer's Hessian from the model quantized so far: the models' forward passes are
             # carried from layer to layer (units.ForwardCursor) instead of re-run from the input.
             units = [Unit(name, layer, layer, layer, {"": name}) for name, layer in quantizable_layers(models[0])]
-            # Layers in the order the forward pass reaches them where the model traces, whether or not the
-            # carried passes fit in memory (else each layer's Hessian comes from a pass from the images).
+            # Layers in the order the forward pass reaches them (the traced graph's, else a probe pass's),
+            # whether or not the carried passes fit in memory (else each layer's Hessian comes from a pass
+            # from the images).
             plan = forward_plan(models[0], units)
+            names = [names[u] for u in (plan.order if plan is not None else
+                                        call_order(models[0], units, calibrations[0].images[:2]))]
             if plan is not None:
-                names = [names[u] for u in plan.order]
                 images = calibrations[0].images
                 if carry_fits(models[0], plan, images[:1], cfg.rounds * len(images), len(models)):
                     cursors = [ForwardCursor(m, plan, self._batches(c)) for m, c in zip(models, calibrations)]

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import BenchError
 from ..models import BLOCKS, QUANTIZABLE, quantizable_layers
 from ..pool.train import memory_share
 
@@ -32,6 +33,15 @@ class Unit:
     layers: dict[str, str]  # parameter prefix inside ``module`` -> layer name in the model
 
 
+def traced_graph(model: nn.Module, needed_for: str) -> fx.Graph:
+    """``model``'s fx graph, or one BenchError saying what needed it when the model does not trace."""
+    try:
+        return fx.symbolic_trace(model).graph
+    except Exception as exc:  # noqa: BLE001 -- fx raises several types for what it cannot follow
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BenchError(f"the model does not trace with torch.fx ({reason}), and {needed_for} needs its graph") from None
+
+
 def layer_followers(model: nn.Module) -> dict[str, list[str]]:
     """For each quantizable layer, the BatchNorm/ReLU/Identity modules applied straight after it.
 
@@ -39,7 +49,7 @@ def layer_followers(model: nn.Module) -> dict[str, list[str]]:
     output, and a module must be called only once (a ReLU shared by two places in a
     residual block is not absorbed: a hook on it would fire at the wrong call).
     """
-    graph = fx.symbolic_trace(model).graph
+    graph = traced_graph(model, "finding the BatchNorm and ReLU after each layer (AdaRound's and BRECQ's units)")
     modules = dict(model.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     followers: dict[str, list[str]] = {}
@@ -136,6 +146,28 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+
+@torch.no_grad()
+def call_order(model: nn.Module, units: list[Unit], example: torch.Tensor) -> list[int]:
+    """Unit indices in the order ``model(example)`` first calls their first modules (any not called: last).
+
+    The order for a model that does not trace (``forward_plan`` is None): registration order can
+    put a layer before the one that feeds it, whose inputs would then come from a model quantized
+    in another order than the forward pass's.
+    """
+    first: dict[int, int] = {}
+
+    def called(u: int) -> None:  # a pre-hook that returns a value would replace the module's input
+        first.setdefault(u, len(first))
+
+    handles = [unit.first.register_forward_pre_hook(lambda *_, u=u: called(u)) for u, unit in enumerate(units)]
+    try:
+        model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sorted(range(len(units)), key=lambda u: first.get(u, len(units) + u))
 
 
 @dataclass
