@@ -28,6 +28,7 @@ from .data import DATASET_SHAPES, DatasetShape, ImageDataset
 from .errors import SpecError
 from .limits import size_text
 from .models import build_model
+from .models.structure import check_quantizable
 from .pool import PoolStore
 from .pool.train import MAX_STACK, MEMORY_SHARE
 from .spec.plans import PrecisionPlan
@@ -98,7 +99,10 @@ class ModelSize:
 
 
 def measure_model(spec: TaskSpec, input_shape: tuple[int, int, int], classes: int) -> ModelSize:
-    """Build the task's model on the ``meta`` device and run one example through it: shapes only."""
+    """Build the task's model on the ``meta`` device and run one example through it: shapes only.
+
+    The same pass on two examples checks the layers as the quantizers need them (``check_quantizable``),
+    so ``validate`` refuses such a model before anything is allocated or trained."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the global RNG is left as it was
@@ -122,6 +126,7 @@ def measure_model(spec: TaskSpec, input_shape: tuple[int, int, int], classes: in
     finally:
         for hook in hooks:
             hook.remove()
+    check_quantizable(model, torch.empty((2, *input_shape), device="meta"))
     parameters = sum(p.numel() for p in model.parameters())
     return ModelSize(parameters, float(counter.get_total_flops()), activations[0], activations[1])
 

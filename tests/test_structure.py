@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mia_ptq_bench.budget import measure_model
 from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.errors import BenchError, SpecError
 from mia_ptq_bench.models import MODELS, build_model
@@ -145,11 +146,14 @@ def test_every_built_in_architecture_passes_and_calls_each_layer_once(arch, opti
     assert model.training  # the probe leaves the model's mode as it found it
 
 
-def test_a_task_with_such_an_architecture_is_refused_before_any_training(tiny_task, tmp_path: Path) -> None:
+def test_a_task_with_such_an_architecture_is_refused_by_validate_and_before_any_training(tiny_task,
+                                                                                       tmp_path: Path) -> None:
     if "test-tied" not in MODELS:
         MODELS.add("test-tied", lambda input_shape, num_classes, width=1.0: TiedLayers())
     spec = tiny_task.model_copy(update={"model": ModelSpec(arch="test-tied"),
                                         "dataset": tiny_task.dataset.model_copy(update={"image_size": 8})})
+    with pytest.raises(SpecError, match="share one parameter"):
+        measure_model(spec, (1, 8, 8), 10)  # what validate runs, on the meta device
     data = load_dataset(spec.dataset)
     with pytest.raises(SpecError, match="share one parameter"):
         build_pool(spec, data, tmp_path)
