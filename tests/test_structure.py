@@ -62,7 +62,10 @@ class UnusedLayer(Body):
 class LayerCalledTwice(Body):
     def __init__(self) -> None:
         super().__init__()
+        head = self.head
+        del self.head
         self.square = nn.Conv2d(4, 4, 1)
+        self.head = head  # the classifier registered last again
 
     def forward(self, x):
         return self.head(self.square(self.square(F.relu(self.bn(self.conv(x))))).flatten(1))
@@ -103,14 +106,63 @@ class BareMatrix(Body):
         return self.head(self.features(x) @ self.project)
 
 
-REFUSED = [(Attention, r"parameter 'attend.in_proj_weight' \(12, 4\) is a weight matrix outside"),
-           (WeightUsedDirectly, r"layer 'head' is never called by the forward pass"),
+class HeadReusedFunctionally(Body):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(10, 10)
+
+    def forward(self, x):
+        return F.linear(self.out(self.head(self.features(x))), self.out.weight.t())  # called once, used twice
+
+
+class FlatMatrix(Body):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat = nn.Parameter(torch.randn(10 * 10))
+
+    def forward(self, x):
+        return self.head(self.features(x)) @ self.flat.view(10, 10)
+
+
+class StandardisedConv(nn.Conv2d):
+    def forward(self, x):
+        weight = (self.weight - self.weight.mean()) / self.weight.std()
+        return self._conv_forward(x, weight, self.bias)
+
+
+class TransformsItsWeight(Body):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = StandardisedConv(1, 4, 3, padding=1)
+
+
+class Embedded(Body):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(1, 4 * 64)
+
+    def forward(self, x):
+        return self.head(self.features(x) + self.table(torch.zeros(x.shape[0], dtype=torch.long)))
+
+
+def _weight_normed() -> nn.Module:
+    model = Body()
+    model.conv = nn.utils.parametrizations.weight_norm(model.conv)
+    return model
+
+
+REFUSED = [(Attention, r"parameter 'attend.in_proj_weight' \(12, 4\) is multiplied as a matrix \(by "
+                       r"multi_head_attention_forward\) outside any Conv2d or Linear"),
+           (BareMatrix, r"parameter 'project' \(256, 256\) is multiplied as a matrix \(by \w*matmul\)"),
+           (FlatMatrix, r"parameter 'flat' \(100,\) is multiplied as a matrix"),
+           (Embedded, r"parameter 'table.weight' \(1, 256\) is multiplied as a matrix \(by embedding\)"),
+           (WeightUsedDirectly, r"the weight of layer 'head' is used outside the layer's own call \(by linear\)"),
+           (HeadReusedFunctionally, r"the weight of layer 'out' is used outside the layer's own call"),
            (UnusedLayer, r"layer 'aux' is never called"),
-           (LayerCalledTwice, r"'square' is called 2 times in one forward pass"),
-           (NormCalledTwice, r"'bn' is called 2 times"),
+           (TransformsItsWeight, r"layer 'conv' multiplies by something other than its weight parameter"),
+           (_weight_normed, r"layer 'conv' multiplies by something other than its weight parameter"),
            (TiedLayers, r"layers 'mix' and 'again' share one parameter \(mix.weight is again.weight\)"),
-           (HeadRegisteredFirst, r"the last layer registered, 'conv', is not the last one called \('head'\)"),
-           (BareMatrix, r"parameter 'project' \(256, 256\) is a weight matrix outside")]
+           (HeadRegisteredFirst, r"the last layer registered, 'conv', is not the last one called \('head'\)")]
 
 
 @pytest.mark.parametrize("network, message", REFUSED, ids=[n.__name__ for n, _ in REFUSED])
@@ -122,8 +174,48 @@ def test_a_network_the_quantizers_would_handle_wrongly_is_refused_with_the_layer
         check_quantizable(model, EXAMPLE)
 
 
+@pytest.mark.parametrize("network, name", [(LayerCalledTwice, "square"), (NormCalledTwice, "bn")])
+def test_a_layer_called_twice_is_refused_only_where_a_method_needs_one_call(network, name) -> None:
+    torch.manual_seed(0)
+    check_quantizable(network(), EXAMPLE)  # OBC, GPTQ and RTN sum or ignore the calls
+    with pytest.raises(SpecError, match=f"'{name}' is called 2 times in one forward pass; this method needs"):
+        check_quantizable(network(), EXAMPLE, once=True)
+
+
+class PerChannelExtras(Body):
+    """Parameters of several dimensions that scale or shift, never multiply as matrices: accepted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm([4, 8, 8])
+        self.layer_scale = nn.Parameter(torch.ones(4, 1, 1))
+        self.position = nn.Parameter(torch.zeros(1, 4, 8, 8))
+
+    def forward(self, x):
+        x = self.norm(self.conv(x) + self.position) * self.layer_scale
+        return self.head(F.relu(self.bn(x)).flatten(1))
+
+
+def test_per_channel_scales_and_offsets_of_any_shape_are_not_weight_matrices() -> None:
+    model = PerChannelExtras()
+    check_quantizable(model, EXAMPLE)
+    calibration = Calibration(torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8), lambda raw: raw.float() / 255)
+    quantized = QUANTIZERS.get("gptq")({}).quantize(model.eval(), calibration, PrecisionPlan.parse("w4"))
+    assert torch.isfinite(quantized(EXAMPLE)).all()
+
+
+def test_the_probe_leaves_every_modules_mode_and_the_random_state_as_they_were() -> None:
+    model = Body().train()
+    model.bn.eval()  # a frozen BatchNorm inside a model in training
+    state = torch.random.get_rng_state()
+    call_order(model, EXAMPLE)
+    assert model.training and model.conv.training and not model.bn.training
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq", "adaround"])
 def test_every_calibrated_quantizer_refuses_it_before_touching_a_weight(method: str) -> None:
+    assert QUANTIZERS.get("adaround").single_calls and not QUANTIZERS.get("obc").single_calls
     torch.manual_seed(0)
     model = TiedLayers().eval()
     before = copy.deepcopy(model.state_dict())

@@ -19,6 +19,9 @@ from .calibration import Calibration
 from .grid import Grid, fit_grid, fit_grids
 from .memo import Replay, UnitMemo, content_key
 
+# Normalisation layers scale each channel (LayerNorm's weight may have the shape of a whole map): no weight matrix.
+NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
 
 class GridConfig(QuantizerConfig):
     per_channel: bool = Field(True, description="one grid per output channel (else one per tensor)")
@@ -50,6 +53,9 @@ class CalibratedQuantizer(Quantizer):
     # Whether a plan may replay the units an earlier plan quantized the same way (memo.py); a subclass
     # whose units read anything beyond the models, calibration, settings and earlier units sets False.
     replays: ClassVar[bool] = True
+    # Whether each Conv2d, Linear and BatchNorm must be called once per forward pass (models.structure);
+    # folding BatchNorm needs it too.
+    single_calls: ClassVar[bool] = False
     _cache_names: ClassVar[tuple[str, ...]] = ("_memo",)
 
     def __init__(self, config=None) -> None:
@@ -93,14 +99,15 @@ class CalibratedQuantizer(Quantizer):
         """Refuse a model with weighted layers the benchmark's weight-only quantizers cannot handle."""
         for name, module in model.named_modules():
             weight = getattr(module, "weight", None)
-            if (isinstance(weight, torch.Tensor) and weight.ndim >= 2 and not isinstance(module, QUANTIZABLE)):
+            if (isinstance(weight, torch.Tensor) and weight.ndim >= 2 and not isinstance(module, (*QUANTIZABLE, *NORMS))):
                 raise BenchError(f"{self.name}: layer {name!r} is a {type(module).__name__}; the quantizers cannot "
                                  "quantize it (supported: Conv2d, Linear)")
 
     def quantize_many(self, models: list[nn.Module], calibrations: list[Calibration], plan: PrecisionPlan) -> list[nn.Module]:
         for model in models:
             self.check_model(model)
-        check_quantizable(models[0], calibrations[0].images[:2])  # the group shares one architecture
+        # The group shares one architecture.
+        check_quantizable(models[0], calibrations[0].images[:2], once=self.single_calls or self.bn_policy == "fold")
         models = [m.eval() for m in models]
         if self.bn_policy == "fold":
             pairs = conv_bn_pairs(models[0])  # traced once: the group shares one architecture

@@ -45,6 +45,7 @@ class ReconstructionConfig(GridConfig):
 class _Reconstruction(CalibratedQuantizer):
     Config = ReconstructionConfig
     granularity: ClassVar[str] = "layer"
+    single_calls = True  # a unit's input and target come from one call of its layers
     # 2: V's gradient written out by hand (rounding._Layer.set_gradient): the same derivative,
     # other float rounding, so a few roundings may differ from version 1's.
     version: ClassVar[str] = "2"
