@@ -705,31 +705,33 @@ def test_where_carried_passes_would_not_fit_in_memory_each_unit_is_captured_from
         assert torch.equal(x, y), name
 
 
-class _HeadRegisteredFirst(nn.Module):
-    """Registers its classifier before the layer that feeds it: registration order is not call order."""
+class _RegisteredOutOfOrder(nn.Module):
+    """Registers a layer before the one that feeds it: registration order is not call order (the
+    classifier is registered last, as models.structure requires)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.second = nn.Linear(64, 32)
+        self.first = nn.Linear(256, 64)
         self.head = nn.Linear(32, 10)
-        self.body = nn.Linear(256, 32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.body(x.flatten(1))))
+        return self.head(torch.relu(self.second(torch.relu(self.first(x.flatten(1))))))
 
 
 @pytest.mark.parametrize("method", ["adaround", "brecq", "gptq"])
 def test_the_machines_memory_changes_no_result_even_where_call_order_is_not_registration_order(method: str) -> None:
     # The carried passes are used only where they fit in memory; the fallback must take the units in the
-    # same order, or a machine with less memory would quantize the head before the body feeding it.
+    # same order, or a machine with less memory would quantize a layer before the one feeding it.
     from unittest import mock
 
     torch.manual_seed(0)
-    model = _HeadRegisteredFirst().eval()
+    model = _RegisteredOutOfOrder().eval()
     cal = calibration(48)
     quantizer = QUANTIZERS.get(method)({"gptq": {}}.get(method, {"iters": 40}))
     plan = PrecisionPlan.parse("w2")
     carried = quantizer.quantize(copy.deepcopy(model), cal, plan)
     with mock.patch("mia_ptq_bench.pool.train.device_memory", return_value=1.0):
         fallback = QUANTIZERS.get(method)(quantizer.config).quantize(copy.deepcopy(model), cal, plan)
-    for name in ("body.weight", "head.weight"):
+    for name in ("first.weight", "second.weight", "head.weight"):
         assert torch.equal(carried.state_dict()[name], fallback.state_dict()[name]), name
