@@ -63,8 +63,9 @@ def _split_list(text: Optional[str]) -> Optional[list[str]]:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
-def make_quantizer(cls, settings: list[str], base: dict | None = None):
-    """Instantiate a quantizer class with ``KEY=VALUE`` overrides of its config (values parsed as YAML)."""
+def make_quantizer(cls, settings: list[str], base: dict | None = None, source: str = "--set"):
+    """Instantiate a quantizer class with ``KEY=VALUE`` overrides of its config (values parsed as YAML);
+    ``source`` names where ``base`` came from, for the error message."""
     import yaml
     from pydantic import ValidationError
 
@@ -82,15 +83,16 @@ def make_quantizer(cls, settings: list[str], base: dict | None = None):
     try:
         return cls(config)
     except ValidationError as exc:
-        raise BenchError(format_validation_error(f"{cls.name} config (--set)", exc)) from None
+        where = "--set" if not base else source if not settings else f"{source} and --set"
+        raise BenchError(format_validation_error(f"{cls.name} config ({where})", exc)) from None
 
 
 @app.command()
 def evaluate(
-    quantizer: Annotated[str, typer.Argument(help="quantizer: a registered name, an entry point, a submission, or module:Class")],
+    quantizer: Annotated[str, typer.Argument(help="quantizer: a registered name, an entry point, a submission, file.py:Class or module:Class")],
     task: Annotated[str, typer.Option(help="task id or path to a task .yaml")] = "digits-mlp",
     plans: Annotated[Optional[str], typer.Option(help="comma-separated plans, e.g. w4,w1.58-last8 (default: the task's)")] = None,
-    threat_models: Annotated[Optional[str], typer.Option("--threat-models", help="oblivious,adaptive (default: the task's)")] = None,
+    threat_models: Annotated[Optional[str], typer.Option("--threat-models", help="comma-separated, of oblivious, adaptive-rtn, adaptive (default: the task's)")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda when present, else cpu)")] = None,
     out: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
     cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder (default: $MPTQ_CACHE or ~/.cache/mia-ptq-bench)")] = None,
@@ -123,7 +125,11 @@ def evaluate(
                              "submission.yaml (quantizer.config) so that its results say how they were made")
         if submission and found.name != quantizer:
             raise BenchError(f"--submission {submission} holds quantizer {found.name!r}, not {quantizer!r}")
-        chosen = make_quantizer(found.cls, setting or [], found.config)
+        extra = [p for p in _split_list(plans) or [] if p not in spec.plans]
+        if submission and extra:  # validate would refuse their files
+            raise BenchError(f"--plans {','.join(extra)}: not among the task's plans ({', '.join(spec.plans)}); a "
+                             "submission holds results for the task's plans only")
+        chosen = make_quantizer(found.cls, setting or [], found.config, f"{found.source}: quantizer.config")
         options = RunOptions(out_dir=submission / "results" if submission else out, data_root=data_root,
                              download=download, per_quantizer_folder=submission is None,
                              executor=make_executor(executor, ray_address), extensions=extensions)
@@ -194,9 +200,11 @@ def validate(
     data_root: Annotated[Optional[Path], typer.Option(help="dataset folder for --recompute")] = None,
     download: Annotated[bool, typer.Option(help="allow downloading a missing dataset for --recompute")] = False,
 ) -> None:
-    """Check task specs, result files (schema, checksums, audit, numbers recomputed) and submissions.
+    """Check task specs, result files and submissions: schema, checksums, bit-width audit; numbers
+    recomputed from a result's arrays (.npz), or from its quantized weights with --recompute.
 
-    Submitted code is never imported or run.
+    A submission folder as committed holds no arrays: its numbers are checked only with --recompute
+    (what CI runs on a pull request, before `reproduce`). Submitted code is never imported or run.
     """
     from .budget import Machine, check_budget
     from .cache import default_cache_dir
@@ -216,8 +224,11 @@ def validate(
                     errors.print(f"[bold red]invalid:[/] {one_line(line)}", highlight=False, soft_wrap=True)
                 if problems:
                     failures += 1
+                elif recompute:  # the verdict on its numbers follows, result by result
+                    console.print(f"[green]files ok[/] {one_line(str(folder))}: schema, checksums, audit", highlight=False)
                 else:
-                    console.print(f"[green]ok[/] {one_line(str(folder))}", highlight=False)
+                    console.print(f"[green]ok[/] {one_line(str(folder))} [dim](schema, checksums, audit; its numbers are "
+                                  "recomputed with --recompute, as CI does)[/]", highlight=False)
             continue
         try:
             note = None
@@ -232,6 +243,8 @@ def validate(
                         "mia_ptq_bench.data.DATASET_SHAPES (evaluate estimates it once the data is loaded)")
             elif path.suffix == ".json":
                 verify_result(path, arrays_required=not recompute)
+            elif not path.exists():
+                raise BenchError(f"{path}: no such file or folder")
             else:
                 raise BenchError(f"{path}: not a task (.yaml) or result (.json) file")
             console.print(f"[green]ok[/] {escape(str(path))}", highlight=False)
@@ -458,7 +471,7 @@ def _site_checks(submissions: Path, cache_dir: Path, data_root: Optional[Path], 
 @app.command()
 def findings(
     task: Annotated[str, typer.Option(help="task id")] = "digits-mlp",
-    out: Annotated[Path, typer.Option(help="markdown file to write; its figures go to figures/ beside it")] = Path("docs/findings.md"),
+    out: Annotated[Optional[Path], typer.Option(help="markdown file to write (default: docs/findings-<task>.md); its figures go to figures/ beside it")] = None,
     submissions: Annotated[Path, typer.Option(help="submissions folder")] = Path("submissions"),
 ) -> None:
     """Write the study's questions, answered from the committed results of one task, with figures."""
@@ -466,8 +479,11 @@ def findings(
     from .findings import render
 
     def action() -> None:
-        write_text_atomic(out, render(submissions, task, figures=out.parent / "figures", figures_link="figures"))
-        console.print(f"wrote {escape(str(out))} and its figures in {escape(str(out.parent / 'figures'))}",
+        path = out or Path("docs") / f"findings-{task}.md"
+        command = f"mptq-bench findings --task {task}" + (f" --out {out}" if out else "")
+        write_text_atomic(path, render(submissions, task, figures=path.parent / "figures", figures_link="figures",
+                                       command=command))
+        console.print(f"wrote {escape(str(path))} and its figures in {escape(str(path.parent / 'figures'))}",
                       highlight=False)
 
     guarded(action)

@@ -45,8 +45,12 @@ def import_module_or_file(ref: str) -> ModuleType:
                 raise
             return module
         return importlib.import_module(ref)
+    except SyntaxError as exc:  # the plugin author's own typo: where it is, in one line
+        where = f"{Path(exc.filename).name}, line {exc.lineno}" if exc.filename else f"line {exc.lineno}"
+        raise BenchError(f"{ref}: cannot import: {exc.msg} ({where})") from None
     except ImportError as exc:
-        raise BenchError(f"{ref}: cannot import: {exc}") from None
+        hint = f" (a file is imported as {ref}.py)" if not ref.endswith(".py") and Path(f"{ref}.py").is_file() else ""
+        raise BenchError(f"{ref}: cannot import: {exc}{hint}") from None
 
 
 def extension_refs(refs: Iterable[str] = ()) -> tuple[str, ...]:

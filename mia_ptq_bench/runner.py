@@ -13,6 +13,7 @@ The stages, in order, each done by the module named:
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -206,6 +207,9 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
         # written by the next run, never a document pointing at files rewritten under it.
         beside = result_path(options.out_dir, spec.id, folder_name, str(plan), "any")
         for stale in beside.parent.glob(f"{plan}--*.json"):  # "w1.58--*" never matches "w1.58-last8--*"
+            made_by = _config_hash(stale)
+            if made_by is not None and made_by != provenance["quantizer"].config_hash:
+                progress.log(f"replacing {stale}: made with another config of the quantizer ({made_by[:12]})")
             stale.unlink(missing_ok=True)
         evidence = None if plan.is_full_precision else write_plan_evidence(
             spec, quantizer, plan, outputs, indices, targets, beside)
@@ -249,6 +253,14 @@ def write_plan_evidence(spec: TaskSpec, quantizer: Quantizer, plan: PrecisionPla
     if sum(v.nbytes for v in everything.values()) <= EVIDENCE_CAP:
         return write_evidence(path, everything, metadata)
     return write_evidence(path, {k: v for t in targets for k, v in outputs[int(t)].evidence.items()}, metadata)
+
+
+def _config_hash(document: Path) -> str | None:
+    """The quantizer config hash a result document records, or None where it cannot be read."""
+    try:
+        return str(json.loads(document.read_text(encoding="utf-8"))["quantizer"]["config_hash"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _provenance(spec: TaskSpec, quantizer: Quantizer, pool: Pool, device: str) -> dict:

@@ -939,8 +939,9 @@ def test_a_result_of_another_quantizer_or_config_is_not_this_submissions(subs: P
     shutil.copy(subs / "rtn" / "results" / "tiny-digits" / "w4--oblivious.json", document)
     write_manifest(subs / "mine")
     problems = validate_submission(subs / "mine")
-    assert (f"{document}: quantizer.config: search differ from submission.yaml's quantizer.config (the results must "
-            "be made with the config the metadata records)") in problems
+    assert (f"{document}: quantizer.config: search: 'minmax' in submission.yaml, 'lp' in the result (results must be "
+            "made with the config the metadata records: rerun `mptq-bench evaluate <name> --submission <folder>` after "
+            "fixing submission.yaml)") in problems
 
     def rename(data: dict) -> None:
         data["quantizer"]["name"] = "gptq"

@@ -192,9 +192,36 @@ def test_submission_folder_is_found_and_evaluated(submission: Path) -> None:
 
 
 def test_validate_cli_accepts_a_good_submission(submission: Path) -> None:
-    result = cli.invoke(app, ["validate", str(submission.parent)])
+    result = cli.invoke(app, ["validate", str(submission.parent)], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.stderr
-    assert "ok" in result.output
+    # a folder's numbers are checked only with --recompute, and the line says so
+    assert "ok " in result.output and "recomputed with --recompute, as CI does" in result.output
+
+
+def _bare_submission(tmp_path: Path, plugin: str, config: dict) -> Path:
+    folder = tmp_path / "submissions" / "half-step"
+    folder.mkdir(parents=True)
+    (folder / "quantizer.py").write_text(plugin)
+    (folder / "submission.yaml").write_text(yaml.safe_dump({
+        "name": "half-step", "display_name": "Half step", "version": "1", "authors": [{"name": "A"}],
+        "description": "d", "license": "MIT", "contact": "a@example.org", "tasks": ["tiny-digits"],
+        "quantizer": {"file": "quantizer.py", "class": "HalfStep", "config": config}}))
+    return folder
+
+
+def test_a_submitted_class_that_names_itself_otherwise_is_refused_before_any_work(tmp_path: Path) -> None:
+    folder = _bare_submission(tmp_path, PLUGIN.replace('    version = "0.1"', '    name = "halfstep"\n    version = "0.1"'), {})
+    result = cli.invoke(app, ["evaluate", "half-step", "--task", "tiny-digits", "--submission", str(folder)])
+    assert result.exit_code == 2
+    assert "class HalfStep calls itself 'halfstep', but the submission is 'half-step'" in result.stderr
+    assert not (folder / "results").exists()
+
+
+def test_a_bad_config_in_submission_yaml_is_blamed_on_submission_yaml(tmp_path: Path) -> None:
+    folder = _bare_submission(tmp_path, PLUGIN, {"offset": "half"})
+    result = cli.invoke(app, ["evaluate", "half-step", "--task", "tiny-digits", "--submission", str(folder)])
+    assert result.exit_code == 2
+    assert f"half-step config (submission {folder}: quantizer.config): offset:" in " ".join(result.stderr.split())
 
 
 def _only_problem(folder: Path, fragment: str) -> None:
@@ -272,3 +299,48 @@ def test_adaptive_is_reported_beside_oblivious(tmp_path: Path) -> None:
     assert result.exit_code == 0
     rows = [line for line in result.output.splitlines() if line.strip().startswith("w1.58-last8")]
     assert any(r.split()[1] == "oblivious" for r in rows) and any(r.split()[1] == "adaptive" for r in rows)
+
+
+def test_a_plugin_with_a_syntax_error_is_one_line_naming_its_file_and_line(tmp_path: Path) -> None:
+    source = tmp_path / "broken.py"
+    source.write_text(PLUGIN.replace("class HalfStep(Quantizer):", "class HalfStep(Quantizer)"))
+    result = evaluate(f"{source}:HalfStep", "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "Traceback" not in result.output + result.stderr
+    line = PLUGIN.splitlines().index("class HalfStep(Quantizer):") + 1
+    assert f"cannot import: expected ':' (broken.py, line {line})" in " ".join(result.stderr.split())
+
+
+def test_a_quantize_that_returns_no_model_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    source = tmp_path / "forgetful.py"
+    source.write_text(PLUGIN.replace("        return model\n", "        pass\n"))
+    result = evaluate(f"{source}:HalfStep", "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "Traceback" not in result.output + result.stderr
+    assert "quantize returned NoneType for pool model 0; expected the quantized model" in " ".join(result.stderr.split())
+    assert not list((tmp_path / "r").rglob("*.json"))
+
+
+def test_a_module_path_for_a_file_hints_at_the_file_form(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "myq.py").write_text(PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    result = evaluate("myq:HalfStep", "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "(a file is imported as myq.py)" in " ".join(result.stderr.split())
+
+
+def test_a_submission_run_refuses_plans_the_task_does_not_have(submission: Path) -> None:
+    before = sorted(p.name for p in (submission / "results").rglob("*"))
+    result = cli.invoke(app, ["evaluate", "example-stochastic-rounding", "--task", "tiny-digits", "--plans", "w4,w3",
+                              "--submission", str(submission)])
+    assert result.exit_code == 2 and "--plans w3: not among the task's plans (" in " ".join(result.stderr.split())
+    assert sorted(p.name for p in (submission / "results").rglob("*")) == before
+
+
+def test_a_run_with_another_config_says_which_results_it_replaces(tmp_path: Path) -> None:
+    source = tmp_path / "halfstep.py"
+    source.write_text(PLUGIN)
+    first = evaluate(f"{source}:HalfStep", "--out", str(tmp_path / "r"))
+    assert first.exit_code == 0 and "another config" not in first.output
+    again = evaluate(f"{source}:HalfStep", "--out", str(tmp_path / "r"))
+    assert again.exit_code == 0 and "another config" not in again.output
+    other = evaluate(f"{source}:HalfStep", "--out", str(tmp_path / "r"), "--set", "offset=0.25")
+    assert other.exit_code == 0, other.stderr
+    assert "w2--oblivious.json: made with another config of the quantizer" in " ".join((other.output + other.stderr).split())

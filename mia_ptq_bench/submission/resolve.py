@@ -29,13 +29,17 @@ def submission_quantizer(folder: Path) -> Found:
     where = f"submission {folder}"
     if ref.builtin is not None:
         cls = QUANTIZERS.get(ref.builtin)
-    elif ref.file is not None:
-        cls = load_import_path(f"{Path(folder) / ref.file}:{ref.class_name}", spec.name)
     else:
-        try:
-            cls = load_import_path(str(ref.entry), spec.name)
-        except BenchError as exc:
-            raise BenchError(f"{exc}; install the submission's requirement first: pip install '{ref.requirement}'") from None
+        if ref.file is not None:
+            cls = load_import_path(f"{Path(folder) / ref.file}:{ref.class_name}", spec.name)
+        else:
+            try:
+                cls = load_import_path(str(ref.entry), spec.name)
+            except BenchError as exc:
+                raise BenchError(f"{exc}; install the submission's requirement first: pip install '{ref.requirement}'") from None
+        if cls.name != spec.name:  # its results would record the class's name, which validate refuses
+            raise BenchError(f"{where}: class {cls.__name__} calls itself {cls.name!r}, but the submission is "
+                             f"{spec.name!r}: give the class name = {spec.name!r} (or no name: it takes the submission's)")
     return Found(spec.name, cls, where, dict(ref.config))
 
 
