@@ -109,6 +109,7 @@ def evaluate(
     """Quantize the task's targets at each plan, attack them with LiRA, write validated results."""
     from .submission.resolve import resolve, submission_quantizer
     from .report import RichProgress, attacks_table, results_table
+    from .spec import PrecisionPlan
     from .runner import RunOptions, check_task, evaluate as run_evaluate
     from .spec import load_task
     from .executor import make_executor
@@ -125,6 +126,8 @@ def evaluate(
                              "submission.yaml (quantizer.config) so that its results say how they were made")
         if submission and found.name != quantizer:
             raise BenchError(f"--submission {submission} holds quantizer {found.name!r}, not {quantizer!r}")
+        for text in _split_list(plans) or []:  # a malformed plan is refused before the run's header is printed
+            PrecisionPlan.parse(text)
         extra = [p for p in _split_list(plans) or [] if p not in spec.plans]
         if submission and extra:  # validate would refuse their files
             raise BenchError(f"--plans {','.join(extra)}: not among the task's plans ({', '.join(spec.plans)}); a "
@@ -197,7 +200,7 @@ def validate(
     plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="extension module or .py file whose names a task uses (repeatable)")] = None,
     recompute: Annotated[bool, typer.Option(help="also recompute every result from its committed quantized weights against the task's pool (trained or pulled if not cached); runs no submitted code")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder for --recompute")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="dataset folder for --recompute")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="dataset folder for --recompute (default: $MPTQ_DATA or ~/.cache/mia-ptq-bench/data)")] = None,
     download: Annotated[bool, typer.Option(help="allow downloading a missing dataset for --recompute")] = False,
 ) -> None:
     """Check task specs, result files and submissions: schema, checksums, bit-width audit; numbers
@@ -291,7 +294,7 @@ def reproduce(
     paths: Annotated[list[Path], typer.Argument(help="result .json files or submission folders")],
     device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda when present, else cpu)")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder (default: $MPTQ_CACHE or ~/.cache/mia-ptq-bench)")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="dataset folder (default: $MPTQ_DATA)")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="dataset folder (default: $MPTQ_DATA or ~/.cache/mia-ptq-bench/data)")] = None,
     download: Annotated[bool, typer.Option(help="allow downloading a missing dataset with torchvision")] = False,
     plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="extension module or .py file (repeatable)")] = None,
     show: Annotated[str, typer.Option(help="rows to print: failed, headline or all")] = "headline",
@@ -427,7 +430,7 @@ def leaderboard_build(
     recompute: Annotated[bool, typer.Option(help="recompute every result from its committed quantized weights and label "
                                                  "it recomputed or self-reported; leave out what disagrees")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder for --recompute")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="dataset folder for --recompute")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="dataset folder for --recompute (default: $MPTQ_DATA or ~/.cache/mia-ptq-bench/data)")] = None,
     download: Annotated[bool, typer.Option(help="allow downloading a missing dataset for --recompute")] = False,
     repository: Annotated[Optional[str], typer.Option(help="http(s) URL of the repository the site links to (default: the "
                                                             "one GitHub Actions builds, else no link)")] = None,

@@ -115,15 +115,17 @@ def prepare_pool(context: RunContext, options: RunOptions, progress: Progress) -
 # -- 4. quantize --------------------------------------------------------------------------------
 
 def quantize_models(context: RunContext, pool: Pool, quantizer: Quantizer, plan: PrecisionPlan, indices: list[int],
-                    options: RunOptions, progress: Progress) -> dict[int, ModelOutputs]:
-    """Outputs of ``indices`` quantized at ``plan``: the cached ones loaded, the rest run as units in groups."""
+                    options: RunOptions, progress: Progress, role: str = "") -> dict[int, ModelOutputs]:
+    """Outputs of ``indices`` quantized at ``plan``: the cached ones loaded, the rest run as units in groups.
+    ``role``: what these models are for, when not the method's own (shown in the progress line)."""
     store = OutputStore(options.cache_dir, pool, quantizer, plan, progress)
     outputs = {i: cached for i in indices if (cached := store.load(i)) is not None}
     todo = [i for i in indices if i not in outputs]
     step = options.quantize_group
     groups = [tuple(todo[s : s + step]) for s in range(0, len(todo), step)]
     key = f"quantize-{plan}"
-    progress.start(key, f"{quantizer.name} {plan}: quantize + score {len(todo)} of {len(indices)} models", len(groups))
+    doing = f"quantize + score {len(todo)} of {len(indices)} models" if todo else f"all {len(indices)} models cached"
+    progress.start(key, f"{quantizer.name} {plan}{role}: {doing}", len(groups))
     options.executor.map(partial(quantize_unit, context, quantizer, str(plan)), groups,
                          gpus=1 if torch.device(options.device).type == "cuda" else 0, progress=progress, key=key,
                          describe=lambda group: f"{plan} models {group[0]}-{group[-1]}")
@@ -196,7 +198,8 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
             shadows["same-quantizer"] = ShadowSet(np.stack([outputs[i].scores for i in quantized_shadows]),
                                                   np.array(quantized_shadows))
         if "rtn" in sources:
-            rtn = quantize_models(context, pool, QUANTIZERS.get("rtn")(), plan, quantized_shadows, options, progress)
+            rtn = quantize_models(context, pool, QUANTIZERS.get("rtn")(), plan, quantized_shadows, options, progress,
+                                  " (shadows of the adaptive-rtn attacker)")
             shadows["rtn"] = ShadowSet(np.stack([rtn[i].scores for i in quantized_shadows]), np.array(quantized_shadows))
         target_scores = np.stack([outputs[int(t)].scores for t in targets])
         predictions = np.stack([outputs[int(t)].test_predictions for t in targets])

@@ -57,7 +57,8 @@ def resolve(name: str, submissions: Path = DEFAULT_SUBMISSIONS) -> Found:
         f"unknown quantizer {name!r}{hint}; looked in the registry ({', '.join(QUANTIZERS) or 'empty'}), "
         f"entry points '{ENTRY_POINT_GROUP}' ({', '.join(sorted(entry_points())) or 'none'}), "
         f"and {submissions}/*/{METADATA} ({', '.join(submitted) or 'none'}); "
-        "or pass package.module:Class or file.py:Class"
+        "or pass package.module:Class or file.py:Class (a name a plugin registers needs the plugin loaded: "
+        "--plugin file.py or $MPTQ_PLUGINS)"
     )
 
 
