@@ -154,7 +154,8 @@ def call_order(model: nn.Module, units: list[Unit], example: torch.Tensor) -> li
 
     The order for a model that does not trace (``forward_plan`` is None): registration order can
     put a layer before the one that feeds it, whose inputs would then come from a model quantized
-    in another order than the forward pass's.
+    in another order than the forward pass's. ``model`` is in eval mode (the quantizers' callers put
+    it there); the pass draws no random numbers from the streams the quantizer goes on to use.
     """
     first: dict[int, int] = {}
 
@@ -163,7 +164,8 @@ def call_order(model: nn.Module, units: list[Unit], example: torch.Tensor) -> li
 
     handles = [unit.first.register_forward_pre_hook(lambda *_, u=u: called(u)) for u, unit in enumerate(units)]
     try:
-        model(example)
+        with torch.random.fork_rng(devices=[]):
+            model(example)
     finally:
         for handle in handles:
             handle.remove()
