@@ -109,6 +109,7 @@ def evaluate(
     """Quantize the task's targets at each plan, attack them with LiRA, write validated results."""
     from .submission.resolve import resolve, submission_quantizer
     from .report import RichProgress, attacks_table, results_table
+    from .attack import THREAT_MODELS
     from .spec import PrecisionPlan
     from .runner import RunOptions, check_task, evaluate as run_evaluate
     from .spec import load_task
@@ -126,12 +127,15 @@ def evaluate(
                              "submission.yaml (quantizer.config) so that its results say how they were made")
         if submission and found.name != quantizer:
             raise BenchError(f"--submission {submission} holds quantizer {found.name!r}, not {quantizer!r}")
-        for text in _split_list(plans) or []:  # a malformed plan is refused before the run's header is printed
+        for text in _split_list(plans) or []:  # a malformed plan or threat is refused before the run's header
             PrecisionPlan.parse(text)
-        extra = [p for p in _split_list(plans) or [] if p not in spec.plans]
+        for name in _split_list(threat_models) or []:
+            THREAT_MODELS.get(name)
+        held = found.cls.default_plans or list(spec.plans)  # what validate expects of this submission
+        extra = [p for p in _split_list(plans) or [] if str(PrecisionPlan.parse(p)) not in held]
         if submission and extra:  # validate would refuse their files
-            raise BenchError(f"--plans {','.join(extra)}: not among the task's plans ({', '.join(spec.plans)}); a "
-                             "submission holds results for the task's plans only")
+            raise BenchError(f"--plans {','.join(extra)}: not among the plans this submission holds for the task "
+                             f"({', '.join(held)})")
         chosen = make_quantizer(found.cls, setting or [], found.config, f"{found.source}: quantizer.config")
         options = RunOptions(out_dir=submission / "results" if submission else out, data_root=data_root,
                              download=download, per_quantizer_folder=submission is None,

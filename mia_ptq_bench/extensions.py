@@ -49,7 +49,8 @@ def import_module_or_file(ref: str) -> ModuleType:
         where = f"{Path(exc.filename).name}, line {exc.lineno}" if exc.filename else f"line {exc.lineno}"
         raise BenchError(f"{ref}: cannot import: {exc.msg} ({where})") from None
     except ImportError as exc:
-        hint = f" (a file is imported as {ref}.py)" if not ref.endswith(".py") and Path(f"{ref}.py").is_file() else ""
+        missing_itself = getattr(exc, "name", None) == ref  # not a module it imports
+        hint = f" (a file is imported as {ref}.py)" if missing_itself and Path(f"{ref}.py").is_file() else ""
         raise BenchError(f"{ref}: cannot import: {exc}{hint}") from None
 
 

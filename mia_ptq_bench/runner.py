@@ -199,7 +199,7 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
                                                   np.array(quantized_shadows))
         if "rtn" in sources:
             rtn = quantize_models(context, pool, QUANTIZERS.get("rtn")(), plan, quantized_shadows, options, progress,
-                                  " (shadows of the adaptive-rtn attacker)")
+                                  " (adaptive-rtn shadows)")
             shadows["rtn"] = ShadowSet(np.stack([rtn[i].scores for i in quantized_shadows]), np.array(quantized_shadows))
         target_scores = np.stack([outputs[int(t)].scores for t in targets])
         predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
@@ -210,9 +210,11 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
         # written by the next run, never a document pointing at files rewritten under it.
         beside = result_path(options.out_dir, spec.id, folder_name, str(plan), "any")
         for stale in beside.parent.glob(f"{plan}--*.json"):  # "w1.58--*" never matches "w1.58-last8--*"
-            made_by = _config_hash(stale)
-            if made_by is not None and made_by != provenance["quantizer"].config_hash:
-                progress.log(f"replacing {stale}: made with another config of the quantizer ({made_by[:12]})")
+            differs = _made_otherwise(stale, provenance["quantizer"])
+            if differs:
+                progress.log(f"replacing {stale}: made with {differs}")
+            elif stale.stem.split("--", 1)[-1] not in {t.name for t in threats}:
+                progress.log(f"removing {stale}: a plan's documents are rewritten together (rerun its threat model)")
             stale.unlink(missing_ok=True)
         evidence = None if plan.is_full_precision else write_plan_evidence(
             spec, quantizer, plan, outputs, indices, targets, beside)
@@ -258,12 +260,20 @@ def write_plan_evidence(spec: TaskSpec, quantizer: Quantizer, plan: PrecisionPla
     return write_evidence(path, {k: v for t in targets for k, v in outputs[int(t)].evidence.items()}, metadata)
 
 
-def _config_hash(document: Path) -> str | None:
-    """The quantizer config hash a result document records, or None where it cannot be read."""
+def _made_otherwise(document: Path, quantizer: QuantizerRef) -> str:
+    """How the quantizer a result document records differs from ``quantizer`` ("" if it does not, or is unreadable)."""
     try:
-        return str(json.loads(document.read_text(encoding="utf-8"))["quantizer"]["config_hash"])
+        recorded = json.loads(document.read_text(encoding="utf-8"))["quantizer"]
+        name, version, config = recorded["name"], recorded["version"], dict(recorded["config"])
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return ""
+    if name != quantizer.name:
+        return f"another quantizer ({name!r})"
+    if version != quantizer.version:
+        return f"version {version} of {name} (this run: {quantizer.version})"
+    changed = sorted(k for k in {*config, *quantizer.config} if config.get(k) != quantizer.config.get(k))
+    return "another config (" + ", ".join(f"{k}: {config.get(k)!r} -> {quantizer.config.get(k)!r}"
+                                           for k in changed) + ")" if changed else ""
 
 
 def _provenance(spec: TaskSpec, quantizer: Quantizer, pool: Pool, device: str) -> dict:

@@ -940,8 +940,8 @@ def test_a_result_of_another_quantizer_or_config_is_not_this_submissions(subs: P
     write_manifest(subs / "mine")
     problems = validate_submission(subs / "mine")
     assert (f"{document}: quantizer.config: search: 'minmax' in submission.yaml, 'lp' in the result (results must be "
-            "made with the config the metadata records: rerun `mptq-bench evaluate <name> --submission <folder>` after "
-            "fixing submission.yaml)") in problems
+            "made with the config the metadata records: fix submission.yaml, or rerun `mptq-bench evaluate mine --task "
+            f"tiny-digits --submission {subs / 'mine'}`)") in problems
 
     def rename(data: dict) -> None:
         data["quantizer"]["name"] = "gptq"

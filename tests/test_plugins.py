@@ -14,6 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from builtin_submission import evaluated_builtin
 from conftest import TASKS
 from mia_ptq_bench.cli import app
 from mia_ptq_bench.submission.resolve import resolve
@@ -324,14 +325,29 @@ def test_a_module_path_for_a_file_hints_at_the_file_form(tmp_path: Path, monkeyp
     monkeypatch.chdir(tmp_path)
     result = evaluate("myq:HalfStep", "--out", str(tmp_path / "r"))
     assert result.exit_code == 2 and "(a file is imported as myq.py)" in " ".join(result.stderr.split())
+    # found on the path but failing on its own import: no hint
+    (tmp_path / "myq2.py").write_text("import a_package_nobody_has_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    failing = evaluate("myq2:HalfStep", "--out", str(tmp_path / "r"))
+    assert failing.exit_code == 2 and "a_package_nobody_has_installed" in failing.stderr
+    assert "a file is imported as" not in failing.stderr
 
 
 def test_a_submission_run_refuses_plans_the_task_does_not_have(submission: Path) -> None:
     before = sorted(p.name for p in (submission / "results").rglob("*"))
     result = cli.invoke(app, ["evaluate", "example-stochastic-rounding", "--task", "tiny-digits", "--plans", "w4,w3",
                               "--submission", str(submission)])
-    assert result.exit_code == 2 and "--plans w3: not among the task's plans (" in " ".join(result.stderr.split())
+    assert result.exit_code == 2
+    assert "--plans w3: not among the plans this submission holds for the task (w4, w1.58-last8)" in " ".join(
+        result.stderr.split())
     assert sorted(p.name for p in (submission / "results").rglob("*")) == before
+
+
+def test_the_reference_submission_runs_its_own_plan(tmp_path: Path) -> None:
+    folder = evaluated_builtin(tmp_path / "submissions", "fp32")  # its one plan: fp32, not the task's
+    again = cli.invoke(app, ["evaluate", "fp32", "--task", "tiny-digits", "--plans", "fp32", "--submission", str(folder)])
+    assert again.exit_code == 0, again.stderr
+    assert validate_submission(folder) == []
 
 
 def test_a_run_with_another_config_says_which_results_it_replaces(tmp_path: Path) -> None:
@@ -343,4 +359,4 @@ def test_a_run_with_another_config_says_which_results_it_replaces(tmp_path: Path
     assert again.exit_code == 0 and "another config" not in again.output
     other = evaluate(f"{source}:HalfStep", "--out", str(tmp_path / "r"), "--set", "offset=0.25")
     assert other.exit_code == 0, other.stderr
-    assert "w2--oblivious.json: made with another config of the quantizer" in " ".join((other.output + other.stderr).split())
+    assert "w2--oblivious.json: made with another config (offset: 0.0 -> 0.25)" in " ".join((other.output + other.stderr).split())

@@ -120,8 +120,8 @@ def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan
     models = [pool.load_model(i, device) for i in todo]
     calibrations = [calibration_set(spec, pool.dataset, pool.keep, i, size, device) for i in todo]
     quantized = quantizer.quantize_many(models, calibrations, plan)
-    if not isinstance(quantized, list) or len(quantized) != len(todo):
-        got = f"{len(quantized)} models" if isinstance(quantized, list) else type(quantized).__name__
+    if not isinstance(quantized, (list, tuple)) or len(quantized) != len(todo):
+        got = f"{len(quantized)} models" if isinstance(quantized, (list, tuple)) else type(quantized).__name__
         raise BenchError(f"quantizer {quantizer.name!r} at {plan}: quantize_many returned {got} for {len(todo)}; "
                          "expected a list of the quantized models, in order")
     for index, model in zip(todo, quantized, strict=True):

@@ -101,7 +101,8 @@ def arrays_file(path: Path, result: Result) -> Path:
     try:
         mode = arrays_path.lstat().st_mode
     except OSError:
-        raise SpecError(f"{path}: arrays.file: {arrays_path} does not exist") from None
+        raise SpecError(f"{path}: arrays.file: {arrays_path} does not exist (a committed result keeps no arrays: "
+                        "validate it with --recompute, which recomputes them from its quantized weights)") from None
     if stat.S_ISLNK(mode):
         raise SpecError(f"{path}: arrays.file: {arrays_path} is a symbolic link; refused")
     if not stat.S_ISREG(mode):

@@ -176,10 +176,12 @@ def _check_result(path: Path, task, spec: SubmissionSpec, plan: str, threat: str
                         f"is {own!r}")
     changed = sorted(k for k, v in spec.quantizer.config.items() if result.quantizer.config.get(k, object()) != v)
     if changed:
+        recorded = result.quantizer.config
         shown = "; ".join(f"{k}: {spec.quantizer.config[k]!r} in submission.yaml, "
-                          f"{result.quantizer.config.get(k, '(not set)')!r} in the result" for k in changed)
+                          f"{repr(recorded[k]) if k in recorded else 'not set'} in the result" for k in changed)
         problems.append(f"{path}: quantizer.config: {shown} (results must be made with the config the metadata "
-                        "records: rerun `mptq-bench evaluate <name> --submission <folder>` after fixing submission.yaml)")
+                        f"records: fix submission.yaml, or rerun `mptq-bench evaluate {submission} --task {result.task.id} "
+                        f"--submission {path.parents[2]}`)")
     if content_hash({k: result.quantizer.model_dump()[k] for k in ("name", "version", "config")}) != \
             result.quantizer.config_hash:
         problems.append(f"{path}: quantizer.config_hash: is not the hash of the recorded name, version and config")
