@@ -234,8 +234,8 @@ def validate(
                 elif recompute:  # the verdict on its numbers follows, result by result
                     console.print(f"[green]files ok[/] {one_line(str(folder))}: schema, checksums, audit", highlight=False)
                 else:
-                    console.print(f"[green]ok[/] {one_line(str(folder))} [dim](schema, checksums, audit; its numbers are "
-                                  "recomputed with --recompute, as CI does)[/]", highlight=False)
+                    console.print(f"[green]ok[/] {one_line(str(folder))} [dim](schema, checksums, audit; its numbers "
+                                  "are checked with --recompute, as CI does)[/]", highlight=False)
             continue
         try:
             note = None
@@ -263,6 +263,9 @@ def validate(
                 errors.print(f"[bold red]invalid:[/] {one_line(line)}", highlight=False, soft_wrap=True)
     if recompute and not failures:
         failures += _recompute_all(files, _cache_dir(cache_dir), data_root, download)
+    elif recompute:
+        errors.print("[bold red]not recomputed:[/] no number is recomputed until the problems above are fixed",
+                     highlight=False)
     if failures:
         raise typer.Exit(1)
 

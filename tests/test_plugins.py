@@ -196,7 +196,7 @@ def test_validate_cli_accepts_a_good_submission(submission: Path) -> None:
     result = cli.invoke(app, ["validate", str(submission.parent)], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.stderr
     # a folder's numbers are checked only with --recompute, and the line says so
-    assert "ok " in result.output and "recomputed with --recompute, as CI does" in result.output
+    assert "ok " in result.output and "checked with --recompute, as CI does" in result.output
 
 
 def _bare_submission(tmp_path: Path, plugin: str, config: dict) -> Path:
@@ -360,3 +360,12 @@ def test_a_run_with_another_config_says_which_results_it_replaces(tmp_path: Path
     other = evaluate(f"{source}:HalfStep", "--out", str(tmp_path / "r"), "--set", "offset=0.25")
     assert other.exit_code == 0, other.stderr
     assert "w2--oblivious.json: made with another config (offset: 0.0 -> 0.25)" in " ".join((other.output + other.stderr).split())
+
+
+def test_validate_with_recompute_says_when_it_recomputes_nothing(submission: Path) -> None:
+    path = submission / "submission.yaml"
+    path.write_text(path.read_text() + "homepage: https://example.org\n")
+    result = cli.invoke(app, ["validate", str(submission.parent), "--recompute"])
+    assert result.exit_code == 1 and "homepage: unknown field" in result.stderr
+    assert "not recomputed: no number is recomputed until the problems above are fixed" in result.stderr
+    assert "recomputed " not in result.output
