@@ -234,8 +234,8 @@ def validate(
                 elif recompute:  # the verdict on its numbers follows, result by result
                     console.print(f"[green]files ok[/] {one_line(str(folder))}: schema, checksums, audit", highlight=False)
                 else:
-                    console.print(f"[green]ok[/] {one_line(str(folder))} [dim](schema, checksums, audit; its numbers "
-                                  "are checked with --recompute, as CI does)[/]", highlight=False)
+                    console.print(f"[green]ok[/] {one_line(str(folder))} [dim](numbers: --recompute, as CI)[/]",
+                                  highlight=False)
             continue
         try:
             note = None
