@@ -196,7 +196,7 @@ def test_validate_cli_accepts_a_good_submission(submission: Path) -> None:
     result = cli.invoke(app, ["validate", str(submission.parent)], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.stderr
     # a folder's numbers are checked only with --recompute, and the line says so
-    assert "ok " in result.output and "(numbers: --recompute, as CI)" in result.output
+    assert "ok " in result.output and "(numbers checked by --recompute, as in CI)" in result.output
 
 
 def _bare_submission(tmp_path: Path, plugin: str, config: dict) -> Path:
