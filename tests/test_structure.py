@@ -182,6 +182,26 @@ def test_a_layer_called_twice_is_refused_only_where_a_method_needs_one_call(netw
         check_quantizable(network(), EXAMPLE, once=True)
 
 
+class TwiceWithoutNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):  # the same convolution on the image and on its mirror, averaged
+        return self.head(((self.conv(x) + self.conv(x.flip(3)).flip(3)) / 2).flatten(1))
+
+
+def test_methods_that_sum_repeated_calls_take_them_under_the_default_bn_policy_where_nothing_folds() -> None:
+    calibration = Calibration(torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8), lambda raw: raw.float() / 255)
+    plan = PrecisionPlan.parse("w4")
+    for method in ("rtn", "gptq", "obc"):  # their default bn is fold; this model has no BatchNorm
+        config = {"calibration": 8} if method == "obc" else {}
+        QUANTIZERS.get(method)(config).quantize(TwiceWithoutNorm().eval(), calibration, plan)
+    with pytest.raises(SpecError, match="'conv' is called 2 times"):
+        QUANTIZERS.get("adaround")({"iters": 2}).quantize(TwiceWithoutNorm().eval(), calibration, plan)
+
+
 class PerChannelExtras(Body):
     """Parameters of several dimensions that scale or shift, never multiply as matrices: accepted."""
 

@@ -106,8 +106,9 @@ class CalibratedQuantizer(Quantizer):
     def quantize_many(self, models: list[nn.Module], calibrations: list[Calibration], plan: PrecisionPlan) -> list[nn.Module]:
         for model in models:
             self.check_model(model)
-        # The group shares one architecture.
-        check_quantizable(models[0], calibrations[0].images[:2], once=self.single_calls or self.bn_policy == "fold")
+        # The group shares one architecture. Folding needs single calls only where there is BatchNorm to fold.
+        folds = self.bn_policy == "fold" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
+        check_quantizable(models[0], calibrations[0].images[:2], once=self.single_calls or folds)
         models = [m.eval() for m in models]
         if self.bn_policy == "fold":
             pairs = conv_bn_pairs(models[0])  # traced once: the group shares one architecture
