@@ -110,9 +110,8 @@ def evaluate(
     from .submission.resolve import resolve, submission_quantizer
     from .report import RichProgress, attacks_table, results_table
     from .attack import THREAT_MODELS
-    from .spec import PrecisionPlan
     from .runner import RunOptions, check_task, evaluate as run_evaluate
-    from .spec import load_task
+    from .spec import PrecisionPlan, load_task
     from .executor import make_executor
     from .extensions import load_extensions
     from .submission import write_manifest
@@ -127,12 +126,12 @@ def evaluate(
                              "submission.yaml (quantizer.config) so that its results say how they were made")
         if submission and found.name != quantizer:
             raise BenchError(f"--submission {submission} holds quantizer {found.name!r}, not {quantizer!r}")
-        for text in _split_list(plans) or []:  # a malformed plan or threat is refused before the run's header
-            PrecisionPlan.parse(text)
+        # A malformed plan or threat is refused before the run's header.
+        asked = [str(PrecisionPlan.parse(text)) for text in _split_list(plans) or []]
         for name in _split_list(threat_models) or []:
             THREAT_MODELS.get(name)
         held = found.cls.default_plans or list(spec.plans)  # what validate expects of this submission
-        extra = [p for p in _split_list(plans) or [] if str(PrecisionPlan.parse(p)) not in held]
+        extra = [p for p in asked if p not in held]
         if submission and extra:  # validate would refuse their files
             raise BenchError(f"--plans {','.join(extra)}: not among the plans this submission holds for the task "
                              f"({', '.join(held)})")

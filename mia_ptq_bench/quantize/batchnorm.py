@@ -29,15 +29,19 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv name, bn name) where the BatchNorm's only input is the conv's output and nothing else reads it.
 
     Read off the traced graph. A model without BatchNorm has none, traced or not; one with BatchNorm
     that does not trace (dynamic control flow) is a clear error, not a guess.
     """
-    modules = dict(model.named_modules())
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules.values()):
+    if not has_batchnorm(model):
         return []
+    modules = dict(model.named_modules())
     graph = traced_graph(model, "folding BatchNorm (bn: fold; keep or reestimate do without)")
     pairs = []
     for node in graph.nodes:

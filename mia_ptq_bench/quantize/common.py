@@ -14,7 +14,7 @@ from ..models import QUANTIZABLE, quantizable_layers
 from ..models.structure import check_quantizable
 from ..spec.plans import PrecisionPlan, levels_for_bits
 from .base import Quantizer, QuantizerConfig
-from .batchnorm import BNPolicy, conv_bn_pairs, fold_batchnorm, reestimate_batchnorm
+from .batchnorm import BNPolicy, conv_bn_pairs, fold_batchnorm, has_batchnorm, reestimate_batchnorm
 from .calibration import Calibration
 from .grid import Grid, fit_grid, fit_grids
 from .memo import Replay, UnitMemo, content_key
@@ -107,7 +107,7 @@ class CalibratedQuantizer(Quantizer):
         for model in models:
             self.check_model(model)
         # The group shares one architecture. Folding needs single calls only where there is BatchNorm to fold.
-        folds = self.bn_policy == "fold" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
+        folds = self.bn_policy == "fold" and has_batchnorm(models[0])
         check_quantizable(models[0], calibrations[0].images[:2], once=self.single_calls or folds)
         models = [m.eval() for m in models]
         if self.bn_policy == "fold":
