@@ -63,8 +63,15 @@ def rebuild(pool: Pool, index: int, tensors: dict[str, np.ndarray], device: str)
     spec, dataset = pool.spec, pool.dataset
     try:
         model, distinct = decode_model(init_model(spec, dataset, index), index, tensors)
-    except ValueError:
-        model, distinct = decode_model(fold_batchnorm(init_model(spec, dataset, index).eval()), index, tensors)
+    except ValueError as unfolded:
+        try:
+            folded = fold_batchnorm(init_model(spec, dataset, index).eval())
+        except BenchError:
+            # The architecture has no folded form (it does not trace, or a BatchNorm keeps no running
+            # statistics): the tensors fit neither, and fold's advice on the quantizer's bn policy
+            # means nothing to whoever checks a file.
+            raise unfolded from None
+        model, distinct = decode_model(folded, index, tensors)
     return model.to(device), distinct
 
 

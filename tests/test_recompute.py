@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -372,3 +373,16 @@ def test_the_site_labels_recomputed_results_and_leaves_out_forged_ones(tmp_path:
     assert "left out: gptq: " in build.stderr and "recomputed from its evidence" in build.stderr
     assert not (tmp_path / "site2" / "entries" / "gptq.html").exists()
     assert (tmp_path / "site2" / "entries" / "rtn.html").exists()
+
+
+def test_evidence_for_a_model_that_cannot_fold_gets_the_mismatch_not_fold_s_advice(monkeypatch) -> None:
+    """A BatchNorm without running statistics has no folded form: evidence whose tensors do not fit the
+    unfolded model is refused for that, not with a hint about the quantizer's ``bn`` policy."""
+    def unfoldable(spec, dataset, index):
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2, track_running_stats=False),
+                                   torch.nn.Flatten(), torch.nn.Linear(2, 3))
+
+    monkeypatch.setattr(recompute_module, "init_model", unfoldable)
+    pool = SimpleNamespace(spec=None, dataset=None)
+    with pytest.raises(ValueError, match="that the architecture does not"):
+        recompute_module.rebuild(pool, 0, {"0::nothing::raw": np.zeros(1, dtype=np.float32)}, "cpu")
