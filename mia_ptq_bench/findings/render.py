@@ -279,7 +279,9 @@ def render(submissions: Path, task: str, figures: Path | None = None, figures_li
               f"{study['fp32']['fp32'][0]:.2f}% / {study['fp32']['fp32'][1]:.3f}; "
               + "; ".join(f"{m} " + ", ".join(f"{p} {a:.2f}% / {t:.4f}" for p, (a, t) in sorted(v.items()))
                           for m, v in study.items() if m != "fp32")
-              + ". It reports a 99.2-99.4% cut at 1.58 bits and none at 4 bits.", ""]
+              + ". It reports a 99.2-99.4% cut at 1.58 bits and none at 4 bits. Its w1.58 runs most likely kept the "
+              "classifier at 8 bits (its workflow's `--auto_last_8bit` does so below 2 bits), which is this "
+              "benchmark's `w1.58-last8`.", ""]
 
     # 2. the last layer at 8 bits
     if f"{low}-last8" in plans and low in plans:
