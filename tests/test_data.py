@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
 import pickle
+import re
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +13,8 @@ import torch
 
 import fabricate
 from conftest import SHARED_FASHION
-from mia_ptq_bench.data import DATASETS, load_dataset
+from mia_ptq_bench.data import DATASETS, Split, load_dataset, loaders
+from mia_ptq_bench.data.base import make_dataset
 from mia_ptq_bench.data.loaders import read_idx
 from mia_ptq_bench.errors import DataError
 from mia_ptq_bench.spec.schema import DatasetSpec
@@ -142,3 +147,205 @@ def test_tinyimagenet_decodes_again_over_a_damaged_cache_and_gives_row_major_ima
     decoded.write_bytes(decoded.read_bytes()[:200])  # truncated: not a zip any more
     again = DATASETS.get("tinyimagenet")(tmp_path, False)
     assert torch.equal(again.pool.images, first.pool.images) and again.pool.images.is_contiguous()
+
+
+# --- CIFAR pickles: only numpy's array globals, and batches in the one layout ------------------------------------
+
+class _OpensAFile:
+    """A 'batch' whose unpickling creates a file: a pickle runs whatever callable it names."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_a_cifar_pickle_that_calls_anything_but_numpy_is_refused_unrun(tmp_path: Path) -> None:
+    fabricate.cifar10(tmp_path)
+    marker = tmp_path / "ran"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({b"data": _OpensAFile(marker), b"labels": [0]}))
+    with pytest.raises(DataError, match=r"data_batch_1: CIFAR batch refused: it calls (io|builtins)\.open,"):
+        load_dataset(DatasetSpec(name="cifar10"), tmp_path)
+    assert not marker.exists()
+
+
+def _python2_batch(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch as the real release holds it: Python 2 cPickle, protocol 2, str keys, numpy.core paths."""
+    def text(value: bytes) -> bytes:
+        return b"U" + bytes([len(value)]) + value  # SHORT_BINSTRING: a Python 2 str
+
+    out = b"\x80\x02}(" + text(b"data") + b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85"
+    out += text(b"b") + b"\x87R(K\x01M" + struct.pack("<H", len(data)) + b"M" + struct.pack("<H", 3072)
+    out += b"\x86cnumpy\ndtype\n" + text(b"u1") + b"K\x00K\x01\x87R(K\x03" + text(b"|")
+    out += b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    out += b"\x89T" + struct.pack("<i", data.nbytes) + data.tobytes() + b"tb"
+    return out + text(b"labels") + b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"eu."
+
+
+@pytest.mark.parametrize("protocol", ["python2", 0, 2, 4, 5])
+def test_cifar_batches_of_every_pickle_protocol_still_load(tmp_path: Path, protocol: str | int) -> None:
+    data, labels = fabricate.cifar10(tmp_path)["train"][0]
+    batch = (_python2_batch(data, labels) if protocol == "python2"
+             else pickle.dumps({b"data": data, b"labels": labels}, protocol=protocol))
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(batch)
+    loaded = DATASETS.get("cifar10")(tmp_path, False)
+    assert np.array_equal(loaded.pool.images[:6].reshape(6, -1).numpy(), data)
+    assert loaded.pool.labels[:6].tolist() == labels
+
+
+@pytest.mark.parametrize("data, labels, message", [
+    (np.zeros((6, 32, 32, 3), np.uint8), [0] * 6, "field b'data' must be a uint8 array of shape (n, 3072), one CHW "
+                                                  "32x32 image per row; found uint8 (6, 32, 32, 3)"),
+    (np.zeros((3072, 6), np.uint8), [0] * 6, "found uint8 (3072, 6)"),
+    (np.full((6, 3072), 300), [0] * 6, "found int64 (6, 3072)"),
+    (np.zeros((6, 3072), np.uint8), [0.9] * 6, "field b'labels' must hold integer labels, found float64"),
+    (np.zeros((6, 3072), np.uint8), [0, 1, 2, 3, 4, 10], "field b'labels' must lie in 0..9, found 0..10"),
+    (np.zeros((6, 3072), np.uint8), [0] * 5, "field b'labels' must hold one label per image: shape (5,) for 6 images"),
+], ids=["hwc", "transposed", "int64", "float-labels", "label-out-of-range", "labels-short"])
+def test_a_cifar_batch_that_would_need_a_cast_or_another_reshape_is_one_data_error(
+        tmp_path: Path, data: np.ndarray, labels: list, message: str) -> None:
+    fabricate.cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({b"data": data, b"labels": labels}))
+    with pytest.raises(DataError) as caught:
+        DATASETS.get("cifar10")(tmp_path, False)
+    assert str(caught.value).startswith(f"{batch}: CIFAR batch ") and message in str(caught.value)
+
+
+# --- downloads and normalisation --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, module", [("fashion-mnist", "mnist"), ("cifar10", "cifar")])
+def test_a_failed_download_is_one_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
+                                             module: str) -> None:
+    import urllib.error
+
+    from conftest import needed
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network (simulated)")
+
+    monkeypatch.setattr(needed(f"torchvision.datasets.{module}", "--download needs torchvision"),
+                        "download_and_extract_archive", offline)
+    with pytest.raises(DataError) as caught:
+        load_dataset(DatasetSpec(name=name), tmp_path, download=True)
+    message = str(caught.value)
+    assert message.startswith(f"{name}: download from http") and "failed" in message
+    assert "no network (simulated)" in message and "--data-root" in message
+
+
+@pytest.mark.parametrize("train_images, message", [
+    (np.zeros((0, 28, 28), np.uint8), "fashion-mnist: the training split holds no images"),
+    (np.full((20, 28, 28), 7, np.uint8), "fashion-mnist: zero spread in channel 0: every training pixel has value 7"),
+], ids=["empty", "constant"])
+def test_training_images_without_spread_are_a_data_error(tmp_path: Path, train_images: np.ndarray,
+                                                         message: str) -> None:
+    folder = tmp_path / "fashion-mnist"
+    fabricate.fashion_mnist(folder, compress=False)
+    fabricate.idx(folder / "train-images-idx3-ubyte", train_images, compress=False)
+    fabricate.idx(folder / "train-labels-idx1-ubyte", np.zeros(len(train_images), np.uint8), compress=False)
+    with pytest.raises(DataError, match=message):
+        load_dataset(DatasetSpec(name="fashion-mnist"), tmp_path)
+
+
+def test_one_constant_channel_is_a_data_error() -> None:
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[:, 1] = 9
+    split = Split(images, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(DataError, match="x: zero spread in channel 1: every training pixel has value 9"):
+        make_dataset("x", split, split, 10)
+
+
+# --- TinyImageNet: the cache, the wnid list and the images --------------------------------------------------------
+
+def test_tinyimagenet_cache_is_decoded_again_once_the_folder_changes(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    fabricate.tinyimagenet(tmp_path)
+    base = tmp_path / "tiny-imagenet-200"
+    decodes = []
+
+    def counted(*args):
+        decodes.append(args)
+        return decode(*args)
+
+    decode = loaders._decode_tinyimagenet
+    monkeypatch.setattr(loaders, "_decode_tinyimagenet", counted)
+    load = lambda: DATASETS.get("tinyimagenet")(tmp_path, False)  # noqa: E731
+    first = load()
+    assert torch.equal(load().pool.images, first.pool.images) and len(decodes) == 1  # unchanged: from the cache
+    (base / "val" / "val_annotations.txt").write_text("".join(f"val_{i}.JPEG\tn03\t0\t0\t63\t63\n" for i in range(3)))
+    assert load().test.labels.tolist() == [2, 2, 2]
+    image = base / "train" / "n01" / "images" / "n01_0.JPEG"
+    mtime = image.stat().st_mtime_ns
+    image.write_bytes((base / "train" / "n02" / "images" / "n02_0.JPEG").read_bytes())
+    os.utime(image, ns=(mtime + 10**9, mtime + 10**9))  # a later mtime even where the clock is coarse
+    assert torch.equal(load().pool.images[0], first.pool.images[3]) and len(decodes) == 3
+
+
+def test_a_wnid_listed_twice_is_a_data_error(tmp_path: Path) -> None:
+    fabricate.tinyimagenet(tmp_path)
+    wnids = tmp_path / "tiny-imagenet-200" / "wnids.txt"
+    wnids.write_text("n02\nn01\nn03\nn01\n")
+    with pytest.raises(DataError, match=f"^{re.escape(str(wnids))}: wnid n01 listed more than once"):
+        load_dataset(DatasetSpec(name="tinyimagenet"), tmp_path)
+
+
+def test_a_tinyimagenet_image_that_is_not_64x64_is_a_data_error_naming_it(tmp_path: Path) -> None:
+    from PIL import Image
+
+    fabricate.tinyimagenet(tmp_path)
+    image = tmp_path / "tiny-imagenet-200" / "train" / "n01" / "images" / "n01_1.JPEG"
+    Image.fromarray(np.zeros((50, 64, 3), np.uint8)).save(image, quality=100)
+    message = f"^{re.escape(str(image))}: image is 64x50 pixels, TinyImageNet images are 64x64"
+    with pytest.raises(DataError, match=message):
+        load_dataset(DatasetSpec(name="tinyimagenet"), tmp_path)
+
+
+@pytest.mark.parametrize("warning_only", [False, True], ids=["bomb-error", "bomb-warning-as-error"])
+def test_a_decompression_bomb_is_a_data_error_naming_the_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               warning_only: bool) -> None:
+    from PIL import Image
+
+    fabricate.tinyimagenet(tmp_path)
+    image = tmp_path / "tiny-imagenet-200" / "train" / "n01" / "images" / "n01_0.JPEG"  # the first one decoded
+    if warning_only:  # between the limit and twice it PIL only warns: an exception where warnings are errors
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)
+    else:  # a header that claims 20000x20000 pixels
+        jpeg = bytearray(image.read_bytes())
+        start = jpeg.index(b"\xff\xc0") + 5  # SOF0: marker, length (2), precision (1), height (2), width (2)
+        jpeg[start : start + 4] = struct.pack(">HH", 20000, 20000)
+        image.write_bytes(bytes(jpeg))
+    with warnings.catch_warnings(), pytest.raises(DataError, match=f"^{re.escape(str(image))}: cannot decode image: "
+                                                                      ".*decompression bomb"):
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        load_dataset(DatasetSpec(name="tinyimagenet"), tmp_path)
+
+
+def _blocks(k: int, channels: int = 3) -> np.ndarray:
+    """A 64x64 image of flat 16x16 blocks, one per JPEG coding unit, so that it decodes within a few levels
+    (saved without chroma subsampling, whose upsampling would blend the colours at block edges).
+
+    The value steps by 48 per block row, 12 per block column and 64 per channel (offset per image ``k``), so a
+    transpose or a channel swap moves some pixel by 36 levels or more."""
+    row, col, channel = np.meshgrid(np.arange(4), np.arange(4), np.arange(channels), indexing="ij")
+    values = (16 + (48 * row + 12 * col + 64 * channel + 7 * k) % 224).astype(np.uint8)  # clear of 0 and 255
+    return values.repeat(16, axis=0).repeat(16, axis=1)
+
+
+def test_tinyimagenet_pixels_keep_their_rows_columns_and_channel_order(tmp_path: Path) -> None:
+    from PIL import Image
+
+    fabricate.tinyimagenet(tmp_path)
+    base = tmp_path / "tiny-imagenet-200"
+    pool = [_blocks(k) for k in range(9)]  # in load order: wnids sorted, then file names sorted
+    for pixels, (wnid, i) in zip(pool, [(wnid, i) for wnid in ("n01", "n02", "n03") for i in range(3)]):
+        Image.fromarray(pixels).save(base / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", quality=100, subsampling=0)
+    test = [_blocks(9, channels=1).repeat(3, axis=2)] + [_blocks(k) for k in (10, 11, 12)]
+    Image.fromarray(test[0][:, :, 0]).save(base / "val" / "images" / "val_0.JPEG", quality=100)  # grayscale
+    for i in (1, 2, 3):
+        Image.fromarray(test[i]).save(base / "val" / "images" / f"val_{i}.JPEG", quality=100, subsampling=0)
+    data = DATASETS.get("tinyimagenet")(tmp_path, False)
+    for split, written in ((data.pool, pool), (data.test, test)):
+        decoded = split.images.permute(0, 2, 3, 1).numpy().astype(int)  # (N, C, H, W) back to the written HWC
+        assert np.abs(decoded - np.stack(written)).max() <= 4

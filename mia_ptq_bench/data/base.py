@@ -139,6 +139,14 @@ def make_dataset(name: str, pool: Split, test: Split, num_classes: int) -> Image
     # the trainers view batches without copying.
     pool = Split(pool.images.contiguous(), pool.labels)
     test = Split(test.images.contiguous(), test.labels)
+    # Normalising divides by each channel's std: refuse data that has none rather than train on inf/NaN.
+    # Compared as integers, since a float std of constant pixels is a rounding residue, not always 0.
+    if not len(pool):
+        raise DataError(f"{name}: the training split holds no images, so there is no mean or std to normalise by")
+    flat = (pool.images.amin(dim=(0, 2, 3)) == pool.images.amax(dim=(0, 2, 3))).nonzero().flatten().tolist()
+    if flat:
+        raise DataError(f"{name}: zero spread in channel {flat[0]}: every training pixel has value "
+                        f"{int(pool.images[0, flat[0], 0, 0])}, so its std is 0 and normalising would divide by it")
     mean, std = channel_stats(pool.images)
     return ImageDataset(name=name, pool=pool, test=test, num_classes=num_classes, mean=mean, std=std)
 

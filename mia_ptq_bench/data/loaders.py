@@ -7,7 +7,10 @@ and TinyImageNet is not in torchvision; downloads still go through torchvision.
 
 from __future__ import annotations
 
+import codecs
 import gzip
+import hashlib
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -87,14 +90,27 @@ def _find_fmnist(root: Path) -> dict[str, Path] | None:
     return None
 
 
+def _download(name: str, root: Path, tv_class: str, test_too: bool = False) -> None:
+    """Fetch with torchvision; offline, a dead mirror or a corrupt archive is one DataError, not a traceback
+    (torchvision raises URLError, or RuntimeError once every mirror failed)."""
+    import torchvision.datasets as tvd
+
+    dataset = getattr(tvd, tv_class)
+    try:
+        for train in (True, False) if test_too else (True,):
+            dataset(str(root), train=train, download=True)
+    except (OSError, RuntimeError) as exc:
+        source = getattr(dataset, "url", None) or " or ".join(getattr(dataset, "mirrors", []))
+        raise DataError(f"{name}: download from {source or 'torchvision'} failed ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:200]}). Download it by hand and point --data-root/MPTQ_DATA "
+                        f"at the folder holding it.") from None
+
+
 @DATASETS.register("fashion-mnist")
 def load_fashion_mnist(root: Path, download: bool) -> ImageDataset:
     files = _find_fmnist(root)
     if files is None and download:
-        from torchvision.datasets import FashionMNIST
-
-        FashionMNIST(str(root), train=True, download=True)
-        FashionMNIST(str(root), train=False, download=True)
+        _download("fashion-mnist", root, "FashionMNIST", test_too=True)
         files = _find_fmnist(root)
     if files is None:
         raise DataError(
@@ -110,27 +126,71 @@ def load_fashion_mnist(root: Path, download: bool) -> ImageDataset:
 
 # --- CIFAR: python pickles ------------------------------------------------------------
 
+try:
+    from numpy._core import multiarray as _multiarray, numeric as _numeric  # numpy >= 2
+except ImportError:
+    from numpy.core import multiarray as _multiarray, numeric as _numeric
+
+# Unpickling calls whatever global the file names, so a batch may name only what numpy arrays of any
+# pickle protocol are rebuilt from (and numpy 1.x or 2.x module paths); the python 3 protocol 0-2 pickles
+# spell bytes as _codecs.encode(str, "latin1").
+_CIFAR_GLOBALS = {
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): _multiarray._reconstruct for core in ("core", "_core")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _numeric._frombuffer for core in ("core", "_core")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def __init__(self, handle, path: Path) -> None:
+        super().__init__(handle, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _CIFAR_GLOBALS[module, name]
+        except KeyError:
+            raise DataError(f"{self.path}: CIFAR batch refused: it calls {module}.{name}, which no CIFAR batch "
+                            "needs (a pickle can run any code it names)") from None
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as handle:
-            return pickle.load(handle, encoding="bytes")
+            return _CifarUnpickler(handle, path).load()
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001 - unpickling a damaged file can raise almost anything
         raise DataError(f"{path}: cannot read CIFAR batch: {type(exc).__name__}: {str(exc)[:160]}") from None
 
 
-def _cifar_split(paths: list[Path], label_key: bytes) -> Split:
+def _cifar_split(paths: list[Path], label_key: bytes, num_classes: int) -> Split:
     images, labels = [], []
     for path in paths:
         batch = _unpickle(path)
         if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
             raise DataError(f"{path}: CIFAR batch lacks {b'data'!r} or {label_key!r}")
+        # No conversion: a cast wraps 300 to 44 and a reshape turns HWC or transposed rows into other images.
+        data, label = batch[b"data"], batch[label_key]
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+            found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise DataError(f"{path}: CIFAR batch field {b'data'!r} must be a uint8 array of shape (n, 3072), "
+                            f"one CHW 32x32 image per row; found {found}")
+        field = f"{path}: CIFAR batch field {label_key!r}"
         try:
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[label_key], dtype=np.int64).reshape(-1))
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise DataError(f"{path}: CIFAR batch is not 32x32 RGB images with a label each ({exc})") from None
-        if len(labels[-1]) != len(images[-1]):
-            raise DataError(f"{path}: {len(labels[-1])} labels for {len(images[-1])} images")
+            label = np.asarray(label)
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"{field} is not a list of labels ({exc})") from None
+        if label.shape != (len(data),):
+            raise DataError(f"{field} must hold one label per image: shape {label.shape} for {len(data)} images")
+        if len(label) and label.dtype.kind not in "iu":
+            raise DataError(f"{field} must hold integer labels, found {label.dtype}")
+        if len(label) and (label.min() < 0 or label.max() >= num_classes):
+            raise DataError(f"{field} must lie in 0..{num_classes - 1}, found {label.min()}..{label.max()}")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(label.astype(np.int64))
     return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
 
 
@@ -139,17 +199,15 @@ def _load_cifar(root: Path, download: bool, *, name: str, folder: str, train: li
     base = root / folder
     missing = [f for f in train + test if not (base / f).is_file()]
     if missing and download:
-        import torchvision.datasets as tvd
-
-        getattr(tvd, tv_class)(str(root), train=True, download=True)
+        _download(name, root, tv_class)
         missing = [f for f in train + test if not (base / f).is_file()]
     if missing:
         raise DataError(
             f"{name} not found: {base} lacks {', '.join(missing)}. Rerun with --download to fetch the standard "
             f"python release with torchvision, or unpack it so that {base} exists under --data-root/MPTQ_DATA."
         )
-    return make_dataset(name, _cifar_split([base / f for f in train], label_key),
-                        _cifar_split([base / f for f in test], label_key), num_classes)
+    return make_dataset(name, _cifar_split([base / f for f in train], label_key, num_classes),
+                        _cifar_split([base / f for f in test], label_key, num_classes), num_classes)
 
 
 @DATASETS.register("cifar10")
@@ -167,18 +225,52 @@ def load_cifar100(root: Path, download: bool) -> ImageDataset:
 
 # --- TinyImageNet: JPEG folders -----------------------------------------------------------
 
+_TIN_SIZE = (64, 64)
+
+
 def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
+            # checked before decoding: one odd image would otherwise fail the stack naming no file
+            if image.size != _TIN_SIZE:
+                raise DataError(f"{path}: image is {image.size[0]}x{image.size[1]} pixels, TinyImageNet images "
+                                f"are {_TIN_SIZE[0]}x{_TIN_SIZE[1]}")
             return np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
-    except (OSError, UnidentifiedImageError) as exc:
+    # the bomb error is no OSError; its warning is an exception only where warnings are errors
+    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{path}: cannot decode image: {exc}") from None
 
 
-def _decode_tinyimagenet(base: Path) -> dict[str, np.ndarray]:
-    wnids = sorted(line.strip() for line in (base / "wnids.txt").read_text().splitlines() if line.strip())
+def _read_wnids(base: Path) -> list[str]:
+    path = base / "wnids.txt"
+    wnids = sorted(line.strip() for line in path.read_text().splitlines() if line.strip())
+    duplicates = sorted({wnid for previous, wnid in zip(wnids, wnids[1:]) if previous == wnid})
+    if duplicates:  # would load the class twice, under two labels
+        raise DataError(f"{path}: wnid {', '.join(duplicates)} listed more than once")
+    return wnids
+
+
+def _source_fingerprint(base: Path, wnids: list[str]) -> str:
+    """Changes when any file the decoder reads changes: the two lists' contents, and the name, size and
+    mtime of every image (a stat each, no reads: the release holds 110,000 of them)."""
+    digest = hashlib.sha256()
+    for listing in (base / "wnids.txt", base / "val" / "val_annotations.txt"):
+        digest.update(listing.read_bytes() + b"\0")
+    for folder in [base / "train" / wnid / "images" for wnid in wnids] + [base / "val" / "images"]:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError:
+            entries = []  # the decoder reports the missing folder
+        for entry in entries:
+            stat = entry.stat()
+            line = f"{folder.relative_to(base)}/{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+            digest.update(line.encode(errors="surrogateescape"))
+    return digest.hexdigest()
+
+
+def _decode_tinyimagenet(base: Path, wnids: list[str]) -> dict[str, np.ndarray]:
     index = {wnid: i for i, wnid in enumerate(wnids)}
     train_x, train_y = [], []
     for wnid in wnids:
@@ -213,17 +305,22 @@ def load_tinyimagenet(root: Path, download: bool) -> ImageDataset:
             "http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into --data-root/MPTQ_DATA "
             "(no automatic download: torchvision does not ship this dataset)."
         )
-    # Decoding 110,000 JPEGs takes minutes; keep the decoded arrays beside the folder.
+    # Decoding 110,000 JPEGs takes minutes; keep the decoded arrays beside the folder, with a fingerprint
+    # of the files they came from so that an edited folder is decoded again.
+    wnids = _read_wnids(base)
+    source = _source_fingerprint(base, wnids)
     decoded = root / "tiny-imagenet-200.decoded.npz"
     arrays = None
     if decoded.is_file():
         try:
             with np.load(decoded) as archive:
-                arrays = {key: archive[key] for key in ("train_x", "train_y", "test_x", "test_y", "num_classes")}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):  # a damaged cache: decode again
+                if str(archive["source"]) == source:
+                    arrays = {key: archive[key] for key in ("train_x", "train_y", "test_x", "test_y", "num_classes")}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):  # a damaged or older cache
             arrays = None
     if arrays is None:
-        arrays = _decode_tinyimagenet(base)
+        arrays = _decode_tinyimagenet(base, wnids)
+        arrays["source"] = np.asarray(source)
         try:
             write_npz_atomic(decoded, arrays)
         except OSError:
