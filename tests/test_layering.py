@@ -17,7 +17,7 @@ STAGES = [
     {"__init__", "errors", "limits", "readers", "atomic", "allocator", "registry", "cache", "progress", "environment", "executor", "extensions"},
     {"spec"}, {"data"}, {"models"}, {"context"}, {"inference"}, {"pool"}, {"quantize"}, {"attack"}, {"metrics"},
     {"results"}, {"submission"}, {"board"}, {"findings"},
-    {"runner", "budget", "recompute", "reproduce", "cache_admin", "plugin", "report", "cli", "tasks", "leaderboard"},
+    {"runner", "budget", "recompute", "reproduce", "cache_admin", "plugin", "report", "cli", "__main__", "tasks", "leaderboard"},
 ]
 # Importing these loads torch; the contracts (task, result and submission schemas), the validator
 # and the site builder must not.
