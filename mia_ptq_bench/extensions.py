@@ -38,11 +38,16 @@ def import_module_or_file(ref: str) -> ModuleType:
             spec = importlib.util.spec_from_file_location(name, file)
             module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
             sys.modules[name] = module
+            # No __pycache__ beside the file: a submission's folder stays as its author wrote it, and
+            # `validate` refuses files it does not expect there.
+            writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
             try:
                 spec.loader.exec_module(module)  # type: ignore[union-attr]
             except BaseException:
                 del sys.modules[name]
                 raise
+            finally:
+                sys.dont_write_bytecode = writes_bytecode
             return module
         return importlib.import_module(ref)
     except SyntaxError as exc:  # the plugin author's own typo: where it is, in one line

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from builtin_submission import evaluated_builtin
 from conftest import TASKS
 from mia_ptq_bench.cli import app
+from mia_ptq_bench.extensions import import_module_or_file
 from mia_ptq_bench.submission.resolve import resolve
 from mia_ptq_bench.submission import validate_submission, write_manifest
 
@@ -292,6 +293,25 @@ def test_validate_never_runs_submitted_code(submission: Path, tmp_path: Path) ->
     (submission / "quantizer.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
     assert validate_submission(submission) == []
     assert not marker.exists()
+
+
+def test_importing_a_plugin_file_leaves_no_bytecode_cache_beside_it(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python writes __pycache__ beside an imported file unless told not to (PYTHONDONTWRITEBYTECODE is
+    often unset on a fresh machine): a submission's folder must stay as its author wrote it."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    source = tmp_path / "fresh_plugin.py"
+    source.write_text("VALUE = 7\n")
+    assert import_module_or_file(str(source)).VALUE == 7
+    assert not sys.dont_write_bytecode  # restored
+    assert not list(tmp_path.rglob("__pycache__"))
+
+
+def test_a_bytecode_cache_in_a_submission_is_refused_with_what_it_is(submission: Path) -> None:
+    cache = submission / "__pycache__"
+    cache.mkdir()
+    (cache / "quantizer.cpython-311.pyc").write_bytes(b"")
+    _only_problem(submission, "Python's bytecode cache, which git ignores here: delete it")
 
 
 def test_adaptive_is_reported_beside_oblivious(tmp_path: Path) -> None:

@@ -91,6 +91,8 @@ def validate_submission(folder: Path) -> list[str]:
                   if inside else
                   "not allowed in a submission (allowed: submission.yaml, README.md, LICENSE*, *.py, "
                   f"results/MANIFEST.json, results/<task>/<plan>--<threat>.json|.npz, <plan>{EVIDENCE_SUFFIX})")
+        if "__pycache__" in relative.parts or relative.suffix == ".pyc":
+            reason += "; Python's bytecode cache, which git ignores here: delete it"
         problems.append(f"{folder / relative}: (file): {reason}")
 
     results_dir = folder / "results"
