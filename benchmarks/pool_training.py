@@ -65,13 +65,15 @@ def layer_shapes(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> 
     return shapes
 
 
-def conv_step(conv: nn.Conv2d, shape: tuple, group: int, device: torch.device, layout) -> tuple[float, float]:
-    """FLOP and best seconds of one training step of ``conv`` (forward, weight and input gradients) for ``group`` models."""
+def conv_step(conv: nn.Conv2d, shape: tuple, group: int, device: torch.device, layout,
+              first: bool = False) -> tuple[float, float]:
+    """FLOP and best seconds of one training step of ``conv`` (forward, weight and input gradients) for ``group`` models;
+    ``first``: it reads the images, whose gradient no trainer computes."""
     batch, channels, height, width = shape
     x = torch.randn(batch, group * channels, height, width, device=device).contiguous(memory_format=layout)
     weight = torch.randn(group * conv.out_channels, channels // conv.groups, *conv.kernel_size,
                          device=device).contiguous(memory_format=layout)
-    x.requires_grad_(channels > 1)  # the first layer's input needs no gradient
+    x.requires_grad_(not first)
     weight.requires_grad_()
     out_shape = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, group * conv.groups).shape
     grad = torch.randn(out_shape, device=device).contiguous(memory_format=layout)
@@ -175,8 +177,9 @@ def main() -> None:
     say(f"  {'layer':28} {'input':>20} {'alone':>8} {'x' + str(group) + ' stacked':>12}")
     conv_seconds = 0.0  # per training image, every convolution at its stacked rate
     for name, conv, shape in layer_shapes(template, data.input_shape, batch):
-        flop, alone = conv_step(conv, shape, 1, device, torch.contiguous_format)
-        flop_together, together = conv_step(conv, shape, group, device, wide_layout)
+        first = shape[1:] == tuple(data.input_shape)  # fed the images (RGB too, not only one channel)
+        flop, alone = conv_step(conv, shape, 1, device, torch.contiguous_format, first)
+        flop_together, together = conv_step(conv, shape, group, device, wide_layout, first)
         conv_seconds += together / (batch * group)
         say(f"  {name:28} {str(shape[1:]):>20} {flop / alone / 1e9:8.0f} {flop_together / together / 1e9:12.0f}")
     flops = training_flops(template, data.input_shape)
@@ -190,6 +193,9 @@ def main() -> None:
 
     per_model = spec.training.epochs * steps_per_epoch(spec, len(data.pool)) * batch
     members = [np.flatnonzero(keep[i]) for i in range(group)]
+    # (a)'s DataLoader goes through each model's own members once per epoch, fewer images than (b)'s and
+    # (c)'s schedules of full batches: each trainer is credited the images it trained on.
+    study_images = spec.training.epochs * sum(len(members[i]) for i in range(models))
     schedules = [make_schedule(spec, members[i], len(data.pool), i) for i in range(group)]
     resident = data.to(device)
 
@@ -208,9 +214,9 @@ def main() -> None:
         return train_stacked(spec, resident, [init_model(spec, data, i) for i in range(group)], schedules, device,
                              speed)
 
-    trainers = {"(a) study-style": (study, models), "(b) sequential": (sequential, models),
-                "(b') sequential, channels_last": (sequential_channels_last, models),
-                f"(c) stacked x{group}": (stacked, group)}
+    trainers = {"(a) study-style": (study, study_images), "(b) sequential": (sequential, models * per_model),
+                "(b') sequential, channels_last": (sequential_channels_last, models * per_model),
+                f"(c) stacked x{group}": (stacked, group * per_model)}
     try:
         widen([template, template], data.input_shape)
     except ValueError:
@@ -219,14 +225,14 @@ def main() -> None:
     accuracies: dict[str, list[list[float]]] = {name: [] for name in trainers}  # per round, per model
     say(f"{'trainer':32} {'round':>5} {'idle':>5} {'seconds':>8} {'img/s':>8} {'% ceiling':>9} {'test acc':>9}")
     for round_ in range(1, args.rounds + 1):
-        for name, (train, count) in trainers.items():
+        for name, (train, images) in trainers.items():
             idle = wait_for_quiet(args.patience)
             sync(device)
             start = time.perf_counter()
             trained = train()
             sync(device)
             seconds = time.perf_counter() - start
-            rate = count * per_model / seconds
+            rate = images / seconds
             rates[name].append(rate)
             accuracies[name].append([accuracy(m, data, data.test, device) for m in trained])
             say(f"{name:32} {round_:5} {idle:5.2f} {seconds:8.1f} {rate:8.0f} {100 * rate / ceiling:8.1f}% "
