@@ -46,7 +46,7 @@ from mia_ptq_bench.quantize.batchnorm import fold_batchnorm  # noqa: E402
 from mia_ptq_bench.quantize.moments import AffineUnit, MomentGradient  # noqa: E402
 from mia_ptq_bench.quantize.rounding import (RoundingSchedule, choose_way, grouped_forward,  # noqa: E402
                                              learn_rounding)
-from mia_ptq_bench.quantize.units import block_units, capture, layer_units  # noqa: E402
+from mia_ptq_bench.quantize.units import block_units, capture  # noqa: E402
 from mia_ptq_bench.spec import PrecisionPlan, load_task  # noqa: E402
 
 WAYS = ("vmap", "grouped", "one_by_one", "moments")
@@ -104,7 +104,7 @@ def main() -> None:
     models = [fold_batchnorm(init_model(spec, data, i).eval()) for i in range(args.models)]
     images = calibration_set(spec, data, keep, 0, args.calibration, "cpu").images
 
-    for method, split in (("adaround", layer_units), ("brecq", block_units)):
+    for method, split in (("adaround", QUANTIZERS.get("adaround")().units), ("brecq", block_units)):
         say()
         say(f"{method}: ms per model per step, {args.models} models, batch 32, {args.steps} steps per unit"
             + (f" (the moments' set-up counted once per {args.iters} steps)" if method == "adaround" else ""))

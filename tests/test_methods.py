@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch.nn as nn
 
 from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.errors import BenchError
-from mia_ptq_bench.models import build_model
+from mia_ptq_bench.models import build_model, quantizable_layers
 from mia_ptq_bench.quantize import QUANTIZERS, Calibration, audit_model
 from mia_ptq_bench.quantize.grid import fit_grid
 from mia_ptq_bench.quantize.audit import distinct_per_row
@@ -51,8 +52,9 @@ def trained_like(arch: str, options: dict | None = None, width: float = 0.25) ->
 
 
 def output_errors(original: nn.Module, quantized: nn.Module, images: torch.Tensor, blocks: bool) -> dict[str, float]:
-    """Per layer (or block): squared error of the quantized unit's output, both fed the original's inputs."""
-    split = block_units if blocks else layer_units
+    """Per layer (or block): squared error of the quantized unit's output, both fed the original's inputs
+    (a layer's own output: what AdaRound, GPTQ and OBC each reconstruct)."""
+    split = block_units if blocks else functools.partial(layer_units, followers=False)
     errors = {}
     for unit, twin in zip(split(original), split(quantized)):
         assert unit.name == twin.name
@@ -87,6 +89,18 @@ def test_each_method_reconstructs_better_than_rtn(method: str, arch: str, option
     worse = {name: round(our_errors[name] / rtn_errors[name], 3) for name in rtn_errors
              if our_errors[name] > 0.9 * rtn_errors[name]}
     assert not worse, f"{method} does not reconstruct 10% better than RTN at {worse} (error ratio to RTN)"
+
+
+def test_adaround_reconstructs_each_layer_s_own_output_as_the_study_does() -> None:
+    """Its units are the layers alone, also where a ReLU module follows a layer once (the stem, an MLP's
+    layers), as in the study's code; BRECQ's stem keeps its ReLU, as in BRECQ's code."""
+    model = QUANTIZERS.get("rtn")({"bn": "fold"}).quantize(trained_like("resnet10", width=0.125), calibration(8),
+                                                           PrecisionPlan.parse("w16"))
+    units = QUANTIZERS.get("adaround")().units(model)
+    assert [u.name for u in units] == [name for name, _ in quantizable_layers(model)]
+    assert all(u.first is u.last is model.get_submodule(u.name) and len(u.module) == 1 for u in units)
+    stem = QUANTIZERS.get("brecq")().units(model)[0]
+    assert stem.name == "conv1" and isinstance(stem.last, nn.ReLU)
 
 
 DECISION_MARGIN = 1e-6  # relative: float64 rounding (~1e-16) cannot flip a choice this far from a tie

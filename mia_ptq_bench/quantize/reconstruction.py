@@ -54,7 +54,7 @@ class _Reconstruction(CalibratedQuantizer):
     moments: ClassVar[bool] = False
 
     def units(self, model) -> list[Unit]:
-        return layer_units(model) if self.granularity == "layer" else block_units(model)
+        return layer_units(model, followers=False) if self.granularity == "layer" else block_units(model)
 
     def quantize_prepared(self, models, originals, calibrations, levels) -> None:
         cfg: ReconstructionConfig = self.config  # type: ignore[assignment]
@@ -126,13 +126,16 @@ class _Reconstruction(CalibratedQuantizer):
 
 @register_quantizer("adaround")
 class AdaRound(_Reconstruction):
-    """AdaRound (Nagel et al., 2020): learned rounding, reconstructing each layer's output."""
+    """AdaRound (Nagel et al., 2020): learned rounding, reconstructing each layer's own output."""
 
     granularity = "layer"
     study_bn = "keep"
     # 3: the early convolutions' steps take their gradient from per-example moments (moments.py):
     # 1.7x faster steps on ResNet10, other float rounding than version 2.
-    version = "3"
+    # 4: every unit is the layer alone, its target the layer's own output, as in the study's code;
+    # version 3 took in the ReLU after a layer where that module runs once (a model's stem, an MLP's
+    # layers) but not after a residual block's conv1, whose ReLU module runs twice.
+    version = "4"
     moments = True
 
 

@@ -1,8 +1,9 @@
 """Reconstruction units and the capture of their calibration inputs and outputs.
 
 A unit is what one reconstruction step optimises: a single quantizable layer
-together with the BatchNorm/activation that directly follows it (AdaRound), or a
-whole residual/dense block (BRECQ). Its input is captured at the first module it
+(AdaRound: its own output, as in the study's code), or a whole residual/dense block
+with the stem and classifier as layers together with the BatchNorm/activation that
+directly follows them (BRECQ, as its reference code does). Its input is captured at the first module it
 contains and its output at the last, by forward hooks that stop the model's
 forward pass as soon as they fire.
 """
@@ -87,8 +88,11 @@ def _walk(model: nn.Module, module: nn.Module, prefix: str, blocks: bool, follow
     return units
 
 
-def layer_units(model: nn.Module) -> list[Unit]:
-    return _walk(model, model, "", False, layer_followers(model))
+def layer_units(model: nn.Module, followers: bool = True) -> list[Unit]:
+    """One unit per quantizable layer: with the BatchNorm/ReLU that directly follow it (``layer_followers``),
+    or, with ``followers=False``, the layer alone (its own output is the unit's output)."""
+    after = layer_followers(model) if followers else {name: [] for name, _ in quantizable_layers(model)}
+    return _walk(model, model, "", False, after)
 
 
 def block_units(model: nn.Module) -> list[Unit]:
