@@ -171,6 +171,35 @@ def test_a_cifar_pickle_that_calls_anything_but_numpy_is_refused_unrun(tmp_path:
     assert not marker.exists()
 
 
+class _ObjectDtypeWithoutListPickle:
+    """numpy.dtype("O8") with flags that clear NPY_LIST_PICKLE: numpy itself would then read the array's raw
+    bytes as object pointers (and free them), so a file naming only numpy's own globals could crash or worse."""
+
+    def __reduce__(self):
+        return np.dtype, ("O8", False, True), (3, "|", None, None, None, -1, -1, 63 & ~2)
+
+
+class _ArrayOfPointers:
+    def __reduce__(self):
+        return (np.ndarray.__reduce__(np.zeros(1, np.uint8))[0], (np.ndarray, (0,), b"b"),
+                (1, (1,), _ObjectDtypeWithoutListPickle(), False, struct.pack("<Q", 0x4141414141414140)))
+
+
+def test_a_cifar_pickle_cannot_hand_numpy_a_crafted_dtype(tmp_path: Path) -> None:
+    fabricate.cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({b"data": _ArrayOfPointers(), b"labels": [0]}, protocol=2))
+    with pytest.raises(DataError, match=r"data_batch_1: CIFAR batch refused: an array of type 'O8'"):
+        load_dataset(DatasetSpec(name="cifar10"), tmp_path)
+
+
+def test_a_cifar_pickle_s_big_endian_labels_are_read_in_their_byte_order(tmp_path: Path) -> None:
+    data, labels = fabricate.cifar10(tmp_path)["train"][0]
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({b"data": data, b"labels": np.asarray(labels, dtype=">i2")}, protocol=2))
+    assert DATASETS.get("cifar10")(tmp_path, False).pool.labels[:6].tolist() == labels
+
+
 def _python2_batch(data: np.ndarray, labels: list[int]) -> bytes:
     """A batch as the real release holds it: Python 2 cPickle, protocol 2, str keys, numpy.core paths."""
     def text(value: bytes) -> bytes:

@@ -7,11 +7,9 @@ and TinyImageNet is not in torchvision; downloads still go through torchvision.
 
 from __future__ import annotations
 
-import codecs
 import gzip
 import hashlib
 import os
-import pickle
 import zipfile
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 
 from ..atomic import write_npz_atomic
 from ..errors import DataError
+from .safe_pickle import Refused, load_batch
 from .base import DATASET_SHAPES, DATASETS, DatasetShape, ImageDataset, Split, make_dataset
 
 
@@ -126,42 +125,11 @@ def load_fashion_mnist(root: Path, download: bool) -> ImageDataset:
 
 # --- CIFAR: python pickles ------------------------------------------------------------
 
-try:
-    from numpy._core import multiarray as _multiarray, numeric as _numeric  # numpy >= 2
-except ImportError:
-    from numpy.core import multiarray as _multiarray, numeric as _numeric
-
-# Unpickling calls whatever global the file names, so a batch may name only what numpy arrays of any
-# pickle protocol are rebuilt from (and numpy 1.x or 2.x module paths); the python 3 protocol 0-2 pickles
-# spell bytes as _codecs.encode(str, "latin1").
-_CIFAR_GLOBALS = {
-    **{(f"numpy.{core}.multiarray", "_reconstruct"): _multiarray._reconstruct for core in ("core", "_core")},
-    **{(f"numpy.{core}.numeric", "_frombuffer"): _numeric._frombuffer for core in ("core", "_core")},
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,
-}
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    def __init__(self, handle, path: Path) -> None:
-        super().__init__(handle, encoding="bytes")
-        self.path = path
-
-    def find_class(self, module: str, name: str):
-        try:
-            return _CIFAR_GLOBALS[module, name]
-        except KeyError:
-            raise DataError(f"{self.path}: CIFAR batch refused: it calls {module}.{name}, which no CIFAR batch "
-                            "needs (a pickle can run any code it names)") from None
-
-
 def _unpickle(path: Path) -> dict:
     try:
-        with open(path, "rb") as handle:
-            return _CifarUnpickler(handle, path).load()
-    except DataError:
-        raise
+        return load_batch(path)
+    except Refused as exc:
+        raise DataError(f"{path}: CIFAR batch refused: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - unpickling a damaged file can raise almost anything
         raise DataError(f"{path}: cannot read CIFAR batch: {type(exc).__name__}: {str(exc)[:160]}") from None
 
