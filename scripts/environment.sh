@@ -21,18 +21,26 @@ if [ -z "$python" ]; then
   apt_install python3 python3-venv
   python=$(command -v python3)
 fi
-if [ -z "${VIRTUAL_ENV:-}" ] && "$python" -c '
+# (sys.prefix tells a virtual environment from the system's Python; $VIRTUAL_ENV may be inherited stale)
+if "$python" -c '
 import pathlib, sys, sysconfig
 managed = (pathlib.Path(sysconfig.get_path("stdlib")) / "EXTERNALLY-MANAGED").exists()
 sys.exit(0 if managed and sys.prefix == sys.base_prefix else 1)'; then
-  if [ ! -x .venv/bin/python ]; then
+  # A .venv without pip (a venv cut short, or made where python3-venv was missing) is made again.
+  if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
     echo "$python refuses pip installs (PEP 668): making a virtual environment in .venv" >&2
-    "$python" -m venv .venv 2>/dev/null || { rm -rf .venv; apt_install python3-venv && "$python" -m venv .venv; }
+    rm -rf .venv
+    if ! "$python" -m venv .venv 2>/dev/null; then
+      rm -rf .venv
+      apt_install python3-venv || { echo "cannot make .venv: install python3-venv" >&2; exit 1; }
+      "$python" -m venv .venv
+    fi
   fi
   . .venv/bin/activate
   python=python
   made_venv=1
 fi
+"$python" -m pip --version >/dev/null 2>&1 || { echo "$python has no pip: install it (Debian: python3-pip)" >&2; exit 1; }
 "$python" -c "import sys; sys.exit(sys.version_info < (3, 10))" || { echo "$python is older than 3.10" >&2; exit 1; }
 if ! "$python" -c "import torch" 2>/dev/null && ! command -v nvidia-smi >/dev/null 2>&1; then
   # A pair that does not load together (a local wheel may outrank the index) is taken out again.

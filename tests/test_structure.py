@@ -16,7 +16,7 @@ from mia_ptq_bench.errors import BenchError, SpecError
 from mia_ptq_bench.models import MODELS, build_model
 from mia_ptq_bench.models.structure import call_order, check_quantizable
 from mia_ptq_bench.pool import build_pool
-from mia_ptq_bench.quantize import QUANTIZERS, Calibration
+from mia_ptq_bench.quantize import QUANTIZERS, Calibration, audit_model
 from mia_ptq_bench.quantize.batchnorm import fold_batchnorm
 from mia_ptq_bench.spec import PrecisionPlan
 from mia_ptq_bench.spec.schema import ModelSpec
@@ -306,8 +306,14 @@ def test_a_model_that_does_not_trace_is_quantized_in_the_order_its_layers_are_ca
         assert torch.equal(results[0].get_submodule(name).weight, results[1].get_submodule(name).weight), name
 
 
-@pytest.mark.parametrize("method, config, needed", [("adaround", {}, "finding the BatchNorm and ReLU"),
-                                                    ("brecq", {}, "finding the BatchNorm and ReLU"),
+def test_adaround_quantizes_a_model_that_does_not_trace() -> None:
+    # Its units are the layers alone (version 4): no graph needed to find what follows them.
+    plan = PrecisionPlan.parse("w2")
+    quantized = QUANTIZERS.get("adaround")({"iters": 20}).quantize(Untraceable(True).eval(), _digits_like(), plan)
+    assert all(a.passed for a in audit_model(quantized, plan))
+
+
+@pytest.mark.parametrize("method, config, needed", [("brecq", {}, "finding the BatchNorm and ReLU"),
                                                     ("rtn", {"bn": "fold"}, r"folding BatchNorm \(bn: fold")])
 def test_what_needs_the_graph_of_a_model_that_does_not_trace_is_one_clear_error(method, config, needed) -> None:
     model = Untraceable(True).eval()

@@ -50,7 +50,7 @@ def layer_followers(model: nn.Module) -> dict[str, list[str]]:
     output, and a module must be called only once (a ReLU shared by two places in a
     residual block is not absorbed: a hook on it would fire at the wrong call).
     """
-    graph = traced_graph(model, "finding the BatchNorm and ReLU after each layer (AdaRound's and BRECQ's units)")
+    graph = traced_graph(model, "finding the BatchNorm and ReLU after each layer (BRECQ's layer units)")
     modules = dict(model.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     followers: dict[str, list[str]] = {}
