@@ -312,6 +312,23 @@ def test_tinyimagenet_cache_is_decoded_again_once_the_folder_changes(tmp_path: P
     assert torch.equal(load().pool.images[0], first.pool.images[3]) and len(decodes) == 3
 
 
+def test_the_tinyimagenet_cache_follows_the_annotated_images_and_ignores_other_files(tmp_path: Path) -> None:
+    fabricate.tinyimagenet(tmp_path)
+    val = tmp_path / "tiny-imagenet-200" / "val"
+    (val / "images" / "notes.txt").symlink_to(tmp_path / "nowhere")  # dangling, and never read by the decoder
+    (val / "images" / "sub").mkdir()
+    moved = val / "images" / "sub" / "val_0.JPEG"
+    (val / "images" / "val_0.JPEG").rename(moved)
+    annotations = val / "val_annotations.txt"
+    annotations.write_text(annotations.read_text().replace("val_0.JPEG", "sub/val_0.JPEG"))
+    load = lambda: DATASETS.get("tinyimagenet")(tmp_path, False)  # noqa: E731
+    first = load()
+    mtime = moved.stat().st_mtime_ns
+    moved.write_bytes((val / "images" / "val_1.JPEG").read_bytes())  # an annotated image in a subfolder
+    os.utime(moved, ns=(mtime + 10**9, mtime + 10**9))
+    assert torch.equal(load().test.images[0], first.test.images[1])
+
+
 def test_a_wnid_listed_twice_is_a_data_error(tmp_path: Path) -> None:
     fabricate.tinyimagenet(tmp_path)
     wnids = tmp_path / "tiny-imagenet-200" / "wnids.txt"

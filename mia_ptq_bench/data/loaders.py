@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import zipfile
 from pathlib import Path
 
@@ -221,20 +220,22 @@ def _read_wnids(base: Path) -> list[str]:
 
 
 def _source_fingerprint(base: Path, wnids: list[str]) -> str:
-    """Changes when any file the decoder reads changes: the two lists' contents, and the name, size and
-    mtime of every image (a stat each, no reads: the release holds 110,000 of them)."""
+    """Changes when any file the decoder reads changes: the two lists' contents, and the path, size and
+    mtime of each image they lead it to (a stat each, no reads: the release holds 110,000 of them)."""
     digest = hashlib.sha256()
-    for listing in (base / "wnids.txt", base / "val" / "val_annotations.txt"):
+    annotations = base / "val" / "val_annotations.txt"
+    for listing in (base / "wnids.txt", annotations):
         digest.update(listing.read_bytes() + b"\0")
-    for folder in [base / "train" / wnid / "images" for wnid in wnids] + [base / "val" / "images"]:
+    images = [path for wnid in wnids for path in sorted((base / "train" / wnid / "images").glob("*.JPEG"))]
+    images += [base / "val" / "images" / line.split("\t")[0]
+               for line in annotations.read_text(errors="replace").splitlines() if line.strip()]
+    for path in images:
         try:
-            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
-        except OSError:
-            entries = []  # the decoder reports the missing folder
-        for entry in entries:
-            stat = entry.stat()
-            line = f"{folder.relative_to(base)}/{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
-            digest.update(line.encode(errors="surrogateescape"))
+            stat = path.stat()
+            state = f"{stat.st_size}\0{stat.st_mtime_ns}"
+        except OSError:  # missing, or a dangling link: the decoder reports it
+            state = "unreadable"
+        digest.update(f"{path.relative_to(base)}\0{state}\n".encode(errors="surrogateescape"))
     return digest.hexdigest()
 
 
