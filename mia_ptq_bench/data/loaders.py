@@ -219,17 +219,34 @@ def _read_wnids(base: Path) -> list[str]:
     return wnids
 
 
-def _source_fingerprint(base: Path, wnids: list[str]) -> str:
-    """Changes when any file the decoder reads changes: the two lists' contents, and the path, size and
-    mtime of each image they lead it to (a stat each, no reads: the release holds 110,000 of them)."""
-    digest = hashlib.sha256()
+def _listing(base: Path, wnids: list[str]) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """The (image, label) pairs the release holds: each class's training JPEGs, and the annotated val images."""
+    index = {wnid: i for i, wnid in enumerate(wnids)}
+    train = []
+    for wnid in wnids:
+        images = sorted((base / "train" / wnid / "images").glob("*.JPEG"))
+        if not images:
+            raise DataError(f"{base / 'train' / wnid / 'images'}: no .JPEG images for class {wnid}")
+        train += [(path, index[wnid]) for path in images]
+    val = []
     annotations = base / "val" / "val_annotations.txt"
-    for listing in (base / "wnids.txt", annotations):
-        digest.update(listing.read_bytes() + b"\0")
-    images = [path for wnid in wnids for path in sorted((base / "train" / wnid / "images").glob("*.JPEG"))]
-    images += [base / "val" / "images" / line.split("\t")[0]
-               for line in annotations.read_text(errors="replace").splitlines() if line.strip()]
-    for path in images:
+    for number, line in enumerate(annotations.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in index:
+            raise DataError(f"{annotations}:{number}: expected 'file<TAB>wnid...' with a wnid from wnids.txt")
+        val.append((base / "val" / "images" / fields[0], index[fields[1]]))
+    return train, val
+
+
+def _source_fingerprint(base: Path, listing: tuple[list[tuple[Path, int]], list[tuple[Path, int]]]) -> str:
+    """Changes when any file the decoder reads changes: the two lists' contents, and the path, size and
+    mtime of each listed image (a stat each, no reads: the release holds 110,000 of them)."""
+    digest = hashlib.sha256()
+    for listed in (base / "wnids.txt", base / "val" / "val_annotations.txt"):
+        digest.update(listed.read_bytes() + b"\0")
+    for path, _ in listing[0] + listing[1]:
         try:
             stat = path.stat()
             state = f"{stat.st_size}\0{stat.st_mtime_ns}"
@@ -239,28 +256,13 @@ def _source_fingerprint(base: Path, wnids: list[str]) -> str:
     return digest.hexdigest()
 
 
-def _decode_tinyimagenet(base: Path, wnids: list[str]) -> dict[str, np.ndarray]:
-    index = {wnid: i for i, wnid in enumerate(wnids)}
-    train_x, train_y = [], []
-    for wnid in wnids:
-        images = sorted((base / "train" / wnid / "images").glob("*.JPEG"))
-        if not images:
-            raise DataError(f"{base / 'train' / wnid / 'images'}: no .JPEG images for class {wnid}")
-        train_x.extend(_read_rgb(p) for p in images)
-        train_y.extend([index[wnid]] * len(images))
-    test_x, test_y = [], []
-    annotations = base / "val" / "val_annotations.txt"
-    for number, line in enumerate(annotations.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) < 2 or fields[1] not in index:
-            raise DataError(f"{annotations}:{number}: expected 'file<TAB>wnid...' with a wnid from wnids.txt")
-        test_x.append(_read_rgb(base / "val" / "images" / fields[0]))
-        test_y.append(index[fields[1]])
-    return {"train_x": np.ascontiguousarray(np.stack(train_x)), "train_y": np.asarray(train_y, np.int64),
-            "test_x": np.ascontiguousarray(np.stack(test_x)), "test_y": np.asarray(test_y, np.int64),
-            "num_classes": np.asarray(len(wnids))}
+def _decode_tinyimagenet(listing: tuple[list[tuple[Path, int]], list[tuple[Path, int]]],
+                         num_classes: int) -> dict[str, np.ndarray]:
+    (train, val), arrays = listing, {}
+    for split, pairs in (("train", train), ("test", val)):
+        arrays[f"{split}_x"] = np.ascontiguousarray(np.stack([_read_rgb(path) for path, _ in pairs]))
+        arrays[f"{split}_y"] = np.asarray([label for _, label in pairs], np.int64)
+    return {**arrays, "num_classes": np.asarray(num_classes)}
 
 
 @DATASETS.register("tinyimagenet")
@@ -277,7 +279,8 @@ def load_tinyimagenet(root: Path, download: bool) -> ImageDataset:
     # Decoding 110,000 JPEGs takes minutes; keep the decoded arrays beside the folder, with a fingerprint
     # of the files they came from so that an edited folder is decoded again.
     wnids = _read_wnids(base)
-    source = _source_fingerprint(base, wnids)
+    listing = _listing(base, wnids)
+    source = _source_fingerprint(base, listing)
     decoded = root / "tiny-imagenet-200.decoded.npz"
     arrays = None
     if decoded.is_file():
@@ -288,7 +291,7 @@ def load_tinyimagenet(root: Path, download: bool) -> ImageDataset:
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):  # a damaged or older cache
             arrays = None
     if arrays is None:
-        arrays = _decode_tinyimagenet(base, wnids)
+        arrays = _decode_tinyimagenet(listing, len(wnids))
         arrays["source"] = np.asarray(source)
         try:
             write_npz_atomic(decoded, arrays)
