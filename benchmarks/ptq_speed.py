@@ -154,7 +154,6 @@ def main() -> None:
     n = args.plain_models
     say(f"{'method':9} {'plan':12} {'ours models/min':>15} {'plain models/min':>16} {'ratio':>6} "
         f"{'MSE ours':>9} {'MSE plain':>9} {'acc ours':>8} {'acc plain':>9}")
-    plain_configs: dict[str, dict] = {}
     plain_classes = {"obc": plain_hessians(PlainOBC), "gptq": plain_hessians(QUANTIZERS.get("gptq")),
                      "adaround": plain_reconstruction(QUANTIZERS.get("adaround")),
                      "brecq": plain_reconstruction(QUANTIZERS.get("brecq"))}
@@ -189,7 +188,7 @@ def main() -> None:
                 ours_s[text] = min(ours_s.get(text, np.inf), (time.perf_counter() - t0) / args.models)
             wait_for_quiet(args.patience)
             for text, plan in plans.items():
-                plain_q = make_quantizer(plain_classes.get(method, cls), settings, plain_configs.get(method))
+                plain_q = make_quantizer(plain_classes.get(method, cls), settings)
                 cals = calibrations(n, size)
                 t0 = time.perf_counter()
                 plain[text] = [plain_q.quantize(copy.deepcopy(m), c, plan) for m, c in zip(models, cals)]
