@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 
 import numpy as np
@@ -54,7 +53,7 @@ def trained_like(arch: str, options: dict | None = None, width: float = 0.25) ->
 def output_errors(original: nn.Module, quantized: nn.Module, images: torch.Tensor, blocks: bool) -> dict[str, float]:
     """Per layer (or block): squared error of the quantized unit's output, both fed the original's inputs
     (a layer's own output: what AdaRound, GPTQ and OBC each reconstruct)."""
-    split = block_units if blocks else functools.partial(layer_units, followers=False)
+    split = block_units if blocks else layer_units
     errors = {}
     for unit, twin in zip(split(original), split(quantized)):
         assert unit.name == twin.name
@@ -633,7 +632,7 @@ def test_a_carried_forward_pass_captures_what_a_pass_from_the_images_captures(ar
     from mia_ptq_bench.quantize.units import ForwardCursor, forward_plan
 
     model = trained_like(arch, options, width=width)
-    units = block_units(model) if blocks else layer_units(model)
+    units = block_units(model) if blocks else layer_units(model, followers=True)  # units ending in a ReLU too
     plan = forward_plan(model, units, blocks=blocks)
     assert plan is not None and sorted(plan.order) == list(range(len(units)))
     images = calibration(40).images
@@ -681,13 +680,13 @@ def test_a_cursor_measures_the_most_it_keeps_at_once() -> None:
     from mia_ptq_bench.quantize.units import carried_bytes, carry_fits, forward_plan
 
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
-    plan = forward_plan(model, layer_units(model))
+    plan = forward_plan(model, layer_units(model, followers=True))
     # Between two nodes a paused cursor holds only what later nodes read: the input (4 floats), then the
     # Linear's output (8), then the ReLU's (8), then the logits (2). The peak is 8 floats, 32 bytes.
     assert carried_bytes(model, plan, torch.randn(1, 4)) == 32
     # A view or an in-place result shares its input's storage: counted once.
     inplace = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8, 2)).eval()
-    assert carried_bytes(inplace, forward_plan(inplace, layer_units(inplace)), torch.randn(1, 4)) == 32
+    assert carried_bytes(inplace, forward_plan(inplace, layer_units(inplace, followers=True)), torch.randn(1, 4)) == 32
     # The example given as a slice of a larger batch (as the quantizers pass it) counts as one example.
     assert carried_bytes(model, plan, torch.randn(1000, 4)[:1]) == 32
     from unittest import mock

@@ -54,7 +54,7 @@ class _Reconstruction(CalibratedQuantizer):
     moments: ClassVar[bool] = False
 
     def units(self, model) -> list[Unit]:
-        return layer_units(model, followers=False) if self.granularity == "layer" else block_units(model)
+        return layer_units(model) if self.granularity == "layer" else block_units(model)
 
     def quantize_prepared(self, models, originals, calibrations, levels) -> None:
         cfg: ReconstructionConfig = self.config  # type: ignore[assignment]

@@ -88,9 +88,10 @@ def _walk(model: nn.Module, module: nn.Module, prefix: str, blocks: bool, follow
     return units
 
 
-def layer_units(model: nn.Module, followers: bool = True) -> list[Unit]:
-    """One unit per quantizable layer: with the BatchNorm/ReLU that directly follow it (``layer_followers``),
-    or, with ``followers=False``, the layer alone (its own output is the unit's output)."""
+def layer_units(model: nn.Module, followers: bool = False) -> list[Unit]:
+    """One unit per quantizable layer (AdaRound's): the layer alone, its own output the unit's output, or,
+    with ``followers``, with the BatchNorm/ReLU that directly follow it (``layer_followers``, as BRECQ's
+    stem and classifier units have them)."""
     after = layer_followers(model) if followers else {name: [] for name, _ in quantizable_layers(model)}
     return _walk(model, model, "", False, after)
 
