@@ -148,6 +148,71 @@ def test_an_example_with_shadows_on_one_side_only_borrows_the_mean_gap() -> None
                                                                  target[others], online=False), rtol=1e-10)
 
 
+def _one_shadow_sides(seed: int = 4):
+    """8 shadows, 12 examples: example 4 has a single OUT shadow, example 6 a single IN one, the others 2 or more."""
+    shadow, shadow_in, target, _ = synthetic(gap=1.0, shadows=8, examples=12, seed=seed)
+    shadow_in[:, 4], shadow_in[:, 6] = True, False
+    shadow_in[2, 4], shadow_in[5, 6] = False, True
+    counts = shadow_in.sum(axis=0)
+    assert counts[4] == 7 and counts[6] == 1 and (np.delete(counts, [4, 6]) >= 2).all()
+    assert (np.delete(8 - counts, [4, 6]) >= 2).all()
+    return shadow, shadow_in, target
+
+
+def test_a_side_with_one_shadow_borrows_the_side_mean_spread_instead_of_a_zero_one() -> None:
+    """One shadow on a side has a std of 0: the ratio divided by it blew up (|score| ~ 1e57) on exactly that
+    example, whatever its membership, and topped the ranking. Its centre is still that shadow's score; its
+    spread is the side's mean spread over the examples with two or more shadows there."""
+    shadow, shadow_in, target = _one_shadow_sides()
+    rest = [j for j in range(12) if j not in (4, 6)]
+    sd_in = np.mean([np.std(shadow[shadow_in[:, j], j], axis=0) for j in rest + [4]], axis=0)
+    sd_out = np.mean([np.std(shadow[~shadow_in[:, j], j], axis=0) for j in rest + [6]], axis=0)
+    mu_in_4, mu_out_4 = np.median(shadow[shadow_in[:, 4], 4], axis=0), shadow[2, 4]
+    mu_in_6, mu_out_6 = shadow[5, 6], np.median(shadow[~shadow_in[:, 6], 6], axis=0)
+    sd_in_4, sd_out_6 = np.std(shadow[shadow_in[:, 4], 4], axis=0), np.std(shadow[~shadow_in[:, 6], 6], axis=0)
+    online = lira_online(shadow, shadow_in, target)
+    np.testing.assert_allclose(online[[4, 6]], [
+        (norm.logpdf(target[4], mu_in_4, sd_in_4) - norm.logpdf(target[4], mu_out_4, sd_out)).mean(),
+        (norm.logpdf(target[6], mu_in_6, sd_in) - norm.logpdf(target[6], mu_out_6, sd_out_6)).mean()], rtol=1e-10)
+    np.testing.assert_allclose(online[rest], independent.lira(shadow[:, rest], shadow_in[:, rest], target[rest]),
+                               rtol=0, atol=1e-9)
+    offline = lira_offline(shadow, shadow_in, target)
+    np.testing.assert_allclose(offline[4], norm.logcdf(target[4], mu_out_4, sd_out).mean(), rtol=1e-10)
+    np.testing.assert_allclose(offline[rest + [6]], independent.lira(
+        shadow[:, rest + [6]], shadow_in[:, rest + [6]], target[rest + [6]], online=False), rtol=1e-10)
+    # a fixed variance has no per-example spread to lose: unchanged, the reference loop's numbers
+    for online_attack in (True, False):
+        attack = lira_online if online_attack else lira_offline
+        np.testing.assert_allclose(attack(shadow, shadow_in, target, fixed_variance=True),
+                                   independent.lira(shadow, shadow_in, target, online=online_attack, fixed=True),
+                                   rtol=1e-10)
+
+
+def test_equalize_counts_ignores_single_shadow_sides_when_choosing_the_count() -> None:
+    """With one example's single OUT shadow setting the count, every example was cut to one OUT shadow: every
+    OUT spread 0. The count is the smallest among examples with two or more; the single one borrows."""
+    shadow, shadow_in, target = _one_shadow_sides()
+    outs = (~shadow_in).sum(axis=0)
+    k_out = int(outs[outs >= 2].min())
+    k_in = int(shadow_in.sum(axis=0)[shadow_in.sum(axis=0) >= 2].min())
+    served = ((shadow_in & (np.cumsum(shadow_in, axis=0) <= k_in))
+              | (~shadow_in & (np.cumsum(~shadow_in, axis=0) <= k_out)))
+    assert k_out >= 2 and k_in >= 2
+    for attack in (lira_online, lira_offline):
+        ours = attack(shadow, shadow_in, target, equalize_counts=True)
+        np.testing.assert_allclose(ours, attack(shadow, shadow_in, target, references=served), rtol=1e-12)
+        assert np.abs(ours).max() < 1e3
+
+
+def test_no_example_with_two_shadows_on_a_side_is_a_clear_error() -> None:
+    shadow, shadow_in, target, _ = synthetic(gap=1.0, shadows=4, examples=6)
+    shadow_in[:] = True
+    shadow_in[np.arange(6) % 4, np.arange(6)] = False  # one OUT shadow per example
+    with pytest.raises(ValueError, match="no example has two shadow models on one side"):
+        lira_online(shadow, shadow_in, target)
+    assert np.isfinite(lira_online(shadow, shadow_in, target, fixed_variance=True)).all()
+
+
 def test_no_example_with_both_sides_is_a_clear_error() -> None:
     shadow, shadow_in, target, _ = synthetic(gap=1.0, examples=10)
     shadow_in[:, :5], shadow_in[:, 5:] = True, False

@@ -76,6 +76,8 @@ def test_pool_hash_ignores_plans_but_not_training(tmp_path: Path, tiny_dict: dic
     (lambda d: d.update(plans=["w4", "w3.5"]), "plans", "cannot parse precision plan"),
     (lambda d: d.update(plans=["w4", "w4"]), "plans", "duplicate"),
     (lambda d: d["targets"].update(count=99), "(document)", "exceeds membership.n_models"),
+    # 3 targets of 8 models: a stand-in is attacked with the quantized shadows left once the 3 and it are out
+    (lambda d: d.update(adaptive={"shadows": 6}), "(document)", "adaptive.shadows (6) must lie between 7 and"),
     (lambda d: d.pop("training"), "training", "Field required"),
 ])
 def test_bad_specs_name_file_field_and_reason(tmp_path: Path, tiny_dict: dict, mutate, field: str, reason: str) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..attack import ATTACKS, THREAT_MODELS, AttackInput, ShadowSet, ThreatModel, run_attacks
-from ..spec.schema import TaskSpec
+from ..spec.schema import TARGETS_PER_CHOICE, TaskSpec
 from .roc import attack_metrics
 
 
@@ -34,9 +34,6 @@ class Choice:
     threat_model: str
     attack: str
     estimate: float  # TPR@0.1%FPR over the pseudo-targets (one ROC over their examples)
-
-
-TARGETS_PER_CHOICE = 4
 
 
 def choose(spec: TaskSpec, keep: np.ndarray, targets: int | Sequence[int], strategies: dict[str, ShadowSet],

@@ -142,6 +142,11 @@ class RmiaSpec(Strict):
 # Measured on digits-mlp (benchmarks/results/adaptive_shadows_*.txt): with 31 quantized shadows the adaptive
 # attacker's TPR@0.1%FPR equals that with all 63 (RMIA, fixed-variance LiRA), with 15 it keeps ~90%.
 DEFAULT_ADAPTIVE_SHADOWS = 31
+# The strongest-attack choice (metrics/select.py) takes the targets this many at a time and attacks
+# stand-ins, themselves quantized shadows, with the quantized shadows left once the block and the
+# stand-in are out: at least CHOICE_SHADOWS of them.
+TARGETS_PER_CHOICE = 4
+CHOICE_SHADOWS = 4
 
 
 class AdaptiveSpec(Strict):
@@ -216,11 +221,15 @@ class TaskSpec(Strict):
             raise ValueError(
                 f"targets.count ({self.targets.count}) exceeds membership.n_models ({self.membership.n_models})"
             )
-        shadows = self.adaptive.shadows
-        if shadows is not None and not self.targets.count - 1 <= shadows <= self.membership.n_models - 1:
-            raise ValueError(f"adaptive.shadows ({shadows}) must lie between targets.count - 1 "
-                             f"({self.targets.count - 1}) and membership.n_models - 1 ({self.membership.n_models - 1}): "
-                             "every target's quantized shadows are the other quantized models")
+        shadows, most = self.adaptive.shadows, self.membership.n_models - 1
+        block = min(self.targets.count, TARGETS_PER_CHOICE)
+        least = max(self.targets.count - 1, min(block + CHOICE_SHADOWS, most))
+        if shadows is not None and not least <= shadows <= most:
+            raise ValueError(f"adaptive.shadows ({shadows}) must lie between {least} and membership.n_models - 1 "
+                             f"({most}): every target's quantized shadows are the other quantized models, so at "
+                             f"least targets.count - 1 ({self.targets.count - 1}), and choosing the strongest attack "
+                             f"attacks a stand-in with those left once {block} targets and the stand-in are out, at "
+                             f"least {CHOICE_SHADOWS}")
         unknown = set(self.strongest.attacks or []) - set(self.attacks)
         if unknown:
             raise ValueError(f"strongest.attacks: {sorted(unknown)} are not among the task's attacks")
