@@ -12,4 +12,6 @@ def default_cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mia-ptq-bench"
+    # The XDG spec: an empty or relative XDG_CACHE_HOME is ignored (a relative one would move with the directory).
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "mia-ptq-bench"

@@ -43,6 +43,12 @@ SUBMISSION_FILE_BYTES = {".json": RESULT_JSON_BYTES, ".npz": RESULT_ARRAYS_BYTES
 SUBMISSION_OTHER_FILE_BYTES = 1 * MiB  # README.md, LICENSE*
 SUBMISSION_TOTAL_BYTES = 8 * GiB
 
+# A pool pulled from the Hub, per file (sizes checked before the download when the Hub lists them, and
+# again on disk): a study-size ResNet18's weights take 45 MiB. Its arrays (masks, scores) are bounded by
+# the task's own sizes, plus a .npy header (pool/hub.py file_limit).
+POOL_FILE_BYTES = {".safetensors": 1 * GiB, ".json": 64 * KiB}
+NPY_HEADER_BYTES = 4 * KiB
+
 # quantizer.config is rendered on the site as indented JSON.
 CONFIG_DEPTH = 8
 CONFIG_JSON_BYTES = 8 * KiB

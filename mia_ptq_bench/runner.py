@@ -104,7 +104,7 @@ def prepare_pool(context: RunContext, options: RunOptions, progress: Progress) -
     spec = context.spec
     if spec.hub is not None and not PoolStore(options.cache_dir, spec).is_complete_pool():
         progress.log(f"pulling the pool from the Hub: {spec.hub.repo}@{spec.hub.revision or 'main'}")
-        pull_pool(spec, options.cache_dir, spec.hub.repo, spec.hub.revision)
+        pull_pool(spec, options.cache_dir, spec.hub.repo, spec.hub.revision, context.dataset().digest())
     remote = None if isinstance(options.executor, LocalExecutor) else options.executor
     pool = build_pool(spec, context.dataset(), options.cache_dir, options.device, progress, trainer=options.trainer,
                       executor=remote, data_root=options.data_root, download=options.download,

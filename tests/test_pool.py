@@ -9,7 +9,7 @@ import torch
 
 from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.errors import CacheError
-from mia_ptq_bench.pool import build_pool, pool_keep_masks
+from mia_ptq_bench.pool import PoolStore, build_pool, pool_keep_masks
 from mia_ptq_bench.pool import build as build_module
 from mia_ptq_bench.data.augment import augment, crop_and_flip
 from mia_ptq_bench.pool.train import (init_model, make_schedule, steps_per_epoch, train_sequential,
@@ -151,6 +151,32 @@ def test_interrupted_build_resumes_to_identical_pool(tiny_task, tmp_path: Path, 
     assert trained_again == ([3, 4, 5, 6, 7] if trainer == "stacked" else [4, 5, 6, 7])
     np.testing.assert_array_equal(resumed.scores, reference.scores)
     np.testing.assert_array_equal(resumed.test_accuracy, reference.test_accuracy)
+
+
+def test_a_build_resumed_where_another_group_size_is_chosen_keeps_its_groups(tiny_task, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto_stack follows the machine's memory: resumed elsewhere, the automatic choice changed the groups."""
+    data = load_dataset(tiny_task.dataset)
+    reference = build_pool(tiny_task, data, tmp_path / "reference", trainer="stacked", stack=3)
+    monkeypatch.setattr(build_module, "auto_stack", lambda *args: 3)  # the first machine's choice
+    interrupt_after_saving(4, monkeypatch, lambda: build_pool(tiny_task, data, tmp_path / "resumed"))
+    monkeypatch.setattr(build_module, "auto_stack", lambda *args: 2)  # the second machine's
+    trained_again = []
+    original_schedule = build_module.make_schedule
+    monkeypatch.setattr(build_module, "make_schedule",
+                        lambda s, m, n, i: trained_again.append(i) or original_schedule(s, m, n, i))
+    log = Logged()
+    resumed = build_pool(tiny_task, data, tmp_path / "resumed", progress=log)
+    assert trained_again == [3, 4, 5, 6, 7]  # groups of 3 as started ([3, 4, 5], [6, 7]), not [2, 3], [4, 5], ...
+    assert any(line.startswith("resuming in groups of 3 models, as this pool was started (this machine would choose "
+                               "2; delete ") for line in log.lines)
+    np.testing.assert_array_equal(resumed.scores, reference.scores)
+    # an explicit choice is followed, and said to change the bits
+    PoolStore(tmp_path / "resumed", tiny_task).discard(7)
+    log = Logged()
+    build_pool(tiny_task, data, tmp_path / "resumed", progress=log, trainer="sequential")
+    assert any("training in groups of 1 models, where this pool was started in groups of 3" in line
+               for line in log.lines)
 
 
 def test_interrupted_batchnorm_build_resumes_to_identical_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -366,3 +392,16 @@ def test_hflip_query_mirrors_left_right_and_the_pool_scores_it(tiny_task, tmp_pa
                 others = logits.scatter(1, labels[:, None], float("-inf")).logsumexp(1)
                 np.testing.assert_allclose(pool.scores[index, :, query], (true - others).numpy(), rtol=1e-5, atol=1e-5)
         assert np.abs(pool.scores[index, :, 1] - pool.scores[index, :, 0]).max() > 0.1  # the mirror is seen
+
+
+@pytest.mark.parametrize("xdg", ["", "relative/cache"])
+def test_an_empty_or_relative_xdg_cache_home_is_ignored(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, xdg: str) -> None:
+    """As the XDG spec says: else the cache would follow the working directory, and a rerun elsewhere recompute."""
+    from mia_ptq_bench.cache import CACHE_ENV, default_cache_dir
+
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert default_cache_dir() == tmp_path / ".cache" / "mia-ptq-bench"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "mia-ptq-bench"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,20 +12,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from conftest import TASKS, needed
 from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.pool import PoolStore, build_pool
 from mia_ptq_bench.atomic import sha256_file
-from mia_ptq_bench.errors import BenchError
-from mia_ptq_bench.pool.hub import MANIFEST, export_pool, install_snapshot
+from mia_ptq_bench.errors import BenchError, CacheError
+from mia_ptq_bench.pool.hub import MANIFEST, export_pool, file_limit, install_snapshot, pull_pool
 from mia_ptq_bench.results.io import load_result
 from mia_ptq_bench.runner import RunOptions, evaluate
 from mia_ptq_bench.spec import load_task
+from mia_ptq_bench.spec.schema import MAX_EXAMPLES
 
 VOLATILE = ("started_at", "finished_at", "seconds", "arrays", "environment")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -292,6 +297,195 @@ def test_a_snapshot_file_linking_outside_the_repository_is_refused(hub_cache: di
 def test_a_verified_snapshot_installs_whole(hub_cache: dict, tmp_path: Path) -> None:
     source = install_snapshot(hub_cache["snapshot"], load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool")
     assert source.revision == COMMIT and PoolStore(tmp_path / "cache", load_task("tiny-digits")).is_complete_pool()
+
+
+def _rewrite_file(snapshot: Path, name: str, write) -> None:
+    """Replace a snapshot file and make the manifest agree: the file then matches its own manifest."""
+    path = snapshot / name
+    path.unlink()
+    write(path)
+    _rewrite_manifest(snapshot, lambda files: files.update({name: sha256_file(path)}))
+
+
+@pytest.mark.parametrize("name", ["scores/model-0005.npy", "keep.npy", "models/model-0001.json"])
+def test_a_snapshot_file_over_its_size_limit_is_refused_before_it_is_read(hub_cache: dict, tmp_path: Path,
+                                                                          name: str) -> None:
+    spec = load_task("tiny-digits")
+    limit = file_limit(name, spec)
+    # the task's own sizes bound its arrays: N examples x 2 queries x 8 bytes of scores, 8 models x N masks
+    examples = spec.dataset.pool_size or MAX_EXAMPLES
+    assert limit == {"scores/model-0005.npy": 4096 + examples * 16, "keep.npy": 4096 + examples * 8,
+                     "models/model-0001.json": 64 * 1024}[name]
+    os.truncate(hub_cache["snapshot"] / name, limit + 1)  # sparse: no disk used, and no sha256 of it is ever taken
+    with pytest.raises(BenchError) as info:
+        install_snapshot(hub_cache["snapshot"], spec, tmp_path / "cache", "mptq/tiny-digits-pool")
+    assert str(info.value) == (f"hub mptq/tiny-digits-pool@{COMMIT[:12]}: {name}: {limit + 1:,} bytes, more than it "
+                               f"may hold in this task's pool ({limit:,} bytes); refused")
+    assert _nothing_installed(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h: h.pop("data_sha256"), "pool.json: data_sha256: missing or not a sha256"),
+    (lambda h: h.update(pool_hash="0" * 64), "pool.json: pool_hash: not the pool"),
+])
+def test_a_pulled_header_must_name_the_pool_and_its_data(hub_cache: dict, tmp_path: Path, change, message: str) -> None:
+    """A header without data_sha256 was completed with the local data's hash: a pool trained on anything passed."""
+    def write(path: Path) -> None:
+        header = dict(original)
+        change(header)
+        path.write_text(json.dumps(header))
+    original = json.loads((hub_cache["snapshot"] / "pool.json").read_text())
+    _rewrite_file(hub_cache["snapshot"], "pool.json", write)
+    with pytest.raises(BenchError, match=re.escape(message)):
+        install_snapshot(hub_cache["snapshot"], load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool")
+    assert _nothing_installed(tmp_path / "cache")
+
+
+def test_a_pulled_pool_of_other_data_leaves_the_local_pool_alone(hub_cache: dict, tmp_path: Path) -> None:
+    spec, cache = load_task("tiny-digits"), tmp_path / "cache"
+    local = PoolStore(cache, spec)
+    local.root.mkdir(parents=True)
+    (local.root / "partly-trained").write_text("hours of work")
+    with pytest.raises(BenchError, match=r"pool\.json: data_sha256: the pool was trained on other data"):
+        install_snapshot(hub_cache["snapshot"], spec, cache, "mptq/tiny-digits-pool", data_sha256="f" * 64)
+    assert (local.root / "partly-trained").read_text() == "hours of work"
+    digest = load_dataset(spec.dataset).digest()  # the data it was trained on: installed over the local folder
+    install_snapshot(hub_cache["snapshot"], spec, cache, "mptq/tiny-digits-pool", data_sha256=digest)
+    assert local.is_complete_pool() and not (local.root / "partly-trained").exists()
+    assert [p.name for p in local.root.parent.iterdir()] == [local.root.name]  # nothing set aside is left
+
+
+def test_other_masks_in_a_pulled_pool_are_refused(hub_cache: dict, tmp_path: Path) -> None:
+    keep = np.load(hub_cache["snapshot"] / "keep.npy")
+    _rewrite_file(hub_cache["snapshot"], "keep.npy", lambda path: np.save(path, keep[::-1]))
+    with pytest.raises(BenchError, match=r"keep\.npy: not the task's membership masks \(bool \(8, \d+\)\); refused"):
+        install_snapshot(hub_cache["snapshot"], load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool")
+
+
+def test_a_failed_install_keeps_the_pool_it_would_replace(hub_cache: dict, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, cache = load_task("tiny-digits"), tmp_path / "cache"
+    local = PoolStore(cache, spec)
+    local.root.mkdir(parents=True)
+    (local.root / "partly-trained").write_text("hours of work")
+    rename = Path.rename
+
+    def failing(self: Path, target):
+        if self.name.startswith(".pull-"):  # the new pool's move into place
+            raise OSError(28, "No space left on device")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(BenchError, match="cannot install the pool: No space left on device"):
+        install_snapshot(hub_cache["snapshot"], spec, cache, "mptq/tiny-digits-pool")
+    assert (local.root / "partly-trained").read_text() == "hours of work"
+    assert [p.name for p in local.root.parent.iterdir()] == [local.root.name]
+
+
+def _fake_hub(monkeypatch: pytest.MonkeyPatch, snapshot: Path, sizes: dict | None = None,
+              error: Exception | None = None) -> list:
+    """The Hub client online, without a network: the repository listing gives ``sizes`` (100 bytes by default) at
+    COMMIT, downloads return ``snapshot``; ``error`` is what every call raises instead."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    calls = []
+
+    def model_info(self, repo_id, **kwargs):
+        calls.append(("model_info", kwargs))
+        if error is not None:
+            raise error
+        names = json.loads((snapshot / MANIFEST).read_text())["files"]
+        return SimpleNamespace(sha=COMMIT, siblings=[SimpleNamespace(rfilename=n, size=(sizes or {}).get(n, 100))
+                                                     for n in [*names, MANIFEST, "README.md", "junk.bin"]])
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append(("snapshot_download", kwargs))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_pull_fetches_only_the_pool_files_at_the_commit_whose_sizes_it_checked(
+        hub_cache: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = load_task("tiny-digits")
+    calls = _fake_hub(monkeypatch, hub_cache["snapshot"], {"models/model-0002.safetensors": (1 << 30) + 1})
+    with pytest.raises(BenchError) as info:
+        pull_pool(spec, tmp_path / "cache", "mptq/tiny-digits-pool")
+    assert str(info.value) == ("hub mptq/tiny-digits-pool@main: models/model-0002.safetensors: 1,073,741,825 bytes, "
+                               "more than it may hold in this task's pool (1,073,741,824 bytes); not downloaded")
+    assert [c[0] for c in calls] == ["model_info"]  # nothing was downloaded
+    calls = _fake_hub(monkeypatch, hub_cache["snapshot"], {"junk.bin": 1 << 40})  # not a pool file: never fetched
+    source = pull_pool(spec, tmp_path / "cache", "mptq/tiny-digits-pool")
+    assert source.revision == COMMIT and PoolStore(tmp_path / "cache", spec).is_complete_pool()
+    wanted = sorted([*json.loads((hub_cache["snapshot"] / MANIFEST).read_text())["files"], MANIFEST])
+    (_, listing), (_, download) = calls
+    assert listing == {"revision": None, "files_metadata": True}
+    assert sorted(download["allow_patterns"]) == wanted and download["revision"] == COMMIT
+    assert not download["local_files_only"]
+
+
+def test_a_transport_error_of_the_hub_client_is_one_clear_error(hub_cache: dict, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    class ProxyError(Exception):
+        """As the Hub client's HTTP library raises them (httpx2.ProxyError): neither an OSError nor a ValueError."""
+
+    _fake_hub(monkeypatch, hub_cache["snapshot"], error=ProxyError("proxy refused the tunnel"))
+    with pytest.raises(BenchError) as info:
+        pull_pool(load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool")
+    assert str(info.value) == ("hub mptq/tiny-digits-pool@main: cannot download the pool (ProxyError: proxy refused "
+                               "the tunnel)")
+
+
+def test_pulled_files_that_match_their_manifest_but_not_the_task_are_clear_errors(hub_cache: dict,
+                                                                                  tmp_path: Path) -> None:
+    """Hashes only say the files agree with their own records; what they hold is checked when read."""
+    spec, cache = load_task("tiny-digits"), tmp_path / "cache"
+    install_snapshot(hub_cache["snapshot"], spec, cache, "mptq/tiny-digits-pool")
+    store = PoolStore(cache, spec)
+
+    def rewrite(index: int, path: Path, field: str, write) -> None:
+        path.unlink()
+        write(path)
+        record = json.loads(store.record_path(index).read_text())
+        record[field] = sha256_file(path)
+        store.record_path(index).write_text(json.dumps(record))
+
+    rewrite(3, store.scores_path(3), "scores_sha256", lambda path: np.save(path, np.zeros(3)))
+    with pytest.raises(CacheError, match=r"model-0003\.npy: float64 of shape \(3,\), not float64 of shape "
+                                         r"\(\d+, 2\) \(examples, queries\); delete .*model-0003\.json"):
+        build_pool(spec, load_dataset(spec.dataset), cache)
+    shape = np.load(store.scores_path(4)).shape
+    rewrite(3, store.scores_path(3), "scores_sha256", lambda path: np.save(path, np.full(shape, np.nan)))
+    with pytest.raises(CacheError, match=rf"model-0003\.npy: {shape[0] * shape[1]} scores are not finite"):
+        build_pool(spec, load_dataset(spec.dataset), cache)
+    rewrite(3, store.scores_path(3), "scores_sha256", lambda path: np.save(path, np.zeros(shape)))
+    state = load_file(str(store.weights_path(4)))
+    name = next(iter(state))
+    rewrite(4, store.weights_path(4), "weights_sha256",
+            lambda path: save_file({**state, name: torch.zeros(3)}, str(path)))
+    pool = build_pool(spec, load_dataset(spec.dataset), cache)
+    with pytest.raises(CacheError, match=rf"model-0004\.safetensors: the weights do not fit the task's mlp .*{name}"):
+        pool.load_model(4)
+    rewrite(4, store.weights_path(4), "weights_sha256", lambda path: path.write_bytes(b"not safetensors"))
+    with pytest.raises(CacheError, match=r"model-0004\.safetensors: unreadable weights"):
+        pool.load_model(4)
+    record = json.loads(store.record_path(5).read_text())
+    store.record_path(5).write_text(json.dumps({**record, "index": 6}))
+    with pytest.raises(CacheError, match=r"model-0005\.json: index: the record is model 6's, not model 5's"):
+        store.record(5)
+
+
+def test_an_incomplete_pool_is_not_exported_as_corrupted(hub_cache: dict, tmp_path: Path) -> None:
+    spec = load_task("tiny-digits")
+    install_snapshot(hub_cache["snapshot"], spec, tmp_path / "cache", "mptq/tiny-digits-pool")
+    store = PoolStore(tmp_path / "cache", spec)
+    store.record_path(3).unlink()
+    with pytest.raises(BenchError, match=r"the pool is incomplete \(models \[3\] missing\)"):
+        export_pool(store, tmp_path / "out")
 
 
 @pytest.mark.slow

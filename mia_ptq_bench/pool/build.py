@@ -21,7 +21,7 @@ from ..inference import accuracy, score_split
 from ..models.structure import check_quantizable
 from ..spec.schema import TaskSpec
 from .masks import balanced_keep_masks
-from .store import PoolStore
+from .store import GROUPS, PoolStore
 from .train import Speed, auto_stack, init_model, make_schedule, train_sequential, train_stacked
 
 Trainer = Literal["auto", "sequential", "stacked"]
@@ -38,7 +38,13 @@ class Pool:
 
     def load_model(self, index: int, device: str | torch.device = "cpu") -> nn.Module:
         model = init_model(self.spec, self.dataset, index)
-        model.load_state_dict(self.store.load_weights(index))
+        try:
+            model.load_state_dict(self.store.load_weights(index))
+        except RuntimeError as exc:  # other names or shapes: a pulled file matches only its own manifest
+            reason = " ".join(str(exc).split())[:300]
+            raise CacheError(f"{self.store.weights_path(index)}: the weights do not fit the task's "
+                             f"{self.spec.model.arch} ({reason}); delete {self.store.record_path(index)} to retrain "
+                             f"model {index}") from None
         return model.to(device).eval()
 
 
@@ -108,9 +114,22 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     group_size = 1 if trainer == "sequential" else stack or auto_stack(spec, dataset, device, trainer == "stacked")
     # Groups are fixed by model index, and a group is trained whole even when an earlier run
     # saved part of it: stacked results depend (in the last float bits) on the group, so this
-    # keeps a resumed pool bit-identical to an uninterrupted one.
+    # keeps a resumed pool bit-identical to an uninterrupted one. A build resumed on another
+    # machine (whose memory could choose other groups) keeps the groups it was started with,
+    # unless told otherwise.
+    started = store.group_size(device.type) if any(done) else None
+    if started is not None and started != group_size:
+        if trainer == "auto" and stack is None:
+            progress.log(f"resuming in groups of {started} models, as this pool was started (this machine would "
+                         f"choose {group_size}; delete {store.root / GROUPS} to let it)")
+            group_size = started
+        else:
+            progress.log(f"training in groups of {group_size} models, where this pool was started in groups of "
+                         f"{started}: its models will differ in their last bits from an uninterrupted build's")
     groups = [list(range(s, min(s + group_size, n_models))) for s in range(0, n_models, group_size)]
     groups = [g for g in groups if not all(done[i] for i in g)]
+    if groups:
+        store.remember_group_size(group_size, device.type)
     progress.start("pool", f"pool: {n_models} models, {sum(done)} cached, {len(groups)} group(s) to train",
                    len(groups))
     if executor is None or not groups:
@@ -127,6 +146,6 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
         if missing:
             raise CacheError(f"{store.root}: models {missing} are still missing after the executor finished")
 
-    scores = np.stack([store.load_scores(i) for i in range(n_models)])
+    scores = np.stack([store.load_scores(i, (n_examples, len(spec.queries))) for i in range(n_models)])
     test_acc = np.array([store.record(i).test_accuracy for i in range(n_models)])
     return Pool(spec, dataset, store, keep, scores, test_acc)

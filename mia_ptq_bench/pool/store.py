@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .. import __version__
@@ -40,6 +41,7 @@ class ModelRecord:
 
 
 SOURCE = "source.json"  # where a pulled pool came from (pool/hub.py); gone once any model is replaced
+GROUPS = "groups.json"  # how many models each trained group held: a resumed build keeps the same groups
 
 
 class PoolStore:
@@ -85,6 +87,22 @@ class PoolStore:
             "spec": {key: dumped[key] for key in POOL_FIELDS}, "data_sha256": data_sha256,
         })
 
+    def group_size(self, device_type: str) -> int | None:
+        """Models per trained group of this pool's build so far on this kind of device (None: not recorded, or
+        recorded for another kind, whose choice does not carry over: stacking is measured on the CPU only)."""
+        path = self.root / GROUPS
+        if not path.is_file():
+            return None
+        info = self.read_record(path)
+        size = info.get("models_per_group")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise CacheError(f"{path}: models_per_group: not a positive whole number; delete it (the next build "
+                             "chooses again)")
+        return size if info.get("device") == device_type else None
+
+    def remember_group_size(self, size: int, device_type: str) -> None:
+        write_json_atomic(self.root / GROUPS, {"models_per_group": size, "device": device_type})
+
     # -- per-model files --------------------------------------------------------------------
     def is_complete(self, index: int) -> bool:
         return self.record_path(index).exists()
@@ -128,10 +146,14 @@ class PoolStore:
         path = self.record_path(index)
         info = self.read_record(path)
         try:
-            return ModelRecord(int(info["index"]), float(info["test_accuracy"]),
-                               str(info["weights_sha256"]), str(info["scores_sha256"]))
+            record = ModelRecord(int(info["index"]), float(info["test_accuracy"]),
+                                 str(info["weights_sha256"]), str(info["scores_sha256"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise CacheError(f"{path}: {exc}: malformed completion record; delete it to retrain model {index}") from None
+        if record.index != index:
+            raise CacheError(f"{path}: index: the record is model {record.index}'s, not model {index}'s; delete it to "
+                             f"retrain model {index}")
+        return record
 
     def digest(self) -> str:
         """sha256 over every model's recorded weights and scores sha256, in model order: one name for
@@ -140,15 +162,31 @@ class PoolStore:
         lines = "".join(f"{r.index} {r.weights_sha256} {r.scores_sha256}\n" for r in records)
         return hashlib.sha256(lines.encode()).hexdigest()
 
-    def load_scores(self, index: int) -> np.ndarray:
+    def load_scores(self, index: int, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """Model ``index``'s scores; with ``shape`` (examples, queries), checked to be that many finite float64s
+        (a pulled pool's files match its own manifest, which says nothing of what they hold)."""
         path = self.scores_path(index)
         self._verify(path, self.record(index).scores_sha256, index)
-        return self._load_npy(path)
+        scores = self._load_npy(path)
+        if shape is not None:
+            if scores.shape != shape or scores.dtype.kind != "f" or scores.dtype.itemsize != 8:
+                problem = f"{scores.dtype} of shape {scores.shape}, not float64 of shape {shape} (examples, queries)"
+            elif not np.isfinite(scores).all():
+                problem = (f"{int((~np.isfinite(scores)).sum())} scores are not finite (a pool model whose training "
+                           "diverged gives this too: check the task's recipe)")
+            else:
+                return scores.astype(np.float64, copy=False)
+            raise CacheError(f"{path}: {problem}; delete {self.record_path(index)} to retrain model {index}")
+        return scores
 
     def load_weights(self, index: int) -> dict[str, torch.Tensor]:
         path = self.weights_path(index)
         self._verify(path, self.record(index).weights_sha256, index)
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise CacheError(f"{path}: unreadable weights ({exc}); delete {self.record_path(index)} to retrain model "
+                             f"{index}") from None
 
     # -- helpers ---------------------------------------------------------------------------
     def _verify(self, path: Path, expected: str, index: int) -> None:

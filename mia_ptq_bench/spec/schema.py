@@ -50,13 +50,14 @@ SEED_MAX = 2**32 - 1  # numpy's RandomState takes seeds in [0, 2**32)
 Seed = Annotated[int, Field(0, strict=True, ge=0, le=SEED_MAX, description="seed in [0, 2**32)")]
 Flag = Annotated[bool, Field(strict=True)]
 MAX_MODELS = 1024
+MAX_EXAMPLES = 10_000_000  # a pool or test split
 MAX_OPTIONS_BYTES = 4096
 
 
 class DatasetSpec(Strict):
     name: str = Field(max_length=64, description="dataset registry name: digits, fashion-mnist, cifar10, cifar100, tinyimagenet")
-    pool_size: int | None = Int(1, 10_000_000, default=None, description="use a seeded subset of the training split as the pool")
-    test_size: int | None = Int(1, 10_000_000, default=None, description="use a seeded subset of the test split")
+    pool_size: int | None = Int(1, MAX_EXAMPLES, default=None, description="use a seeded subset of the training split as the pool")
+    test_size: int | None = Int(1, MAX_EXAMPLES, default=None, description="use a seeded subset of the test split")
     image_size: int | None = Int(4, 512, default=None, description="resize images to this side length (small test tasks)")
     subset_seed: Seed = 0
 
