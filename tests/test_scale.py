@@ -433,11 +433,23 @@ def test_a_transport_error_of_the_hub_client_is_one_clear_error(hub_cache: dict,
     class ProxyError(Exception):
         """As the Hub client's HTTP library raises them (httpx2.ProxyError): neither an OSError nor a ValueError."""
 
-    _fake_hub(monkeypatch, hub_cache["snapshot"], error=ProxyError("proxy refused the tunnel"))
+    calls = _fake_hub(monkeypatch, hub_cache["snapshot"], error=ProxyError("proxy refused the tunnel"))
+    import huggingface_hub
+
+    def nothing_cached(repo_id, **kwargs):
+        calls.append(("snapshot_download", kwargs))
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", nothing_cached)
     with pytest.raises(BenchError) as info:
         pull_pool(load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool")
     assert str(info.value) == ("hub mptq/tiny-digits-pool@main: cannot download the pool (ProxyError: proxy refused "
                                "the tunnel)")
+    # without a listing the pool could only come from the Hub cache (checked on disk), never be fetched unchecked
+    assert [c[0] for c in calls] == ["model_info", "snapshot_download"] and calls[1][1]["local_files_only"]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: str(hub_cache["snapshot"]))
+    source = pull_pool(load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool")  # what the cache holds
+    assert source.revision == COMMIT and PoolStore(tmp_path / "cache", load_task("tiny-digits")).is_complete_pool()
 
 
 def test_pulled_files_that_match_their_manifest_but_not_the_task_are_clear_errors(hub_cache: dict,

@@ -198,15 +198,23 @@ def pull_pool(spec: TaskSpec, cache_dir: Path, repo: str, revision: str | None =
     where = f"hub {repo}@{revision or 'main'}"
     wanted = [MANIFEST, *sorted(expected_files(spec))]  # plain names: no pattern characters
     offline = bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    unreachable = None
     if not offline:
-        info = _hub_call(where, lambda: HfApi().model_info(repo, revision=revision, files_metadata=True))
-        sizes = {sibling.rfilename: sibling.size for sibling in info.siblings or []}
-        for name in wanted:
-            if name in sizes and (sizes[name] is None or sizes[name] > file_limit(name, spec)):
-                raise _too_large(where, name, sizes[name], spec, "not downloaded")
-        revision = info.sha  # fetch exactly the commit whose sizes were checked
-    snapshot = _hub_call(where, lambda: snapshot_download(repo, repo_type="model", revision=revision,
-                                                         allow_patterns=wanted, local_files_only=offline))
+        try:
+            info = _hub_call(where, lambda: HfApi().model_info(repo, revision=revision, files_metadata=True))
+        except BenchError as exc:  # no listing (no network, say): the Hub cache only, as offline
+            unreachable, offline = exc, True
+        else:
+            sizes = {sibling.rfilename: sibling.size for sibling in info.siblings or []}
+            for name in wanted:
+                if name in sizes and (sizes[name] is None or sizes[name] > file_limit(name, spec)):
+                    raise _too_large(where, name, sizes[name], spec, "not downloaded")
+            revision = info.sha  # fetch exactly the commit whose sizes were checked
+    try:
+        snapshot = _hub_call(where, lambda: snapshot_download(repo, repo_type="model", revision=revision,
+                                                             allow_patterns=wanted, local_files_only=offline))
+    except BenchError as exc:
+        raise (unreachable or exc) from None
     return install_snapshot(Path(snapshot), spec, cache_dir, repo, data_sha256)
 
 
