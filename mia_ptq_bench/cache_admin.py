@@ -42,6 +42,10 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
     for pool in sorted((Path(cache_dir) / "pools").glob("*")):
         if not pool.is_dir():
             continue
+        if pool.name.startswith("."):  # pool/hub.py's staging (.pull-*) or a replaced pool set aside (.replaced-*)
+            files, size = _size(pool)
+            entries.append(CacheEntry("pool", pool, "", "left by an interrupted pull: safe to delete", files, size))
+            continue
         try:
             info = json.loads((pool / "pool.json").read_text())
             n_models = int(info["spec"]["membership"]["n_models"])

@@ -77,3 +77,14 @@ def test_cache_list_reads_damaged_bookkeeping_without_a_traceback(tmp_path) -> N
     result = cli.invoke(app, ["cache", "list", "--cache-dir", str(tmp_path)])
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     assert [entry.detail for entry in list_cache(tmp_path)] == ["0/0 models, pulled (source.json unreadable)"]
+
+
+def test_folders_an_interrupted_pull_leaves_are_listed_as_such_and_cleared(tmp_path) -> None:
+    from mia_ptq_bench.cache_admin import clear_cache, list_cache
+
+    leftover = tmp_path / "pools" / ".replaced-k2j4"
+    (leftover / "models").mkdir(parents=True)
+    (leftover / "models" / "model-0000.json").write_text("{}")
+    assert [(e.kind, e.task, e.detail) for e in list_cache(tmp_path)] == [
+        ("pool", "", "left by an interrupted pull: safe to delete")]
+    assert [e.path for e in clear_cache(tmp_path, "pool")] == [leftover] and not leftover.exists()
