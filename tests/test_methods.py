@@ -397,7 +397,7 @@ def test_reconstruction_loss_is_the_per_model_lp_loss_with_the_same_gradient(sha
     error = (output - target).pow(2)
     reference = error.sum(dim=2).mean(dim=tuple(range(1, error.ndim - 1))).sum()
     (reference_grad,) = torch.autograd.grad(reference, output)
-    assert float(fused) == float(reference) > 0
+    assert float(fused.detach()) == float(reference.detach()) > 0
     assert torch.equal(fused_grad, reference_grad)
     # Models do not mix: changing one model's output changes only that model's term.
     moved = output.detach().clone()
