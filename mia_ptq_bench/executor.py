@@ -4,7 +4,9 @@ A unit is a top-level function of one picklable argument that writes its result 
 content-addressed cache and returns a short summary. Running units through an executor
 therefore never changes results: the driver reads the same cache files either way. Ray
 retries a failed unit (``max_retries``) and a unit that still fails is reported with its
-error, never dropped. On a cluster, the cache and data folders must be shared storage.
+error, never dropped; a unit that refused its input (a BenchError: bad data, a corrupted
+cache file) would refuse it again, so it is reported at once, not retried. On a cluster, the
+cache and data folders must be shared storage.
 """
 
 from __future__ import annotations
@@ -74,20 +76,34 @@ class RayExecutor:
             for ref in done:
                 index = pending.pop(ref)
                 try:
-                    results[index] = self.ray.get(ref)
+                    result = self.ray.get(ref)
                 except Exception as exc:  # after Ray's retries: report, never drop
                     cause = getattr(exc, "cause", None) or exc
-                    failures.append(f"{describe(jobs[index])}: {type(cause).__name__}: {cause}")
+                    failures.append((index, f"{describe(jobs[index])}: {type(cause).__name__}: {cause}"))
+                else:
+                    if isinstance(result, _Refused):
+                        failures.append((index, f"{describe(jobs[index])}: {result.reason} (not retried)"))
+                    results[index] = result
                 if key:
                     progress.advance(key)
         if failures:
             raise BenchError(f"{len(failures)} of {len(jobs)} Ray tasks failed after {self.max_retries} retries: "
-                             + "; ".join(failures))
+                             + "; ".join(text for _, text in sorted(failures)))  # in job order, however they ended
         return results
 
 
+class _Refused:
+    """A unit's BenchError, returned instead of raised so that Ray does not retry it."""
+
+    def __init__(self, error: BenchError) -> None:
+        self.reason = f"{type(error).__name__}: {error}"
+
+
 def _apply(unit, job):
-    return unit(job)
+    try:
+        return unit(job)
+    except BenchError as exc:
+        return _Refused(exc)
 
 
 def make_executor(name: str, address: str | None = None) -> Executor:

@@ -153,18 +153,28 @@ def test_ray_failures_are_reported_not_dropped(monkeypatch: pytest.MonkeyPatch) 
     def square(x: int) -> int:  # defined here so that Ray ships it by value to its workers
         return x * x
 
+    attempts = Path(tempfile.mkdtemp(prefix="attempts", dir="/tmp"))
+
     def fails_on_two(x: int) -> int:
+        with open(attempts / f"job-{x}", "a") as log:
+            log.write("tried\n")
         if x == 2:
             raise ValueError("two is bad")
+        if x == 3:
+            raise BenchError("three: refused input")  # would be refused again: not worth a retry
         return x
 
     try:
         executor = RayExecutor(num_cpus=2, max_retries=1)
         assert executor.map(square, [1, 2, 3]) == [1, 4, 9]
-        with pytest.raises(BenchError, match=r"1 of 3 Ray tasks failed after 1 retries: job 2: ValueError: two is bad"):
+        with pytest.raises(BenchError, match=r"2 of 3 Ray tasks failed after 1 retries: job 2: ValueError: two is bad; "
+                                             r"job 3: BenchError: three: refused input \(not retried\)"):
             executor.map(fails_on_two, [1, 2, 3], describe=lambda j: f"job {j}")
+        tries = {x: (attempts / f"job-{x}").read_text().count("tried") for x in (1, 2, 3)}
+        assert tries == {1: 1, 2: 2, 3: 1}
     finally:
         ray.shutdown()
+        shutil.rmtree(attempts, ignore_errors=True)
 
 
 # -- SIGKILL ------------------------------------------------------------------------------------
