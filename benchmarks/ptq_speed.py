@@ -30,8 +30,9 @@ equal error. AdaRound and BRECQ draw their calibration batches at random, so the
 decides their error too: for a method with a ``seed``, plain runs once more with the next seed
 (``--seed-spread``, on by default; not timed) and the row shows that plain-vs-plain difference;
 a difference between ours and plain no larger than it is called equal error, since the method's
-own result moves that much with nothing but its batch order changed. Both run in this process, one after the other per method (``--rounds`` times,
-interleaved, the best time counting), after an idle-CPU wait;
+own result moves that much with nothing but its batch order changed. Both run in this process,
+one after the other per method (``--rounds`` times, interleaved, the best time counting), after
+an idle-CPU wait;
 --save writes the output under benchmarks/results/ with the machine's description.
 """
 
@@ -203,7 +204,7 @@ def main() -> None:
         reseeded = {}
         if args.seed_spread and "seed" in cls.Config.model_fields:
             # The same plain code with only the batch order changed: how far the error moves by chance.
-            seed = make_quantizer(cls, settings).config.seed + 1
+            seed = ours_q.config.seed + 1
             for text, plan in plans.items():
                 again = make_quantizer(plain_classes.get(method, cls), [*settings, f"seed={seed}"])
                 reseeded[text] = [again.quantize(copy.deepcopy(m), c, plan)

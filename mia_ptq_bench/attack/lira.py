@@ -49,10 +49,10 @@ def gaussian_fit(shadow_scores: np.ndarray, mask: np.ndarray, fixed_variance: bo
     """Per example and query: centre = median, spread = std (ddof 0) of the selected shadows.
 
     With ``fixed_variance`` one spread over every selected score replaces the per-example ones.
-    Columns with no selected shadow come back as NaN, and without ``fixed_variance`` so does the
-    spread of a column with one (whose std is 0: the ratio would blow up on exactly that example);
-    ``fit_sides`` and ``borrowed_spread`` fill them. ``memo`` and
-    ``key`` (naming ``mask``) let the attacks on the same arrays share the median and the fits.
+    A column with no selected shadow has a NaN centre (``fit_sides`` fills it). A column with fewer
+    than two has no spread of its own (one shadow's std is 0, and the ratio would blow up on exactly
+    that example): it takes the mean spread of the columns with two or more (``borrowed_spread``).
+    ``memo`` and ``key`` (naming ``mask``) let the attacks on the same arrays share the median and the fits.
     """
     if not mask.any():
         raise ValueError("no example has a shadow model on this side; use more shadow models")
@@ -67,7 +67,7 @@ def gaussian_fit(shadow_scores: np.ndarray, mask: np.ndarray, fixed_variance: bo
                 spread[mask.sum(axis=0) < 2] = np.nan
         empty = ~mask.any(axis=0)
         centre[empty], spread[empty] = np.nan, np.nan
-        return centre, spread
+        return centre, borrowed_spread(spread)
 
     return remembered(memo, key and (*key, "fit", fixed_variance), fit)
 
@@ -78,9 +78,9 @@ def fit_sides(shadow_scores: np.ndarray, inside: np.ndarray, outside: np.ndarray
 
     With few shadows (an adaptive attacker that quantized only some models) an example can
     have every shadow on one side. Its missing centre is then its other side's centre moved
-    by the mean IN - OUT gap over the examples that have both, and its missing spread, as that
-    of an example with a single shadow on a side, is the mean spread of that side over the
-    examples with two or more (``borrowed_spread``): the best guess the attacker's own shadows support.
+    by the mean IN - OUT gap over the examples that have both (its spread, as that of an example
+    with a single shadow on a side, is already the side's mean: ``gaussian_fit``): the best guess
+    the attacker's own shadows support.
     """
     mu_in, sd_in = gaussian_fit(shadow_scores, inside, fixed_variance, memo=memo, key=key and (*key, "in"))
     mu_out, sd_out = gaussian_fit(shadow_scores, outside, fixed_variance, memo=memo, key=key and (*key, "out"))
@@ -92,7 +92,7 @@ def fit_sides(shadow_scores: np.ndarray, inside: np.ndarray, outside: np.ndarray
         gap = np.where(both, mu_in - mu_out, 0.0).sum(axis=0) / both.sum(axis=0)
         mu_in = np.where(missing_in, mu_out + gap, mu_in)
         mu_out = np.where(missing_out, mu_in - gap, mu_out)
-    return mu_in, borrowed_spread(sd_in), mu_out, borrowed_spread(sd_out)
+    return mu_in, sd_in, mu_out, sd_out
 
 
 def borrowed_spread(spread: np.ndarray) -> np.ndarray:
@@ -123,7 +123,7 @@ def _split(shadow_in: np.ndarray, equalize_counts: bool,
 
 def _smallest_present(side: np.ndarray) -> int:
     """The fewest shadows any example has on this side, among examples with two or more: an example with
-    fewer borrows its spread (``fit_sides``) instead of cutting every example to one shadow, whose spread is 0."""
+    fewer borrows its spread (``gaussian_fit``) instead of cutting every example to one shadow, whose spread is 0."""
     counts = side.sum(axis=0)
     enough = counts[counts >= 2]
     return int(enough.min()) if enough.size else int(counts.max(initial=0))
@@ -163,7 +163,6 @@ def lira_offline(shadow_scores: np.ndarray, shadow_in: np.ndarray, target_scores
     key = _memo_key(equalize_counts, references)
     if outside.any(axis=0).all():
         mu_out, sd_out = gaussian_fit(shadow_scores, outside, fixed_variance, memo=memo, key=key and (*key, "out"))
-        sd_out = borrowed_spread(sd_out)
     else:  # the IN shadows only say where OUT lies through the gap (fit_sides)
         _, _, mu_out, sd_out = fit_sides(shadow_scores, inside, outside, fixed_variance, memo=memo, key=key)
     if test == "one-sided":
