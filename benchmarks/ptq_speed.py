@@ -30,7 +30,10 @@ equal error. AdaRound and BRECQ draw their calibration batches at random, so the
 decides their error too: for a method with a ``seed``, plain runs once more with the next seed
 (``--seed-spread``, on by default; not timed) and the row shows that plain-vs-plain difference;
 a difference between ours and plain no larger than it is called equal error, since the method's
-own result moves that much with nothing but its batch order changed. Both run in this process,
+own result moves that much with nothing but its batch order changed. For AdaRound and BRECQ plain
+also runs once more with only its Adam switched to the fused implementation ours uses (``--float-spread``, on by
+default; not timed): the same algorithm in another float order, which alone moves BRECQ's error by
+several per cent; the larger of the two plain-vs-plain differences is the yardstick. Both run in this process,
 one after the other per method (``--rounds`` times, interleaved, the best time counting), after
 an idle-CPU wait;
 --save writes the output under benchmarks/results/ with the machine's description.
@@ -39,8 +42,10 @@ an idle-CPU wait;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
+import functools
 import sys
 import time
 from pathlib import Path
@@ -130,6 +135,9 @@ def main() -> None:
     parser.add_argument("--seed-spread", action=argparse.BooleanOptionalAction, default=True,
                         help="for a method with a seed, run plain once more with the next seed (untimed) to show "
                              "how far its error moves with the batch order alone")
+    parser.add_argument("--float-spread", action=argparse.BooleanOptionalAction, default=True,
+                        help="for AdaRound and BRECQ, run plain once more with only its Adam fused, as ours runs it "
+                             "(untimed): how far its error moves with the float order alone")
     parser.add_argument("--patience", type=float, default=300)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--save", action="store_true")
@@ -201,27 +209,35 @@ def main() -> None:
                 t0 = time.perf_counter()
                 plain[text] = [plain_q.quantize(copy.deepcopy(m), c, plan) for m, c in zip(models, cals)]
                 plain_s[text] = min(plain_s.get(text, np.inf), (time.perf_counter() - t0) / n)
-        reseeded = {}
+        # Plain once more with one thing changed that leaves the algorithm as it is: how far its error
+        # moves by chance. The batch order (the next seed), and for the methods that learn their
+        # rounding with Adam the float order of Adam's update (fused, as ours runs it).
+        changes: dict[str, tuple[list[str], object]] = {}
         if args.seed_spread and "seed" in cls.Config.model_fields:
-            # The same plain code with only the batch order changed: how far the error moves by chance.
-            seed = ours_q.config.seed + 1
-            for text, plan in plans.items():
-                again = make_quantizer(plain_classes.get(method, cls), [*settings, f"seed={seed}"])
-                reseeded[text] = [again.quantize(copy.deepcopy(m), c, plan)
-                                  for m, c in zip(models, calibrations(n, size))]
+            changes["next seed"] = ([f"seed={ours_q.config.seed + 1}"], contextlib.nullcontext())
+        if args.float_spread and method in ("adaround", "brecq"):
+            changes["fused Adam"] = ([], mock.patch("torch.optim.Adam", functools.partial(torch.optim.Adam, fused=True)))
+        variants: dict[str, dict[str, list]] = {}
+        for label, (extra, context) in changes.items():
+            with context:
+                variants[label] = {text: [make_quantizer(plain_classes.get(method, cls), [*settings, *extra])
+                                          .quantize(copy.deepcopy(m), c, plan)
+                                          for m, c in zip(models, calibrations(n, size))]
+                                   for text, plan in plans.items()}
         any_unequal = False
         for text in texts:
-            groups = [ours[text], plain[text], *([reseeded[text]] if reseeded else [])]
+            groups = [ours[text], plain[text], *(v[text] for v in variants.values())]
             mse = [float(np.mean([(logits(q, test_images) - r).square().mean() for q, r in zip(group, reference)]))
                    for group in groups]
             acc = [100 * float(np.mean([accuracy(q, data, test, device) for q in group])) for group in groups[:2]]
-            chance = abs(mse[2] - mse[1]) if reseeded else 0.0
+            chance = max((abs(other - mse[1]) for other in mse[2:]), default=0.0)
             unequal = abs(mse[0] - mse[1]) > max(EQUAL_ERROR * mse[1], chance)
             any_unequal |= unequal
+            spread = "; ".join(f"{label} {value:.4f} ({100 * (value / mse[1] - 1):+.2f}%)"
+                               for label, value in zip(variants, mse[2:]))
             say(f"{method:9} {text:12} {60 / ours_s[text]:15.2f} {60 / plain_s[text]:16.2f} "
                 f"{plain_s[text] / ours_s[text]:6.2f} {mse[0]:9.4f} {mse[1]:9.4f} {acc[0]:7.2f}% {acc[1]:8.2f}%"
-                + (f"  plain, next seed: MSE {mse[2]:.4f} ({100 * (mse[2] / mse[1] - 1):+.2f}%; "
-                   f"ours {100 * (mse[0] / mse[1] - 1):+.2f}%)" if reseeded else "")
+                + (f"  plain again, MSE with {spread}; ours {100 * (mse[0] / mse[1] - 1):+.2f}%" if variants else "")
                 + ("  (errors differ: not a ratio at equal error)" if unequal else ""))
         if len(texts) > 1:
             ours_total, plain_total = sum(ours_s.values()), sum(plain_s.values())
