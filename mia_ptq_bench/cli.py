@@ -464,15 +464,15 @@ def _site_checks(submissions: Path, cache_dir: Path, data_root: Optional[Path], 
     """For every result the site would publish: recomputed (with the checker's own numbers, which the site
     shows), self-reported or refused, and why. Only submissions that validate are recomputed (the build
     leaves the others out): nothing refused is trained for or read."""
-    from .board.collect import Check, published_files, split_stale
+    from .board.collect import Check, published_files, validated
     from .recompute import recompute_files
-    from .submission import find_submissions, load_submission, validate_submission
+    from .submission import find_submissions, load_submission
 
     files = []
     for folder in find_submissions(submissions):
-        problems, stale = split_stale(validate_submission(folder))
+        problems, stale = validated(folder)
         if not problems:
-            files += [path for _, path in published_files(folder, load_submission(folder)) if str(path) not in stale]
+            files += [path for _, path in published_files(folder, load_submission(folder)) if path not in stale]
     return {outcome.path.resolve(): Check(outcome.status, outcome.reason, outcome.rerun)
             for outcome in recompute_files(files, cache_dir, data_root, download)}
 

@@ -29,6 +29,9 @@ JSON_CONTAINERS = 500_000
 # Arrays beside a result: the largest study task (64 models x 100,000 examples x 2 queries x 8 bytes,
 # twice) is about 200 MiB uncompressed.
 RESULT_ARRAYS_BYTES = 4 * GiB
+# Arrays in one such file: a result saves about 40 (a few per attack and threat model); the zip's own
+# listing of more would take memory and time in proportion to what the file claims.
+RESULT_ARRAYS_MEMBERS = 256
 
 # Evidence: one plan's quantized weights as bit-packed codes and per-channel codebooks, committed with
 # a submission. 16 ResNet10 (width 1/8) targets at 4 bits take 1.1 MiB; a study-size ResNet18 target
@@ -38,10 +41,21 @@ EVIDENCE_FILE_BYTES = 128 * MiB
 # A submission folder: results for many tasks, a little code, a README.
 SUBMISSION_FILES = 1000  # files and folders together
 SUBMISSION_DEPTH = 8  # folders deep, counting results/<task>/ as 2
-SUBMISSION_FILE_BYTES = {".json": RESULT_JSON_BYTES, ".npz": RESULT_ARRAYS_BYTES, ".py": 1 * MiB,
-                         ".yaml": SUBMISSION_YAML_BYTES, ".safetensors": EVIDENCE_FILE_BYTES}
+# By where a file is, then its suffix: result files are large only under results/ (a LICENSE.npz
+# beside submission.yaml gets the 1 MiB of any other file, not the 4 GiB of result arrays).
+SUBMISSION_RESULT_FILE_BYTES = {".json": RESULT_JSON_BYTES, ".npz": RESULT_ARRAYS_BYTES,
+                                ".safetensors": EVIDENCE_FILE_BYTES}
+SUBMISSION_FILE_BYTES = {".py": 1 * MiB, ".yaml": SUBMISSION_YAML_BYTES}
 SUBMISSION_OTHER_FILE_BYTES = 1 * MiB  # README.md, LICENSE*
 SUBMISSION_TOTAL_BYTES = 8 * GiB
+
+
+def submission_file_limit(relative_parts: tuple[str, ...], suffix: str) -> int:
+    """The size allowed for a submission's file at ``relative_parts`` (inside the submission folder)."""
+    if relative_parts[:1] == ("results",) and suffix in SUBMISSION_RESULT_FILE_BYTES:
+        return SUBMISSION_RESULT_FILE_BYTES[suffix]
+    return SUBMISSION_FILE_BYTES.get(suffix, SUBMISSION_OTHER_FILE_BYTES)
+
 
 # A pool pulled from the Hub, per file (sizes checked before the download when the Hub lists them, and
 # again on disk): a study-size ResNet18's weights take 45 MiB. Its arrays (masks, scores) are bounded by

@@ -114,6 +114,17 @@ def read_yaml_file(path: Path, max_bytes: int, follow_symlinks: bool = True) -> 
     return parse_yaml(decode_utf8(path, read_bounded(path, max_bytes, follow_symlinks)), str(path))
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: json keeps the last of a repeated key silently, so
+    what a reader sees first in the file would not be what is checked (YAML refuses them too)."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"the key {repeated[:40]!r} appears twice in one object")
+    return data
+
+
 def read_json_file(path: Path, max_bytes: int, max_depth: int = JSON_DEPTH, follow_symlinks: bool = True) -> Any:
     """A JSON document of at most ``max_bytes``, nested at most ``max_depth`` deep."""
     text = decode_utf8(path, read_bounded(path, max_bytes, follow_symlinks))
@@ -121,7 +132,7 @@ def read_json_file(path: Path, max_bytes: int, max_depth: int = JSON_DEPTH, foll
     if containers > JSON_CONTAINERS:
         raise SpecError(f"{path}: not a readable JSON document: more than {JSON_CONTAINERS} lists and objects")
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise SpecError(f"{path}: not a readable JSON document: nested deeper than {max_depth} levels") from None
     except ValueError as exc:

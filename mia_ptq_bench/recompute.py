@@ -26,7 +26,7 @@ import torch
 
 from .attack import THREAT_MODELS, ShadowSet
 from .data import Split
-from .errors import BenchError
+from .errors import BenchError, PlanError, UnknownNameError
 from .inference import score_split
 from .metrics.select import attack_targets, candidate_threats
 from .models import quantizable_layers
@@ -209,6 +209,14 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
     missing = [int(t) for t in targets if int(t) not in outputs]
     if missing:
         return Recomputation(path, REFUSED, f"the evidence lacks targets {missing[:5]}", [])
+    # Whatever the evidence holds is audited before anything may stay self-reported: unquantized
+    # targets would otherwise pass as "shadows too large to commit" (their encoding is large).
+    problem = _audit_problem(result, merge_audits([outputs[i].audit for i in sorted(outputs)]))
+    if problem:
+        return Recomputation(path, REFUSED, problem, [])
+    broken = [i for i in sorted(outputs) if not np.isfinite(outputs[i].scores).all()]
+    if broken:  # e.g. NaN biases: no attack can score such a model
+        return Recomputation(path, REFUSED, f"the evidence's models {broken[:5]} give non-finite scores", [])
     missing = sorted({int(m) for m in models if needs_shadows and int(m) not in outputs})
     if missing:
         # The runner leaves the shadows out only when all the models' weights pass EVIDENCE_CAP; this
@@ -223,12 +231,6 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
                                                 "for all models", [])
         return Recomputation(path, SELF_REPORTED, f"the evidence lacks the quantized shadows {missing[:5]} (too "
                                                   f"large to commit: about {honest / 2**20:.1f} MiB with them)", [])
-    problem = _audit_problem(result, merge_audits([outputs[i].audit for i in sorted(outputs)]))
-    if problem:
-        return Recomputation(path, REFUSED, problem, [])
-    broken = [i for i in sorted(outputs) if not np.isfinite(outputs[i].scores).all()]
-    if broken:  # e.g. NaN biases: no attack can score such a model
-        return Recomputation(path, REFUSED, f"the evidence's models {broken[:5]} give non-finite scores", [])
 
     full = ShadowSet(pool.scores, np.arange(spec.membership.n_models))
     shadows = {"full-precision": full, "same-quantizer": full, "rtn": full}  # at full precision all are the pool
@@ -292,5 +294,8 @@ def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None =
             pool = build_pool(spec, context.dataset(), cache_dir, device)
             loaded[spec.id] = (pool, evaluation_test_split(spec.calibration, pool.dataset))
         pool, test = loaded[spec.id]
-        outcomes.append(recompute(path, result, pool, test, Path(cache_dir), device, identities))
+        try:
+            outcomes.append(recompute(path, result, pool, test, Path(cache_dir), device, identities))
+        except (PlanError, UnknownNameError) as exc:  # a plan or threat model no one knows: this file only
+            outcomes.append(Recomputation(path, REFUSED, str(exc).splitlines()[0], []))
     return outcomes

@@ -341,6 +341,99 @@ def test_result_arrays_missing_a_key_or_holding_objects_are_one_line(subs: Path)
                                        "(3, 200) (targets x examples, or targets x test images)"]
 
 
+@pytest.mark.parametrize("change, reason", [
+    (lambda a: dict(a, shadows__oblivious__models=np.where(np.arange(a["shadows__oblivious__models"].size) == 0, np.inf,
+                                                           a["shadows__oblivious__models"].astype(float))),
+     "shadows__oblivious__models holds float64, expected int values"),
+    (lambda a: dict(a, shadows__oblivious__models=a["shadows__oblivious__models"] + 100),
+     "shadows__oblivious__models must be pool model indices below 8, one-dimensional"),
+    (lambda a: dict(a, shadows__oblivious__scores=a["shadows__oblivious__scores"][:, :3]),
+     "shadows__oblivious__scores has shape"),
+    (lambda a: {k: v for k, v in a.items() if k != "shadows__oblivious__models"},
+     "shadows__oblivious__models is missing (the shadows of 'oblivious' come as a pair)"),
+], ids=["inf-index", "index-out-of-range", "short-scores", "unpaired"])
+def test_shadow_arrays_are_checked_before_the_attacks_read_them(subs: Path, change, reason: str) -> None:
+    # An infinite model index once ended in OverflowError's traceback, aborting the whole folder's validation.
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    _rewrite_arrays(document, change)
+    (line,) = _validate_one(document)
+    assert line.startswith(f"invalid: {document}: arrays: {reason}"), line
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda d: d.update(plan="w99x"), "plan: cannot parse precision plan 'w99x'"),
+    (lambda d: d.update(threat_model="nosuch"), "threat_model: unknown threat model 'nosuch'"),
+    (lambda d: d.update(audit=[]), "audit: no bit-width audit evidence"),
+    (lambda d: d["audit"][0].update(bits=32, allowed_levels=65536, max_distinct=65536),
+     "audit: layer 1 records 32.0 bits (65536 values); plan w4 gives it 4.0 bits (16 values)"),
+    (lambda d: d["audit"][0].update(max_distinct=200), "audit: layer 1: passed is true for 200 values in a channel "
+                                                        "where 16 are allowed"),
+], ids=["unknown-plan", "unknown-threat", "no-audit", "audit-off-plan", "audit-passed-wrongly"])
+def test_a_result_file_alone_is_held_to_its_plan_and_threat_model(subs: Path, change, reason: str) -> None:
+    # `validate FILE.json` once printed ok for all of these (it read only the audit's own passed flags),
+    # and --recompute then stopped on an error naming no file.
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    data = json.loads(document.read_text())
+    change(data)
+    document.write_text(json.dumps(data))
+    (line,) = _validate_one(document)
+    assert line.startswith(f"invalid: {document}: {reason}"), line
+
+
+def test_a_key_repeated_in_a_result_document_is_refused(subs: Path) -> None:
+    # json keeps the last of two keys: a reader would see the first plan, the checks the second.
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    text = document.read_text()
+    document.write_text('{"plan": "w1.58", ' + text.lstrip()[1:])
+    assert _validate_one(document) == [f"invalid: {document}: not a readable JSON document: the key 'plan' appears "
+                                       "twice in one object"]
+
+
+def _npz_with_header_length(path: Path, length: int) -> None:
+    """One .npy member in format 2.0 with a valid header padded to ``length`` bytes, then its one value."""
+    header = repr({"descr": "<f8", "fortran_order": False, "shape": (1,)}).encode()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("keep.npy", "w") as member:
+        member.write(np.lib.format.magic(2, 0) + length.to_bytes(4, "little") + header.ljust(length - 1) + b"\n"
+                     + np.zeros(1).tobytes())
+
+
+def test_an_npz_header_is_bounded_before_it_is_read(tmp_path: Path) -> None:
+    # numpy reads a header of any length the file claims (up to 4 GiB) before it applies its own bound.
+    from mia_ptq_bench.errors import SpecError
+    from mia_ptq_bench.limits import NPY_HEADER_BYTES
+    from mia_ptq_bench.results.io import read_npz
+
+    path = tmp_path / "a.npz"
+    _npz_with_header_length(path, NPY_HEADER_BYTES)
+    assert read_npz(path)["keep"].shape == (1,)
+    _npz_with_header_length(path, 2 * NPY_HEADER_BYTES)  # numpy itself reads this one (its bound: 10,000 bytes)
+    with zipfile.ZipFile(path) as archive, archive.open("keep.npy") as member:
+        assert np.lib.format.read_array(member).shape == (1,)
+    with pytest.raises(SpecError, match="'keep.npy' claims a 8.0 KiB header, more than the 4.0 KiB a .npy header "
+                                        "needs; refused"):
+        read_npz(path)
+
+
+def test_an_npz_of_too_many_arrays_is_refused_before_zipfile_lists_them(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench.errors import SpecError
+    from mia_ptq_bench.limits import RESULT_ARRAYS_MEMBERS
+    from mia_ptq_bench.results import io as result_io
+
+    path = tmp_path / "many.npz"
+    np.savez(path, **{f"a{i}": np.zeros(1) for i in range(RESULT_ARRAYS_MEMBERS)})
+    assert len(result_io.read_npz(path)) == RESULT_ARRAYS_MEMBERS
+    np.savez(path, **{f"a{i}": np.zeros(1) for i in range(RESULT_ARRAYS_MEMBERS + 1)})
+
+    def unreachable(*args, **kwargs):  # zipfile builds the whole listing in memory when it opens a file
+        raise AssertionError("zipfile opened the archive before its listing was bounded")
+
+    monkeypatch.setattr(result_io.zipfile, "ZipFile", unreachable)
+    with pytest.raises(SpecError, match=f"the zip lists {RESULT_ARRAYS_MEMBERS + 1} members, more than the "
+                                        f"{RESULT_ARRAYS_MEMBERS} arrays a result holds; refused"):
+        result_io.read_npz(path)
+
+
 def test_an_npz_claiming_a_huge_array_is_refused_from_its_header(subs: Path) -> None:
     document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
     arrays_path = document.with_suffix(".npz")
@@ -464,10 +557,10 @@ def test_a_validator_failure_costs_one_submission_not_the_site(subs: Path, tmp_p
 
     real = collect_module.validate_submission
 
-    def broken_on_mine(folder: Path) -> list[str]:
+    def broken_on_mine(folder: Path, stale: set[Path] | None = None) -> list[str]:
         if folder.name == "mine":
             raise RuntimeError("an unforeseen input")
-        return real(folder)
+        return real(folder, stale)
 
     monkeypatch.setattr(collect_module, "validate_submission", broken_on_mine)
     collected = collect_module.collect(subs)
@@ -502,6 +595,11 @@ def test_arrays_of_the_right_names_but_wrong_shapes_are_one_line(subs: Path) -> 
     document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
     key = "shadows__oblivious__models"
     _rewrite_arrays(document, lambda a: dict(a, **{key: a[key].reshape(1, -1).repeat(2, axis=0)}))
+    (line,) = _validate_one(document)
+    assert line == f"invalid: {document}: arrays: {key} must be pool model indices below 8, one-dimensional"
+    _rewrite_arrays(document, lambda a: dict(a, **{key: a[key][0]}))  # back to one row
+    # a query more in the reference's scores than in the shadows': caught where the attacks run
+    _rewrite_arrays(document, lambda a: dict(a, reference_scores=np.concatenate([a["reference_scores"]] * 2, axis=2)))
     (line,) = _validate_one(document)
     assert line.startswith(f"invalid: {document}: arrays: cannot rerun the attacks from the saved arrays (")
 
@@ -783,14 +881,28 @@ def test_evidence_has_its_own_size_limit(subs: Path) -> None:
     from mia_ptq_bench.submission.files import scan
 
     folder = subs / "mine"
-    fits, too_big = folder / "fits.models.safetensors", folder / "big.models.safetensors"
+    results = folder / "results" / "tiny-digits"
+    fits, too_big = results / "fits.models.safetensors", results / "big.models.safetensors"
     fits.write_bytes(b"\0" * ((1 << 20) + (100 << 10)))
     with too_big.open("wb") as handle:  # sparse: no 128 MiB written
         handle.truncate(EVIDENCE_FILE_BYTES + 1)
     found = scan(folder)
-    assert Path("fits.models.safetensors") in found.files
-    assert Path("big.models.safetensors") not in found.files
+    assert Path("results/tiny-digits/fits.models.safetensors") in found.files
+    assert Path("results/tiny-digits/big.models.safetensors") not in found.files
     assert any(p.startswith(f"{too_big}: (file): 128.0 MiB, larger than the 128.0 MiB allowed") for p in found.problems)
+
+
+@pytest.mark.parametrize("name", ["LICENSE.npz", "LICENSE.json", "notes.models.safetensors", "pkg/blob.npz"])
+def test_result_sized_files_are_allowed_under_results_only(subs: Path, name: str) -> None:
+    # A file's limit follows where it is: beside submission.yaml a .npz is not a result's arrays.
+    from mia_ptq_bench.submission.files import scan
+
+    path = subs / "mine" / name
+    path.parent.mkdir(exist_ok=True)
+    with path.open("wb") as handle:  # sparse: nothing written
+        handle.truncate(3 << 20)
+    found = scan(subs / "mine")
+    assert f"{path}: (file): 3.0 MiB, larger than the 1.0 MiB allowed for this kind of file" in found.problems
 
 
 # -- 10. what the site publishes is what validate accepts -------------------------------------------------
@@ -960,6 +1072,59 @@ def test_a_config_hash_that_is_not_the_configs_is_refused(subs: Path) -> None:
     _edit(document, forge)
     assert f"{document}: quantizer.config_hash: is not the hash of the recorded name, version and config" \
         in validate_submission(subs / "mine")
+
+
+def test_every_result_of_a_submission_comes_from_one_config(subs: Path) -> None:
+    # A key submission.yaml does not name, changed in one result with its hash made to match: only
+    # digits-mlp is ever rerun, so a plan's config of its own would go unseen elsewhere.
+    from mia_ptq_bench.atomic import content_hash
+
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    assert validate_submission(subs / "mine") == []
+
+    def own_config(data: dict) -> None:
+        data["quantizer"]["config"]["levels_hack"] = 7
+        data["quantizer"]["config_hash"] = content_hash({k: data["quantizer"][k] for k in ("name", "version", "config")})
+
+    _edit(document, own_config)
+    problems = validate_submission(subs / "mine")
+    assert len(problems) == 1 and problems[0].startswith(f"{document}: quantizer: version ") \
+        and problems[0].endswith("(every result of a submission comes from one version and config)"), problems
+
+
+def test_a_stale_result_of_an_older_version_leaves_the_current_ones_published(subs: Path) -> None:
+    # After a task's version changes, a submitter reruns it with a newer quantizer version; the
+    # results still at the old task version are left out one by one, and are not "another config".
+    from mia_ptq_bench.atomic import content_hash
+    from mia_ptq_bench.board.collect import validated
+
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+
+    def older(data: dict) -> None:
+        data["task"]["hash"] = "0" * 64
+        data["quantizer"]["version"] = "0-old"
+        data["quantizer"]["config_hash"] = content_hash({k: data["quantizer"][k] for k in ("name", "version", "config")})
+
+    _edit(document, older)
+    assert validated(subs / "mine") == ([], {document})
+
+
+def test_a_problem_quoting_the_stale_marker_still_leaves_the_submission_out(subs: Path) -> None:
+    # The site once told stale results from other problems by the text ": task.hash: stale" in a
+    # problem's line, and lines quote what submitters write (here an audit's layer name).
+    from mia_ptq_bench.board.collect import collect
+
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+
+    def forge(data: dict) -> None:
+        data["audit"][0].update(layer="1: task.hash: stale", max_distinct=200)
+
+    _edit(document, forge)
+    problems = validate_submission(subs / "mine")
+    assert any(": task.hash: stale" in p for p in problems)
+    collected = collect(subs)
+    assert "mine" not in set(collected.rows.get("entry", [])), collected.rows
+    assert any(line.startswith("mine: ") and "passed is true for 200 values" in line for line in collected.skipped)
 
 
 def test_a_forged_audit_is_refused_without_recomputing(subs: Path) -> None:

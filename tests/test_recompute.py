@@ -179,6 +179,47 @@ def test_shadows_too_large_to_commit_leave_a_result_self_reported(committed: Pat
     assert result.output.count("recomputed ") == 3  # the oblivious attacker needs no quantized shadows
 
 
+def test_targets_that_fail_the_audit_cannot_pass_as_self_reported(committed: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The shadows left out as if too large, and target 0's first layer unquantized in one channel: an
+    # encoding made large by weights off the grid must not buy the "self-reported" label.
+    from mia_ptq_bench import recompute
+
+    monkeypatch.setattr(recompute, "EVIDENCE_CAP", 1024)
+    folder = copy_of(committed, tmp_path)
+
+    def off_the_grid(tensors: dict) -> None:
+        for key in [k for k in tensors if int(k.split("::")[0]) > 2]:
+            del tensors[key]
+        key = "0::1.weight"
+        weight, _ = decode_weight({part: tensors[f"{key}::{part}"] for part in ("codebook", "sizes", "codes", "shape",
+                                                                             "bits")})
+        weight[0] = torch.linspace(-0.5, 0.5, weight.shape[1])
+        for part, value in encode_weight(weight).items():
+            tensors[f"{key}::{part}"] = value
+
+    _rewrite_evidence(folder, "w4", off_the_grid)
+    result = validate(folder, tmp_path)
+    assert result.exit_code == 1, result.output
+    assert "w4--adaptive.json: recomputed from its evidence: audit: layer 1 holds 64 values in a channel, its plan " \
+           "allows 16" in result.stderr.replace("\n", "")
+    assert "self-reported" not in result.output
+
+
+def test_a_file_the_recomputation_cannot_start_on_is_refused_alone(committed: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # An unknown plan once raised out of recompute_files, ending the run with a line naming no file.
+    folder = copy_of(committed, tmp_path)
+    bad = folder / "w4--oblivious.json"
+    document = json.loads(bad.read_text())
+    document["plan"] = "w99x"
+    bad.write_text(json.dumps(document))
+    monkeypatch.setenv("MPTQ_TASKS", str(TASKS))
+    first, second = recompute_module.recompute_files([bad, folder / "w4--adaptive.json"], tmp_path / "cache")
+    assert (first.status, first.reason.split(":")[0]) == ("refused", "cannot parse precision plan 'w99x'")
+    assert second.status == "recomputed", second.reason
+
+
 def _rewrite_evidence(folder: Path, plan: str, change) -> None:
     path = folder / f"{plan}.models.safetensors"
     tensors = load(path.read_bytes())

@@ -70,10 +70,12 @@ def published_files(folder: Path, spec: SubmissionSpec) -> list[tuple[str, Path]
             for plan, threat in expected_results(task_id, ["fp32"] if spec.quantizer.builtin == "fp32" else None)]
 
 
-def split_stale(problems: list[str]) -> tuple[list[str], set[str]]:
-    """``validate``'s problems apart from stale results, and the stale result files (left out one by one)."""
-    stale = {p.split(": task.hash: ")[0] for p in problems if ": task.hash: stale" in p}
-    return [p for p in problems if ": task.hash: stale" not in p], stale
+def validated(folder: Path) -> tuple[list[str], set[Path]]:
+    """``validate``'s problems with a submission apart from stale results, and the stale result files (left
+    out one by one). Which results are stale is returned by the validator, never read off its lines of
+    text, which quote what submitters wrote."""
+    stale: set[Path] = set()
+    return validate_submission(folder, stale), stale
 
 
 def collect(root: Path, checks: Mapping[Path, Check] | None = None) -> Collected:
@@ -90,7 +92,7 @@ def collect(root: Path, checks: Mapping[Path, Check] | None = None) -> Collected
     rows, specs, skipped = [], {}, []
     for folder in find_submissions(root):
         try:
-            problems, stale = split_stale(validate_submission(folder))
+            problems, stale = validated(folder)
         except Exception as exc:  # noqa: BLE001 - a validator bug must cost one submission, never the whole site
             problems, stale = [f"the validator failed on it ({type(exc).__name__}: {str(exc)[:160]})"], set()
         if problems:
@@ -100,7 +102,7 @@ def collect(root: Path, checks: Mapping[Path, Check] | None = None) -> Collected
             spec = load_submission(folder)
             mine, old = [], {}
             for task_id, path in published_files(folder, spec):
-                if str(path) in stale:  # left out one by one, named in one line per task
+                if path in stale:  # left out one by one, named in one line per task
                     old.setdefault((task_id, path.parent), []).append(path.name)
                     continue
                 check = (checks or {}).get(path.resolve(), UNCHECKED)

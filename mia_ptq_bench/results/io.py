@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import stat
+import struct
 import zipfile
 from pathlib import Path
 
@@ -12,7 +14,8 @@ from pydantic import ValidationError
 
 from ..atomic import sha256_bytes, sha256_file, write_bytes_atomic, write_npz_atomic, write_text_atomic
 from ..errors import SpecError
-from ..limits import EVIDENCE_FILE_BYTES, RESULT_ARRAYS_BYTES, RESULT_JSON_BYTES, size_text
+from ..limits import (EVIDENCE_FILE_BYTES, NPY_HEADER_BYTES, RESULT_ARRAYS_BYTES, RESULT_ARRAYS_MEMBERS,
+                      RESULT_JSON_BYTES, size_text)
 from ..readers import read_bounded, read_json_file
 from ..spec.loader import format_validation_error
 from .schema import ArraysRef, EvidenceRef, Result
@@ -120,6 +123,56 @@ def load_arrays(path: Path, result: Result) -> dict[str, np.ndarray]:
 
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+_HEADER_LENGTH = {(1, 0): "<H", (2, 0): "<I"}  # the field after the magic that says how long the header is
+
+
+def _npy_header(member, where: str, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype of the .npy stream ``member``, its header length checked before it is read.
+
+    numpy reads a header of whatever length the file claims (up to 4 GiB in format 2.0) before it
+    applies its own bound, so the length field is read here first and held to NPY_HEADER_BYTES."""
+    version = np.lib.format.read_magic(member)
+    if version not in _HEADER_READERS:
+        raise SpecError(f"{where}: {name[:80]!r} has an unsupported .npy format version")
+    field = member.read(struct.calcsize(_HEADER_LENGTH[version]))
+    if len(field) != struct.calcsize(_HEADER_LENGTH[version]):
+        raise SpecError(f"{where}: {name[:80]!r} ends inside its header")
+    (length,) = struct.unpack(_HEADER_LENGTH[version], field)
+    if length > NPY_HEADER_BYTES:
+        raise SpecError(f"{where}: {name[:80]!r} claims a {size_text(length)} header, more than the "
+                        f"{size_text(NPY_HEADER_BYTES)} a .npy header needs; refused")
+    shape, _, dtype = _HEADER_READERS[version](io.BytesIO(field + member.read(length)))
+    return shape, dtype
+
+
+_END_RECORD, _ZIP64_LOCATOR, _ZIP64_END_RECORD = b"PK\x05\x06", b"PK\x06\x07", b"PK\x06\x06"
+# A listing entry is 46 bytes plus its name, extra field and comment: an array's entry needs far less.
+_LISTING_ENTRY_BYTES = 1024
+
+
+def _zip_listing_size(path: Path) -> tuple[int, int]:
+    """(members, bytes of the central directory) as a zip's end record states them, read before ``zipfile``
+    opens the file: it builds its whole listing in memory, in proportion to what the file claims."""
+    with open(path, "rb") as handle:
+        size = handle.seek(0, 2)
+        tail_start = max(0, size - (22 + 0xFFFF))  # the end record, then a comment of at most 64 KiB
+        handle.seek(tail_start)
+        tail = handle.read()
+        at = tail.rfind(_END_RECORD)
+        if at < 0 or len(tail) - at < 22:
+            raise zipfile.BadZipFile("no end of central directory record")
+        members, listing = struct.unpack("<HI", tail[at + 10:at + 16])
+        if members == 0xFFFF or listing == 0xFFFFFFFF:  # ZIP64: the locator just before names the real record
+            locator = tail[at - 20:at] if at >= 20 else b""
+            if not locator.startswith(_ZIP64_LOCATOR):
+                raise zipfile.BadZipFile("a ZIP64 end record without its locator")
+            (offset,) = struct.unpack("<Q", locator[8:16])
+            handle.seek(offset)
+            record = handle.read(56)
+            if len(record) < 56 or not record.startswith(_ZIP64_END_RECORD):
+                raise zipfile.BadZipFile("no ZIP64 end of central directory record")
+            members, listing = struct.unpack("<QQ", record[32:48])
+    return members, listing
 
 
 def read_npz(path: Path, max_bytes: int = RESULT_ARRAYS_BYTES) -> dict[str, np.ndarray]:
@@ -127,6 +180,14 @@ def read_npz(path: Path, max_bytes: int = RESULT_ARRAYS_BYTES) -> dict[str, np.n
     and no more than ``max_bytes`` in all, so a small compressed file cannot claim a huge array."""
     where = f"{path}: arrays"
     try:
+        members, listing = _zip_listing_size(path)
+        if members > RESULT_ARRAYS_MEMBERS:
+            raise SpecError(f"{where}: the zip lists {members} members, more than the {RESULT_ARRAYS_MEMBERS} arrays "
+                            "a result holds; refused")
+        if listing > RESULT_ARRAYS_MEMBERS * _LISTING_ENTRY_BYTES:
+            raise SpecError(f"{where}: the zip's listing takes {size_text(listing)}, more than "
+                            f"{size_text(RESULT_ARRAYS_MEMBERS * _LISTING_ENTRY_BYTES)} for at most "
+                            f"{RESULT_ARRAYS_MEMBERS} arrays; refused")
         with zipfile.ZipFile(path) as archive:
             total, names = 0, set()
             for info in archive.infolist():
@@ -139,10 +200,7 @@ def read_npz(path: Path, max_bytes: int = RESULT_ARRAYS_BYTES) -> dict[str, np.n
                     raise SpecError(f"{where}: {info.filename[:80]!r} is encrypted or compressed other than as "
                                     "numpy writes it (stored or deflate); refused")
                 with archive.open(info) as member:  # the header only: shape and dtype, nothing allocated
-                    read_header = _HEADER_READERS.get(np.lib.format.read_magic(member))
-                    if read_header is None:
-                        raise SpecError(f"{where}: {info.filename[:80]!r} has an unsupported .npy format version")
-                    shape, _, dtype = read_header(member)
+                    shape, dtype = _npy_header(member, where, info.filename)
                 if any(int(side) < 0 for side in shape):
                     raise SpecError(f"{where}: {info.filename[:-4][:80]} claims a negative shape {shape}; refused")
                 if dtype.hasobject or dtype.kind not in "biuf":

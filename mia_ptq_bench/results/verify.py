@@ -16,6 +16,8 @@ from ..attack import THREAT_MODELS, ShadowSet
 from ..errors import BenchError
 from ..metrics.select import Attacked, Choice, attack_targets
 from ..spec import load_registered_task
+from ..spec.audit import audit_problems
+from ..spec.plans import PrecisionPlan
 from ..spec.schema import TaskSpec
 from .compare import differences
 from .compute import build_evaluation
@@ -88,6 +90,27 @@ def _check_arrays(path: Path, arrays: dict[str, np.ndarray], result: Result) -> 
         if arrays[key].ndim != 3 or arrays[key].shape[:2] != (targets.size, n_examples):
             raise BenchError(f"{path}: arrays: {key} has shape {arrays[key].shape}, expected "
                              f"({targets.size}, {n_examples}, queries)")
+    _check_shadow_arrays(path, arrays, n_models, n_examples)
+
+
+def _check_shadow_arrays(path: Path, arrays: dict[str, np.ndarray], n_models: int, n_examples: int) -> None:
+    """Each attacker's shadows: ``shadows__<threat>__models`` (pool indices) and ``__scores`` (one row each)."""
+    threats = {key.split("__")[1] for key in arrays if key.startswith("shadows__")}
+    for threat in sorted(threats):
+        models, scores = f"shadows__{threat}__models", f"shadows__{threat}__scores"
+        for key, kind in ((models, "iu"), (scores, "fiu")):
+            if key not in arrays:
+                raise BenchError(f"{path}: arrays: {key} is missing (the shadows of {threat!r} come as a pair)")
+            if arrays[key].dtype.kind not in kind:
+                raise BenchError(f"{path}: arrays: {key} holds {arrays[key].dtype}, expected "
+                                 f"{'int' if kind == 'iu' else 'float'} values")
+        indices = arrays[models]
+        if indices.ndim != 1 or (indices.size and (indices.min() < 0 or indices.max() >= n_models)):
+            raise BenchError(f"{path}: arrays: {models} must be pool model indices below {n_models}, one-dimensional")
+        expected = (indices.size, n_examples, arrays["target_scores"].shape[2])
+        if arrays[scores].shape != expected:
+            raise BenchError(f"{path}: arrays: {scores} has shape {arrays[scores].shape}, expected {expected} "
+                             "(shadows x examples x queries)")
 
 
 def verify_result(path: Path, arrays_required: bool = True) -> Result:
@@ -97,9 +120,19 @@ def verify_result(path: Path, arrays_required: bool = True) -> Result:
     unless ``arrays_required``; ``validate --recompute`` then checks its numbers from the evidence.
     """
     result = load_result(path)
-    failed = [a.layer for a in result.audit if not a.passed]
-    if failed:
-        raise BenchError(f"{path}: audit: layers {', '.join(failed)} failed the bit-width audit")
+    try:
+        PrecisionPlan.parse(result.plan)
+    except BenchError as exc:
+        raise BenchError(f"{path}: plan: {exc}") from None
+    try:
+        THREAT_MODELS.get(result.threat_model)
+    except BenchError as exc:
+        raise BenchError(f"{path}: threat_model: {exc}") from None
+    if not result.audit:
+        raise BenchError(f"{path}: audit: no bit-width audit evidence")
+    problems = audit_problems(result.audit, result.plan)
+    if problems:
+        raise BenchError(f"{path}: {problems[0]}")
     if not arrays_required and not (Path(path).parent / result.arrays.file).is_file():
         return result
     arrays = load_arrays(path, result)
@@ -116,7 +149,7 @@ def verify_result(path: Path, arrays_required: bool = True) -> Result:
             reference = _saved_attacks(arrays, "reference_", result, "reference")
     except BenchError as exc:
         raise BenchError(f"{path}: {exc}") from None
-    except (KeyError, ValueError, TypeError, IndexError) as exc:  # arrays of the right names but not their shapes
+    except (KeyError, ValueError, TypeError, IndexError, ArithmeticError) as exc:  # right names, wrong contents
         raise BenchError(f"{path}: arrays: cannot rerun the attacks from the saved arrays ({type(exc).__name__}: "
                          f"{exc})") from None
     for name, prefix, attacked, evaluation, predictions in (
@@ -131,7 +164,7 @@ def verify_result(path: Path, arrays_required: bool = True) -> Result:
         try:
             recomputed = build_evaluation(arrays["keep"], arrays["targets"], attacked.membership, arrays[predictions],
                                           arrays["test_labels"], attacked.choices, attacked.chosen)
-        except (KeyError, ValueError, TypeError, IndexError) as exc:  # e.g. a number no evaluation can hold
+        except (KeyError, ValueError, TypeError, IndexError, ArithmeticError) as exc:  # e.g. a number no evaluation can hold
             raise BenchError(f"{path}: arrays: the saved arrays give no valid {name} evaluation "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
         problems = differences(evaluation.model_dump(mode="json"), recomputed.model_dump(mode="json"), name,

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from ..atomic import is_temporary
 from ..errors import printable as shown
-from ..limits import (SUBMISSION_DEPTH, SUBMISSION_FILE_BYTES, SUBMISSION_FILES, SUBMISSION_OTHER_FILE_BYTES,
-                      SUBMISSION_TOTAL_BYTES, size_text)
+from ..limits import SUBMISSION_DEPTH, SUBMISSION_FILES, SUBMISSION_TOTAL_BYTES, size_text, submission_file_limit
 
 
 @dataclass
@@ -82,7 +81,7 @@ def scan(folder: Path) -> Inventory:
                 refuse(path, "not a regular file")
                 continue
             total += info.st_size
-            limit = SUBMISSION_FILE_BYTES.get(path.suffix, SUBMISSION_OTHER_FILE_BYTES)
+            limit = submission_file_limit(path.relative_to(folder).parts, path.suffix)
             if info.st_size > limit:  # a temporary name does not lift the bound: it is a name anyone can give
                 refuse(path, f"{size_text(info.st_size)}, larger than the {size_text(limit)} allowed for this kind of file")
                 continue

@@ -6,17 +6,18 @@ Validation never imports or runs submitted code: it reads files.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 from ..atomic import content_hash, sha256_file
-from ..errors import BenchError, PlanError
+from ..errors import BenchError
 from ..limits import MANIFEST_JSON_BYTES
 from ..readers import read_json_file
 from ..results.io import load_result
 from ..results.verify import verify_result
 from ..spec import load_registered_task
-from ..spec.audit import LayerAudit
-from ..spec.plans import PrecisionPlan, levels_for_bits
+from ..spec.audit import audit_problems
+from ..spec.plans import PrecisionPlan
 from .files import scan
 from .load import find_submissions, load_submission
 from .manifest import EVIDENCE_SUFFIX, MANIFEST, manifest_path
@@ -40,8 +41,11 @@ def _allowed_outside_results(relative: Path) -> bool:
     return parts[0] != "results" and relative.suffix == ".py" and all(p.isidentifier() for p in parts[:-1])
 
 
-def validate_submission(folder: Path) -> list[str]:
+def validate_submission(folder: Path, stale: set[Path] | None = None) -> list[str]:
     """Every problem with a submission folder, one line each (file: field: reason). Empty means valid.
+
+    With ``stale`` given, a result of an older task version is added to it instead of being a problem
+    (the site leaves such results out one by one, and keeps the submission's others).
 
     The folder's files are walked first (links, special files, counts and sizes refused, files.py), then
     the metadata is read; results/ must hold exactly the expected ``<task>/<plan>--<threat>.json`` (and
@@ -116,12 +120,22 @@ def validate_submission(folder: Path) -> list[str]:
         if name not in present:
             problems.append(f"{results_dir / name}: (file): missing: plan {plan}'s quantized weights for task "
                             f"{current.id}, from which every number of its results is recomputed")
+    made_by: dict[Path, tuple[str, str]] = {}  # result -> its quantizer's (version, config hash)
     for name, (current, plan, threat) in expected.items():
         path = results_dir / name
         if name not in present:
             problems.append(f"{path}: (file): missing result for task {current.id}, plan {plan}, threat model {threat}")
             continue
-        problems.extend(_check_result(path, current, spec, plan, threat))
+        problems.extend(_check_result(path, current, spec, plan, threat, made_by, stale))
+    # One quantizer, one config: submission.yaml names only some keys, and a result's others (or its
+    # version) must not vary from plan to plan or task to task. The most common pair is the submission's.
+    if len(set(made_by.values())) > 1:
+        usual = Counter(made_by.values()).most_common(1)[0][0]
+        for path, made in made_by.items():
+            if made != usual:
+                problems.append(f"{path}: quantizer: version {made[0][:20]!r} with config hash {made[1][:12]}…, where "
+                                f"the submission's other results have version {usual[0][:20]!r} with {usual[1][:12]}… "
+                                "(every result of a submission comes from one version and config)")
     return problems
 
 
@@ -140,37 +154,19 @@ def _read_manifest(path: Path, problems: list[str]) -> dict[str, str]:
         return {}
 
 
-def audit_problems(audit: list[LayerAudit], plan: str) -> list[str]:
-    """What is wrong with an audit as recorded: each layer's bits and allowed levels are the plan's (the
-    last layer is the classifier), and ``passed`` follows from them; the values it counts are recomputed
-    from the evidence by ``validate --recompute``."""
-    try:
-        parsed = PrecisionPlan.parse(plan)
-    except PlanError:
-        return []  # the file name check reports an unknown plan
-    problems = []
-    for index, entry in enumerate(audit):
-        bits = parsed.bits_for(index, len(audit))
-        allowed = None if bits is None else levels_for_bits(bits)
-        if entry.bits != bits or entry.allowed_levels != allowed:
-            problems.append(f"audit: layer {entry.layer} records {entry.bits} bits ({entry.allowed_levels} values); "
-                            f"plan {plan} gives it {bits} bits ({allowed} values)")
-        elif entry.passed != (allowed is None or entry.max_distinct <= allowed):
-            problems.append(f"audit: layer {entry.layer}: passed is {str(entry.passed).lower()} for "
-                            f"{entry.max_distinct} values in a channel where {allowed} are allowed")
-        elif not entry.passed:
-            problems.append(f"audit: layer {entry.layer} holds {entry.max_distinct} values in a channel, "
-                            f"its plan allows {allowed}")
-    return problems
-
-
-def _check_result(path: Path, task, spec: SubmissionSpec, plan: str, threat: str) -> list[str]:
+def _check_result(path: Path, task, spec: SubmissionSpec, plan: str, threat: str,
+                  made_by: dict[Path, tuple[str, str]], stale: set[Path] | None) -> list[str]:
+    """Records a current result's quantizer (version, config hash) in ``made_by``, and ``path`` in ``stale`` (if
+    given) when the result is of an older version of its task. The arrays (.npz) are read only once the
+    document itself has no problem."""
     try:
         result = load_result(path)
     except BenchError as exc:
         return str(exc).splitlines()
     submission = spec.name
     problems = []
+    if result.task.hash == task.hash:  # a stale result may come from an older version; it is left out anyway
+        made_by[path] = (result.quantizer.version, result.quantizer.config_hash)
     # the result must be this submission's quantizer, run with the config its metadata records
     own = spec.quantizer.builtin or spec.name
     if result.quantizer.name != own:
@@ -195,6 +191,8 @@ def _check_result(path: Path, task, spec: SubmissionSpec, plan: str, threat: str
                         f"{plan}{EVIDENCE_SUFFIX}")
     if result.task.id != task.id:
         problems.append(f"{path}: task.id: {result.task.id!r} in the folder of task {task.id!r}")
+    elif result.task.hash != task.hash and stale is not None:
+        stale.add(path)
     elif result.task.hash != task.hash:
         problems.append(f"{path}: task.hash: stale result of {task.id} version {result.task.version} "
                         f"(hash {result.task.hash[:12]}…); the current task is version {task.version} "
@@ -215,7 +213,7 @@ def _check_result(path: Path, task, spec: SubmissionSpec, plan: str, threat: str
     if not result.audit:
         problems.append(f"{path}: audit: no bit-width audit evidence")
     problems += [f"{path}: {line}" for line in audit_problems(result.audit, plan)]
-    if (path.with_suffix(".npz")).is_file():
+    if (path.with_suffix(".npz")).is_file() and not problems:  # the arrays once the document itself is sound
         try:
             verify_result(path)
         except BenchError as exc:
