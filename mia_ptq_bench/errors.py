@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 
 class BenchError(Exception):
     """An expected failure: bad input, missing data, a refused result. Carries a one-line message."""
@@ -38,8 +40,16 @@ class WriteError(BenchError, OSError):
     """
 
 
+# Unicode categories written out as escapes besides the C0/C1 controls: format characters (bidi
+# overrides such as U+202E reorder what a reader sees, zero-width ones hide), lone surrogates (a file
+# name's bytes that are not UTF-8) and the line and paragraph separators some viewers break lines at.
+_HIDDEN = {"Cf", "Cs", "Zl", "Zp"}
+
+
 def printable(text: str, newlines: bool = False) -> str:
-    """``text`` with its control characters written out as escapes (line breaks kept if ``newlines``): a
-    file name from a submission cannot start a line of CI output of its own or send a terminal escape."""
+    """``text`` with its control and invisible characters written out as escapes (line breaks kept if
+    ``newlines``): a file name from a submission cannot start a line of CI output of its own, send a
+    terminal escape, or reorder what is shown around it."""
     return "".join(c if c == "\n" and newlines else f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160
+                   else f"\\u{ord(c):04x}" if ord(c) > 159 and unicodedata.category(c) in _HIDDEN
                    else c for c in text)

@@ -870,8 +870,20 @@ def test_deep_folders_and_control_characters_in_names_are_refused_in_one_line_ea
     problems = validate_submission(folder)
     assert f"{folder.joinpath(*['d'] * 9)}: (folder): nested more than 8 folders deep; refused" in problems
     shown = f"{folder}/x\\x0a::error title=forged::validation passed\\x1b[2K.py"
-    assert f"{shown}: (file): a name with control characters is not allowed in a submission" in problems
+    assert f"{shown}: (file): a name with control or invisible characters is not allowed in a submission" in problems
     assert not any("\n" in line or "\x1b" in line for line in problems)
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("notes\u202etxt.py", "notes\\u202etxt.py"),  # a bidi override: what follows it is shown reversed
+    ("notes\udcff.py", "notes\\udcff.py"),  # the byte 0xff, which is not UTF-8
+    ("notes\u200b.py", "notes\\u200b.py"),  # a zero-width space
+], ids=["bidi-override", "not-utf8", "zero-width"])
+def test_names_with_invisible_characters_are_refused_and_shown_escaped(subs: Path, name: str, shown: str) -> None:
+    folder = subs / "mine"
+    (folder / name).write_text("")
+    problems = validate_submission(folder)
+    assert f"{folder}/{shown}: (file): a name with control or invisible characters is not allowed in a submission" in problems
 
 
 def test_evidence_has_its_own_size_limit(subs: Path) -> None:

@@ -239,6 +239,15 @@ def test_unknown_metadata_field_is_rejected(submission: Path) -> None:
     _only_problem(submission, "submission.yaml: homepage: unknown field")
 
 
+def test_a_class_name_that_no_import_can_find_is_rejected_without_running_code(submission: Path) -> None:
+    # validate never imports the file, so a class no import can name once passed it, failing only in reproduce.
+    path = submission / "submission.yaml"
+    spec = yaml.safe_load(path.read_text())
+    spec["quantizer"]["class"] = "Stochastic Rounding()"
+    path.write_text(yaml.safe_dump(spec))
+    _only_problem(submission, "submission.yaml: quantizer.class: String should match pattern")
+
+
 def test_bad_link_scheme_is_rejected(submission: Path) -> None:
     path = submission / "submission.yaml"
     spec = yaml.safe_load(path.read_text())

@@ -61,7 +61,7 @@ def scan(folder: Path) -> Inventory:
                 found.files.sort()
                 return found
             if shown(entry.name) != entry.name:
-                refuse(path, "a name with control characters is not allowed in a submission")
+                refuse(path, "a name with control or invisible characters is not allowed in a submission")
                 continue
             try:
                 info = path.lstat()

@@ -50,7 +50,8 @@ class QuantizerReference(Strict):
 
     builtin: str | None = Field(None, max_length=64)
     file: str | None = Field(None, max_length=200, description="a .py file inside the submission folder")
-    class_name: str | None = Field(None, alias="class", max_length=200, description="the Quantizer subclass in that file")
+    class_name: str | None = Field(None, alias="class", max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                   description="the Quantizer subclass in that file (a Python identifier)")
     requirement: str | None = Field(None, max_length=200, description="a pinned pip requirement, e.g. my-ptq==1.2.0")
     entry: str | None = Field(None, max_length=200, description="module:Class importable once the requirement is installed")
     config: dict[str, Any] = Field(default_factory=dict, description="config the results were produced with "
