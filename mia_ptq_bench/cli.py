@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional, TypeVar
@@ -145,6 +146,7 @@ def evaluate(
             raise BenchError(f"--attack {shown!r} is not among the task's attacks: {', '.join(spec.attacks)}")
         console.print(f"[bold]{escape(spec.id)}[/] v{spec.version} (task hash {spec.hash[:12]}) · quantizer "
                       f"[bold]{escape(str(chosen.name))}[/] · device {escape(str(options.device))}", highlight=False)
+        started = time.time()
         with RichProgress(console) as progress:
             outcome = run_evaluate(chosen, spec, _split_list(plans), _split_list(threat_models), options, progress)
         console.print(results_table(outcome.results, shown))
@@ -152,7 +154,7 @@ def evaluate(
         for path in outcome.paths:
             console.print(f"wrote {escape(str(path))}", highlight=False)
         if submission:
-            console.print(f"wrote {escape(str(write_manifest(submission)))}", highlight=False)
+            console.print(f"wrote {escape(str(write_manifest(submission, started)))}", highlight=False)
 
     guarded(action)
 

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
@@ -773,6 +774,19 @@ def test_temporaries_of_a_killed_writer_are_not_part_of_a_submission(subs: Path,
     assert build.exit_code == 0 and "left out" not in build.stderr
     write_manifest(folder)  # the writer (evaluate --submission) cleans them when its run is done
     assert not stray.exists()
+
+
+def test_a_finishing_run_leaves_another_run_s_file_in_flight(subs: Path) -> None:
+    # Two evaluate --submission runs of one folder (two tasks): the first to finish writes the manifest,
+    # and once deleted every temporary file, the other's half-written one included.
+    folder = subs / "mine"
+    left, in_flight = (folder / "results" / "tiny-digits" / f".w4--{name}.json.k2j4h_x9.tmp" for name in ("a", "b"))
+    left.write_text('{"half": ')
+    os.utime(left, (1_000_000, 1_000_000))  # written long before the run that now finishes started
+    started = time.time() - 60
+    in_flight.write_text('{"half": ')  # written during it, by a run still writing
+    write_manifest(folder, started)
+    assert not left.exists() and in_flight.exists()
 
 
 def test_a_run_killed_while_rewriting_a_plan_leaves_no_document_pointing_at_new_files(

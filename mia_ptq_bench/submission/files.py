@@ -95,13 +95,21 @@ def scan(folder: Path) -> Inventory:
     return found
 
 
-def remove_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files a killed writer left under ``folder`` (call only where no writer runs)."""
+def remove_temporaries(folder: Path, older_than: float | None = None) -> list[Path]:
+    """Delete the temporary files a killed writer left under ``folder``: all of them, or only those last
+    written before ``older_than`` (a time.time()), so that a run finishing beside another one that is still
+    writing (say, another task of the same submission) leaves the other's files in flight alone."""
     removed = []
     for root, _, names in os.walk(folder, followlinks=False):
         for name in names:
             path = Path(root) / name
-            if is_temporary(name) and not path.is_symlink():
-                path.unlink(missing_ok=True)
-                removed.append(path)
+            if not is_temporary(name) or path.is_symlink():
+                continue
+            try:
+                if older_than is not None and path.stat().st_mtime >= older_than:
+                    continue
+                path.unlink()
+            except FileNotFoundError:  # renamed into place by its writer meanwhile
+                continue
+            removed.append(path)
     return removed

@@ -21,10 +21,13 @@ def manifested(results: Path) -> list[Path]:
     return sorted(p for p in files if p.name != MANIFEST)
 
 
-def write_manifest(folder: Path) -> Path:
-    """Record the sha256 of every result document and evidence file under ``folder/results``."""
+def write_manifest(folder: Path, started: float | None = None) -> Path:
+    """Record the sha256 of every result document and evidence file under ``folder/results``.
+
+    Temporary files left by a writer killed mid-write are deleted first: those last written before
+    ``started`` (the calling run's start, a time.time()), or all of them without it."""
     results = Path(folder) / "results"
-    remove_temporaries(results)  # left by a writer killed mid-write; the run that calls this has finished
+    remove_temporaries(results, started)
     entries = {str(p.relative_to(results)): sha256_file(p) for p in manifested(results)}
     write_json_atomic(manifest_path(folder), {"files": entries})
     return manifest_path(folder)
