@@ -433,7 +433,7 @@ app.add_typer(leaderboard_app, name="leaderboard")
 
 @leaderboard_app.command("build")
 def leaderboard_build(
-    out: Annotated[Path, typer.Option(help="folder for the built site (replaced)")] = Path("site"),
+    out: Annotated[Path, typer.Option(help="folder for the built site: new, empty, or a site this command built (replaced whole)")] = Path("site"),
     submissions: Annotated[Path, typer.Option(help="submissions folder")] = Path("submissions"),
     recompute: Annotated[bool, typer.Option(help="recompute every result from its committed quantized weights and label "
                                                  "it recomputed or self-reported; leave out what disagrees")] = False,

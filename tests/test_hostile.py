@@ -742,6 +742,52 @@ def test_a_failing_write_is_one_error_wherever_it_fails(tmp_path: Path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("where", ["notes", "cwd", "parent", "submissions", "inside-submissions"])
+def test_the_site_never_replaces_a_folder_it_did_not_build(subs: Path, tmp_path: Path, where: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # --out was replaced whole, whatever it held: a folder of notes, the submissions it was built from, or
+    # (with --out ..) the folder above the current one.
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    (work / "keep.txt").write_text("mine")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    out = {"notes": notes, "cwd": Path("."), "parent": Path(".."), "submissions": subs,
+           "inside-submissions": subs / "site"}[where]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = cli.invoke(app, ["leaderboard", "build", "--submissions", str(subs), "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: {out}: the site would ") or \
+        result.stderr.startswith(f"error: {out}: a folder that holds files but no .mptq-site"), result.stderr
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing removed, nothing left behind
+
+
+def test_a_site_is_replaced_by_the_next_build_and_kept_if_the_swap_fails(
+        subs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench.board import build as build_module
+
+    out = tmp_path / "site"
+    build_module.build_site(subs, out)
+    (out / "stale.html").write_text("from an older build")
+    build_module.build_site(subs, out)  # a site this built (its marker) is replaced whole
+    assert (out / build_module.SITE_MARKER).is_file() and not (out / "stale.html").exists()
+    pages = sorted(p.relative_to(out) for p in out.rglob("*"))
+    real_rename = Path.rename
+
+    def staging_cannot_move(self: Path, target):  # e.g. a permission error once the old site is set aside
+        if ".building-" in self.name:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", staging_cannot_move)
+    with pytest.raises(WriteError, match="Permission denied"):
+        build_module.build_site(subs, out)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == pages
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "submissions"]
+
+
 def test_a_site_build_that_fails_half_way_leaves_the_old_site_and_no_debris(
         subs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mia_ptq_bench.board.build import build_site

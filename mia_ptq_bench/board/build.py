@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -131,24 +132,68 @@ def _downloads(table: pd.DataFrame, folder: Path, name: str) -> None:
     write_text_atomic(folder / f"{name}.json", flat.to_json(orient="records", indent=1) + "\n")
 
 
+SITE_MARKER = ".mptq-site"  # in every site this builds: a folder holding it may be replaced by the next build
+
+
 def build_site(submissions: Path, out: Path, checks: Mapping[Path, Check] | None = None,
                repository: str | None = None) -> dict:
     """Render the whole site into ``out`` (replaced); returns a summary for the CLI.
 
-    A folder that cannot be written (read-only, full disk) is one WriteError naming it; the previous site
-    stays in place until the new one is whole.
+    ``out`` must be new, empty, or a site this built before (it holds SITE_MARKER), and never a folder
+    the build reads or the current folder: an existing folder is replaced whole. The new site is built
+    beside it and swapped in by two renames, the old one kept until the new one is in place, so a
+    failure at any point leaves the previous site as it was. A folder that cannot be written
+    (read-only, full disk) is one WriteError naming it.
     """
+    out = Path(out)
+    _check_out(Path(submissions), out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
-        return _build_site(Path(submissions), Path(out), checks, repository)
+        summary = _build_site(Path(submissions), staging, checks, repository)
+        _swap_in(staging, out)
+        return {**summary, "out": out}
     except WriteError:
         raise
     except OSError as exc:
         raise WriteError(f"{exc.filename or out}: cannot write the site: {exc.strerror or exc}") from None
     finally:  # a build that failed half-way leaves nothing behind (a finished one renamed its staging folder)
-        shutil.rmtree(Path(out).with_name(Path(out).name + ".building"), ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def _build_site(submissions: Path, out: Path, checks: Mapping[Path, Check] | None,
+def _check_out(submissions: Path, out: Path) -> None:
+    where, here = out.resolve(), Path.cwd().resolve()
+    read = submissions.resolve()
+    if where == here or where in here.parents:
+        raise BenchError(f"{out}: the site would replace the current folder or one above it; give a folder of its own "
+                         "(e.g. --out site)")
+    if where == read or where in read.parents or read in where.parents:
+        raise BenchError(f"{out}: the site would replace or sit inside the submissions folder {submissions}, "
+                         "which it is built from; give a folder of its own (e.g. --out site)")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BenchError(f"{out}: not a folder; refused (give a new folder, or a site this command built)")
+    if out.is_dir() and any(out.iterdir()) and not (out / SITE_MARKER).is_file():
+        raise BenchError(f"{out}: a folder that holds files but no {SITE_MARKER} (not a site this command built); "
+                         "it would be replaced whole: move it away or give another --out")
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """``staging`` becomes ``out``; the old ``out``, if any, is deleted only once the new one is in place."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_site(submissions: Path, staging: Path, checks: Mapping[Path, Check] | None,
                 repository: str | None) -> dict:
     collected: Collected = collect(submissions, checks)
     if collected.rows.empty:
@@ -156,10 +201,9 @@ def _build_site(submissions: Path, out: Path, checks: Mapping[Path, Check] | Non
                          + (f" (skipped: {'; '.join(collected.skipped)})" if collected.skipped else ""))
     rows = collected.rows
     env = _environment()
-    staging = out.with_name(out.name + ".building")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "boards").mkdir(parents=True)
+    (staging / "boards").mkdir()
     (staging / "entries").mkdir()
+    (staging / SITE_MARKER).write_text("built by mptq-bench leaderboard build; the next build replaces this folder\n")
     static = Path(str(resources.files("mia_ptq_bench.leaderboard"))) / "static"
     for asset in static.iterdir():
         shutil.copy(asset, staging / asset.name)
@@ -194,13 +238,8 @@ def _build_site(submissions: Path, out: Path, checks: Mapping[Path, Check] | Non
                                                      entries=collected.submissions, skipped=collected.skipped,
                                                      links=links)
     write_text_atomic(staging / "index.html", index)
-
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
     return {"boards": sum(len(th["boards"]) + len(th["strongest"]) for t in tasks for th in t["threats"]),
-            "entries": len(collected.submissions),
-            "skipped": collected.skipped, "out": out}
+            "entries": len(collected.submissions), "skipped": collected.skipped}
 
 
 def _task_boards(rows: pd.DataFrame, spec, attack: str, skipped: list[str]) -> list[dict]:
