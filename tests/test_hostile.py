@@ -381,6 +381,30 @@ def test_a_result_file_alone_is_held_to_its_plan_and_threat_model(subs: Path, ch
     assert line.startswith(f"invalid: {document}: {reason}"), line
 
 
+@pytest.mark.parametrize("change, field", [
+    (lambda q: q["attacks"]["lira-online"]["tpr_at_0_1pct_fpr"].update(negatives=10**400),
+     "quantized.attacks.lira-online.tpr_at_0_1pct_fpr.negatives"),
+    (lambda q: q["attacks"]["lira-online"]["tpr_at_0_1pct_fpr"].update(true_positives=10**6),
+     "quantized.attacks.lira-online.tpr_at_0_1pct_fpr"),
+    (lambda q: q["test_accuracy"].update(mean=1.0, ci_low=0.0, ci_high=0.5), "quantized.test_accuracy"),
+    (lambda q: q["attacks"]["lira-online"].update(roc_tpr=[0.5] * 5000), "quantized.attacks.lira-online.roc_tpr"),
+    (lambda q: q["attacks"]["lira-online"].update(roc_tpr=[0.5] * 7), "quantized"),
+], ids=["huge-count", "more-hits-than-members", "interval-without-its-mean", "long-roc", "roc-off-its-grid"])
+def test_numbers_no_evaluation_gives_are_refused_on_reading(subs: Path, change, field: str) -> None:
+    # A self-reported document's numbers reach the site as written: a count of 10**400 once crashed the
+    # whole build (OverflowError) and a stretched interval moved every plot's axes.
+    # (Checked where a document is read, whether or not arrays come with it: the site reads it alone.)
+    from mia_ptq_bench.errors import SpecError
+
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    data = json.loads(document.read_text())
+    change(data["quantized"])
+    document.write_text(json.dumps(data))
+    with pytest.raises(SpecError) as refused:
+        load_result(document)
+    assert str(refused.value).startswith(f"{document}: {field}"), str(refused.value)
+
+
 def test_a_key_repeated_in_a_result_document_is_refused(subs: Path) -> None:
     # json keeps the last of two keys: a reader would see the first plan, the checks the second.
     document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..spec.audit import LayerAudit
 
@@ -25,7 +25,10 @@ class Strict(BaseModel):
 # Every number a result reports is a rate, an accuracy or an AUC: a fraction. A document that claims
 # otherwise is refused on reading, before anything (the site's plots among them) computes with it.
 Fraction = Annotated[float, Field(ge=0, le=1)]
-Count = Annotated[int, Field(ge=0)]
+# Counts of examples: exact as floats (the site divides them), far beyond any pool.
+Count = Annotated[int, Field(ge=0, le=2**53)]
+# The ROC is given on a fixed log-spaced grid (51 points); a document cannot make every page carry more.
+ROC_POINTS = 1000
 
 
 class Stat(Strict):
@@ -33,7 +36,13 @@ class Stat(Strict):
     std: float = Field(ge=0, le=1, description="sample standard deviation over targets (ddof=1)")
     ci_low: Fraction = Field(description="95% Student-t interval over targets, clipped to [0, 1]")
     ci_high: Fraction
-    n: int = Field(ge=1)
+    n: int = Field(ge=1, le=2**53)
+
+    @model_validator(mode="after")
+    def _interval_holds_the_mean(self) -> Stat:
+        if not self.ci_low <= self.mean <= self.ci_high:
+            raise ValueError(f"the interval [{self.ci_low}, {self.ci_high}] does not hold the mean {self.mean}")
+        return self
 
 
 class LowFpr(Strict):
@@ -44,6 +53,10 @@ class LowFpr(Strict):
     positives: Count
     false_positives: Count
     negatives: Count
+
+    @model_validator(mode="after")
+    def _counts_within_their_totals(self) -> LowFpr:
+        return _counts_checked(self)
 
 
 class AttackOnTarget(Strict):
@@ -76,13 +89,25 @@ class LowFprSummary(Stat):
     false_positives: Count
     negatives: Count
 
+    @model_validator(mode="after")
+    def _counts_within_their_totals(self) -> LowFprSummary:
+        return _counts_checked(self)
+
+
+def _counts_checked(counts: LowFpr | LowFprSummary) -> LowFpr | LowFprSummary:
+    """A rate's counts as an evaluation gives them: no more hits than there are examples to hit."""
+    if counts.true_positives > counts.positives or counts.false_positives > counts.negatives:
+        raise ValueError("more true (false) positives than positives (negatives)")
+    return counts
+
 
 class AttackSummary(Strict):
     auc: Stat
     balanced_accuracy: Stat
     tpr_at_0_1pct_fpr: LowFprSummary
     tpr_at_1pct_fpr: LowFprSummary
-    roc_tpr: list[Fraction] = Field(description="mean over targets of the best TPR at FPR <= each value of roc_fpr_grid")
+    roc_tpr: list[Fraction] = Field(max_length=ROC_POINTS,
+                                    description="mean over targets of the best TPR at FPR <= each value of roc_fpr_grid")
 
 
 class StrongestSummary(Strict):
@@ -92,11 +117,19 @@ class StrongestSummary(Strict):
 
 
 class Evaluation(Strict):
-    roc_fpr_grid: list[Fraction] = Field(description="log-spaced FPR values at which roc_tpr is given")
+    roc_fpr_grid: list[Fraction] = Field(max_length=ROC_POINTS, description="log-spaced FPR values at which roc_tpr is given")
     test_accuracy: Stat
     attacks: dict[str, AttackSummary]
     strongest: StrongestSummary = Field(description="each target under the strategy chosen on shadows alone")
     targets: list[TargetResult]
+
+    @model_validator(mode="after")
+    def _one_roc_grid(self) -> Evaluation:
+        for name, attack in self.attacks.items():
+            if len(attack.roc_tpr) != len(self.roc_fpr_grid):
+                raise ValueError(f"attacks.{name}.roc_tpr has {len(attack.roc_tpr)} values, roc_fpr_grid "
+                                 f"{len(self.roc_fpr_grid)}")
+        return self
 
 
 class TaskRef(Strict):
