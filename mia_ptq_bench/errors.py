@@ -46,10 +46,18 @@ class WriteError(BenchError, OSError):
 _HIDDEN = {"Cf", "Cs", "Zl", "Zp"}
 
 
+def _hidden(c: str) -> bool:
+    return ord(c) < 32 or 127 <= ord(c) < 160 or (ord(c) > 159 and unicodedata.category(c) in _HIDDEN)
+
+
+def hidden_characters(text: str, allowed: str = "") -> list[str]:
+    """The control and invisible characters of ``text`` (those ``printable`` escapes) not in ``allowed``, escaped."""
+    return [printable(c) for c in dict.fromkeys(text) if c not in allowed and _hidden(c)]
+
+
 def printable(text: str, newlines: bool = False) -> str:
     """``text`` with its control and invisible characters written out as escapes (line breaks kept if
     ``newlines``): a file name from a submission cannot start a line of CI output of its own, send a
     terminal escape, or reorder what is shown around it."""
-    return "".join(c if c == "\n" and newlines else f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160
-                   else f"\\u{ord(c):04x}" if ord(c) > 159 and unicodedata.category(c) in _HIDDEN
-                   else c for c in text)
+    return "".join(c if (c == "\n" and newlines) or not _hidden(c) else f"\\x{ord(c):02x}" if ord(c) < 160
+                   else f"\\u{ord(c):04x}" for c in text)

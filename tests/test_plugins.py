@@ -248,6 +248,22 @@ def test_a_class_name_that_no_import_can_find_is_rejected_without_running_code(s
     _only_problem(submission, "submission.yaml: quantizer.class: String should match pattern")
 
 
+@pytest.mark.parametrize("where, value", [
+    ("display_name", "Rounding \u202eQTPG"),  # shown as "GPTQ", and every tag after it in its cell reversed
+    ("description", "fine\u200b"),
+    ("config", {"note": "x\u2066y"}),
+], ids=["bidi-override", "zero-width", "config-isolate"])
+def test_metadata_with_invisible_characters_is_rejected(submission: Path, where: str, value) -> None:
+    path = submission / "submission.yaml"
+    spec = yaml.safe_load(path.read_text())
+    if where == "config":
+        spec["quantizer"]["config"].update(value)
+    else:
+        spec[where] = value
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    _only_problem(submission, "invisible characters are not allowed")
+
+
 def test_bad_link_scheme_is_rejected(submission: Path) -> None:
     path = submission / "submission.yaml"
     spec = yaml.safe_load(path.read_text())

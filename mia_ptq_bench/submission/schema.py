@@ -6,8 +6,9 @@ import json
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, field_validator, model_validator
 
+from ..errors import hidden_characters
 from ..limits import CONFIG_DEPTH, CONFIG_JSON_BYTES, plain_data_problem
 
 # The reference entries every board shows beside the submitted methods: full precision and round-to-nearest.
@@ -24,6 +25,17 @@ IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _shown_as_written(cls, value: Any, info: ValidationInfo) -> Any:
+        """Metadata is shown on the site and printed by the CLI: no control characters but a description's line
+        breaks and tabs, and no invisible ones (a bidi override would show the text after it reversed)."""
+        if isinstance(value, str):
+            found = hidden_characters(value, "\n\t" if info.field_name == "description" else "")
+            if found:
+                raise ValueError(f"holds {', '.join(found[:3])}: control or invisible characters are not allowed")
+        return value
+
 
 TaskId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]*$", max_length=64)]
 
@@ -33,6 +45,9 @@ def checked_config(config: dict[str, Any]) -> dict[str, Any]:
     problem = plain_data_problem(config, CONFIG_DEPTH)
     if problem:
         raise ValueError(problem)
+    found = hidden_characters(json.dumps(config, ensure_ascii=False))  # json writes controls as escapes already
+    if found:
+        raise ValueError(f"holds {', '.join(found[:3])}: invisible characters are not allowed")
     size = len(json.dumps(config, indent=2, sort_keys=True))
     if size > CONFIG_JSON_BYTES:
         raise ValueError(f"{size} bytes as JSON, more than the {CONFIG_JSON_BYTES} allowed")
