@@ -417,6 +417,19 @@ def test_the_frontier_ignores_float_noise_in_the_last_bit() -> None:
     assert pareto_front(accuracy, pd.Series([0.00334, 0.00897])).tolist() == [True, False]
 
 
+def test_the_json_download_holds_every_number_as_the_csv_does(tmp_path: Path) -> None:
+    # pandas' to_json keeps 10 decimals: 0.0018277159 in the JSON against 0.00182771591234 in the CSV.
+    from mia_ptq_bench.board.build import _downloads
+
+    value = 0.0018277159123456789
+    table = pd.DataFrame({"entry": ["a", "b"], "tpr": [value, float("nan")], "n": [3, 4],
+                          "config": [{"bits": 2}, {}]})
+    _downloads(table, tmp_path, "board")
+    records = json.loads((tmp_path / "board.json").read_text())
+    assert records[0]["tpr"] == value == float(pd.read_csv(tmp_path / "board.csv").tpr[0])
+    assert records[1]["tpr"] is None and records[1]["n"] == 4 and records[0]["config"] == {"bits": 2}
+
+
 def test_the_index_marks_references_and_self_reported_numbers(site: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from mia_ptq_bench.board.build import build_site
@@ -455,6 +468,27 @@ def test_self_reported_rows_are_shown_but_neither_ranked_nor_on_the_frontier() -
     assert table.loc["honest", "rank"] == 1 and table.loc["other", "rank"] == 2
     # without the self-reported row's claim of 0% leakage at 99% accuracy, honest entries stay on the frontier
     assert table.loc["honest", "pareto"] and table.loc["other", "pareto"]
+
+
+def test_a_self_reported_point_is_drawn_hollow_and_cannot_stretch_the_axes() -> None:
+    # A self-reported document's numbers are taken on trust: accuracy 100% with an interval [0, 100]
+    # once set the x axis to 0-100 and squeezed every checked point into a few pixels.
+    from mia_ptq_bench.board.svg import Point, privacy_utility
+
+    def point(label: str, x: float, self_reported: bool = False, low: float | None = None,
+              high: float | None = None) -> Point:
+        return Point(label, "#123456", x, x - 0.5 if low is None else low, x + 0.5 if high is None else high,
+                     0.01, 0.005, 0.02, False, False, self_reported)
+
+    honest = [point("a", 80.0), point("b", 82.0)]
+    alone = str(privacy_utility(honest, "t", 1e-4, "k"))
+    claims = point("claims", 100.0, True, 0.0, 100.0)
+    both = str(privacy_utility([*honest, claims], "t", 1e-4, "k"))
+    centres = re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="5" ([^>]*)>', both)
+    assert re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="5"', alone) == [c[:2] for c in centres[:2]]
+    assert 'fill="none"' in centres[2][2] and 'class="point self-reported"' in centres[2][2]
+    assert float(centres[2][0]) == max(float(c[0]) for c in centres)  # clamped to the right edge of the range
+    assert "claims (self-reported)" in both and "self-reported (not recomputed" in both
 
 
 def test_boards_mark_ties_and_leave_references_unranked(site: Path) -> None:

@@ -12,6 +12,7 @@ Layout of the built site::
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -67,7 +68,7 @@ def _points(table: pd.DataFrame, colours: dict[str, str]) -> list[Point]:
     return [Point(label=r.display_name, colour=colours[r.entry], x=100 * r.test_accuracy,
                   x_low=100 * r.test_accuracy_low, x_high=100 * r.test_accuracy_high, y=r.tpr_at_0_1pct_fpr,
                   y_low=r.tpr_at_0_1pct_fpr_low, y_high=r.tpr_at_0_1pct_fpr_high, reference=bool(r.reference),
-                  pareto=bool(r.pareto))
+                  pareto=bool(r.pareto), self_reported=r.check == "self-reported")
             for r in table.itertuples()]
 
 
@@ -129,7 +130,21 @@ def _downloads(table: pd.DataFrame, folder: Path, name: str) -> None:
     # CRLF line ends (RFC 4180) also make the writer quote a text cell holding a bare CR, which would split the row
     write_text_atomic(folder / f"{name}.csv", flat.assign(**{c: flat[c].map(csv_safe) for c in text_columns})
                       .to_csv(index=False, lineterminator="\r\n"))
-    write_text_atomic(folder / f"{name}.json", flat.to_json(orient="records", indent=1) + "\n")
+    # Every number as the CSV and the page hold it (pandas' to_json keeps 10 decimals); missing ones as null.
+    records = [{key: _json_value(value) for key, value in record.items()} for record in flat.to_dict("records")]
+    write_text_atomic(folder / f"{name}.json", json.dumps(records, indent=1, allow_nan=False) + "\n")
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 SITE_MARKER = ".mptq-site"  # in every site this builds: a folder holding it may be replaced by the next build
@@ -253,8 +268,10 @@ def _task_boards(rows: pd.DataFrame, spec, attack: str, skipped: list[str]) -> l
                     continue
                 missing = missing_references(table)
                 if missing:  # a board is only published beside its references: leave this one out, say why
-                    skipped.append(f"board {spec.id}/{threat}/{plan}: no result from the reference "
-                                   f"submission(s) {', '.join(missing)}; every board shows fp32 and rtn")
+                    line = (f"board {spec.id}/{threat}/{plan}: no result from the reference "
+                            f"submission(s) {', '.join(missing)}; every board shows fp32 and rtn")
+                    if line not in skipped:  # the headline and the strongest view of a board miss the same
+                        skipped.append(line)
                     continue
                 name = board_name(spec.id, threat, plan) + ("--strongest" if view == STRONGEST else "")
                 boards.append({"plan": plan, "threat": threat, "name": name, "view": view, "frame": table,

@@ -38,6 +38,7 @@ class Point:
     y_high: float
     reference: bool
     pareto: bool
+    self_reported: bool = False  # its numbers are the document's own, not recomputed: drawn hollow, off the axes' range
 
 
 @dataclass(frozen=True)
@@ -145,34 +146,49 @@ def _values(key: str, lines: list[str]) -> str:
 
 def privacy_utility(points: list[Point], title: str, floor: float, key: str) -> Markup:
     """TPR@0.1%FPR (%, log) against test accuracy (%), 95% error bars both ways, the Pareto frontier drawn."""
-    xs = [v for p in points for v in (p.x_low, p.x_high, p.x) if math.isfinite(v)] or [0.0, 100.0]
+    # The axes span the checked points only: a self-reported one cannot stretch them (its numbers, taken on
+    # trust, could otherwise squeeze every other point together); it is drawn clamped to their range.
+    checked = [p for p in points if not p.self_reported] or points
+    xs = [v for p in checked for v in (p.x_low, p.x_high, p.x) if math.isfinite(v)] or [0.0, 100.0]
     span = max(xs) - min(xs)
     pad = 0.08 * span + 0.05
-    x_axis = LinearAxis(min(xs) - pad, max(xs) + pad, LEFT, WIDTH - RIGHT)
-    top = max([p.y_high for p in points if math.isfinite(p.y_high)] + [floor * 10])
-    y_axis = LogAxis(floor, min(1.0, 10 ** math.ceil(math.log10(top))), HEIGHT - BOTTOM, TOP)
+    x_range = (min(xs) - pad, max(xs) + pad)
+    x_axis = LinearAxis(*x_range, LEFT, WIDTH - RIGHT)
+    top = max([p.y_high for p in checked if math.isfinite(p.y_high)] + [floor * 10])
+    y_range = (floor, min(1.0, 10 ** math.ceil(math.log10(top))))
+    y_axis = LogAxis(*y_range, HEIGHT - BOTTOM, TOP)
+
+    def x_at(value: float) -> float:
+        return x_axis(min(max(value, x_range[0]), x_range[1]))
+
+    def y_at(value: float) -> float:
+        return y_axis(min(max(value, y_range[0]), y_range[1]))
+
     parts = _frame(x_axis, y_axis, "test accuracy (%)", "TPR at 0.1% FPR (log; lower leaks less)", title, key)
     frontier = sorted((p for p in points if p.pareto), key=lambda p: p.x)
     if len(frontier) > 1:
         path = " ".join(f"{x_axis(p.x):.1f},{y_axis(p.y):.1f}" for p in frontier)
         parts.append(f'<polyline points="{path}" class="frontier"/>')
     for p in points:
-        cx, cy = x_axis(p.x), y_axis(p.y)
-        parts.append(f'<line x1="{x_axis(p.x_low):.1f}" y1="{cy:.1f}" x2="{x_axis(p.x_high):.1f}" y2="{cy:.1f}" '
+        cx, cy = x_at(p.x), y_at(p.y)
+        parts.append(f'<line x1="{x_at(p.x_low):.1f}" y1="{cy:.1f}" x2="{x_at(p.x_high):.1f}" y2="{cy:.1f}" '
                      f'stroke="{p.colour}" class="errorbar"/>')
-        parts.append(f'<line x1="{cx:.1f}" y1="{y_axis(p.y_low):.1f}" x2="{cx:.1f}" y2="{y_axis(p.y_high):.1f}" '
+        parts.append(f'<line x1="{cx:.1f}" y1="{y_at(p.y_low):.1f}" x2="{cx:.1f}" y2="{y_at(p.y_high):.1f}" '
                      f'stroke="{p.colour}" class="errorbar"/>')
-        shape = "point pareto" if p.pareto else "point"
-        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" fill="{p.colour}" class="{shape}" '
+        shape = "point self-reported" if p.self_reported else "point pareto" if p.pareto else "point"
+        fill = f'fill="none" stroke="{p.colour}"' if p.self_reported else f'fill="{p.colour}"'
+        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" {fill} class="{shape}" '
                      f'data-entry="{escape(p.label)}"><title>{escape(_point_text(p))}</title></circle>')
     parts.append("</svg>")
-    legend = _legend([(p.label, p.colour, True, "") for p in points])
+    legend = _legend([(p.label + (" (self-reported)" if p.self_reported else ""), p.colour, True, "") for p in points])
     return Markup("".join(parts) + legend + _values(key, [_point_text(p) for p in points]))
 
 
 def _point_text(p: Point) -> str:
     return (f"{p.label}: test accuracy {p.x:.2f}% [{p.x_low:.2f}, {p.x_high:.2f}], TPR@0.1%FPR "
-            f"{100 * p.y:.3f}% [{100 * p.y_low:.3f}, {100 * p.y_high:.3f}]" + (", on the frontier" if p.pareto else ""))
+            f"{100 * p.y:.3f}% [{100 * p.y_low:.3f}, {100 * p.y_high:.3f}]" + (", on the frontier" if p.pareto else "")
+            + (", self-reported (not recomputed; drawn hollow, within the axes of the checked points)"
+               if p.self_reported else ""))
 
 
 def roc_floor(negatives_per_target: float) -> float:
