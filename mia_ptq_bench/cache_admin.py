@@ -15,10 +15,12 @@ costs recomputing it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import is_temporary
 from .errors import CacheError
 
 
@@ -33,15 +35,41 @@ class CacheEntry:
 
 
 def _size(folder: Path) -> tuple[int, int]:
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    return len(files), sum(p.stat().st_size for p in files)
+    """Files and bytes under ``folder``, never following a symbolic link (a link counts as itself)."""
+    files, size = 0, 0
+    for root, _, names in os.walk(folder, followlinks=False):
+        for name in names:
+            try:
+                size += (Path(root) / name).lstat().st_size
+                files += 1
+            except OSError:
+                continue
+    return files, size
+
+
+def _children(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder`` by name; none if it is missing (or itself a link below the cache's kinds)."""
+    try:
+        with os.scandir(folder) as listing:
+            return sorted(listing, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _link(kind: str, entry: os.DirEntry) -> CacheEntry:
+    """A symbolic link where the cache keeps folders: not followed, listed so that clear removes the link only."""
+    return CacheEntry(kind, Path(entry.path), "", f"a symbolic link (to {os.readlink(entry.path)}), not followed", 1, 0)
 
 
 def list_cache(cache_dir: Path) -> list[CacheEntry]:
     entries = []
-    for pool in sorted((Path(cache_dir) / "pools").glob("*")):
-        if not pool.is_dir():
+    for found in _children(Path(cache_dir) / "pools"):
+        if found.is_symlink():
+            entries.append(_link("pool", found))
             continue
+        if not found.is_dir(follow_symlinks=False):
+            continue
+        pool = Path(found.path)
         if pool.name.startswith("."):  # pool/hub.py's staging (.pull-*) or a replaced pool set aside (.replaced-*)
             files, size = _size(pool)
             entries.append(CacheEntry("pool", pool, "", "left by an interrupted pull: safe to delete", files, size))
@@ -60,12 +88,23 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
             origin = ", pulled (source.json unreadable)"
         files, size = _size(pool)
         entries.append(CacheEntry("pool", pool, task, f"{done}/{n_models} models{origin}", files, size))
-    for plan in sorted((Path(cache_dir) / "quantized").glob("*/*/*")):
-        if plan.is_dir():
-            files, size = _size(plan)
-            task = plan.parent.parent.name.rsplit("-", 1)[0]
-            entries.append(CacheEntry("quantized", plan, task, f"{plan.parent.name} {plan.name}: {files} models",
-                                      files, size))
+    # quantized/<pool folder>/<quantizer>/<plan>: three levels, none of them entered through a link
+    levels = [[Path(cache_dir) / "quantized"]]
+    for _ in range(3):
+        below = []
+        for folder in levels[-1]:
+            for found in _children(folder):
+                if found.is_symlink():
+                    entries.append(_link("quantized", found))
+                elif found.is_dir(follow_symlinks=False):
+                    below.append(Path(found.path))
+        levels.append(below)
+    for plan in levels[-1]:
+        files, size = _size(plan)
+        models = sum(1 for e in _children(plan) if e.name.endswith(".npz") and not is_temporary(e.name))
+        task = plan.parent.parent.name.rsplit("-", 1)[0]
+        entries.append(CacheEntry("quantized", plan, task, f"{plan.parent.name} {plan.name}: {models} models",
+                                  files, size))
     return entries
 
 
@@ -75,7 +114,10 @@ def clear_cache(cache_dir: Path, kind: str = "all", task: str | None = None) -> 
     for entry in list_cache(cache_dir):
         if (kind in ("all", entry.kind)) and (task is None or entry.task == task):
             try:
-                shutil.rmtree(entry.path)
+                if entry.path.is_symlink():  # the link only: what it points to is not the cache's
+                    entry.path.unlink()
+                else:
+                    shutil.rmtree(entry.path)
             except OSError as exc:
                 raise CacheError(f"{entry.path}: cannot remove it: {exc.strerror or exc}"
                                  f"{f' (after removing {len(removed)} entries)' if removed else ''}") from None

@@ -88,3 +88,33 @@ def test_folders_an_interrupted_pull_leaves_are_listed_as_such_and_cleared(tmp_p
     assert [(e.kind, e.task, e.detail) for e in list_cache(tmp_path)] == [
         ("pool", "", "left by an interrupted pull: safe to delete")]
     assert [e.path for e in clear_cache(tmp_path, "pool")] == [leftover] and not leftover.exists()
+
+
+@pytest.mark.parametrize("level", ["pool", "quantized-pool", "quantized-plan"])
+def test_cache_clear_removes_a_link_and_never_what_it_points_to(tmp_path, level: str) -> None:
+    # glob followed a link in the middle of quantized/*/*/* and rmtree then deleted the target's folders.
+    from mia_ptq_bench.cache_admin import clear_cache, list_cache
+
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    (outside / "precious" / "data").mkdir(parents=True)
+    (outside / "precious" / "data" / "file.txt").write_text("keep")
+    where = {"pool": cache / "pools" / "tiny-digits-000000000000",
+             "quantized-pool": cache / "quantized" / "tiny-digits-000000000000",
+             "quantized-plan": cache / "quantized" / "tiny-digits-000000000000" / "rtn-0123456789ab" / "w4-cal01234567"}
+    where[level].parent.mkdir(parents=True)
+    where[level].symlink_to(outside, target_is_directory=True)
+    listed = list_cache(cache)
+    assert [(e.path, e.detail) for e in listed] == [(where[level], f"a symbolic link (to {outside}), not followed")]
+    assert [e.path for e in clear_cache(cache)] == [where[level]]
+    assert not where[level].is_symlink() and (outside / "precious" / "data" / "file.txt").read_text() == "keep"
+
+
+def test_cache_list_counts_models_not_the_temporary_files_a_killed_writer_left(tmp_path) -> None:
+    from mia_ptq_bench.cache_admin import list_cache
+
+    plan = tmp_path / "quantized" / "tiny-digits-000000000000" / "rtn-0123456789ab" / "w4-cal01234567"
+    plan.mkdir(parents=True)
+    for name in ("model-0000.npz", "model-0001.npz", ".model-0002.npz.a1b2c3d4.tmp"):
+        (plan / name).write_bytes(b"x")
+    (entry,) = list_cache(tmp_path)
+    assert entry.detail == "rtn-0123456789ab w4-cal01234567: 2 models" and entry.files == 3
