@@ -306,6 +306,33 @@ def test_corrupted_quantized_cache_is_redone(tmp_path: Path) -> None:
     assert _numbers(again) == _numbers(first.results[0])
 
 
+@pytest.mark.parametrize("damage, reason", [
+    ("moved", "made under another key (quantizer, config, plan or calibration)"),
+    ("nan", "scores: float64"),
+], ids=["another-plan-s-file", "non-finite-scores"])
+def test_a_cache_file_that_is_not_this_plan_s_outputs_is_redone(tmp_path: Path, damage: str, reason: str) -> None:
+    # A file copied from w4's folder into w1.58-last8's was read as w1.58-last8's outputs (its audit
+    # said 4 bits); a NaN score ended in a traceback from the attack.
+    spec = load_task("tiny-digits")
+    options = RunOptions(out_dir=tmp_path / "r", cache_dir=tmp_path / "cache")
+    first = evaluate("rtn", spec, plans=["w4", "w1.58-last8"], threat_models=["oblivious"], options=options)
+    quantized = tmp_path / "cache" / "quantized"
+    target = next(quantized.rglob("w1.58-last8-*/model-0001.npz"))
+    if damage == "moved":
+        target.write_bytes(next(quantized.rglob("w4-*/model-0001.npz")).read_bytes())
+    else:
+        with np.load(target) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+        arrays["scores"][0, 0] = np.nan
+        np.savez(target, **arrays)
+    result = run_cli("evaluate", "rtn", "--task", "tiny-digits", "--plans", "w1.58-last8", "--threat-models",
+                     "oblivious", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r2"))
+    assert result.exit_code == 0, result.output
+    assert f"redoing model 1: {target}: {reason}" in " ".join(result.output.split())
+    again = load_result(tmp_path / "r2" / "tiny-digits" / "rtn" / "w1.58-last8--oblivious.json")
+    assert _numbers(again) == _numbers(first.results[1])
+
+
 def test_fp32_reference_and_heldout_calibration(tmp_path: Path) -> None:
     options = RunOptions(out_dir=tmp_path / "r", cache_dir=tmp_path / "cache")
     outcome = evaluate("fp32", load_task("tiny-cnn"), options=options)

@@ -355,9 +355,16 @@ def test_quantized_outputs_of_other_pool_weights_are_redone(tiny_task, tmp_path:
     from mia_ptq_bench.quantize.outputs import ModelOutputs, OutputStore
     from mia_ptq_bench.spec import PrecisionPlan
 
+    from mia_ptq_bench.models import quantizable_layers
+    from mia_ptq_bench.spec.audit import LayerAudit
+
     pool = build_pool(tiny_task, load_dataset(tiny_task.dataset), tmp_path)
-    store = OutputStore(tmp_path, pool, QUANTIZERS.get("rtn")(), PrecisionPlan.parse("w2"))
-    outputs = ModelOutputs(np.zeros((pool.keep.shape[1], 1)), np.zeros(3, dtype=np.int64), [])
+    plan = PrecisionPlan.parse("w2")
+    store = OutputStore(tmp_path, pool, QUANTIZERS.get("rtn")(), plan)
+    layers = quantizable_layers(pool.load_model(0, "cpu"))
+    audit = [LayerAudit.measured(name, plan.bits_for(i, len(layers)), 4, int(layer.weight.shape[0]))
+             for i, (name, layer) in enumerate(layers)]
+    outputs = ModelOutputs(np.zeros((pool.keep.shape[1], len(tiny_task.queries))), np.zeros(3, dtype=np.int64), audit)
     store.save(0, outputs)
     assert store.load(0) is not None
     record = pool.store.record(0)

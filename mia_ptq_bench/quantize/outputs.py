@@ -8,6 +8,8 @@ where it stopped and a rerun costs nothing.
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,14 +24,16 @@ from ..errors import BenchError
 from ..inference import predict_logits, score_split
 from ..pool import Pool, build_pool
 from ..progress import Progress, SilentProgress
-from ..spec.audit import LayerAudit
+from ..spec.audit import LayerAudit, audit_problems
 from ..spec.plans import PrecisionPlan
 from .audit import audit_model, enforce_audit
 from .base import Quantizer
 from .calibration import calibration_count, calibration_set
 from .evidence import encode_model
 
-FORMAT = 2  # of a cached outputs file: 2 added the quantized weights
+# Of a cached outputs file: 2 added the quantized weights; 3 records the key it was made under, checked on
+# loading with its arrays' shapes, values and audit (a file moved into another plan's folder was used as is).
+FORMAT = 3
 EVIDENCE = "evidence/"  # prefix of the quantized weights' arrays inside a cached outputs file
 
 
@@ -61,35 +65,70 @@ class OutputStore:
             count = calibration_count(pool.keep, requested)
             capped = f"-n{count}" if count < requested else ""
         self.pool = pool
+        self.plan = plan
         self.root = (Path(cache_dir) / "quantized" / pool.store.root.name /
                      f"{quantizer.name}-{key[:12]}" / f"{plan}-cal{calibration[:8]}{capped}-v{FORMAT}")
+        # The whole key, which the folder names only by prefixes: each file carries it and must match it.
+        self.key = json.dumps({"format": FORMAT, "pool": pool.store.root.name, "quantizer": described["name"],
+                               "version": described["version"], "config_hash": described["config_hash"],
+                               "code": code, "plan": str(plan), "calibration": calibration, "capped": capped},
+                              sort_keys=True)
 
     def path(self, index: int) -> Path:
         return self.root / f"model-{index:04d}.npz"
 
     def load(self, index: int) -> ModelOutputs | None:
+        """Model ``index``'s cached outputs, or None (absent, or unusable: then the file is removed and redone)."""
         path = self.path(index)
         if not path.exists():
             return None
         try:
             with np.load(path, allow_pickle=False) as archive:
+                files = set(archive.files)
+                key = str(archive["key_json"]) if "key_json" in files else None
                 # Quantized from the pool model as it is now? A retrained pool (cache cleared, another
                 # trainer) keeps its folder name, so the outputs say which weights they came from.
-                source = str(archive["pool_weights_sha256"]) if "pool_weights_sha256" in archive.files else None
-                if source != self.pool.store.record(index).weights_sha256:
-                    self.progress.log(f"redoing model {index}: {path}: quantized from other pool weights")
-                    path.unlink(missing_ok=True)
-                    return None
+                source = str(archive["pool_weights_sha256"]) if "pool_weights_sha256" in files else None
+                scores, predictions = archive["scores"], archive["test_predictions"]
                 audit = [LayerAudit.model_validate(x) for x in json.loads(str(archive["audit_json"]))]
-                evidence = {k.removeprefix(EVIDENCE): archive[k] for k in archive.files if k.startswith(EVIDENCE)}
-                return ModelOutputs(archive["scores"], archive["test_predictions"], audit, evidence)
-        except Exception as exc:  # zip CRC, truncation, bad JSON: all mean the file cannot be used
-            self.progress.log(f"redoing model {index}: {path}: corrupted cache file ({type(exc).__name__}: {exc})")
-            path.unlink(missing_ok=True)
-            return None
+                evidence = {k.removeprefix(EVIDENCE): archive[k] for k in files if k.startswith(EVIDENCE)}
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error) as exc:
+            # a truncated or damaged zip, bad JSON, a missing array: the file cannot be used
+            return self._redo(index, f"corrupted cache file ({type(exc).__name__}: {str(exc)[:120]})")
+        if key != self.key:
+            return self._redo(index, "made under another key (quantizer, config, plan or calibration)")
+        if source != self.pool.store.record(index).weights_sha256:
+            return self._redo(index, "quantized from other pool weights")
+        problem = self._problem(index, scores, predictions, audit, evidence)
+        if problem:
+            return self._redo(index, problem)
+        return ModelOutputs(scores, predictions, audit, evidence)
+
+    def _problem(self, index: int, scores: np.ndarray, predictions: np.ndarray, audit: list[LayerAudit],
+                 evidence: dict[str, np.ndarray]) -> str | None:
+        """Why arrays read from a cache file are not outputs a quantization of this plan gives, or None."""
+        dataset = self.pool.dataset
+        expected = (len(dataset.pool), len(self.pool.spec.queries))
+        if scores.dtype.kind != "f" or scores.shape != expected or not np.isfinite(scores).all():
+            return f"scores: {scores.dtype} {scores.shape}, expected finite floats of shape {expected}"
+        if predictions.dtype.kind not in "iu" or predictions.ndim != 1 or (
+                predictions.size and (predictions.min() < 0 or predictions.max() >= dataset.num_classes)):
+            return f"test_predictions: {predictions.dtype} {predictions.shape}, expected classes 0-{dataset.num_classes - 1}"
+        if not audit or any(not a.passed for a in audit) or audit_problems(audit, str(self.plan)):
+            return "audit: not a passed audit of this plan"
+        if any(not k.startswith(f"{index}::") for k in evidence):
+            return f"evidence: holds weights of another model than {index}"
+        return None
+
+    def _redo(self, index: int, reason: str) -> None:
+        path = self.path(index)
+        self.progress.log(f"redoing model {index}: {path}: {reason}")
+        path.unlink(missing_ok=True)
+        return None
 
     def save(self, index: int, outputs: ModelOutputs) -> None:
         write_npz_atomic(self.path(index), {
+            "key_json": np.array(self.key),
             "scores": outputs.scores, "test_predictions": outputs.test_predictions,
             "pool_weights_sha256": np.array(self.pool.store.record(index).weights_sha256),
             "audit_json": np.array(json.dumps([a.model_dump(mode="json") for a in outputs.audit])),
