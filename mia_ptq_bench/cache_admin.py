@@ -53,20 +53,22 @@ def _children(folder: Path) -> list[os.DirEntry]:
     try:
         with os.scandir(folder) as listing:
             return sorted(listing, key=lambda e: e.name)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # missing, not a folder, or unreadable: nothing the cache can list there
         return []
 
 
-def _link(kind: str, entry: os.DirEntry) -> CacheEntry:
-    """A symbolic link where the cache keeps folders: not followed, listed so that clear removes the link only."""
-    return CacheEntry(kind, Path(entry.path), "", f"a symbolic link (to {os.readlink(entry.path)}), not followed", 1, 0)
+def _link(kind: str, entry: os.DirEntry, pool_folder: str) -> CacheEntry:
+    """A symbolic link where the cache keeps folders: not followed, listed (under the task its pool folder
+    names) so that clear removes the link only."""
+    return CacheEntry(kind, Path(entry.path), pool_folder.rsplit("-", 1)[0],
+                      f"a symbolic link (to {os.readlink(entry.path)}), not followed", 1, 0)
 
 
 def list_cache(cache_dir: Path) -> list[CacheEntry]:
     entries = []
     for found in _children(Path(cache_dir) / "pools"):
         if found.is_symlink():
-            entries.append(_link("pool", found))
+            entries.append(_link("pool", found, found.name))
             continue
         if not found.is_dir(follow_symlinks=False):
             continue
@@ -90,13 +92,15 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
         files, size = _size(pool)
         entries.append(CacheEntry("pool", pool, task, f"{done}/{n_models} models{origin}", files, size))
     # quantized/<pool folder>/<quantizer>/<plan>: three levels, none of them entered through a link
+    # (pools/ and quantized/ themselves are followed if they are links: where the cache keeps them is the user's)
     levels = [[Path(cache_dir) / "quantized"]]
-    for _ in range(3):
+    for depth in range(3):
         below = []
         for folder in levels[-1]:
             for found in _children(folder):
                 if found.is_symlink():
-                    entries.append(_link("quantized", found))
+                    pool_folder = found.name if depth == 0 else Path(found.path).parents[depth - 1].name
+                    entries.append(_link("quantized", found, pool_folder))
                 elif found.is_dir(follow_symlinks=False):
                     below.append(Path(found.path))
         levels.append(below)

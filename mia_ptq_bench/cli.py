@@ -444,15 +444,16 @@ def leaderboard_build(
                                                             "one GitHub Actions builds, else no link)")] = None,
 ) -> None:
     """Render every validated result under submissions/ into a static site."""
-    from .board.build import build_site, repository_url
+    from .board.build import build_site, check_out, repository_url
 
     def action() -> None:
         if not submissions.is_dir():
             raise BenchError(f"{submissions}: no such folder (give --submissions the folder that holds the "
                              "submission folders)")
-        checks = _site_checks(submissions, _cache_dir(cache_dir), data_root, download) if recompute else None
         if repository is not None and repository_url(repository) is None:
             raise BenchError(f"--repository: {repository!r} is not an http(s) URL")
+        check_out(submissions, out)  # before any recomputation, which can take long
+        checks = _site_checks(submissions, _cache_dir(cache_dir), data_root, download) if recompute else None
         summary = build_site(submissions, out, checks, repository)
         for line in summary["skipped"]:
             errors.print(f"[yellow]left out:[/] {one_line(line)}", highlight=False, soft_wrap=True)

@@ -104,8 +104,9 @@ def test_cache_clear_removes_a_link_and_never_what_it_points_to(tmp_path, level:
     where[level].parent.mkdir(parents=True)
     where[level].symlink_to(outside, target_is_directory=True)
     listed = list_cache(cache)
-    assert [(e.path, e.detail) for e in listed] == [(where[level], f"a symbolic link (to {outside}), not followed")]
-    assert [e.path for e in clear_cache(cache)] == [where[level]]
+    assert [(e.path, e.task, e.detail) for e in listed] == [
+        (where[level], "tiny-digits", f"a symbolic link (to {outside}), not followed")]
+    assert [e.path for e in clear_cache(cache, task="tiny-digits")] == [where[level]]
     assert not where[level].is_symlink() and (outside / "precious" / "data" / "file.txt").read_text() == "keep"
 
 

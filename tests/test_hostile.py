@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import time
 import zipfile
@@ -786,6 +787,31 @@ def test_the_site_never_replaces_a_folder_it_did_not_build(subs: Path, tmp_path:
     assert result.stderr.startswith(f"error: {out}: the site would ") or \
         result.stderr.startswith(f"error: {out}: a folder that holds files but no .mptq-site"), result.stderr
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing removed, nothing left behind
+
+
+def test_the_site_folder_problems_are_one_line_and_a_killed_swap_is_recovered(
+        subs: Path, tmp_path: Path) -> None:
+    from mia_ptq_bench.board import build as build_module
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    result = cli.invoke(app, ["leaderboard", "build", "--submissions", str(subs), "--out", str(blocker / "site")])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+    out = tmp_path / "site"
+    build_module.build_site(subs, out)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # as mkdir makes it, not mkdtemp's 0700
+    pages = sorted(p.relative_to(out) for p in out.rglob("*"))
+    (out / build_module.SITE_MARKER).unlink()  # a site built before the marker existed is still a site
+    build_module.build_site(subs, out)
+    # a build killed between its two renames: the old site set aside, no site in place, a staging folder left
+    out.rename(tmp_path / ".site.old-k2j4h")
+    (tmp_path / ".site.building-x9").mkdir()
+    result = cli.invoke(app, ["leaderboard", "build", "--submissions", str(subs), "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == pages
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "site", "submissions"]
 
 
 def test_a_site_is_replaced_by_the_next_build_and_kept_if_the_swap_fails(

@@ -486,7 +486,7 @@ def test_a_self_reported_point_is_drawn_hollow_and_cannot_stretch_the_axes() -> 
     both = str(privacy_utility([*honest, claims], "t", 1e-4, "k"))
     centres = re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="5" ([^>]*)>', both)
     assert re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="5"', alone) == [c[:2] for c in centres[:2]]
-    assert 'fill="none"' in centres[2][2] and 'class="point self-reported"' in centres[2][2]
+    assert 'style="stroke:#123456"' in centres[2][2] and 'class="point self-reported"' in centres[2][2]
     assert float(centres[2][0]) == max(float(c[0]) for c in centres)  # clamped to the right edge of the range
     assert "claims (self-reported)" in both and "self-reported (not recomputed" in both
 

@@ -252,7 +252,8 @@ def test_a_class_name_that_no_import_can_find_is_rejected_without_running_code(s
     ("display_name", "Rounding \u202eQTPG"),  # shown as "GPTQ", and every tag after it in its cell reversed
     ("description", "fine\u200b"),
     ("config", {"note": "x\u2066y"}),
-], ids=["bidi-override", "zero-width", "config-isolate"])
+    ("config", {"note\x07": "bell"}),
+], ids=["bidi-override", "zero-width", "config-isolate", "config-control-in-a-key"])
 def test_metadata_with_invisible_characters_is_rejected(submission: Path, where: str, value) -> None:
     path = submission / "submission.yaml"
     spec = yaml.safe_load(path.read_text())
@@ -262,6 +263,15 @@ def test_metadata_with_invisible_characters_is_rejected(submission: Path, where:
         spec[where] = value
     path.write_text(yaml.safe_dump(spec, allow_unicode=True))
     _only_problem(submission, "invisible characters are not allowed")
+
+
+def test_joiners_and_soft_hyphens_of_honest_text_are_kept(submission: Path) -> None:
+    path = submission / "submission.yaml"
+    spec = yaml.safe_load(path.read_text())
+    spec["authors"][0]["name"] = "Fa\u200cdi"  # a zero-width non-joiner, as Persian spelling needs
+    spec["description"] = "quanti\u00adzation, \U0001F469\u200d\U0001F52C"  # a soft hyphen; an emoji sequence
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    assert validate_submission(submission) == []
 
 
 def test_bad_link_scheme_is_rejected(submission: Path) -> None:

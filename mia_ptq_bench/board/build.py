@@ -161,19 +161,49 @@ def build_site(submissions: Path, out: Path, checks: Mapping[Path, Check] | None
     (read-only, full disk) is one WriteError naming it.
     """
     out = Path(out)
-    _check_out(Path(submissions), out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    staging = None
     try:
+        check_out(Path(submissions), out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _recover(out)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the site from a web server's user
         summary = _build_site(Path(submissions), staging, checks, repository)
         _swap_in(staging, out)
         return {**summary, "out": out}
-    except WriteError:
+    except (WriteError, BenchError):
         raise
     except OSError as exc:
         raise WriteError(f"{exc.filename or out}: cannot write the site: {exc.strerror or exc}") from None
     finally:  # a build that failed half-way leaves nothing behind (a finished one renamed its staging folder)
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _recover(out: Path) -> None:
+    """What a build killed mid-way left beside ``out``: its staging folders go; a site it had set aside
+    while swapping is put back if ``out`` is missing."""
+    for left in sorted(out.parent.glob(f".{out.name}.building-*")):
+        shutil.rmtree(left, ignore_errors=True)
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if not out.exists() and (old / SITE_MARKER).is_file():
+            old.rename(out)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# The files every site holds: a folder with all of them was built by this command, before the marker existed.
+SITE_LAYOUT = ("index.html", "boards", "entries", "style.css")
+
+
+def check_out(submissions: Path, out: Path) -> None:
+    """Refuse, as one BenchError, an ``--out`` the build must not replace (see ``build_site``)."""
+    try:
+        _check_out(submissions, out)
+    except OSError as exc:
+        raise BenchError(f"{out}: cannot be checked as the site's folder: {exc.strerror or exc}") from None
 
 
 def _check_out(submissions: Path, out: Path) -> None:
@@ -187,7 +217,8 @@ def _check_out(submissions: Path, out: Path) -> None:
                          "which it is built from; give a folder of its own (e.g. --out site)")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise BenchError(f"{out}: not a folder; refused (give a new folder, or a site this command built)")
-    if out.is_dir() and any(out.iterdir()) and not (out / SITE_MARKER).is_file():
+    if out.is_dir() and any(out.iterdir()) and not (out / SITE_MARKER).is_file() and \
+            not all((out / name).exists() for name in SITE_LAYOUT):
         raise BenchError(f"{out}: a folder that holds files but no {SITE_MARKER} (not a site this command built); "
                          "it would be replaced whole: move it away or give another --out")
 

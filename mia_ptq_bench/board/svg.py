@@ -176,7 +176,8 @@ def privacy_utility(points: list[Point], title: str, floor: float, key: str) -> 
         parts.append(f'<line x1="{cx:.1f}" y1="{y_at(p.y_low):.1f}" x2="{cx:.1f}" y2="{y_at(p.y_high):.1f}" '
                      f'stroke="{p.colour}" class="errorbar"/>')
         shape = "point self-reported" if p.self_reported else "point pareto" if p.pareto else "point"
-        fill = f'fill="none" stroke="{p.colour}"' if p.self_reported else f'fill="{p.colour}"'
+        # The stylesheet strokes points white: a hollow point carries its colour in an inline style, which wins.
+        fill = f'fill="#fff" style="stroke:{p.colour}"' if p.self_reported else f'fill="{p.colour}"'
         parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" {fill} class="{shape}" '
                      f'data-entry="{escape(p.label)}"><title>{escape(_point_text(p))}</title></circle>')
     parts.append("</svg>")

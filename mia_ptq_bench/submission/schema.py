@@ -31,7 +31,7 @@ class Strict(BaseModel):
         """Metadata is shown on the site and printed by the CLI: no control characters but a description's line
         breaks and tabs, and no invisible ones (a bidi override would show the text after it reversed)."""
         if isinstance(value, str):
-            found = hidden_characters(value, "\n\t" if info.field_name == "description" else "")
+            found = hidden_characters(value, IN_TEXT + ("\n\t" if info.field_name == "description" else ""))
             if found:
                 raise ValueError(f"holds {', '.join(found[:3])}: control or invisible characters are not allowed")
         return value
@@ -45,13 +45,32 @@ def checked_config(config: dict[str, Any]) -> dict[str, Any]:
     problem = plain_data_problem(config, CONFIG_DEPTH)
     if problem:
         raise ValueError(problem)
-    found = hidden_characters(json.dumps(config, ensure_ascii=False))  # json writes controls as escapes already
+    found = _hidden_in(config)
     if found:
-        raise ValueError(f"holds {', '.join(found[:3])}: invisible characters are not allowed")
+        raise ValueError(f"holds {', '.join(found[:3])}: control or invisible characters are not allowed")
     size = len(json.dumps(config, indent=2, sort_keys=True))
     if size > CONFIG_JSON_BYTES:
         raise ValueError(f"{size} bytes as JSON, more than the {CONFIG_JSON_BYTES} allowed")
     return config
+
+
+# Joiners and the soft hyphen are invisible but belong to honest text (Persian and Indic spelling, emoji
+# sequences, hyphenation): metadata keeps them. Bidi controls and the other invisible characters are refused.
+IN_TEXT = "\u200c\u200d\u00ad"
+
+
+def _hidden_in(value: Any) -> list[str]:
+    """The control and invisible characters of every string key and value in plain data."""
+    found, stack = [], [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found += hidden_characters(item, IN_TEXT)
+        elif isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+    return list(dict.fromkeys(found))
 
 
 # Every string is bounded: the metadata is rendered on the site and printed by the CLI.
