@@ -92,7 +92,8 @@ class OutputStore:
                 scores, predictions = archive["scores"], archive["test_predictions"]
                 audit = [LayerAudit.model_validate(x) for x in json.loads(str(archive["audit_json"]))]
                 evidence = {k.removeprefix(EVIDENCE): archive[k] for k in files if k.startswith(EVIDENCE)}
-        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error) as exc:
+        except (OSError, EOFError, ValueError, KeyError, TypeError, RuntimeError, NotImplementedError,
+                zipfile.BadZipFile, zlib.error) as exc:
             # a truncated or damaged zip, bad JSON, a missing array: the file cannot be used
             return self._redo(index, f"corrupted cache file ({type(exc).__name__}: {str(exc)[:120]})")
         if key != self.key:
