@@ -83,6 +83,13 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def temporary_folder(prefix: str, parent: Path) -> Path:
+    """A new uniquely named folder in ``parent`` with the permissions mkdir would give it (mkdtemp makes 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(folder, 0o777 & ~_UMASK)
+    return folder
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     write_atomic(path, lambda handle: handle.write(data))
 

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-from ..atomic import write_text_atomic
+from ..atomic import temporary_folder, write_text_atomic
 from ..errors import BenchError, WriteError
 from ..spec import load_registered_task
 from .collect import STRONGEST, Check, Collected, collect
@@ -166,10 +166,7 @@ def build_site(submissions: Path, out: Path, checks: Mapping[Path, Check] | None
         check_out(Path(submissions), out)
         out.parent.mkdir(parents=True, exist_ok=True)
         _recover(out)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the site from a web server's user
+        staging = temporary_folder(f".{out.name}.building-", out.parent)  # readable by a web server's user
         summary = _build_site(Path(submissions), staging, checks, repository)
         _swap_in(staging, out)
         return {**summary, "out": out}
