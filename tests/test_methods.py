@@ -17,7 +17,7 @@ from mia_ptq_bench.quantize import QUANTIZERS, Calibration, audit_model
 from mia_ptq_bench.quantize.grid import fit_grid
 from mia_ptq_bench.quantize.audit import distinct_per_row
 from mia_ptq_bench.quantize.calibration import calibration_count, calibration_set
-from mia_ptq_bench.quantize.obs import (NumericalError, gptq_quantize, inverse_hessian, obc_quantize, obc_quantize_many,
+from mia_ptq_bench.quantize.obs import (NumericalError, gptq_quantize, gptq_quantize_many, inverse_hessian, obc_quantize, obc_quantize_many,
                                         round_to_grid)
 from mia_ptq_bench.quantize.rounding import RoundingSchedule, learn_rounding
 from mia_ptq_bench.quantize.units import block_units, capture, layer_units
@@ -234,6 +234,35 @@ def test_gptq_act_order_is_a_permutation_of_the_same_procedure() -> None:
     ours = gptq_quantize(w, h, grid, act_order=True, rel_damp=0.0, dtype=torch.float64)
     permuted = brute_force_gptq(w[:, order], h[order][:, order], grid.scale.double(), grid.zero_point.double(), 4)
     torch.testing.assert_close(ours[:, order], permuted, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_of_several_models_at_once_is_each_models_own_least_squares(act_order: bool) -> None:
+    # Three models' versions of one layer, block size 2 so the lazy update between blocks runs;
+    # with act_order each model has its own column order.
+    layers = [tiny_layer(seed, rows=4, columns=7) for seed in (1, 2, 3)]
+    grids = [fit_grid(w, 4) for w, _ in layers]
+    together = gptq_quantize_many([w for w, _ in layers], [h for _, h in layers], grids, block_size=2, rel_damp=0.0,
+                                  act_order=act_order, dtype=torch.float64)
+    for (w, h), grid, q in zip(layers, grids, together):
+        order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])
+        expected = brute_force_gptq(w[:, order], h[order][:, order], grid.scale.double(), grid.zero_point.double(), 4)
+        torch.testing.assert_close(q[:, order], expected, rtol=0, atol=1e-9)
+
+
+def test_gptq_of_several_models_at_once_damps_only_the_singular_hessian() -> None:
+    # The second model's H = [[4, 4], [4, 4]] factorises exactly to a zero pivot (see the fallback test
+    # below): it alone takes the fallback damping; the first model's result is as if swept alone.
+    w = torch.tensor([[0.3, -0.7], [1.1, 0.2]], dtype=torch.float64)
+    regular = torch.tensor([[1.0, -0.9], [-0.9, 1.0]], dtype=torch.float64)
+    singular = torch.tensor([[4.0, 4.0], [4.0, 4.0]], dtype=torch.float64)
+    grid = fit_grid(w, 3)
+    first, second = gptq_quantize_many([w, w], [regular, singular], [grid, grid], rel_damp=0.0, dtype=torch.float64)
+    assert torch.equal(first, gptq_quantize(w, regular, grid, rel_damp=0.0, dtype=torch.float64))
+    assert torch.equal(second, gptq_quantize(w, singular, grid, rel_damp=0.0, dtype=torch.float64))
+    assert not torch.equal(first, second)
+    with pytest.raises(ValueError, match="same weight shape"):
+        gptq_quantize_many([w, w[:, :1]], [regular, regular[:1, :1]], [grid, grid])
 
 
 @pytest.mark.parametrize("levels", [4, 16])

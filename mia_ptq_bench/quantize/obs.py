@@ -204,26 +204,50 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, bl
                   rel_damp: float = 0.01, act_order: bool = False, fallback_damp: float = 0.1,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """GPTQ: columns in a fixed order (or by decreasing Hessian diagonal), lazy block updates."""
-    w, h = _prepare(weight, hessian, rel_damp, dtype)
-    columns = w.shape[1]
-    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(columns, device=w.device)
-    w, h = w[:, order], h[order][:, order]
-    # Upper Cholesky factor of H^-1: row i holds the update coefficients once columns < i are fixed.
-    hinv = torch.linalg.cholesky(inverse_hessian(h, fallback_damp), upper=True)
-    scale, zero = grid.scale.to(dtype), grid.zero_point.to(dtype)
+    return gptq_quantize_many([weight], [hessian], [grid], block_size=block_size, rel_damp=rel_damp,
+                              act_order=act_order, fallback_damp=fallback_damp, dtype=dtype)[0]
+
+
+def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor], grids: list[Grid], *,
+                       block_size: int = 128, rel_damp: float = 0.01, act_order: bool = False,
+                       fallback_damp: float = 0.1, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """``gptq_quantize`` of the same layer in several models (same shape; each its own weight, Hessian and grid) at once.
+
+    The column loop runs once for all models: each step's arithmetic is elementwise on a
+    (models, rows) array, the same operations on the same numbers as a model alone gets, so the
+    per-column overhead (a dozen small operations, the sweep's cost on small layers) is paid once.
+    The lazy update at a block's end stays one product per model, the very product a model alone
+    computes, so the result is each model's own.
+    """
+    prepared = [_prepare(w, h, rel_damp, dtype) for w, h in zip(weights, hessians)]
+    if len({w.shape for w, _ in prepared}) != 1 or len({g.levels for g in grids}) != 1:
+        raise ValueError("one layer: the same weight shape and number of levels in every model")
+    columns = prepared[0][0].shape[1]
+    device = prepared[0][0].device
+    orders = [torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(columns, device=device)
+              for _, h in prepared]
+    w = torch.stack([w[:, order] for (w, _), order in zip(prepared, orders)])  # (models, rows, K)
+    # Upper Cholesky factors of H^-1: row i holds the update coefficients once columns < i are fixed.
+    hinv = torch.stack([torch.linalg.cholesky(inverse_hessian(h[order][:, order], fallback_damp), upper=True)
+                        for (_, h), order in zip(prepared, orders)])
+    scale = torch.stack([g.scale.to(dtype)[:, 0] for g in grids])  # (models, rows)
+    zero = torch.stack([g.zero_point.to(dtype)[:, 0] for g in grids])
+    levels = grids[0].levels
     q = torch.zeros_like(w)
     for c1 in range(0, columns, block_size):
         c2 = min(c1 + block_size, columns)
-        block = w[:, c1:c2].clone()
+        block = w[:, :, c1:c2].clone()
         errors = torch.zeros_like(block)
-        hblock = hinv[c1:c2, c1:c2]
+        hblock = hinv[:, c1:c2, c1:c2]
         for i in range(c2 - c1):
-            column = block[:, i]
-            quantized = round_to_grid(column, scale[:, 0], zero[:, 0], grid.levels)
-            q[:, c1 + i] = quantized
-            err = (column - quantized) / hblock[i, i]
-            block[:, i:] -= err.unsqueeze(1) * hblock[i, i:].unsqueeze(0)
-            errors[:, i] = err
-        w[:, c2:] -= errors @ hinv[c1:c2, c2:]
-    inverse = torch.argsort(order)
-    return q[:, inverse].to(weight.dtype).view_as(weight)
+            column = block[:, :, i]
+            quantized = round_to_grid(column, scale, zero, levels)
+            q[:, :, c1 + i] = quantized
+            err = (column - quantized) / hblock[:, i, i].unsqueeze(1)
+            block[:, :, i:] -= err.unsqueeze(2) * hblock[:, i, i:].unsqueeze(1)
+            errors[:, :, i] = err
+        if c2 < columns:
+            for m in range(len(prepared)):
+                w[m, :, c2:] -= errors[m] @ hinv[m, c1:c2, c2:]
+    return [q[m][:, torch.argsort(order)].to(weight.dtype).view_as(weight)
+            for m, (weight, order) in enumerate(zip(weights, orders))]

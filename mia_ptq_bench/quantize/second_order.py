@@ -14,7 +14,7 @@ from .base import register_quantizer
 from .calibration import Calibration
 from .common import CalibratedQuantizer, GridConfig, set_weight
 from .memo import content_key
-from .obs import HessianAccumulator, NumericalError, accumulate_hessians, gptq_quantize, obc_quantize_many
+from .obs import HessianAccumulator, NumericalError, accumulate_hessians, gptq_quantize_many, obc_quantize_many
 from .units import ForwardCursor, Unit, call_order, carry_fits, forward_plan
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -223,6 +223,11 @@ class GPTQ(_SecondOrder):
     study_bn = "keep"
 
     def sweep(self, weight, hessian, grid):
+        return self.sweep_many([weight], [hessian], [grid])[0]
+
+    def sweep_many(self, weights, hessians, grids):
+        # One column loop for every model (obs.gptq_quantize_many): each model's own result, with the
+        # per-column overhead shared.
         cfg: GPTQConfig = self.config  # type: ignore[assignment]
-        return gptq_quantize(weight, hessian, grid, block_size=cfg.block_size, rel_damp=cfg.rel_damp,
-                             act_order=cfg.act_order, fallback_damp=cfg.fallback_damp, dtype=DTYPES[cfg.dtype])
+        return gptq_quantize_many(weights, hessians, grids, block_size=cfg.block_size, rel_damp=cfg.rel_damp,
+                                  act_order=cfg.act_order, fallback_damp=cfg.fallback_damp, dtype=DTYPES[cfg.dtype])
