@@ -5,7 +5,7 @@ Layout under the cache folder ($MPTQ_CACHE or ~/.cache/mia-ptq-bench)::
     pools/<task>-<pool hash[:12]>/          one pool (see pool/store.py): pool.json, keep.npy,
                                             models/model-NNNN.{safetensors,json}, scores/model-NNNN.npy,
                                             source.json when the pool was pulled from the Hub
-    quantized/<pool folder>/<quantizer>-<config hash[:12]>/<plan>-cal<calibration hash[:8]>[-n<count>]-v<format>/model-NNNN.npz
+    quantized/<pool folder>/<quantizer>-<config hash[:12]>/<plan>-cal<calibration hash[:8]>[-n<count>]-env<environment hash[:8]>-v<format>/model-NNNN.npz
                                             one quantized model's scores, test predictions, audit and
                                             weights, with the whole key it was made under (checked on reading)
 

@@ -35,7 +35,8 @@ from .pool.train import init_model
 from .quantize import QUANTIZERS
 from .quantize.batchnorm import fold_batchnorm
 from .quantize.evidence import decode_model, encode_model, model_indices
-from .quantize.outputs import ModelOutputs, OutputStore, predicted_classes, quantized_outputs, reference_outputs
+from .quantize.outputs import (ModelOutputs, OutputStore, environment_key, predicted_classes, quantized_outputs,
+                               reference_outputs)
 from .results.compare import Comparison, compare_results
 from .results.compute import build_evaluation
 from .results.io import EVIDENCE_CAP, load_evidence
@@ -238,7 +239,7 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
         shadows["same-quantizer"] = ShadowSet(np.stack([outputs[int(m)].scores for m in models]), models)
     if "rtn" in {c.shadows for c in candidates} and not plan.is_full_precision:  # built-in: the checker runs it
         rtn = QUANTIZERS.get("rtn")()
-        store = OutputStore(cache_dir, pool, rtn, plan)
+        store = OutputStore(cache_dir, pool, rtn, plan, environment_key(device))
         rtn_outputs = quantized_outputs(pool, [int(m) for m in models], rtn, plan, test, store, device)
         shadows["rtn"] = ShadowSet(np.stack([rtn_outputs[int(m)].scores for m in models]), models)
     target_scores = np.stack([outputs[int(t)].scores for t in targets])

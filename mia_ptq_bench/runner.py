@@ -40,7 +40,7 @@ from .pool import Pool, PoolStore, build_pool
 from .pool.hub import pool_source, pull_pool
 from .progress import Progress, SilentProgress
 from .quantize import QUANTIZERS, Quantizer
-from .quantize.outputs import ModelOutputs, OutputStore, quantize_unit, reference_outputs
+from .quantize.outputs import ModelOutputs, OutputStore, environment_key, quantize_unit, reference_outputs
 from .results.compute import build_evaluation
 from .results.io import EVIDENCE_CAP, evidence_path, result_path, write_evidence, write_result
 from .results.schema import ArraysRef, Environment, EvidenceRef, PoolSourceRef, QuantizerRef, Result, TaskRef
@@ -118,7 +118,8 @@ def quantize_models(context: RunContext, pool: Pool, quantizer: Quantizer, plan:
                     options: RunOptions, progress: Progress, role: str = "") -> dict[int, ModelOutputs]:
     """Outputs of ``indices`` quantized at ``plan``: the cached ones loaded, the rest run as units in groups.
     ``role``: what these models are for, when not the method's own (shown in the progress line)."""
-    store = OutputStore(options.cache_dir, pool, quantizer, plan, progress)
+    made_in = environment_key(options.device)
+    store = OutputStore(options.cache_dir, pool, quantizer, plan, made_in, progress)
     outputs = {i: cached for i in indices if (cached := store.load(i)) is not None}
     todo = [i for i in indices if i not in outputs]
     step = options.quantize_group
@@ -126,7 +127,7 @@ def quantize_models(context: RunContext, pool: Pool, quantizer: Quantizer, plan:
     key = f"quantize-{plan}"
     doing = f"quantize + score {len(todo)} of {len(indices)} models" if todo else f"all {len(indices)} models cached"
     progress.start(key, f"{quantizer.name} {plan}{role}: {doing}", len(groups))
-    options.executor.map(partial(quantize_unit, context, quantizer, str(plan)), groups,
+    options.executor.map(partial(quantize_unit, context, quantizer, str(plan), made_in), groups,
                          gpus=1 if torch.device(options.device).type == "cuda" else 0, progress=progress, key=key,
                          describe=lambda group: f"{plan} models {group[0]}-{group[-1]}")
     for index in todo:  # written by the units, possibly in other processes

@@ -307,7 +307,7 @@ def test_corrupted_quantized_cache_is_redone(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage, reason", [
-    ("moved", "made under another key (quantizer, config, plan or calibration)"),
+    ("moved", "made under another key (quantizer, config, plan, calibration or environment)"),
     ("nan", "scores: float64"),
 ], ids=["another-plan-s-file", "non-finite-scores"])
 def test_a_cache_file_that_is_not_this_plan_s_outputs_is_redone(tmp_path: Path, damage: str, reason: str) -> None:

@@ -352,7 +352,7 @@ def test_quantized_outputs_of_other_pool_weights_are_redone(tiny_task, tmp_path:
     import dataclasses
 
     from mia_ptq_bench.quantize import QUANTIZERS
-    from mia_ptq_bench.quantize.outputs import ModelOutputs, OutputStore
+    from mia_ptq_bench.quantize.outputs import ModelOutputs, OutputStore, environment_key
     from mia_ptq_bench.spec import PrecisionPlan
 
     from mia_ptq_bench.models import quantizable_layers
@@ -360,7 +360,7 @@ def test_quantized_outputs_of_other_pool_weights_are_redone(tiny_task, tmp_path:
 
     pool = build_pool(tiny_task, load_dataset(tiny_task.dataset), tmp_path)
     plan = PrecisionPlan.parse("w2")
-    store = OutputStore(tmp_path, pool, QUANTIZERS.get("rtn")(), plan)
+    store = OutputStore(tmp_path, pool, QUANTIZERS.get("rtn")(), plan, environment_key("cpu"))
     layers = quantizable_layers(pool.load_model(0, "cpu"))
     audit = [LayerAudit.measured(name, plan.bits_for(i, len(layers)), 4, int(layer.weight.shape[0]))
              for i, (name, layer) in enumerate(layers)]
@@ -371,6 +371,36 @@ def test_quantized_outputs_of_other_pool_weights_are_redone(tiny_task, tmp_path:
     retrained = dataclasses.replace(record, weights_sha256="0" * 64)
     pool.store.record = lambda index: retrained  # the pool model now has other weights
     assert store.load(0) is None and not store.path(0).exists()
+
+
+def test_quantized_outputs_of_another_environment_are_kept_apart(tiny_task, tmp_path: Path, monkeypatch) -> None:
+    """A result records the environment it ran in: outputs cached under another one (a torch upgrade, another
+    processor, another device) are neither reused nor deleted, and this environment's are made beside them."""
+    from mia_ptq_bench.environment import environment
+    from mia_ptq_bench.models import quantizable_layers
+    from mia_ptq_bench.quantize import QUANTIZERS, outputs as outputs_module
+    from mia_ptq_bench.quantize.outputs import ModelOutputs, OutputStore, environment_key
+    from mia_ptq_bench.spec import PrecisionPlan
+    from mia_ptq_bench.spec.audit import LayerAudit
+
+    pool = build_pool(tiny_task, load_dataset(tiny_task.dataset), tmp_path)
+    plan = PrecisionPlan.parse("w2")
+    layers = quantizable_layers(pool.load_model(0, "cpu"))
+    audit = [LayerAudit.measured(name, plan.bits_for(i, len(layers)), 4, int(layer.weight.shape[0]))
+             for i, (name, layer) in enumerate(layers)]
+    here = OutputStore(tmp_path, pool, QUANTIZERS.get("rtn")(), plan, environment_key("cpu"))
+    here.save(0, ModelOutputs(np.zeros((pool.keep.shape[1], len(tiny_task.queries))), np.zeros(3, dtype=np.int64), audit))
+    assert OutputStore(tmp_path, pool, QUANTIZERS.get("rtn")(), plan, environment_key("cpu")).load(0) is not None
+
+    upgraded = {**environment("cpu"), "packages": {**environment("cpu")["packages"], "torch": "99.0"}}
+    monkeypatch.setattr(outputs_module, "environment", lambda device: upgraded)
+    there = OutputStore(tmp_path, pool, QUANTIZERS.get("rtn")(), plan, environment_key("cpu"))
+    assert there.root != here.root and there.load(0) is None
+    assert here.path(0).exists()  # the other environment's outputs stay for it
+    # a file moved into this environment's folder is refused by the key it records, and redone
+    there.root.mkdir(parents=True)
+    here.path(0).rename(there.path(0))
+    assert there.load(0) is None and not there.path(0).exists()
 
 
 def test_hflip_query_mirrors_left_right_and_the_pool_scores_it(tiny_task, tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """What the evaluation keeps of a model: its scores on the pool, its test predictions and its audit.
 
 Quantized outputs are cached per model (one .npz each) under a key of the pool, the
-quantizer's config, the plan and the calibration spec, so an interrupted run resumes
-where it stopped and a rerun costs nothing.
+quantizer's config, the plan, the calibration spec and the environment, so an interrupted run
+resumes where it stopped and a rerun costs nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from ..atomic import content_hash, write_npz_atomic
 from ..context import RunContext
 from ..data import Split
+from ..environment import environment
 from ..data.splits import evaluation_test_split
 from ..errors import BenchError
 from ..inference import predict_logits, score_split
@@ -45,11 +46,23 @@ class ModelOutputs:
     evidence: dict[str, np.ndarray] = field(default_factory=dict)  # the quantized weights (quantize/evidence.py)
 
 
+def environment_key(device: str) -> str:
+    """A hash of the environment a result records (package versions, processor, threads, device...).
+
+    That environment is the one its numbers were computed in (docs/reproducibility.md: the same
+    environment gives the same bits), so outputs made under another one are kept apart in the cache,
+    never mixed into a result that names this one.
+    """
+    return content_hash(environment(device))
+
+
 class OutputStore:
     """Quantized-model outputs, one .npz per model, keyed by pool, quantizer config, plan and calibration."""
 
-    def __init__(self, cache_dir: Path, pool: Pool, quantizer: Quantizer, plan: PrecisionPlan,
+    def __init__(self, cache_dir: Path, pool: Pool, quantizer: Quantizer, plan: PrecisionPlan, made_in: str,
                  progress: Progress | None = None) -> None:
+        """``made_in``: ``environment_key`` of the run's device, taken once by the process that writes the
+        result (a worker writing outputs for it uses the same folder and key)."""
         spec = pool.spec
         self.progress = progress or SilentProgress()
         described = quantizer.describe()
@@ -67,11 +80,12 @@ class OutputStore:
         self.pool = pool
         self.plan = plan
         self.root = (Path(cache_dir) / "quantized" / pool.store.root.name /
-                     f"{quantizer.name}-{key[:12]}" / f"{plan}-cal{calibration[:8]}{capped}-v{FORMAT}")
+                     f"{quantizer.name}-{key[:12]}" / f"{plan}-cal{calibration[:8]}{capped}-env{made_in[:8]}-v{FORMAT}")
         # The whole key, which the folder names only by prefixes: each file carries it and must match it.
         self.key = json.dumps({"format": FORMAT, "pool": pool.store.root.name, "quantizer": described["name"],
                                "version": described["version"], "config_hash": described["config_hash"],
-                               "code": code, "plan": str(plan), "calibration": calibration, "capped": capped},
+                               "code": code, "plan": str(plan), "calibration": calibration, "capped": capped,
+                               "environment": made_in},
                               sort_keys=True)
 
     def path(self, index: int) -> Path:
@@ -97,7 +111,7 @@ class OutputStore:
             # a truncated or damaged zip, bad JSON, a missing array: the file cannot be used
             return self._redo(index, f"corrupted cache file ({type(exc).__name__}: {str(exc)[:120]})")
         if key != self.key:
-            return self._redo(index, "made under another key (quantizer, config, plan or calibration)")
+            return self._redo(index, "made under another key (quantizer, config, plan, calibration or environment)")
         if source != self.pool.store.record(index).weights_sha256:
             return self._redo(index, "quantized from other pool weights")
         problem = self._problem(index, scores, predictions, audit, evidence)
@@ -179,13 +193,15 @@ def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan
     return outputs
 
 
-def quantize_unit(context: RunContext, quantizer: Quantizer, plan: str, indices: tuple[int, ...]) -> list[int]:
-    """A unit of work: quantize a group of pool models into the output cache (the pool is read, never trained)."""
+def quantize_unit(context: RunContext, quantizer: Quantizer, plan: str, made_in: str,
+                  indices: tuple[int, ...]) -> list[int]:
+    """A unit of work: quantize a group of pool models into the output cache (the pool is read, never trained);
+    ``made_in``: the driver's ``environment_key``, so that the driver finds what its units wrote."""
     context.enter()
     pool = context.loaded("pool", lambda: build_pool(context.spec, context.dataset(), context.cache_dir,
                                                      context.device))
     test = context.loaded("test", lambda: evaluation_test_split(context.spec.calibration, pool.dataset))
     parsed = PrecisionPlan.parse(plan)
-    store = OutputStore(context.cache_dir, pool, quantizer, parsed)
+    store = OutputStore(context.cache_dir, pool, quantizer, parsed, made_in)
     quantized_outputs(pool, list(indices), quantizer, parsed, test, store, context.device)
     return list(indices)
