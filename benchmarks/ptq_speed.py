@@ -13,7 +13,7 @@ Trains ``--models`` pool models with the task's recipe (or loads them from a com
   (AdaRound/BRECQ: one model at a time, each step autograd through the soft weights with the
   regulariser a term of the loss, and each unit's inputs and targets from a forward pass of the
   calibration images stopped at the unit, as the study's code does; OBC: one row at a time on full-size
-  arrays; GPTQ: its own lazy 128-column blocks, as its reference code runs it; OBC and GPTQ: each
+  arrays; GPTQ: its own lazy 128-column blocks, as its reference code runs it, one model at a time; OBC and GPTQ: each
   convolution's Hessian from its whole im2col matrix in one product, as the reference codes do
   (ours slides blocks between kernel rows, ``quantize/gram.py``); RTN, and the grids
   and BatchNorm folding of every method: the same code given one model at a time).

@@ -250,6 +250,26 @@ def test_gptq_of_several_models_at_once_is_each_models_own_least_squares(act_ord
         torch.testing.assert_close(q[:, order], expected, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("batch_bytes", [1, None])  # one model per sweep, or all three in one
+def test_gptq_of_several_models_at_once_equals_each_alone_in_float32(act_order: bool, batch_bytes) -> None:
+    # float32 as evaluate runs it, 7 columns in blocks of 2 (the lazy update runs between blocks), and the
+    # second model with a dead input (a zero row and column of H) that the others do not have.
+    layers = [tiny_layer(seed, rows=4, columns=7) for seed in (4, 5, 6)]
+    dead = layers[1][1].clone()
+    dead[2, :] = 0
+    dead[:, 2] = 0
+    layers[1] = (layers[1][0], dead)
+    weights = [w.float() for w, _ in layers]
+    grids = [fit_grid(w, 4) for w in weights]
+    settings = dict(block_size=2, rel_damp=0.01, act_order=act_order, dtype=torch.float32)
+    together = gptq_quantize_many(weights, [h for _, h in layers], grids, batch_bytes=batch_bytes, **settings)
+    for weight, (_, h), grid, q in zip(weights, layers, grids, together):
+        assert q.dtype == torch.float32
+        assert torch.equal(q, gptq_quantize(weight, h, grid, **settings))
+    assert (together[1][:, 2] == 0).all()  # a dead input's weights are zeroed
+
+
 def test_gptq_of_several_models_at_once_damps_only_the_singular_hessian() -> None:
     # The second model's H = [[4, 4], [4, 4]] factorises exactly to a zero pivot (see the fallback test
     # below): it alone takes the fallback damping; the first model's result is as if swept alone.

@@ -403,6 +403,24 @@ def test_quantized_outputs_of_another_environment_are_kept_apart(tiny_task, tmp_
     assert there.load(0) is None and not there.path(0).exists()
 
 
+def test_a_unit_writes_its_outputs_under_the_key_its_driver_hands_it(tiny_task, tmp_path: Path) -> None:
+    """A worker process may see another environment than its driver (threads, settings): the driver's key
+    decides where the outputs go, so that the driver finds them."""
+    from mia_ptq_bench.context import RunContext
+    from mia_ptq_bench.quantize import QUANTIZERS
+    from mia_ptq_bench.quantize.outputs import OutputStore, environment_key, quantize_unit
+    from mia_ptq_bench.spec import PrecisionPlan
+
+    pool = build_pool(tiny_task, load_dataset(tiny_task.dataset), tmp_path)
+    driver_key = "d" * 64  # not this process's environment_key
+    assert environment_key("cpu") != driver_key
+    rtn = QUANTIZERS.get("rtn")()
+    assert quantize_unit(RunContext(tiny_task, tmp_path), rtn, "w2", driver_key, (1,)) == [1]
+    store = OutputStore(tmp_path, pool, rtn, PrecisionPlan.parse("w2"), driver_key)
+    assert store.root.name.endswith(f"-env{'d' * 8}-v3") and store.load(1) is not None
+    assert OutputStore(tmp_path, pool, rtn, PrecisionPlan.parse("w2"), environment_key("cpu")).load(1) is None
+
+
 def test_hflip_query_mirrors_left_right_and_the_pool_scores_it(tiny_task, tmp_path: Path) -> None:
     from mia_ptq_bench.inference import QUERIES
 

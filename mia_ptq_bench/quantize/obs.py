@@ -208,28 +208,53 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, bl
                               act_order=act_order, fallback_damp=fallback_damp, dtype=dtype)[0]
 
 
+# Models swept together by GPTQ are chosen so that their stacked inverse-Hessian factors take at most
+# about this many bytes (at least one model): small layers, where the per-column overhead is the cost,
+# go all at once; a large layer (ResNet18's last convolution: 81 MiB per model in float32) a few models
+# at a time. Results do not depend on it.
+GPTQ_BATCH_BYTES = 256 * 2**20
+
+
 def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor], grids: list[Grid], *,
                        block_size: int = 128, rel_damp: float = 0.01, act_order: bool = False,
-                       fallback_damp: float = 0.1, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+                       fallback_damp: float = 0.1, dtype: torch.dtype = torch.float32,
+                       batch_bytes: int | None = None) -> list[torch.Tensor]:
     """``gptq_quantize`` of the same layer in several models (same shape; each its own weight, Hessian and grid) at once.
 
-    The column loop runs once for all models: each step's arithmetic is elementwise on a
-    (models, rows) array, the same operations on the same numbers as a model alone gets, so the
-    per-column overhead (a dozen small operations, the sweep's cost on small layers) is paid once.
-    The lazy update at a block's end stays one product per model, the very product a model alone
-    computes, so the result is each model's own.
+    The column loop runs once for a batch of models (as many as fit in ``batch_bytes``,
+    ``GPTQ_BATCH_BYTES`` by default): each step's arithmetic is elementwise on a (models, rows)
+    array, the same operations on the same numbers as a model alone gets, so the per-column
+    overhead (a dozen small operations, the sweep's cost on small layers) is paid once. The lazy
+    update at a block's end stays one product per model, the very product a model alone computes,
+    so the result is each model's own.
     """
-    prepared = [_prepare(w, h, rel_damp, dtype) for w, h in zip(weights, hessians)]
-    if len({w.shape for w, _ in prepared}) != 1 or len({g.levels for g in grids}) != 1:
+    if len({tuple(w.shape) for w in weights}) != 1 or len({g.levels for g in grids}) != 1:
         raise ValueError("one layer: the same weight shape and number of levels in every model")
-    columns = prepared[0][0].shape[1]
-    device = prepared[0][0].device
-    orders = [torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(columns, device=device)
-              for _, h in prepared]
-    w = torch.stack([w[:, order] for (w, _), order in zip(prepared, orders)])  # (models, rows, K)
+    columns = weights[0][0].numel()
+    per_model = columns * columns * torch.empty((), dtype=dtype).element_size()
+    step = max(1, (GPTQ_BATCH_BYTES if batch_bytes is None else batch_bytes) // per_model)
+    out = []
+    for first in range(0, len(weights), step):
+        last = first + step
+        out += _gptq_sweep(weights[first:last], hessians[first:last], grids[first:last], block_size, rel_damp,
+                           act_order, fallback_damp, dtype)
+    return out
+
+
+def _gptq_sweep(weights, hessians, grids, block_size, rel_damp, act_order, fallback_damp, dtype) -> list[torch.Tensor]:
+    rows, columns = weights[0].shape[0], weights[0][0].numel()
+    device = weights[0].device
+    w = torch.empty(len(weights), rows, columns, dtype=dtype, device=device)
     # Upper Cholesky factors of H^-1: row i holds the update coefficients once columns < i are fixed.
-    hinv = torch.stack([torch.linalg.cholesky(inverse_hessian(h[order][:, order], fallback_damp), upper=True)
-                        for (_, h), order in zip(prepared, orders)])
+    hinv = torch.empty(len(weights), columns, columns, dtype=dtype, device=device)
+    orders = []
+    for m, (weight, hessian) in enumerate(zip(weights, hessians)):  # one model's temporaries at a time
+        prepared, h = _prepare(weight, hessian, rel_damp, dtype)
+        order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(columns, device=device)
+        w[m] = prepared[:, order]
+        hinv[m] = torch.linalg.cholesky(inverse_hessian(h[order][:, order], fallback_damp), upper=True)
+        orders.append(order)
+        del prepared, h
     scale = torch.stack([g.scale.to(dtype)[:, 0] for g in grids])  # (models, rows)
     zero = torch.stack([g.zero_point.to(dtype)[:, 0] for g in grids])
     levels = grids[0].levels
@@ -247,7 +272,7 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor]
             block[:, :, i:] -= err.unsqueeze(2) * hblock[:, i, i:].unsqueeze(1)
             errors[:, :, i] = err
         if c2 < columns:
-            for m in range(len(prepared)):
+            for m in range(len(weights)):
                 w[m, :, c2:] -= errors[m] @ hinv[m, c1:c2, c2:]
     return [q[m][:, torch.argsort(order)].to(weight.dtype).view_as(weight)
             for m, (weight, order) in enumerate(zip(weights, orders))]

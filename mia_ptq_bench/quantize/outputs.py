@@ -57,7 +57,7 @@ def environment_key(device: str) -> str:
 
 
 class OutputStore:
-    """Quantized-model outputs, one .npz per model, keyed by pool, quantizer config, plan and calibration."""
+    """Quantized-model outputs, one .npz per model, keyed by pool, quantizer config, plan, calibration and environment."""
 
     def __init__(self, cache_dir: Path, pool: Pool, quantizer: Quantizer, plan: PrecisionPlan, made_in: str,
                  progress: Progress | None = None) -> None:
