@@ -60,8 +60,18 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
     """Membership-inference benchmark for post-training-quantized networks."""
 
 
-def _split_list(text: Optional[str]) -> Optional[list[str]]:
-    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+def _split_list(text: Optional[str], option: str = "") -> Optional[list[str]]:
+    """A comma-separated option's items (None when the option is not given); an option given with no
+    item, or with an item twice, is refused rather than read as the default or run twice."""
+    if text is None:
+        return None
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise BenchError(f"{option}: no item in {text!r} (leave the option out for the task's own)")
+    twice = sorted({item for item in items if items.count(item) > 1})
+    if twice:
+        raise BenchError(f"{option}: {', '.join(twice)} given twice")
+    return items
 
 
 def make_quantizer(cls, settings: list[str], base: dict | None = None, source: str = "--set"):
@@ -128,8 +138,11 @@ def evaluate(
         if submission and found.name != quantizer:
             raise BenchError(f"--submission {submission} holds quantizer {found.name!r}, not {quantizer!r}")
         # A malformed plan or threat is refused before the run's header.
-        asked = [str(PrecisionPlan.parse(text)) for text in _split_list(plans) or []]
-        for name in _split_list(threat_models) or []:
+        plan_list, threat_list = _split_list(plans, "--plans"), _split_list(threat_models, "--threat-models")
+        asked = [str(PrecisionPlan.parse(text)) for text in plan_list or []]
+        if len(set(asked)) < len(asked):  # the same plan written two ways (w4 and W4, say)
+            raise BenchError(f"--plans: {plans!r} names a plan twice")
+        for name in threat_list or []:
             THREAT_MODELS.get(name)
         held = found.cls.default_plans or list(spec.plans)  # what validate expects of this submission
         extra = [p for p in asked if p not in held]
@@ -139,7 +152,7 @@ def evaluate(
         chosen = make_quantizer(found.cls, setting or [], found.config, f"{found.source}: quantizer.config")
         options = RunOptions(out_dir=submission / "results" if submission else out, data_root=data_root,
                              download=download, per_quantizer_folder=submission is None,
-                             executor=make_executor(executor, ray_address), extensions=extensions)
+                             executor=make_executor(executor, ray_address), extensions=extensions, task_source=task)
         _place(options, cache_dir, device)
         shown = attack or spec.attacks[0]
         if shown not in spec.attacks:
@@ -148,7 +161,7 @@ def evaluate(
                       f"[bold]{escape(str(chosen.name))}[/] · device {escape(str(options.device))}", highlight=False)
         started = time.time()
         with RichProgress(console) as progress:
-            outcome = run_evaluate(chosen, spec, _split_list(plans), _split_list(threat_models), options, progress)
+            outcome = run_evaluate(chosen, spec, plan_list, threat_list, options, progress)
         console.print(results_table(outcome.results, shown))
         console.print(attacks_table(outcome.results))
         for path in outcome.paths:

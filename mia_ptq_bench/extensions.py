@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
@@ -57,6 +58,14 @@ def import_module_or_file(ref: str) -> ModuleType:
         missing_itself = getattr(exc, "name", None) == ref  # not a module it imports
         hint = f" (a file is imported as {ref}.py)" if missing_itself and Path(f"{ref}.py").is_file() else ""
         raise BenchError(f"{ref}: cannot import: {exc}{hint}") from None
+    except BenchError:
+        raise
+    except (Exception, SystemExit) as exc:  # the plugin's own code failed on import: what and where, in one line
+        frames = traceback.extract_tb(exc.__traceback__)
+        last = frames[-1] if frames else None
+        where = f" ({Path(last.filename).name}, line {last.lineno})" if last is not None else ""
+        reason = " ".join(str(exc).split())[:200]
+        raise BenchError(f"{ref}: cannot import: {type(exc).__name__}{': ' + reason if reason else ''}{where}") from None
 
 
 def extension_refs(refs: Iterable[str] = ()) -> tuple[str, ...]:

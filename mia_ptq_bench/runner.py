@@ -36,7 +36,7 @@ from .inference import QUERIES
 from .metrics.select import attack_targets, candidate_threats, evaluation_arrays
 from .models import MODELS
 from .executor import Executor, LocalExecutor
-from .pool import Pool, PoolStore, build_pool
+from .pool import Pool, PoolStore, build_pool, pool_keep_masks
 from .pool.hub import pool_source, pull_pool
 from .progress import Progress, SilentProgress
 from .quantize import QUANTIZERS, Quantizer
@@ -61,6 +61,7 @@ class RunOptions:
     executor: Executor = field(default_factory=LocalExecutor)
     per_quantizer_folder: bool = True  # results/<task>/<quantizer>/...; False inside a submission's results/
     extensions: tuple[str, ...] = ()  # loaded extensions, loaded again by every worker process
+    task_source: str | None = None  # the task as the user named it (a file path, or an id), for messages
 
 
 @dataclass
@@ -82,6 +83,11 @@ def check_task(spec: TaskSpec, source: str | None = None) -> None:
         if name not in registry:
             raise SpecError(f"{source or spec.id}: {field_path}: unknown {registry.kind} {name!r}; "
                             f"known: {', '.join(registry)}")
+    if spec.dataset.pool_size is not None:  # the pool's size is known before any data is read
+        try:
+            pool_keep_masks(spec, spec.dataset.pool_size)
+        except SpecError as exc:
+            raise SpecError(f"{source or spec.id}: {str(exc).removeprefix(f'{spec.id}: ')}") from None
 
 
 def resolve_plans(quantizer: Quantizer, spec: TaskSpec, plans: list[str] | None) -> list[PrecisionPlan]:
@@ -150,7 +156,7 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
     quantizer.progress = progress
 
     # 1. check
-    check_task(spec)
+    check_task(spec, options.task_source)
     plan_list = resolve_plans(quantizer, spec, plans)
     threats = resolve_threat_models(spec, threat_models)
     # The strategies an attacker chooses among come from the task, not from which results this run writes.
@@ -166,7 +172,7 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
     context = RunContext(spec, Path(options.cache_dir), options.data_root, options.download, options.device,
                          extensions=options.extensions)
     check_budget(spec, options.device, options.cache_dir, plans=[str(p) for p in plan_list],
-                 threat_models=[t.name for t in threats], dataset=context.dataset)
+                 threat_models=[t.name for t in threats], dataset=context.dataset, source=options.task_source)
     pool = prepare_pool(context, options, progress)
     test = context.remember("test", evaluation_test_split(spec.calibration, pool.dataset))
     targets = np.arange(spec.targets.count)

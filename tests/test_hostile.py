@@ -115,6 +115,60 @@ def test_model_options_are_checked_where_the_model_reads_them(tmp_path: Path, ti
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+def test_a_pool_too_small_for_every_model_to_have_members_is_refused_before_training(tmp_path: Path,
+                                                                                     tiny_dict: dict) -> None:
+    # 5 examples, each IN 32 of 64 models: some model trains on nothing, and its data order looped forever.
+    tiny_dict["dataset"]["pool_size"] = 5
+    tiny_dict["membership"] = {**tiny_dict.get("membership", {}), "n_models": 64, "pkeep": 0.5}
+    path = write_task(tmp_path, tiny_dict)
+    result = cli.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1, result.output
+    assert f"invalid: {path}: dataset.pool_size: a pool of 5 examples" in " ".join(result.stderr.split())
+    assert "with no member to train on" in " ".join(result.stderr.split())
+    from mia_ptq_bench.pool.train import make_schedule
+
+    with pytest.raises(ValueError, match="pool model 3 has no members"):  # and never a loop without end
+        make_schedule(load_task(path), np.array([], dtype=np.int64), 5, 3)
+
+
+@pytest.mark.parametrize("field", ["pool_size", "test_size"])
+def test_a_subset_larger_than_the_split_is_refused_not_the_whole_split(tmp_path: Path, tiny_dict: dict,
+                                                                       field: str) -> None:
+    from mia_ptq_bench.data import load_dataset
+    from mia_ptq_bench.errors import DataError
+
+    tiny_dict["dataset"][field] = 1_000_000  # sklearn's digits: 1,797 images in all
+    path = write_task(tmp_path, tiny_dict)
+    spec = load_task(path)
+    with pytest.raises(DataError, match=rf"dataset\.{field}: 1000000 images asked for, but digits's \w+ split holds \d+"):
+        load_dataset(spec.dataset)
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(path))}: dataset\.{field}: 1000000 images asked for"):
+        check_budget(spec, "cpu", tmp_path / "cache", source=str(path))
+
+
+def test_a_task_path_that_is_there_but_not_a_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "folder.yaml").mkdir()
+    os.mkfifo(tmp_path / "pipe.yaml")
+    for name in ("folder.yaml", "pipe.yaml"):
+        with pytest.raises(SpecError, match=rf"{name}: not a regular file$"):
+            load_task(tmp_path / name)
+    with pytest.raises(SpecError, match=r"absent\.yaml: task file not found$"):
+        load_task(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--plans", "w4,w4", "--plans: w4 given twice"),
+    ("--plans", ",", "--plans: no item in ','"),
+    ("--threat-models", "oblivious,oblivious", "--threat-models: oblivious given twice"),
+])
+def test_evaluate_refuses_a_list_option_with_an_item_twice_or_none(tmp_path: Path, option: str, value: str,
+                                                                   message: str) -> None:
+    result = cli.invoke(app, ["evaluate", "rtn", "--task", "tiny-digits", option, value, "--out", str(tmp_path / "r"),
+                              "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output + result.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+
+
 def test_cnn_options_are_checked_too(tmp_path: Path) -> None:
     data = yaml.safe_load((TASKS / "tiny-cnn.yaml").read_text())
     data["model"]["options"] = {"channels": [8, 8, 8, 8, 8], "batchnorm": "yes"}

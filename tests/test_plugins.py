@@ -366,6 +366,21 @@ def test_a_plugin_with_a_syntax_error_is_one_line_naming_its_file_and_line(tmp_p
     assert f"cannot import: expected ':' (broken.py, line {line})" in " ".join(result.stderr.split())
 
 
+@pytest.mark.parametrize("body, shown", [
+    ('raise RuntimeError("the weights file is missing")', "RuntimeError: the weights file is missing"),
+    ("import sys\nsys.exit(3)", "SystemExit: 3"),
+])
+def test_a_plugin_that_fails_on_import_is_one_line_naming_its_file_and_line(tmp_path: Path, body: str,
+                                                                            shown: str) -> None:
+    source = tmp_path / "failing.py"
+    source.write_text("x = 1\n" + body + "\n")
+    result = evaluate(f"{source}:Anything", "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "Traceback" not in result.output + result.stderr
+    line = len(("x = 1\n" + body).splitlines())
+    assert f"cannot import: {shown} (failing.py, line {line})" in " ".join(result.stderr.split())
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_quantize_that_returns_no_model_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     source = tmp_path / "forgetful.py"
     source.write_text(PLUGIN.replace("        return model\n", "        pass\n"))

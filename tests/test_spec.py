@@ -143,8 +143,9 @@ def test_a_task_id_is_never_read_from_the_current_folder(tmp_path: Path, monkeyp
     assert load_task("tiny-digits").id == "tiny-digits"
     (tmp_path / "here.yaml").write_text("id: here\nextends: tiny-digits\n")
     assert load_task("here.yaml").id == "here"  # a file name is still a file
-    for path in ("./tiny-digits", "HERE.YAML"):  # and so is a path with a folder in it, or an upper-case suffix
-        with pytest.raises(SpecError, match="task file not found"):
+    # and so is a path with a folder in it (here the results folder: there, but no file), or an upper-case suffix
+    for path, reason in (("./tiny-digits", "not a regular file"), ("HERE.YAML", "task file not found")):
+        with pytest.raises(SpecError, match=reason):
             load_task(path)
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..allocator import keep_freed_memory
 from ..context import RunContext
 from ..data import ImageDataset
-from ..errors import CacheError
+from ..errors import CacheError, SpecError
 from ..executor import Executor
 from ..progress import Progress, SilentProgress
 from ..inference import accuracy, score_split
@@ -49,8 +49,16 @@ class Pool:
 
 
 def pool_keep_masks(spec: TaskSpec, n_examples: int) -> np.ndarray:
+    """Which pool examples each pool model trains on; refuses a pool that leaves some model no member."""
     m = spec.membership
-    return balanced_keep_masks(m.n_models, n_examples, m.pkeep, m.seed)
+    keep = balanced_keep_masks(m.n_models, n_examples, m.pkeep, m.seed)
+    counts = keep.sum(axis=1)
+    if counts.min() < 1:
+        empty = int(counts.argmin())
+        raise SpecError(f"{spec.id}: dataset.pool_size: a pool of {n_examples} examples, each IN {int(m.pkeep * m.n_models)} "
+                        f"of the {m.n_models} models, leaves pool model {empty} with no member to train on; "
+                        "use a larger pool")
+    return keep
 
 
 def train_group(spec: TaskSpec, dataset: ImageDataset, store: PoolStore, keep: np.ndarray, group: list[int],

@@ -72,6 +72,8 @@ def make_schedule(spec: TaskSpec, members: np.ndarray, pool_size: int, index: in
     steps = recipe.epochs * steps_per_epoch(spec, pool_size)
     needed = steps * recipe.batch_size
     members_t = torch.as_tensor(members, dtype=torch.long)
+    if not len(members_t) and needed:  # the loop below would never end (pool_keep_masks refuses such a pool)
+        raise ValueError(f"pool model {index} has no members to train on")
     stream, have = [], 0
     while have < needed:
         stream.append(members_t[torch.randperm(len(members_t), generator=generator)])

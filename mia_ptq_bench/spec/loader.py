@@ -40,7 +40,8 @@ def resolve_task_path(ref: str | Path) -> Path:
     path = Path(ref)
     if path.suffix.lower() in (".yaml", ".yml") or "/" in str(ref) or os.sep in str(ref):
         if not path.is_file():
-            raise SpecError(f"{path}: task file not found")
+            there = path.exists()  # a folder, a pipe or a device: there, but not a file to read
+            raise SpecError(f"{path}: {'not a regular file' if there else 'task file not found'}")
         return path
     return registered_task_path(str(ref), "or give a path to a .yaml file")
 
