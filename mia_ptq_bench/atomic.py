@@ -1,8 +1,8 @@
 """Atomic file writes and content hashes.
 
 Every file the benchmark writes goes through here: written to a temporary file in
-the same folder, flushed, then renamed over the target, so a reader (or a rerun
-after a crash) sees either the old file or the whole new one, never half.
+the same folder, flushed, then renamed over the target (and the folder flushed), so a
+reader (or a rerun after a crash) sees either the old file or the whole new one, never half.
 """
 
 from __future__ import annotations
@@ -51,6 +51,22 @@ def write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             raise WriteError(f"{path}: cannot write: {_reason(exc)}") from None
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush the folder's entry for the rename too, so that a power cut after a write cannot bring back the
+    old file or none; best effort: where a folder cannot be opened (Windows) or synced, the write stands."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _reason(exc: OSError) -> str:

@@ -821,6 +821,22 @@ def test_a_failing_write_is_one_error_wherever_it_fails(tmp_path: Path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_write_flushes_the_file_then_its_folder_after_the_rename(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the folder's flush a power cut after the rename could bring back the old file, or none."""
+    synced = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        status = os.fstat(fd)
+        synced.append(("folder" if stat.S_ISDIR(status.st_mode) else "file", status.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    write_bytes_atomic(tmp_path / "out.json", b"{}")
+    assert synced == [("file", (tmp_path / "out.json").stat().st_ino), ("folder", tmp_path.stat().st_ino)]
+
+
 @pytest.mark.parametrize("where", ["notes", "cwd", "parent", "submissions", "inside-submissions"])
 def test_the_site_never_replaces_a_folder_it_did_not_build(subs: Path, tmp_path: Path, where: str,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
