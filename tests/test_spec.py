@@ -119,6 +119,25 @@ def test_extends_merges_mappings_and_replaces_lists(tmp_path: Path, tiny_dict: d
     assert load_task(tmp_path / "flat" / "child.yaml").hash == loaded.hash
 
 
+def test_an_error_is_reported_in_the_file_that_sets_the_field(tmp_path: Path, tiny_dict: dict) -> None:
+    # The parent sets a bad epochs and a bad plan list, the child a bad learning rate and no more: each line
+    # names the file to edit (the parent's with the child that inherits them).
+    tiny_dict.update(id="base")
+    tiny_dict["training"]["epochs"] = -1
+    tiny_dict["plans"] = ["w4", "bogus"]
+    base = write_task(tmp_path, tiny_dict)
+    (tmp_path / "middle.yaml").write_text("id: middle\nextends: base.yaml\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("id: child\nextends: middle.yaml\ntraining:\n  lr: -1\n")
+    with pytest.raises(SpecError) as info:
+        load_task(child)
+    lines = str(info.value).splitlines()
+    assert any(line.startswith(f"{base}: training.epochs: ") and line.endswith(f"(inherited by {child})")
+               for line in lines), lines
+    assert any(line.startswith(f"{base}: plans: ") for line in lines), lines
+    assert any(line.startswith(f"{child}: training.lr: ") and "inherited" not in line for line in lines), lines
+
+
 def test_extends_cycles_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("id: a\nextends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("id: b\nextends: a.yaml\n")

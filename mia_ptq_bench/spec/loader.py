@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -60,17 +61,21 @@ def read_yaml(path: Path, max_bytes: int = TASK_YAML_BYTES, follow_symlinks: boo
     return read_yaml_file(Path(path), max_bytes, follow_symlinks)
 
 
-def format_validation_error(source: str, error: ValidationError) -> str:
-    """One line per problem: ``file: field.path: reason (got value)``."""
+def format_validation_error(source: str, error: ValidationError,
+                            source_of: Callable[[tuple], str] | None = None) -> str:
+    """One line per problem: ``file: field.path: reason (got value)``; ``source_of(loc)``, when given, names
+    the file that set a field (a task's ``extends:`` parent), else ``source``."""
     lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "(document)"
+        where = source_of(tuple(item["loc"])) if source_of is not None else source
         reason = item["msg"]
         if item["type"] == "extra_forbidden":
             reason = "unknown field"
         got = item.get("input")
         shown = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {_short(got)})"
-        lines.append(f"{source}: {field}: {reason}{shown}")
+        inherited = f" (inherited by {source})" if where != source else ""
+        lines.append(f"{where}: {field}: {reason}{shown}{inherited}")
     return "\n".join(lines)
 
 
@@ -80,13 +85,14 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
-def validate_document(model: type[BaseModel], data: Any, source: str) -> Any:
+def validate_document(model: type[BaseModel], data: Any, source: str,
+                      source_of: Callable[[tuple], str] | None = None) -> Any:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(format_validation_error(source, exc)) from None
+        raise SpecError(format_validation_error(source, exc, source_of)) from None
 
 
 MAX_EXTENDS = 4  # a chain of parents deeper than this is a mistake, not a design
@@ -108,9 +114,18 @@ def resolved_document(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    parent_ref = data.pop("extends", None)
-    if parent_ref is None:
+    parent = _parent(path, data.pop("extends", None), chain)
+    if parent is None:
         return data
+    inherited = resolved_document(parent, (*chain, path.resolve()))
+    inherited.pop("id", None)  # a child always names itself
+    return merge_over(inherited, data)
+
+
+def _parent(path: Path, parent_ref: Any, chain: tuple[Path, ...] = ()) -> Path | None:
+    """The file a task's ``extends:`` names (None without one), checked: no cycle, not too deep, there."""
+    if parent_ref is None:
+        return None
     if not isinstance(parent_ref, str) or not parent_ref.strip():
         got = type(parent_ref).__name__ if not isinstance(parent_ref, str) else "an empty string"
         raise SpecError(f"{path}: extends: expected a task id or a .yaml path, got {got}")
@@ -127,9 +142,30 @@ def resolved_document(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise SpecError(f"{path}: extends: more than {MAX_EXTENDS} levels of parents")
     if not parent.is_file():
         raise SpecError(f"{path}: extends: {parent} not found")
-    inherited = resolved_document(parent, chain)
-    inherited.pop("id", None)  # a child always names itself
-    return merge_over(inherited, data)
+    return parent
+
+
+def _set_in(path: Path, loc: tuple, depth: int = 0) -> Path | None:
+    """The nearest file of ``path``'s ``extends:`` chain that holds the field at ``loc`` (None: no file does,
+    as for a missing field). Lists are replaced whole when merged, so whoever holds a list holds its items."""
+    data = read_yaml(path)
+    if _holds(data, loc):
+        return path
+    if not isinstance(data, dict) or depth >= MAX_EXTENDS:
+        return None
+    parent = _parent(path, data.get("extends"))
+    return None if parent is None else _set_in(parent, loc, depth + 1)
+
+
+def _holds(node: Any, loc: tuple) -> bool:
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            return False
+    return True
 
 
 def load_registered_task(task_id: str) -> TaskSpec:
@@ -145,7 +181,8 @@ def load_task(ref: str | Path) -> TaskSpec:
     The task's identity (its hash) is that of the resolved spec: how it is written down does not matter.
     """
     path = resolve_task_path(ref)
-    spec: TaskSpec = validate_document(TaskSpec, resolved_document(path), str(path))
+    spec: TaskSpec = validate_document(TaskSpec, resolved_document(path), str(path),
+                                       lambda loc: str(_set_in(path, loc) or path))
     if path.stem != spec.id:
         raise SpecError(f"{path}: id: task id {spec.id!r} must match the file name {path.stem!r}")
     return spec
