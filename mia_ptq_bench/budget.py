@@ -256,7 +256,7 @@ def check_budget(spec: TaskSpec, device: str, cache_dir: Path, *, plans: list[st
     for field, size, available, kind in (("pool_size", spec.dataset.pool_size, raw.pool, "training"),
                                          ("test_size", spec.dataset.test_size, raw.test, "test")):
         if size is not None and size > available:
-            raise SpecError(f"{where}: dataset.{field}: {size} images asked for, but {spec.dataset.name}'s {kind} "
+            raise SpecError(f"{where}: dataset.{field}: {size} images asked for, but the {spec.dataset.name} {kind} "
                             f"split holds {available}")
     plan_list = [PrecisionPlan.parse(p) for p in (plans or spec.plans)]
     threats = [THREAT_MODELS.get(name) for name in (threat_models or spec.threat_models)]

@@ -60,12 +60,37 @@ def import_module_or_file(ref: str) -> ModuleType:
         raise BenchError(f"{ref}: cannot import: {exc}{hint}") from None
     except BenchError:
         raise
-    except (Exception, SystemExit) as exc:  # the plugin's own code failed on import: what and where, in one line
+    except (Exception, SystemExit) as exc:  # the plugin failed on import: what, and where in its file, in one line
         frames = traceback.extract_tb(exc.__traceback__)
-        last = frames[-1] if frames else None
-        where = f" ({Path(last.filename).name}, line {last.lineno})" if last is not None else ""
+        if frames and _in_package(frames[-1].filename):
+            raise  # a bug in the benchmark's own code, reached from the plugin: its traceback is the report
+        own = _source_file(ref)
+        lines = [f.lineno for f in frames if own is not None and _same_file(f.filename, own)]
+        where = f" ({own.name}, line {lines[-1]})" if lines and own is not None else ""
         reason = " ".join(str(exc).split())[:200]
         raise BenchError(f"{ref}: cannot import: {type(exc).__name__}{': ' + reason if reason else ''}{where}") from None
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _in_package(filename: str) -> bool:
+    return _PACKAGE in Path(filename).resolve().parents
+
+
+def _same_file(filename: str, path: Path) -> bool:
+    return Path(filename).resolve() == path
+
+
+def _source_file(ref: str) -> Path | None:
+    """The file an extension's own code is in: the .py given, or the module's (None where it cannot be told)."""
+    if ref.endswith(".py"):
+        return Path(ref).resolve()
+    try:
+        spec = importlib.util.find_spec(ref)
+    except (ImportError, ValueError, AttributeError):
+        return None
+    return Path(spec.origin).resolve() if spec is not None and spec.origin else None
 
 
 def extension_refs(refs: Iterable[str] = ()) -> tuple[str, ...]:

@@ -73,6 +73,9 @@ class EvaluateOutcome:
 
 # -- 1. check ---------------------------------------------------------------------------------
 
+MEMBER_CHECK_EXAMPLES = 10_000  # pools up to this size have their membership masks checked by check_task
+
+
 def check_task(spec: TaskSpec, source: str | None = None) -> None:
     """Resolve every registry name the task uses, so a typo fails before hours of training."""
     names = [("dataset.name", DATASETS, spec.dataset.name), ("model.arch", MODELS, spec.model.arch)]
@@ -83,7 +86,10 @@ def check_task(spec: TaskSpec, source: str | None = None) -> None:
         if name not in registry:
             raise SpecError(f"{source or spec.id}: {field_path}: unknown {registry.kind} {name!r}; "
                             f"known: {', '.join(registry)}")
-    if spec.dataset.pool_size is not None:  # the pool's size is known before any data is read
+    # The pool's size is known before any data is read. Only a small pool can leave a model without members
+    # (each example is IN for half the models: no member among 200 examples has odds of 2^-200), and drawing
+    # the masks of a large one costs gigabytes: build_pool checks every pool anyway.
+    if spec.dataset.pool_size is not None and spec.dataset.pool_size <= MEMBER_CHECK_EXAMPLES:
         try:
             pool_keep_masks(spec, spec.dataset.pool_size)
         except SpecError as exc:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -127,8 +128,31 @@ def test_a_pool_too_small_for_every_model_to_have_members_is_refused_before_trai
     assert "with no member to train on" in " ".join(result.stderr.split())
     from mia_ptq_bench.pool.train import make_schedule
 
-    with pytest.raises(ValueError, match="pool model 3 has no members"):  # and never a loop without end
-        make_schedule(load_task(path), np.array([], dtype=np.int64), 5, 3)
+    def endless(signum, frame):
+        raise TimeoutError("make_schedule looped for 30 s on a model without members")
+
+    previous = signal.signal(signal.SIGALRM, endless)  # the old loop never ended: fail instead of hanging
+    signal.alarm(30)
+    try:
+        with pytest.raises(ValueError, match="pool model 3 has no members"):
+            make_schedule(load_task(path), np.array([], dtype=np.int64), 5, 3)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_huge_pool_is_refused_by_its_size_without_drawing_its_masks(tmp_path: Path, tiny_dict: dict) -> None:
+    from mia_ptq_bench.runner import check_task
+
+    # 1,024 models x 10^7 examples: the masks alone would take 80 GB to draw
+    tiny_dict["dataset"]["pool_size"] = 10_000_000
+    tiny_dict["membership"] = {**tiny_dict.get("membership", {}), "n_models": 1024, "pkeep": 0.5}
+    tiny_dict["targets"] = {**tiny_dict.get("targets", {}), "count": 16}
+    path = write_task(tmp_path, tiny_dict)
+    spec = load_task(path)
+    check_task(spec, str(path))  # no masks drawn for a pool this large
+    with pytest.raises(SpecError, match=r"dataset\.pool_size: 10000000 images asked for, but the digits training split"):
+        check_budget(spec, "cpu", tmp_path / "cache", source=str(path))
 
 
 @pytest.mark.parametrize("field", ["pool_size", "test_size"])
@@ -140,7 +164,7 @@ def test_a_subset_larger_than_the_split_is_refused_not_the_whole_split(tmp_path:
     tiny_dict["dataset"][field] = 1_000_000  # sklearn's digits: 1,797 images in all
     path = write_task(tmp_path, tiny_dict)
     spec = load_task(path)
-    with pytest.raises(DataError, match=rf"dataset\.{field}: 1000000 images asked for, but digits's \w+ split holds \d+"):
+    with pytest.raises(DataError, match=rf"dataset\.{field}: 1000000 images asked for, but the digits \w+ split holds \d+"):
         load_dataset(spec.dataset)
     with pytest.raises(SpecError, match=rf"^{re.escape(str(path))}: dataset\.{field}: 1000000 images asked for"):
         check_budget(spec, "cpu", tmp_path / "cache", source=str(path))

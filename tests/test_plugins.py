@@ -369,6 +369,8 @@ def test_a_plugin_with_a_syntax_error_is_one_line_naming_its_file_and_line(tmp_p
 @pytest.mark.parametrize("body, shown", [
     ('raise RuntimeError("the weights file is missing")', "RuntimeError: the weights file is missing"),
     ("import sys\nsys.exit(3)", "SystemExit: 3"),
+    # raised deep in a library the plugin calls: the line named is still the plugin's own
+    ('import numpy\nnumpy.load("/no/such/file.npy")', "FileNotFoundError: [Errno 2] No such file or directory"),
 ])
 def test_a_plugin_that_fails_on_import_is_one_line_naming_its_file_and_line(tmp_path: Path, body: str,
                                                                             shown: str) -> None:
@@ -377,8 +379,18 @@ def test_a_plugin_that_fails_on_import_is_one_line_naming_its_file_and_line(tmp_
     result = evaluate(f"{source}:Anything", "--out", str(tmp_path / "r"))
     assert result.exit_code == 2 and "Traceback" not in result.output + result.stderr
     line = len(("x = 1\n" + body).splitlines())
-    assert f"cannot import: {shown} (failing.py, line {line})" in " ".join(result.stderr.split())
+    text = " ".join(result.stderr.split())
+    assert f"cannot import: {shown}" in text and text.endswith(f"(failing.py, line {line})")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_bug_in_the_benchmark_reached_from_a_plugin_keeps_its_traceback(tmp_path: Path) -> None:
+    from mia_ptq_bench.extensions import import_module_or_file
+
+    source = tmp_path / "calls_in.py"
+    source.write_text("from mia_ptq_bench.quantize.grid import fit_grid\nfit_grid(None, 3)\n")
+    with pytest.raises(AttributeError):  # raised inside mia_ptq_bench: not turned into one line that hides where
+        import_module_or_file(str(source))
 
 
 def test_a_quantize_that_returns_no_model_is_one_line_and_writes_nothing(tmp_path: Path) -> None:

@@ -365,9 +365,12 @@ def test_a_pulled_pool_of_other_data_leaves_the_local_pool_alone(hub_cache: dict
     assert [p.name for p in local.root.parent.iterdir()] == [local.root.name]  # nothing set aside is left
 
 
-def test_other_masks_in_a_pulled_pool_are_refused(hub_cache: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("other", ["reversed", "three-examples"])
+def test_other_masks_in_a_pulled_pool_are_refused(hub_cache: dict, tmp_path: Path, other: str) -> None:
     keep = np.load(hub_cache["snapshot"] / "keep.npy")
-    _rewrite_file(hub_cache["snapshot"], "keep.npy", lambda path: np.save(path, keep[::-1]))
+    # three columns: masks too small for every model to have a member, still refused as the file's fault
+    changed = keep[::-1] if other == "reversed" else keep[:, :3]
+    _rewrite_file(hub_cache["snapshot"], "keep.npy", lambda path: np.save(path, changed))
     with pytest.raises(BenchError, match=r"keep\.npy: not the task's membership masks \(bool \(8, \d+\)\); refused"):
         install_snapshot(hub_cache["snapshot"], load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool")
 

@@ -24,7 +24,7 @@ def load_dataset(spec: DatasetSpec, data_root: Path | None = None, download: boo
     for field, size, split, kind in (("pool_size", spec.pool_size, raw.pool, "training"),
                                      ("test_size", spec.test_size, raw.test, "test")):
         if size is not None and size > len(split):  # a subset cannot be larger: never silently the whole split
-            raise DataError(f"dataset.{field}: {size} images asked for, but {spec.name}'s {kind} split holds "
+            raise DataError(f"dataset.{field}: {size} images asked for, but the {spec.name} {kind} split holds "
                             f"{len(split)}")
     pool = resize(seeded_subset(raw.pool, spec.pool_size, spec.subset_seed), spec.image_size)
     test = resize(seeded_subset(raw.test, spec.test_size, spec.subset_seed + 1), spec.image_size)

@@ -55,9 +55,9 @@ def pool_keep_masks(spec: TaskSpec, n_examples: int) -> np.ndarray:
     counts = keep.sum(axis=1)
     if counts.min() < 1:
         empty = int(counts.argmin())
-        raise SpecError(f"{spec.id}: dataset.pool_size: a pool of {n_examples} examples, each IN {int(m.pkeep * m.n_models)} "
-                        f"of the {m.n_models} models, leaves pool model {empty} with no member to train on; "
-                        "use a larger pool")
+        raise SpecError(f"{spec.id}: dataset.pool_size: a pool of {n_examples} examples (dataset.pool_size, or the "
+                        f"whole training split), each IN {int(m.pkeep * m.n_models)} of the {m.n_models} models, "
+                        f"leaves pool model {empty} with no member to train on; use a larger pool")
     return keep
 
 
