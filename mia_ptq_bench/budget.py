@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .attack import THREAT_MODELS
-from .data import DATASET_SHAPES, DatasetShape, ImageDataset
+from .data import DATASET_SHAPES, DatasetShape, ImageDataset, oversized_subset
 from .errors import SpecError
 from .limits import size_text
 from .models import build_model
@@ -253,11 +253,9 @@ def check_budget(spec: TaskSpec, device: str, cache_dir: Path, *, plans: list[st
         if dataset is None:
             return None
         raw = DatasetShape.of(dataset())
-    for field, size, available, kind in (("pool_size", spec.dataset.pool_size, raw.pool, "training"),
-                                         ("test_size", spec.dataset.test_size, raw.test, "test")):
-        if size is not None and size > available:
-            raise SpecError(f"{where}: dataset.{field}: {size} images asked for, but the {spec.dataset.name} {kind} "
-                            f"split holds {available}")
+    problem = oversized_subset(spec.dataset, raw.pool, raw.test)
+    if problem:
+        raise SpecError(f"{where}: {problem}")
     plan_list = [PrecisionPlan.parse(p) for p in (plans or spec.plans)]
     threats = [THREAT_MODELS.get(name) for name in (threat_models or spec.threat_models)]
     quantized = [p for p in plan_list if not p.is_full_precision]

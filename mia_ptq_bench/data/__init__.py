@@ -9,8 +9,8 @@ from pathlib import Path
 from ..errors import DataError
 from ..spec.schema import DatasetSpec
 from . import loaders as _builtin  # noqa: F401  (registers the built-in datasets)
-from .base import DATA_ENV, DATASET_SHAPES, DATASETS, DatasetShape, ImageDataset, Split, default_data_root, resize, \
-    seeded_subset
+from .base import DATA_ENV, DATASET_SHAPES, DATASETS, DatasetShape, ImageDataset, Split, default_data_root, \
+    oversized_subset, resize, seeded_subset
 
 
 def load_dataset(spec: DatasetSpec, data_root: Path | None = None, download: bool = False) -> ImageDataset:
@@ -21,15 +21,14 @@ def load_dataset(spec: DatasetSpec, data_root: Path | None = None, download: boo
         # what decoding a malformed file raises: one line; a bug in a loader keeps its traceback
         raise DataError(f"{spec.name} under {root}: the files cannot be read as this dataset "
                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
-    for field, size, split, kind in (("pool_size", spec.pool_size, raw.pool, "training"),
-                                     ("test_size", spec.test_size, raw.test, "test")):
-        if size is not None and size > len(split):  # a subset cannot be larger: never silently the whole split
-            raise DataError(f"dataset.{field}: {size} images asked for, but the {spec.name} {kind} split holds "
-                            f"{len(split)}")
+    problem = oversized_subset(spec, len(raw.pool), len(raw.test))
+    if problem:
+        raise DataError(problem)
     pool = resize(seeded_subset(raw.pool, spec.pool_size, spec.subset_seed), spec.image_size)
     test = resize(seeded_subset(raw.test, spec.test_size, spec.subset_seed + 1), spec.image_size)
     # Normalisation statistics stay those of the full training split.
     return ImageDataset(raw.name, pool, test, raw.num_classes, raw.mean, raw.std)
 
 
-__all__ = ["DATASETS", "DATASET_SHAPES", "DATA_ENV", "DatasetShape", "ImageDataset", "Split", "default_data_root", "load_dataset"]
+__all__ = ["DATASETS", "DATASET_SHAPES", "DATA_ENV", "DatasetShape", "ImageDataset", "Split", "default_data_root", "load_dataset",
+           "oversized_subset"]

@@ -151,6 +151,16 @@ def make_dataset(name: str, pool: Split, test: Split, num_classes: int) -> Image
     return ImageDataset(name=name, pool=pool, test=test, num_classes=num_classes, mean=mean, std=std)
 
 
+def oversized_subset(spec, pool: int, test: int) -> str | None:
+    """What is wrong with a dataset spec whose ``pool_size`` or ``test_size`` asks for more images than its
+    split of ``pool`` or ``test`` holds (a subset is never silently the whole split), or None."""
+    for field, size, available, kind in (("pool_size", spec.pool_size, pool, "training"),
+                                         ("test_size", spec.test_size, test, "test")):
+        if size is not None and size > available:
+            return f"dataset.{field}: {size} images asked for, but the {spec.name} {kind} split holds {available}"
+    return None
+
+
 def seeded_subset(split: Split, size: int | None, seed: int) -> Split:
     if size is None or size >= len(split):
         return split

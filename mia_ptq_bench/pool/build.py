@@ -48,10 +48,16 @@ class Pool:
         return model.to(device).eval()
 
 
+def membership_masks(spec: TaskSpec, n_examples: int) -> np.ndarray:
+    """The task's membership masks for ``n_examples`` pool examples, as drawn (``pool_keep_masks`` checks them)."""
+    m = spec.membership
+    return balanced_keep_masks(m.n_models, n_examples, m.pkeep, m.seed)
+
+
 def pool_keep_masks(spec: TaskSpec, n_examples: int) -> np.ndarray:
     """Which pool examples each pool model trains on; refuses a pool that leaves some model no member."""
     m = spec.membership
-    keep = balanced_keep_masks(m.n_models, n_examples, m.pkeep, m.seed)
+    keep = membership_masks(spec, n_examples)
     counts = keep.sum(axis=1)
     if counts.min() < 1:
         empty = int(counts.argmin())

@@ -23,7 +23,7 @@ from ..errors import BenchError, CacheError, SpecError, WriteError
 from ..limits import MANIFEST_JSON_BYTES, NPY_HEADER_BYTES, POOL_FILE_BYTES
 from ..readers import read_json_file
 from ..spec.schema import MAX_EXAMPLES, POOL_FIELDS, TaskSpec
-from .masks import balanced_keep_masks
+from .build import membership_masks
 from .store import SOURCE, PoolStore
 
 MANIFEST = "manifest.json"
@@ -173,8 +173,7 @@ def _check_header(folder: Path, spec: TaskSpec, where: str, data_sha256: str | N
     except (OSError, ValueError) as exc:
         raise BenchError(f"{where}: keep.npy: unreadable ({exc}); refused") from None
     if not (keep.dtype == np.bool_ and keep.ndim == 2 and keep.shape[0] == spec.membership.n_models
-            and np.array_equal(keep, balanced_keep_masks(spec.membership.n_models, keep.shape[1],
-                                                         spec.membership.pkeep, spec.membership.seed))):
+            and np.array_equal(keep, membership_masks(spec, keep.shape[1]))):
         raise BenchError(f"{where}: keep.npy: not the task's membership masks ({keep.dtype} {keep.shape}); refused")
 
 

@@ -31,9 +31,7 @@ class Strict(BaseModel):
         """Metadata is shown on the site and printed by the CLI: no control characters but a description's line
         breaks and tabs, and no invisible ones (a bidi override would show the text after it reversed)."""
         if isinstance(value, str):
-            found = hidden_characters(value, IN_TEXT + ("\n\t" if info.field_name == "description" else ""))
-            if found:
-                raise ValueError(f"holds {', '.join(found[:3])}: control or invisible characters are not allowed")
+            _refuse_hidden(hidden_characters(value, IN_TEXT + ("\n\t" if info.field_name == "description" else "")))
         return value
 
 
@@ -45,9 +43,7 @@ def checked_config(config: dict[str, Any]) -> dict[str, Any]:
     problem = plain_data_problem(config, CONFIG_DEPTH)
     if problem:
         raise ValueError(problem)
-    found = _hidden_in(config)
-    if found:
-        raise ValueError(f"holds {', '.join(found[:3])}: control or invisible characters are not allowed")
+    _refuse_hidden(_hidden_in(config))
     size = len(json.dumps(config, indent=2, sort_keys=True))
     if size > CONFIG_JSON_BYTES:
         raise ValueError(f"{size} bytes as JSON, more than the {CONFIG_JSON_BYTES} allowed")
@@ -57,6 +53,11 @@ def checked_config(config: dict[str, Any]) -> dict[str, Any]:
 # Joiners and the soft hyphen are invisible but belong to honest text (Persian and Indic spelling, emoji
 # sequences, hyphenation): metadata keeps them. Bidi controls and the other invisible characters are refused.
 IN_TEXT = "\u200c\u200d\u00ad"
+
+
+def _refuse_hidden(found: list[str]) -> None:
+    if found:
+        raise ValueError(f"holds {', '.join(found[:3])}: control or invisible characters are not allowed")
 
 
 def _hidden_in(value: Any) -> list[str]:
