@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -43,6 +44,35 @@ def test_normalize_uses_channel_statistics() -> None:
     data = DATASETS.get("digits")(Path("."), False)
     x = data.normalize(data.pool.images)
     assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+
+
+def test_channel_statistics_are_exact_whatever_the_thread_count() -> None:
+    # 5,000 images (two chunks of the sums), three channels of different spreads. The reference is
+    # exact rational arithmetic; a float sum of the 20,000 scaled pixels per channel rounds along
+    # the way, in an order that follows torch's thread count, and the statistics enter the data digest.
+    from fractions import Fraction
+    from statistics import mean, variance
+
+    from mia_ptq_bench.data.base import channel_stats
+
+    generator = torch.Generator().manual_seed(3)
+    images = torch.stack([torch.randint(0, 256, (5000, 2, 2), generator=generator),
+                          torch.randint(100, 104, (5000, 2, 2), generator=generator),
+                          torch.randint(0, 2, (5000, 2, 2), generator=generator) * 255], 1).to(torch.uint8)
+    expected_mean, expected_std = [], []
+    for channel in range(3):
+        values = [Fraction(int(v), 255) for v in images[:, channel].flatten()]
+        expected_mean.append(float(mean(values)))
+        expected_std.append(math.sqrt(variance(values)))
+    threads = torch.get_num_threads()
+    try:
+        found = []
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            found.append(channel_stats(images))
+    finally:
+        torch.set_num_threads(threads)
+    assert found[0] == found[1] == (tuple(expected_mean), tuple(expected_std))
 
 
 @pytest.mark.parametrize("compress", [True, False])

@@ -9,9 +9,11 @@ happen here, identically for every dataset.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -116,18 +118,24 @@ def default_data_root() -> Path:
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images scaled to [0, 1], accumulated in float64 chunks."""
+    """Per-channel mean and std (n - 1 in the denominator) of uint8 images scaled to [0, 1].
+
+    The sums are of whole numbers, so exact whatever order the threads add them in, and each
+    statistic is its exact value rounded once to float64 (the std: its variance rounded, then the
+    square root). A float sum would round in an order that follows the thread count, and the
+    statistics enter the data digest a pool records.
+    """
     channels = images.shape[1]
-    total = torch.zeros(channels, dtype=torch.float64)
-    squares = torch.zeros(channels, dtype=torch.float64)
-    for chunk in images.split(4096):
-        x = chunk.double().div_(255.0)
-        total += x.sum(dim=(0, 2, 3))
-        squares += x.square().sum(dim=(0, 2, 3))
     count = images.numel() // channels
-    mean = total / count
-    std = ((squares - count * mean.square()) / (count - 1)).clamp_min(0).sqrt()
-    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    total = [0] * channels
+    squares = [0] * channels
+    for chunk in images.split(4096):  # int64 squares of a chunk at a time, not of every pixel at once
+        wide = chunk.to(torch.int64)
+        total = [a + b for a, b in zip(total, wide.sum(dim=(0, 2, 3)).tolist())]
+        squares = [a + b for a, b in zip(squares, wide.square_().sum(dim=(0, 2, 3)).tolist())]
+    mean = tuple(float(Fraction(t, 255 * count)) for t in total)
+    spread = [Fraction(count * s - t * t, 255 * 255 * count * max(count - 1, 1)) for t, s in zip(total, squares)]
+    return mean, tuple(math.sqrt(v) for v in spread)
 
 
 def make_dataset(name: str, pool: Split, test: Split, num_classes: int) -> ImageDataset:
