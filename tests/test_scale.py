@@ -111,6 +111,51 @@ def test_pool_of_another_task_is_refused(hub_cache: dict, tmp_path: Path) -> Non
     assert pulled.returncode == 2 and "manifest.json: pool_hash: the pool was trained for pool" in pulled.stderr
 
 
+@pytest.mark.slow
+def test_pool_pull_refuses_a_pool_of_other_data(tmp_path: Path) -> None:
+    # A consistent snapshot (its manifest matches every file) whose header names other data: only
+    # comparing that hash with the local data's can catch it, which `pool pull` now does itself.
+    spec = load_task("tiny-digits")
+    build_pool(spec, load_dataset(spec.dataset), tmp_path / "origin")
+    store = PoolStore(tmp_path / "origin", spec)
+    header = json.loads((store.root / "pool.json").read_text())
+    (store.root / "pool.json").write_text(json.dumps({**header, "data_sha256": "0" * 64}))
+    repo = tmp_path / "hf" / "hub" / "models--mptq--tiny-digits-pool"
+    export_pool(store, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "MPTQ_TASKS": str(TASKS)}
+    pulled = cli("pool", "pull", "tiny-digits", "--repo", "mptq/tiny-digits-pool", "--cache-dir", str(tmp_path / "c"),
+                 env=env)
+    assert pulled.returncode == 2, pulled.stdout
+    assert "pool.json: data_sha256: the pool was trained on other data (000000000000…" in pulled.stderr
+    assert not (tmp_path / "c" / "pools").exists() or not any((tmp_path / "c" / "pools").iterdir())
+
+
+def test_local_data_digest_skips_only_data_that_is_absent_from_the_default_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench.errors import DataError, DataMissing
+    from mia_ptq_bench.pool.hub import local_data_digest
+    from mia_ptq_bench.spec.schema import DatasetSpec
+
+    spec = load_task("tiny-digits")
+    assert local_data_digest(spec) == load_dataset(spec.dataset).digest()
+    fashion = spec.model_copy(update={"dataset": DatasetSpec(name="fashion-mnist")})
+    monkeypatch.setenv("MPTQ_DATA", str(tmp_path / "empty"))
+    assert local_data_digest(fashion) is None  # not there: the first run compares it
+    with pytest.raises(DataMissing, match="Fashion-MNIST not found under"):
+        local_data_digest(fashion, tmp_path / "empty")  # a folder the user named
+    broken = tmp_path / "broken" / "fashion-mnist"
+    broken.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (broken / name).write_bytes(b"not an idx file")
+    monkeypatch.setenv("MPTQ_DATA", str(tmp_path / "broken"))
+    with pytest.raises(DataError, match="not an unsigned-byte IDX file") as caught:
+        local_data_digest(fashion)  # there but unreadable: an error even in the default folder
+    assert not isinstance(caught.value, DataMissing)
+
+
 def test_export_manifest_lists_every_file(hub_cache: dict) -> None:
     manifest = json.loads((hub_cache["snapshot"] / MANIFEST).read_text())
     files = {str(p.relative_to(hub_cache["snapshot"])) for p in hub_cache["snapshot"].rglob("*")
