@@ -86,14 +86,11 @@ def check_task(spec: TaskSpec, source: str | None = None) -> None:
         if name not in registry:
             raise SpecError(f"{source or spec.id}: {field_path}: unknown {registry.kind} {name!r}; "
                             f"known: {', '.join(registry)}")
-    # The pool's size is known before any data is read. Only a small pool can leave a model without members
-    # (each example is IN for half the models: no member among 200 examples has odds of 2^-200), and drawing
-    # the masks of a large one costs gigabytes: build_pool checks every pool anyway.
+    # The pool's size is known before any data is read. A small pool can leave a model with no member, or
+    # fewer than one training batch (each example is IN for half the models: no member among 200 examples has
+    # odds of 2^-200), and drawing the masks of a large one costs gigabytes: build_pool checks every pool anyway.
     if spec.dataset.pool_size is not None and spec.dataset.pool_size <= MEMBER_CHECK_EXAMPLES:
-        try:
-            pool_keep_masks(spec, spec.dataset.pool_size)
-        except SpecError as exc:
-            raise SpecError(f"{source or spec.id}: {str(exc).removeprefix(f'{spec.id}: ')}") from None
+        pool_keep_masks(spec, spec.dataset.pool_size, source)
 
 
 def resolve_plans(quantizer: Quantizer, spec: TaskSpec, plans: list[str] | None) -> list[PrecisionPlan]:

@@ -116,6 +116,29 @@ def test_model_options_are_checked_where_the_model_reads_them(tmp_path: Path, ti
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+def test_a_batch_larger_than_a_models_members_is_refused_before_training(tmp_path: Path, tiny_dict: dict) -> None:
+    # 100 examples, each IN 4 of 8 models: about 50 members per model. A batch of one more than the
+    # fewest would repeat a member within one step; a batch of exactly the fewest is accepted.
+    from mia_ptq_bench.pool.build import membership_masks
+
+    tiny_dict["dataset"]["pool_size"] = 100
+    tiny_dict["membership"] = {**tiny_dict.get("membership", {}), "n_models": 8, "pkeep": 0.5}
+    path = write_task(tmp_path, tiny_dict)
+    counts = membership_masks(load_task(path), 100).sum(axis=1)
+    fewest, model = int(counts.min()), int(counts.argmin())
+    tiny_dict["training"]["batch_size"] = fewest + 1
+    write_task(tmp_path, tiny_dict)
+    result = cli.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1, result.output
+    message = " ".join(result.stderr.split())
+    assert (f"invalid: {path}: training.batch_size: {fewest + 1} is more than the {fewest} members of pool model "
+            f"{model} (a pool of 100 examples") in message
+    assert "use a smaller batch or a larger pool" in message and "Traceback" not in result.stderr
+    tiny_dict["training"]["batch_size"] = fewest
+    write_task(tmp_path, tiny_dict)
+    assert cli.invoke(app, ["validate", str(path)]).exit_code == 0
+
+
 def test_a_pool_too_small_for_every_model_to_have_members_is_refused_before_training(tmp_path: Path,
                                                                                      tiny_dict: dict) -> None:
     # 5 examples, each IN 32 of 64 models: some model trains on nothing, and its data order looped forever.

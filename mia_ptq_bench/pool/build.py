@@ -54,16 +54,23 @@ def membership_masks(spec: TaskSpec, n_examples: int) -> np.ndarray:
     return balanced_keep_masks(m.n_models, n_examples, m.pkeep, m.seed)
 
 
-def pool_keep_masks(spec: TaskSpec, n_examples: int) -> np.ndarray:
-    """Which pool examples each pool model trains on; refuses a pool that leaves some model no member."""
+def pool_keep_masks(spec: TaskSpec, n_examples: int, where: str | None = None) -> np.ndarray:
+    """Which pool examples each pool model trains on; refuses a pool that leaves some model fewer members
+    than one training batch (or none). ``where``: what the errors name (the task's file; its id by default)."""
     m = spec.membership
     keep = membership_masks(spec, n_examples)
     counts = keep.sum(axis=1)
-    if counts.min() < 1:
-        empty = int(counts.argmin())
-        raise SpecError(f"{spec.id}: dataset.pool_size: a pool of {n_examples} examples (dataset.pool_size, or the "
-                        f"whole training split), each IN {int(m.pkeep * m.n_models)} of the {m.n_models} models, "
-                        f"leaves pool model {empty} with no member to train on; use a larger pool")
+    fewest, batch = int(counts.argmin()), spec.training.batch_size
+    if counts[fewest] < batch:
+        pool = (f"a pool of {n_examples} examples (dataset.pool_size, or the whole training split), each IN "
+                f"{int(m.pkeep * m.n_models)} of the {m.n_models} models,")
+        if counts[fewest] == 0:
+            raise SpecError(f"{where or spec.id}: dataset.pool_size: {pool} leaves pool model {fewest} with no "
+                            "member to train on; use a larger pool")
+        # The schedule would fill each batch by repeating members, so one step would count some of them twice.
+        raise SpecError(f"{where or spec.id}: training.batch_size: {batch} is more than the {int(counts[fewest])} "
+                        f"members of pool model {fewest} ({pool} gives each model about {round(n_examples * m.pkeep)}); "
+                        "use a smaller batch or a larger pool")
     return keep
 
 
