@@ -373,19 +373,26 @@ def pool_pull(
     repo: Annotated[str, typer.Option(help="Hub model repository, ORG/NAME")],
     revision: Annotated[Optional[str], typer.Option(help="commit hash, branch or tag (default: main)")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="cache folder")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="the task's dataset folder, whose data the pool must have been trained on (default: $MPTQ_DATA or ~/.cache/mia-ptq-bench/data; where the data is not there, the first run on the pool compares it)")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="compare the pool's data hash with the task's data in this folder before installing it (without it, a run compares it before it uses the pool)")] = None,
+    download: Annotated[bool, typer.Option(help="with --data-root: allow downloading a missing dataset with torchvision")] = False,
+    plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="with --data-root: extension module or .py file that registers the task's dataset (repeatable; also $MPTQ_PLUGINS)")] = None,
 ) -> None:
-    """Download a pool, check its task hash, its data hash and every file's sha256, install it into the cache."""
-    from .pool.hub import local_data_digest, pull_pool
+    """Download a pool, check its task hash and every file's sha256 (with --data-root, its data hash too), install it into the cache."""
+    from .data import load_dataset
+    from .extensions import load_extensions
+    from .pool.hub import pull_pool
     from .spec import load_task
 
     def action() -> None:
         spec = load_task(task)
-        data_sha256 = local_data_digest(spec, data_root)
-        if data_sha256 is None:
-            console.print(f"[yellow]the {escape(spec.dataset.name)} data is not in the data folder, so the pool's "
-                          "data hash is not compared now; the first run on this pool compares it[/]")
+        data_sha256 = None
+        if data_root is not None:
+            load_extensions(plugin or [])
+            data_sha256 = load_dataset(spec.dataset, data_root, download).digest()
         source = pull_pool(spec, _cache_dir(cache_dir), repo, revision, data_sha256)
+        if data_sha256 is None:
+            console.print("the pool's data hash was not compared with local data (no --data-root); a run compares "
+                          "it before it uses the pool", highlight=False)
         console.print(escape(f"pulled the pool of {spec.id} from {source.repo} at commit {source.revision}; "
                              f"pin it in the task with hub: {{repo: {source.repo}, revision: {source.revision}}}"),
                       highlight=False)

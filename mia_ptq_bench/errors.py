@@ -17,10 +17,6 @@ class DataError(BenchError):
     """A dataset that is missing or malformed on disk."""
 
 
-class DataMissing(DataError):
-    """A dataset whose files are not there at all (as opposed to there but unreadable)."""
-
-
 class CacheError(BenchError):
     """A cache file that is unreadable or does not match its recorded checksum."""
 

@@ -28,7 +28,7 @@ from .attack import ATTACKS, THREAT_MODELS, ShadowSet, ThreatModel
 from .budget import check_budget
 from .cache import default_cache_dir
 from .context import RunContext
-from .data import DATASETS
+from .data import DATASET_SHAPES, DATASETS
 from .data.splits import evaluation_test_split
 from .environment import default_device, environment
 from .errors import BenchError, PlanError, SpecError
@@ -73,7 +73,7 @@ class EvaluateOutcome:
 
 # -- 1. check ---------------------------------------------------------------------------------
 
-MEMBER_CHECK_EXAMPLES = 10_000  # pools up to this size have their membership masks checked by check_task
+MEMBER_CHECK_ENTRIES = 10_000 * 1024  # check_task draws the membership masks of pools up to this many models x examples
 
 
 def check_task(spec: TaskSpec, source: str | None = None) -> None:
@@ -86,11 +86,13 @@ def check_task(spec: TaskSpec, source: str | None = None) -> None:
         if name not in registry:
             raise SpecError(f"{source or spec.id}: {field_path}: unknown {registry.kind} {name!r}; "
                             f"known: {', '.join(registry)}")
-    # The pool's size is known before any data is read. A small pool can leave a model with no member, or
-    # fewer than one training batch (each example is IN for half the models: no member among 200 examples has
-    # odds of 2^-200), and drawing the masks of a large one costs gigabytes: build_pool checks every pool anyway.
-    if spec.dataset.pool_size is not None and spec.dataset.pool_size <= MEMBER_CHECK_EXAMPLES:
-        pool_keep_masks(spec, spec.dataset.pool_size, source)
+    # The pool's size is known before any data is read (its pool_size, else the split's registered size). A
+    # small pool can leave a model no member, or fewer than a training batch; drawing the masks costs 16 bytes
+    # per model and example, too much for the largest pools: build_pool checks every pool anyway.
+    shape = DATASET_SHAPES.get(spec.dataset.name)
+    examples = spec.dataset.pool_size or (shape.pool if shape is not None else None)
+    if examples is not None and examples * spec.membership.n_models <= MEMBER_CHECK_ENTRIES:
+        pool_keep_masks(spec, examples, source)
 
 
 def resolve_plans(quantizer: Quantizer, spec: TaskSpec, plans: list[str] | None) -> list[PrecisionPlan]:

@@ -49,7 +49,8 @@ def test_normalize_uses_channel_statistics() -> None:
 def test_channel_statistics_are_exact_whatever_the_thread_count() -> None:
     # 5,000 images (two chunks of the sums), three channels of different spreads. The reference is
     # exact rational arithmetic; a float sum of the 20,000 scaled pixels per channel rounds along
-    # the way, in an order that follows torch's thread count, and the statistics enter the data digest.
+    # the way (the exactness check is what catches that: sums this small are not split across threads,
+    # but those of a real dataset are, and the statistics enter the data digest).
     from fractions import Fraction
     from statistics import mean, variance
 
@@ -297,7 +298,8 @@ def test_a_failed_download_is_one_data_error(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.parametrize("train_images, message", [
     (np.zeros((0, 28, 28), np.uint8), "fashion-mnist: the training split holds no images"),
     (np.full((20, 28, 28), 7, np.uint8), "fashion-mnist: zero spread in channel 0: every training pixel has value 7"),
-], ids=["empty", "constant"])
+    (np.zeros((20, 0, 28), np.uint8), r"fashion-mnist: the images have no pixels \(0x28\)"),
+], ids=["empty", "constant", "no pixels"])
 def test_training_images_without_spread_are_a_data_error(tmp_path: Path, train_images: np.ndarray,
                                                          message: str) -> None:
     folder = tmp_path / "fashion-mnist"

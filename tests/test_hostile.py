@@ -118,7 +118,7 @@ def test_model_options_are_checked_where_the_model_reads_them(tmp_path: Path, ti
 
 def test_a_batch_larger_than_a_models_members_is_refused_before_training(tmp_path: Path, tiny_dict: dict) -> None:
     # 100 examples, each IN 4 of 8 models: about 50 members per model. A batch of one more than the
-    # fewest would repeat a member within one step; a batch of exactly the fewest is accepted.
+    # fewest would repeat a member in every step; a batch of exactly the fewest is accepted.
     from mia_ptq_bench.pool.build import membership_masks
 
     tiny_dict["dataset"]["pool_size"] = 100
@@ -133,10 +133,19 @@ def test_a_batch_larger_than_a_models_members_is_refused_before_training(tmp_pat
     message = " ".join(result.stderr.split())
     assert (f"invalid: {path}: training.batch_size: {fewest + 1} is more than the {fewest} members of pool model "
             f"{model} (a pool of 100 examples") in message
-    assert "use a smaller batch or a larger pool" in message and "Traceback" not in result.stderr
+    assert "use a smaller batch, or a larger dataset.pool_size" in message and "Traceback" not in result.stderr
     tiny_dict["training"]["batch_size"] = fewest
     write_task(tmp_path, tiny_dict)
     assert cli.invoke(app, ["validate", str(path)]).exit_code == 0
+    # Without a pool_size the pool is the whole split, whose registered size validate checks too
+    # (digits: 1,297 training images, so about 648 members per model).
+    del tiny_dict["dataset"]["pool_size"]
+    tiny_dict["training"]["batch_size"] = 1024
+    write_task(tmp_path, tiny_dict)
+    result = cli.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1, result.output
+    assert "training.batch_size: 1024 is more than the" in " ".join(result.stderr.split())
+    assert "(a pool of 1297 examples" in " ".join(result.stderr.split())
 
 
 def test_a_pool_too_small_for_every_model_to_have_members_is_refused_before_training(tmp_path: Path,

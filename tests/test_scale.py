@@ -112,9 +112,10 @@ def test_pool_of_another_task_is_refused(hub_cache: dict, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_pool_pull_refuses_a_pool_of_other_data(tmp_path: Path) -> None:
+def test_pool_pull_with_a_data_root_refuses_a_pool_of_other_data(tmp_path: Path) -> None:
     # A consistent snapshot (its manifest matches every file) whose header names other data: only
-    # comparing that hash with the local data's can catch it, which `pool pull` now does itself.
+    # comparing that hash with the local data's catches it. With --data-root, pull does so itself;
+    # without, it installs the pool and says that a run compares the hash (before it uses the pool).
     spec = load_task("tiny-digits")
     build_pool(spec, load_dataset(spec.dataset), tmp_path / "origin")
     store = PoolStore(tmp_path / "origin", spec)
@@ -125,35 +126,16 @@ def test_pool_pull_refuses_a_pool_of_other_data(tmp_path: Path) -> None:
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "MPTQ_TASKS": str(TASKS)}
-    pulled = cli("pool", "pull", "tiny-digits", "--repo", "mptq/tiny-digits-pool", "--cache-dir", str(tmp_path / "c"),
-                 env=env)
-    assert pulled.returncode == 2, pulled.stdout
-    assert "pool.json: data_sha256: the pool was trained on other data (000000000000…" in pulled.stderr
+    pull = ("pool", "pull", "tiny-digits", "--repo", "mptq/tiny-digits-pool", "--cache-dir")
+    checked = cli(*pull, str(tmp_path / "c"), "--data-root", str(tmp_path), env=env)
+    assert checked.returncode == 2, checked.stdout
+    assert "pool.json: data_sha256: this pool was trained on other data (000000000000…" in checked.stderr
     assert not (tmp_path / "c" / "pools").exists() or not any((tmp_path / "c" / "pools").iterdir())
-
-
-def test_local_data_digest_skips_only_data_that_is_absent_from_the_default_folder(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mia_ptq_bench.errors import DataError, DataMissing
-    from mia_ptq_bench.pool.hub import local_data_digest
-    from mia_ptq_bench.spec.schema import DatasetSpec
-
-    spec = load_task("tiny-digits")
-    assert local_data_digest(spec) == load_dataset(spec.dataset).digest()
-    fashion = spec.model_copy(update={"dataset": DatasetSpec(name="fashion-mnist")})
-    monkeypatch.setenv("MPTQ_DATA", str(tmp_path / "empty"))
-    assert local_data_digest(fashion) is None  # not there: the first run compares it
-    with pytest.raises(DataMissing, match="Fashion-MNIST not found under"):
-        local_data_digest(fashion, tmp_path / "empty")  # a folder the user named
-    broken = tmp_path / "broken" / "fashion-mnist"
-    broken.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
-        (broken / name).write_bytes(b"not an idx file")
-    monkeypatch.setenv("MPTQ_DATA", str(tmp_path / "broken"))
-    with pytest.raises(DataError, match="not an unsigned-byte IDX file") as caught:
-        local_data_digest(fashion)  # there but unreadable: an error even in the default folder
-    assert not isinstance(caught.value, DataMissing)
+    unchecked = cli(*pull, str(tmp_path / "u"), env=env)
+    assert unchecked.returncode == 0, unchecked.stderr
+    assert "data hash was not compared with local data (no --data-root)" in " ".join(unchecked.stdout.split())
+    with pytest.raises(CacheError, match="pool.json: data_sha256: this pool was trained on other data"):
+        build_pool(spec, load_dataset(spec.dataset), tmp_path / "u")
 
 
 def test_export_manifest_lists_every_file(hub_cache: dict) -> None:
@@ -401,7 +383,7 @@ def test_a_pulled_pool_of_other_data_leaves_the_local_pool_alone(hub_cache: dict
     local = PoolStore(cache, spec)
     local.root.mkdir(parents=True)
     (local.root / "partly-trained").write_text("hours of work")
-    with pytest.raises(BenchError, match=r"pool\.json: data_sha256: the pool was trained on other data"):
+    with pytest.raises(BenchError, match=r"pool\.json: data_sha256: this pool was trained on other data"):
         install_snapshot(hub_cache["snapshot"], spec, cache, "mptq/tiny-digits-pool", data_sha256="f" * 64)
     assert (local.root / "partly-trained").read_text() == "hours of work"
     digest = load_dataset(spec.dataset).digest()  # the data it was trained on: installed over the local folder

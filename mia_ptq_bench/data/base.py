@@ -127,14 +127,17 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     """
     channels = images.shape[1]
     count = images.numel() // channels
+    if count < 2:
+        raise ValueError(f"a std needs at least 2 pixels per channel, got {count}")
     total = [0] * channels
     squares = [0] * channels
     for chunk in images.split(4096):  # int64 squares of a chunk at a time, not of every pixel at once
         wide = chunk.to(torch.int64)
         total = [a + b for a, b in zip(total, wide.sum(dim=(0, 2, 3)).tolist())]
         squares = [a + b for a, b in zip(squares, wide.square_().sum(dim=(0, 2, 3)).tolist())]
+        del wide  # before the next chunk's copy is made
     mean = tuple(float(Fraction(t, 255 * count)) for t in total)
-    spread = [Fraction(count * s - t * t, 255 * 255 * count * max(count - 1, 1)) for t, s in zip(total, squares)]
+    spread = [Fraction(count * s - t * t, 255 * 255 * count * (count - 1)) for t, s in zip(total, squares)]
     return mean, tuple(math.sqrt(v) for v in spread)
 
 
@@ -151,6 +154,8 @@ def make_dataset(name: str, pool: Split, test: Split, num_classes: int) -> Image
     # Compared as integers, since a float std of constant pixels is a rounding residue, not always 0.
     if not len(pool):
         raise DataError(f"{name}: the training split holds no images, so there is no mean or std to normalise by")
+    if not (pool.images.shape[2] and pool.images.shape[3]):
+        raise DataError(f"{name}: the images have no pixels ({pool.images.shape[2]}x{pool.images.shape[3]})")
     flat = (pool.images.amin(dim=(0, 2, 3)) == pool.images.amax(dim=(0, 2, 3))).nonzero().flatten().tolist()
     if flat:
         raise DataError(f"{name}: zero spread in channel {flat[0]}: every training pixel has value "

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..atomic import write_npz_atomic
-from ..errors import DataError, DataMissing
+from ..errors import DataError
 from .safe_pickle import Refused, load_batch
 from .base import DATASET_SHAPES, DATASETS, DatasetShape, ImageDataset, Split, make_dataset
 
@@ -111,7 +111,7 @@ def load_fashion_mnist(root: Path, download: bool) -> ImageDataset:
         _download("fashion-mnist", root, "FashionMNIST", test_too=True)
         files = _find_fmnist(root)
     if files is None:
-        raise DataMissing(
+        raise DataError(
             f"Fashion-MNIST not found under {root}: expected the four IDX files "
             f"({', '.join(_FMNIST_FILES.values())}, optionally .gz) in {root / 'fashion-mnist'}. "
             "Rerun with --download to fetch it with torchvision, or point --data-root/MPTQ_DATA at a folder holding them."
@@ -169,7 +169,7 @@ def _load_cifar(root: Path, download: bool, *, name: str, folder: str, train: li
         _download(name, root, tv_class)
         missing = [f for f in train + test if not (base / f).is_file()]
     if missing:
-        raise DataMissing(
+        raise DataError(
             f"{name} not found: {base} lacks {', '.join(missing)}. Rerun with --download to fetch the standard "
             f"python release with torchvision, or unpack it so that {base} exists under --data-root/MPTQ_DATA."
         )
@@ -271,7 +271,7 @@ def load_tinyimagenet(root: Path, download: bool) -> ImageDataset:
     required = [base / "wnids.txt", base / "train", base / "val" / "val_annotations.txt", base / "val" / "images"]
     missing = [str(p.relative_to(root)) for p in required if not p.exists()]
     if missing:
-        raise DataMissing(
+        raise DataError(
             f"TinyImageNet not found under {root}: missing {', '.join(missing)}. Download "
             "http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into --data-root/MPTQ_DATA "
             "(no automatic download: torchvision does not ship this dataset)."

@@ -67,10 +67,12 @@ def pool_keep_masks(spec: TaskSpec, n_examples: int, where: str | None = None) -
         if counts[fewest] == 0:
             raise SpecError(f"{where or spec.id}: dataset.pool_size: {pool} leaves pool model {fewest} with no "
                             "member to train on; use a larger pool")
-        # The schedule would fill each batch by repeating members, so one step would count some of them twice.
+        # Every batch would hold some of the model's members twice or more (the study's loader never repeats
+        # one within a batch; the schedule's stream of permutations does so only where a batch straddles two).
         raise SpecError(f"{where or spec.id}: training.batch_size: {batch} is more than the {int(counts[fewest])} "
-                        f"members of pool model {fewest} ({pool} gives each model about {round(n_examples * m.pkeep)}); "
-                        "use a smaller batch or a larger pool")
+                        f"members of pool model {fewest} ({pool} gives each model about {round(n_examples * m.pkeep)}), "
+                        "so every step would train on some members twice; use a smaller batch, or a larger "
+                        "dataset.pool_size where the training split holds more")
     return keep
 
 

@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import sha256_file, write_json_atomic
-from ..data import load_dataset
-from ..errors import BenchError, CacheError, DataMissing, SpecError, WriteError
+from ..errors import BenchError, CacheError, SpecError, WriteError
 from ..limits import MANIFEST_JSON_BYTES, NPY_HEADER_BYTES, POOL_FILE_BYTES
 from ..readers import read_json_file
 from ..spec.schema import MAX_EXAMPLES, POOL_FIELDS, TaskSpec
 from .build import membership_masks
-from .store import SOURCE, PoolStore
+from .store import SOURCE, PoolStore, other_data
 
 MANIFEST = "manifest.json"
 
@@ -167,8 +166,7 @@ def _check_header(folder: Path, spec: TaskSpec, where: str, data_sha256: str | N
         raise BenchError(f"{where}: pool.json: data_sha256: missing or not a sha256, so nothing says which data the "
                          "pool was trained on; refused")
     if data_sha256 is not None and recorded != data_sha256:
-        raise BenchError(f"{where}: pool.json: data_sha256: the pool was trained on other data ({recorded[:12]}…, "
-                         f"the data loaded here is {data_sha256[:12]}…); refused")
+        raise BenchError(f"{where}: pool.json: {other_data(header, data_sha256)}; refused")
     try:
         keep = np.load(folder / "keep.npy", allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -217,21 +215,6 @@ def pull_pool(spec: TaskSpec, cache_dir: Path, repo: str, revision: str | None =
     except BenchError as exc:
         raise (unreachable or exc) from None
     return install_snapshot(Path(snapshot), spec, cache_dir, repo, data_sha256)
-
-
-def local_data_digest(spec: TaskSpec, data_root: Path | None = None) -> str | None:
-    """The digest of the task's data as loaded here, for a pulled pool's header to match.
-
-    None where the data's files are not there and no folder was named: the pool is then checked
-    against the data when a run first uses it (``PoolStore.ensure_header``). Files that are there
-    but unreadable, or a named folder without them, are an error.
-    """
-    try:
-        return load_dataset(spec.dataset, data_root).digest()
-    except DataMissing:
-        if data_root is not None:
-            raise
-        return None
 
 
 def _hub_call(where: str, call):

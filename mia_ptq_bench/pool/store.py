@@ -32,6 +32,21 @@ from ..errors import CacheError
 from ..spec.schema import POOL_FIELDS, TaskSpec
 
 
+# The data hash's definition (ImageDataset.digest). Version 2 sums the normalisation statistics exactly;
+# version 1's float sums followed torch's thread count, and gave some datasets' same files another hash.
+DATA_HASH_VERSION = 2
+
+
+def other_data(header: dict, loaded: str) -> str:
+    """Why a pool whose header records another data hash than ``loaded`` is refused."""
+    recorded = str(header.get("data_sha256"))[:12]
+    if header.get("data_hash_version") != DATA_HASH_VERSION:
+        return (f"data_sha256: recorded by an earlier mia-ptq-bench ({recorded}…), whose hash of the same files "
+                f"could differ from this version's ({loaded[:12]}…), so nothing says whether the pool was trained "
+                "on this data")
+    return f"data_sha256: this pool was trained on other data ({recorded}…, the data loaded now is {loaded[:12]}…)"
+
+
 @dataclass(frozen=True)
 class ModelRecord:
     index: int
@@ -74,10 +89,9 @@ class PoolStore:
                 raise CacheError(f"{self.root / 'keep.npy'}: masks differ from the task's; remove the folder to rebuild")
             recorded = info.get("data_sha256")
             if recorded is None:  # written before pools recorded their data: from now on it is this data's
-                write_json_atomic(header, {**info, "data_sha256": data_sha256})
+                write_json_atomic(header, {**info, "data_sha256": data_sha256, "data_hash_version": DATA_HASH_VERSION})
             elif recorded != data_sha256:
-                raise CacheError(f"{header}: data_sha256: this pool was trained on other data ({str(recorded)[:12]}…, "
-                                 f"the data loaded now is {data_sha256[:12]}…); point --data-root at the files it was "
+                raise CacheError(f"{header}: {other_data(info, data_sha256)}; point --data-root at the files it was "
                                  "built from, or remove the folder to rebuild")
             return
         dumped = self.spec.model_dump(mode="json")
@@ -85,6 +99,7 @@ class PoolStore:
         write_json_atomic(header, {
             "task_id": self.spec.id, "pool_hash": self.spec.pool_hash, "package_version": __version__,
             "spec": {key: dumped[key] for key in POOL_FIELDS}, "data_sha256": data_sha256,
+            "data_hash_version": DATA_HASH_VERSION,
         })
 
     def group_size(self, device_type: str) -> int | None:
