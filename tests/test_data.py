@@ -98,6 +98,37 @@ def test_truncated_idx_is_a_data_error(tmp_path: Path) -> None:
         read_idx(path)
 
 
+def test_an_idx_file_that_inflates_beyond_its_header_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    # A valid header for 2x2x2 images followed by 64 MB of zeros, compressed to about 64 KB: the reader
+    # stops one byte past what the header promises instead of inflating the whole file.
+    import gzip
+    import tracemalloc
+
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 0x08, 3]) + b"".join(n.to_bytes(4, "big") for n in (2, 2, 2))
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + bytes(8))
+        for _ in range(64):
+            handle.write(bytes(1 << 20))
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"IDX header promises 8 values, file holds more"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20  # the old reader held all 64 MB
+    promised = tmp_path / "huge-idx1-ubyte"
+    promised.write_bytes(bytes([0, 0, 0x08, 1]) + (1 << 31).to_bytes(4, "big"))
+    with pytest.raises(DataError, match=r"promises 2147483648 values, more than the"):
+        read_idx(promised)
+    short = tmp_path / "short-idx3-ubyte"
+    short.write_bytes(bytes([0, 0, 0x08, 3, 0, 0]))
+    with pytest.raises(DataError, match=r"IDX header cut short: 3 sizes promised, 0 present"):
+        read_idx(short)
+
+
 @pytest.mark.skipif(not SHARED_FASHION.is_dir(), reason=f"real Fashion-MNIST not present at {SHARED_FASHION}")
 def test_real_fashion_mnist() -> None:
     data = DATASETS.get("fashion-mnist")(SHARED_FASHION.parent, False)

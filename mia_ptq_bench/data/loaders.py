@@ -8,6 +8,7 @@ and TinyImageNet is not in torchvision; downloads still go through torchvision.
 from __future__ import annotations
 
 import gzip
+import math
 import hashlib
 import zipfile
 from pathlib import Path
@@ -56,23 +57,34 @@ _FMNIST_FILES = {
 _IDX_DTYPES = {0x08: np.uint8}
 
 
+# The largest IDX payload read: Fashion-MNIST's training images are 47 MB. The payload is read only up to
+# what the header promises (plus one byte, to tell a longer file), so a small compressed file that
+# inflates to gigabytes costs no more memory than an honest one.
+IDX_MAX_BYTES = 1 << 30
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped): magic 0x0000TTDD, DD big-endian sizes, then data."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
-            data = handle.read()
+            magic = handle.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
+                raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+            sizes = handle.read(4 * magic[3])
+            if len(sizes) < 4 * magic[3]:
+                raise DataError(f"{path}: IDX header cut short: {magic[3]} sizes promised, {len(sizes) // 4} present")
+            shape = tuple(int.from_bytes(sizes[4 * i: 4 * i + 4], "big") for i in range(magic[3]))
+            expected = math.prod(shape)
+            if expected > IDX_MAX_BYTES:
+                raise DataError(f"{path}: IDX header promises {expected} values, more than the {IDX_MAX_BYTES} read")
+            data = handle.read(expected + 1)
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read IDX file: {exc}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape))
-    if len(data) - header != expected:
-        raise DataError(f"{path}: IDX header promises {expected} values, file holds {len(data) - header}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    if len(data) != expected:
+        held = "more" if len(data) > expected else str(len(data))
+        raise DataError(f"{path}: IDX header promises {expected} values, file holds {held}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _find_fmnist(root: Path) -> dict[str, Path] | None:
