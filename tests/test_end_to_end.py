@@ -306,6 +306,27 @@ def test_corrupted_quantized_cache_is_redone(tmp_path: Path) -> None:
     assert _numbers(again) == _numbers(first.results[0])
 
 
+def test_a_fifo_or_folder_in_the_quantized_cache_neither_blocks_nor_crashes(tmp_path: Path) -> None:
+    spec = load_task("tiny-digits")
+    options = RunOptions(out_dir=tmp_path / "r", cache_dir=tmp_path / "cache")
+    first = evaluate("rtn", spec, plans=["w4"], threat_models=["oblivious"], options=options)
+    cached = next((tmp_path / "cache" / "quantized").rglob("model-0001.npz"))
+    cached.unlink()
+    os.mkfifo(cached)  # np.load used to wait on it forever
+    args = ("evaluate", "rtn", "--task", "tiny-digits", "--plans", "w4", "--threat-models", "oblivious",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r2"))
+    result = run_cli(*args)
+    assert result.exit_code == 0 and "model-0001.npz: not a regular file" in " ".join(result.output.split())
+    assert cached.is_file()
+    again = load_result(tmp_path / "r2" / "tiny-digits" / "rtn" / "w4--oblivious.json")
+    assert _numbers(again) == _numbers(first.results[0])
+    cached.unlink()
+    cached.mkdir()
+    result = run_cli(*args)
+    assert result.exit_code == 2 and "model-0001.npz: a folder where model 1's quantized outputs belong" in \
+        " ".join(result.output.split())
+
+
 @pytest.mark.parametrize("damage, reason", [
     ("moved", "made under another key (quantizer, config, plan, calibration or environment)"),
     ("nan", "scores: float64"),

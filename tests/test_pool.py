@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -308,7 +309,8 @@ def test_a_pulled_pool_with_a_model_retrained_here_no_longer_names_the_hub(tiny_
     assert not source.exists() and pool_source(rebuilt.store) is None
 
 
-@pytest.mark.parametrize("name, text", [("pool.json", "[]"), ("source.json", "{oops"), ("source.json", "[1]")])
+@pytest.mark.parametrize("name, text", [("pool.json", "[]"), ("source.json", "{oops"), ("source.json", "[1]"),
+                                        ("source.json", "[" * 100_000)])
 def test_malformed_pool_bookkeeping_is_one_clear_error(tiny_task, tmp_path: Path, name: str, text: str) -> None:
     from mia_ptq_bench.pool.hub import pool_source
 
@@ -317,6 +319,44 @@ def test_malformed_pool_bookkeeping_is_one_clear_error(tiny_task, tmp_path: Path
     (pool.store.root / name).write_text(text)
     with pytest.raises(CacheError, match=f"{name}: unreadable cache record"):
         build_pool(tiny_task, data, tmp_path) if name == "pool.json" else pool_source(pool.store)
+
+
+def test_special_files_in_a_pool_cache_are_refused_without_blocking(tiny_task, tmp_path: Path) -> None:
+    # A FIFO blocks whoever opens it for reading until someone writes; a folder cannot be unlinked.
+    # A FIFO record used to hang the build and a folder to raise a traceback: now one is redone, the other refused.
+    import signal
+
+    data = load_dataset(tiny_task.dataset)
+    pool = build_pool(tiny_task, data, tmp_path, trainer="sequential")
+    record, keep = pool.store.record_path(2), pool.store.root / "keep.npy"
+    saved = {path: path.read_bytes() for path in (record, keep)}
+
+    def stuck(signum, frame):
+        raise TimeoutError("reading a FIFO in the cache blocked")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(30)
+    try:
+        record.unlink()
+        os.mkfifo(record)  # a model's record: that model is retrained, as for any damaged file
+        log = Logged()
+        build_pool(tiny_task, data, tmp_path, trainer="sequential", progress=log)
+        assert any("model-0002.json: unreadable cache record (not a regular file" in line for line in log.lines)
+        assert record.is_file() and record.read_bytes() == saved[record]
+        keep.unlink()
+        os.mkfifo(keep)  # the pool's masks: nothing to retrain from
+        with pytest.raises(CacheError, match=r"keep\.npy: not a regular file"):
+            build_pool(tiny_task, data, tmp_path, trainer="sequential")
+        keep.unlink()
+        keep.write_bytes(saved[keep])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    weights = pool.store.weights_path(3)
+    weights.unlink()
+    weights.mkdir()
+    with pytest.raises(CacheError, match=r"model-0003\.safetensors: a folder where model 3's file belongs"):
+        build_pool(tiny_task, data, tmp_path, trainer="sequential")
 
 
 def test_batchnorm_models_build_in_stacked_groups(tmp_path: Path) -> None:

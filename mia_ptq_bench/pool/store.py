@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save
 
 from .. import __version__
 from ..atomic import sha256_file, write_atomic, write_bytes_atomic, write_json_atomic
-from ..errors import CacheError
+from ..errors import CacheError, SpecError
+from ..readers import read_json_file
 from ..spec.schema import POOL_FIELDS, TaskSpec
 
 
@@ -56,6 +57,7 @@ class ModelRecord:
 
 
 SOURCE = "source.json"  # where a pulled pool came from (pool/hub.py); gone once any model is replaced
+RECORD_BYTES = 1 << 20  # a bookkeeping JSON file: pool.json (the task spec inside) is the largest, a few KB
 GROUPS = "groups.json"  # how many models each trained group held: a resumed build keeps the same groups
 
 
@@ -155,6 +157,8 @@ class PoolStore:
         A pulled pool stops naming its Hub origin first: with a model retrained here it is that
         pool no longer, and results must not say it is."""
         for path in (self.root / SOURCE, self.record_path(index), self.weights_path(index), self.scores_path(index)):
+            if path.is_dir() and not path.is_symlink():
+                raise CacheError(f"{path}: a folder where model {index}'s file belongs; remove it to retrain the model")
             path.unlink(missing_ok=True)
 
     def record(self, index: int) -> ModelRecord:
@@ -215,11 +219,13 @@ class PoolStore:
 
     @staticmethod
     def read_record(path: Path) -> dict:
-        """A cache's JSON bookkeeping file as a mapping, or one CacheError naming it."""
+        """A cache's JSON bookkeeping file as a mapping, or one CacheError naming it (a FIFO, a folder, a huge or
+        deeply nested file included: the bounded reader refuses them without blocking)."""
         try:
-            info = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise CacheError(f"{path}: unreadable cache record ({exc}); delete it to redo that work") from None
+            info = read_json_file(path, RECORD_BYTES)
+        except SpecError as exc:
+            reason = str(exc).removeprefix(f"{path}: ")
+            raise CacheError(f"{path}: unreadable cache record ({reason}); delete it to redo that work") from None
         if not isinstance(info, dict):
             raise CacheError(f"{path}: unreadable cache record (a JSON {type(info).__name__}, not an object); "
                              "delete it to redo that work")
@@ -227,6 +233,8 @@ class PoolStore:
 
     @staticmethod
     def _load_npy(path: Path) -> np.ndarray:
+        if path.exists() and not path.is_file():  # np.load would block on a FIFO
+            raise CacheError(f"{path}: not a regular file; delete it to rebuild")
         try:
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:

@@ -21,7 +21,7 @@ from ..context import RunContext
 from ..data import Split
 from ..environment import environment
 from ..data.splits import evaluation_test_split
-from ..errors import BenchError
+from ..errors import BenchError, CacheError
 from ..inference import predict_logits, score_split
 from ..pool import Pool, build_pool
 from ..progress import Progress, SilentProgress
@@ -96,6 +96,10 @@ class OutputStore:
         path = self.path(index)
         if not path.exists():
             return None
+        if path.is_dir() and not path.is_symlink():
+            raise CacheError(f"{path}: a folder where model {index}'s quantized outputs belong; remove it to redo them")
+        if not path.is_file():  # a FIFO would block the read below
+            return self._redo(index, "not a regular file")
         try:
             with np.load(path, allow_pickle=False) as archive:
                 files = set(archive.files)
