@@ -1,6 +1,6 @@
 """`python -m mia_ptq_bench` runs the `mptq-bench` command (for when its script is not on PATH)."""
 
-from .cli import app
+from .cli import run
 
 if __name__ == "__main__":
-    app(prog_name="mptq-bench")
+    run()

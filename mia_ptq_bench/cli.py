@@ -44,6 +44,26 @@ def guarded(action: Callable[[], T]) -> T:
     except BenchError as exc:
         errors.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except OSError as exc:
+        _file_system_error(exc)
+        raise typer.Exit(2) from None
+
+
+def _file_system_error(exc: OSError) -> None:
+    """The file system refusing a path the user gave (too long, a loop, read-only, full...): one line."""
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    errors.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}", markup=True, highlight=False,
+                 soft_wrap=True)
+
+
+def run() -> None:
+    """The ``mptq-bench`` command: ``app``, with an OSError that escaped every command's own handling as one
+    line (exit code 2) instead of a traceback."""
+    try:
+        app(prog_name="mptq-bench")
+    except OSError as exc:
+        _file_system_error(exc)
+        sys.exit(2)
 
 
 def _version(value: bool) -> None:
@@ -538,4 +558,4 @@ def schema(kind: Annotated[str, typer.Argument(help="result or task")] = "result
 
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    run()

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -119,3 +123,15 @@ def test_cache_list_counts_models_not_the_temporary_files_a_killed_writer_left(t
         (plan / name).write_bytes(b"x")
     (entry,) = list_cache(tmp_path)
     assert entry.detail == "rtn-0123456789ab w4-cal01234567: 2 models" and entry.files == 3
+
+
+def test_the_command_reports_a_path_the_file_system_refuses_in_one_line(tmp_path: Path) -> None:
+    # An over-long name raises OSError from pathlib wherever a command first touches the path, inside or
+    # outside its own error handling: the command (cli.run, the script's entry point) prints one line.
+    long = tmp_path / ("a" * 300)
+    for args in (["validate", f"{long}.yaml"], ["evaluate", "rtn", "--task", "digits-mlp", "--out", str(long)]):
+        proc = subprocess.run([sys.executable, "-m", "mia_ptq_bench", *args], capture_output=True, text=True,
+                              env={**os.environ, "COLUMNS": "200"}, timeout=300)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert "File name too long" in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1

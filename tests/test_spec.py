@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,23 @@ def test_an_error_is_reported_in_the_file_that_sets_the_field(tmp_path: Path, ti
                for line in lines), lines
     assert any(line.startswith(f"{base}: plans: ") for line in lines), lines
     assert any(line.startswith(f"{child}: training.lr: ") and "inherited" not in line for line in lines), lines
+
+
+@pytest.mark.parametrize("parent, make, reason", [
+    ("a\0b.yaml", None, r"extends: 'a\\x00b\.yaml' cannot be read \(.*null"),
+    ("loop.yaml", lambda folder: (folder / "loop.yaml").symlink_to(folder / "loop.yaml"),
+     r"extends: 'loop\.yaml' cannot be read"),
+    ("pipe.yaml", lambda folder: os.mkfifo(folder / "pipe.yaml"), r"extends: .*pipe\.yaml is not a regular file"),
+    ("dir.yaml", lambda folder: (folder / "dir.yaml").mkdir(), r"extends: .*dir\.yaml is not a regular file"),
+    ("a" * 300 + ".yaml", None, r"extends: 'a{200}' cannot be read \(.*File name too long"),
+], ids=["nul byte", "symlink loop", "fifo", "folder", "name too long"])
+def test_an_extends_the_file_system_refuses_is_one_clear_error(tmp_path: Path, parent: str, make, reason: str) -> None:
+    if make is not None:
+        make(tmp_path)
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"id": "child", "extends": parent}))
+    with pytest.raises(SpecError, match=reason):
+        load_task(child)
 
 
 def test_extends_cycles_are_clear_errors(tmp_path: Path) -> None:

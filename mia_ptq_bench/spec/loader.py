@@ -134,14 +134,18 @@ def _parent(path: Path, parent_ref: Any, chain: tuple[Path, ...] = ()) -> Path |
         parent = beside if beside.suffix in (".yaml", ".yml") else resolve_task_path(parent_ref)
     except SpecError as exc:
         raise SpecError(f"{path}: extends: {exc}") from None
-    chain = (*chain, path.resolve())
-    if parent.resolve() in chain:
-        cycle = " -> ".join(p.name for p in (*chain, parent.resolve()))
+    try:  # a NUL byte, a symbolic-link loop or an over-long name: the file system's refusal, as one line
+        chain = (*chain, path.resolve())
+        resolved, is_file, exists = parent.resolve(), parent.is_file(), parent.exists()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise SpecError(f"{path}: extends: {parent_ref[:200]!r} cannot be read ({exc})") from None
+    if resolved in chain:
+        cycle = " -> ".join(p.name for p in (*chain, resolved))
         raise SpecError(f"{path}: extends: {parent_ref!r} makes a cycle: {cycle}")
     if len(chain) > MAX_EXTENDS:
         raise SpecError(f"{path}: extends: more than {MAX_EXTENDS} levels of parents")
-    if not parent.is_file():
-        raise SpecError(f"{path}: extends: {parent} not found")
+    if not is_file:  # a folder, a pipe or a device is there, but not a task file to read
+        raise SpecError(f"{path}: extends: {parent} {'is not a regular file' if exists else 'not found'}")
     return parent
 
 
