@@ -62,9 +62,14 @@ def test_near_misses_get_a_suggestion(tmp_path) -> None:
     (["--device", "cuda:99"], ["--device 'cuda:99': no CUDA device is usable here",
                                "--device 'cuda:99': this machine has"]),
     (["--set", "steps=[1"], ["--set 'steps=[1': the value is not valid YAML"]),
+    # JSON holds no inf: the result recorded null, which its reproduction refused
+    (["--set", "p=.inf"], ["rtn config (--set): p: Input should be a finite number (got inf)"]),
+    (["--set", "seed=340282366920938463463374607431768211456"],
+     ["adaround config (--set): seed: Input should be less than or equal to 9223372036854775807"]),
 ])
 def test_bad_options_are_one_line_before_any_work(tmp_path, args, expected) -> None:
-    result = cli.invoke(app, ["evaluate", "rtn", "--task", "tiny-digits", "--out", str(tmp_path / "r"), *args])
+    method = "adaround" if "seed" in args[-1] else "rtn"  # a seed that overflowed torch's generator mid-run
+    result = cli.invoke(app, ["evaluate", method, "--task", "tiny-digits", "--out", str(tmp_path / "r"), *args])
     message = " ".join(result.stderr.split())
     assert result.exit_code == 2 and "Traceback" not in message, message
     assert any(f"error: {e}" in message for e in expected), message

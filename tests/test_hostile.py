@@ -337,7 +337,10 @@ def test_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
     (b"version: 2020-13-45\n", "submission.yaml: not valid YAML: a value cannot be read (month must be in 1..12)"),
     (b"version: " + b"9" * 5000 + b"\n", "submission.yaml: not valid YAML: a value cannot be read (Exceeds the limit"),
     (b'version: !!float "abc"\n', "submission.yaml: not valid YAML: a value cannot be read (could not convert"),
-], ids=["latin-1", "deep", "large", "duplicate-key", "python-tag", "timestamp", "bad-date", "long-int", "bad-float"])
+    # hex is read without the decimal digit limit, and an int that long cannot be printed in the message
+    (b"version: 0x" + b"f" * 20_000 + b"\n", "version: Input should be a valid string (got an integer of 80000 bits)"),
+], ids=["latin-1", "deep", "large", "duplicate-key", "python-tag", "timestamp", "bad-date", "long-int", "bad-float",
+        "long-hex-int"])
 def test_bad_submission_yaml_is_one_line(tmp_path: Path, text: bytes, reason: str) -> None:
     _folder(tmp_path / "subs", "x", text)
     result = cli.invoke(app, ["validate", str(tmp_path / "subs")])

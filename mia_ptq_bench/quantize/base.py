@@ -31,7 +31,9 @@ MAX_DIGESTED_FILES = 200  # .py files beside a plugin's own file that count, in 
 
 
 class QuantizerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or NaN: a result records its config as JSON, which holds neither (it wrote null, which a
+    # reproduction then refused).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Quantizer(ABC):

@@ -34,7 +34,7 @@ class ReconstructionConfig(GridConfig):
     warmup: float = Field(0.2, ge=0, lt=1, description="fraction of steps before the regulariser starts")
     inputs: Literal["quantized", "full_precision"] = Field(
         "quantized", description="capture unit inputs from the partly quantized model (reference) or the original")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seeds the calibration batches each step draws")
     capture_batch: int = Field(256, ge=1)
 
     def schedule(self) -> RoundingSchedule:

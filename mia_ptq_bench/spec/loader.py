@@ -81,7 +81,11 @@ def format_validation_error(source: str, error: ValidationError,
 
 def _short(value: Any, limit: int = 80) -> str:
     """A value quoted in an error line, cut short: the line names the problem, it does not echo the input."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4,300-digit printing limit (YAML reads 0xfff... as one)
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else \
+            f"a {type(value).__name__} holding an integer too long to print"
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
