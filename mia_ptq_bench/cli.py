@@ -530,16 +530,13 @@ def findings(
     submissions: Annotated[Path, typer.Option(help="submissions folder")] = Path("submissions"),
 ) -> None:
     """Write the study's questions, answered from the committed results of one task, with figures."""
-    from .atomic import write_text_atomic
-    from .findings import render
+    from .findings import write_findings
 
     def action() -> None:
         path = out or Path("docs") / f"findings-{task}.md"
         command = f"mptq-bench findings --task {task}" + (f" --out {out}" if out else "")
-        write_text_atomic(path, render(submissions, task, figures=path.parent / "figures", figures_link="figures",
-                                       command=command))
-        console.print(f"wrote {escape(str(path))} and its figures in {escape(str(path.parent / 'figures'))}",
-                      highlight=False)
+        figures = write_findings(submissions, task, path, command)
+        console.print(f"wrote {escape(str(path))} and its figures in {escape(str(figures))}", highlight=False)
 
     guarded(action)
 
