@@ -53,6 +53,21 @@ def evaluate(*args: str):
     return cli.invoke(app, ["evaluate", *args, "--task", "tiny-digits", "--plans", "w2", "--threat-models", "oblivious"])
 
 
+@pytest.mark.parametrize("name, reason", [
+    ("../../../x/escaped", "is not a quantizer name"),  # its results and cache went outside --out and the cache
+    (".", "is not a quantizer name"),
+    ("bad\\nname", "is not a quantizer name"),
+    ("rtn", "'rtn' is already the registered quantizer mia_ptq_bench.quantize.builtin.RoundToNearest"),
+])
+def test_a_plugin_quantizer_name_that_is_not_a_plain_name_of_its_own_is_refused(tmp_path: Path, name: str,
+                                                                                 reason: str) -> None:
+    (tmp_path / "named.py").write_text(PLUGIN.replace('    version = "0.1"', f"    name = {name!r}\n    version = \"0.1\""))
+    result = evaluate(f"{tmp_path / 'named.py'}:HalfStep", "--out", str(tmp_path / "a" / "b"))
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "named.py:HalfStep: name: " in message and reason in message, message
+    assert "Traceback" not in message and not (tmp_path / "a").exists() and not (tmp_path / "x").exists()
+
+
 def test_import_path_quantizer(tmp_path: Path) -> None:
     (tmp_path / "half_step.py").write_text(PLUGIN)
     result = evaluate(f"{tmp_path / 'half_step.py'}:HalfStep", "--set", "offset=0.25", "--out", str(tmp_path / "r"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
@@ -21,6 +22,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
 from ..atomic import content_hash
+from ..errors import BenchError
 from ..progress import Progress, SilentProgress
 from ..registry import Registry
 from ..spec.plans import PrecisionPlan
@@ -114,8 +116,23 @@ class Quantizer(ABC):
 QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")
 
 
+# A quantizer's name names folders (results, the cache): letters, digits, '_', '.', '-', no path in it.
+QUANTIZER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a quantizer's name, or None."""
+    if not isinstance(name, str) or not QUANTIZER_NAME.fullmatch(name):
+        return (f"{str(name)[:80]!r} is not a quantizer name: 1 to 64 letters, digits, '_', '.' or '-', starting "
+                "with a letter or digit (it names the folders its results and cache go in)")
+    return None
+
+
 def register_quantizer(name: str):
     """Class decorator: ``@register_quantizer("mine")`` makes ``mptq-bench evaluate mine`` find it."""
+    problem = name_problem(name)
+    if problem:
+        raise BenchError(f"register_quantizer: {problem}")
 
     def decorator(cls: type[Quantizer]) -> type[Quantizer]:
         cls.name = name

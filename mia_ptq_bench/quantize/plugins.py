@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import BenchError
 from ..extensions import import_module_or_file
-from .base import QUANTIZERS, Quantizer
+from .base import QUANTIZERS, Quantizer, name_problem
 
 ENTRY_POINT_GROUP = "mia_ptq_bench.quantizers"
 
@@ -35,6 +35,13 @@ def _checked(obj: object, name: str, where: str) -> type[Quantizer]:
         raise BenchError(f"{where}: {obj!r} is not a subclass of mia_ptq_bench.quantize.Quantizer")
     if not obj.__dict__.get("name"):  # its own name, never one inherited: a subclass of rtn is not rtn
         obj.name = name
+    problem = name_problem(obj.name)
+    if problem:
+        raise BenchError(f"{where}: name: {problem}")
+    if obj.name in QUANTIZERS and QUANTIZERS.get(obj.name) is not obj:  # its results would land in the other's folder
+        registered = QUANTIZERS.get(obj.name)
+        raise BenchError(f"{where}: name: {obj.name!r} is already the registered quantizer "
+                         f"{registered.__module__}.{registered.__qualname__}; give this one a name of its own")
     return obj
 
 
