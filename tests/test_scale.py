@@ -138,6 +138,18 @@ def test_pool_pull_with_a_data_root_refuses_a_pool_of_other_data(tmp_path: Path)
         build_pool(spec, load_dataset(spec.dataset), tmp_path / "u")
 
 
+@pytest.mark.slow
+def test_pool_push_failures_are_one_line(hub_cache: dict, tmp_path: Path) -> None:
+    # No network here (and offline mode): the Hub client's errors, and its refusal of a malformed repo id,
+    # used to be tracebacks.
+    env = {k: v for k, v in hub_cache.items() if k != "snapshot"}
+    for repo in ("mptq/tiny-digits-pool", "../../x"):
+        pushed = cli("pool", "push", "tiny-digits", "--repo", repo, "--cache-dir", str(tmp_path / "origin"), env=env)
+        assert pushed.returncode == 2, pushed.stderr
+        assert f"error: hub {repo}: cannot upload the pool (" in pushed.stderr and "Traceback" not in pushed.stderr
+        assert len(pushed.stderr.strip().splitlines()) == 1
+
+
 def test_export_manifest_lists_every_file(hub_cache: dict) -> None:
     manifest = json.loads((hub_cache["snapshot"] / MANIFEST).read_text())
     files = {str(p.relative_to(hub_cache["snapshot"])) for p in hub_cache["snapshot"].rglob("*")

@@ -70,11 +70,13 @@ def push_pool(store: PoolStore, repo: str, private: bool = False) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi()
+    where = f"hub {repo}"
     with tempfile.TemporaryDirectory() as staging:
         export_pool(store, Path(staging))
-        api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo, folder_path=staging, repo_type="model",
-                                   commit_message=f"pool of {store.spec.id} ({store.spec.pool_hash[:12]})")
+        _hub_call(where, lambda: api.create_repo(repo, repo_type="model", private=private, exist_ok=True), "upload")
+        commit = _hub_call(where, lambda: api.upload_folder(
+            repo_id=repo, folder_path=staging, repo_type="model",
+            commit_message=f"pool of {store.spec.id} ({store.spec.pool_hash[:12]})"), "upload")
     return commit.oid
 
 
@@ -217,7 +219,7 @@ def pull_pool(spec: TaskSpec, cache_dir: Path, repo: str, revision: str | None =
     return install_snapshot(Path(snapshot), spec, cache_dir, repo, data_sha256)
 
 
-def _hub_call(where: str, call):
+def _hub_call(where: str, call, action: str = "download"):
     """``call()``, with the Hub client's failures (network, HTTP, its cache: no common base class) as one BenchError."""
     try:
         return call()
@@ -225,7 +227,7 @@ def _hub_call(where: str, call):
         raise
     except Exception as exc:
         reason = " ".join(str(exc).split())[:300]
-        raise BenchError(f"{where}: cannot download the pool ({type(exc).__name__}: {reason})") from None
+        raise BenchError(f"{where}: cannot {action} the pool ({type(exc).__name__}: {reason})") from None
 
 
 def install_snapshot(snapshot: Path, spec: TaskSpec, cache_dir: Path, repo: str,
