@@ -82,12 +82,14 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
 
 def _split_list(text: Optional[str], option: str = "") -> Optional[list[str]]:
     """A comma-separated option's items (None when the option is not given); an option given with no
-    item, or with an item twice, is refused rather than read as the default or run twice."""
+    item, an empty item or an item twice is refused rather than read as the default, skipped or run twice."""
     if text is None:
         return None
-    items = [part.strip() for part in text.split(",") if part.strip()]
-    if not items:
+    items = [part.strip() for part in text.split(",")]
+    if not any(items):
         raise BenchError(f"{option}: no item in {text!r} (leave the option out for the task's own)")
+    if not all(items):  # 'w4,,w2' or 'w4,': a typo, not a list of two
+        raise BenchError(f"{option}: an empty item in {text!r}")
     twice = sorted({item for item in items if items.count(item) > 1})
     if twice:
         raise BenchError(f"{option}: {', '.join(twice)} given twice")

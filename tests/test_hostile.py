@@ -215,6 +215,8 @@ def test_a_task_path_that_is_there_but_not_a_file_says_so(tmp_path: Path) -> Non
 @pytest.mark.parametrize("option, value, message", [
     ("--plans", "w4,w4", "--plans: w4 given twice"),
     ("--plans", ",", "--plans: no item in ','"),
+    ("--plans", "w4,,w2", "--plans: an empty item in 'w4,,w2'"),
+    ("--threat-models", "oblivious,", "--threat-models: an empty item in 'oblivious,'"),
     ("--threat-models", "oblivious,oblivious", "--threat-models: oblivious given twice"),
 ])
 def test_evaluate_refuses_a_list_option_with_an_item_twice_or_none(tmp_path: Path, option: str, value: str,
