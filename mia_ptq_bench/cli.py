@@ -147,7 +147,7 @@ def evaluate(
     from .spec import PrecisionPlan, load_task
     from .executor import make_executor
     from .extensions import load_extensions
-    from .submission import write_manifest
+    from .submission import load_submission, write_manifest
 
     def action() -> None:
         extensions = load_extensions(plugin or [])
@@ -159,6 +159,10 @@ def evaluate(
                              "submission.yaml (quantizer.config) so that its results say how they were made")
         if submission and found.name != quantizer:
             raise BenchError(f"--submission {submission} holds quantizer {found.name!r}, not {quantizer!r}")
+        listed = load_submission(submission).tasks if submission else [spec.id]
+        if spec.id not in listed:  # validate would refuse the folder with results for an unlisted task
+            raise BenchError(f"--task {spec.id}: not among the tasks {submission / 'submission.yaml'} lists "
+                             f"({', '.join(listed)}); add it there first")
         # A malformed plan or threat is refused before the run's header.
         plan_list, threat_list = _split_list(plans, "--plans"), _split_list(threat_models, "--threat-models")
         asked = [str(PrecisionPlan.parse(text)) for text in plan_list or []]

@@ -1433,3 +1433,15 @@ def test_evidence_that_is_a_link_is_never_read(subs: Path, tmp_path: Path) -> No
     evidence.symlink_to(moved)
     with pytest.raises(BenchError, match="is not a regular file"):
         load_evidence(document, load_result(document))
+
+
+def test_evaluate_into_a_submission_refuses_a_task_it_does_not_list(tmp_path: Path) -> None:
+    # Its results and manifest entries used to be written, and validate then refused the folder.
+    folder = tmp_path / "rtn"
+    folder.mkdir()
+    (folder / "submission.yaml").write_text(_metadata("rtn", {"builtin": "rtn"}, ["tiny-digits"]))
+    result = cli.invoke(app, ["evaluate", "rtn", "--task", "tiny-cnn", "--plans", "w4", "--submission", str(folder)])
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "--task tiny-cnn: not among the tasks" in message
+    assert "lists (tiny-digits); add it there first" in message
+    assert sorted(p.name for p in folder.iterdir()) == ["submission.yaml"]
