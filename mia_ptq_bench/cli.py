@@ -178,6 +178,8 @@ def evaluate(
                              download=download, per_quantizer_folder=submission is None,
                              executor=make_executor(executor, ray_address), extensions=extensions, task_source=task)
         _place(options, cache_dir, device)
+        if attack is not None and not attack.strip():
+            raise BenchError("--attack: empty (leave the option out for the task's first attack)")
         shown = attack or spec.attacks[0]
         if shown not in spec.attacks:
             raise BenchError(f"--attack {shown!r} is not among the task's attacks: {', '.join(spec.attacks)}")
@@ -207,13 +209,22 @@ def tasks(plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="
         table = Table(title="tasks", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         for column in ("id", "v", "model", "models/targets", "hash", "plans"):
             table.add_column(column, no_wrap=column != "plans")
+        broken = []
         for path in available_tasks().values():
-            spec = load_task(path)
+            try:
+                spec = load_task(path)
+            except BenchError as exc:  # one bad file hides no other task
+                broken.append(str(exc))
+                continue
             width = "" if spec.model.width == 1 else f" ×{spec.model.width:g}"
             table.add_row(*map(escape, (spec.id, str(spec.version), spec.model.arch + width,
                                         f"{spec.membership.n_models}/{spec.targets.count}", spec.hash[:8],
                                         " ".join(spec.plans))))
         console.print(table)
+        for problem in broken:
+            errors.print(f"[bold red]invalid:[/] {one_line(problem)}", highlight=False, soft_wrap=True)
+        if broken:
+            raise typer.Exit(1)
 
     guarded(action)
 

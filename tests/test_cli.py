@@ -29,6 +29,18 @@ def test_tasks_lists_bundled_and_test_tasks() -> None:
     assert "digits-mlp" in result.output and "cifar100-resnet18" in result.output and "tiny-digits" in result.output
 
 
+def test_tasks_lists_every_good_task_and_names_each_bad_file(tmp_path: Path) -> None:
+    # One invalid file under $MPTQ_TASKS used to stop the listing at it.
+    (tmp_path / "broken.yaml").write_text("id: broken\nextends: broken.yaml\n")
+    (tmp_path / "typo.yaml").write_text("id: typo\ntraining: [\n")
+    result = cli.invoke(app, ["tasks"], env={"COLUMNS": "200", "MPTQ_TASKS": str(tmp_path)})
+    assert result.exit_code == 1
+    assert "digits-mlp" in result.output and "fashion-mnist-resnet" in result.output
+    problems = [line for line in result.stderr.splitlines() if line.startswith("invalid:")]
+    assert len(problems) == 2 and "broken.yaml: extends: 'broken.yaml' makes a cycle" in problems[0]
+    assert "typo.yaml" in problems[1]
+
+
 def test_quantizers_lists_builtins() -> None:
     result = cli.invoke(app, ["quantizers"], env={"COLUMNS": "160"})
     assert result.exit_code == 0 and "rtn" in result.output and "fp32" in result.output
@@ -64,6 +76,7 @@ def test_near_misses_get_a_suggestion(tmp_path) -> None:
     (["--set", "steps=[1"], ["--set 'steps=[1': the value is not valid YAML"]),
     # JSON holds no inf: the result recorded null, which its reproduction refused
     (["--set", "p=.inf"], ["rtn config (--set): p: Input should be a finite number (got inf)"]),
+    (["--attack", " "], ["--attack: empty (leave the option out for the task's first attack)"]),
     (["--set", "seed=340282366920938463463374607431768211456"],
      ["adaround config (--set): seed: Input should be less than or equal to 9223372036854775807"]),
 ])
