@@ -113,9 +113,15 @@ def resolve_threat_models(spec: TaskSpec, threat_models: list[str] | None) -> li
 
 def prepare_pool(context: RunContext, options: RunOptions, progress: Progress) -> Pool:
     spec = context.spec
-    if spec.hub is not None and not PoolStore(options.cache_dir, spec).is_complete_pool():
-        progress.log(f"pulling the pool from the Hub: {spec.hub.repo}@{spec.hub.revision or 'main'}")
-        pull_pool(spec, options.cache_dir, spec.hub.repo, spec.hub.revision, context.dataset().digest())
+    if spec.hub is not None:
+        store = PoolStore(options.cache_dir, spec)
+        if not store.is_complete_pool():
+            progress.log(f"pulling the pool from the Hub: {spec.hub.repo}@{spec.hub.revision or 'main'}")
+            pull_pool(spec, options.cache_dir, spec.hub.repo, spec.hub.revision, context.dataset().digest())
+        elif pool_source(store) is None:  # the same task's pool, trained here: another draw of the same recipe
+            progress.log(f"the task names the Hub pool {spec.hub.repo}, but a complete pool of the task trained here "
+                         f"is cached ({store.root}): using it, so the results name no Hub commit; remove that "
+                         "folder to pull the Hub's")
     remote = None if isinstance(options.executor, LocalExecutor) else options.executor
     pool = build_pool(spec, context.dataset(), options.cache_dir, options.device, progress, trainer=options.trainer,
                       executor=remote, data_root=options.data_root, download=options.download,

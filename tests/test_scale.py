@@ -150,6 +150,24 @@ def test_pool_push_failures_are_one_line(hub_cache: dict, tmp_path: Path) -> Non
         assert len(pushed.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
+def test_a_task_naming_the_hub_says_when_it_uses_a_pool_trained_here(tmp_path: Path) -> None:
+    spec = load_task("tiny-digits")
+    build_pool(spec, load_dataset(spec.dataset), tmp_path / "c")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = yaml.safe_load((TASKS / "tiny-digits.yaml").read_text())
+    (tasks / "tiny-digits.yaml").write_text(yaml.safe_dump({**data, "hub": {"repo": "mptq/tiny-digits-pool",
+                                                                            "revision": COMMIT}}))
+    run = cli("evaluate", "rtn", "--task", "tiny-digits", "--plans", "w4", "--threat-models", "oblivious",
+              "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "r"),
+              env={"MPTQ_TASKS": str(tasks), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert run.returncode == 0, run.stderr
+    assert "the task names the Hub pool mptq/tiny-digits-pool, but a complete pool of the task trained here" in \
+        " ".join(run.stdout.split())
+    assert load_result(tmp_path / "r" / "tiny-digits" / "rtn" / "w4--oblivious.json").pool_source is None
+
+
 def test_export_manifest_lists_every_file(hub_cache: dict) -> None:
     manifest = json.loads((hub_cache["snapshot"] / MANIFEST).read_text())
     files = {str(p.relative_to(hub_cache["snapshot"])) for p in hub_cache["snapshot"].rglob("*")
