@@ -15,6 +15,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -943,6 +944,19 @@ def test_the_site_folder_problems_are_one_line_and_a_killed_swap_is_recovered(
     assert result.exit_code == 0, result.stderr
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == pages
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "site", "submissions"]
+    # A concurrent build's staging folder (its process alive) is left alone; a killed one's (process gone) goes.
+    # (One build used to delete another's folder mid-build, which then failed.)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    try:
+        live, dead = f".site.building-{sleeper.pid}-ab12", f".site.building-{gone.stdout.strip()}-cd34"
+        (tmp_path / live).mkdir()
+        (tmp_path / dead).mkdir()
+        build_module.build_site(subs, out)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["afile", "site", "submissions", live])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_a_site_is_replaced_by_the_next_build_and_kept_if_the_swap_fails(

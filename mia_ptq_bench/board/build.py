@@ -166,7 +166,7 @@ def build_site(submissions: Path, out: Path, checks: Mapping[Path, Check] | None
         check_out(Path(submissions), out)
         out.parent.mkdir(parents=True, exist_ok=True)
         _recover(out)
-        staging = temporary_folder(f".{out.name}.building-", out.parent)  # readable by a web server's user
+        staging = temporary_folder(f".{out.name}.building-{os.getpid()}-", out.parent)  # readable by a web server's user
         summary = _build_site(Path(submissions), staging, checks, repository)
         _swap_in(staging, out)
         return {**summary, "out": out}
@@ -181,14 +181,32 @@ def build_site(submissions: Path, out: Path, checks: Mapping[Path, Check] | None
 
 def _recover(out: Path) -> None:
     """What a build killed mid-way left beside ``out``: its staging folders go; a site it had set aside
-    while swapping is put back if ``out`` is missing."""
+    while swapping is put back if ``out`` is missing. Folders of a build still running (their names carry
+    its process id) are left alone: a concurrent build into the same ``out`` is not a killed one."""
     for left in sorted(out.parent.glob(f".{out.name}.building-*")):
-        shutil.rmtree(left, ignore_errors=True)
+        if not _running(left.name.removeprefix(f".{out.name}.building-")):
+            shutil.rmtree(left, ignore_errors=True)
     for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if _running(old.name.removeprefix(f".{out.name}.old-")):
+            continue
         if not out.exists() and (old / SITE_MARKER).is_file():
             old.rename(out)
         else:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _running(suffix: str) -> bool:
+    """Whether the process whose id starts ``suffix`` ('<pid>-...') is alive on this machine (not this one)."""
+    pid = suffix.split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # alive under another user, or not ours to judge: leave it
+    return True
 
 
 # The files every site holds: a folder with all of them was built by this command, before the marker existed.
@@ -225,7 +243,7 @@ def _swap_in(staging: Path, out: Path) -> None:
     if not out.exists():
         staging.rename(out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     old.rmdir()
     out.rename(old)
     try:
