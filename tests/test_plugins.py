@@ -466,3 +466,12 @@ def test_validate_with_recompute_says_when_it_recomputes_nothing(submission: Pat
     assert result.exit_code == 1 and "homepage: unknown field" in result.stderr
     assert "not recomputed: no number is recomputed until the problems above are fixed" in result.stderr
     assert not any(line.startswith("recomputed ") for line in result.output.splitlines())
+
+
+def test_a_quantize_that_calls_exit_is_one_error_not_a_silent_success(tmp_path: Path) -> None:
+    source = tmp_path / "quitter.py"
+    source.write_text(PLUGIN.replace("        return model\n", "        raise SystemExit(0)\n"))
+    result = evaluate(f"{source}:HalfStep", "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2, result.output  # it ended the run with status 0, having written nothing
+    assert "quantize called exit(0); a quantizer returns its models or raises" in " ".join(result.stderr.split())
+    assert not list((tmp_path / "r").rglob("*.json"))

@@ -177,7 +177,11 @@ def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan
     size = quantizer.calibration_size(spec.calibration.size) if spec.calibration.source == "members" else 0
     models = [pool.load_model(i, device) for i in todo]
     calibrations = [calibration_set(spec, pool.dataset, pool.keep, i, size, device) for i in todo]
-    quantized = quantizer.quantize_many(models, calibrations, plan)
+    try:
+        quantized = quantizer.quantize_many(models, calibrations, plan)
+    except SystemExit as exc:  # a plugin's exit() would end the run as if it had succeeded, writing nothing
+        raise BenchError(f"quantizer {quantizer.name!r} at {plan}: quantize called exit({exc.code!r}); a quantizer "
+                         "returns its models or raises an exception") from None
     if not isinstance(quantized, (list, tuple)) or len(quantized) != len(todo):
         got = f"{len(quantized)} models" if isinstance(quantized, (list, tuple)) else type(quantized).__name__
         raise BenchError(f"quantizer {quantizer.name!r} at {plan}: quantize_many returned {got} for {len(todo)}; "
