@@ -163,6 +163,24 @@ def test_tampered_numbers_are_rejected(evaluated, tmp_path: Path) -> None:
     assert "quantized.targets[1].attacks.lira-online.auc" in result.stderr and "do not match" in result.stderr
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("n_models", 10**18, "n_models: 1000000000000000000 in the document, but the arrays hold 8"),
+    ("n_test", 7, "n_test: 7 in the document, but the arrays hold"),
+    ("config", {"search": "minmax"}, "quantizer.config_hash: not the hash of the quantizer's name, version and config"),
+])
+def test_counts_and_config_the_arrays_or_hash_contradict_are_rejected(evaluated, tmp_path: Path, field: str, value,
+                                                                       message: str) -> None:
+    # These passed validate as ok: no number depends on them, but the site shows them.
+    folder, _ = evaluated
+    document = json.loads((folder / "w4--oblivious.json").read_text())
+    if field == "config":
+        document["quantizer"]["config"] = {**document["quantizer"]["config"], **value}
+    else:
+        document[field] = value
+    result = _validate_copy(folder, tmp_path, document=document)
+    assert result.exit_code == 1 and message in " ".join(result.stderr.split()), result.stderr
+
+
 def test_the_reproduction_table_fits_an_80_column_terminal() -> None:
     from rich.console import Console
 

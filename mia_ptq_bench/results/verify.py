@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..attack import THREAT_MODELS, ShadowSet
+from ..atomic import content_hash
 from ..errors import BenchError
 from ..metrics.select import Attacked, Choice, attack_targets
 from ..spec import load_registered_task
@@ -76,6 +77,10 @@ def _check_arrays(path: Path, arrays: dict[str, np.ndarray], result: Result) -> 
     if keep.ndim != 2 or targets.ndim != 1 or labels.ndim != 1:
         raise BenchError(f"{path}: arrays: keep must be (models, examples), targets and test_labels one-dimensional")
     n_models, n_examples = keep.shape
+    for field, claimed, held in (("n_models", result.n_models, n_models), ("n_examples", result.n_examples, n_examples),
+                                 ("n_test", result.n_test, labels.size)):
+        if claimed != held:
+            raise BenchError(f"{path}: {field}: {claimed} in the document, but the arrays hold {held}")
     if not labels.size or not targets.size:
         raise BenchError(f"{path}: arrays: test_labels and targets must not be empty (no accuracy or attack without them)")
     if targets.min() < 0 or targets.max() >= n_models:
@@ -128,6 +133,11 @@ def verify_result(path: Path, arrays_required: bool = True) -> Result:
         THREAT_MODELS.get(result.threat_model)
     except BenchError as exc:
         raise BenchError(f"{path}: threat_model: {exc}") from None
+    quantizer = result.quantizer
+    if quantizer.config_hash != content_hash({"name": quantizer.name, "version": quantizer.version,
+                                              "config": quantizer.config}):
+        raise BenchError(f"{path}: quantizer.config_hash: not the hash of the quantizer's name, version and config "
+                         "as recorded (edited after the run?)")
     if not result.audit:
         raise BenchError(f"{path}: audit: no bit-width audit evidence")
     problems = audit_problems(result.audit, result.plan)
