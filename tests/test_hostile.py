@@ -69,6 +69,8 @@ def write_task(folder: Path, data: dict) -> Path:
     (lambda d: d["training"].update(epochs=2.5), "training.epochs", "valid integer (got 2.5)"),
     (lambda d: d["training"].update(epochs=10**9), "training.epochs", "less than or equal to 10000"),
     (lambda d: d["training"].update(batch_size=0), "training.batch_size", "greater than or equal to 1"),
+    # [] meant every attack, as leaving it out does, under another task hash
+    (lambda d: d.update(strongest={"attacks": []}), "strongest.attacks", "at least 1 item"),
     (lambda d: d["training"].update(batch_size=10**8), "training.batch_size", "less than or equal to 65536"),
     (lambda d: d["training"].update(lr=float("nan")), "training.lr", "finite number"),
     (lambda d: d["training"].update(lr=1e9), "training.lr", "less than or equal to 100"),

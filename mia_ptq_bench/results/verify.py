@@ -77,12 +77,12 @@ def _check_arrays(path: Path, arrays: dict[str, np.ndarray], result: Result) -> 
     if keep.ndim != 2 or targets.ndim != 1 or labels.ndim != 1:
         raise BenchError(f"{path}: arrays: keep must be (models, examples), targets and test_labels one-dimensional")
     n_models, n_examples = keep.shape
+    if not labels.size or not targets.size:
+        raise BenchError(f"{path}: arrays: test_labels and targets must not be empty (no accuracy or attack without them)")
     for field, claimed, held in (("n_models", result.n_models, n_models), ("n_examples", result.n_examples, n_examples),
                                  ("n_test", result.n_test, labels.size)):
         if claimed != held:
             raise BenchError(f"{path}: {field}: {claimed} in the document, but the arrays hold {held}")
-    if not labels.size or not targets.size:
-        raise BenchError(f"{path}: arrays: test_labels and targets must not be empty (no accuracy or attack without them)")
     if targets.min() < 0 or targets.max() >= n_models:
         raise BenchError(f"{path}: arrays: targets must be pool model indices below {n_models}")
     shapes = {key: (targets.size, n_examples) for key, _ in attacks}

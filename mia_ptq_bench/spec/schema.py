@@ -159,7 +159,8 @@ class AdaptiveSpec(Strict):
 
 
 class StrongestSpec(Strict):
-    attacks: list[RegistryName] | None = Field(None, max_length=32,
+    # At least one: an empty list meant every attack, as leaving it out does, under another task hash.
+    attacks: list[RegistryName] | None = Field(None, min_length=1, max_length=32,
                                                description="the attacks that count (default: all the task's)")
     pseudo_targets: int = Int(1, 64, default=8, description="shadow models the attacker attacks itself to choose")
     examples: int = Int(100, 1_000_000, default=2000,
