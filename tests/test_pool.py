@@ -509,3 +509,10 @@ def test_an_empty_or_relative_xdg_cache_home_is_ignored(monkeypatch: pytest.Monk
     assert default_cache_dir() == tmp_path / ".cache" / "mia-ptq-bench"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "mia-ptq-bench"
+
+
+def test_a_bookkeeping_file_removed_mid_run_says_so(tmp_path: Path) -> None:
+    # `cache clear` during an evaluate removed a record the run then read: the advice was to delete it.
+    with pytest.raises(CacheError, match=r"model-0000\.json: missing \(removed while this run used the cache, by "
+                                         r"`cache clear` or another process\?\); rerun to redo that work"):
+        PoolStore.read_record(tmp_path / "model-0000.json")

@@ -221,6 +221,9 @@ class PoolStore:
     def read_record(path: Path) -> dict:
         """A cache's JSON bookkeeping file as a mapping, or one CacheError naming it (a FIFO, a folder, a huge or
         deeply nested file included: the bounded reader refuses them without blocking)."""
+        if not path.exists() and not path.is_symlink():
+            raise CacheError(f"{path}: missing (removed while this run used the cache, by `cache clear` or another "
+                             "process?); rerun to redo that work")
         try:
             info = read_json_file(path, RECORD_BYTES)
         except SpecError as exc:
