@@ -45,23 +45,46 @@ def guarded(action: Callable[[], T]) -> T:
         errors.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except OSError as exc:
+        if not _raised_by_the_benchmark(exc):
+            raise
         _file_system_error(exc)
         raise typer.Exit(2) from None
+
+
+def _raised_by_the_benchmark(exc: BaseException) -> bool:
+    """Whether the deepest frame of ``exc``'s traceback outside the standard library is this package's own:
+    the benchmark touching a path it was given. An error raised in a plugin's code or a library keeps its
+    traceback, which its author needs."""
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    libraries = (paths["purelib"], paths["platlib"])
+    deepest, frame = None, exc.__traceback__
+    while frame is not None:
+        name = frame.tb_frame.f_code.co_filename
+        if not (name.startswith("<") or name.startswith(paths["stdlib"]) and not name.startswith(libraries)):
+            deepest = name
+        frame = frame.tb_next
+    return deepest is not None and Path(deepest).resolve().is_relative_to(Path(__file__).resolve().parent)
 
 
 def _file_system_error(exc: OSError) -> None:
     """The file system refusing a path the user gave (too long, a loop, read-only, full...): one line."""
     where = f"{exc.filename}: " if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where = f"{exc.filename} -> {exc.filename2}: "
     errors.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}", markup=True, highlight=False,
                  soft_wrap=True)
 
 
 def run() -> None:
-    """The ``mptq-bench`` command: ``app``, with an OSError that escaped every command's own handling as one
-    line (exit code 2) instead of a traceback."""
+    """The ``mptq-bench`` command: ``app``, with an OSError the benchmark's own code met on a path (and no
+    command handled) as one line, exit code 2, instead of a traceback."""
     try:
         app(prog_name="mptq-bench")
     except OSError as exc:
+        if not _raised_by_the_benchmark(exc):
+            raise
         _file_system_error(exc)
         sys.exit(2)
 

@@ -956,6 +956,11 @@ def test_the_site_folder_problems_are_one_line_and_a_killed_swap_is_recovered(
         (tmp_path / dead).mkdir()
         build_module.build_site(subs, out)
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["afile", "site", "submissions", live])
+        # ...unless older than any build runs: then its process id has been taken by another process
+        stale = time.time() - (build_module.BUILD_HOURS + 1) * 3600
+        os.utime(tmp_path / live, (stale, stale))
+        build_module.build_site(subs, out)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "site", "submissions"]
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -57,7 +57,8 @@ def evaluate(*args: str):
     ("../../../x/escaped", "is not a quantizer name"),  # its results and cache went outside --out and the cache
     (".", "is not a quantizer name"),
     ("bad\\nname", "is not a quantizer name"),
-    ("rtn", "'rtn' is already the registered quantizer mia_ptq_bench.quantize.builtin.RoundToNearest"),
+    ("rtn", "'rtn' is already the registered quantizer 'rtn', mia_ptq_bench.quantize.builtin.RoundToNearest"),
+    ("RTN", "'RTN' is already the registered quantizer 'rtn'"),  # one folder on a case-insensitive file system
 ])
 def test_a_plugin_quantizer_name_that_is_not_a_plain_name_of_its_own_is_refused(tmp_path: Path, name: str,
                                                                                  reason: str) -> None:
@@ -475,3 +476,16 @@ def test_a_quantize_that_calls_exit_is_one_error_not_a_silent_success(tmp_path: 
     assert result.exit_code == 2, result.output  # it ended the run with status 0, having written nothing
     assert "quantize called exit(0); a quantizer returns its models or raises" in " ".join(result.stderr.split())
     assert not list((tmp_path / "r").rglob("*.json"))
+
+
+def test_an_os_error_in_a_plugins_code_keeps_its_traceback(tmp_path: Path) -> None:
+    # One-line OSError reports are for paths the benchmark itself touches; a plugin's own failing open()
+    # would lose its file and line (and name no quantizer) as "error: /nonexistent/...: No such file".
+    source = tmp_path / "reads_a_table.py"
+    source.write_text(PLUGIN.replace("        return model\n", "        open('/nonexistent/calib_table.pt')\n"))
+    proc = subprocess.run([sys.executable, "-m", "mia_ptq_bench", "evaluate", f"{source}:HalfStep", "--task",
+                           "tiny-digits", "--plans", "w2", "--threat-models", "oblivious", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, env={**os.environ, "MPTQ_TASKS": str(TASKS), "COLUMNS": "200",
+                                                               "MPTQ_CACHE": str(tmp_path / "c")}, timeout=300)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "reads_a_table.py" in proc.stderr, proc.stderr
+    assert "FileNotFoundError" in proc.stderr

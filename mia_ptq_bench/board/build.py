@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import time
 import tempfile
 from collections.abc import Mapping
 from importlib import resources
@@ -184,10 +185,10 @@ def _recover(out: Path) -> None:
     while swapping is put back if ``out`` is missing. Folders of a build still running (their names carry
     its process id) are left alone: a concurrent build into the same ``out`` is not a killed one."""
     for left in sorted(out.parent.glob(f".{out.name}.building-*")):
-        if not _running(left.name.removeprefix(f".{out.name}.building-")):
+        if not _running(left, left.name.removeprefix(f".{out.name}.building-")):
             shutil.rmtree(left, ignore_errors=True)
     for old in sorted(out.parent.glob(f".{out.name}.old-*")):
-        if _running(old.name.removeprefix(f".{out.name}.old-")):
+        if _running(old, old.name.removeprefix(f".{out.name}.old-")):
             continue
         if not out.exists() and (old / SITE_MARKER).is_file():
             old.rename(out)
@@ -195,10 +196,21 @@ def _recover(out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _running(suffix: str) -> bool:
-    """Whether the process whose id starts ``suffix`` ('<pid>-...') is alive on this machine (not this one)."""
+# No build runs this long: a folder older than this is a killed build's, whatever process now has its id
+# (in a container the build may have been process 1, which is always alive).
+BUILD_HOURS = 24
+
+
+def _running(folder: Path, suffix: str) -> bool:
+    """Whether ``folder`` belongs to a build still running: the process whose id starts ``suffix`` ('<pid>-...')
+    is alive on this machine (and is not this one), and the folder is younger than BUILD_HOURS."""
     pid = suffix.split("-", 1)[0]
     if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        if time.time() - folder.stat().st_mtime > BUILD_HOURS * 3600:
+            return False
+    except OSError:
         return False
     try:
         os.kill(int(pid), 0)

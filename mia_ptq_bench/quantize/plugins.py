@@ -38,9 +38,11 @@ def _checked(obj: object, name: str, where: str) -> type[Quantizer]:
     problem = name_problem(obj.name)
     if problem:
         raise BenchError(f"{where}: name: {problem}")
-    if obj.name in QUANTIZERS and QUANTIZERS.get(obj.name) is not obj:  # its results would land in the other's folder
-        registered = QUANTIZERS.get(obj.name)
-        raise BenchError(f"{where}: name: {obj.name!r} is already the registered quantizer "
+    # Its results would land in the other's folder (on a case-insensitive file system, 'RTN' is 'rtn's).
+    same = [known for known in QUANTIZERS if known.lower() == obj.name.lower() and QUANTIZERS.get(known) is not obj]
+    if same:
+        registered = QUANTIZERS.get(same[0])
+        raise BenchError(f"{where}: name: {obj.name!r} is already the registered quantizer {same[0]!r}, "
                          f"{registered.__module__}.{registered.__qualname__}; give this one a name of its own")
     return obj
 
