@@ -289,6 +289,9 @@ def test_a_pool_trained_on_other_data_is_refused(tiny_task, tmp_path: Path) -> N
     # may be of these very files: the refusal says so rather than that the data differs.
     info = json.loads(header.read_text())
     del info["data_hash_version"]
+    header.write_text(json.dumps(info))  # an earlier version's header whose hash this version gives too
+    build_pool(tiny_task, data, tmp_path)
+    assert json.loads(header.read_text())["data_hash_version"] == 2
     header.write_text(json.dumps({**info, "data_sha256": "c" * 64}))
     with pytest.raises(CacheError, match=r"pool\.json: data_sha256: recorded by an earlier mia-ptq-bench \(cccccccccccc…\), "
                                           r"whose hash of the same files could differ"):

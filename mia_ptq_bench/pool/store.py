@@ -95,6 +95,8 @@ class PoolStore:
             elif recorded != data_sha256:
                 raise CacheError(f"{header}: {other_data(info, data_sha256)}; point --data-root at the files it was "
                                  "built from, or remove the folder to rebuild")
+            elif info.get("data_hash_version") != DATA_HASH_VERSION:  # the same hash under both definitions
+                write_json_atomic(header, {**info, "data_hash_version": DATA_HASH_VERSION})
             return
         dumped = self.spec.model_dump(mode="json")
         write_atomic(self.root / "keep.npy", lambda handle: np.save(handle, keep))
