@@ -158,3 +158,8 @@ def canonical_json(obj: Any) -> str:
 
 def content_hash(obj: Any) -> str:
     return sha256_bytes(canonical_json(obj).encode("ascii"))
+
+
+def quantizer_config_hash(name: str, version: str, config: dict) -> str:
+    """What a result records as its quantizer's ``config_hash`` (and ``validate`` recomputes)."""
+    return content_hash({"name": name, "version": version, "config": config})

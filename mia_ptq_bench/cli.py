@@ -16,6 +16,7 @@ from rich.markup import escape as escape_markup
 from rich.table import Table
 
 from .errors import BenchError, printable
+from .extensions import in_package
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Membership-inference benchmark for post-training-quantized networks.")
@@ -45,8 +46,6 @@ def guarded(action: Callable[[], T]) -> T:
         errors.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except OSError as exc:
-        if not _raised_by_the_benchmark(exc):
-            raise
         _file_system_error(exc)
         raise typer.Exit(2) from None
 
@@ -65,11 +64,14 @@ def _raised_by_the_benchmark(exc: BaseException) -> bool:
         if not (name.startswith("<") or name.startswith(paths["stdlib"]) and not name.startswith(libraries)):
             deepest = name
         frame = frame.tb_next
-    return deepest is not None and Path(deepest).resolve().is_relative_to(Path(__file__).resolve().parent)
+    return deepest is not None and in_package(deepest)
 
 
 def _file_system_error(exc: OSError) -> None:
-    """The file system refusing a path the user gave (too long, a loop, read-only, full...): one line."""
+    """The file system refusing a path the user gave (too long, a loop, read-only, full...): one line. An
+    OSError raised elsewhere (a plugin's or a library's code) is raised again, traceback and all."""
+    if not _raised_by_the_benchmark(exc):
+        raise exc
     where = f"{exc.filename}: " if exc.filename is not None else ""
     if exc.filename2 is not None:
         where = f"{exc.filename} -> {exc.filename2}: "
@@ -83,8 +85,6 @@ def run() -> None:
     try:
         app(prog_name="mptq-bench")
     except OSError as exc:
-        if not _raised_by_the_benchmark(exc):
-            raise
         _file_system_error(exc)
         sys.exit(2)
 

@@ -62,7 +62,7 @@ def import_module_or_file(ref: str) -> ModuleType:
         raise
     except (Exception, SystemExit) as exc:  # the plugin failed on import: what, and where in its file, in one line
         frames = traceback.extract_tb(exc.__traceback__)
-        if frames and _in_package(frames[-1].filename):
+        if frames and in_package(frames[-1].filename):
             raise  # a bug in the benchmark's own code, reached from the plugin: its traceback is the report
         own = _source_file(ref)
         lines = [f.lineno for f in frames if own is not None and _same_file(f.filename, own)]
@@ -74,7 +74,8 @@ def import_module_or_file(ref: str) -> ModuleType:
 _PACKAGE = Path(__file__).resolve().parent
 
 
-def _in_package(filename: str) -> bool:
+def in_package(filename: str) -> bool:
+    """Whether the source file ``filename`` is this package's own code."""
     return _PACKAGE in Path(filename).resolve().parents
 
 

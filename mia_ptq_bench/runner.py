@@ -25,10 +25,10 @@ import torch
 
 from .atomic import ensure_writable
 from .attack import ATTACKS, THREAT_MODELS, ShadowSet, ThreatModel
-from .budget import check_budget
+from .budget import check_budget, known_shape
 from .cache import default_cache_dir
 from .context import RunContext
-from .data import DATASET_SHAPES, DATASETS
+from .data import DATASETS
 from .data.splits import evaluation_test_split
 from .environment import default_device, environment
 from .errors import BenchError, PlanError, SpecError
@@ -89,7 +89,7 @@ def check_task(spec: TaskSpec, source: str | None = None) -> None:
     # The pool's size is known before any data is read (its pool_size, else the split's registered size). A
     # small pool can leave a model no member, or fewer than a training batch; drawing the masks costs 16 bytes
     # per model and example, too much for the largest pools: build_pool checks every pool anyway.
-    shape = DATASET_SHAPES.get(spec.dataset.name)
+    shape = known_shape(spec)
     examples = spec.dataset.pool_size or (shape.pool if shape is not None else None)
     if examples is not None and examples * spec.membership.n_models <= MEMBER_CHECK_ENTRIES:
         pool_keep_masks(spec, examples, source)

@@ -216,7 +216,7 @@ def _running(folder: Path, suffix: str) -> bool:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError, OSError):
+    except (OverflowError, OSError):  # PermissionError among them
         return True  # alive under another user, or not ours to judge: leave it
     return True
 

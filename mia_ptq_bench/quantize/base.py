@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
-from ..atomic import content_hash
+from ..atomic import quantizer_config_hash
 from ..errors import BenchError
 from ..progress import Progress, SilentProgress
 from ..registry import Registry
@@ -110,7 +110,7 @@ class Quantizer(ABC):
     def describe(self) -> dict:
         config = self.config.model_dump(mode="json")
         return {"name": self.name, "version": self.version, "config": config,
-                "config_hash": content_hash({"name": self.name, "version": self.version, "config": config})}
+                "config_hash": quantizer_config_hash(self.name, self.version, config)}
 
 
 QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")

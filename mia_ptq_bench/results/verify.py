@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..attack import THREAT_MODELS, ShadowSet
-from ..atomic import content_hash
+from ..atomic import quantizer_config_hash
 from ..errors import BenchError
 from ..metrics.select import Attacked, Choice, attack_targets
 from ..spec import load_registered_task
@@ -134,8 +134,7 @@ def verify_result(path: Path, arrays_required: bool = True) -> Result:
     except BenchError as exc:
         raise BenchError(f"{path}: threat_model: {exc}") from None
     quantizer = result.quantizer
-    if quantizer.config_hash != content_hash({"name": quantizer.name, "version": quantizer.version,
-                                              "config": quantizer.config}):
+    if quantizer.config_hash != quantizer_config_hash(quantizer.name, quantizer.version, quantizer.config):
         raise BenchError(f"{path}: quantizer.config_hash: not the hash of the quantizer's name, version and config "
                          "as recorded (edited after the run?)")
     if not result.audit:
