@@ -32,7 +32,8 @@ decides their error too: for a method with a ``seed``, plain runs again with eac
 differences; a difference between ours and plain no larger than the largest of them is called equal
 error, since the method's own result moves that much with nothing but its batch order changed. (One
 reseeded run of 4 models is a weak yardstick for BRECQ: its largest spread seen is 11%, and which
-plan looked unequal changed from machine to machine; more seeds measure it better.) For AdaRound and BRECQ plain
+plan looked unequal changed from machine to machine; more seeds measure it better, and more models:
+each row also counts on how many models, one by one, each run's error is below plain's.) For AdaRound and BRECQ plain
 also runs once more with only its Adam switched to the fused implementation ours uses (``--float-spread``, on by
 default; not timed): the same algorithm in another float order, which alone moves BRECQ's error by
 several per cent; the larger of the two plain-vs-plain differences is the yardstick. Both run in this process,
@@ -115,6 +116,11 @@ def pool_models(spec, data, count: int, cache_dir: Path | None, device: torch.de
     schedules = [make_schedule(spec, np.flatnonzero(keep[i]), len(data.pool), i) for i in range(count)]
     return train_stacked(spec, data.to(device), [init_model(spec, data, i) for i in range(count)], schedules,
                          device, Speed.for_device(device))
+
+
+def lower_count(errors: np.ndarray, plain: np.ndarray) -> str:
+    """On how many models one run's error is below plain's: a paired view that a mean over few models hides."""
+    return f"{int((errors < plain).sum())}/{len(plain)} models"
 
 
 def logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -233,8 +239,9 @@ def main() -> None:
         any_unequal = False
         for text in texts:
             groups = [ours[text], plain[text], *(v[text] for v in variants.values())]
-            mse = [float(np.mean([(logits(q, test_images) - r).square().mean() for q, r in zip(group, reference)]))
-                   for group in groups]
+            per_model = [np.array([float((logits(q, test_images) - r).square().mean()) for q, r in zip(group, reference)])
+                         for group in groups]
+            mse = [float(errors.mean()) for errors in per_model]
             acc = [100 * float(np.mean([accuracy(q, data, test, device) for q in group])) for group in groups[:2]]
             chance = max((abs(other - mse[1]) for other in mse[2:]), default=0.0)
             unequal = abs(mse[0] - mse[1]) > max(EQUAL_ERROR * mse[1], chance)
@@ -244,13 +251,16 @@ def main() -> None:
             say(f"{method:9} {text:12} {60 / ours_s[text]:15.2f} {60 / plain_s[text]:16.2f} "
                 f"{plain_s[text] / ours_s[text]:6.2f} {mse[0]:9.4f} {mse[1]:9.4f} {acc[0]:7.2f}% {acc[1]:8.2f}%"
                 + (f"  plain again, MSE with {spread}; ours {100 * (mse[0] / mse[1] - 1):+.2f}%" if variants else "")
+                + f"  lower than plain on: ours {lower_count(per_model[0], per_model[1])}"
+                + "".join(f", {label} {lower_count(errors, per_model[1])}" for label, errors in zip(variants, per_model[2:]))
                 + ("  (errors differ: not a ratio at equal error)" if unequal else ""))
         if len(texts) > 1:
             ours_total, plain_total = sum(ours_s.values()), sum(plain_s.values())
             say(f"{method:9} {'all plans':12} {60 * len(texts) / ours_total:15.2f} {60 * len(texts) / plain_total:16.2f} "
                 f"{plain_total / ours_total:6.2f}   (model-plans per minute over the {len(texts)} plans"
                 + ("; errors differ in a plan above)" if any_unequal else ")"))
-    say("(MSE and accuracy over the first plain-models models, of both; ratio = plain seconds per model / ours)")
+    say("(MSE and accuracy over the first plain-models models, of both; ratio = plain seconds per model / ours; "
+        "'lower than plain on' counts the models, one by one, whose error is below plain's)")
     say(f"load average at the end: {load_average()}")
     if args.save:
         save(f"ptq_speed-{spec.id}-{started:%Y%m%d-%H%M}.txt")
