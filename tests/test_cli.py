@@ -89,6 +89,22 @@ def test_bad_options_are_one_line_before_any_work(tmp_path, args, expected) -> N
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("args, option", [
+    (["evaluate", "rtn", "--task", "tiny-digits", "--out", ""], "--out"),
+    (["evaluate", "rtn", "--task", "tiny-digits", "--cache-dir", "  "], "--cache-dir"),
+    (["evaluate", "rtn", "--task", "tiny-digits", "--data-root="], "--data-root"),
+    (["validate", ""], "files"),
+    (["cache", "list", "--cache-dir", ""], "--cache-dir"),
+    (["findings", "--out", ""], "--out"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, args, option) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = cli.invoke(app, args)
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and f"Invalid value for '{option}': an empty path" in message, message
+    assert list(tmp_path.iterdir()) == []  # nothing written where Path("") points
+
+
 def test_cache_list_reads_damaged_bookkeeping_without_a_traceback(tmp_path) -> None:
     pool = tmp_path / "pools" / "tiny-digits-0123456789ab"
     (pool / "models").mkdir(parents=True)
