@@ -478,6 +478,27 @@ def test_a_quantize_that_calls_exit_is_one_error_not_a_silent_success(tmp_path: 
     assert not list((tmp_path / "r").rglob("*.json"))
 
 
+@pytest.mark.parametrize("breakage, expected", [
+    # a weight reshaped: the model no longer runs
+    ("        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]\n"
+     "        last.weight = torch.nn.Parameter(last.weight[:, :-1].detach())\n        return model\n",
+     "its model for pool model 0 fails on the task's images: RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+    # a model that runs, with one output too few per image
+    ("        class DropFirst(torch.nn.Module):\n"
+     "            def forward(self, logits):\n"
+     "                return logits[:, 1:]\n"
+     "        return torch.nn.Sequential(model, DropFirst())\n",
+     "its model for pool model 0 returns outputs of shape (2, 9) for 2 images; expected (2, 10)"),
+])
+def test_a_model_a_quantizer_broke_is_one_error_naming_it(tmp_path: Path, breakage: str, expected: str) -> None:
+    source = tmp_path / "breaker.py"
+    source.write_text(PLUGIN.replace("        return model\n", breakage))
+    result = evaluate(f"{source}:HalfStep", "--out", str(tmp_path / "r"))
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and f"error: quantizer 'HalfStep' at w2: {expected}" in message, message
+    assert "Traceback" not in message and not list((tmp_path / "r").rglob("*.json"))
+
+
 def test_an_os_error_in_a_plugins_code_keeps_its_traceback(tmp_path: Path) -> None:
     # One-line OSError reports are for paths the benchmark itself touches; a plugin's own failing open()
     # would lose its file and line (and name no quantizer) as "error: /nonexistent/...: No such file".

@@ -166,6 +166,22 @@ def reference_outputs(pool: Pool, index: int, test: Split, device: str) -> Model
                         audit_model(model, PrecisionPlan(None)))
 
 
+def probe_forward(model: torch.nn.Module, pool: Pool, what: str, device: str) -> None:
+    """Two pool images through a quantizer's model before anything is scored: a model it left unable to run
+    (a weight reshaped, a dtype changed, the wrong number of outputs) is one error that names the quantizer,
+    not torch's traceback from deep in the scoring. A failure after this probe is the benchmark's own."""
+    probe = pool.dataset.pool.take(torch.arange(min(2, len(pool.dataset.pool))))
+    try:
+        logits = predict_logits(model, pool.dataset, probe, "identity", device)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the quantizer's model's, reported as such
+        raise BenchError(f"{what} fails on the task's images: {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]}") from None
+    expected = (len(probe), pool.dataset.num_classes)
+    if tuple(logits.shape) != expected:
+        raise BenchError(f"{what} returns outputs of shape {tuple(logits.shape)} for {len(probe)} images; "
+                         f"expected {expected} (one logit per class)")
+
+
 def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan: PrecisionPlan, test: Split,
                       store: OutputStore, device: str) -> dict[int, ModelOutputs]:
     """Quantize, audit and score a group of pool models (cached ones are loaded, not redone)."""
@@ -190,6 +206,7 @@ def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan
         if not isinstance(model, torch.nn.Module):
             raise BenchError(f"quantizer {quantizer.name!r} at {plan}: quantize returned {type(model).__name__} for "
                              f"pool model {index}; expected the quantized model (a torch.nn.Module)")
+        probe_forward(model, pool, f"quantizer {quantizer.name!r} at {plan}: its model for pool model {index}", device)
         audit = audit_model(model, plan)
         enforce_audit(audit, plan, f"quantizer {quantizer.name!r} on pool model {index}")
         scores = score_split(model, pool.dataset, pool.dataset.pool, list(spec.queries), device)
