@@ -33,6 +33,7 @@ class RunContext:
     device: str = "cpu"
     threads: int = field(default_factory=torch.get_num_threads)  # the driver's: same summation order, same bits
     extensions: tuple[str, ...] = ()  # user modules that register datasets, models, quantizers, attacks
+    outputs_dir: Path | None = None  # quantized outputs' cache when not under cache_dir
     _loaded: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -57,6 +58,11 @@ class RunContext:
         """Hand an object the driver already has to the units that run in this process."""
         self._loaded[key] = value
         return value
+
+    @property
+    def outputs_root(self) -> Path:
+        """The cache folder quantized outputs live under: ``outputs_dir``, else the cache folder."""
+        return Path(self.outputs_dir) if self.outputs_dir is not None else self.cache_dir
 
     def dataset(self) -> ImageDataset:
         return self.loaded("dataset", lambda: load_dataset(self.spec.dataset, self.data_root, self.download))

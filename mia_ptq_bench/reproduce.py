@@ -2,8 +2,11 @@
 
 A result file, or a submission folder (all its results), is rerun with the exact task (its
 hash must match), quantizer and config (its hash must match) and plan; the numbers are then
-compared under the reproducibility contract of ``results/compare.py``. Reproducing a
-submission runs its code: do it where that is intended (CI's unprivileged pull-request job).
+compared under the reproducibility contract of ``results/compare.py``. The pool comes from the
+cache as usual, but every model is quantized afresh, into a scratch cache of quantized outputs that
+is thrown away: outputs a run cached earlier would only show that the cache holds what it was given,
+and would hide a quantizer whose results change from run to run. Reproducing a submission runs its
+code: do it where that is intended (CI's unprivileged pull-request job).
 """
 
 from __future__ import annotations
@@ -103,9 +106,11 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
             quantizer = _quantizer_for(first_path, first)
             plans = list(dict.fromkeys(r.plan for _, r in members))
             threats = list(dict.fromkeys(r.threat_model for _, r in members))
-            progress.log(f"rerunning {task_id} · {quantizer.name} · {', '.join(plans)} · {', '.join(threats)}")
+            progress.log(f"rerunning {task_id} · {quantizer.name} · {', '.join(plans)} · {', '.join(threats)} "
+                         "(every model quantized afresh; the pool from the cache)")
             outcome = evaluate(quantizer, load_registered_task(task_id), plans, threats,
-                               replace(options, out_dir=Path(scratch) / "rerun", per_quantizer_folder=True), progress)
+                               replace(options, out_dir=Path(scratch) / "rerun", per_quantizer_folder=True,
+                                       outputs_dir=Path(scratch) / "outputs"), progress)
             rerun = {(r.plan, r.threat_model): r for r in outcome.results}
             for path, committed in members:
                 again = rerun[(committed.plan, committed.threat_model)]

@@ -53,6 +53,7 @@ from .spec.schema import TaskSpec
 class RunOptions:
     out_dir: Path = Path("results")
     cache_dir: Path = field(default_factory=default_cache_dir)
+    outputs_dir: Path | None = None  # quantized outputs' cache, if not under cache_dir (reproduce: a fresh one)
     data_root: Path | None = None
     device: str = field(default_factory=default_device)
     download: bool = False
@@ -136,7 +137,7 @@ def quantize_models(context: RunContext, pool: Pool, quantizer: Quantizer, plan:
     """Outputs of ``indices`` quantized at ``plan``: the cached ones loaded, the rest run as units in groups.
     ``role``: what these models are for, when not the method's own (shown in the progress line)."""
     made_in = environment_key(options.device)
-    store = OutputStore(options.cache_dir, pool, quantizer, plan, made_in, progress)
+    store = OutputStore(context.outputs_root, pool, quantizer, plan, made_in, progress)
     outputs = {i: cached for i in indices if (cached := store.load(i)) is not None}
     todo = [i for i in indices if i not in outputs]
     step = options.quantize_group
@@ -181,7 +182,7 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
     # 2. pool
     started_wall = time.time()
     context = RunContext(spec, Path(options.cache_dir), options.data_root, options.download, options.device,
-                         extensions=options.extensions)
+                         extensions=options.extensions, outputs_dir=options.outputs_dir)
     check_budget(spec, options.device, options.cache_dir, plans=[str(p) for p in plan_list],
                  threat_models=[t.name for t in threats], dataset=context.dataset, source=options.task_source)
     pool = prepare_pool(context, options, progress)

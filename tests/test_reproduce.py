@@ -216,3 +216,56 @@ def test_a_document_with_an_infinite_number_is_refused(committed: Path, tmp_path
     path.write_text(json.dumps(document))
     with pytest.raises(SpecError, match=r"quantized\.test_accuracy\.ci_high: Input should be a finite number"):
         load_result(path)
+
+
+DRIFTING = '''
+import os
+from pathlib import Path
+
+import torch
+from mia_ptq_bench.plugin import Quantizer, fit_grid, layer_levels, register_quantizer
+
+
+@register_quantizer("drifting")
+class Drifting(Quantizer):
+    """Stochastic rounding seeded by how many processes ran it before: another rounding every run."""
+
+    @torch.no_grad()
+    def quantize(self, model, calibration, plan):
+        runs = Path(os.environ["DRIFT_COUNTER"])
+        generator = torch.Generator().manual_seed(int(runs.read_text()) if runs.exists() else 0)
+        for name, levels in layer_levels(model, plan).items():
+            weight = model.get_submodule(name).weight
+            grid = fit_grid(weight, levels)
+            rows = weight.reshape(grid.scale.shape[0], -1)
+            noise = torch.rand(rows.shape, generator=generator)
+            integers = torch.clamp(torch.floor(rows / grid.scale + noise) + grid.zero_point, 0, levels - 1)
+            weight.copy_(grid.dequantize(integers).view_as(weight))
+        return model
+'''
+
+
+def test_reproduce_quantizes_afresh_whatever_the_cache_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A quantizer whose results change from run to run passes only if reproduce reads back the outputs its
+    # own evaluate cached; it must quantize again and flag the change.
+    plugin = tmp_path / "drifting.py"
+    plugin.write_text(DRIFTING)
+    counter = tmp_path / "runs"
+    monkeypatch.setenv("DRIFT_COUNTER", str(counter))
+    cache = str(tmp_path / "cache")
+    first = cli.invoke(app, ["evaluate", "drifting", "--plugin", str(plugin), "--task", "tiny-digits", "--plans", "w2",
+                             "--threat-models", "oblivious", "--out", str(tmp_path / "r"), "--cache-dir", cache])
+    assert first.exit_code == 0, first.output + first.stderr
+    counter.write_text("1")  # the next process rounds with another seed
+    before = cached_outputs(tmp_path / "cache")
+    assert before  # what an earlier reproduce would have read back instead of quantizing
+    again = cli.invoke(app, ["reproduce", str(tmp_path / "r" / "tiny-digits" / "drifting" / "w2--oblivious.json"),
+                             "--plugin", str(plugin), "--cache-dir", cache, "--show", "failed"], env={"COLUMNS": "200"})
+    assert again.exit_code == 1, again.output + again.stderr
+    assert "quantized afresh" in again.output and "OUTSIDE" in again.output
+    assert "0 of 1 results reproduced within tolerance" in again.output
+    assert cached_outputs(tmp_path / "cache") == before  # the user's cache is read for the pool, not written
+
+
+def cached_outputs(cache: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted((cache / "quantized").rglob("*.npz"))}

@@ -227,6 +227,6 @@ def quantize_unit(context: RunContext, quantizer: Quantizer, plan: str, made_in:
                                                      context.device))
     test = context.loaded("test", lambda: evaluation_test_split(context.spec.calibration, pool.dataset))
     parsed = PrecisionPlan.parse(plan)
-    store = OutputStore(context.cache_dir, pool, quantizer, parsed, made_in)
+    store = OutputStore(context.outputs_root, pool, quantizer, parsed, made_in)
     quantized_outputs(pool, list(indices), quantizer, parsed, test, store, context.device)
     return list(indices)
