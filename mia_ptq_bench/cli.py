@@ -316,7 +316,7 @@ def validate(
                 elif recompute:  # the verdict on its numbers follows, result by result
                     console.print(f"[green]files ok[/] {one_line(str(folder))}: schema, checksums, audit", highlight=False)
                 else:
-                    console.print(f"[green]ok[/] {one_line(str(folder))} [dim](numbers checked by --recompute, as in CI)[/]",
+                    console.print(f"[green]ok[/] {one_line(str(folder))} [dim](numbers not recomputed: --recompute does that, as CI does)[/]",
                                   highlight=False)
             continue
         try:

@@ -213,7 +213,7 @@ def test_validate_cli_accepts_a_good_submission(submission: Path) -> None:
     result = cli.invoke(app, ["validate", str(submission.parent)], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.stderr
     # a folder's numbers are checked only with --recompute, and the line says so
-    assert "ok " in result.output and "(numbers checked by --recompute, as in CI)" in result.output
+    assert "ok " in result.output and "(numbers not recomputed: --recompute does that, as CI does)" in result.output
 
 
 def _bare_submission(tmp_path: Path, plugin: str, config: dict) -> Path:
@@ -303,6 +303,14 @@ def test_missing_result_is_rejected(submission: Path) -> None:
     (submission / "results" / "tiny-digits" / "w4--adaptive.npz").unlink()
     write_manifest(submission)
     _only_problem(submission, "missing result for task tiny-digits, plan w4, threat model adaptive")
+    removed = list((submission / "results" / "tiny-digits").glob("*--oblivious.json"))
+    for result in removed:
+        result.unlink()
+    write_manifest(submission)
+    problems = [p for p in validate_submission(submission) if "missing result" in p]
+    command = f"`mptq-bench evaluate {submission.name} --task tiny-digits --submission {submission}` writes every plan"
+    assert removed and len(problems) == 1 + len(removed), problems
+    assert [command in p for p in problems] == [True] + [False] * (len(problems) - 1), problems  # said once per task
 
 
 def test_stale_task_version_is_rejected(submission: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

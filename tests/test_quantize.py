@@ -188,6 +188,14 @@ def test_rtn_on_a_group_gives_each_model_what_it_gets_alone(bn: str) -> None:
     assert not torch.equal(together[0].get_submodule(first).weight, together[1].get_submodule(first).weight)
 
 
+@pytest.mark.parametrize("search", ["mse", "LP", ""])
+def test_an_unknown_grid_search_is_refused_not_read_as_lp(search: str) -> None:
+    with pytest.raises(ValueError, match=f"search={search!r}; one of 'lp', 'minmax'"):
+        fit_grid(torch.ones(2, 3), 4, search=search)
+    with pytest.raises(ValueError, match="one of 'lp', 'minmax'"):
+        fit_grids([torch.ones(2, 3)] * 2, 4, search=search)
+
+
 def test_per_tensor_grid_shares_one_scale() -> None:
     weight = torch.randn(5, 50)
     assert fit_grid(weight, 4, per_channel=False).scale.shape == (1, 1)
@@ -228,7 +236,8 @@ def test_audit_catches_an_off_plan_layer() -> None:
         quantizable_layers(quantized)[1][1].weight[0, 0, 0, 0] += 0.123  # a fifth value in one channel
     report = audit_model(quantized, plan)
     assert [r.passed for r in report].count(False) == 1
-    with pytest.raises(AuditError, match=r"audit failed.*5 values in a channel, plan allows 4"):
+    layer = quantizable_layers(quantized)[1][0]
+    with pytest.raises(AuditError, match=rf"audit failed.*\(layer '{layer}': 5 values in a channel, plan allows 4\)"):
         enforce_audit(report, plan, "test")
 
 

@@ -63,9 +63,15 @@ def lp_search_grid(weight2d: torch.Tensor, levels: int, p: float = 2.4, steps: i
     return best
 
 
+SEARCHES = ("lp", "minmax")
+
+
 def fit_grid(weight: torch.Tensor, levels: int, *, per_channel: bool = True, search: str = "lp",
              p: float = 2.4, steps: int = 80) -> Grid:
-    """A grid for a Conv2d/Linear weight; rows are output channels (or one row per tensor)."""
+    """A grid for a Conv2d/Linear weight; rows are output channels (or one row per tensor).
+    ``search``: "lp" (the range shrunk to minimise the mean ``|w - q(w)|^p``) or "minmax"."""
+    if search not in SEARCHES:
+        raise ValueError(f"fit_grid: search={search!r}; one of {', '.join(map(repr, SEARCHES))}")
     rows = weight.detach().flatten(1) if per_channel else weight.detach().reshape(1, -1)
     if search == "minmax":
         return minmax_grid(rows, levels)

@@ -121,10 +121,16 @@ def validate_submission(folder: Path, stale: set[Path] | None = None) -> list[st
             problems.append(f"{results_dir / name}: (file): missing: plan {plan}'s quantized weights for task "
                             f"{current.id}, from which every number of its results is recomputed")
     made_by: dict[Path, tuple[str, str]] = {}  # result -> its quantizer's (version, config hash)
+    hinted: set[str] = set()  # tasks whose first missing result says how to make them
     for name, (current, plan, threat) in expected.items():
         path = results_dir / name
         if name not in present:
-            problems.append(f"{path}: (file): missing result for task {current.id}, plan {plan}, threat model {threat}")
+            hint = "" if current.id in hinted else (
+                f"; `mptq-bench evaluate {spec.name} --task {current.id} --submission {folder}` writes every "
+                "plan and threat model of the task")
+            hinted.add(current.id)
+            problems.append(f"{path}: (file): missing result for task {current.id}, plan {plan}, threat model "
+                            f"{threat}{hint}")
             continue
         problems.extend(_check_result(path, current, spec, plan, threat, made_by, stale))
     # One quantizer, one config: submission.yaml names only some keys, and a result's others (or its
