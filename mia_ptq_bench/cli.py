@@ -253,7 +253,9 @@ def tasks(plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="
             table.add_row(*map(escape, (spec.id, str(spec.version), spec.model.arch + width,
                                         f"{spec.membership.n_models}/{spec.targets.count}", spec.hash[:8],
                                         " ".join(spec.plans))))
-        console.print(table)
+        # Piped, rich assumes 80 columns and would cut the plans to "w1…": a file or a pipe gets the whole table.
+        needed = console.measure(table, options=console.options.update_width(1000)).maximum
+        (console if console.is_terminal else Console(emoji=False, width=max(console.width, needed))).print(table)
         for problem in broken:
             errors.print(f"[bold red]invalid:[/] {one_line(problem)}", highlight=False, soft_wrap=True)
         if broken:

@@ -29,6 +29,13 @@ def test_tasks_lists_bundled_and_test_tasks() -> None:
     assert "digits-mlp" in result.output and "cifar100-resnet18" in result.output and "tiny-digits" in result.output
 
 
+def test_tasks_piped_into_80_columns_cuts_no_plan() -> None:
+    result = cli.invoke(app, ["tasks"], env={"COLUMNS": "80"})  # not a terminal: a pipe or a file
+    assert result.exit_code == 0, result.stderr
+    row = next(line for line in result.output.splitlines() if line.startswith(" digits-mlp "))
+    assert row.split()[-4:] == ["w4", "w2", "w1.58", "w1.58-last8"], row
+
+
 def test_tasks_lists_every_good_task_and_names_each_bad_file(tmp_path: Path) -> None:
     # One invalid file under $MPTQ_TASKS used to stop the listing at it.
     (tmp_path / "broken.yaml").write_text("id: broken\nextends: broken.yaml\n")
