@@ -56,7 +56,7 @@ def resolve(name: str, submissions: Path = DEFAULT_SUBMISSIONS) -> Found:
     raise UnknownNameError(
         f"unknown quantizer {name!r}{hint}; looked in the registry ({', '.join(QUANTIZERS) or 'empty'}), "
         f"entry points '{ENTRY_POINT_GROUP}' ({', '.join(sorted(entry_points())) or 'none'}), "
-        f"and {submissions}/*/{METADATA} ({', '.join(submitted) or 'none'}); "
+        f"and {submissions}/*/{METADATA} ({', '.join(submitted) or 'none'}; another folder: --submissions); "
         "or pass package.module:Class or file.py:Class (a name a plugin registers needs the plugin loaded: "
         "--plugin file.py or $MPTQ_PLUGINS)"
     )
