@@ -186,7 +186,7 @@ def evaluate(
         extensions = load_extensions(plugin or [])
         spec = load_task(task)
         check_task(spec, task)
-        found = submission_quantizer(submission) if submission else resolve(quantizer, submissions)
+        found = submission_quantizer(submission) if submission else resolve(quantizer, submissions, "--submissions")
         if submission and setting:
             raise BenchError("--set cannot be combined with --submission: record the config in the submission's "
                              "submission.yaml (quantizer.config) so that its results say how they were made")

@@ -3,8 +3,8 @@
 A result file, or a submission folder (all its results), is rerun with the exact task (its
 hash must match), quantizer and config (its hash must match) and plan; the numbers are then
 compared under the reproducibility contract of ``results/compare.py``. The pool comes from the
-cache as usual, but every model is quantized afresh, into a scratch cache of quantized outputs that
-is thrown away: outputs a run cached earlier would only show that the cache holds what it was given,
+cache as usual, but every model is quantized afresh, into a scratch cache of quantized outputs (in
+the cache folder) that is thrown away: outputs a run cached earlier would only show that the cache holds what it was given,
 and would hide a quantizer whose results change from run to run. Reproducing a submission runs its
 code: do it where that is intended (CI's unprivileged pull-request job).
 """
@@ -100,7 +100,10 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
     if not groups:
         raise BenchError(f"no results of task(s) {', '.join(tasks or [])} to reproduce in {', '.join(map(str, paths))}")
     reproductions = []
-    with tempfile.TemporaryDirectory(prefix="mptq-reproduce-") as scratch:
+    # The scratch outputs (several MB per model) live on the cache's disk, which the budget checks and a
+    # Ray cluster shares, not in $TMPDIR (often memory).
+    Path(options.cache_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".reproduce-", dir=options.cache_dir) as scratch:
         for (task_id, _, _, _), members in groups.items():
             first_path, first = members[0]
             quantizer = _quantizer_for(first_path, first)

@@ -659,7 +659,7 @@ def test_hessian_out_of_range_is_a_clear_error_and_float64_fixes_it(method: str)
     assert all(a.passed for a in audit_model(quantized, plan))
 
 
-def test_singular_hessian_takes_the_fallback_damping() -> None:
+def test_a_hessian_cholesky_refuses_takes_the_fallback_damping() -> None:
     # An indefinite H: its second pivot is 3.99 - 4 = -0.01, negative far beyond any rounding, so the
     # undamped Cholesky fails on every machine and the fallback damping (0.01 x mean diagonal) is used.
     # (An exactly singular [[4, 4], [4, 4]] is not such a case: MKL's AVX2 and SSE kernels factor it to

@@ -496,7 +496,13 @@ def test_a_quantize_that_calls_exit_is_one_error_not_a_silent_success(tmp_path: 
      "            def forward(self, logits):\n"
      "                return logits[:, 1:]\n"
      "        return torch.nn.Sequential(model, DropFirst())\n",
-     "its model for pool model 0 returns outputs of shape (2, 9) for 2 images; expected (2, 10)"),
+     "its model for pool model 0 returns outputs of shape (2, 9) for 2 images; expected a tensor of shape (2, 10)"),
+    # a model whose forward returns a pair
+    ("        class Pair(torch.nn.Module):\n"
+     "            def forward(self, logits):\n"
+     "                return logits, logits\n"
+     "        return torch.nn.Sequential(model, Pair())\n",
+     "its model for pool model 0 returns a tuple for 2 images; expected a tensor of shape (2, 10)"),
 ])
 def test_a_model_a_quantizer_broke_is_one_error_naming_it(tmp_path: Path, breakage: str, expected: str) -> None:
     source = tmp_path / "breaker.py"

@@ -190,10 +190,20 @@ def test_rtn_on_a_group_gives_each_model_what_it_gets_alone(bn: str) -> None:
 
 @pytest.mark.parametrize("search", ["mse", "LP", ""])
 def test_an_unknown_grid_search_is_refused_not_read_as_lp(search: str) -> None:
-    with pytest.raises(ValueError, match=f"search={search!r}; one of 'lp', 'minmax'"):
+    with pytest.raises(ValueError, match=f"search={search!r}: one of 'lp', 'minmax'"):
         fit_grid(torch.ones(2, 3), 4, search=search)
-    with pytest.raises(ValueError, match="one of 'lp', 'minmax'"):
-        fit_grids([torch.ones(2, 3)] * 2, 4, search=search)
+    for weights in ([torch.ones(2, 3)] * 2, []):
+        with pytest.raises(ValueError, match="one of 'lp', 'minmax'"):
+            fit_grids(weights, 4, search=search)
+
+
+def test_the_grid_searches_a_config_offers_are_those_fit_grid_knows() -> None:
+    from typing import get_args
+
+    from mia_ptq_bench.quantize.common import GridConfig
+    from mia_ptq_bench.quantize.grid import SEARCHES
+
+    assert get_args(GridConfig.model_fields["search"].annotation) == SEARCHES
 
 
 def test_per_tensor_grid_shares_one_scale() -> None:
@@ -237,7 +247,7 @@ def test_audit_catches_an_off_plan_layer() -> None:
     report = audit_model(quantized, plan)
     assert [r.passed for r in report].count(False) == 1
     layer = quantizable_layers(quantized)[1][0]
-    with pytest.raises(AuditError, match=rf"audit failed.*\(layer '{layer}': 5 values in a channel, plan allows 4\)"):
+    with pytest.raises(AuditError, match=rf"audit failed.*\(layer {layer}: 5 values in a channel, plan allows 4\)"):
         enforce_audit(report, plan, "test")
 
 
@@ -268,3 +278,28 @@ def test_bn_policies() -> None:
     reestimated = rtn(model, "w4", bn="reestimate")
     assert not torch.allclose(reestimated[1].running_mean, model[1].running_mean)
     assert QUANTIZERS.get("rtn")({"bn": "study"}).bn_policy == "keep"
+
+
+def test_a_builtin_subclass_with_its_own_quantize_is_that_method_for_groups_too() -> None:
+    # The built-ins quantize groups in their own quantize_many, which never called a subclass's quantize:
+    # an "RTN, then zero the classifier" subclass was plain RTN in every run.
+    from mia_ptq_bench.quantize.builtin import RoundToNearest
+
+    calls = []
+
+    class ZeroedClassifier(RoundToNearest):
+        name = "zeroed-classifier"
+
+        def quantize(self, model, calibration, plan):
+            calls.append(plan)
+            model = super().quantize(model, calibration, plan)  # the built-in way, for one model
+            with torch.no_grad():
+                quantizable_layers(model)[-1][1].weight.zero_()
+            return model
+
+    models = [small_cnn() for _ in range(3)]
+    out = ZeroedClassifier().quantize_many(models, [calibration(8)] * 3, PrecisionPlan.parse("w2"))
+    assert len(calls) == 3
+    for model in out:
+        layers = quantizable_layers(model)
+        assert (layers[-1][1].weight == 0).all() and (distinct_per_row(layers[0][1].weight) <= 4).all()

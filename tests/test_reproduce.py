@@ -254,17 +254,22 @@ def test_reproduce_quantizes_afresh_whatever_the_cache_holds(tmp_path: Path, mon
     monkeypatch.setenv("DRIFT_COUNTER", str(counter))
     cache = str(tmp_path / "cache")
     first = cli.invoke(app, ["evaluate", "drifting", "--plugin", str(plugin), "--task", "tiny-digits", "--plans", "w2",
-                             "--threat-models", "oblivious", "--out", str(tmp_path / "r"), "--cache-dir", cache])
+                             "--threat-models", "oblivious,adaptive-rtn", "--out", str(tmp_path / "r"),
+                             "--cache-dir", cache])
     assert first.exit_code == 0, first.output + first.stderr
     counter.write_text("1")  # the next process rounds with another seed
     before = cached_outputs(tmp_path / "cache")
     assert before  # what an earlier reproduce would have read back instead of quantizing
-    again = cli.invoke(app, ["reproduce", str(tmp_path / "r" / "tiny-digits" / "drifting" / "w2--oblivious.json"),
+    results = tmp_path / "r" / "tiny-digits" / "drifting"
+    again = cli.invoke(app, ["reproduce", str(results / "w2--oblivious.json"), str(results / "w2--adaptive-rtn.json"),
                              "--plugin", str(plugin), "--cache-dir", cache, "--show", "failed"], env={"COLUMNS": "200"})
     assert again.exit_code == 1, again.output + again.stderr
     assert "quantized afresh" in again.output and "OUTSIDE" in again.output
-    assert "0 of 1 results reproduced within tolerance" in again.output
-    assert cached_outputs(tmp_path / "cache") == before  # the user's cache is read for the pool, not written
+    assert "0 of 2 results reproduced within tolerance" in again.output
+    # The user's cache is read for the pool, not written: not the method's outputs nor the RTN shadows'
+    # (adaptive-rtn), and the scratch folder inside it is gone.
+    assert cached_outputs(tmp_path / "cache") == before
+    assert not list((tmp_path / "cache").glob(".reproduce-*"))
 
 
 def cached_outputs(cache: Path) -> dict[str, bytes]:

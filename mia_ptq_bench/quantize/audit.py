@@ -28,6 +28,6 @@ def audit_model(model: nn.Module, plan: PrecisionPlan) -> list[LayerAudit]:
 def enforce_audit(report: list[LayerAudit], plan: PrecisionPlan, who: str) -> None:
     failed = [entry for entry in report if not entry.passed]
     if failed:
-        details = "; ".join(f"layer {e.layer!r}: {e.max_distinct} values in a channel, plan allows {e.allowed_levels}"
+        details = "; ".join(f"layer {e.layer}: {e.max_distinct} values in a channel, plan allows {e.allowed_levels}"
                             for e in failed)
         raise AuditError(f"{who} at {plan}: bit-width audit failed, result refused ({details})")

@@ -104,6 +104,14 @@ class CalibratedQuantizer(Quantizer):
                                  "quantize it (supported: Conv2d, Linear)")
 
     def quantize_many(self, models: list[nn.Module], calibrations: list[Calibration], plan: PrecisionPlan) -> list[nn.Module]:
+        if _overrides_quantize_only(type(self)) and not getattr(self, "_in_own_quantize", False):
+            # A subclass that wrote its own quantize (and no quantize_many) is that method, one model at a
+            # time; its quantize may still call super().quantize, which comes back here for the built-in way.
+            self._in_own_quantize = True
+            try:
+                return [self.quantize(m, c, plan) for m, c in zip(models, calibrations)]
+            finally:
+                self._in_own_quantize = False
         for model in models:
             self.check_model(model)
         # The group shares one architecture. Folding needs single calls only where there is BatchNorm to fold.
@@ -127,6 +135,14 @@ class CalibratedQuantizer(Quantizer):
                           levels: dict[str, int]) -> None:
         """Quantize ``models`` in place; ``originals`` are their full-precision copies (BN policy applied)."""
         raise NotImplementedError
+
+
+def _overrides_quantize_only(cls: type) -> bool:
+    """Whether ``cls`` defines ``quantize`` below the class that defines its ``quantize_many``."""
+    def defining(name: str) -> type:
+        return next(k for k in cls.__mro__ if name in k.__dict__)
+    own, batched = defining("quantize"), defining("quantize_many")
+    return own is not batched and issubclass(own, batched)
 
 
 def set_weight(model: nn.Module, layer_name: str, weight: torch.Tensor) -> None:

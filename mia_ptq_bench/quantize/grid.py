@@ -63,15 +63,19 @@ def lp_search_grid(weight2d: torch.Tensor, levels: int, p: float = 2.4, steps: i
     return best
 
 
-SEARCHES = ("lp", "minmax")
+SEARCHES = ("lp", "minmax")  # GridConfig.search lists the same (a test holds them equal)
+
+
+def _check_search(search: str) -> None:
+    if search not in SEARCHES:
+        raise ValueError(f"search={search!r}: one of {', '.join(map(repr, SEARCHES))}")
 
 
 def fit_grid(weight: torch.Tensor, levels: int, *, per_channel: bool = True, search: str = "lp",
              p: float = 2.4, steps: int = 80) -> Grid:
     """A grid for a Conv2d/Linear weight; rows are output channels (or one row per tensor).
     ``search``: "lp" (the range shrunk to minimise the mean ``|w - q(w)|^p``) or "minmax"."""
-    if search not in SEARCHES:
-        raise ValueError(f"fit_grid: search={search!r}; one of {', '.join(map(repr, SEARCHES))}")
+    _check_search(search)
     rows = weight.detach().flatten(1) if per_channel else weight.detach().reshape(1, -1)
     if search == "minmax":
         return minmax_grid(rows, levels)
@@ -89,6 +93,7 @@ def fit_grids(weights: list[torch.Tensor], levels: int, *, per_channel: bool = T
     sums one long row in parallel pieces, but a row among others in one piece, so its mean error,
     and possibly its grid, could differ in the last bit.
     """
+    _check_search(search)
     alone = (not per_channel or len({(tuple(w.shape), w.dtype) for w in weights}) > 1
              or any(w.shape[0] == 1 for w in weights))
     if alone:

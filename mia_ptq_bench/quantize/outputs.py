@@ -167,19 +167,26 @@ def reference_outputs(pool: Pool, index: int, test: Split, device: str) -> Model
 
 
 def probe_forward(model: torch.nn.Module, pool: Pool, what: str, device: str) -> None:
-    """Two pool images through a quantizer's model before anything is scored: a model it left unable to run
-    (a weight reshaped, a dtype changed, the wrong number of outputs) is one error that names the quantizer,
-    not torch's traceback from deep in the scoring. A failure after this probe is the benchmark's own."""
-    probe = pool.dataset.pool.take(torch.arange(min(2, len(pool.dataset.pool))))
+    """Two pool images through a quantizer's model before it is scored: a model the quantizer left unable to
+    run (a weight reshaped, a dtype changed) or with the wrong number of outputs is one error naming the
+    quantizer, not torch's traceback from deep in the scoring. Only the model's own call is blamed on it."""
+    probe = pool.dataset.pool.images[:2].to(device)
+    inputs = pool.dataset.normalize(probe)
+    was_training = model.training
+    model.eval()
     try:
-        logits = predict_logits(model, pool.dataset, probe, "identity", device)
-    except Exception as exc:  # noqa: BLE001 - any failure here is the quantizer's model's, reported as such
+        with torch.no_grad():
+            logits = model(inputs)
+    except Exception as exc:  # noqa: BLE001 - the model's forward failed: the quantizer's model, reported as such
         raise BenchError(f"{what} fails on the task's images: {type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:300]}") from None
+    finally:
+        model.train(was_training)
     expected = (len(probe), pool.dataset.num_classes)
-    if tuple(logits.shape) != expected:
-        raise BenchError(f"{what} returns outputs of shape {tuple(logits.shape)} for {len(probe)} images; "
-                         f"expected {expected} (one logit per class)")
+    got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    if got != expected:
+        raise BenchError(f"{what} returns {f'outputs of shape {got}' if isinstance(got, tuple) else f'a {got}'} "
+                         f"for {len(probe)} images; expected a tensor of shape {expected} (one logit per class)")
 
 
 def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan: PrecisionPlan, test: Split,

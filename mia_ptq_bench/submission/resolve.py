@@ -43,8 +43,9 @@ def submission_quantizer(folder: Path) -> Found:
     return Found(spec.name, cls, where, dict(ref.config))
 
 
-def resolve(name: str, submissions: Path = DEFAULT_SUBMISSIONS) -> Found:
-    """Find ``name``; if nothing matches, say every place that was searched."""
+def resolve(name: str, submissions: Path = DEFAULT_SUBMISSIONS, submissions_option: str | None = None) -> Found:
+    """Find ``name``; if nothing matches, say every place that was searched (and ``submissions_option``, the
+    caller's option for another submissions folder, if it has one)."""
     found = resolve_installed(name)
     if found is not None:
         return found
@@ -56,7 +57,8 @@ def resolve(name: str, submissions: Path = DEFAULT_SUBMISSIONS) -> Found:
     raise UnknownNameError(
         f"unknown quantizer {name!r}{hint}; looked in the registry ({', '.join(QUANTIZERS) or 'empty'}), "
         f"entry points '{ENTRY_POINT_GROUP}' ({', '.join(sorted(entry_points())) or 'none'}), "
-        f"and {submissions}/*/{METADATA} ({', '.join(submitted) or 'none'}; another folder: --submissions); "
+        f"and {submissions}/*/{METADATA} ({', '.join(submitted) or 'none'}"
+        f"{f'; another folder: {submissions_option}' if submissions_option else ''}); "
         "or pass package.module:Class or file.py:Class (a name a plugin registers needs the plugin loaded: "
         "--plugin file.py or $MPTQ_PLUGINS)"
     )

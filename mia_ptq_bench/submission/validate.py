@@ -6,6 +6,7 @@ Validation never imports or runs submitted code: it reads files.
 from __future__ import annotations
 
 import re
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def validate_submission(folder: Path, stale: set[Path] | None = None) -> list[st
         path = results_dir / name
         if name not in present:
             hint = "" if current.id in hinted else (
-                f"; `mptq-bench evaluate {spec.name} --task {current.id} --submission {folder}` writes every "
+                f"; `mptq-bench evaluate {spec.name} --task {current.id} --submission {shlex.quote(str(folder))}` writes every "
                 "plan and threat model of the task")
             hinted.add(current.id)
             problems.append(f"{path}: (file): missing result for task {current.id}, plan {plan}, threat model "
