@@ -316,10 +316,11 @@ def validate(
                 if problems:
                     failures += 1
                 elif recompute:  # the verdict on its numbers follows, result by result
-                    console.print(f"[green]files ok[/] {one_line(str(folder))}: schema, checksums, audit", highlight=False)
+                    console.print(f"[green]files ok[/] {one_line(str(folder))}: schema, checksums, audit", highlight=False,
+                                  soft_wrap=True)
                 else:
                     console.print(f"[green]ok[/] {one_line(str(folder))} [dim](numbers not recomputed: --recompute does that, as CI does)[/]",
-                                  highlight=False)
+                                  highlight=False, soft_wrap=True)
             continue
         try:
             note = None

@@ -68,9 +68,10 @@ def test_findings_refuse_special_outputs_and_write_nothing_when_they_fail(tmp_pa
     result = cli.invoke(app, [*args, str(pipe)])
     assert result.exit_code == 2 and "not a regular file; refused" in result.stderr
     assert not pipe.is_file() and not (pipe.parent / "figures").exists()
-    for target in ("", str(tmp_path)):  # the current folder, a folder
+    for target, refusal in (("", "an empty path"), (".", "not a regular file; refused"),  # the current folder
+                            (str(tmp_path), "not a regular file; refused")):  # a folder
         result = cli.invoke(app, [*args, target])
-        assert result.exit_code == 2 and "not a regular file; refused" in result.stderr
+        assert result.exit_code == 2 and refusal in " ".join(result.stderr.split()), result.stderr
     figure = tmp_path / "q" / "figures" / "tiny-digits-attackers.png"
     figure.parent.mkdir(parents=True)
     os.mkfifo(figure)
