@@ -99,6 +99,11 @@ def _path(text: str | Path) -> Path:
     return Path(text)
 
 
+def _path_option(**settings):
+    """``typer.Option`` for a path: parsed by ``_path``, shown as PATH."""
+    return typer.Option(parser=_path, metavar="PATH", **settings)
+
+
 def _version(value: bool) -> None:
     if value:
         from . import __version__
@@ -160,14 +165,14 @@ def evaluate(
     plans: Annotated[Optional[str], typer.Option(help="comma-separated plans, e.g. w4,w1.58-last8 (default: the task's)")] = None,
     threat_models: Annotated[Optional[str], typer.Option("--threat-models", help="comma-separated, of oblivious, adaptive-rtn, adaptive (default: the task's)")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda when present, else cpu)")] = None,
-    out: Annotated[Path, typer.Option(parser=_path, metavar="PATH", help="results folder")] = Path("results"),
-    cache_dir: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="cache folder (default: $MPTQ_CACHE or ~/.cache/mia-ptq-bench)")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="dataset folder (default: $MPTQ_DATA or ~/.cache/mia-ptq-bench/data)")] = None,
+    out: Annotated[Path, _path_option(help="results folder")] = Path("results"),
+    cache_dir: Annotated[Optional[Path], _path_option(help="cache folder (default: $MPTQ_CACHE or ~/.cache/mia-ptq-bench)")] = None,
+    data_root: Annotated[Optional[Path], _path_option(help="dataset folder (default: $MPTQ_DATA or ~/.cache/mia-ptq-bench/data)")] = None,
     download: Annotated[bool, typer.Option(help="allow downloading a missing dataset with torchvision")] = False,
     attack: Annotated[Optional[str], typer.Option(help="attack shown in the table (default: the task's first)")] = None,
     setting: Annotated[Optional[list[str]], typer.Option("--set", help="quantizer config KEY=VALUE (repeatable), e.g. --set iters=2000")] = None,
-    submission: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="write results into this submission folder (and its manifest)")] = None,
-    submissions: Annotated[Path, typer.Option(parser=_path, metavar="PATH", help="where submission folders are looked up by name")] = Path("submissions"),
+    submission: Annotated[Optional[Path], _path_option(help="write results into this submission folder (and its manifest)")] = None,
+    submissions: Annotated[Path, _path_option(help="where submission folders are looked up by name")] = Path("submissions"),
     executor: Annotated[str, typer.Option(help="local, or ray: pool training and the quantization grid as Ray tasks")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(help="an existing Ray cluster (default: start a local Ray)")] = None,
     plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="a module or .py file that registers datasets, models, quantizers or attacks (repeatable; also $MPTQ_PLUGINS)")] = None,
@@ -266,7 +271,7 @@ def tasks(plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="
 
 @app.command()
 def quantizers(
-    submissions: Annotated[Path, typer.Option(parser=_path, metavar="PATH", help="submissions folder to list")] = Path("submissions"),
+    submissions: Annotated[Path, _path_option(help="submissions folder to list")] = Path("submissions"),
 ) -> None:
     """List the quantizers that can be found: built-in, entry points, submissions."""
     from .quantize.plugins import ENTRY_POINT_GROUP
@@ -287,8 +292,8 @@ def validate(
     files: Annotated[list[Path], typer.Argument(parser=_path, help="task .yaml, result .json, or submission folders")],
     plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="extension module or .py file whose names a task uses (repeatable)")] = None,
     recompute: Annotated[bool, typer.Option(help="also recompute every result from its committed quantized weights against the task's pool (trained or pulled if not cached); runs no submitted code")] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="cache folder for --recompute")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="dataset folder for --recompute (default: $MPTQ_DATA or ~/.cache/mia-ptq-bench/data)")] = None,
+    cache_dir: Annotated[Optional[Path], _path_option(help="cache folder for --recompute")] = None,
+    data_root: Annotated[Optional[Path], _path_option(help="dataset folder for --recompute (default: $MPTQ_DATA or ~/.cache/mia-ptq-bench/data)")] = None,
     download: Annotated[bool, typer.Option(help="allow downloading a missing dataset for --recompute")] = False,
 ) -> None:
     """Check task specs, result files and submissions: schema, checksums, bit-width audit; numbers
@@ -385,8 +390,8 @@ def _recompute_all(files: list[Path], cache_dir: Path, data_root: Optional[Path]
 def reproduce(
     paths: Annotated[list[Path], typer.Argument(parser=_path, help="result .json files or submission folders")],
     device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda when present, else cpu)")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="cache folder (default: $MPTQ_CACHE or ~/.cache/mia-ptq-bench)")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="dataset folder (default: $MPTQ_DATA or ~/.cache/mia-ptq-bench/data)")] = None,
+    cache_dir: Annotated[Optional[Path], _path_option(help="cache folder (default: $MPTQ_CACHE or ~/.cache/mia-ptq-bench)")] = None,
+    data_root: Annotated[Optional[Path], _path_option(help="dataset folder (default: $MPTQ_DATA or ~/.cache/mia-ptq-bench/data)")] = None,
     download: Annotated[bool, typer.Option(help="allow downloading a missing dataset with torchvision")] = False,
     plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="extension module or .py file (repeatable)")] = None,
     show: Annotated[str, typer.Option(help="rows to print: failed, headline or all")] = "headline",
@@ -425,7 +430,7 @@ def pool_push(
     task: Annotated[str, typer.Argument(help="task id or .yaml path whose cached pool to upload")],
     repo: Annotated[str, typer.Option(help="Hub model repository, ORG/NAME")],
     private: Annotated[bool, typer.Option(help="create the repository private")] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="cache folder")] = None,
+    cache_dir: Annotated[Optional[Path], _path_option(help="cache folder")] = None,
 ) -> None:
     """Upload a task's complete cached pool (weights, masks, scores, manifest with sha256 per file)."""
     from .pool import PoolStore
@@ -445,8 +450,8 @@ def pool_pull(
     task: Annotated[str, typer.Argument(help="task id or .yaml path the pool is for")],
     repo: Annotated[str, typer.Option(help="Hub model repository, ORG/NAME")],
     revision: Annotated[Optional[str], typer.Option(help="commit hash, branch or tag (default: main)")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="cache folder")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="compare the pool's data hash with the task's data in this folder before installing it (without it, a run compares it before it uses the pool)")] = None,
+    cache_dir: Annotated[Optional[Path], _path_option(help="cache folder")] = None,
+    data_root: Annotated[Optional[Path], _path_option(help="compare the pool's data hash with the task's data in this folder before installing it (without it, a run compares it before it uses the pool)")] = None,
     download: Annotated[bool, typer.Option(help="with --data-root: allow downloading a missing dataset with torchvision")] = False,
     plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="with --data-root: extension module or .py file that registers the task's dataset (repeatable; also $MPTQ_PLUGINS)")] = None,
 ) -> None:
@@ -494,7 +499,7 @@ def _cache_dir(cache_dir: Optional[Path]) -> Path:
 
 
 @cache_app.command("list")
-def cache_list(cache_dir: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="cache folder")] = None) -> None:
+def cache_list(cache_dir: Annotated[Optional[Path], _path_option(help="cache folder")] = None) -> None:
     """Pools and quantized outputs in the cache, with their sizes."""
     from .cache_admin import list_cache
 
@@ -511,7 +516,7 @@ def cache_list(cache_dir: Annotated[Optional[Path], typer.Option(parser=_path, m
 def cache_clear(
     kind: Annotated[str, typer.Argument(help="pool, quantized or all")] = "all",
     task: Annotated[Optional[str], typer.Option(help="only this task's entries")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="cache folder")] = None,
+    cache_dir: Annotated[Optional[Path], _path_option(help="cache folder")] = None,
 ) -> None:
     """Remove cached pools and/or quantized outputs (they are recomputed when needed)."""
     from .cache_admin import clear_cache
@@ -529,12 +534,12 @@ app.add_typer(leaderboard_app, name="leaderboard")
 
 @leaderboard_app.command("build")
 def leaderboard_build(
-    out: Annotated[Path, typer.Option(parser=_path, metavar="PATH", help="folder for the built site: new, empty, or a site this command built (replaced whole)")] = Path("site"),
-    submissions: Annotated[Path, typer.Option(parser=_path, metavar="PATH", help="submissions folder")] = Path("submissions"),
+    out: Annotated[Path, _path_option(help="folder for the built site: new, empty, or a site this command built (replaced whole)")] = Path("site"),
+    submissions: Annotated[Path, _path_option(help="submissions folder")] = Path("submissions"),
     recompute: Annotated[bool, typer.Option(help="recompute every result from its committed quantized weights and label "
                                                  "it recomputed or self-reported; leave out what disagrees")] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="cache folder for --recompute")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="dataset folder for --recompute (default: $MPTQ_DATA or ~/.cache/mia-ptq-bench/data)")] = None,
+    cache_dir: Annotated[Optional[Path], _path_option(help="cache folder for --recompute")] = None,
+    data_root: Annotated[Optional[Path], _path_option(help="dataset folder for --recompute (default: $MPTQ_DATA or ~/.cache/mia-ptq-bench/data)")] = None,
     download: Annotated[bool, typer.Option(help="allow downloading a missing dataset for --recompute")] = False,
     repository: Annotated[Optional[str], typer.Option(help="http(s) URL of the repository the site links to (default: the "
                                                             "one GitHub Actions builds, else no link)")] = None,
@@ -579,8 +584,8 @@ def _site_checks(submissions: Path, cache_dir: Path, data_root: Optional[Path], 
 @app.command()
 def findings(
     task: Annotated[str, typer.Option(help="task id")] = "digits-mlp",
-    out: Annotated[Optional[Path], typer.Option(parser=_path, metavar="PATH", help="markdown file to write (default: docs/findings-<task>.md); its figures go to figures/ beside it")] = None,
-    submissions: Annotated[Path, typer.Option(parser=_path, metavar="PATH", help="submissions folder")] = Path("submissions"),
+    out: Annotated[Optional[Path], _path_option(help="markdown file to write (default: docs/findings-<task>.md); its figures go to figures/ beside it")] = None,
+    submissions: Annotated[Path, _path_option(help="submissions folder")] = Path("submissions"),
 ) -> None:
     """Write the study's questions, answered from the committed results of one task, with figures."""
     from .findings import write_findings
