@@ -5,7 +5,7 @@ computed for each fixed query (the image, its mirror).
 """
 
 from .confidence import logit_scaled_confidence
-from .predict import accuracy, predict_logits, score_split
+from .predict import accuracy, eval_mode, predict_logits, score_split
 from .queries import QUERIES
 
-__all__ = ["QUERIES", "accuracy", "logit_scaled_confidence", "predict_logits", "score_split"]
+__all__ = ["QUERIES", "accuracy", "eval_mode", "logit_scaled_confidence", "predict_logits", "score_split"]

@@ -22,7 +22,7 @@ from ..data import Split
 from ..environment import environment
 from ..data.splits import evaluation_test_split
 from ..errors import BenchError, CacheError
-from ..inference import predict_logits, score_split
+from ..inference import eval_mode, predict_logits, score_split
 from ..pool import Pool, build_pool
 from ..progress import Progress, SilentProgress
 from ..spec.audit import LayerAudit, audit_problems
@@ -172,16 +172,12 @@ def probe_forward(model: torch.nn.Module, pool: Pool, what: str, device: str) ->
     quantizer, not torch's traceback from deep in the scoring. Only the model's own call is blamed on it."""
     probe = pool.dataset.pool.images[:2].to(device)
     inputs = pool.dataset.normalize(probe)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             logits = model(inputs)
     except Exception as exc:  # noqa: BLE001 - the model's forward failed: the quantizer's model, reported as such
         raise BenchError(f"{what} fails on the task's images: {type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:300]}") from None
-    finally:
-        model.train(was_training)
     expected = (len(probe), pool.dataset.num_classes)
     got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
     if got != expected:

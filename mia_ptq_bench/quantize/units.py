@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import BenchError
+from ..inference import eval_mode
 from ..models import BLOCKS, QUANTIZABLE, quantizable_layers
 from ..pool.train import memory_share
 
@@ -117,18 +118,16 @@ def capture(model: nn.Module, module: nn.Module, images: torch.Tensor, where: st
         raise _Stop
 
     handle = module.register_forward_hook(hook)
-    was_training = model.training
-    model.eval()
     try:
-        for batch in images.split(batch_size):
-            try:
-                model(batch)
-            except _Stop:
-                continue
-            raise RuntimeError(f"the forward pass never reached {type(module).__name__}")
+        with eval_mode(model):
+            for batch in images.split(batch_size):
+                try:
+                    model(batch)
+                except _Stop:
+                    continue
+                raise RuntimeError(f"the forward pass never reached {type(module).__name__}")
     finally:
         handle.remove()
-        model.train(was_training)
     return torch.cat(store)
 
 
