@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +105,32 @@ def temporary_folder(prefix: str, parent: Path) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     os.chmod(folder, 0o777 & ~_UMASK)
     return folder
+
+
+# No command that leaves a folder behind runs this long: a folder older than this is a killed run's,
+# whatever process now has its id (in a container the run may have been process 1, which is always alive).
+WORK_FOLDER_HOURS = 24
+
+
+def left_by_live_process(folder: Path, suffix: str) -> bool:
+    """Whether a work folder named ``<prefix><pid>-...`` (``suffix`` is the part from the pid on) belongs to a
+    run still going: that process is alive on this machine and is not this one, and the folder is younger
+    than WORK_FOLDER_HOURS. A folder that is not is a killed run's, safe to delete."""
+    pid = suffix.split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        if time.time() - folder.stat().st_mtime > WORK_FOLDER_HOURS * 3600:
+            return False
+    except OSError:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (OverflowError, OSError):  # PermissionError among them
+        return True  # alive under another user, or not ours to judge: leave it
+    return True
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

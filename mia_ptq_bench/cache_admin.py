@@ -8,6 +8,9 @@ Layout under the cache folder ($MPTQ_CACHE or ~/.cache/mia-ptq-bench)::
     quantized/<pool folder>/<quantizer>-<config hash[:12]>/<plan>-cal<calibration hash[:8]>[-n<count>]-env<environment hash[:8]>-v<format>/model-NNNN.npz
                                             one quantized model's scores, test predictions, audit and
                                             weights, with the whole key it was made under (checked on reading)
+    .reproduce-<pid>-<random>/              `mptq-bench reproduce`'s scratch outputs while it runs (it
+                                            quantizes afresh); one whose process is gone was killed, and
+                                            goes at the next reproduce or `cache clear`
 
 Every key is a content hash, every write atomic, every read checked; deleting any part only
 costs recomputing it.
@@ -21,13 +24,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import is_temporary
+from .atomic import is_temporary, left_by_live_process
 from .errors import CacheError
 
 
 @dataclass(frozen=True)
 class CacheEntry:
-    kind: str  # "pool" or "quantized"
+    kind: str  # "pool", "quantized" or "scratch"
     path: Path
     task: str
     detail: str
@@ -64,8 +67,32 @@ def _link(kind: str, entry: os.DirEntry, pool_folder: str) -> CacheEntry:
                       f"a symbolic link (to {os.readlink(entry.path)}), not followed", 1, 0)
 
 
+# `reproduce`'s scratch folder in the cache (reproduce.py): the process id after the prefix tells a running
+# one from a killed one's.
+SCRATCH_PREFIX = ".reproduce-"
+
+
+def scratch_in_use(folder: Path) -> bool:
+    return left_by_live_process(folder, folder.name.removeprefix(SCRATCH_PREFIX))
+
+
+def remove_stale_scratch(cache_dir: Path) -> None:
+    """Delete the scratch folders killed reproduce runs left in the cache (a running one's stay)."""
+    for found in _children(Path(cache_dir)):
+        folder = Path(found.path)
+        if found.name.startswith(SCRATCH_PREFIX) and found.is_dir(follow_symlinks=False) and not scratch_in_use(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def list_cache(cache_dir: Path) -> list[CacheEntry]:
     entries = []
+    for found in _children(Path(cache_dir)):
+        if found.name.startswith(SCRATCH_PREFIX) and found.is_dir(follow_symlinks=False):
+            folder = Path(found.path)
+            detail = (f"scratch of a running reproduce (process {found.name.removeprefix(SCRATCH_PREFIX).split('-')[0]})"
+                      if scratch_in_use(folder) else "left by an interrupted reproduce: safe to delete")
+            files, size = _size(folder)
+            entries.append(CacheEntry("scratch", folder, "", detail, files, size))
     for found in _children(Path(cache_dir) / "pools"):
         if found.is_symlink():
             entries.append(_link("pool", found, found.name))
@@ -114,9 +141,13 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
 
 
 def clear_cache(cache_dir: Path, kind: str = "all", task: str | None = None) -> list[CacheEntry]:
-    """Remove cached work of ``kind`` (pool, quantized, all), optionally of one task; returns what went."""
+    """Remove cached work of ``kind`` (pool, quantized, scratch, all), optionally of one task; returns what went.
+
+    A running reproduce's scratch folder is left to it (it goes when that run ends)."""
     removed = []
     for entry in list_cache(cache_dir):
+        if entry.kind == "scratch" and (task is not None or scratch_in_use(entry.path)):
+            continue
         if (kind in ("all", entry.kind)) and (task is None or entry.task == task):
             try:
                 if entry.path.is_symlink():  # the link only: what it points to is not the cache's

@@ -500,7 +500,7 @@ def _cache_dir(cache_dir: Optional[Path]) -> Path:
 
 @cache_app.command("list")
 def cache_list(cache_dir: Annotated[Optional[Path], _path_option(help="cache folder")] = None) -> None:
-    """Pools and quantized outputs in the cache, with their sizes."""
+    """Pools, quantized outputs and reproduce scratch in the cache, with their sizes."""
     from .cache_admin import list_cache
 
     folder = _cache_dir(cache_dir)
@@ -514,15 +514,15 @@ def cache_list(cache_dir: Annotated[Optional[Path], _path_option(help="cache fol
 
 @cache_app.command("clear")
 def cache_clear(
-    kind: Annotated[str, typer.Argument(help="pool, quantized or all")] = "all",
+    kind: Annotated[str, typer.Argument(help="pool, quantized, scratch or all")] = "all",
     task: Annotated[Optional[str], typer.Option(help="only this task's entries")] = None,
     cache_dir: Annotated[Optional[Path], _path_option(help="cache folder")] = None,
 ) -> None:
-    """Remove cached pools and/or quantized outputs (they are recomputed when needed)."""
+    """Remove cached pools, quantized outputs and killed reproduce runs' scratch (all recomputed when needed)."""
     from .cache_admin import clear_cache
 
-    if kind not in ("pool", "quantized", "all"):
-        errors.print(f"[bold red]error:[/] unknown kind {escape(repr(kind))}; choose pool, quantized or all")
+    if kind not in ("pool", "quantized", "scratch", "all"):
+        errors.print(f"[bold red]error:[/] unknown kind {escape(repr(kind))}; choose pool, quantized, scratch or all")
         raise typer.Exit(2)
     removed = guarded(lambda: clear_cache(_cache_dir(cache_dir), kind, task))
     console.print(f"removed {len(removed)} entries ({sum(e.bytes for e in removed) / 2**20:.1f} MiB)")

@@ -274,3 +274,31 @@ def test_reproduce_quantizes_afresh_whatever_the_cache_holds(tmp_path: Path, mon
 
 def cached_outputs(cache: Path) -> dict[str, bytes]:
     return {str(p.relative_to(cache)): p.read_bytes() for p in sorted((cache / "quantized").rglob("*.npz"))}
+
+
+def test_a_killed_reproduce_leaves_scratch_that_the_next_one_and_cache_clear_remove(committed: Path,
+                                                                                   tmp_path: Path) -> None:
+    # The scratch folder is named after its process: one whose process is gone was a killed run's and goes
+    # (at the next reproduce, or with `cache clear`); a running one's stays, whatever the command.
+    cache = tmp_path / "cache"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    try:
+        live, dead = cache / f".reproduce-{sleeper.pid}-ab12", cache / f".reproduce-{gone.stdout.strip()}-cd34"
+        for folder in (live, dead):
+            (folder / "outputs").mkdir(parents=True)
+            (folder / "outputs" / "model-0000.npz").write_bytes(b"x" * 4096)
+        listed = cli.invoke(app, ["cache", "list", "--cache-dir", str(cache)], env={"COLUMNS": "200"})
+        assert listed.exit_code == 0, listed.output
+        assert f"scratch of a running reproduce (process {sleeper.pid})" in listed.output
+        assert "left by an interrupted reproduce: safe to delete" in listed.output
+        cleared = cli.invoke(app, ["cache", "clear", "scratch", "--cache-dir", str(cache)])
+        assert cleared.exit_code == 0, cleared.output
+        assert "removed 1 entries" in cleared.output and live.is_dir() and not dead.exists()
+        dead.mkdir()
+        result = cli.invoke(app, ["reproduce", str(committed / "w1.58-last8--adaptive.json"), "--cache-dir", str(cache)])
+        assert result.exit_code == 0, result.output + result.stderr
+        assert sorted(p.name for p in cache.glob(".reproduce-*")) == [live.name]
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -79,21 +79,38 @@ def _prepare(weight: torch.Tensor, hessian: torch.Tensor, rel_damp: float, dtype
 def inverse_hessian(h: torch.Tensor, fallback_damp: float) -> torch.Tensor:
     """Cholesky-based inverse; a singular H gets ``fallback_damp * mean(diag(H))`` added, as a last resort.
 
+    H counts as singular where its factorisation fails or where some column keeps less than
+    ``columns * eps`` of its diagonal as its pivot (``numerical_rank_deficient``): an exactly
+    singular H (e.g. two pixels that are only ever nonzero together) factors to a last pivot that
+    is rounding noise, negative on one CPU's kernels and a few eps positive on another's, so
+    LAPACK's own failure alone would decide by the machine.
+
     Raises NumericalError when H is not finite in this precision (e.g. float32 overflow) or the
     damped factorisation fails too.
     """
     if not torch.isfinite(h).all():
         raise NumericalError(f"the {h.shape[0]}x{h.shape[0]} Hessian is not finite in {h.dtype}")
-    try:
-        return torch.cholesky_inverse(torch.linalg.cholesky(h))
-    except torch.linalg.LinAlgError:
-        damp = fallback_damp * torch.diag(h).mean()
-        try:
-            return torch.cholesky_inverse(torch.linalg.cholesky(h + damp * torch.eye(h.shape[0], dtype=h.dtype,
-                                                                                       device=h.device)))
-        except torch.linalg.LinAlgError:
-            raise NumericalError(f"the {h.shape[0]}x{h.shape[0]} Hessian is not positive definite even with "
-                                 f"damping {fallback_damp} x its mean diagonal") from None
+    factor, info = torch.linalg.cholesky_ex(h)
+    if info == 0 and not numerical_rank_deficient(h, factor):
+        return torch.cholesky_inverse(factor)
+    damp = fallback_damp * torch.diag(h).mean()
+    factor, info = torch.linalg.cholesky_ex(h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+    if info != 0:
+        raise NumericalError(f"the {h.shape[0]}x{h.shape[0]} Hessian is not positive definite even with "
+                             f"damping {fallback_damp} x its mean diagonal")
+    return torch.cholesky_inverse(factor)
+
+
+def numerical_rank_deficient(h: torch.Tensor, factor: torch.Tensor) -> bool:
+    """Whether some column of H is, to ``columns * eps`` of its own diagonal, a combination of the earlier ones.
+
+    A Cholesky pivot ``L_jj^2`` is what is left of ``H_jj`` once the earlier columns explain what they
+    can; the share left is compared with the tolerance numpy's ``matrix_rank`` uses (dimension times
+    eps). Relative to each column's own diagonal, so a rarely active input (a small but honest
+    diagonal) is not mistaken for a dependent one.
+    """
+    kept = torch.diagonal(factor) ** 2 / torch.diagonal(h)
+    return bool((kept < h.shape[0] * torch.finfo(h.dtype).eps).any())
 
 
 # Rows per batch of the OBC sweep are chosen so that the batch's inverse Hessians fit in about this

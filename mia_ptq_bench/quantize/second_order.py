@@ -192,7 +192,10 @@ class OBC(_SecondOrder):
     study_bn = "reestimate"
     # 2: calibrated on the fewest members of any pool model where it asks for more images (2,048) than
     # some models have (quantize/calibration.calibration_count); 1 cut each group to its own fewest.
-    version = "2"
+    # 3: a Hessian counts as singular by a rank tolerance, not by whether its Cholesky happens to fail
+    # (obs.inverse_hessian): an exactly singular H no longer goes undamped on CPUs whose rounding leaves
+    # a positive last pivot.
+    version = "3"
 
     def calibration_size(self, task_size: int) -> int:
         return self.config.calibration  # type: ignore[attr-defined]
@@ -221,6 +224,8 @@ class GPTQ(_SecondOrder):
 
     Config = GPTQConfig
     study_bn = "keep"
+    # 2: singular Hessians decided by a rank tolerance, as OBC's version 3 (obs.inverse_hessian).
+    version = "2"
 
     def sweep(self, weight, hessian, grid):
         return self.sweep_many([weight], [hessian], [grid])[0]
