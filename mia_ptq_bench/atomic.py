@@ -13,7 +13,6 @@ import json
 import os
 import re
 import tempfile
-import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -107,25 +106,13 @@ def temporary_folder(prefix: str, parent: Path) -> Path:
     return folder
 
 
-# No command that leaves a folder behind runs this long: a folder older than this is a killed run's,
-# whatever process now has its id (in a container the run may have been process 1, which is always alive).
-WORK_FOLDER_HOURS = 24
-
-
-def left_by_live_process(folder: Path, suffix: str) -> bool:
-    """Whether a work folder named ``<prefix><pid>-...`` (``suffix`` is the part from the pid on) belongs to a
-    run still going: that process is alive on this machine and is not this one, and the folder is younger
-    than WORK_FOLDER_HOURS. A folder that is not is a killed run's, safe to delete."""
-    pid = suffix.split("-", 1)[0]
-    if not pid.isdigit() or int(pid) == os.getpid():
+def another_live_process(pid: int) -> bool:
+    """Whether process ``pid`` is alive on this machine and is not this one (whose own work folders, if
+    any carry its id, were left by an earlier process that had the same id)."""
+    if pid == os.getpid():
         return False
     try:
-        if time.time() - folder.stat().st_mtime > WORK_FOLDER_HOURS * 3600:
-            return False
-    except OSError:
-        return False
-    try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (OverflowError, OSError):  # PermissionError among them

@@ -8,9 +8,9 @@ Layout under the cache folder ($MPTQ_CACHE or ~/.cache/mia-ptq-bench)::
     quantized/<pool folder>/<quantizer>-<config hash[:12]>/<plan>-cal<calibration hash[:8]>[-n<count>]-env<environment hash[:8]>-v<format>/model-NNNN.npz
                                             one quantized model's scores, test predictions, audit and
                                             weights, with the whole key it was made under (checked on reading)
-    .reproduce-<pid>-<random>/              `mptq-bench reproduce`'s scratch outputs while it runs (it
-                                            quantizes afresh); one whose process is gone was killed, and
-                                            goes at the next reproduce or `cache clear`
+    .reproduce-<host>-<pid>-<random>/       `mptq-bench reproduce`'s scratch outputs while it runs (it
+                                            quantizes afresh); one whose process is gone from this host
+                                            was killed, and goes at the next reproduce or `cache clear`
 
 Every key is a content hash, every write atomic, every read checked; deleting any part only
 costs recomputing it.
@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import is_temporary, left_by_live_process
+from .atomic import another_live_process, is_temporary
 from .errors import CacheError
 
 
@@ -36,6 +38,7 @@ class CacheEntry:
     detail: str
     files: int
     bytes: int
+    removable: bool = True  # False for a scratch folder some run may still be using
 
 
 def _size(folder: Path) -> tuple[int, int]:
@@ -67,32 +70,56 @@ def _link(kind: str, entry: os.DirEntry, pool_folder: str) -> CacheEntry:
                       f"a symbolic link (to {os.readlink(entry.path)}), not followed", 1, 0)
 
 
-# `reproduce`'s scratch folder in the cache (reproduce.py): the process id after the prefix tells a running
-# one from a killed one's.
+# `reproduce`'s scratch folder in the cache (reproduce.py) is named after the machine and the process that
+# made it, which tell a running one from one a killed run left: .reproduce-<host>-<pid>-<8 random characters>.
 SCRATCH_PREFIX = ".reproduce-"
+_SCRATCH_NAME = re.compile(r"^\.reproduce-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]{8}$")
 
 
-def scratch_in_use(folder: Path) -> bool:
-    return left_by_live_process(folder, folder.name.removeprefix(SCRATCH_PREFIX))
+def scratch_prefix() -> str:
+    """The name this process's scratch folder starts with (tempfile adds the 8 random characters)."""
+    return f"{SCRATCH_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+@dataclass(frozen=True)
+class _Scratch:
+    path: Path
+    host: str
+    pid: int
+
+    @property
+    def stale(self) -> bool:
+        """Left by a killed run: made on this machine by a process that is gone. (A folder from another
+        machine sharing the cache is never judged from here.)"""
+        return self.host == socket.gethostname() and not another_live_process(self.pid)
+
+
+def _scratch_folders(cache_dir: Path) -> list[_Scratch]:
+    found = ((entry, _SCRATCH_NAME.match(entry.name)) for entry in _children(Path(cache_dir)))
+    return [_Scratch(Path(entry.path), match["host"], int(match["pid"])) for entry, match in found
+            if match is not None and entry.is_dir(follow_symlinks=False)]
 
 
 def remove_stale_scratch(cache_dir: Path) -> None:
     """Delete the scratch folders killed reproduce runs left in the cache (a running one's stay)."""
-    for found in _children(Path(cache_dir)):
-        folder = Path(found.path)
-        if found.name.startswith(SCRATCH_PREFIX) and found.is_dir(follow_symlinks=False) and not scratch_in_use(folder):
-            shutil.rmtree(folder, ignore_errors=True)
+    for scratch in _scratch_folders(cache_dir):
+        if scratch.stale:
+            shutil.rmtree(scratch.path, ignore_errors=True)
+
+
+def _scratch_detail(scratch: _Scratch) -> str:
+    if scratch.stale:
+        return "left by an interrupted reproduce: safe to delete"
+    if scratch.host != socket.gethostname():
+        return f"scratch of a reproduce on {scratch.host} (process {scratch.pid}), not checked from here"
+    return f"scratch of a running reproduce (process {scratch.pid})"
 
 
 def list_cache(cache_dir: Path) -> list[CacheEntry]:
     entries = []
-    for found in _children(Path(cache_dir)):
-        if found.name.startswith(SCRATCH_PREFIX) and found.is_dir(follow_symlinks=False):
-            folder = Path(found.path)
-            detail = (f"scratch of a running reproduce (process {found.name.removeprefix(SCRATCH_PREFIX).split('-')[0]})"
-                      if scratch_in_use(folder) else "left by an interrupted reproduce: safe to delete")
-            files, size = _size(folder)
-            entries.append(CacheEntry("scratch", folder, "", detail, files, size))
+    for scratch in _scratch_folders(cache_dir):
+        files, size = _size(scratch.path)
+        entries.append(CacheEntry("scratch", scratch.path, "", _scratch_detail(scratch), files, size, scratch.stale))
     for found in _children(Path(cache_dir) / "pools"):
         if found.is_symlink():
             entries.append(_link("pool", found, found.name))
@@ -143,10 +170,12 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
 def clear_cache(cache_dir: Path, kind: str = "all", task: str | None = None) -> list[CacheEntry]:
     """Remove cached work of ``kind`` (pool, quantized, scratch, all), optionally of one task; returns what went.
 
-    A running reproduce's scratch folder is left to it (it goes when that run ends)."""
+    Scratch belongs to no task, and only a killed run's goes: a running reproduce's is left to it."""
+    if kind == "scratch" and task is not None:
+        raise CacheError("reproduce's scratch folders belong to no task: clear them without --task")
     removed = []
     for entry in list_cache(cache_dir):
-        if entry.kind == "scratch" and (task is not None or scratch_in_use(entry.path)):
+        if entry.kind == "scratch" and (task is not None or not entry.removable):
             continue
         if (kind in ("all", entry.kind)) and (task is None or entry.task == task):
             try:

@@ -518,7 +518,7 @@ def cache_clear(
     task: Annotated[Optional[str], typer.Option(help="only this task's entries")] = None,
     cache_dir: Annotated[Optional[Path], _path_option(help="cache folder")] = None,
 ) -> None:
-    """Remove cached pools, quantized outputs and killed reproduce runs' scratch (all recomputed when needed)."""
+    """Remove cached pools and quantized outputs (recomputed when needed) and killed reproduce runs' scratch."""
     from .cache_admin import clear_cache
 
     if kind not in ("pool", "quantized", "scratch", "all"):

@@ -11,14 +11,13 @@ code: do it where that is intended (CI's unprivileged pull-request job).
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from .cache_admin import SCRATCH_PREFIX, remove_stale_scratch
+from .cache_admin import remove_stale_scratch, scratch_prefix
 from .errors import BenchError
 from .progress import Progress, SilentProgress
 from .results.compare import Comparison, compare_results, regime
@@ -104,10 +103,10 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
     reproductions = []
     # The scratch outputs (several MB per model) live on the cache's disk, which the budget checks and a
     # Ray cluster shares, not in $TMPDIR (often memory).
-    # A killed run's folder is removed here; the process id in the name keeps a concurrent run's.
+    # A killed run's folder is removed here; the machine and process in the name keep a concurrent run's.
     Path(options.cache_dir).mkdir(parents=True, exist_ok=True)
     remove_stale_scratch(options.cache_dir)
-    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=options.cache_dir) as scratch:
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix(), dir=options.cache_dir) as scratch:
         for (task_id, _, _, _), members in groups.items():
             first_path, first = members[0]
             quantizer = _quantizer_for(first_path, first)

@@ -27,7 +27,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import TASKS
-from mia_ptq_bench.atomic import WORK_FOLDER_HOURS, sha256_file, write_bytes_atomic
+from mia_ptq_bench.atomic import sha256_file, write_bytes_atomic
 from mia_ptq_bench.budget import Machine, check_budget, estimate, problems
 from mia_ptq_bench.cli import app
 from mia_ptq_bench.data import DATASET_SHAPES
@@ -957,7 +957,7 @@ def test_the_site_folder_problems_are_one_line_and_a_killed_swap_is_recovered(
         build_module.build_site(subs, out)
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["afile", "site", "submissions", live])
         # ...unless older than any build runs: then its process id has been taken by another process
-        stale = time.time() - (WORK_FOLDER_HOURS + 1) * 3600
+        stale = time.time() - (build_module.BUILD_HOURS + 1) * 3600
         os.utime(tmp_path / live, (stale, stale))
         build_module.build_site(subs, out)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "site", "submissions"]

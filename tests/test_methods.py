@@ -674,26 +674,32 @@ def test_a_hessian_cholesky_refuses_takes_the_fallback_damping() -> None:
         inverse_hessian(-h, 0.01)
 
 
-
 def test_an_exactly_singular_hessian_takes_the_fallback_damping_whatever_its_rounding_left() -> None:
-    # [[1, 1], [1, 1 + d]]: the second column is the first up to d, its pivot exactly (1 + d) - 1 = d.
-    # With d = 2 float32 eps that pivot is what rounding noise leaves of an exactly singular H on some
-    # CPUs: Cholesky succeeds, so only the rank tolerance (2 columns x eps of the diagonal) sends it to
-    # the fallback damping. With d = 2^-10 the column is its own and H is inverted undamped.
+    # H = [[1, 1], [1, 1 + d]] beside a 6x6 identity: the second column is the first up to d, and its pivot
+    # is (1 + d) - 1 * 1 = d with no rounding at all (every operation on these numbers is exact), on any CPU.
+    # d = 2 float32 eps is what rounding noise can leave of an exactly singular H: Cholesky succeeds, and
+    # only the rank tolerance (8 columns x eps of the diagonal, 4 times d) sends H to the fallback damping.
+    # With d = 2^-10 the column is its own and H is inverted undamped; so is any H the method has damped
+    # already (GPTQ's rel_damp: positive definite by construction, never damped twice).
     eps = torch.finfo(torch.float32).eps
-    for d, damped in ((2 * eps, True), (2.0 ** -10, False)):
-        h = torch.tensor([[1.0, 1.0], [1.0, 1.0 + d]])
+    for d, damped, expect_fallback in ((2 * eps, False, True), (2.0 ** -10, False, False), (2 * eps, True, False)):
+        h = torch.eye(8)
+        h[:2, :2] = torch.tensor([[1.0, 1.0], [1.0, 1.0 + d]])
         assert torch.linalg.cholesky_ex(h).info == 0
         h64 = h.double()
-        expected = torch.linalg.inv(h64 + 0.01 * torch.diag(h64).mean() * torch.eye(2, dtype=torch.float64) if damped else h64)
-        torch.testing.assert_close(inverse_hessian(h, 0.01).double(), expected, rtol=1e-3, atol=0)
+        if expect_fallback:
+            h64 = h64 + 0.01 * torch.diag(h64).mean() * torch.eye(8, dtype=torch.float64)
+        torch.testing.assert_close(inverse_hessian(h, 0.01, damped=damped).double(), torch.linalg.inv(h64),
+                                   rtol=1e-3, atol=1e-3)
 
 
 def test_a_rarely_active_input_is_not_taken_for_a_dependent_one() -> None:
     # A diagonal H whose second input is 1e-12 of the first: tiny against the largest diagonal, but all its
-    # own (pivot = diagonal), so no damping: its inverse entry is 1e12.
+    # own (pivot = diagonal), so no damping: its inverse entry is 1e12. (A tolerance relative to the largest
+    # diagonal would damp it; digits-mlp's second layer has such inputs.)
     h = torch.diag(torch.tensor([1.0, 1e-12]))
     torch.testing.assert_close(inverse_hessian(h, 0.01), torch.diag(torch.tensor([1.0, 1e12])), rtol=1e-5, atol=0)
+
 
 # The architectures every built-in family reaches: a chain, residual blocks with shortcuts, dense blocks.
 CURSOR_NETS = [("cnn", {"batchnorm": True, "hidden": 16}, 0.25), ("resnet18", {}, 0.0625),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -278,27 +279,34 @@ def cached_outputs(cache: Path) -> dict[str, bytes]:
 
 def test_a_killed_reproduce_leaves_scratch_that_the_next_one_and_cache_clear_remove(committed: Path,
                                                                                    tmp_path: Path) -> None:
-    # The scratch folder is named after its process: one whose process is gone was a killed run's and goes
-    # (at the next reproduce, or with `cache clear`); a running one's stays, whatever the command.
+    # The scratch folder is named after its machine and process: one whose process is gone from this machine
+    # was a killed run's and goes (at the next reproduce, or with `cache clear`); a running one's stays, and
+    # so does one from another machine sharing the cache, or anything else whose name merely starts alike.
     cache = tmp_path / "cache"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    host = socket.gethostname()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     try:
-        live, dead = cache / f".reproduce-{sleeper.pid}-ab12", cache / f".reproduce-{gone.stdout.strip()}-cd34"
-        for folder in (live, dead):
+        live, dead = cache / f".reproduce-{host}-{sleeper.pid}-ab12cd34", cache / f".reproduce-{host}-{gone.stdout.strip()}-ef56gh78"
+        elsewhere, other = cache / f".reproduce-{host}x-{gone.stdout.strip()}-ij90kl12", cache / ".reproduce-notes"
+        for folder in (live, dead, elsewhere, other):
             (folder / "outputs").mkdir(parents=True)
             (folder / "outputs" / "model-0000.npz").write_bytes(b"x" * 4096)
-        listed = cli.invoke(app, ["cache", "list", "--cache-dir", str(cache)], env={"COLUMNS": "200"})
+        listed = cli.invoke(app, ["cache", "list", "--cache-dir", str(cache)], env={"COLUMNS": "250"})
         assert listed.exit_code == 0, listed.output
         assert f"scratch of a running reproduce (process {sleeper.pid})" in listed.output
         assert "left by an interrupted reproduce: safe to delete" in listed.output
+        assert f"scratch of a reproduce on {host}x (process {gone.stdout.strip()}), not checked from here" in listed.output
+        refused = cli.invoke(app, ["cache", "clear", "scratch", "--task", "tiny-digits", "--cache-dir", str(cache)])
+        assert refused.exit_code == 2 and "belong to no task" in refused.output + refused.stderr
         cleared = cli.invoke(app, ["cache", "clear", "scratch", "--cache-dir", str(cache)])
         assert cleared.exit_code == 0, cleared.output
-        assert "removed 1 entries" in cleared.output and live.is_dir() and not dead.exists()
+        assert "removed 1 entries" in cleared.output and not dead.exists()
+        assert live.is_dir() and elsewhere.is_dir() and other.is_dir()
         dead.mkdir()
         result = cli.invoke(app, ["reproduce", str(committed / "w1.58-last8--adaptive.json"), "--cache-dir", str(cache)])
         assert result.exit_code == 0, result.output + result.stderr
-        assert sorted(p.name for p in cache.glob(".reproduce-*")) == [live.name]
+        assert sorted(p.name for p in cache.glob(".reproduce-*")) == sorted(f.name for f in (live, elsewhere, other))
     finally:
         sleeper.kill()
         sleeper.wait()

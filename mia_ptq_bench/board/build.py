@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import time
 import tempfile
 from collections.abc import Mapping
 from importlib import resources
@@ -24,7 +25,7 @@ from urllib.parse import urlparse
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-from ..atomic import left_by_live_process, temporary_folder, write_text_atomic
+from ..atomic import another_live_process, temporary_folder, write_text_atomic
 from ..errors import BenchError, WriteError
 from ..spec import load_registered_task
 from .collect import STRONGEST, Check, Collected, collect
@@ -184,15 +185,34 @@ def _recover(out: Path) -> None:
     while swapping is put back if ``out`` is missing. Folders of a build still running (their names carry
     its process id) are left alone: a concurrent build into the same ``out`` is not a killed one."""
     for left in sorted(out.parent.glob(f".{out.name}.building-*")):
-        if not left_by_live_process(left, left.name.removeprefix(f".{out.name}.building-")):
+        if not _running(left, left.name.removeprefix(f".{out.name}.building-")):
             shutil.rmtree(left, ignore_errors=True)
     for old in sorted(out.parent.glob(f".{out.name}.old-*")):
-        if left_by_live_process(old, old.name.removeprefix(f".{out.name}.old-")):
+        if _running(old, old.name.removeprefix(f".{out.name}.old-")):
             continue
         if not out.exists() and (old / SITE_MARKER).is_file():
             old.rename(out)
         else:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# No build runs this long: a folder older than this is a killed build's, whatever process now has its id
+# (in a container the build may have been process 1, which is always alive).
+BUILD_HOURS = 24
+
+
+def _running(folder: Path, suffix: str) -> bool:
+    """Whether ``folder`` belongs to a build still running: the process whose id starts ``suffix`` ('<pid>-...')
+    is alive on this machine (and is not this one), and the folder is younger than BUILD_HOURS."""
+    pid = suffix.split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        if time.time() - folder.stat().st_mtime > BUILD_HOURS * 3600:
+            return False
+    except OSError:
+        return False
+    return another_live_process(int(pid))
 
 
 # The files every site holds: a folder with all of them was built by this command, before the marker existed.

@@ -76,14 +76,16 @@ def _prepare(weight: torch.Tensor, hessian: torch.Tensor, rel_damp: float, dtype
     return w, h
 
 
-def inverse_hessian(h: torch.Tensor, fallback_damp: float) -> torch.Tensor:
+def inverse_hessian(h: torch.Tensor, fallback_damp: float, *, damped: bool = False) -> torch.Tensor:
     """Cholesky-based inverse; a singular H gets ``fallback_damp * mean(diag(H))`` added, as a last resort.
 
-    H counts as singular where its factorisation fails or where some column keeps less than
-    ``columns * eps`` of its diagonal as its pivot (``numerical_rank_deficient``): an exactly
-    singular H (e.g. two pixels that are only ever nonzero together) factors to a last pivot that
-    is rounding noise, negative on one CPU's kernels and a few eps positive on another's, so
-    LAPACK's own failure alone would decide by the machine.
+    An undamped H counts as singular where its factorisation fails or where some column keeps less
+    than ``columns * eps`` of its diagonal as its pivot (``numerically_dependent``): an exactly
+    singular H (e.g. two inputs that are only ever nonzero together) factors to a last pivot that is
+    rounding noise, negative with one CPU's kernels and a few eps positive with another's, so LAPACK's
+    own failure alone would decide by the machine. An H the method has ``damped`` already (GPTQ's
+    ``rel_damp``) is positive definite by construction: only a failed factorisation sends it to the
+    fallback, so a large, nearly duplicated input does not get damped twice.
 
     Raises NumericalError when H is not finite in this precision (e.g. float32 overflow) or the
     damped factorisation fails too.
@@ -91,7 +93,7 @@ def inverse_hessian(h: torch.Tensor, fallback_damp: float) -> torch.Tensor:
     if not torch.isfinite(h).all():
         raise NumericalError(f"the {h.shape[0]}x{h.shape[0]} Hessian is not finite in {h.dtype}")
     factor, info = torch.linalg.cholesky_ex(h)
-    if info == 0 and not numerical_rank_deficient(h, factor):
+    if info == 0 and (damped or not numerically_dependent(h, factor)):
         return torch.cholesky_inverse(factor)
     damp = fallback_damp * torch.diag(h).mean()
     factor, info = torch.linalg.cholesky_ex(h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
@@ -101,16 +103,17 @@ def inverse_hessian(h: torch.Tensor, fallback_damp: float) -> torch.Tensor:
     return torch.cholesky_inverse(factor)
 
 
-def numerical_rank_deficient(h: torch.Tensor, factor: torch.Tensor) -> bool:
+def numerically_dependent(h: torch.Tensor, factor: torch.Tensor) -> bool:
     """Whether some column of H is, to ``columns * eps`` of its own diagonal, a combination of the earlier ones.
 
     A Cholesky pivot ``L_jj^2`` is what is left of ``H_jj`` once the earlier columns explain what they
-    can; the share left is compared with the tolerance numpy's ``matrix_rank`` uses (dimension times
-    eps). Relative to each column's own diagonal, so a rarely active input (a small but honest
-    diagonal) is not mistaken for a dependent one.
+    can. It is a difference of sums of up to ``columns`` products, each at most ``H_jj`` (Cauchy-Schwarz),
+    so its rounding error is of the order of ``columns * eps * H_jj``: a pivot below that cannot be
+    told from zero. Relative to each column's own diagonal, so a rarely active input (a small but
+    honest diagonal) is not mistaken for a dependent one. ``eps`` is that of H's dtype (the sweep's).
     """
-    kept = torch.diagonal(factor) ** 2 / torch.diagonal(h)
-    return bool((kept < h.shape[0] * torch.finfo(h.dtype).eps).any())
+    tolerance = h.shape[0] * torch.finfo(h.dtype).eps
+    return bool((torch.diagonal(factor) ** 2 < tolerance * torch.diagonal(h)).any())
 
 
 # Rows per batch of the OBC sweep are chosen so that the batch's inverse Hessians fit in about this
@@ -153,7 +156,7 @@ def obc_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor],
     (about 2.7x fewer operations at 0.9). ``compact=1.0`` never shrinks them.
     """
     prepared = [_prepare(w, h, rel_damp, dtype) for w, h in zip(weights, hessians)]
-    hinvs = torch.stack([inverse_hessian(h, fallback_damp) for _, h in prepared])
+    hinvs = torch.stack([inverse_hessian(h, fallback_damp, damped=rel_damp > 0) for _, h in prepared])
     levels = {g.levels for g in grids}
     if len(levels) != 1:
         raise ValueError(f"one layer, one number of levels: got {sorted(levels)}")
@@ -269,7 +272,11 @@ def _gptq_sweep(weights, hessians, grids, block_size, rel_damp, act_order, fallb
         prepared, h = _prepare(weight, hessian, rel_damp, dtype)
         order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(columns, device=device)
         w[m] = prepared[:, order]
-        hinv[m] = torch.linalg.cholesky(inverse_hessian(h[order][:, order], fallback_damp), upper=True)
+        factor, info = torch.linalg.cholesky_ex(inverse_hessian(h[order][:, order], fallback_damp, damped=rel_damp > 0),
+                                                upper=True)
+        if info != 0:  # H^-1 rounded to indefinite: H's condition is beyond the sweep's precision
+            raise NumericalError(f"the inverse of the {columns}x{columns} Hessian is not positive definite in {dtype}")
+        hinv[m] = factor
         orders.append(order)
         del prepared, h
     scale = torch.stack([g.scale.to(dtype)[:, 0] for g in grids])  # (models, rows)
