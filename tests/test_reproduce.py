@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 from conftest import TASKS
 from mia_ptq_bench.cli import app
 from mia_ptq_bench.errors import SpecError
-from mia_ptq_bench.results.compare import (IDENTICAL, RETRAINED_POOL, SAME_POOL, allowed_change, compare_results,
+from mia_ptq_bench.results.compare import (IDENTICAL, RETRAINED_POOL, SAME_POOL, allowed_change, chance_spread, compare_results,
                                            regime, same_environment)
 from mia_ptq_bench.results.io import load_result
-from mia_ptq_bench.results.schema import PoolSourceRef, Stat
+from mia_ptq_bench.results.schema import LowFprSummary, PoolSourceRef, Stat
 from mia_ptq_bench.runner import RunOptions, evaluate
 from mia_ptq_bench.spec import load_task
 
@@ -174,6 +174,22 @@ def test_the_tolerance_follows_from_environment_and_pool(committed: Path) -> Non
                                           "quantized": result.quantized.model_copy(update={"test_accuracy": rerun_stat})})
         row = next(c for c in compare_results(committed, rerun) if c.metric == "test accuracy")
         assert row.ok is ok
+
+
+def test_a_retrained_pool_allows_a_chance_level_tpr_its_binomial_spread() -> None:
+    # 16 targets of 2,000 members each, TPR at 0.1% FPR near chance: most targets 0 or 1 true positive, so the
+    # rerun's spread over targets (here 0.0002) is far below what 2,000 Bernoulli draws at 0.1% spread
+    # (sqrt(0.001 x 0.999 / 2000) = 0.000707): the retrained-pool rule takes the latter. A TPR whose own
+    # spread is the larger keeps it; the same pool's rule is unchanged.
+    near_chance = LowFprSummary(mean=0.0003, std=0.0002, ci_low=0.0002, ci_high=0.0004, n=16, true_positives=10,
+                                positives=32000, false_positives=16, negatives=32000)
+    floor = chance_spread(near_chance, 0.001)
+    assert floor == pytest.approx((0.001 * 0.999 / 2000) ** 0.5)
+    assert allowed_change(near_chance, 5 / 32000, RETRAINED_POOL, floor) == pytest.approx(6 * floor * (2 / 16) ** 0.5)
+    assert allowed_change(near_chance, 5 / 32000, RETRAINED_POOL) == pytest.approx(6 * 0.0002 * (2 / 16) ** 0.5)
+    assert allowed_change(near_chance, 5 / 32000, SAME_POOL, floor) == allowed_change(near_chance, 5 / 32000, SAME_POOL)
+    strong = near_chance.model_copy(update={"mean": 0.05, "std": 0.01, "true_positives": 1600})
+    assert allowed_change(strong, 5 / 32000, RETRAINED_POOL, chance_spread(strong, 0.001)) == pytest.approx(6 * 0.01 * (2 / 16) ** 0.5)
 
 
 def test_a_document_cannot_widen_its_own_check(committed: Path) -> None:
