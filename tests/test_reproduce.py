@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -16,8 +17,8 @@ from typer.testing import CliRunner
 from conftest import TASKS
 from mia_ptq_bench.cli import app
 from mia_ptq_bench.errors import SpecError
-from mia_ptq_bench.results.compare import (IDENTICAL, RETRAINED_POOL, SAME_POOL, allowed_change, chance_spread, compare_results,
-                                           regime, same_environment)
+from mia_ptq_bench.results.compare import (IDENTICAL, RETRAINED_POOL, SAME_POOL, allowed_change, compare_results,
+                                           regime, same_environment, sparse_count_spread)
 from mia_ptq_bench.results.io import load_result
 from mia_ptq_bench.results.schema import LowFprSummary, PoolSourceRef, Stat
 from mia_ptq_bench.runner import RunOptions, evaluate
@@ -176,20 +177,46 @@ def test_the_tolerance_follows_from_environment_and_pool(committed: Path) -> Non
         assert row.ok is ok
 
 
-def test_a_retrained_pool_allows_a_chance_level_tpr_its_binomial_spread() -> None:
-    # 16 targets of 2,000 members each, TPR at 0.1% FPR near chance: most targets 0 or 1 true positive, so the
-    # rerun's spread over targets (here 0.0002) is far below what 2,000 Bernoulli draws at 0.1% spread
-    # (sqrt(0.001 x 0.999 / 2000) = 0.000707): the retrained-pool rule takes the latter. A TPR whose own
-    # spread is the larger keeps it; the same pool's rule is unchanged.
-    near_chance = LowFprSummary(mean=0.0003, std=0.0002, ci_low=0.0002, ci_high=0.0004, n=16, true_positives=10,
-                                positives=32000, false_positives=16, negatives=32000)
-    floor = chance_spread(near_chance, 0.001)
-    assert floor == pytest.approx((0.001 * 0.999 / 2000) ** 0.5)
-    assert allowed_change(near_chance, 5 / 32000, RETRAINED_POOL, floor) == pytest.approx(6 * floor * (2 / 16) ** 0.5)
-    assert allowed_change(near_chance, 5 / 32000, RETRAINED_POOL) == pytest.approx(6 * 0.0002 * (2 / 16) ** 0.5)
-    assert allowed_change(near_chance, 5 / 32000, SAME_POOL, floor) == allowed_change(near_chance, 5 / 32000, SAME_POOL)
-    strong = near_chance.model_copy(update={"mean": 0.05, "std": 0.01, "true_positives": 1600})
-    assert allowed_change(strong, 5 / 32000, RETRAINED_POOL, chance_spread(strong, 0.001)) == pytest.approx(6 * 0.01 * (2 / 16) ** 0.5)
+def test_a_retrained_pool_takes_a_sparse_tpr_at_least_its_binomial_spread() -> None:
+    # 16 targets of 2,000 members, no true positive at all: the rerun's spread over targets is 0, but 16
+    # zero counts only say the rate is below ln(20) / 32,000 (P(0 | mean ln 20) = 5%, the one-sided 95%
+    # Poisson upper bound), and a target's count at that rate spreads by sqrt(p (1 - p) / 2000).
+    zero = LowFprSummary(mean=0.0, std=0.0, ci_low=0.0, ci_high=0.0, n=16, true_positives=0,
+                         positives=32000, false_positives=16, negatives=32000)
+    rate = math.log(20) / 32000
+    assert sparse_count_spread(zero) == pytest.approx(math.sqrt(rate * (1 - rate) / 2000))
+    floor = sparse_count_spread(zero)
+    assert allowed_change(zero, 5 / 32000, RETRAINED_POOL, floor) == pytest.approx(6 * floor * (2 / 16) ** 0.5)
+    assert allowed_change(zero, 5 / 32000, RETRAINED_POOL) == 5 / 32000  # without it: the resolution alone
+    assert allowed_change(zero, 5 / 32000, SAME_POOL, floor) == allowed_change(zero, 5 / 32000, SAME_POOL)
+    # A TPR whose own spread is the larger keeps it: 1,600 true positives spread by 0.01 over targets.
+    strong = zero.model_copy(update={"mean": 0.05, "std": 0.01, "ci_high": 0.055, "true_positives": 1600})
+    assert sparse_count_spread(strong) < 0.01
+    assert allowed_change(strong, 5 / 32000, RETRAINED_POOL, sparse_count_spread(strong)) == pytest.approx(6 * 0.01 * (2 / 16) ** 0.5)
+
+
+def test_the_retrained_rows_take_their_floor_from_the_rerun_s_counts_only(committed: Path) -> None:
+    # End to end through compare_results: a TPR row's tolerance is the rerun's spread or its count floor,
+    # and a document that claims other counts (16 hits of 32 members: a floor taken from them would be far wider)
+    # moves nothing.
+    result = load_result(committed / "w1.58-last8--oblivious.json")
+    elsewhere = result.environment.model_copy(update={"processor": "another CPU"})
+    rerun = result.model_copy(update={"environment": elsewhere})
+    document = result.model_copy(update={"pool_digest": "0" * 64})
+    assert regime(document, rerun) == RETRAINED_POOL
+    tpr = rerun.quantized.attacks["lira-online"].tpr_at_0_1pct_fpr
+    rows = {c.metric: c for c in compare_results(document, rerun) if not c.result.endswith("(fp32 ref)")}
+    assert rows["lira-online TPR@0.1%"].tolerance == allowed_change(tpr, 5 / tpr.positives, RETRAINED_POOL,
+                                                                    sparse_count_spread(tpr))
+    auc = rerun.quantized.attacks["lira-online"].auc
+    assert rows["lira-online AUC"].tolerance == allowed_change(auc, 1e-4, RETRAINED_POOL)
+    shrunk = tpr.model_copy(update={"true_positives": 16, "positives": 32})
+    assert sparse_count_spread(shrunk) > 10 * max(sparse_count_spread(tpr), tpr.std)
+    attacks = {**document.quantized.attacks, "lira-online": document.quantized.attacks["lira-online"].model_copy(
+        update={"tpr_at_0_1pct_fpr": shrunk})}
+    forged = document.model_copy(update={"quantized": document.quantized.model_copy(update={"attacks": attacks})})
+    again = {c.metric: c for c in compare_results(forged, rerun) if not c.result.endswith("(fp32 ref)")}
+    assert again["lira-online TPR@0.1%"].tolerance == rows["lira-online TPR@0.1%"].tolerance
 
 
 def test_a_document_cannot_widen_its_own_check(committed: Path) -> None:

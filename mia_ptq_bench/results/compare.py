@@ -22,11 +22,11 @@ the document only where the checker trained that pool itself (then it cannot tel
   independent means over the targets, sqrt(2) s / sqrt(n) with s the rerun's spread. Measured
   (docs/reproducibility.md): a fashion-mnist-resnet pool retrained on an Intel Xeon moved the
   numbers of 27 results from the AMD EPYC pool's by at most 4.7 of those standard errors, and the
-  whole grid's 75 results by at most 5.2 (with the floor below; median 0.45). For a
-  TPR at a false-positive rate a, s is never taken below sqrt(a (1 - a) / members), the spread a
-  chance-level attack's TPR has from its members alone (``chance_spread``): near chance, where a
-  target's TPR at 0.1% FPR is 0, 1 or 2 true positives, the rerun's spread over 16 targets can come
-  out far below the spread those few counts really have.
+  whole grid's 75 results by at most 5.2 (with the floor below). For a TPR, s is never taken below
+  the binomial spread of a target's count at the rerun's pooled rate, read at that rate's 95% upper
+  confidence bound (``sparse_count_spread``): at 0.1% FPR a target's TPR is a handful of true
+  positives, and 16 such counts estimate their own spread poorly; the bound keeps a rerun whose
+  targets mostly score 0 from allowing only the resolution.
 
 The widths and resolutions are the rerun's (its interval, spread, counts): a document's own
 ``std`` or ``ci_high`` cannot widen them. Beside the headline means, the identical case holds every
@@ -40,11 +40,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from scipy.stats import chi2
+
 from .schema import Environment, Evaluation, LowFprSummary, Result, Stat
 
 IDENTICAL, SAME_POOL, RETRAINED_POOL = "identical", "same pool", "retrained pool"
 SAME_POOL_SHARE = 0.25  # of the rerun's 95% interval's half-width
-RETRAINED_SE = 6.0  # standard errors of the difference of two means (measured: at most 4.7 apart)
+RETRAINED_SE = 6.0  # standard errors of the difference of two means (measured: at most 5.2 apart)
 EXAMPLES_OF_SLACK = 5
 AUC_RESOLUTION = 1e-4
 
@@ -97,49 +99,51 @@ def half_width(stat: Stat) -> float:
     return max(stat.mean - stat.ci_low, stat.ci_high - stat.mean)
 
 
-def allowed_change(stat: Stat, resolution: float, case: str = SAME_POOL, chance_spread: float = 0.0) -> float:
+def allowed_change(stat: Stat, resolution: float, case: str = SAME_POOL, spread_floor: float = 0.0) -> float:
     """How far the rerun's mean may lie from the committed one, from the rerun's own ``stat`` (computed
     by the checker: nothing the document states widens it): 0 when identical; with the same pool a
     quarter of the interval's half-width; with a retrained pool ``RETRAINED_SE`` standard errors of
     the difference of two independent means over the targets, sqrt(2) s / sqrt(n), s the rerun's
-    spread but at least ``chance_spread``; never less than ``resolution``."""
+    spread but at least ``spread_floor``; never less than ``resolution``."""
     if case == IDENTICAL:
         return 0.0
     if case == SAME_POOL:
         return max(SAME_POOL_SHARE * half_width(stat), resolution)
-    return max(RETRAINED_SE * max(stat.std, chance_spread) * math.sqrt(2 / max(stat.n, 1)), resolution)
+    return max(RETRAINED_SE * max(stat.std, spread_floor) * math.sqrt(2 / max(stat.n, 1)), resolution)
 
 
-def chance_spread(stat: LowFprSummary, fpr: float) -> float:
-    """The spread over targets of a TPR at false-positive rate ``fpr`` from its members alone, were the
-    attack at chance (TPR = ``fpr``): the binomial sd sqrt(fpr (1 - fpr) / members per target), from the
-    rerun's counts. The threshold's own randomness only adds to it, so it is a floor, not an estimate."""
-    members = stat.positives / max(stat.n, 1)
-    return math.sqrt(fpr * (1 - fpr) / max(members, 1))
+def sparse_count_spread(stat: LowFprSummary) -> float:
+    """The spread over targets a TPR's counts have at least: the binomial sd sqrt(p (1 - p) / members per
+    target), p the rerun's pooled rate (true positives over positives) at its one-sided 95% Poisson upper
+    bound, so that a rerun whose targets score 0, 1 or 2 true positives is not taken at its word that
+    they hardly vary. From the rerun's counts only."""
+    upper = chi2.ppf(0.95, 2 * stat.true_positives + 2) / 2
+    rate = min(upper / max(stat.positives, 1), 1.0)
+    return math.sqrt(rate * (1 - rate) / max(stat.positives / max(stat.n, 1), 1))
 
 
 def headline_stats(committed: Evaluation, rerun: Evaluation, n_test: int) -> list[tuple[str, Stat, Stat, float, float]]:
-    """(metric, committed, rerun, resolution, chance spread) for every headline number of one evaluation,
-    over the attacks both hold; the resolution and the chance spread (0 but for a TPR) from the rerun's
+    """(metric, committed, rerun, resolution, spread floor) for every headline number of one evaluation,
+    over the attacks both hold; the resolution and the spread floor (0 but for a TPR) from the rerun's
     counts and ``n_test`` (the checker's)."""
     targets = rerun.test_accuracy.n
 
-    def rate(name: str, committed_stat: LowFprSummary, rerun_stat: LowFprSummary, fpr: float):
+    def rate(name: str, committed_stat: LowFprSummary, rerun_stat: LowFprSummary):
         return (name, committed_stat, rerun_stat, EXAMPLES_OF_SLACK / max(rerun_stat.positives, 1),
-                chance_spread(rerun_stat, fpr))
+                sparse_count_spread(rerun_stat))
 
     pairs = [
         ("test accuracy", committed.test_accuracy, rerun.test_accuracy, EXAMPLES_OF_SLACK / max(n_test * targets, 1), 0.0),
-        rate("strongest TPR@0.1%", committed.strongest.tpr_at_0_1pct_fpr, rerun.strongest.tpr_at_0_1pct_fpr, 0.001),
-        rate("strongest TPR@1%", committed.strongest.tpr_at_1pct_fpr, rerun.strongest.tpr_at_1pct_fpr, 0.01),
+        rate("strongest TPR@0.1%", committed.strongest.tpr_at_0_1pct_fpr, rerun.strongest.tpr_at_0_1pct_fpr),
+        rate("strongest TPR@1%", committed.strongest.tpr_at_1pct_fpr, rerun.strongest.tpr_at_1pct_fpr),
     ]
     for attack, other in rerun.attacks.items():
         summary = committed.attacks.get(attack)
         if summary is None:
             continue  # compare_results fails it
         pairs += [(f"{attack} AUC", summary.auc, other.auc, AUC_RESOLUTION, 0.0),
-                  rate(f"{attack} TPR@0.1%", summary.tpr_at_0_1pct_fpr, other.tpr_at_0_1pct_fpr, 0.001),
-                  rate(f"{attack} TPR@1%", summary.tpr_at_1pct_fpr, other.tpr_at_1pct_fpr, 0.01)]
+                  rate(f"{attack} TPR@0.1%", summary.tpr_at_0_1pct_fpr, other.tpr_at_0_1pct_fpr),
+                  rate(f"{attack} TPR@1%", summary.tpr_at_1pct_fpr, other.tpr_at_1pct_fpr)]
     return pairs
 
 
