@@ -242,7 +242,10 @@ def render(submissions: Path, task: str, figures: Path | None = None, figures_li
         f"models as shadows; intervals are 95% Student-t intervals over targets, and differences are paired over the "
         f"same targets. At 0.1% FPR each target's figure rests on its non-members: about "
         f"{fp.attacks[STUDY_ATTACK].tpr_at_0_1pct_fpr.negatives // targets} per target, so no false positive is "
-        f"allowed below 1 in {fp.attacks[STUDY_ATTACK].tpr_at_0_1pct_fpr.negatives // targets}.",
+        f"allowed below 1 in {fp.attacks[STUDY_ATTACK].tpr_at_0_1pct_fpr.negatives // targets}. The intervals cover "
+        f"the targets of this one pool, not another training of it: every target shares its shadows, so a pool "
+        f"trained again (on another CPU, say) moves all of them together, and a verdict whose interval nearly "
+        f"touches zero can change with it (docs/reproducibility.md).",
         "",
         f"Full precision: test accuracy {pct(summarize(accuracy(fp)).mean)}; TPR@0.1%FPR {pct(fp_study.mean)} "
         f"[{pct(fp_study.ci_low)}, {pct(fp_study.ci_high)}] for the study's attacker and {pct(fp_strongest.mean)} "
