@@ -10,6 +10,17 @@ over the two tolerances of docs/reproducibility.md for another machine (same poo
 the 95% half-width; retrained pool: 6 standard errors of the difference of two means):
 per result the median and the largest, then over all results the quantiles and how many lie
 outside. It says which case the two results are and on which machines they ran.
+
+``--both-ways`` repeats the whole comparison with the roles swapped (the reruns taken as the
+committed results and the committed ones as the reruns): the tolerances are the rerun's, so the
+two directions differ, and a check by a machine like the committed one would see the second.
+Results kept from another revision can be compared the same way, e.g. the results committed at
+REV against today's:
+
+    mkdir -p OLD/TASK && for q in submissions/*/; do q=$(basename $q); mkdir -p OLD/TASK/$q; \
+      for f in $(git ls-tree --name-only REV submissions/$q/results/TASK/ | grep json$); do \
+        git show REV:$f > OLD/TASK/$q/$(basename $f); done; done
+    python benchmarks/cross_machine.py --rerun OLD --task TASK --both-ways --save
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ def main() -> None:
     parser.add_argument("--rerun", type=Path, required=True, help="the --out folder of evaluate runs on this machine")
     parser.add_argument("--task", required=True)
     parser.add_argument("--submissions", type=Path, default=SUBMISSIONS)
+    parser.add_argument("--both-ways", action="store_true", help="also compare with the roles swapped")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
 
@@ -47,10 +59,22 @@ def main() -> None:
         raise SystemExit(f"no result under {args.rerun / args.task} has a committed counterpart in {args.submissions}")
 
     say(f"# cross-machine comparison · {datetime.datetime.now():%Y-%m-%d %H:%M} · task {args.task}")
-    say(describe() + " (this machine: the reruns)")
-    first = pairs[0][1].environment
-    say(f"committed: processor {first.processor or 'not recorded'} · platform {first.platform} · "
-        f"CPU capability {first.cpu_capability} · torch {first.packages.get('torch')} with {first.torch_threads} threads")
+    say(describe() + " (this machine; the results name their own)")
+    compare_all(pairs)
+    if args.both_ways:
+        say()
+        say("## the same with the roles swapped: the reruns taken as committed, the committed results as reruns")
+        compare_all([(quantizer, rerun, committed) for quantizer, committed, rerun in pairs])
+    if args.save:
+        save(f"cross_machine-{args.task}-{datetime.datetime.now():%Y%m%d-%H%M}.txt")
+
+
+def compare_all(pairs: list) -> None:
+    """Every (quantizer, committed, rerun) pair's numbers over both tolerances of another machine."""
+    for name, environment in (("committed", pairs[0][1].environment), ("rerun", pairs[0][2].environment)):
+        say(f"{name}: processor {environment.processor or 'not recorded'} · platform {environment.platform} · "
+            f"CPU capability {environment.cpu_capability} · torch {environment.packages.get('torch')} with "
+            f"{environment.torch_threads} threads")
     say()
     say("|difference| / tolerance, per result, for both tolerances of another machine (<= 1 passes):")
     say("  same pool: max(1/4 of the 95% half-width, resolution); widths and resolutions are the rerun's")
@@ -81,8 +105,6 @@ def main() -> None:
             f"99% {np.quantile(values, 0.99):.2f}, max {values.max():.2f}; outside: {int((values > 1).sum())} "
             f"of {len(values)}")
     say(f"cases seen: {', '.join(sorted(cases))}")
-    if args.save:
-        save(f"cross_machine-{args.task}-{datetime.datetime.now():%Y%m%d-%H%M}.txt")
 
 
 if __name__ == "__main__":
