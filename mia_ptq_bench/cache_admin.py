@@ -107,8 +107,8 @@ def remove_stale_scratch(cache_dir: Path) -> None:
             shutil.rmtree(scratch.path, ignore_errors=True)
 
 
-def _scratch_detail(scratch: _Scratch) -> str:
-    if scratch.stale:
+def _scratch_detail(scratch: _Scratch, stale: bool) -> str:
+    if stale:
         return "left by an interrupted reproduce: safe to delete"
     if scratch.host != socket.gethostname():
         return f"scratch of a reproduce on {scratch.host} (process {scratch.pid}), not checked from here"
@@ -119,7 +119,8 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
     entries = []
     for scratch in _scratch_folders(cache_dir):
         files, size = _size(scratch.path)
-        entries.append(CacheEntry("scratch", scratch.path, "", _scratch_detail(scratch), files, size, scratch.stale))
+        stale = scratch.stale  # one look at its process, for what the listing says and what clear may remove
+        entries.append(CacheEntry("scratch", scratch.path, "", _scratch_detail(scratch, stale), files, size, stale))
     for found in _children(Path(cache_dir) / "pools"):
         if found.is_symlink():
             entries.append(_link("pool", found, found.name))

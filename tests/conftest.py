@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,17 @@ def tiny_task():
     from mia_ptq_bench.spec import load_task
 
     return load_task("tiny-digits")
+
+
+@pytest.fixture
+def live_and_gone_pids() -> Iterator[tuple[int, int]]:
+    """The id of a process alive for the whole test, and of one that has exited (and been reaped): what a
+    running command's work folder and a killed one's carry in their names."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    try:
+        yield sleeper.pid, int(gone.stdout)
+    finally:
+        sleeper.kill()
+        sleeper.wait()

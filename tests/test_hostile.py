@@ -15,7 +15,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -924,7 +923,7 @@ def test_the_site_never_replaces_a_folder_it_did_not_build(subs: Path, tmp_path:
 
 
 def test_the_site_folder_problems_are_one_line_and_a_killed_swap_is_recovered(
-        subs: Path, tmp_path: Path) -> None:
+        subs: Path, tmp_path: Path, live_and_gone_pids: tuple[int, int]) -> None:
     from mia_ptq_bench.board import build as build_module
 
     blocker = tmp_path / "afile"
@@ -948,22 +947,17 @@ def test_the_site_folder_problems_are_one_line_and_a_killed_swap_is_recovered(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "site", "submissions"]
     # A concurrent build's staging folder (its process alive) is left alone; a killed one's (process gone) goes.
     # (One build used to delete another's folder mid-build, which then failed.)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    try:
-        live, dead = f".site.building-{sleeper.pid}-ab12", f".site.building-{gone.stdout.strip()}-cd34"
-        (tmp_path / live).mkdir()
-        (tmp_path / dead).mkdir()
-        build_module.build_site(subs, out)
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["afile", "site", "submissions", live])
-        # ...unless older than any build runs: then its process id has been taken by another process
-        stale = time.time() - (build_module.BUILD_HOURS + 1) * 3600
-        os.utime(tmp_path / live, (stale, stale))
-        build_module.build_site(subs, out)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "site", "submissions"]
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    live_pid, gone_pid = live_and_gone_pids
+    live, dead = f".site.building-{live_pid}-ab12", f".site.building-{gone_pid}-cd34"
+    (tmp_path / live).mkdir()
+    (tmp_path / dead).mkdir()
+    build_module.build_site(subs, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["afile", "site", "submissions", live])
+    # ...unless older than any build runs: then its process id has been taken by another process
+    stale = time.time() - (build_module.BUILD_HOURS + 1) * 3600
+    os.utime(tmp_path / live, (stale, stale))
+    build_module.build_site(subs, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "site", "submissions"]
 
 
 def test_a_site_is_replaced_by_the_next_build_and_kept_if_the_swap_fails(

@@ -321,39 +321,34 @@ def cached_outputs(cache: Path) -> dict[str, bytes]:
     return {str(p.relative_to(cache)): p.read_bytes() for p in sorted((cache / "quantized").rglob("*.npz"))}
 
 
-def test_a_killed_reproduce_leaves_scratch_that_the_next_one_and_cache_clear_remove(committed: Path,
-                                                                                   tmp_path: Path) -> None:
+def test_a_killed_reproduce_leaves_scratch_that_the_next_one_and_cache_clear_remove(
+        committed: Path, tmp_path: Path, live_and_gone_pids: tuple[int, int]) -> None:
     # The scratch folder is named after its machine and process: one whose process is gone from this machine
     # was a killed run's and goes (at the next reproduce, or with `cache clear`); a running one's stays, and
     # so does one from another machine sharing the cache, or anything else whose name merely starts alike.
     cache = tmp_path / "cache"
     host = socket.gethostname()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    try:
-        live, dead = cache / f".reproduce-{host}-{sleeper.pid}-ab12cd34", cache / f".reproduce-{host}-{gone.stdout.strip()}-ef56gh78"
-        elsewhere, other = cache / f".reproduce-{host}x-{gone.stdout.strip()}-ij90kl12", cache / ".reproduce-notes"
-        for folder in (live, dead, elsewhere, other):
-            (folder / "outputs").mkdir(parents=True)
-            (folder / "outputs" / "model-0000.npz").write_bytes(b"x" * 4096)
-        listed = cli.invoke(app, ["cache", "list", "--cache-dir", str(cache)])
-        assert listed.exit_code == 0 and "scratch" in listed.output, listed.output
-        # (what the table says, read from the listing itself: a terminal's width may cut the table's cells)
-        details = {entry.path.name: entry.detail for entry in list_cache(cache) if entry.kind == "scratch"}
-        assert details == {live.name: f"scratch of a running reproduce (process {sleeper.pid})",
-                           dead.name: "left by an interrupted reproduce: safe to delete",
-                           elsewhere.name: f"scratch of a reproduce on {host}x (process {gone.stdout.strip()}), "
-                                           "not checked from here"}
-        refused = cli.invoke(app, ["cache", "clear", "scratch", "--task", "tiny-digits", "--cache-dir", str(cache)])
-        assert refused.exit_code == 2 and "belong to no task" in refused.output + refused.stderr
-        cleared = cli.invoke(app, ["cache", "clear", "scratch", "--cache-dir", str(cache)])
-        assert cleared.exit_code == 0, cleared.output
-        assert "removed 1 entries" in cleared.output and not dead.exists()
-        assert live.is_dir() and elsewhere.is_dir() and other.is_dir()
-        dead.mkdir()
-        result = cli.invoke(app, ["reproduce", str(committed / "w1.58-last8--adaptive.json"), "--cache-dir", str(cache)])
-        assert result.exit_code == 0, result.output + result.stderr
-        assert sorted(p.name for p in cache.glob(".reproduce-*")) == sorted(f.name for f in (live, elsewhere, other))
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    live_pid, gone_pid = live_and_gone_pids
+    live, dead = cache / f".reproduce-{host}-{live_pid}-ab12cd34", cache / f".reproduce-{host}-{gone_pid}-ef56gh78"
+    elsewhere, other = cache / f".reproduce-{host}x-{gone_pid}-ij90kl12", cache / ".reproduce-notes"
+    for folder in (live, dead, elsewhere, other):
+        (folder / "outputs").mkdir(parents=True)
+        (folder / "outputs" / "model-0000.npz").write_bytes(b"x" * 4096)
+    listed = cli.invoke(app, ["cache", "list", "--cache-dir", str(cache)])
+    assert listed.exit_code == 0 and "scratch" in listed.output, listed.output
+    # (what the table says, read from the listing itself: a terminal's width may cut the table's cells)
+    details = {entry.path.name: entry.detail for entry in list_cache(cache) if entry.kind == "scratch"}
+    assert details == {live.name: f"scratch of a running reproduce (process {live_pid})",
+                       dead.name: "left by an interrupted reproduce: safe to delete",
+                       elsewhere.name: f"scratch of a reproduce on {host}x (process {gone_pid}), "
+                                       "not checked from here"}
+    refused = cli.invoke(app, ["cache", "clear", "scratch", "--task", "tiny-digits", "--cache-dir", str(cache)])
+    assert refused.exit_code == 2 and "belong to no task" in refused.output + refused.stderr
+    cleared = cli.invoke(app, ["cache", "clear", "scratch", "--cache-dir", str(cache)])
+    assert cleared.exit_code == 0, cleared.output
+    assert "removed 1 entries" in cleared.output and not dead.exists()
+    assert live.is_dir() and elsewhere.is_dir() and other.is_dir()
+    dead.mkdir()
+    result = cli.invoke(app, ["reproduce", str(committed / "w1.58-last8--adaptive.json"), "--cache-dir", str(cache)])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert sorted(p.name for p in cache.glob(".reproduce-*")) == sorted(f.name for f in (live, elsewhere, other))

@@ -81,9 +81,9 @@ def inverse_hessian(h: torch.Tensor, fallback_damp: float, *, damped: bool = Fal
 
     An undamped H counts as singular where its factorisation fails or where some column keeps less
     than ``columns * eps`` of its diagonal as its pivot (``numerically_dependent``): an exactly
-    singular H (e.g. two inputs that are always equal, or fewer examples than inputs) factors to a last pivot that is
-    rounding noise, negative with one CPU's kernels and a few eps positive with another's, so LAPACK's
-    own failure alone would decide by the machine. An H the method has ``damped`` already (GPTQ's
+    singular H (e.g. two inputs that are always equal, or fewer examples than inputs) factors to a
+    last pivot that is rounding noise, negative with one CPU's kernels and a few eps positive with
+    another's, so LAPACK's own failure alone would decide by the machine. An H the method has ``damped`` already (GPTQ's
     ``rel_damp``) is positive definite by construction: only a failed factorisation sends it to the
     fallback, so a large, nearly duplicated input does not get damped twice.
 
