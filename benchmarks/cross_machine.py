@@ -11,6 +11,16 @@ the 95% half-width; retrained pool: 6 standard errors of the difference of two m
 per result the median and the largest, then over all results the quantiles and how many lie
 outside. It says which case the two results are and on which machines they ran.
 
+``--jackknife`` adds the retrained-pool tolerance as ``reproduce`` now computes it: the standard
+error the larger of the spread over targets and the rerun's jackknife over its pool models
+(``results/jackknife.py``), from the rerun's arrays (the ``.npz`` beside each document; a result
+without them keeps the spread over targets, and the output says how many). That costs about 17
+reruns of each result's attacks (a minute or two per fashion-mnist-resnet result on 2 cores), so
+``--spread-cache DIR`` keeps each result's standard errors by its arrays' sha256 for the next run.
+
+``--borrow-spread`` gives a rerun without arrays the committed side's jackknife instead (not the
+rule, which takes the rerun's: an estimate of what it would allow, for results whose arrays are gone).
+
 ``--both-ways`` repeats the whole comparison with the roles swapped (the reruns taken as the
 committed results and the committed ones as the reruns): the tolerances are the rerun's, so the
 two directions differ, and a check by a machine like the committed one would see the second.
@@ -27,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -35,8 +47,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe, save, say  # noqa: E402
 
-from mia_ptq_bench.results.compare import RETRAINED_POOL, RETRAINED_SE, SAME_POOL, compare_results, regime  # noqa: E402
-from mia_ptq_bench.results.io import load_result  # noqa: E402
+from mia_ptq_bench.atomic import write_text_atomic  # noqa: E402
+from mia_ptq_bench.results.compare import (RETRAINED_POOL, RETRAINED_SE, SAME_POOL, PoolSpread,  # noqa: E402
+                                           compare_results, regime)
+from mia_ptq_bench.results.io import load_arrays, load_result  # noqa: E402
+from mia_ptq_bench.results.jackknife import JACKKNIFE_VERSION, result_pool_spread  # noqa: E402
+from mia_ptq_bench.spec import load_registered_task  # noqa: E402
+
+JACKKNIFE = "retrained, jackknife"
 
 SUBMISSIONS = Path(__file__).parents[1] / "submissions"
 
@@ -47,6 +65,11 @@ def main() -> None:
     parser.add_argument("--task", required=True)
     parser.add_argument("--submissions", type=Path, default=SUBMISSIONS)
     parser.add_argument("--both-ways", action="store_true", help="also compare with the roles swapped")
+    parser.add_argument("--jackknife", action="store_true",
+                        help="also the retrained tolerance with the rerun's jackknife over its pool models")
+    parser.add_argument("--spread-cache", type=Path, help="keep each result's jackknife here, by its arrays' sha256")
+    parser.add_argument("--borrow-spread", action="store_true",
+                        help="a rerun without arrays takes the committed side's jackknife (an estimate, not the rule)")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
 
@@ -54,24 +77,52 @@ def main() -> None:
     for path in sorted((args.rerun / args.task).glob("*/*--*.json")):
         committed = args.submissions / path.parent.name / "results" / args.task / path.name
         if committed.is_file():
-            pairs.append((path.parent.name, load_result(committed), load_result(path)))
+            pairs.append((path.parent.name, (committed, load_result(committed)), (path, load_result(path))))
     if not pairs:
         raise SystemExit(f"no result under {args.rerun / args.task} has a committed counterpart in {args.submissions}")
 
     say(f"# cross-machine comparison · {datetime.datetime.now():%Y-%m-%d %H:%M} · task {args.task}")
     say(describe() + " (this machine; the results name their own)")
-    compare_all(pairs)
+    spreads = Spreads(args.spread_cache, args.borrow_spread) if args.jackknife else None
+    compare_all(pairs, spreads)
     if args.both_ways:
         say()
         say("## the same with the roles swapped: the reruns taken as committed, the committed results as reruns")
-        compare_all([(quantizer, rerun, committed) for quantizer, committed, rerun in pairs])
+        compare_all([(quantizer, rerun, committed) for quantizer, committed, rerun in pairs], spreads)
     if args.save:
         save(f"cross_machine-{args.task}-{datetime.datetime.now():%Y%m%d-%H%M}.txt")
 
 
-def compare_all(pairs: list) -> None:
-    """Every (quantizer, committed, rerun) pair's numbers over both tolerances of another machine."""
-    for name, environment in (("committed", pairs[0][1].environment), ("rerun", pairs[0][2].environment)):
+class Spreads:
+    """Each rerun's jackknife standard errors (``results/jackknife.py``) from the arrays beside it, kept by their sha256."""
+
+    def __init__(self, cache: Path | None, borrow: bool = False) -> None:
+        self.cache, self.borrow = cache, borrow
+        self.references: dict[str, dict[str, float]] = {}  # one run's results share their reference's
+
+    def of(self, path: Path, result) -> PoolSpread | None:
+        """None where the arrays are not beside the document, or the task has changed since the result."""
+        spec = load_registered_task(result.task.id)
+        if spec.hash != result.task.hash or not path.with_name(result.arrays.file).is_file():
+            return None
+        kept = self.cache / f"{result.arrays.sha256}-task{spec.hash[:12]}-v{JACKKNIFE_VERSION}.json" if self.cache else None
+        if kept is not None and kept.is_file():
+            return PoolSpread(**json.loads(kept.read_text()))
+        arrays = load_arrays(path, result)
+        key = hashlib.sha256(arrays["reference_scores"].tobytes() + arrays["keep"].tobytes()).hexdigest()
+        spread = result_pool_spread(spec, result, arrays, self.references.get(key))
+        self.references[key] = spread.reference
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(kept, json.dumps({"quantized": spread.quantized, "reference": spread.reference}))
+        return spread
+
+
+def compare_all(pairs: list, spreads: Spreads | None) -> None:
+    """Every (quantizer, committed, rerun) pair's numbers over both tolerances of another machine (and, with
+    ``spreads``, the retrained one with the rerun's jackknife); committed and rerun are (path, result)."""
+    for name, (_, result) in (("committed", pairs[0][1]), ("rerun", pairs[0][2])):
+        environment = result.environment
         say(f"{name}: processor {environment.processor or 'not recorded'} · platform {environment.platform} · "
             f"CPU capability {environment.cpu_capability} · torch {environment.packages.get('torch')} with "
             f"{environment.torch_threads} threads")
@@ -79,31 +130,47 @@ def compare_all(pairs: list) -> None:
     say("|difference| / tolerance, per result, for both tolerances of another machine (<= 1 passes):")
     say("  same pool: max(1/4 of the 95% half-width, resolution); widths and resolutions are the rerun's")
     say(f"  retrained pool: max({RETRAINED_SE:g} standard errors of the difference of two means, resolution)")
-    say(f"{'quantizer':10} {'result':28} {'case':15} {'numbers':>7} {'same pool: median':>17} {'max':>5} "
-        f"{'retrained: median':>17} {'max':>5}  largest (retrained)")
-    ratios: dict[str, list[float]] = {SAME_POOL: [], RETRAINED_POOL: []}
-    cases = set()
-    for quantizer, committed, rerun in pairs:
+    tolerances = [SAME_POOL, RETRAINED_POOL]
+    if spreads is not None:
+        say(f"  {JACKKNIFE}: the same, the standard error at least the rerun's jackknife over its models")
+        tolerances.append(JACKKNIFE)
+    heads = {SAME_POOL: "same pool", RETRAINED_POOL: "retrained", JACKKNIFE: "jackknife"}
+    say(f"{'quantizer':10} {'result':28} {'case':15} {'numbers':>7} "
+        + " ".join(f"{heads[t] + ': median':>17} {'max':>5}" for t in tolerances)
+        + "  largest (last tolerance)")
+    ratios: dict[str, list[float]] = {t: [] for t in tolerances}
+    cases, without, borrowed = set(), 0, 0
+    for quantizer, (committed_path, committed), (rerun_path, rerun) in pairs:
         case = regime(committed, rerun)
         cases.add(case)
-        # what `mptq-bench reproduce` would compare, under each tolerance in turn
-        rows = {tolerance: [(abs(c.rerun - c.committed) / c.tolerance,
-                             f"{'fp32 ref ' if c.result.endswith('(fp32 ref)') else ''}{c.metric}")
-                            for c in compare_results(committed, rerun, tolerance)]
-                for tolerance in (SAME_POOL, RETRAINED_POOL)}
-        for tolerance, found in rows.items():
-            ratios[tolerance] += [r for r, _ in found]
-        same, retrained = (np.array([r for r, _ in rows[t]]) for t in (SAME_POOL, RETRAINED_POOL))
-        say(f"{quantizer:10} {committed.plan + '--' + committed.threat_model:28} {case:15} {len(same):7d} "
-            f"{np.median(same):17.2f} {same.max():5.2f} {np.median(retrained):17.2f} {retrained.max():5.2f}  "
-            f"{max(rows[RETRAINED_POOL])[1]}")
+        rows = {}
+        for tolerance in tolerances:  # what `mptq-bench reproduce` would compare, under each tolerance in turn
+            spread = None
+            if tolerance == JACKKNIFE:
+                spread = spreads.of(rerun_path, rerun)
+                if spread is None and spreads.borrow:
+                    spread = spreads.of(committed_path, committed)
+                    borrowed += spread is not None
+                without += spread is None
+            found = compare_results(committed, rerun, RETRAINED_POOL if tolerance == JACKKNIFE else tolerance, spread)
+            rows[tolerance] = [(abs(c.rerun - c.committed) / c.tolerance,
+                                f"{'fp32 ref ' if c.result.endswith('(fp32 ref)') else ''}{c.metric}") for c in found]
+            ratios[tolerance] += [r for r, _ in rows[tolerance]]
+        columns = [np.array([r for r, _ in rows[t]]) for t in tolerances]
+        say(f"{quantizer:10} {committed.plan + '--' + committed.threat_model:28} {case:15} {len(columns[0]):7d} "
+            + " ".join(f"{np.median(c):17.2f} {c.max():5.2f}" for c in columns) + f"  {max(rows[tolerances[-1]])[1]}")
     say()
     say("over all results (they share their fp32 reference, so the numbers are not independent):")
     for tolerance, found in ratios.items():
         values = np.array(found)
-        say(f"  {tolerance + ':':15} median {np.median(values):.2f}, 90% {np.quantile(values, 0.9):.2f}, "
+        say(f"  {tolerance + ':':21} median {np.median(values):.2f}, 90% {np.quantile(values, 0.9):.2f}, "
             f"99% {np.quantile(values, 0.99):.2f}, max {values.max():.2f}; outside: {int((values > 1).sum())} "
             f"of {len(values)}")
+    if borrowed:
+        say(f"  ({borrowed} rerun(s) without arrays: their {JACKKNIFE} rows take the committed side's jackknife, "
+            "an estimate of the rule, which takes the rerun's)")
+    if without:
+        say(f"  ({without} rerun(s) without arrays: their {JACKKNIFE} rows keep the spread over targets)")
     say(f"cases seen: {', '.join(sorted(cases))}")
 
 

@@ -19,6 +19,8 @@ from mia_ptq_bench.atomic import sha256_bytes
 from mia_ptq_bench import recompute as recompute_module
 from mia_ptq_bench.cli import app
 from mia_ptq_bench.quantize.evidence import decode_weight, encode_weight
+from mia_ptq_bench.results.compare import RETRAINED_POOL, allowed_change, headline_stats
+from mia_ptq_bench.results.io import load_result as load_result_file
 from mia_ptq_bench.runner import RunOptions, evaluate
 from mia_ptq_bench.spec import load_task
 from builtin_submission import evaluated_builtin
@@ -65,6 +67,47 @@ def test_a_changed_number_is_caught(committed: Path, tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "w4--oblivious.json: recomputed from its evidence: w4--oblivious: lira-online TPR@1%: committed 0.000000" \
         in result.stderr
+
+
+def test_against_another_pool_a_number_outside_the_spread_over_targets_gets_the_jackknife(
+        committed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A document of another CPU and pool (the checker trains its own): the retrained case. Where a number lies
+    # outside the spread over targets, the rerun's jackknife over its models (quantized targets and reference)
+    # decides; it is measured only then. The rerun here is bit-identical to the committed run.
+    real, spreads = recompute_module.pool_standard_errors, []
+
+    def spy(*args):
+        spreads.append(real(*args))
+        return spreads[-1]
+
+    monkeypatch.setattr(recompute_module, "pool_standard_errors", spy)
+    name = "w4--oblivious.json"
+    result = load_result_file(committed / name)
+    stats = {metric: (stat, resolution, floor)
+             for metric, _, stat, resolution, floor in headline_stats(result.quantized, result.quantized, result.n_test)}
+    plain = {m: allowed_change(stat, res, RETRAINED_POOL, floor) for m, (stat, res, floor) in stats.items()}
+
+    def validate_moved(metric: str, by: float) -> int:
+        folder = tmp_path / f"moved-{len(list(tmp_path.glob('moved-*')))}"
+        shutil.copytree(committed, folder)
+        document = json.loads((folder / name).read_text())
+        document["environment"]["processor"] = "another CPU"
+        document["pool_digest"] = "0" * 64
+        where = document["quantized"]["attacks"][metric.split(" ")[0]]
+        key = {"AUC": "auc", "TPR@0.1%": "tpr_at_0_1pct_fpr", "TPR@1%": "tpr_at_1pct_fpr"}[metric.split(" ")[1]]
+        for end in ("mean", "ci_low", "ci_high"):
+            where[key][end] += by
+        (folder / name).write_text(json.dumps(document))
+        return cli.invoke(app, ["validate", "--recompute", "--cache-dir", str(tmp_path / "cache"),
+                                str(folder / name)], env={"COLUMNS": "250"}).exit_code
+
+    assert validate_moved("lira-online AUC", 0.0) == 0 and spreads == []  # within: no jackknife
+    assert validate_moved("lira-online AUC", 0.5) == 1 and len(spreads) == 2  # outside: quantized and reference
+    widened = {m: allowed_change(stat, res, RETRAINED_POOL, floor, spreads[0][m]) for m, (stat, res, floor) in stats.items()}
+    metric = max((m for m in stats if m.startswith("lira")), key=lambda m: widened[m] / plain[m])
+    assert widened[metric] > 1.5 * plain[metric]
+    assert validate_moved(metric, (plain[metric] + widened[metric]) / 2) == 0  # inside only by the jackknife
+    assert validate_moved(metric, 1.1 * widened[metric]) == 1
 
 
 def test_a_document_cannot_loosen_its_own_recomputation(committed: Path, tmp_path: Path) -> None:

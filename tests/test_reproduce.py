@@ -16,11 +16,14 @@ from typer.testing import CliRunner
 
 from conftest import TASKS
 from mia_ptq_bench.cache_admin import list_cache
+from mia_ptq_bench import reproduce as reproduce_module
 from mia_ptq_bench.cli import app
 from mia_ptq_bench.errors import SpecError
-from mia_ptq_bench.results.compare import (IDENTICAL, RETRAINED_POOL, SAME_POOL, allowed_change, compare_results,
-                                           regime, same_environment, sparse_count_spread)
-from mia_ptq_bench.results.io import load_result
+from mia_ptq_bench.results.compare import (IDENTICAL, RETRAINED_POOL, SAME_POOL, PoolSpread, allowed_change,
+                                           compare_results, headline_numbers, headline_stats, regime, same_environment,
+                                           sparse_count_spread)
+from mia_ptq_bench.results.io import load_arrays, load_result
+from mia_ptq_bench.results.jackknife import result_pool_spread
 from mia_ptq_bench.results.schema import LowFprSummary, PoolSourceRef, Stat
 from mia_ptq_bench.runner import RunOptions, evaluate
 from mia_ptq_bench.spec import load_task
@@ -218,6 +221,94 @@ def test_the_retrained_rows_take_their_floor_from_the_rerun_s_counts_only(commit
     forged = document.model_copy(update={"quantized": document.quantized.model_copy(update={"attacks": attacks})})
     again = {c.metric: c for c in compare_results(forged, rerun) if not c.result.endswith("(fp32 ref)")}
     assert again["lira-online TPR@0.1%"].tolerance == rows["lira-online TPR@0.1%"].tolerance
+
+
+def test_a_result_s_pool_spread_comes_from_its_arrays_and_is_exact_where_no_shadow_enters(committed: Path) -> None:
+    path = committed / "w1.58-last8--adaptive.json"
+    result = load_result(path)
+    spread = result_pool_spread(load_task("tiny-digits"), result, load_arrays(path, result))
+    for evaluation, errors in ((result.quantized, spread.quantized), (result.reference, spread.reference)):
+        numbers = headline_numbers(evaluation)
+        assert errors.keys() == numbers.keys()
+        assert all(math.isfinite(v) and v >= 0 for v in errors.values())
+        for name in ("test accuracy", "global-threshold AUC", "global-threshold TPR@1%"):  # the targets' own numbers
+            stat = numbers[name]
+            assert errors[name] == pytest.approx(stat.std / math.sqrt(stat.n), rel=1e-9, abs=1e-15)
+    # LiRA's numbers lean on the shadows the targets share (the other quantized targets, the other pool
+    # models): leaving a group out moves some of them much further than the spread over targets says
+    ratios = [errors[name] / max(stat.std / math.sqrt(stat.n), 1e-12)
+              for evaluation, errors in ((result.quantized, spread.quantized), (result.reference, spread.reference))
+              for name, stat in headline_numbers(evaluation).items() if name.startswith("lira")]
+    assert max(ratios) > 1.5
+    # what the document says enters nothing: only its threat model and its arrays do
+    forged = result.model_copy(update={"quantized": result.quantized.model_copy(
+        update={"test_accuracy": result.quantized.test_accuracy.model_copy(update={"mean": 0.0, "std": 9.0})})})
+    assert result_pool_spread(load_task("tiny-digits"), forged, load_arrays(path, result)) == spread
+
+
+def test_the_retrained_rows_take_the_rerun_s_jackknife_for_each_evaluation(committed: Path) -> None:
+    result = load_result(committed / "w1.58-last8--oblivious.json")
+    rerun = result.model_copy(update={"environment": result.environment.model_copy(update={"processor": "another CPU"})})
+    document = result.model_copy(update={"pool_digest": "0" * 64})
+    wide = PoolSpread(quantized={"lira-online AUC": 0.25}, reference={"test accuracy": 0.125})
+    plain = {(c.result, c.metric): c.tolerance for c in compare_results(document, rerun)}
+    rows = {(c.result, c.metric): c.tolerance for c in compare_results(document, rerun, pool_se=wide)}
+    label = "w1.58-last8--oblivious"
+    assert rows.pop((label, "lira-online AUC")) == pytest.approx(6 * math.sqrt(2) * 0.25)
+    assert rows.pop((f"{label} (fp32 ref)", "test accuracy")) == pytest.approx(6 * math.sqrt(2) * 0.125)
+    assert plain[(label, "lira-online AUC")] < 6 * math.sqrt(2) * 0.25
+    assert all(plain[key] == tolerance for key, tolerance in rows.items())  # nothing else widened
+    assert regime(result, rerun) == SAME_POOL  # the document names the rerun's pool
+    assert compare_results(result, rerun, pool_se=wide) == compare_results(result, rerun)  # only a retrained pool's
+
+
+def test_reproduce_widens_by_the_pool_spread_only_where_the_spread_over_targets_fails(
+        committed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A document of another CPU and another pool than the checker's: the retrained case. A number outside
+    # the spread over targets gets the rerun's jackknife, measured only then. On this machine the rerun is
+    # bit-identical to the committed run, so its jackknife is the committed arrays' (computed here).
+    name = "w1.58-last8--adaptive"
+    result = load_result(committed / f"{name}.json")
+    spread = result_pool_spread(load_task("tiny-digits"), result, load_arrays(committed / f"{name}.json", result))
+    stats = {metric: (stat, resolution, floor)
+             for metric, _, stat, resolution, floor in headline_stats(result.quantized, result.quantized, result.n_test)}
+    plain = {m: allowed_change(stat, res, RETRAINED_POOL, floor) for m, (stat, res, floor) in stats.items()}
+    widened = {m: allowed_change(stat, res, RETRAINED_POOL, floor, spread.quantized[m])
+               for m, (stat, res, floor) in stats.items()}
+    metric = max(stats, key=lambda m: widened[m] / plain[m])
+    assert widened[metric] > 1.5 * plain[metric]  # some number this task's shared shadows move further
+    calls = []
+    real = reproduce_module.result_pool_spread
+
+    def spy(*args):
+        calls.append(args[1].threat_model)
+        return real(*args)
+
+    monkeypatch.setattr(reproduce_module, "result_pool_spread", spy)
+    options = RunOptions(cache_dir=committed.parents[2] / "cache")
+
+    def reproduce_moved(by: float):
+        document = json.loads((committed / f"{name}.json").read_text())
+        document["environment"]["processor"] = "another CPU"
+        document["pool_digest"] = "0" * 64
+        attack, kind = metric.rsplit(" ", 1)
+        where = (document["quantized"]["strongest"] if attack == "strongest" else
+                 document["quantized"]["attacks"][attack])
+        key = {"AUC": "auc", "TPR@0.1%": "tpr_at_0_1pct_fpr", "TPR@1%": "tpr_at_1pct_fpr"}[kind]
+        for end in ("mean", "ci_low", "ci_high"):  # the interval moved along: the document stays well-formed
+            where[key][end] += by
+        folder = tmp_path / "results" / "tiny-digits" / "rtn"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps(document))
+        [done] = reproduce_module.reproduce([folder / f"{name}.json"], options)
+        assert done.regime == RETRAINED_POOL
+        return done.ok
+
+    assert reproduce_moved(0.0) and calls == []  # within the spread over targets: no jackknife
+    assert reproduce_moved((plain[metric] + widened[metric]) / 2) and calls == ["adaptive"]
+    assert not reproduce_moved(1.1 * widened[metric])
+    same = reproduce_module.reproduce([committed / f"{name}.json"], options)
+    assert [r.regime for r in same] == [IDENTICAL] and len(calls) == 2
 
 
 def test_a_document_cannot_widen_its_own_check(committed: Path) -> None:

@@ -82,6 +82,22 @@ def test_a_block_of_targets_shares_a_choice_that_reads_none_of_their_memberships
     assert choose(spec, scrambled, [0, 1, 2, 3], strategies, informative).estimate < choices[0].estimate
 
 
+def test_given_blocks_are_kept_so_a_left_out_target_reshuffles_no_other_block() -> None:
+    # The jackknife (results/jackknife.py) leaves targets out: the others keep the blocks, hence the
+    # stand-ins, they had, as they would with the pool drawn again.
+    spec = load_task("tiny-digits")
+    keep, informative, noise = pool_of(models=16)
+    strategies = {"oblivious": noise, "adaptive": informative}
+    rest = np.array([1, 2, 3, 4, 5, 6, 7])  # target 0 of [0..3] [4..7] left out
+    kept = choose_all(spec, keep, rest, strategies, informative, blocks=[[1, 2, 3], [4, 5, 6, 7], []])
+    assert kept[:3] == [choose(spec, keep, [1, 2, 3], strategies, informative)] * 3
+    assert kept[3:] == [choose(spec, keep, [4, 5, 6, 7], strategies, informative)] * 4
+    reshuffled = choose_all(spec, keep, rest, strategies, informative)  # [1..4] [5..7] without the blocks
+    assert reshuffled[3] == choose(spec, keep, [1, 2, 3, 4], strategies, informative)
+    with pytest.raises(ValueError, match="in order"):
+        choose_all(spec, keep, rest, strategies, informative, blocks=[[2, 1, 3], [4, 5, 6, 7]])
+
+
 def test_an_exact_tie_goes_to_the_less_informed_strategy() -> None:
     """Every strategy scores the same when the only attack reads no shadow: the choice is the tie-break alone."""
     spec = load_task("tiny-digits")

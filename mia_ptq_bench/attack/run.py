@@ -20,8 +20,13 @@ class ShadowSet:
 
     def without(self, keep: np.ndarray, excluded: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
         """(scores, membership) of every shadow but the ``excluded`` pool models."""
-        rows = ~np.isin(self.models, list(excluded))
-        return self.scores[rows], keep[self.models[rows]]
+        kept = self.dropping(excluded)
+        return kept.scores, keep[kept.models]
+
+    def dropping(self, models: Iterable[int]) -> ShadowSet:
+        """The same shadows but the pool models ``models``."""
+        rows = ~np.isin(self.models, list(models))
+        return ShadowSet(self.scores[rows], self.models[rows])
 
     def scores_of(self, model: int) -> np.ndarray:
         return self.scores[int(np.flatnonzero(self.models == model)[0])]

@@ -78,14 +78,19 @@ def evaluation_examples(n: int, size: int) -> np.ndarray:
     return np.sort(np.random.RandomState(0).choice(n, size, replace=False))
 
 
+def target_blocks(targets: Sequence[int]) -> list[list[int]]:
+    """The targets in blocks of ``TARGETS_PER_CHOICE`` consecutive ones: one choice serves each block."""
+    return [[int(t) for t in targets[start:start + TARGETS_PER_CHOICE]] for start in range(0, len(targets), TARGETS_PER_CHOICE)]
+
+
 def choose_all(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, strategies: dict[str, ShadowSet],
-               pseudo: ShadowSet) -> list[Choice]:
-    """One choice per block of ``TARGETS_PER_CHOICE`` consecutive targets, repeated for each of them."""
-    choices = []
-    for start in range(0, len(targets), TARGETS_PER_CHOICE):
-        block = [int(t) for t in targets[start:start + TARGETS_PER_CHOICE]]
-        choices += [choose(spec, keep, block, strategies, pseudo)] * len(block)
-    return choices
+               pseudo: ShadowSet, blocks: list[list[int]] | None = None) -> list[Choice]:
+    """One choice per block (``target_blocks``' unless given: ``targets`` in order, block by block),
+    repeated for each of its targets."""
+    blocks = target_blocks(targets) if blocks is None else [b for b in blocks if b]
+    if [t for b in blocks for t in b] != [int(t) for t in targets]:
+        raise ValueError("the blocks must hold the targets, in order")
+    return [choice for block in blocks for choice in [choose(spec, keep, block, strategies, pseudo)] * len(block)]
 
 
 def candidate_threats(threat: ThreatModel, threats: list[ThreatModel]) -> list[ThreatModel]:
@@ -107,9 +112,10 @@ class Attacked:
 
 
 def attack_targets(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, target_scores: np.ndarray,
-                   threat: ThreatModel, candidates: list[ThreatModel], shadows: dict[str, ShadowSet]) -> Attacked:
+                   threat: ThreatModel, candidates: list[ThreatModel], shadows: dict[str, ShadowSet],
+                   blocks: list[list[int]] | None = None) -> Attacked:
     """The task's attacks with ``threat``'s shadows, and per target the strongest strategy among ``candidates``
-    chosen on shadow models alone (``metrics/select.py``)."""
+    chosen on shadow models alone (``metrics/select.py``), one choice per block of targets (``choose_all``)."""
     distinct: dict[str, ShadowSet] = {}  # at full precision every threat model's shadows are the pool: try them once
     for t in candidates:
         if not any(_same(other, shadows[t.shadows]) for other in distinct.values()):
@@ -117,7 +123,7 @@ def attack_targets(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, target
     computed = {name: run_attacks(spec, keep, s, targets, target_scores) for name, s in distinct.items()}
     memberships = {t.name: next(computed[n] for n, s in distinct.items() if _same(s, shadows[t.shadows]))
                    for t in candidates}
-    choices = choose_all(spec, keep, targets, distinct, shadows[threat.shadows])
+    choices = choose_all(spec, keep, targets, distinct, shadows[threat.shadows], blocks)
     chosen = np.stack([memberships[c.threat_model][c.attack][row] for row, c in enumerate(choices)])
     return Attacked(memberships[threat.name], choices, chosen)
 

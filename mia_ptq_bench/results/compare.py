@@ -19,14 +19,15 @@ the document only where the checker trained that pool itself (then it cannot tel
   result used that pool. Training on another CPU rounds differently, and over epochs of SGD the
   difference grows into another draw of the training noise: the numbers can agree only
   statistically. Each mean must lie within 6 standard errors of the difference of two
-  independent means over the targets, sqrt(2) s / sqrt(n) with s the rerun's spread. Measured
-  (docs/reproducibility.md): a fashion-mnist-resnet pool retrained on an Intel Xeon moved the
-  numbers of 27 results from the AMD EPYC pool's by at most 4.7 of those standard errors, and the
-  whole grid's 75 results by at most 5.2 (with the floor below). For a TPR, s is never taken below
+  independent draws, sqrt(2) SE. SE is the larger of s / sqrt(n), s the rerun's spread over its
+  n targets, and the rerun's jackknife over its pool models (``results/jackknife.py``): the
+  targets share their shadows (under the adaptive threats the shadows are the other targets), so
+  another pool moves them together, further than s / sqrt(n) says. For a TPR, s is never taken below
   the binomial spread of a target's count at the rerun's pooled rate, read at that rate's 95% upper
   confidence bound (``sparse_count_spread``): at 0.1% FPR a target's TPR is a handful of true
   positives, and 16 such counts estimate their own spread poorly; the bound keeps a rerun whose
-  targets mostly score 0 from allowing only the resolution.
+  targets mostly score 0 from allowing only the resolution. Measured on two fashion-mnist-resnet
+  pools (an AMD EPYC's and an Intel Xeon's) in docs/reproducibility.md.
 
 The widths and resolutions are the rerun's (its interval, spread, counts): a document's own
 ``std`` or ``ci_high`` cannot widen them. Beside the headline means, the identical case holds every
@@ -49,6 +50,15 @@ SAME_POOL_SHARE = 0.25  # of the rerun's 95% interval's half-width
 RETRAINED_SE = 6.0  # standard errors of the difference of two means (measured: at most 5.2 apart)
 EXAMPLES_OF_SLACK = 5
 AUC_RESOLUTION = 1e-4
+
+
+@dataclass(frozen=True)
+class PoolSpread:
+    """Standard errors of a rerun's headline means over draws of its pool, by metric name
+    (``headline_numbers``), of the quantized evaluation and of the full-precision reference."""
+
+    quantized: dict[str, float]
+    reference: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -99,17 +109,21 @@ def half_width(stat: Stat) -> float:
     return max(stat.mean - stat.ci_low, stat.ci_high - stat.mean)
 
 
-def allowed_change(stat: Stat, resolution: float, case: str = SAME_POOL, spread_floor: float = 0.0) -> float:
+def allowed_change(stat: Stat, resolution: float, case: str = SAME_POOL, spread_floor: float = 0.0,
+                   pool_se: float = 0.0) -> float:
     """How far the rerun's mean may lie from the committed one, from the rerun's own ``stat`` (computed
     by the checker: nothing the document states widens it): 0 when identical; with the same pool a
     quarter of the interval's half-width; with a retrained pool ``RETRAINED_SE`` standard errors of
-    the difference of two independent means over the targets, sqrt(2) s / sqrt(n), s the rerun's
-    spread but at least ``spread_floor``; never less than ``resolution``."""
+    the difference of two independent draws of the mean, sqrt(2) SE, SE the larger of s / sqrt(n)
+    (s the rerun's spread over targets, but at least ``spread_floor``) and ``pool_se`` (the rerun's
+    jackknife over its models, ``results/jackknife.py``, which also sees what the targets share);
+    never less than ``resolution``."""
     if case == IDENTICAL:
         return 0.0
     if case == SAME_POOL:
         return max(SAME_POOL_SHARE * half_width(stat), resolution)
-    return max(RETRAINED_SE * max(stat.std, spread_floor) * math.sqrt(2 / max(stat.n, 1)), resolution)
+    standard_error = max(max(stat.std, spread_floor) / math.sqrt(max(stat.n, 1)), pool_se)
+    return max(RETRAINED_SE * math.sqrt(2) * standard_error, resolution)
 
 
 def sparse_count_spread(stat: LowFprSummary) -> float:
@@ -122,28 +136,35 @@ def sparse_count_spread(stat: LowFprSummary) -> float:
     return math.sqrt(rate * (1 - rate) / max(stat.positives / max(stat.n, 1), 1))
 
 
+def headline_numbers(evaluation: Evaluation) -> dict[str, Stat]:
+    """Every headline number of an evaluation by its name: test accuracy, the strongest attack's TPRs, and
+    each attack's AUC and TPRs."""
+    numbers: dict[str, Stat] = {"test accuracy": evaluation.test_accuracy,
+                                "strongest TPR@0.1%": evaluation.strongest.tpr_at_0_1pct_fpr,
+                                "strongest TPR@1%": evaluation.strongest.tpr_at_1pct_fpr}
+    for attack, summary in evaluation.attacks.items():
+        numbers |= {f"{attack} AUC": summary.auc, f"{attack} TPR@0.1%": summary.tpr_at_0_1pct_fpr,
+                    f"{attack} TPR@1%": summary.tpr_at_1pct_fpr}
+    return numbers
+
+
 def headline_stats(committed: Evaluation, rerun: Evaluation, n_test: int) -> list[tuple[str, Stat, Stat, float, float]]:
     """(metric, committed, rerun, resolution, spread floor) for every headline number of one evaluation,
     over the attacks both hold; the resolution and the spread floor (0 but for a TPR) from the rerun's
     counts and ``n_test`` (the checker's)."""
     targets = rerun.test_accuracy.n
-
-    def rate(name: str, committed_stat: LowFprSummary, rerun_stat: LowFprSummary):
-        return (name, committed_stat, rerun_stat, EXAMPLES_OF_SLACK / max(rerun_stat.positives, 1),
-                sparse_count_spread(rerun_stat))
-
-    pairs = [
-        ("test accuracy", committed.test_accuracy, rerun.test_accuracy, EXAMPLES_OF_SLACK / max(n_test * targets, 1), 0.0),
-        rate("strongest TPR@0.1%", committed.strongest.tpr_at_0_1pct_fpr, rerun.strongest.tpr_at_0_1pct_fpr),
-        rate("strongest TPR@1%", committed.strongest.tpr_at_1pct_fpr, rerun.strongest.tpr_at_1pct_fpr),
-    ]
-    for attack, other in rerun.attacks.items():
-        summary = committed.attacks.get(attack)
-        if summary is None:
-            continue  # compare_results fails it
-        pairs += [(f"{attack} AUC", summary.auc, other.auc, AUC_RESOLUTION, 0.0),
-                  rate(f"{attack} TPR@0.1%", summary.tpr_at_0_1pct_fpr, other.tpr_at_0_1pct_fpr),
-                  rate(f"{attack} TPR@1%", summary.tpr_at_1pct_fpr, other.tpr_at_1pct_fpr)]
+    mine = headline_numbers(committed)
+    pairs = []
+    for metric, stat in headline_numbers(rerun).items():
+        if metric not in mine:
+            continue  # an attack only the rerun holds: compare_results fails it
+        if isinstance(stat, LowFprSummary):
+            resolution, floor = EXAMPLES_OF_SLACK / max(stat.positives, 1), sparse_count_spread(stat)
+        elif metric == "test accuracy":
+            resolution, floor = EXAMPLES_OF_SLACK / max(n_test * targets, 1), 0.0
+        else:
+            resolution, floor = AUC_RESOLUTION, 0.0
+        pairs.append((metric, mine[metric], stat, resolution, floor))
     return pairs
 
 
@@ -155,8 +176,9 @@ def _missing(label: str, committed: Evaluation, rerun: Evaluation) -> list[Compa
             for attack in sorted(set(committed.attacks) ^ set(rerun.attacks))]
 
 
-def _rows(label: str, committed: Evaluation, rerun: Evaluation, n_test: int, case: str) -> list[Comparison]:
-    return [Comparison(label, metric, a.mean, b.mean, allowed_change(b, resolution, case, floor))
+def _rows(label: str, committed: Evaluation, rerun: Evaluation, n_test: int, case: str,
+          pool_se: dict[str, float]) -> list[Comparison]:
+    return [Comparison(label, metric, a.mean, b.mean, allowed_change(b, resolution, case, floor, pool_se.get(metric, 0.0)))
             for metric, a, b, resolution, floor in headline_stats(committed, rerun, n_test)] + _missing(label, committed, rerun)
 
 
@@ -187,13 +209,17 @@ def _exact(label: str, committed: Evaluation, rerun: Evaluation) -> list[Compari
     return [Comparison(label, f"{found[0].lstrip('.')} (must be identical)", math.nan, math.nan, 0.0)] if found else []
 
 
-def compare_results(committed: Result, rerun: Result, case: str | None = None) -> list[Comparison]:
+def compare_results(committed: Result, rerun: Result, case: str | None = None,
+                    pool_se: PoolSpread | None = None) -> list[Comparison]:
     """Every headline number of the quantized targets and of their full-precision reference, under
-    ``case``'s tolerance (by default ``regime``'s); in the identical case every other number too."""
+    ``case``'s tolerance (by default ``regime``'s); in the identical case every other number too.
+    ``pool_se``: the rerun's jackknife standard errors (``results/jackknife.py``), which a retrained
+    pool's tolerance takes where they exceed the spread over targets."""
     case = case or regime(committed, rerun)
     label = f"{committed.plan}--{committed.threat_model}"
-    rows = (_rows(label, committed.quantized, rerun.quantized, rerun.n_test, case)
-            + _rows(f"{label} (fp32 ref)", committed.reference, rerun.reference, rerun.n_test, case))
+    pool_se = pool_se or PoolSpread({}, {})
+    rows = (_rows(label, committed.quantized, rerun.quantized, rerun.n_test, case, pool_se.quantized)
+            + _rows(f"{label} (fp32 ref)", committed.reference, rerun.reference, rerun.n_test, case, pool_se.reference))
     if case == IDENTICAL:
         rows += (_exact(label, committed.quantized, rerun.quantized)
                  + _exact(f"{label} (fp32 ref)", committed.reference, rerun.reference))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..attack import THREAT_MODELS, ShadowSet
+from ..attack import THREAT_MODELS, ShadowSet, ThreatModel
 from ..atomic import quantizer_config_hash
 from ..errors import BenchError
 from ..metrics.select import Attacked, Choice, attack_targets
@@ -38,9 +38,8 @@ def _saved_attacks(arrays: dict[str, np.ndarray], prefix: str, result: Result, w
                     arrays[prefix + "strongest_membership"])
 
 
-def _rerun(arrays: dict[str, np.ndarray], spec: TaskSpec, result: Result) -> tuple[Attacked, Attacked]:
-    """Attacks and choices of the quantized and the reference evaluation, from the saved scores."""
-    keep, targets = arrays["keep"], arrays["targets"]
+def saved_shadows(arrays: dict[str, np.ndarray], result: Result) -> tuple[list[ThreatModel], dict[str, ShadowSet]]:
+    """The threat models whose shadows the arrays hold (least informed first) and those shadows by kind."""
     names = [k.split("__")[1] for k in arrays if k.startswith("shadows__") and k.endswith("__scores")]
     candidates = sorted((THREAT_MODELS.get(name) for name in names), key=lambda t: t.knowledge)
     shadows = {t.shadows: ShadowSet(arrays[f"shadows__{t.name}__scores"], arrays[f"shadows__{t.name}__models"])
@@ -48,6 +47,14 @@ def _rerun(arrays: dict[str, np.ndarray], spec: TaskSpec, result: Result) -> tup
     threat = THREAT_MODELS.get(result.threat_model)
     if [int(m) for m in shadows[threat.shadows].models] != result.shadow_models:
         raise BenchError("shadow_models: the document names other shadows than its arrays hold")
+    return candidates, shadows
+
+
+def _rerun(arrays: dict[str, np.ndarray], spec: TaskSpec, result: Result) -> tuple[Attacked, Attacked]:
+    """Attacks and choices of the quantized and the reference evaluation, from the saved scores."""
+    keep, targets = arrays["keep"], arrays["targets"]
+    candidates, shadows = saved_shadows(arrays, result)
+    threat = THREAT_MODELS.get(result.threat_model)
     quantized = attack_targets(spec, keep, targets, arrays["target_scores"], threat, candidates, shadows)
     oblivious = THREAT_MODELS.get("oblivious")
     reference = attack_targets(spec, keep, targets, arrays["reference_scores"], oblivious, [oblivious],
