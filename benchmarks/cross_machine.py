@@ -39,6 +39,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -49,7 +50,7 @@ from machine import describe, save, say  # noqa: E402
 
 from mia_ptq_bench.atomic import write_text_atomic  # noqa: E402
 from mia_ptq_bench.results.compare import (RETRAINED_POOL, RETRAINED_SE, SAME_POOL, PoolSpread,  # noqa: E402
-                                           compare_results, regime)
+                                           compare_results, headline_stats, regime)
 from mia_ptq_bench.results.io import load_arrays, load_result  # noqa: E402
 from mia_ptq_bench.results.jackknife import JACKKNIFE_VERSION, result_pool_spread  # noqa: E402
 from mia_ptq_bench.spec import load_registered_task  # noqa: E402
@@ -166,12 +167,48 @@ def compare_all(pairs: list, spreads: Spreads | None) -> None:
         say(f"  {tolerance + ':':21} median {np.median(values):.2f}, 90% {np.quantile(values, 0.9):.2f}, "
             f"99% {np.quantile(values, 0.99):.2f}, max {values.max():.2f}; outside: {int((values > 1).sum())} "
             f"of {len(values)}")
+    if spreads is not None:
+        calibration(pairs, spreads)
     if borrowed:
         say(f"  ({borrowed} rerun(s) without arrays: their {JACKKNIFE} rows take the committed side's jackknife, "
             "an estimate of the rule, which takes the rerun's)")
     if without:
         say(f"  ({without} rerun(s) without arrays: their {JACKKNIFE} rows keep the spread over targets)")
     say(f"cases seen: {', '.join(sorted(cases))}")
+
+
+def calibration(pairs: list, spreads: Spreads) -> None:
+    """How well each standard error describes the move between the two sides: |difference| / (sqrt(2) SE) is
+    |N(0, 1)| (median 0.67, 90% 1.64) if SE is right; over the numbers that moved more than their resolution."""
+    found: dict[str, list[tuple[float, float]]] = {}
+    widening: dict[str, list[float]] = {}  # the jackknife's tolerance over the plain one, every number
+    for _, (committed_path, committed), (rerun_path, rerun) in pairs:
+        spread = spreads.of(rerun_path, rerun) or (spreads.of(committed_path, committed) if spreads.borrow else None)
+        if spread is None:
+            continue
+        for which in ("quantized", "reference"):
+            errors = getattr(spread, which)
+            group = f"{which}, {rerun.threat_model}" if which == "quantized" else "fp32 reference"
+            for metric, a, b, resolution, floor in headline_stats(getattr(committed, which), getattr(rerun, which),
+                                                                  rerun.n_test):
+                moved = abs(b.mean - a.mean)
+                plain = max(b.std, floor) / math.sqrt(max(b.n, 1))
+                widening.setdefault(group, []).append(
+                    max(RETRAINED_SE * math.sqrt(2) * max(plain, errors.get(metric, 0.0)), resolution)
+                    / max(RETRAINED_SE * math.sqrt(2) * plain, resolution))
+                if moved <= resolution:
+                    continue
+                found.setdefault(group, []).append((moved / (math.sqrt(2) * max(plain, 1e-12)),
+                                                    moved / (math.sqrt(2) * max(plain, errors.get(metric, 0.0), 1e-12))))
+    say("|difference| / (sqrt(2) SE), over the numbers that moved more than their resolution (|N(0,1)|: median 0.67, "
+        "90% 1.64):")
+    say(f"  {'numbers':28} {'count':>5}  {'SE = s / sqrt(targets)':>30}  {'SE = max(that, jackknife)':>30}  "
+        "the jackknife's tolerance / the plain one, every number")
+    for group, values in sorted(found.items()):
+        z, wider = np.array(values), np.array(widening[group])
+        say(f"  {group:28} {len(z):5d}  " + "  ".join(
+            f"median {np.median(z[:, i]):4.2f} 90% {np.quantile(z[:, i], 0.9):5.2f} max {z[:, i].max():5.2f}" for i in (0, 1))
+            + f"  median {np.median(wider):4.2f} 90% {np.quantile(wider, 0.9):5.2f} max {wider.max():5.2f}")
 
 
 if __name__ == "__main__":
