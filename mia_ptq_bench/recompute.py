@@ -37,7 +37,7 @@ from .quantize.batchnorm import fold_batchnorm
 from .quantize.evidence import decode_model, encode_model, model_indices
 from .quantize.outputs import (ModelOutputs, OutputStore, environment_key, predicted_classes, quantized_outputs,
                                reference_outputs)
-from .results.compare import RETRAINED_POOL, Comparison, PoolSpread, compare_results, regime
+from .results.compare import Comparison, PoolSpread, compare_results, needs_pool_spread, regime
 from .results.compute import build_evaluation
 from .results.io import EVIDENCE_CAP, load_evidence
 from .results.jackknife import pool_standard_errors
@@ -262,7 +262,7 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
         **where_run(pool, device), "n_test": len(test),
     })
     comparisons = compare_results(result, rerun)
-    if regime(result, rerun) == RETRAINED_POOL and not all(c.ok for c in comparisons):
+    if needs_pool_spread(regime(result, rerun), comparisons):
         # Another draw of the pool moves the targets' numbers together: the rerun's jackknife over its
         # models decides where the spread over targets is too narrow (reproduce.py does the same).
         spread = PoolSpread(

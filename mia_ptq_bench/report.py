@@ -99,8 +99,9 @@ REGIME_MEANING = {
     IDENTICAL: "the same environment: the rerun must be bit-identical (tolerance 0)",
     SAME_POOL: "another environment, the same pool: within 1/4 of the 95% interval",
     RETRAINED_POOL: "the pool was trained here and nothing trusted says the result used it (a new draw "
-                      "of the training noise): within 6 standard errors of the difference of two draws "
-                      "(the larger of the spread over targets and a jackknife over the pool's models); "
+                      "of the training noise): within 6 standard errors of the difference of two draws, "
+                      "the standard error from the spread over targets, or, for a result with a number outside "
+                      "that, the larger of it and a jackknife over the pool's models; "
                       "a pool pulled from the task's Hub repository gets the closer check",
 }
 

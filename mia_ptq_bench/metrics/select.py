@@ -29,6 +29,10 @@ from ..spec.schema import TARGETS_PER_CHOICE, TaskSpec
 from .roc import attack_metrics
 
 
+class NoStandIn(ValueError):
+    """No shadow model is left to stand in for a block of targets."""
+
+
 @dataclass(frozen=True)
 class Choice:
     threat_model: str
@@ -49,7 +53,7 @@ def choose(spec: TaskSpec, keep: np.ndarray, targets: int | Sequence[int], strat
     left_out = [int(targets)] if np.ndim(targets) == 0 else [int(t) for t in targets]
     stand_ins = [int(m) for m in pseudo.models if int(m) not in left_out][: spec.strongest.pseudo_targets]
     if not stand_ins:
-        raise ValueError("no shadow model can stand in for the target: use more shadows")
+        raise NoStandIn("no shadow model can stand in for the target: use more shadows")
     examples = evaluation_examples(keep.shape[1], spec.strongest.examples)
     best: tuple[tuple[float, float, float], Choice] | None = None
     labels = np.concatenate([keep[stand_in][examples] for stand_in in stand_ins])

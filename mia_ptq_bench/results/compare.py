@@ -47,7 +47,7 @@ from .schema import Environment, Evaluation, LowFprSummary, Result, Stat
 
 IDENTICAL, SAME_POOL, RETRAINED_POOL = "identical", "same pool", "retrained pool"
 SAME_POOL_SHARE = 0.25  # of the rerun's 95% interval's half-width
-RETRAINED_SE = 6.0  # standard errors of the difference of two means (measured: at most 5.2 apart)
+RETRAINED_SE = 6.0  # standard errors of the difference of two draws (measured on two pools: docs/reproducibility.md)
 EXAMPLES_OF_SLACK = 5
 AUC_RESOLUTION = 1e-4
 
@@ -180,6 +180,13 @@ def _rows(label: str, committed: Evaluation, rerun: Evaluation, n_test: int, cas
           pool_se: dict[str, float]) -> list[Comparison]:
     return [Comparison(label, metric, a.mean, b.mean, allowed_change(b, resolution, case, floor, pool_se.get(metric, 0.0)))
             for metric, a, b, resolution, floor in headline_stats(committed, rerun, n_test)] + _missing(label, committed, rerun)
+
+
+def needs_pool_spread(case: str, comparisons: list[Comparison]) -> bool:
+    """Whether the rerun's jackknife (``results/jackknife.py``) could change the verdict: a retrained pool, and some
+    number outside that a wider tolerance could take in (not an attack only one side holds)."""
+    return case == RETRAINED_POOL and any(not c.ok and math.isfinite(c.committed) and math.isfinite(c.rerun)
+                                          for c in comparisons)
 
 
 def differences(stored: Any, recomputed: Any, where: str, tolerance: float = 0.0) -> list[str]:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..attack import THREAT_MODELS, ShadowSet, ThreatModel
-from ..metrics.select import attack_targets, target_blocks
+from ..metrics.select import NoStandIn, attack_targets, target_blocks
 from ..spec.schema import TaskSpec
 from .compare import PoolSpread, headline_numbers
 from .compute import build_evaluation
@@ -82,7 +82,7 @@ def pool_standard_errors(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, 
 
     try:
         return grouped_jackknife(means, deal_groups(targets, sorted(models)))
-    except ValueError:  # some block of the rest has no shadow left to stand in for its targets: nothing measured
+    except NoStandIn:  # some block of the rest has no shadow left to stand in for its targets: nothing measured
         return {}
 
 
