@@ -52,7 +52,8 @@ from machine import describe, save, say  # noqa: E402
 
 from mia_ptq_bench.atomic import write_text_atomic  # noqa: E402
 from mia_ptq_bench.results.compare import (RETRAINED_POOL, RETRAINED_SE, SAME_POOL, PoolSpread,  # noqa: E402
-                                           compare_results, headline_stats, needs_pool_spread, regime)
+                                           allowed_change, compare_results, headline_stats, needs_pool_spread,
+                                           regime, retrained_standard_error)
 from mia_ptq_bench.results.io import load_arrays, load_result  # noqa: E402
 from mia_ptq_bench.results.jackknife import JACKKNIFE_VERSION, result_pool_spread  # noqa: E402
 from mia_ptq_bench.spec import load_registered_task  # noqa: E402
@@ -154,16 +155,19 @@ def compare_all(pairs: list, spreads: Spreads | None) -> None:
         case = regime(committed, rerun)
         cases.add(case)
         rows = {}
+        plain = compare_results(committed, rerun, RETRAINED_POOL)
         for tolerance in tolerances:  # what `mptq-bench reproduce` would compare, under each tolerance in turn
-            spread = None
-            plain = compare_results(committed, rerun, RETRAINED_POOL)
-            if tolerance == JACKKNIFE and needs_pool_spread(RETRAINED_POOL, plain):
+            if tolerance == RETRAINED_POOL or (tolerance == JACKKNIFE and not needs_pool_spread(RETRAINED_POOL, plain)):
+                found = plain
+            elif tolerance == JACKKNIFE:
                 spread = spreads.of(rerun_path, rerun)
                 if spread is None and spreads.borrow:
                     spread = spreads.of(committed_path, committed)
                     borrowed += spread is not None
                 without += spread is None
-            found = compare_results(committed, rerun, RETRAINED_POOL if tolerance == JACKKNIFE else tolerance, spread)
+                found = compare_results(committed, rerun, RETRAINED_POOL, spread)
+            else:
+                found = compare_results(committed, rerun, tolerance)
             rows[tolerance] = [(abs(c.rerun - c.committed) / c.tolerance,
                                 f"{'fp32 ref ' if c.result.endswith('(fp32 ref)') else ''}{c.metric}") for c in found]
             ratios[tolerance] += [r for r, _ in rows[tolerance]]
@@ -201,15 +205,14 @@ def calibration(pairs: list, spreads: Spreads) -> None:
             group = f"{which}, {rerun.threat_model}" if which == "quantized" else "fp32 reference"
             for metric, a, b, resolution, floor in headline_stats(getattr(committed, which), getattr(rerun, which),
                                                                   rerun.n_test):
+                pool_se = errors.get(metric, 0.0)
+                widening.setdefault(group, []).append(allowed_change(b, resolution, RETRAINED_POOL, floor, pool_se)
+                                                      / allowed_change(b, resolution, RETRAINED_POOL, floor))
                 moved = abs(b.mean - a.mean)
-                plain = max(b.std, floor) / math.sqrt(max(b.n, 1))
-                widening.setdefault(group, []).append(
-                    max(RETRAINED_SE * math.sqrt(2) * max(plain, errors.get(metric, 0.0)), resolution)
-                    / max(RETRAINED_SE * math.sqrt(2) * plain, resolution))
                 if moved <= resolution:
                     continue
-                found.setdefault(group, []).append((moved / (math.sqrt(2) * max(plain, 1e-12)),
-                                                    moved / (math.sqrt(2) * max(plain, errors.get(metric, 0.0), 1e-12))))
+                found.setdefault(group, []).append(tuple(
+                    moved / (math.sqrt(2) * max(retrained_standard_error(b, floor, se), 1e-12)) for se in (0.0, pool_se)))
     say("|difference| / (sqrt(2) SE), over the numbers that moved more than their resolution (|N(0,1)|: median 0.67, "
         "90% 1.64):")
     say(f"  {'numbers':28} {'count':>5}  {'SE = s / sqrt(targets)':>30}  {'SE = max(that, jackknife)':>30}  "

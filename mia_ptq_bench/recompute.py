@@ -40,7 +40,7 @@ from .quantize.outputs import (ModelOutputs, OutputStore, environment_key, predi
 from .results.compare import Comparison, PoolSpread, compare_results, needs_pool_spread, regime
 from .results.compute import build_evaluation
 from .results.io import EVIDENCE_CAP, load_evidence
-from .results.jackknife import pool_standard_errors
+from .results.jackknife import pool_standard_errors, reference_standard_errors
 from .runner import where_run
 from .results.schema import Result
 from .spec.audit import LayerAudit, merge_audits
@@ -268,9 +268,8 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
         spread = PoolSpread(
             quantized=pool_standard_errors(spec, pool.keep, targets, target_scores, predictions, labels, threat,
                                            candidates, shadows),
-            reference=pool_standard_errors(spec, pool.keep, targets, reference_scores,
-                                           reference_predictions, labels, oblivious, [oblivious],
-                                           {"full-precision": full}))
+            reference=reference_standard_errors(spec, pool.keep, targets, reference_scores, reference_predictions,
+                                                labels, full))
         comparisons = compare_results(result, rerun, pool_se=spread)
     bad = [c for c in comparisons if not c.ok]
     if bad:

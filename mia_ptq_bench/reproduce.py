@@ -115,7 +115,8 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
             threats = list(dict.fromkeys(r.threat_model for _, r in members))
             progress.log(f"rerunning {task_id} · {quantizer.name} · {', '.join(plans)} · {', '.join(threats)} "
                          "(every model quantized afresh; the pool from the cache)")
-            outcome = evaluate(quantizer, load_registered_task(task_id), plans, threats,
+            spec = load_registered_task(task_id)
+            outcome = evaluate(quantizer, spec, plans, threats,
                                replace(options, out_dir=Path(scratch) / "rerun", per_quantizer_folder=True,
                                        outputs_dir=Path(scratch) / "outputs"), progress)
             rerun = {(r.plan, r.threat_model): (p, r) for p, r in zip(outcome.paths, outcome.results)}
@@ -131,8 +132,7 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
                     progress.log(f"  {again.plan}--{again.threat_model}: a number lies outside 6 standard errors over "
                                  "the targets; measuring how far another pool moves it (a jackknife over the pool's "
                                  "models: the attacks once more per target, about a minute per fashion-mnist-resnet result)")
-                    spread = result_pool_spread(load_registered_task(task_id), again,
-                                                load_arrays(rerun_path, again), reference)
+                    spread = result_pool_spread(spec, again, load_arrays(rerun_path, again), reference)
                     reference = spread.reference
                     comparisons = compare_results(committed, again, case, spread)
                 reproductions.append(Reproduction(path, case, comparisons))

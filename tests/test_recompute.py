@@ -20,6 +20,7 @@ from mia_ptq_bench import recompute as recompute_module
 from mia_ptq_bench.cli import app
 from mia_ptq_bench.quantize.evidence import decode_weight, encode_weight
 from mia_ptq_bench.results.compare import RETRAINED_POOL, allowed_change, headline_stats
+from mia_ptq_bench.results import jackknife as jackknife_module
 from mia_ptq_bench.results.io import load_result as load_result_file
 from mia_ptq_bench.runner import RunOptions, evaluate
 from mia_ptq_bench.spec import load_task
@@ -81,6 +82,7 @@ def test_against_another_pool_a_number_outside_the_spread_over_targets_gets_the_
         return spreads[-1]
 
     monkeypatch.setattr(recompute_module, "pool_standard_errors", spy)
+    monkeypatch.setattr(jackknife_module, "pool_standard_errors", spy)  # the reference's, via reference_standard_errors
     name = "w4--oblivious.json"
     result = load_result_file(committed / name)
     stats = {metric: (stat, resolution, floor)

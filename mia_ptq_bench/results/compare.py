@@ -122,8 +122,13 @@ def allowed_change(stat: Stat, resolution: float, case: str = SAME_POOL, spread_
         return 0.0
     if case == SAME_POOL:
         return max(SAME_POOL_SHARE * half_width(stat), resolution)
-    standard_error = max(max(stat.std, spread_floor) / math.sqrt(max(stat.n, 1)), pool_se)
-    return max(RETRAINED_SE * math.sqrt(2) * standard_error, resolution)
+    return max(RETRAINED_SE * math.sqrt(2) * retrained_standard_error(stat, spread_floor, pool_se), resolution)
+
+
+def retrained_standard_error(stat: Stat, spread_floor: float = 0.0, pool_se: float = 0.0) -> float:
+    """The standard error of a mean over another draw of the pool: the larger of s / sqrt(n), s the spread over
+    targets but at least ``spread_floor``, and ``pool_se``, the jackknife over the pool's models."""
+    return max(max(stat.std, spread_floor) / math.sqrt(max(stat.n, 1)), pool_se)
 
 
 def sparse_count_spread(stat: LowFprSummary) -> float:

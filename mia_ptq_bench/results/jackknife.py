@@ -86,6 +86,15 @@ def pool_standard_errors(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, 
         return {}
 
 
+def reference_standard_errors(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, scores: np.ndarray,
+                              test_predictions: np.ndarray, test_labels: np.ndarray,
+                              full_precision: ShadowSet) -> dict[str, float]:
+    """``pool_standard_errors`` of the full-precision reference: the oblivious attacker, the pool as its shadows."""
+    oblivious = THREAT_MODELS.get("oblivious")
+    return pool_standard_errors(spec, keep, targets, scores, test_predictions, test_labels, oblivious, [oblivious],
+                                {"full-precision": full_precision})
+
+
 def result_pool_spread(spec: TaskSpec, result: Result, arrays: dict[str, np.ndarray],
                        reference: dict[str, float] | None = None) -> PoolSpread:
     """``pool_standard_errors`` of a result's two evaluations, from its saved arrays (``results/io.py``);
@@ -93,10 +102,8 @@ def result_pool_spread(spec: TaskSpec, result: Result, arrays: dict[str, np.ndar
     candidates, shadows = saved_shadows(arrays, result)
     keep, targets, labels = arrays["keep"], arrays["targets"], arrays["test_labels"]
     if reference is None:
-        oblivious = THREAT_MODELS.get("oblivious")
-        reference = pool_standard_errors(spec, keep, targets, arrays["reference_scores"],
-                                         arrays["reference_test_predictions"], labels, oblivious, [oblivious],
-                                         {"full-precision": shadows["full-precision"]})
+        reference = reference_standard_errors(spec, keep, targets, arrays["reference_scores"],
+                                              arrays["reference_test_predictions"], labels, shadows["full-precision"])
     return PoolSpread(
         quantized=pool_standard_errors(spec, keep, targets, arrays["target_scores"], arrays["test_predictions"],
                                        labels, THREAT_MODELS.get(result.threat_model), candidates, shadows),
