@@ -168,10 +168,11 @@ def _audit_problem(result: Result, recomputed: list[LayerAudit]) -> str | None:
 
 
 def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Path,
-              device: str = "cpu", identities: dict | None = None) -> Recomputation:
-    """``identities``: the identity verdicts of evidence files already checked, by (pool digest, evidence
-    sha256, models), shared by the calls of one run (a plan's threat models share one evidence file)."""
-    identities = {} if identities is None else identities
+              device: str = "cpu", memo: dict | None = None) -> Recomputation:
+    """``memo``: what the calls of one run share: the identity verdicts of evidence files already checked,
+    by ("identity", pool digest, evidence sha256, models) (a plan's threat models share one evidence file),
+    and the reference's jackknife, by ("reference spread", pool digest) (every result of a pool shares it)."""
+    memo = {} if memo is None else memo
     spec = pool.spec
     threat = THREAT_MODELS.get(result.threat_model)
     task_threats = [THREAT_MODELS.get(n) for n in spec.threat_models] + [threat]
@@ -197,10 +198,10 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
         try:
             tensors = load_evidence(path, result)
             indices = sorted(set(model_indices(tensors)) & wanted)
-            key = (pool.store.digest(), result.evidence.sha256, tuple(indices))  # a plan's threats share one file
-            if key not in identities:
-                identities[key] = identity_problem(pool, tensors, indices, device)
-            problem = identities[key]
+            key = ("identity", pool.store.digest(), result.evidence.sha256, tuple(indices))
+            if key not in memo:
+                memo[key] = identity_problem(pool, tensors, indices, device)
+            problem = memo[key]
             if problem is None:
                 outputs = evidence_outputs(pool, tensors, plan, test, device, wanted)
         except _EVIDENCE_ERRORS as exc:
@@ -265,11 +266,14 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
     if needs_pool_spread(regime(result, rerun), comparisons):
         # Another draw of the pool moves the targets' numbers together: the rerun's jackknife over its
         # models decides where the spread over targets is too narrow (reproduce.py does the same).
+        key = ("reference spread", pool.store.digest())
+        if key not in memo:  # the reference is the pool's own models: the same for every result of the pool
+            memo[key] = reference_standard_errors(spec, pool.keep, targets, reference_scores, reference_predictions,
+                                                  labels, full)
         spread = PoolSpread(
             quantized=pool_standard_errors(spec, pool.keep, targets, target_scores, predictions, labels, threat,
                                            candidates, shadows),
-            reference=reference_standard_errors(spec, pool.keep, targets, reference_scores, reference_predictions,
-                                                labels, full))
+            reference=memo[key])
         comparisons = compare_results(result, rerun, pool_se=spread)
     bad = [c for c in comparisons if not c.ok]
     if bad:
@@ -290,7 +294,7 @@ def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None =
     from .spec import load_registered_task
 
     loaded: dict[str, tuple[Pool, Split]] = {}
-    outcomes, identities = [], {}
+    outcomes, memo = [], {}
     for path in paths:
         try:
             result = load_result(path)
@@ -307,7 +311,7 @@ def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None =
             loaded[spec.id] = (pool, evaluation_test_split(spec.calibration, pool.dataset))
         pool, test = loaded[spec.id]
         try:
-            outcomes.append(recompute(path, result, pool, test, Path(cache_dir), device, identities))
+            outcomes.append(recompute(path, result, pool, test, Path(cache_dir), device, memo))
         except (PlanError, UnknownNameError) as exc:  # a plan or threat model no one knows: this file only
             outcomes.append(Recomputation(path, REFUSED, str(exc).splitlines()[0], []))
     return outcomes

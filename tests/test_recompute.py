@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -115,6 +116,37 @@ def test_against_another_pool_a_number_outside_the_spread_over_targets_gets_the_
     assert validate_moved(metric, (plain[metric] + widened[metric]) / 2).exit_code == 0  # inside only by the jackknife
     beyond = validate_moved(metric, 1.1 * widened[metric])
     assert beyond.exit_code == 1 and f"{metric}: committed" in beyond.stderr
+
+
+def test_the_reference_s_jackknife_is_measured_once_for_all_results_of_a_pool(
+        committed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every result of a pool has the same full-precision reference: a run that needs the jackknife for several
+    # results measures the reference's once, and each result's quantized targets' once.
+    real, calls = jackknife_module.pool_standard_errors, []
+
+    def spy(*args):
+        calls.append(args[3])  # the target scores the jackknife was measured on
+        return real(*args)
+
+    monkeypatch.setattr(recompute_module, "pool_standard_errors", spy)
+    monkeypatch.setattr(jackknife_module, "pool_standard_errors", spy)
+    folder = copy_of(committed, tmp_path)
+    names = sorted(path.name for path in folder.glob("*.json"))
+    for name in names:  # another CPU's pool, each document's AUC moved outside the plain tolerance
+        document = json.loads((folder / name).read_text())
+        document["environment"]["processor"] = "another CPU"
+        document["pool_digest"] = "0" * 64
+        auc = document["quantized"]["attacks"]["lira-online"]["auc"]
+        far = 0.25 if auc["ci_high"] < 0.7 else -0.25
+        for end in ("mean", "ci_low", "ci_high"):
+            auc[end] += far
+        (folder / name).write_text(json.dumps(document))
+    result = validate(folder, tmp_path)
+    assert result.exit_code == 1 and result.stderr.count("lira-online AUC: committed") == len(names) == 4
+    # Two plans with two threat models each: each plan's targets measured twice (once per result), the
+    # reference once (without the memo: once per result, 4 times).
+    times_measured = Counter(scores.tobytes() for scores in calls)
+    assert sorted(times_measured.values()) == [1, 2, 2]
 
 
 def test_a_document_cannot_loosen_its_own_recomputation(committed: Path, tmp_path: Path) -> None:
