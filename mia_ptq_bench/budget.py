@@ -167,9 +167,9 @@ def estimate(spec: TaskSpec, raw: DatasetShape, device: str, quantized_per_plan:
     d = spec.dataset
     n_pool = min(d.pool_size or raw.pool, raw.pool)
     n_test = min(d.test_size or raw.test, raw.test)
-    side_h, side_w = (d.image_size, d.image_size) if d.image_size else (raw.height, raw.width)
+    _, side_h, side_w = shape = raw.model_input(d.image_size)
     pixels = raw.channels * side_h * side_w
-    model = measure_model(spec, (raw.channels, side_h, side_w), raw.classes)
+    model = measure_model(spec, shape, raw.classes)
 
     m, q, t = spec.membership.n_models, len(spec.queries), spec.targets.count
     members = round(n_pool * spec.membership.pkeep)

@@ -1414,6 +1414,28 @@ def test_a_forged_audit_is_refused_without_recomputing(subs: Path) -> None:
             in validate_submission(subs / "mine"))
 
 
+@pytest.mark.parametrize("change, entry, found", [
+    (lambda audit: audit[0].update(layer="renamed"), 0, "'renamed'"),
+    (lambda audit: audit.pop(), -1, "nothing"),  # the last layer's entry left out
+    (lambda audit: audit.append(dict(audit[0])), None, None),  # one more entry than the model has layers
+], ids=["renamed", "one-left-out", "one-too-many"])
+def test_an_audit_must_list_the_task_model_s_layers_without_recomputing(subs: Path, change, entry, found) -> None:
+    # Only validate --recompute counted the evidence's layers: an audit that leaves out a layer (one holding
+    # more values than its plan allows, say) passed plain validation and the site.
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    layers = [a["layer"] for a in json.loads(document.read_text())["audit"]]
+    _edit(document, lambda data: change(data["audit"]))
+    listed = len(json.loads(document.read_text())["audit"])
+    entry = len(layers) - 1 if entry == -1 else len(layers) if entry is None else entry
+    found = found or repr(layers[0])
+    model = repr(layers[entry]) if entry < len(layers) else "no more layers"
+    problem = (f"audit: lists {listed} layers, the task's mlp has {len(layers)} quantizable layers; entry {entry} is "
+               f"{found}, the model's is {model}")
+    assert f"{document}: {problem}" in validate_submission(subs / "mine")
+    (line,) = _validate_one(document)  # the file alone, too
+    assert line == f"invalid: {document}: {problem}", line
+
+
 def test_a_quantized_result_without_evidence_is_refused(subs: Path) -> None:
     document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
 

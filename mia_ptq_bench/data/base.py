@@ -106,6 +106,10 @@ class DatasetShape:
         c, h, w = dataset.input_shape
         return cls(c, h, w, dataset.num_classes, len(dataset.pool), len(dataset.test))
 
+    def model_input(self, image_size: int | None) -> tuple[int, int, int]:
+        """What the model sees: (channels, height, width), the images resized to ``image_size`` if a task asks."""
+        return (self.channels, image_size or self.height, image_size or self.width)
+
 
 DATASET_SHAPES: dict[str, DatasetShape] = {}
 

@@ -125,6 +125,36 @@ def _check_shadow_arrays(path: Path, arrays: dict[str, np.ndarray], n_models: in
                              "(shadows x examples x queries)")
 
 
+_LAYER_NAMES: dict[str, list[str]] = {}  # task hash -> its model's quantizable layers
+
+
+def audit_layers_problem(result: Result, spec: TaskSpec) -> str | None:
+    """Whether the audit lists the task model's quantizable layers, in order: an audit that leaves some out
+    would pass layers the plan does not allow, and moves which layers a plan like w1.58-last8 keeps at higher
+    precision. None where the dataset registers no shape (an extension's) or torch is missing (this module
+    imports without it, for the site): ``validate --recompute`` counts the layers of the evidence's models anyway."""
+    try:  # the model is built (on the meta device) only here
+        from ..data import DATASET_SHAPES
+        from ..models import quantizable_layer_names
+    except ImportError:
+        return None
+    raw = DATASET_SHAPES.get(spec.dataset.name)
+    if raw is None:
+        return None
+    if spec.hash not in _LAYER_NAMES:  # a board or grid checks many results of one task
+        _LAYER_NAMES[spec.hash] = quantizable_layer_names(spec.model, raw.model_input(spec.dataset.image_size),
+                                                          raw.classes)
+    names = _LAYER_NAMES[spec.hash]
+    recorded = [entry.layer for entry in result.audit]
+    if recorded == names:
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(recorded, names)) if a != b), min(len(recorded), len(names)))
+    found = repr(recorded[first])[:60] if first < len(recorded) else "nothing"
+    wanted = repr(names[first]) if first < len(names) else "no more layers"
+    return (f"audit: lists {len(recorded)} layers, the task's {spec.model.arch} has {len(names)} quantizable layers; "
+            f"entry {first} is {found}, the model's is {wanted}")
+
+
 def verify_result(path: Path, arrays_required: bool = True) -> Result:
     """Raise BenchError naming the file and field of the first kind of problem found.
 
@@ -147,6 +177,14 @@ def verify_result(path: Path, arrays_required: bool = True) -> Result:
     if not result.audit:
         raise BenchError(f"{path}: audit: no bit-width audit evidence")
     problems = audit_problems(result.audit, result.plan)
+    try:
+        spec = load_registered_task(result.task.id)
+    except BenchError:
+        spec = None
+    current = spec is not None and spec.hash == result.task.hash
+    if current:
+        problems.append(audit_layers_problem(result, spec))
+    problems = [p for p in problems if p]
     if problems:
         raise BenchError(f"{path}: {problems[0]}")
     if not arrays_required and not (Path(path).parent / result.arrays.file).is_file():
@@ -154,11 +192,7 @@ def verify_result(path: Path, arrays_required: bool = True) -> Result:
     arrays = load_arrays(path, result)
     _check_arrays(path, arrays, result)
     try:
-        spec = load_registered_task(result.task.id)
-    except BenchError:
-        spec = None
-    try:
-        if spec is not None and spec.hash == result.task.hash:
+        if current:
             quantized, reference = _rerun(arrays, spec, result)
         else:
             quantized = _saved_attacks(arrays, "", result, "quantized")

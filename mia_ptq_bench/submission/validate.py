@@ -15,7 +15,7 @@ from ..errors import BenchError
 from ..limits import MANIFEST_JSON_BYTES
 from ..readers import read_json_file
 from ..results.io import load_result
-from ..results.verify import verify_result
+from ..results.verify import audit_layers_problem, verify_result
 from ..spec import load_registered_task
 from ..spec.audit import audit_problems
 from ..spec.plans import PrecisionPlan
@@ -220,6 +220,10 @@ def _check_result(path: Path, task, spec: SubmissionSpec, plan: str, threat: str
     if not result.audit:
         problems.append(f"{path}: audit: no bit-width audit evidence")
     problems += [f"{path}: {line}" for line in audit_problems(result.audit, plan)]
+    if result.audit and result.task.hash == task.hash:  # a stale result's task may have had another model
+        layers = audit_layers_problem(result, task)
+        if layers:
+            problems.append(f"{path}: {layers}")
     if (path.with_suffix(".npz")).is_file() and not problems:  # the arrays once the document itself is sound
         try:
             verify_result(path)
