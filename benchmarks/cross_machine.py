@@ -40,23 +40,28 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe, save, say  # noqa: E402
 
 from mia_ptq_bench.atomic import write_text_atomic  # noqa: E402
+from mia_ptq_bench.board.collect import STRONGEST  # noqa: E402
+from mia_ptq_bench.board.rank import tied_ranks  # noqa: E402
 from mia_ptq_bench.results.compare import (RETRAINED_POOL, RETRAINED_SE, SAME_POOL, PoolSpread,  # noqa: E402
                                            allowed_change, compare_results, headline_stats, needs_pool_spread,
                                            regime, retrained_standard_error)
 from mia_ptq_bench.results.io import load_arrays, load_result  # noqa: E402
 from mia_ptq_bench.results.jackknife import JACKKNIFE_VERSION, result_pool_spread  # noqa: E402
 from mia_ptq_bench.spec import load_registered_task  # noqa: E402
+from mia_ptq_bench.submission.schema import REFERENCE_ENTRIES  # noqa: E402
 
 JACKKNIFE = "retrained, jackknife"
 
@@ -74,6 +79,8 @@ def main() -> None:
     parser.add_argument("--spread-cache", type=Path, help="keep each result's jackknife here, by its arrays' sha256")
     parser.add_argument("--borrow-spread", action="store_true",
                         help="a rerun without arrays takes the committed side's jackknife (an estimate, not the rule)")
+    parser.add_argument("--ranks", action="store_true",
+                        help="also whether the boards' significant rank differences hold on both sides")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
 
@@ -93,6 +100,8 @@ def main() -> None:
         say()
         say("## the same with the roles swapped: the reruns taken as committed, the committed results as reruns")
         compare_all([(quantizer, rerun, committed) for quantizer, committed, rerun in pairs], spreads)
+    if args.ranks:
+        rank_stability(pairs, load_registered_task(args.task).attacks[0])  # the headline board's attack, as board/build.py
     if args.save:
         save(f"cross_machine-{args.task}-{datetime.datetime.now():%Y%m%d-%H%M}.txt")
 
@@ -222,6 +231,61 @@ def calibration(pairs: list, spreads: Spreads) -> None:
         say(f"  {group:28} {len(z):5d}  " + "  ".join(
             f"median {np.median(z[:, i]):4.2f} 90% {np.quantile(z[:, i], 0.9):5.2f} max {z[:, i].max():5.2f}" for i in (0, 1))
             + f"  median {np.median(wider):4.2f} 90% {np.quantile(wider, 0.9):5.2f} max {wider.max():5.2f}")
+
+
+
+def rank_stability(pairs: list, headline_attack: str) -> None:
+    """Whether what a board claims holds on both sides: per board (threat model, plan, the task's attack or each
+    target's strongest), every pair of ranked entries (references and self-reported aside) is significantly
+    apart on a side where one's 95% interval of TPR@0.1%FPR lies wholly below the other's, as board/rank.py
+    ranks them. Also |difference of the pair's two differences| / SE, SE from the four spreads over targets:
+    |N(0, 1)| (median 0.67) if the pool moved two entries independently by their own standard errors."""
+    say()
+    say("## the boards' rank claims on both sides: pairs of ranked entries, TPR@0.1%FPR, 95% intervals apart")
+    say(f"{'threat model':14}{'view':13}{'pairs':>6}{'both':>6}{'one side':>10}{'reversed':>10}{'entry ranks moved':>19}"
+        f"{'|z| diff: median':>18}{'90%':>6}{'max':>6}")
+    sides = {}
+    for quantizer, (_, committed), (_, rerun) in pairs:
+        if quantizer not in REFERENCE_ENTRIES and committed.plan != "fp32":
+            sides.setdefault((committed.threat_model, committed.plan), {})[quantizer] = (committed, rerun)
+    threats = sorted({threat for threat, _ in sides})
+    for threat in threats:
+        for view in (headline_attack, STRONGEST):
+            counts, moved, entries, zs = [0, 0, 0, 0], 0, 0, []
+            for (t, plan), results in sorted(sides.items()):
+                if t != threat or len(results) < 2:
+                    continue
+                stats = {q: [r.quantized.strongest.tpr_at_0_1pct_fpr if view == STRONGEST
+                             else r.quantized.attacks[view].tpr_at_0_1pct_fpr for r in pair]
+                         for q, pair in results.items()}
+                names = sorted(stats)
+                ranks = []
+                for side in (0, 1):
+                    low = pd.Series([stats[q][side].ci_low for q in names])
+                    high = pd.Series([stats[q][side].ci_high for q in names])
+                    ranks.append(tied_ranks(low, high, pd.Series([False] * len(names)))[0])
+                moved += int((ranks[0] != ranks[1]).sum())
+                entries += len(names)
+                for a, b in itertools.combinations(names, 2):
+                    apart = [(stats[a][side].ci_high < stats[b][side].ci_low) - (stats[b][side].ci_high < stats[a][side].ci_low)
+                             for side in (0, 1)]
+                    counts[0] += 1
+                    if apart[0] and apart[0] == apart[1]:
+                        counts[1] += 1
+                    elif apart[0] * apart[1] == -1:
+                        counts[3] += 1
+                    elif apart[0] or apart[1]:
+                        counts[2] += 1
+                    change = ((stats[a][0].mean - stats[b][0].mean) - (stats[a][1].mean - stats[b][1].mean))
+                    se = math.sqrt(sum(x.std ** 2 / x.n for q in (a, b) for x in stats[q]))
+                    if se > 0:
+                        zs.append(abs(change) / se)
+            if not counts[0]:
+                continue
+            z = np.array(zs)
+            say(f"{threat:14}{view:13}{counts[0]:>6}{counts[1]:>6}{counts[2]:>10}{counts[3]:>10}{f'{moved} of {entries}':>19}"
+                f"{np.median(z):>18.2f}{np.quantile(z, 0.9):>6.2f}{z.max():>6.2f}")
+    say("(both: apart the same way on both sides; one side: apart on one only; reversed: apart opposite ways)")
 
 
 if __name__ == "__main__":

@@ -515,6 +515,20 @@ def test_entry_page_shows_the_effective_config_plans_in_task_order_and_fp32(site
     assert 'data-entry="fp32 (reference)"' in html
 
 
+def test_boards_whose_shadows_are_quantized_targets_say_how_firm_their_intervals_are(site: Path) -> None:
+    # Measured between two pools (docs/reproducibility.md): under the adaptive attacker, whose shadows are each
+    # entry's own quantized targets, the intervals and the rank separations are too narrow; the oblivious
+    # attacker's need no note.
+    def note(threat: str) -> str:
+        html = (site / "boards" / f"tiny-digits--{threat}--w4.html").read_text()
+        return " ".join(" ".join(re.findall(r'<p class="note">(.*?)</p>', html, flags=re.S)).split())
+
+    assert "Read a rank here as less firm than it looks" in note("adaptive")
+    assert note("oblivious") == ""  # (tiny-digits has no adaptive-rtn board)
+    index = " ".join((site / "index.html").read_text().split())
+    assert "the intervals are too narrow" in index
+
+
 def test_board_links_to_every_other_board_of_its_task(site: Path) -> None:
     html = (site / "boards" / "tiny-digits--adaptive--w4.html").read_text()
     others = {p.name for p in (site / "boards").glob("tiny-digits--*.html")} - {"tiny-digits--adaptive--w4.html"}

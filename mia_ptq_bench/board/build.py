@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from ..attack import THREAT_MODELS
 from ..atomic import another_live_process, temporary_folder, write_text_atomic
 from ..errors import BenchError, WriteError
 from ..spec import load_registered_task
@@ -345,7 +346,8 @@ def _render_board(env: Environment, staging: Path, rows: pd.DataFrame, spec, att
                   for r in table.itertuples()]
         rocs = roc_curves(curves, f"ROC ({attack}): {title}", roc_floor(_negatives_per_target(table)), name + "--roc")
     page = env.get_template("board.html.j2").render(
-        root="../", title=title, task=spec, threat=threat, plan=plan, attack=shown, name=name,
+        root="../", title=title, task=spec, threat=threat, shadows=THREAT_MODELS.get(threat).shadows, plan=plan,
+        attack=shown, name=name,
         strongest=view == STRONGEST, table=b["table"], scatter=scatter, rocs=rocs,
         floor=PLOT_FLOOR, siblings=siblings, current=b, links=links)
     write_text_atomic(staging / "boards" / f"{name}.html", page)
