@@ -23,6 +23,11 @@ reruns of each result's attacks (a minute or two per fashion-mnist-resnet result
 ``--borrow-spread`` gives a rerun without arrays the committed side's jackknife instead (not the
 rule, which takes the rerun's: an estimate of what it would allow, for results whose arrays are gone).
 
+``--ranks`` adds what the two sides' claims share: per board, the pairs of ranked entries whose 95%
+intervals of TPR@0.1%FPR are apart (as the site ranks them) on both sides, one side or opposite ways;
+and per quantized result, the findings' paired verdicts (quantized minus full precision over the same
+targets: a real change or within noise) on both sides, with how far each difference moved.
+
 ``--both-ways`` repeats the whole comparison with the roles swapped (the reruns taken as the
 committed results and the committed ones as the reruns): the tolerances are the rerun's, so the
 two directions differ, and a check by a machine like the committed one would see the second.
@@ -55,6 +60,7 @@ from machine import describe, save, say  # noqa: E402
 from mia_ptq_bench.atomic import write_text_atomic  # noqa: E402
 from mia_ptq_bench.board.collect import STRONGEST  # noqa: E402
 from mia_ptq_bench.board.rank import tied_ranks  # noqa: E402
+from mia_ptq_bench.findings.render import accuracy, significant, tpr  # noqa: E402
 from mia_ptq_bench.results.compare import (RETRAINED_POOL, RETRAINED_SE, SAME_POOL, PoolSpread,  # noqa: E402
                                            allowed_change, compare_results, headline_stats, needs_pool_spread,
                                            regime, retrained_standard_error)
@@ -101,7 +107,9 @@ def main() -> None:
         say("## the same with the roles swapped: the reruns taken as committed, the committed results as reruns")
         compare_all([(quantizer, rerun, committed) for quantizer, committed, rerun in pairs], spreads)
     if args.ranks:
-        rank_stability(pairs, load_registered_task(args.task).attacks[0])  # the headline board's attack, as board/build.py
+        headline = load_registered_task(args.task).attacks[0]  # the headline board's attack, as board/build.py
+        rank_stability(pairs, headline)
+        paired_verdicts(pairs, headline)
     if args.save:
         save(f"cross_machine-{args.task}-{datetime.datetime.now():%Y%m%d-%H%M}.txt")
 
@@ -286,6 +294,46 @@ def rank_stability(pairs: list, headline_attack: str) -> None:
             say(f"{threat:14}{view:13}{counts[0]:>6}{counts[1]:>6}{counts[2]:>10}{counts[3]:>10}{f'{moved} of {entries}':>19}"
                 f"{np.median(z):>18.2f}{np.quantile(z, 0.9):>6.2f}{z.max():>6.2f}")
     say("(both: apart the same way on both sides; one side: apart on one only; reversed: apart opposite ways)")
+
+
+def paired_verdicts(pairs: list, headline_attack: str) -> None:
+    """Whether the findings' verdicts hold on both sides: per quantized result, each target's number minus its
+    full-precision reference's, a verdict where the 95% interval of that paired difference excludes zero
+    (findings/render.py's ``significant``), and how far the difference moved in its SE (s / sqrt(n) on each
+    side); the signed moves' median says whether the pool moved every result the same way."""
+    say()
+    say("## the findings' paired verdicts on both sides: quantized minus full precision, over the same targets")
+    say(f"{'threat model':14}{'number':26}{'results':>8}{'both':>6}{'one side':>10}{'reversed':>10}{'|z|: median':>13}"
+        f"{'90%':>6}{'max':>6}{'signed median (pp)':>20}")
+    numbers = {f"{headline_attack} TPR@0.1%": lambda e: tpr(e, headline_attack),
+               "strongest TPR@0.1%": lambda e: tpr(e, "strongest"), "test accuracy": accuracy}
+    for threat in sorted({committed.threat_model for _, (_, committed), _ in pairs}):
+        for label, values in numbers.items():
+            if label == "test accuracy" and threat != "oblivious":
+                continue  # the same models under every threat model
+            counts, zs, moves = [0, 0, 0, 0], [], []
+            for _, (_, committed), (_, rerun) in pairs:
+                if committed.threat_model != threat or committed.plan == "fp32":
+                    continue
+                sides = [values(r.quantized) - values(r.reference) for r in (committed, rerun)]
+                verdicts = [0 if not significant(d) else int(np.sign(d.mean())) for d in sides]
+                counts[0] += 1
+                if verdicts[0] and verdicts[0] == verdicts[1]:
+                    counts[1] += 1
+                elif verdicts[0] * verdicts[1] == -1:
+                    counts[3] += 1
+                elif verdicts[0] or verdicts[1]:
+                    counts[2] += 1
+                se = math.sqrt(sum(d.var(ddof=1) / len(d) for d in sides))
+                moves.append(100 * (sides[1].mean() - sides[0].mean()))
+                if se > 0:
+                    zs.append(abs(sides[1].mean() - sides[0].mean()) / se)
+            if not counts[0]:
+                continue
+            z = np.array(zs)
+            say(f"{threat:14}{label:26}{counts[0]:>8}{counts[1]:>6}{counts[2]:>10}{counts[3]:>10}{np.median(z):>13.2f}"
+                f"{np.quantile(z, 0.9):>6.2f}{z.max():>6.2f}{np.median(moves):>+20.2f}")
+    say("(both: a verdict of the same sign on both sides; one side: a verdict on one side, within noise on the other)")
 
 
 if __name__ == "__main__":
