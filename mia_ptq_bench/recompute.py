@@ -171,7 +171,8 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
               device: str = "cpu", memo: dict | None = None) -> Recomputation:
     """``memo``: what the calls of one run share: the identity verdicts of evidence files already checked,
     by ("identity", pool digest, evidence sha256, models) (a plan's threat models share one evidence file),
-    and the reference's jackknife, by ("reference spread", pool digest) (every result of a pool shares it)."""
+    and the reference's scores, attacks and jackknife, by ("reference", pool digest) and ("reference spread",
+    pool digest) (every result of a pool shares them)."""
     memo = {} if memo is None else memo
     spec = pool.spec
     threat = THREAT_MODELS.get(result.threat_model)
@@ -247,12 +248,15 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
     target_scores = np.stack([outputs[int(t)].scores for t in targets])
     predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
     attacked = attack_targets(spec, pool.keep, targets, target_scores, threat, candidates, shadows)
-    reference = {int(t): reference_outputs(pool, int(t), test, device) for t in targets}
-    oblivious = THREAT_MODELS.get("oblivious")
-    reference_scores = np.stack([reference[int(t)].scores for t in targets])
-    reference_predictions = np.stack([reference[int(t)].test_predictions for t in targets])
-    reference_attacked = attack_targets(spec, pool.keep, targets, reference_scores, oblivious, [oblivious],
-                                        {"full-precision": full})
+    key = ("reference", pool.store.digest())
+    if key not in memo:  # the pool's own full-precision targets: the same for every result of the pool
+        reference = {int(t): reference_outputs(pool, int(t), test, device) for t in targets}
+        oblivious = THREAT_MODELS.get("oblivious")
+        reference_scores = np.stack([reference[int(t)].scores for t in targets])
+        memo[key] = (reference_scores, np.stack([reference[int(t)].test_predictions for t in targets]),
+                     attack_targets(spec, pool.keep, targets, reference_scores, oblivious, [oblivious],
+                                    {"full-precision": full}))
+    reference_scores, reference_predictions, reference_attacked = memo[key]
     labels = test.labels.numpy()
     rerun = result.model_copy(update={
         "quantized": build_evaluation(pool.keep, targets, attacked.membership, predictions, labels, attacked.choices,

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +53,28 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("MPTQ_DATA", str(root / "data"))
     monkeypatch.setenv("MPTQ_TASKS", str(TASKS))
     return root
+
+
+@pytest.fixture(autouse=True)
+def restored_registries() -> Iterator[None]:
+    """What a test's plugins register (quantizers, models, datasets, attacks) is gone after it: another test that
+    lists a registry sees the built-ins only, whatever order the tests run in."""
+    from mia_ptq_bench import attack, data, models, quantize  # noqa: F401  (the built-ins registered first)
+    from mia_ptq_bench.registry import Registry
+
+    global _REGISTRIES
+    if _REGISTRIES is None:  # found once: every Registry the package made
+        with warnings.catch_warnings():  # (isinstance on some of torch's lazy objects warns)
+            warnings.simplefilter("ignore")
+            _REGISTRIES = [obj for obj in gc.get_objects() if isinstance(obj, Registry)]
+    saved = [(registry, dict(registry._entries)) for registry in _REGISTRIES]
+    yield
+    for registry, entries in saved:
+        registry._entries.clear()
+        registry._entries.update(entries)
+
+
+_REGISTRIES: list | None = None
 
 
 @pytest.fixture

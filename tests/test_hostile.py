@@ -479,6 +479,37 @@ def test_shadow_arrays_are_checked_before_the_attacks_read_them(subs: Path, chan
     assert line.startswith(f"invalid: {document}: arrays: {reason}"), line
 
 
+def test_the_reference_is_attacked_once_per_content_and_a_changed_one_afresh(subs: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every result of a task holds the same reference scores: validate attacks them once, not once per result.
+    # The memo is keyed by content, so a result whose reference scores were changed is attacked (and caught) anew.
+    from mia_ptq_bench.results import verify as verify_module
+
+    real, attacked = verify_module.attack_targets, []
+
+    def spy(spec, keep, targets, scores, *rest, **options):
+        attacked.append(scores.tobytes())
+        return real(spec, keep, targets, scores, *rest, **options)
+
+    monkeypatch.setattr(verify_module, "attack_targets", spy)
+    monkeypatch.setattr(verify_module, "_references", {})
+    folder = subs / "mine" / "results" / "tiny-digits"
+    documents = sorted(folder.glob("*.json"))
+    assert validate_submission(subs / "mine") == []
+    with np.load(documents[0].with_suffix(".npz")) as arrays:
+        reference = arrays["reference_scores"].tobytes()
+    assert attacked.count(reference) == 1 and len(attacked) == len(documents) + 1
+
+    attacked.clear()
+    changed = documents[-1]
+    _rewrite_arrays(changed, lambda a: dict(a, reference_scores=a["reference_scores"] + 0.5))
+    write_manifest(subs / "mine")
+    problems = validate_submission(subs / "mine")
+    assert problems == [f"{changed}: arrays.reference_membership__lira-online: the saved membership scores are not "
+                        "what the attack gives on the saved scores"], problems
+    assert attacked.count(reference) == 0 and len(attacked) == len(documents) + 1  # the changed one's, afresh
+
+
 @pytest.mark.parametrize("change, reason", [
     (lambda d: d.update(plan="w99x"), "plan: cannot parse precision plan 'w99x'"),
     (lambda d: d.update(threat_model="nosuch"), "threat_model: unknown threat model 'nosuch'"),

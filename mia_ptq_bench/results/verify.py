@@ -8,6 +8,7 @@ on; a result of an older task version is checked for its arithmetic only.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -50,15 +51,43 @@ def saved_shadows(arrays: dict[str, np.ndarray], result: Result) -> tuple[list[T
     return candidates, shadows
 
 
+# Every result of a task carries the same reference evaluation (the pool's full-precision targets, attacked
+# the same way), and validate reads a dozen results of one pool per submission: the reference's attacks are
+# recomputed once per content of their inputs, not once per result. At most this many are kept.
+REFERENCES_KEPT = 4
+_references: dict[str, Attacked] = {}
+
+
+def _content_key(spec: TaskSpec, *arrays: np.ndarray) -> str:
+    digest = hashlib.sha256(spec.hash.encode())
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"|{array.dtype.str}{array.shape}|".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def _reference_attacks(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, scores: np.ndarray,
+                       full: ShadowSet) -> Attacked:
+    key = _content_key(spec, keep, targets, scores, full.scores, full.models)
+    if key not in _references:
+        oblivious = THREAT_MODELS.get("oblivious")
+        attacked = attack_targets(spec, keep, targets, scores, oblivious, [oblivious], {"full-precision": full})
+        for array in (*attacked.membership.values(), attacked.chosen):
+            array.setflags(write=False)  # shared by the results that follow: read, never changed
+        while len(_references) >= REFERENCES_KEPT:
+            _references.pop(next(iter(_references)))
+        _references[key] = attacked
+    return _references[key]
+
+
 def _rerun(arrays: dict[str, np.ndarray], spec: TaskSpec, result: Result) -> tuple[Attacked, Attacked]:
     """Attacks and choices of the quantized and the reference evaluation, from the saved scores."""
     keep, targets = arrays["keep"], arrays["targets"]
     candidates, shadows = saved_shadows(arrays, result)
     threat = THREAT_MODELS.get(result.threat_model)
     quantized = attack_targets(spec, keep, targets, arrays["target_scores"], threat, candidates, shadows)
-    oblivious = THREAT_MODELS.get("oblivious")
-    reference = attack_targets(spec, keep, targets, arrays["reference_scores"], oblivious, [oblivious],
-                               {"full-precision": shadows["full-precision"]})
+    reference = _reference_attacks(spec, keep, targets, arrays["reference_scores"], shadows["full-precision"])
     return quantized, reference
 
 
