@@ -275,15 +275,8 @@ def rank_stability(pairs: list, headline_attack: str) -> None:
                 moved += int((ranks[0] != ranks[1]).sum())
                 entries += len(names)
                 for a, b in itertools.combinations(names, 2):
-                    apart = [(stats[a][side].ci_high < stats[b][side].ci_low) - (stats[b][side].ci_high < stats[a][side].ci_low)
-                             for side in (0, 1)]
-                    counts[0] += 1
-                    if apart[0] and apart[0] == apart[1]:
-                        counts[1] += 1
-                    elif apart[0] * apart[1] == -1:
-                        counts[3] += 1
-                    elif apart[0] or apart[1]:
-                        counts[2] += 1
+                    _tally(counts, *[(stats[a][side].ci_high < stats[b][side].ci_low)
+                                     - (stats[b][side].ci_high < stats[a][side].ci_low) for side in (0, 1)])
                     change = ((stats[a][0].mean - stats[b][0].mean) - (stats[a][1].mean - stats[b][1].mean))
                     se = math.sqrt(sum(x.std ** 2 / x.n for q in (a, b) for x in stats[q]))
                     if se > 0:
@@ -316,14 +309,7 @@ def paired_verdicts(pairs: list, headline_attack: str) -> None:
                 if committed.threat_model != threat or committed.plan == "fp32":
                     continue
                 sides = [values(r.quantized) - values(r.reference) for r in (committed, rerun)]
-                verdicts = [0 if not significant(d) else int(np.sign(d.mean())) for d in sides]
-                counts[0] += 1
-                if verdicts[0] and verdicts[0] == verdicts[1]:
-                    counts[1] += 1
-                elif verdicts[0] * verdicts[1] == -1:
-                    counts[3] += 1
-                elif verdicts[0] or verdicts[1]:
-                    counts[2] += 1
+                _tally(counts, *[int(np.sign(d.mean())) if significant(d) else 0 for d in sides])
                 se = math.sqrt(sum(d.var(ddof=1) / len(d) for d in sides))
                 moves.append(100 * (sides[1].mean() - sides[0].mean()))
                 if se > 0:
@@ -334,6 +320,17 @@ def paired_verdicts(pairs: list, headline_attack: str) -> None:
             say(f"{threat:14}{label:26}{counts[0]:>8}{counts[1]:>6}{counts[2]:>10}{counts[3]:>10}{np.median(z):>13.2f}"
                 f"{np.quantile(z, 0.9):>6.2f}{z.max():>6.2f}{np.median(moves):>+20.2f}")
     say("(both: a verdict of the same sign on both sides; one side: a verdict on one side, within noise on the other)")
+
+
+def _tally(counts: list[int], first: int, second: int) -> None:
+    """Counts [pairs, the same way on both sides, on one side only, opposite ways] of two claims in {-1, 0, +1}."""
+    counts[0] += 1
+    if first and first == second:
+        counts[1] += 1
+    elif first * second == -1:
+        counts[3] += 1
+    elif first or second:
+        counts[2] += 1
 
 
 if __name__ == "__main__":
