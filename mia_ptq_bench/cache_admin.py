@@ -11,7 +11,6 @@ Layout under the cache folder ($MPTQ_CACHE or ~/.cache/mia-ptq-bench)::
     .reproduce-<host>-<pid>-<random>/       `mptq-bench reproduce`'s scratch outputs while it runs (it
                                             quantizes afresh); one whose process is gone from this host
                                             was killed, and goes at the next reproduce or `cache clear`
-                                            (an older version's .reproduce-<random>/ only with `cache clear`)
 
 Every key is a content hash, every write atomic, every read checked; deleting any part only
 costs recomputing it.
@@ -75,9 +74,6 @@ def _link(kind: str, entry: os.DirEntry, pool_folder: str) -> CacheEntry:
 # made it, which tell a running one from one a killed run left: .reproduce-<host>-<pid>-<8 random characters>.
 SCRATCH_PREFIX = ".reproduce-"
 _SCRATCH_NAME = re.compile(r"^\.reproduce-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]{8}$")
-# Versions before 2026-12-05 named it .reproduce-<8 random characters>: no process to judge it by. Such a
-# folder is listed and goes with an explicit `cache clear`, never on its own at the next reproduce.
-_LEGACY_SCRATCH_NAME = re.compile(r"^\.reproduce-[a-z0-9_]{8}$")
 
 
 def scratch_prefix() -> str:
@@ -90,25 +86,18 @@ class _Scratch:
     path: Path
     host: str
     pid: int
-    legacy: bool = False  # named by an older version, without its machine and process
 
     @property
     def stale(self) -> bool:
         """Left by a killed run: made on this machine by a process that is gone. (A folder from another
         machine sharing the cache is never judged from here.)"""
-        return not self.legacy and self.host == socket.gethostname() and not another_live_process(self.pid)
+        return self.host == socket.gethostname() and not another_live_process(self.pid)
 
 
 def _scratch_folders(cache_dir: Path) -> list[_Scratch]:
-    found = []
-    for entry in _children(Path(cache_dir)):
-        if not entry.is_dir(follow_symlinks=False):
-            continue
-        if match := _SCRATCH_NAME.match(entry.name):
-            found.append(_Scratch(Path(entry.path), match["host"], int(match["pid"])))
-        elif _LEGACY_SCRATCH_NAME.match(entry.name):
-            found.append(_Scratch(Path(entry.path), "", 0, legacy=True))
-    return found
+    found = ((entry, _SCRATCH_NAME.match(entry.name)) for entry in _children(Path(cache_dir)))
+    return [_Scratch(Path(entry.path), match["host"], int(match["pid"])) for entry, match in found
+            if match is not None and entry.is_dir(follow_symlinks=False)]
 
 
 def remove_stale_scratch(cache_dir: Path) -> None:
@@ -119,8 +108,6 @@ def remove_stale_scratch(cache_dir: Path) -> None:
 
 
 def _scratch_detail(scratch: _Scratch, stale: bool) -> str:
-    if scratch.legacy:
-        return "scratch of an older version's reproduce: safe to delete unless one is running"
     if stale:
         return "left by an interrupted reproduce: safe to delete"
     if scratch.host != socket.gethostname():
@@ -133,8 +120,7 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
     for scratch in _scratch_folders(cache_dir):
         files, size = _size(scratch.path)
         stale = scratch.stale  # one look at its process, for what the listing says and what clear may remove
-        entries.append(CacheEntry("scratch", scratch.path, "", _scratch_detail(scratch, stale), files, size,
-                                  stale or scratch.legacy))
+        entries.append(CacheEntry("scratch", scratch.path, "", _scratch_detail(scratch, stale), files, size, stale))
     for found in _children(Path(cache_dir) / "pools"):
         if found.is_symlink():
             entries.append(_link("pool", found, found.name))

@@ -417,15 +417,12 @@ def test_a_killed_reproduce_leaves_scratch_that_the_next_one_and_cache_clear_rem
     # The scratch folder is named after its machine and process: one whose process is gone from this machine
     # was a killed run's and goes (at the next reproduce, or with `cache clear`); a running one's stays, and
     # so does one from another machine sharing the cache, or anything else whose name merely starts alike.
-    # An older version's (.reproduce-<8 random characters>, no process to judge by) is listed, and goes only
-    # with an explicit `cache clear`.
     cache = tmp_path / "cache"
     host = socket.gethostname()
     live_pid, gone_pid = live_and_gone_pids
     live, dead = cache / f".reproduce-{host}-{live_pid}-ab12cd34", cache / f".reproduce-{host}-{gone_pid}-ef56gh78"
     elsewhere, other = cache / f".reproduce-{host}x-{gone_pid}-ij90kl12", cache / ".reproduce-notes"
-    legacy = cache / ".reproduce-mn34op_6"
-    for folder in (live, dead, elsewhere, other, legacy):
+    for folder in (live, dead, elsewhere, other):
         (folder / "outputs").mkdir(parents=True)
         (folder / "outputs" / "model-0000.npz").write_bytes(b"x" * 4096)
     listed = cli.invoke(app, ["cache", "list", "--cache-dir", str(cache)])
@@ -435,17 +432,14 @@ def test_a_killed_reproduce_leaves_scratch_that_the_next_one_and_cache_clear_rem
     assert details == {live.name: f"scratch of a running reproduce (process {live_pid})",
                        dead.name: "left by an interrupted reproduce: safe to delete",
                        elsewhere.name: f"scratch of a reproduce on {host}x (process {gone_pid}), "
-                                       "not checked from here",
-                       legacy.name: "scratch of an older version's reproduce: safe to delete unless one is running"}
+                                       "not checked from here"}
     refused = cli.invoke(app, ["cache", "clear", "scratch", "--task", "tiny-digits", "--cache-dir", str(cache)])
     assert refused.exit_code == 2 and "belong to no task" in refused.output + refused.stderr
     cleared = cli.invoke(app, ["cache", "clear", "scratch", "--cache-dir", str(cache)])
     assert cleared.exit_code == 0, cleared.output
-    assert "removed 2 entries" in cleared.output and not dead.exists() and not legacy.exists()
+    assert "removed 1 entries" in cleared.output and not dead.exists()
     assert live.is_dir() and elsewhere.is_dir() and other.is_dir()
     dead.mkdir()
-    legacy.mkdir()
     result = cli.invoke(app, ["reproduce", str(committed / "w1.58-last8--adaptive.json"), "--cache-dir", str(cache)])
     assert result.exit_code == 0, result.output + result.stderr
-    assert sorted(p.name for p in cache.glob(".reproduce-*")) == sorted(f.name for f in (live, elsewhere, other,
-                                                                                        legacy))
+    assert sorted(p.name for p in cache.glob(".reproduce-*")) == sorted(f.name for f in (live, elsewhere, other))
