@@ -244,7 +244,7 @@ def calibration(pairs: list, spreads: Spreads) -> None:
 
 def rank_stability(pairs: list, headline_attack: str) -> None:
     """Whether what a board claims holds on both sides: per board (threat model, plan, the task's attack or each
-    target's strongest), every pair of ranked entries (references and self-reported aside) is significantly
+    target's strongest), every pair of ranked entries (the references aside) is significantly
     apart on a side where one's 95% interval of TPR@0.1%FPR lies wholly below the other's, as board/rank.py
     ranks them. Also |difference of the pair's two differences| / SE, SE from the four spreads over targets:
     |N(0, 1)| (median 0.67) if the pool moved two entries independently by their own standard errors."""

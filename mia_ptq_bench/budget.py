@@ -27,7 +27,7 @@ from .attack import THREAT_MODELS
 from .data import DATASET_SHAPES, DatasetShape, ImageDataset, oversized_subset
 from .errors import SpecError
 from .limits import size_text
-from .models import build_model
+from .models import build_meta_model
 from .models.structure import check_quantizable
 from .pool import PoolStore
 from .pool.train import MAX_STACK, MEMORY_SHARE
@@ -105,8 +105,7 @@ def measure_model(spec: TaskSpec, input_shape: tuple[int, int, int], classes: in
     so ``validate`` refuses such a model before anything is allocated or trained."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the global RNG is left as it was
-        model = build_model(spec.model, input_shape, classes)
+    model = build_meta_model(spec.model, input_shape, classes)
     model.eval()
     activations = [0, 0]
 

@@ -28,7 +28,7 @@ from .attack import THREAT_MODELS, ShadowSet
 from .data import Split
 from .errors import BenchError, PlanError, UnknownNameError
 from .inference import score_split
-from .metrics.select import attack_targets, candidate_threats
+from .metrics.select import attack_reference, attack_targets, candidate_threats
 from .models import quantizable_layers
 from .pool import Pool
 from .pool.train import init_model
@@ -171,8 +171,9 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
               device: str = "cpu", memo: dict | None = None) -> Recomputation:
     """``memo``: what the calls of one run share: the identity verdicts of evidence files already checked,
     by ("identity", pool digest, evidence sha256, models) (a plan's threat models share one evidence file),
-    and the reference's scores, attacks and jackknife, by ("reference", pool digest) and ("reference spread",
-    pool digest) (every result of a pool shares them)."""
+    and the reference's scores, attacks and jackknife, by ("reference", task hash, pool digest) and ("reference
+    spread", task hash, pool digest) (every result of a task shares them; ``test`` is the pool's evaluation
+    split, as ``recompute_files`` passes it)."""
     memo = {} if memo is None else memo
     spec = pool.spec
     threat = THREAT_MODELS.get(result.threat_model)
@@ -248,14 +249,12 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
     target_scores = np.stack([outputs[int(t)].scores for t in targets])
     predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
     attacked = attack_targets(spec, pool.keep, targets, target_scores, threat, candidates, shadows)
-    key = ("reference", pool.store.digest())
-    if key not in memo:  # the pool's own full-precision targets: the same for every result of the pool
+    key = ("reference", spec.hash, pool.store.digest())
+    if key not in memo:  # the pool's own full-precision targets: the same for every result of the task
         reference = {int(t): reference_outputs(pool, int(t), test, device) for t in targets}
-        oblivious = THREAT_MODELS.get("oblivious")
         reference_scores = np.stack([reference[int(t)].scores for t in targets])
         memo[key] = (reference_scores, np.stack([reference[int(t)].test_predictions for t in targets]),
-                     attack_targets(spec, pool.keep, targets, reference_scores, oblivious, [oblivious],
-                                    {"full-precision": full}))
+                     attack_reference(spec, pool.keep, targets, reference_scores, full))
     reference_scores, reference_predictions, reference_attacked = memo[key]
     labels = test.labels.numpy()
     rerun = result.model_copy(update={
@@ -270,7 +269,7 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
     if needs_pool_spread(regime(result, rerun), comparisons):
         # Another draw of the pool moves the targets' numbers together: the rerun's jackknife over its
         # models decides where the spread over targets is too narrow (reproduce.py does the same).
-        key = ("reference spread", pool.store.digest())
+        key = ("reference spread", spec.hash, pool.store.digest())
         if key not in memo:  # the reference is the pool's own models: the same for every result of the pool
             memo[key] = reference_standard_errors(spec, pool.keep, targets, reference_scores, reference_predictions,
                                                   labels, full)

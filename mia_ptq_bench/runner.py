@@ -33,7 +33,7 @@ from .data.splits import evaluation_test_split
 from .environment import default_device, environment
 from .errors import BenchError, PlanError, SpecError
 from .inference import QUERIES
-from .metrics.select import attack_targets, candidate_threats, evaluation_arrays
+from .metrics.select import attack_reference, attack_targets, candidate_threats, evaluation_arrays
 from .models import MODELS
 from .executor import Executor, LocalExecutor
 from .pool import Pool, PoolStore, build_pool, pool_keep_masks
@@ -190,14 +190,12 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
     targets = np.arange(spec.targets.count)
     keep, test_labels = pool.keep, test.labels.numpy()
     full_precision = ShadowSet(pool.scores, np.arange(spec.membership.n_models))
-    oblivious = THREAT_MODELS.get("oblivious")
 
     # 3. reference: the same targets at full precision, attacked with full-precision shadows
     reference = {int(t): reference_outputs(pool, int(t), test, options.device) for t in targets}
     reference_scores = np.stack([reference[int(t)].scores for t in targets])
     reference_predictions = np.stack([reference[int(t)].test_predictions for t in targets])
-    reference_attacked = attack_targets(spec, keep, targets, reference_scores, oblivious, [oblivious],
-                                        {"full-precision": full_precision})
+    reference_attacked = attack_reference(spec, keep, targets, reference_scores, full_precision)
     reference_eval = build_evaluation(keep, targets, reference_attacked.membership, reference_predictions, test_labels,
                                       reference_attacked.choices, reference_attacked.chosen)
     provenance = _provenance(spec, quantizer, pool, options.device)

@@ -483,15 +483,17 @@ def test_the_reference_is_attacked_once_per_content_and_a_changed_one_afresh(sub
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # Every result of a task holds the same reference scores: validate attacks them once, not once per result.
     # The memo is keyed by content, so a result whose reference scores were changed is attacked (and caught) anew.
+    from mia_ptq_bench.metrics import select as select_module
     from mia_ptq_bench.results import verify as verify_module
 
-    real, attacked = verify_module.attack_targets, []
+    real, attacked = select_module.attack_targets, []
 
     def spy(spec, keep, targets, scores, *rest, **options):
         attacked.append(scores.tobytes())
         return real(spec, keep, targets, scores, *rest, **options)
 
-    monkeypatch.setattr(verify_module, "attack_targets", spy)
+    monkeypatch.setattr(verify_module, "attack_targets", spy)  # the quantized evaluations'
+    monkeypatch.setattr(select_module, "attack_targets", spy)  # the reference's, through attack_reference
     monkeypatch.setattr(verify_module, "_references", {})
     folder = subs / "mine" / "results" / "tiny-digits"
     documents = sorted(folder.glob("*.json"))
@@ -1423,7 +1425,8 @@ def test_a_problem_quoting_the_stale_marker_still_leaves_the_submission_out(subs
     assert any(": task.hash: stale" in p for p in problems)
     collected = collect(subs)
     assert "mine" not in set(collected.rows.get("entry", [])), collected.rows
-    assert any(line.startswith("mine: ") and "passed is true for 200 values" in line for line in collected.skipped)
+    # (the first problem: the forged name is no layer of the task's model)
+    assert any(line.startswith("mine: ") and "entry 0 is '1: task.hash: stale'" in line for line in collected.skipped)
 
 
 def test_a_forged_audit_is_refused_without_recomputing(subs: Path) -> None:
@@ -1465,6 +1468,35 @@ def test_an_audit_must_list_the_task_model_s_layers_without_recomputing(subs: Pa
     assert f"{document}: {problem}" in validate_submission(subs / "mine")
     (line,) = _validate_one(document)  # the file alone, too
     assert line == f"invalid: {document}: {problem}", line
+
+
+def test_an_audit_that_leaves_out_the_classifier_is_told_so_first(subs: Path) -> None:
+    # Left out, the classifier's 8 bits would be checked against the layer before it: the layer list comes first.
+    document = subs / "mine" / "results" / "tiny-digits" / "w1.58-last8--oblivious.json"
+    layers = [a["layer"] for a in json.loads(document.read_text())["audit"]]
+    _edit(document, lambda data: data["audit"].pop())
+    (line,) = _validate_one(document)
+    assert line.startswith(f"invalid: {document}: audit: lists {len(layers) - 1} layers, the task's mlp has "
+                           f"{len(layers)} quantizable layers"), line
+    assert validate_submission(subs / "mine")[0].startswith(f"{document}: audit: lists {len(layers) - 1} layers")
+
+
+def test_a_model_this_process_cannot_build_leaves_the_layer_list_to_recompute(subs: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A task whose model a plugin registers, validated without --plugin: the layers cannot be listed here, and
+    # validate must neither crash nor refuse the result for it (validate --recompute audits the weights).
+    from mia_ptq_bench import models
+    from mia_ptq_bench.errors import UnknownNameError
+    from mia_ptq_bench.results import verify as verify_module
+
+    def unknown(*_args):
+        raise UnknownNameError("unknown model 'deep-mlp'")
+
+    monkeypatch.setattr(models, "quantizable_layer_names", unknown)
+    monkeypatch.setattr(verify_module, "_LAYER_NAMES", {})
+    assert validate_submission(subs / "mine") == []
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    assert cli.invoke(app, ["validate", str(document)]).exit_code == 0
 
 
 def test_a_quantized_result_without_evidence_is_refused(subs: Path) -> None:

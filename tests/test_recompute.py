@@ -118,10 +118,10 @@ def test_against_another_pool_a_number_outside_the_spread_over_targets_gets_the_
     assert beyond.exit_code == 1 and f"{metric}: committed" in beyond.stderr
 
 
-def test_the_reference_s_jackknife_is_measured_once_for_all_results_of_a_pool(
+def test_the_reference_s_attacks_and_jackknife_are_measured_once_for_all_results_of_a_pool(
         committed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every result of a pool has the same full-precision reference: a run that needs the jackknife for several
-    # results measures the reference's once, and each result's quantized targets' once.
+    # results attacks the reference and measures its jackknife once, and each result's quantized targets' once.
     real, calls = jackknife_module.pool_standard_errors, []
 
     def spy(*args):
@@ -130,6 +130,13 @@ def test_the_reference_s_jackknife_is_measured_once_for_all_results_of_a_pool(
 
     monkeypatch.setattr(recompute_module, "pool_standard_errors", spy)
     monkeypatch.setattr(jackknife_module, "pool_standard_errors", spy)
+    real_reference, references = recompute_module.attack_reference, []
+
+    def reference_spy(*args):
+        references.append(args)
+        return real_reference(*args)
+
+    monkeypatch.setattr(recompute_module, "attack_reference", reference_spy)
     folder = copy_of(committed, tmp_path)
     names = sorted(path.name for path in folder.glob("*.json"))
     for name in names:  # another CPU's pool, each document's AUC moved outside the plain tolerance
@@ -147,6 +154,7 @@ def test_the_reference_s_jackknife_is_measured_once_for_all_results_of_a_pool(
     # reference once (without the memo: once per result, 4 times).
     times_measured = Counter(scores.tobytes() for scores in calls)
     assert sorted(times_measured.values()) == [1, 2, 2]
+    assert len(references) == 1  # the reference's attacks too: once for the four results
 
 
 def test_a_document_cannot_loosen_its_own_recomputation(committed: Path, tmp_path: Path) -> None:

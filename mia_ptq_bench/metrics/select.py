@@ -132,6 +132,13 @@ def attack_targets(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, target
     return Attacked(memberships[threat.name], choices, chosen)
 
 
+def attack_reference(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, scores: np.ndarray,
+                     full_precision: ShadowSet) -> Attacked:
+    """The full-precision reference's attacks: the oblivious attacker, the pool's models as its shadows."""
+    oblivious = THREAT_MODELS.get("oblivious")
+    return attack_targets(spec, keep, targets, scores, oblivious, [oblivious], {"full-precision": full_precision})
+
+
 def _same(a: ShadowSet, b: ShadowSet) -> bool:
     return a is b or (np.array_equal(a.models, b.models) and np.array_equal(a.scores, b.scores))
 

@@ -23,11 +23,16 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, int, int], num_classes:
         raise SpecError(f"model.options: {spec.arch} refuses these options: {exc}") from None
 
 
-def quantizable_layer_names(spec: ModelSpec, input_shape: tuple[int, int, int], num_classes: int) -> list[str]:
-    """The names of the model's quantizable layers in order, as a bit-width audit lists them: the model built
-    on the ``meta`` device, so nothing is allocated (the global RNG is left as it was)."""
+def build_meta_model(spec: ModelSpec, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The model on PyTorch's ``meta`` device: shapes only, nothing allocated; the global RNG is left as it was."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        return [name for name, _ in quantizable_layers(build_model(spec, input_shape, num_classes))]
+        return build_model(spec, input_shape, num_classes)
 
 
-__all__ = ["BLOCKS", "MODELS", "QUANTIZABLE", "build_model", "quantizable_layer_names", "quantizable_layers"]
+def quantizable_layer_names(spec: ModelSpec, input_shape: tuple[int, int, int], num_classes: int) -> list[str]:
+    """The names of the model's quantizable layers in order, as a bit-width audit lists them."""
+    return [name for name, _ in quantizable_layers(build_meta_model(spec, input_shape, num_classes))]
+
+
+__all__ = ["BLOCKS", "MODELS", "QUANTIZABLE", "build_meta_model", "build_model", "quantizable_layer_names",
+           "quantizable_layers"]

@@ -16,7 +16,7 @@ import numpy as np
 from ..attack import THREAT_MODELS, ShadowSet, ThreatModel
 from ..atomic import quantizer_config_hash
 from ..errors import BenchError
-from ..metrics.select import Attacked, Choice, attack_targets
+from ..metrics.select import Attacked, Choice, attack_reference, attack_targets
 from ..spec import load_registered_task
 from ..spec.audit import audit_problems
 from ..spec.plans import PrecisionPlan
@@ -63,7 +63,7 @@ def _content_key(spec: TaskSpec, *arrays: np.ndarray) -> str:
     for array in arrays:
         array = np.ascontiguousarray(array)
         digest.update(f"|{array.dtype.str}{array.shape}|".encode())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(array)
     return digest.hexdigest()
 
 
@@ -71,14 +71,14 @@ def _reference_attacks(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, sc
                        full: ShadowSet) -> Attacked:
     key = _content_key(spec, keep, targets, scores, full.scores, full.models)
     if key not in _references:
-        oblivious = THREAT_MODELS.get("oblivious")
-        attacked = attack_targets(spec, keep, targets, scores, oblivious, [oblivious], {"full-precision": full})
+        attacked = attack_reference(spec, keep, targets, scores, full)
         for array in (*attacked.membership.values(), attacked.chosen):
             array.setflags(write=False)  # shared by the results that follow: read, never changed
         while len(_references) >= REFERENCES_KEPT:
-            _references.pop(next(iter(_references)))
+            _references.pop(next(iter(_references)))  # the oldest
         _references[key] = attacked
-    return _references[key]
+    kept = _references[key]
+    return Attacked(dict(kept.membership), list(kept.choices), kept.chosen)
 
 
 def _rerun(arrays: dict[str, np.ndarray], spec: TaskSpec, result: Result) -> tuple[Attacked, Attacked]:
@@ -154,14 +154,15 @@ def _check_shadow_arrays(path: Path, arrays: dict[str, np.ndarray], n_models: in
                              "(shadows x examples x queries)")
 
 
-_LAYER_NAMES: dict[str, list[str]] = {}  # task hash -> its model's quantizable layers
+_LAYER_NAMES: dict[str, list[str] | None] = {}  # task hash -> its model's quantizable layers (None: not buildable)
 
 
 def audit_layers_problem(result: Result, spec: TaskSpec) -> str | None:
     """Whether the audit lists the task model's quantizable layers, in order: an audit that leaves some out
     would pass layers the plan does not allow, and moves which layers a plan like w1.58-last8 keeps at higher
-    precision. None where the dataset registers no shape (an extension's) or torch is missing (this module
-    imports without it, for the site): ``validate --recompute`` counts the layers of the evidence's models anyway."""
+    precision. None where the dataset registers no shape (an extension's), the model cannot be built here (a
+    plugin's not loaded) or torch is missing (this module imports without it, for the site): ``validate
+    --recompute`` counts the layers of the evidence's models anyway."""
     try:  # the model is built (on the meta device) only here
         from ..data import DATASET_SHAPES
         from ..models import quantizable_layer_names
@@ -171,9 +172,16 @@ def audit_layers_problem(result: Result, spec: TaskSpec) -> str | None:
     if raw is None:
         return None
     if spec.hash not in _LAYER_NAMES:  # a board or grid checks many results of one task
-        _LAYER_NAMES[spec.hash] = quantizable_layer_names(spec.model, raw.model_input(spec.dataset.image_size),
-                                                          raw.classes)
+        try:
+            _LAYER_NAMES[spec.hash] = quantizable_layer_names(spec.model, raw.model_input(spec.dataset.image_size),
+                                                              raw.classes)
+        except (BenchError, RuntimeError, NotImplementedError, TypeError, ValueError):
+            # A plugin's model not loaded here (validate without --plugin), or one that cannot be built on the
+            # meta device: left, as for an unknown dataset shape, to --recompute.
+            _LAYER_NAMES[spec.hash] = None
     names = _LAYER_NAMES[spec.hash]
+    if names is None:
+        return None
     recorded = [entry.layer for entry in result.audit]
     if recorded == names:
         return None
@@ -205,15 +213,14 @@ def verify_result(path: Path, arrays_required: bool = True) -> Result:
                          "as recorded (edited after the run?)")
     if not result.audit:
         raise BenchError(f"{path}: audit: no bit-width audit evidence")
-    problems = audit_problems(result.audit, result.plan)
     try:
         spec = load_registered_task(result.task.id)
     except BenchError:
         spec = None
     current = spec is not None and spec.hash == result.task.hash
-    if current:
-        problems.append(audit_layers_problem(result, spec))
-    problems = [p for p in problems if p]
+    # The layer list first: a left-out layer shifts which bits the plan gives every later one.
+    problems = [p for p in [audit_layers_problem(result, spec) if current else None,
+                            *audit_problems(result.audit, result.plan)] if p]
     if problems:
         raise BenchError(f"{path}: {problems[0]}")
     if not arrays_required and not (Path(path).parent / result.arrays.file).is_file():

@@ -219,11 +219,10 @@ def _check_result(path: Path, task, spec: SubmissionSpec, plan: str, threat: str
         problems.append(f"{path}: plan: holds {result.plan}/{result.threat_model}, its name says {plan}/{threat}")
     if not result.audit:
         problems.append(f"{path}: audit: no bit-width audit evidence")
-    problems += [f"{path}: {line}" for line in audit_problems(result.audit, plan)]
-    if result.audit and result.task.hash == task.hash:  # a stale result's task may have had another model
-        layers = audit_layers_problem(result, task)
-        if layers:
-            problems.append(f"{path}: {layers}")
+    # The layer list first: a left-out layer shifts which bits the plan gives every later one. (A stale
+    # result's task may have had another model.)
+    layers = audit_layers_problem(result, task) if result.audit and result.task.hash == task.hash else None
+    problems += [f"{path}: {line}" for line in ([layers] if layers else []) + audit_problems(result.audit, plan)]
     if (path.with_suffix(".npz")).is_file() and not problems:  # the arrays once the document itself is sound
         try:
             verify_result(path)
