@@ -173,7 +173,8 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
     by ("identity", pool digest, evidence sha256, models) (a plan's threat models share one evidence file),
     and the reference's scores, attacks and jackknife, by ("reference", task hash, pool digest) and ("reference
     spread", task hash, pool digest) (every result of a task shares them; ``test`` is the pool's evaluation
-    split, as ``recompute_files`` passes it)."""
+    split, as ``recompute_files`` passes it), and the strongest-strategy choices by ("choices", task hash)
+    (keyed within by the content they read)."""
     memo = {} if memo is None else memo
     spec = pool.spec
     threat = THREAT_MODELS.get(result.threat_model)
@@ -248,13 +249,14 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
         shadows["rtn"] = ShadowSet(np.stack([rtn_outputs[int(m)].scores for m in models]), models)
     target_scores = np.stack([outputs[int(t)].scores for t in targets])
     predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
-    attacked = attack_targets(spec, pool.keep, targets, target_scores, threat, candidates, shadows)
+    choices = memo.setdefault(("choices", spec.hash), {})  # what the results' attackers choose on shared shadows
+    attacked = attack_targets(spec, pool.keep, targets, target_scores, threat, candidates, shadows, choices=choices)
     key = ("reference", spec.hash, pool.store.digest())
     if key not in memo:  # the pool's own full-precision targets: the same for every result of the task
         reference = {int(t): reference_outputs(pool, int(t), test, device) for t in targets}
         reference_scores = np.stack([reference[int(t)].scores for t in targets])
         memo[key] = (reference_scores, np.stack([reference[int(t)].test_predictions for t in targets]),
-                     attack_reference(spec, pool.keep, targets, reference_scores, full))
+                     attack_reference(spec, pool.keep, targets, reference_scores, full, choices))
     reference_scores, reference_predictions, reference_attacked = memo[key]
     labels = test.labels.numpy()
     rerun = result.model_copy(update={

@@ -195,7 +195,9 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
     reference = {int(t): reference_outputs(pool, int(t), test, options.device) for t in targets}
     reference_scores = np.stack([reference[int(t)].scores for t in targets])
     reference_predictions = np.stack([reference[int(t)].test_predictions for t in targets])
-    reference_attacked = attack_reference(spec, keep, targets, reference_scores, full_precision)
+    # The strongest-strategy choices read only shadows: every oblivious result makes the reference's.
+    choices: dict = {}
+    reference_attacked = attack_reference(spec, keep, targets, reference_scores, full_precision, choices)
     reference_eval = build_evaluation(keep, targets, reference_attacked.membership, reference_predictions, test_labels,
                                       reference_attacked.choices, reference_attacked.chosen)
     provenance = _provenance(spec, quantizer, pool, options.device)
@@ -237,7 +239,8 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
             spec, quantizer, plan, outputs, indices, targets, beside)
         for threat in threats:
             # 5. attack, and choose each target's strongest strategy on shadows alone
-            attacked = attack_targets(spec, keep, targets, target_scores, threat, candidates[threat.name], shadows)
+            attacked = attack_targets(spec, keep, targets, target_scores, threat, candidates[threat.name], shadows,
+                                      choices=choices)
             # 6. measure
             evaluation = build_evaluation(keep, targets, attacked.membership, predictions, test_labels,
                                           attacked.choices, attacked.chosen)

@@ -82,6 +82,43 @@ def test_a_block_of_targets_shares_a_choice_that_reads_none_of_their_memberships
     assert choose(spec, scrambled, [0, 1, 2, 3], strategies, informative).estimate < choices[0].estimate
 
 
+def test_remembered_choices_are_the_same_and_made_once_per_content(monkeypatch: pytest.MonkeyPatch) -> None:
+    # validate shares a memo between results: two evaluations with other target scores but the same shadows make
+    # each block's choice once; a change to what a choice reads (a shadow's scores, the masks) makes it afresh.
+    from mia_ptq_bench.metrics import select as select_module
+
+    spec = load_task("tiny-digits")
+    keep, informative, noise = pool_of()
+    oblivious, adaptive = THREAT_MODELS.get("oblivious"), THREAT_MODELS.get("adaptive")
+    shadows = {"full-precision": noise, "same-quantizer": informative}
+    targets = np.arange(8)
+    real, made = select_module.choose, []
+
+    def counted(*args):
+        made.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(select_module, "choose", counted)
+    plain = attack_targets(spec, keep, targets, informative.scores[targets], adaptive, [oblivious, adaptive], shadows)
+    blocks = len(made)
+    assert blocks == -(-len(targets) // TARGETS_PER_CHOICE)
+    memo: dict = {}
+    first = attack_targets(spec, keep, targets, informative.scores[targets], adaptive, [oblivious, adaptive], shadows,
+                           choices=memo)
+    other_targets = noise.scores[targets] + 1.0  # another evaluation's targets, the same shadows
+    second = attack_targets(spec, keep, targets, other_targets, adaptive, [oblivious, adaptive], shadows, choices=memo)
+    assert first.choices == plain.choices == second.choices and len(made) == 2 * blocks
+    moved = ShadowSet(informative.scores.copy(), informative.models)
+    moved.scores[5, 0, 0] += 1.0
+    attack_targets(spec, keep, targets, other_targets, adaptive, [oblivious, adaptive],
+                   {"full-precision": noise, "same-quantizer": moved}, choices=memo)
+    assert len(made) == 3 * blocks
+    flipped = keep.copy()
+    flipped[:, 0] = ~flipped[:, 0]
+    attack_targets(spec, flipped, targets, other_targets, adaptive, [oblivious, adaptive], shadows, choices=memo)
+    assert len(made) == 4 * blocks
+
+
 def test_given_blocks_are_kept_so_a_left_out_target_reshuffles_no_other_block() -> None:
     # The jackknife (results/jackknife.py) leaves targets out: the others keep the blocks, hence the
     # stand-ins, they had, as they would with the pool drawn again.

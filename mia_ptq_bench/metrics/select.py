@@ -19,6 +19,8 @@ target's membership enters its own choice, and the choice costs a quarter of one
 
 from __future__ import annotations
 
+import hashlib
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,13 +90,40 @@ def target_blocks(targets: Sequence[int]) -> list[list[int]]:
 
 
 def choose_all(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, strategies: dict[str, ShadowSet],
-               pseudo: ShadowSet, blocks: list[list[int]] | None = None) -> list[Choice]:
+               pseudo: ShadowSet, blocks: list[list[int]] | None = None, memo: dict | None = None) -> list[Choice]:
     """One choice per block (``target_blocks``' unless given: ``targets`` in order, block by block),
-    repeated for each of its targets."""
+    repeated for each of its targets.
+
+    ``memo``, optional: choices already made, by the content of everything a choice reads. A choice never
+    reads the targets' own scores, so results whose attackers hold the same shadows (every oblivious result
+    of a task, or every adaptive-rtn one of a plan) share their choices."""
     blocks = target_blocks(targets) if blocks is None else [b for b in blocks if b]
     if [t for b in blocks for t in b] != [int(t) for t in targets]:
         raise ValueError("the blocks must hold the targets, in order")
-    return [choice for block in blocks for choice in [choose(spec, keep, block, strategies, pseudo)] * len(block)]
+    inputs = None if memo is None else _choice_inputs(spec, keep, strategies, pseudo)
+    made = []
+    for block in blocks:
+        key = None if inputs is None else (inputs, tuple(block))
+        if key is None or key not in memo:
+            choice = choose(spec, keep, block, strategies, pseudo)
+            if key is None:
+                made += [choice] * len(block)
+                continue
+            memo[key] = choice
+        made += [memo[key]] * len(block)
+    return made
+
+
+def _choice_inputs(spec: TaskSpec, keep: np.ndarray, strategies: dict[str, ShadowSet], pseudo: ShadowSet) -> str:
+    """sha256 of what ``choose`` reads besides the block: the task's settings, the masks, the shadows in order."""
+    digest = hashlib.sha256(spec.hash.encode())
+    for name, array in [("keep", keep), *[(f"{n}.{part}", getattr(s, part)) for n, s in strategies.items()
+                                          for part in ("scores", "models")],
+                        ("pseudo.scores", pseudo.scores), ("pseudo.models", pseudo.models)]:
+        array = np.ascontiguousarray(array)
+        digest.update(f"|{name}:{array.dtype.str}{array.shape}|".encode())
+        digest.update(array)
+    return digest.hexdigest()
 
 
 def candidate_threats(threat: ThreatModel, threats: list[ThreatModel]) -> list[ThreatModel]:
@@ -117,9 +146,10 @@ class Attacked:
 
 def attack_targets(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, target_scores: np.ndarray,
                    threat: ThreatModel, candidates: list[ThreatModel], shadows: dict[str, ShadowSet],
-                   blocks: list[list[int]] | None = None) -> Attacked:
+                   blocks: list[list[int]] | None = None, choices: dict | None = None) -> Attacked:
     """The task's attacks with ``threat``'s shadows, and per target the strongest strategy among ``candidates``
-    chosen on shadow models alone (``metrics/select.py``), one choice per block of targets (``choose_all``)."""
+    chosen on shadow models alone (``metrics/select.py``), one choice per block of targets (``choose_all``;
+    ``choices``: its memo)."""
     distinct: dict[str, ShadowSet] = {}  # at full precision every threat model's shadows are the pool: try them once
     for t in candidates:
         if not any(_same(other, shadows[t.shadows]) for other in distinct.values()):
@@ -127,16 +157,17 @@ def attack_targets(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, target
     computed = {name: run_attacks(spec, keep, s, targets, target_scores) for name, s in distinct.items()}
     memberships = {t.name: next(computed[n] for n, s in distinct.items() if _same(s, shadows[t.shadows]))
                    for t in candidates}
-    choices = choose_all(spec, keep, targets, distinct, shadows[threat.shadows], blocks)
-    chosen = np.stack([memberships[c.threat_model][c.attack][row] for row, c in enumerate(choices)])
-    return Attacked(memberships[threat.name], choices, chosen)
+    made = choose_all(spec, keep, targets, distinct, shadows[threat.shadows], blocks, choices)
+    chosen = np.stack([memberships[c.threat_model][c.attack][row] for row, c in enumerate(made)])
+    return Attacked(memberships[threat.name], made, chosen)
 
 
 def attack_reference(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, scores: np.ndarray,
-                     full_precision: ShadowSet) -> Attacked:
+                     full_precision: ShadowSet, choices: dict | None = None) -> Attacked:
     """The full-precision reference's attacks: the oblivious attacker, the pool's models as its shadows."""
     oblivious = THREAT_MODELS.get("oblivious")
-    return attack_targets(spec, keep, targets, scores, oblivious, [oblivious], {"full-precision": full_precision})
+    return attack_targets(spec, keep, targets, scores, oblivious, [oblivious], {"full-precision": full_precision},
+                          choices=choices)
 
 
 def _same(a: ShadowSet, b: ShadowSet) -> bool:

@@ -56,6 +56,10 @@ def saved_shadows(arrays: dict[str, np.ndarray], result: Result) -> tuple[list[T
 # recomputed once per content of their inputs, not once per result. At most this many are kept.
 REFERENCES_KEPT = 4
 _references: dict[str, Attacked] = {}
+# Likewise the strongest-strategy choices (metrics.select.choose_all), which read only shadows that results
+# share: every oblivious result of a task makes the reference's, every adaptive-rtn one of a plan the same.
+CHOICES_KEPT = 4096
+_choices: dict = {}
 
 
 def _content_key(spec: TaskSpec, *arrays: np.ndarray) -> str:
@@ -71,7 +75,7 @@ def _reference_attacks(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, sc
                        full: ShadowSet) -> Attacked:
     key = _content_key(spec, keep, targets, scores, full.scores, full.models)
     if key not in _references:
-        attacked = attack_reference(spec, keep, targets, scores, full)
+        attacked = attack_reference(spec, keep, targets, scores, full, _choices)
         for array in (*attacked.membership.values(), attacked.chosen):
             array.setflags(write=False)  # shared by the results that follow: read, never changed
         while len(_references) >= REFERENCES_KEPT:
@@ -86,8 +90,11 @@ def _rerun(arrays: dict[str, np.ndarray], spec: TaskSpec, result: Result) -> tup
     keep, targets = arrays["keep"], arrays["targets"]
     candidates, shadows = saved_shadows(arrays, result)
     threat = THREAT_MODELS.get(result.threat_model)
-    quantized = attack_targets(spec, keep, targets, arrays["target_scores"], threat, candidates, shadows)
+    quantized = attack_targets(spec, keep, targets, arrays["target_scores"], threat, candidates, shadows,
+                               choices=_choices)
     reference = _reference_attacks(spec, keep, targets, arrays["reference_scores"], shadows["full-precision"])
+    while len(_choices) > CHOICES_KEPT:
+        _choices.pop(next(iter(_choices)))  # the oldest
     return quantized, reference
 
 
