@@ -170,6 +170,16 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def arrays_sha256(head: str, arrays: list[tuple[str, np.ndarray]]) -> str:
+    """sha256 of ``head`` and each named array's dtype, shape and bytes: a memo key for what was computed from them."""
+    digest = hashlib.sha256(head.encode())
+    for name, array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"|{name}:{array.dtype.str}{array.shape}|".encode())
+        digest.update(array)
+    return digest.hexdigest()
+
+
 def content_hash(obj: Any) -> str:
     return sha256_bytes(canonical_json(obj).encode("ascii"))
 

@@ -19,13 +19,12 @@ target's membership enters its own choice, and the choice costs a quarter of one
 
 from __future__ import annotations
 
-import hashlib
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..atomic import arrays_sha256
 from ..attack import ATTACKS, THREAT_MODELS, AttackInput, ShadowSet, ThreatModel, run_attacks
 from ..spec.schema import TARGETS_PER_CHOICE, TaskSpec
 from .roc import attack_metrics
@@ -116,14 +115,9 @@ def choose_all(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, strategies
 
 def _choice_inputs(spec: TaskSpec, keep: np.ndarray, strategies: dict[str, ShadowSet], pseudo: ShadowSet) -> str:
     """sha256 of what ``choose`` reads besides the block: the task's settings, the masks, the shadows in order."""
-    digest = hashlib.sha256(spec.hash.encode())
-    for name, array in [("keep", keep), *[(f"{n}.{part}", getattr(s, part)) for n, s in strategies.items()
-                                          for part in ("scores", "models")],
-                        ("pseudo.scores", pseudo.scores), ("pseudo.models", pseudo.models)]:
-        array = np.ascontiguousarray(array)
-        digest.update(f"|{name}:{array.dtype.str}{array.shape}|".encode())
-        digest.update(array)
-    return digest.hexdigest()
+    return arrays_sha256(spec.hash, [("keep", keep), *[(f"{n}.{part}", getattr(s, part)) for n, s in strategies.items()
+                                                       for part in ("scores", "models")],
+                                     ("pseudo.scores", pseudo.scores), ("pseudo.models", pseudo.models)])
 
 
 def candidate_threats(threat: ThreatModel, threats: list[ThreatModel]) -> list[ThreatModel]:

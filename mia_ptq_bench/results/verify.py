@@ -8,13 +8,12 @@ on; a result of an older task version is checked for its arithmetic only.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from ..attack import THREAT_MODELS, ShadowSet, ThreatModel
-from ..atomic import quantizer_config_hash
+from ..atomic import arrays_sha256, quantizer_config_hash
 from ..errors import BenchError
 from ..metrics.select import Attacked, Choice, attack_reference, attack_targets
 from ..spec import load_registered_task
@@ -62,18 +61,10 @@ CHOICES_KEPT = 4096
 _choices: dict = {}
 
 
-def _content_key(spec: TaskSpec, *arrays: np.ndarray) -> str:
-    digest = hashlib.sha256(spec.hash.encode())
-    for array in arrays:
-        array = np.ascontiguousarray(array)
-        digest.update(f"|{array.dtype.str}{array.shape}|".encode())
-        digest.update(array)
-    return digest.hexdigest()
-
-
 def _reference_attacks(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, scores: np.ndarray,
                        full: ShadowSet) -> Attacked:
-    key = _content_key(spec, keep, targets, scores, full.scores, full.models)
+    key = arrays_sha256(spec.hash, [("keep", keep), ("targets", targets), ("scores", scores),
+                                    ("shadows.scores", full.scores), ("shadows.models", full.models)])
     if key not in _references:
         attacked = attack_reference(spec, keep, targets, scores, full, _choices)
         for array in (*attacked.membership.values(), attacked.chosen):
