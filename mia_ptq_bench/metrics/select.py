@@ -102,14 +102,14 @@ def choose_all(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, strategies
     inputs = None if memo is None else _choice_inputs(spec, keep, strategies, pseudo)
     made = []
     for block in blocks:
-        key = None if inputs is None else (inputs, tuple(block))
-        if key is None or key not in memo:
+        if memo is None:
             choice = choose(spec, keep, block, strategies, pseudo)
-            if key is None:
-                made += [choice] * len(block)
-                continue
-            memo[key] = choice
-        made += [memo[key]] * len(block)
+        else:
+            key = (inputs, tuple(block))
+            if key not in memo:
+                memo[key] = choose(spec, keep, block, strategies, pseudo)
+            choice = memo[key]
+        made += [choice] * len(block)
     return made
 
 
