@@ -15,7 +15,12 @@ initialised ones (no pool to train), BatchNorm folded and calibrated on their ow
   takes the moments);
 - for GPTQ and OBC on ``--second-order-models`` models: seconds per model, and the share spent accumulating
   the layer Hessians (float64, in ``obs.HessianAccumulator.add``) against the rest (grids, sweeps,
-  forward passes).
+  forward passes);
+- per layer of the first model: milliseconds for the Gram matrix ``X X^T`` of its inputs (float64,
+  the ``--calibration`` images as one batch) as the Hessians take it (``gram.input_gram``: a
+  convolution from one batched product per pixel displacement) and as one product of the whole
+  im2col matrix (what the reference codes and ptq_speed's plain runs do), interleaved, best of
+  ``--repeats``, with the ratio.
 --save writes the output under benchmarks/results/ with the machine's description.
 """
 
@@ -36,11 +41,13 @@ from machine import describe, idle_fraction, load_average, save, say, wait_for_q
 
 from mia_ptq_bench.allocator import keep_freed_memory  # noqa: E402
 from mia_ptq_bench.data import load_dataset  # noqa: E402
+from mia_ptq_bench.models import quantizable_layers  # noqa: E402
 from mia_ptq_bench.pool import pool_keep_masks  # noqa: E402
 from mia_ptq_bench.pool.train import init_model  # noqa: E402
 from mia_ptq_bench.quantize import QUANTIZERS  # noqa: E402
 from mia_ptq_bench.quantize.calibration import calibration_set  # noqa: E402
 from mia_ptq_bench.quantize.common import GridConfig  # noqa: E402
+from mia_ptq_bench.quantize.gram import im2col_gram, input_gram  # noqa: E402
 from mia_ptq_bench.quantize.obs import HessianAccumulator  # noqa: E402
 from mia_ptq_bench.quantize.batchnorm import fold_batchnorm  # noqa: E402
 from mia_ptq_bench.quantize.moments import AffineUnit, MomentGradient  # noqa: E402
@@ -78,6 +85,37 @@ def unit_step_ms(units_per_model, u: int, models, images, steps: int, way: str, 
     return ((total - setup[0]) / steps + setup[0] / iters) / len(models) * 1e3
 
 
+def layer_grams(model: torch.nn.Module, images: torch.Tensor, repeats: int, patience: float) -> None:
+    inputs = {}
+    hooks = [layer.register_forward_hook(lambda module, args, out, name=name: inputs.__setitem__(name, args[0]))
+             for name, layer in quantizable_layers(model)]
+    with torch.no_grad():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    say()
+    say(f"layer Gram matrices X X^T, float64, {len(images)} images, ms (best of {repeats}, the two interleaved)")
+    say(f"{'layer':24} {'input':14} {'kernel':>8} {'stride':>6} {'ours':>8} {'im2col':>8} {'ratio':>6}")
+    totals = [0.0, 0.0]
+    wait_for_quiet(patience)
+    for name, layer in quantizable_layers(model):
+        x = inputs[name]
+        ways = (lambda: input_gram(layer, x), lambda: im2col_gram(layer, x))
+        best = [float("inf")] * 2
+        for _ in range(repeats):
+            for w, way in enumerate(ways):
+                start = time.perf_counter()
+                way()
+                best[w] = min(best[w], time.perf_counter() - start)
+        totals = [t + b for t, b in zip(totals, best)]
+        kernel = "x".join(map(str, layer.kernel_size)) if isinstance(layer, torch.nn.Conv2d) else "linear"
+        stride = str(layer.stride[0]) if isinstance(layer, torch.nn.Conv2d) else "-"
+        say(f"{name:24} {'x'.join(map(str, x.shape[1:])):14} {kernel:>8} {stride:>6} {1e3 * best[0]:8.2f} "
+            f"{1e3 * best[1]:8.2f} {best[1] / best[0]:6.2f}")
+    say(f"{'all layers':24} {'':14} {'':>8} {'':>6} {1e3 * totals[0]:8.2f} {1e3 * totals[1]:8.2f} "
+        f"{totals[1] / totals[0]:6.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="fashion-mnist-resnet")
@@ -88,7 +126,9 @@ def main() -> None:
     parser.add_argument("--plan", default="w2")
     parser.add_argument("--calibration", type=int, default=256, help="calibration images per model")
     parser.add_argument("--iters", type=int, default=2000, help="steps per unit the moments' set-up is spread over")
+    parser.add_argument("--skip-units", action="store_true", help="leave out the AdaRound and BRECQ units")
     parser.add_argument("--skip-second-order", action="store_true")
+    parser.add_argument("--repeats", type=int, default=9, help="timings per layer Gram matrix, the best counts")
     parser.add_argument("--patience", type=float, default=120)
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
@@ -104,7 +144,8 @@ def main() -> None:
     models = [fold_batchnorm(init_model(spec, data, i).eval()) for i in range(args.models)]
     images = calibration_set(spec, data, keep, 0, args.calibration, "cpu").images
 
-    for method, split in (("adaround", QUANTIZERS.get("adaround")().units), ("brecq", block_units)):
+    for method, split in () if args.skip_units else (("adaround", QUANTIZERS.get("adaround")().units),
+                                                      ("brecq", block_units)):
         say()
         say(f"{method}: ms per model per step, {args.models} models, batch 32, {args.steps} steps per unit"
             + (f" (the moments' set-up counted once per {args.iters} steps)" if method == "adaround" else ""))
@@ -153,6 +194,7 @@ def main() -> None:
             total = time.perf_counter() - start
         say(f"{method:5} {total / count:7.2f} s per model · Hessians (float64) {100 * spent[0] / total:5.1f}% · "
             f"the rest {100 * (1 - spent[0] / total):5.1f}%")
+    layer_grams(models[0], images, args.repeats, args.patience)
     say(f"load average at the end: {load_average()}")
     if args.save:
         save(f"ptq_profile-{spec.id}-{started:%Y%m%d-%H%M}.txt")

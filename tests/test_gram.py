@@ -1,4 +1,4 @@
-"""The layer Gram matrix X X^T: the sliding convolution blocks against the plain im2col product."""
+"""The layer Gram matrix X X^T: the per-displacement convolution products against the plain im2col product."""
 
 from __future__ import annotations
 
@@ -42,17 +42,44 @@ def test_conv_gram_equals_the_im2col_product_exactly_on_integer_inputs(stride: i
     assert checked >= 20
 
 
-def test_conv_gram_slides_blocks_and_agrees_to_rounding_on_real_valued_inputs() -> None:
+def test_one_batched_product_per_displacement_and_agreement_to_rounding_on_real_valued_inputs() -> None:
     conv = nn.Conv2d(3, 4, 3, padding=1)
     inputs = torch.randn(5, 3, 20, 20, generator=torch.Generator().manual_seed(0)).relu()
     calls = []
-    with pytest.MonkeyPatch.context() as patch:  # count the block products
-        patch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(1) or torch.matmul(a, b))
+    with pytest.MonkeyPatch.context() as patch:  # count the batched products
+        patch.setattr(torch, "bmm", lambda a, b: calls.append(1) or torch.matmul(a, b))
         result = conv_gram(conv, inputs)
-    # 3 full blocks (row offsets 0, 1, 2) and 3 slid ones, each slide two thin products.
-    assert len(calls) == 3 + 3 * 2
+    # 81 blocks, but only 13 displacements up to transposition: (0, 0..2), (1, -2..2), (2, -2..2).
+    assert len(calls) == 13
     reference = _reference(conv, inputs)
     assert torch.allclose(result, reference, rtol=1e-12, atol=1e-12 * reference.abs().max().item())
+
+
+def test_a_strided_convolution_is_split_into_its_phases() -> None:
+    # Stride 2: kernel rows 0 and 2 read odd input rows (with the padding), row 1 even ones; each
+    # (phase, phase, distance) group is one product, fewer than the 45 blocks up to transposition.
+    conv = nn.Conv2d(2, 2, 3, stride=2, padding=1)
+    inputs = _integer_inputs(3, (3, 2, 12, 12))
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "bmm", lambda a, b: calls.append(1) or torch.matmul(a, b))
+        result = conv_gram(conv, inputs)
+    assert torch.equal(result, _reference(conv, inputs))
+    assert 13 < len(calls) < 45
+
+
+def test_large_maps_go_in_chunks_of_positions_with_the_same_result(monkeypatch) -> None:
+    conv = nn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding=1)
+    inputs = _integer_inputs(4, (2, 2, 15, 11))
+    whole = conv_gram(conv, inputs)
+    monkeypatch.setattr(gram, "PRODUCT_BYTES", 7 * 2 * 2 * 8)  # 7 positions per product
+    assert torch.equal(conv_gram(conv, inputs), whole)
+    assert torch.equal(whole, _reference(conv, inputs))
+
+
+def test_a_kernel_that_reads_only_padding_gives_a_zero_gram() -> None:
+    conv = nn.Conv2d(2, 1, 2, stride=5, padding=2)  # its only output reads padded rows and columns 0-1
+    assert torch.equal(conv_gram(conv, torch.ones(3, 2, 1, 1)), torch.zeros(8, 8, dtype=torch.float64))
 
 
 def _rounding_noise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -65,8 +92,8 @@ def _rounding_noise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def test_a_column_that_is_zero_over_its_window_keeps_an_exactly_zero_row_and_column() -> None:
     # Channel 0 lives only in the top input row: kernel row 2 never sees it (its window starts one
-    # row lower), so sliding row 1's block down would leave the difference of two roundings of the
-    # same sum; the slide must be refused for it.
+    # row lower), so its entries must be exactly zero however the products round (a sum obtained by
+    # subtracting the rows a window leaves from a larger sum would leave two roundings' difference).
     conv = nn.Conv2d(2, 2, 3, padding=1)
     inputs = torch.randn(4, 2, 12, 12, generator=torch.Generator().manual_seed(1)) * 1.37
     inputs[:, 0, 1:] = 0
@@ -76,6 +103,7 @@ def test_a_column_that_is_zero_over_its_window_keeps_an_exactly_zero_row_and_col
     for arithmetic in (lambda a, b: torch.matmul(a, b), _rounding_noise):
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(torch.Tensor, "__matmul__", arithmetic)
+            patch.setattr(torch, "bmm", arithmetic)
             result = conv_gram(conv, inputs)
         assert torch.equal(result[dead], reference[dead]) and torch.equal(result[:, dead], reference[:, dead])
         assert (result.diagonal()[~dead] > 0).all()
@@ -101,6 +129,7 @@ def test_dead_columns_stay_exactly_zero_with_per_axis_strides_dilations_and_padd
         dead = reference.diagonal() == 0
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(torch.Tensor, "__matmul__", _rounding_noise)
+            patch.setattr(torch, "bmm", _rounding_noise)
             result = conv_gram(conv, inputs)
         where = (kernel, stride, dilation, padding, height, width)
         assert torch.equal(result[dead], reference[dead]) and torch.equal(result[:, dead], reference[:, dead]), where
@@ -110,9 +139,9 @@ def test_dead_columns_stay_exactly_zero_with_per_axis_strides_dilations_and_padd
     assert checked >= 5
 
 
-def test_a_slide_that_would_cancel_most_digits_is_computed_in_full() -> None:
-    # One bright input row above dim ones: sliding the block that holds it down past it would
-    # subtract two sums of about 1e14 to leave about 1e-6; computed in full, the dim rows keep their digits.
+def test_one_bright_input_row_leaves_the_dim_ones_their_digits() -> None:
+    # A window that leaves the bright row out must not get its sum by subtracting sums of about 1e14
+    # (which would leave about 1e-6 of rounding); summed directly, the dim rows keep their digits.
     conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
     inputs = torch.full((1, 1, 12, 12), 1e-3, dtype=torch.float64)
     inputs[:, :, 0] = 1e7
@@ -164,20 +193,21 @@ def test_a_kernel_taller_than_the_padded_input_is_a_clear_error() -> None:
         conv_gram(conv, torch.ones(1, 1, 8, 12))
 
 
-@pytest.mark.parametrize("layer", [nn.Linear(6, 2), nn.Conv2d(2, 3, 1), nn.Conv2d(2, 3, (1, 3), padding=(0, 1)),
-                                   nn.Conv2d(4, 4, 3, groups=2, padding=1)])
-def test_layers_without_kernel_rows_to_slide_take_the_plain_product(layer, monkeypatch) -> None:
+@pytest.mark.parametrize("layer", [nn.Linear(6, 2), nn.Conv2d(2, 3, 1), nn.Conv2d(4, 4, 3, groups=2, padding=1)])
+def test_linear_pointwise_and_grouped_layers_take_the_plain_product(layer, monkeypatch) -> None:
     shape = (5, 6) if isinstance(layer, nn.Linear) else (5, layer.in_channels, 6, 6)
     inputs = torch.randn(shape, generator=torch.Generator().manual_seed(2))
-    monkeypatch.setattr(gram, "conv_gram", lambda *args: pytest.fail("took the sliding blocks"))
+    monkeypatch.setattr(gram, "conv_gram", lambda *args: pytest.fail("took the per-displacement products"))
     columns = layer_columns(layer, inputs.double())
     assert torch.equal(input_gram(layer, inputs), columns @ columns.t())
 
 
-def test_a_plain_convolution_takes_the_sliding_blocks(monkeypatch) -> None:
+@pytest.mark.parametrize("layer", [nn.Conv2d(2, 2, (2, 1)), nn.Conv2d(2, 3, (1, 3), padding=(0, 1)),
+                                   nn.Conv2d(2, 2, 1, stride=2)])
+def test_other_convolutions_take_the_per_displacement_products(layer, monkeypatch) -> None:
     calls = []
     monkeypatch.setattr(gram, "conv_gram", lambda *args: calls.append(args) or torch.zeros(()))
-    input_gram(nn.Conv2d(2, 2, (2, 1)), torch.ones(1, 2, 4, 4))
+    input_gram(layer, torch.ones(1, 2, 4, 4))
     assert len(calls) == 1
 
 

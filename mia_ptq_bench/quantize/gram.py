@@ -1,28 +1,31 @@
 """The Gram matrix ``X X^T`` of a layer's input columns, the heart of a layer Hessian.
 
 For a Linear layer X holds one column per example. For a convolution it is the im2col matrix:
-one column per output position, one row per (input channel, kernel row, kernel column). Its
-rows for kernel row ``a`` and for kernel row ``a + 1`` read the same input rows, one row apart.
-So the Gram matrix's block of two kernel rows is, but for the one or two input rows at the
-window's ends, the block of the kernel rows one above: ``conv_gram`` computes one block per
-distinct row offset in full and slides it to the others (subtract the input rows leaving the
-window, add the ones entering), from a width-only im2col three times smaller than X. For a
-3x3 convolution on a large map that is 3 full products of a third of X's rows instead of one of
-all of them (measured 1.7-1.9x faster on ResNet10's stride-1 3x3 layers, float64, 2 CPU cores),
-and the sums are of the same products, only added in another order, wherever a slide would not
-cancel most of a sum (``conv_gram``).
+one column per output position, one row per (input channel, kernel row, kernel column), and
+the Gram matrix has one (C, C) block per pair of kernel positions. Every entry of the block of
+kernel positions p and p' is a sum, over images and output positions, of the product of an input
+pixel and the pixel displaced from it by p' - p. A 3x3 kernel has 81 such blocks but only 13
+distinct displacements (up to transposition), so ``conv_gram`` computes, per displacement, the
+channel-by-channel products summed over images at every input position (one batched product
+over positions), and then each block as the sum of that over its own window of positions (one
+more product, with a 0/1 window matrix). A strided layer is split into its stride phases first,
+where the same holds. The sums are of the same products as the plain ``X X^T``, in another
+order, with no subtraction anywhere: exact on integer inputs, and an input column that is zero
+over its window gives an exactly zero row and column. Zero padding is never materialised.
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# A block is slid only where no column's sum of squares over the window it leaves is more than this
-# many times its sum over the window it enters: the subtraction then cancels at most 6 of float64's
-# 53 bits, far from float32's rounding, the precision of the sweeps.
-SLIDE_LOSS = 64.0
+# Bytes of one batched product's (positions, C, C) result: on a large map it would otherwise hold
+# a C x C matrix for every input pixel, so the positions go in chunks of at most this size.
+PRODUCT_BYTES = 64 << 20
 
 
 def layer_columns(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -56,7 +59,8 @@ def pad_input(layer: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
 
 def input_gram(layer: nn.Module, inputs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``X @ X.T`` for X = ``layer_columns(layer, inputs)``, computed in ``dtype``."""
-    if isinstance(layer, nn.Conv2d) and layer.kernel_size[0] > 1 and layer.groups == 1:
+    # A 1x1 convolution of stride 1 multiplies the input itself: one product of it is as fast.
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1 and (layer.kernel_size, layer.stride) != ((1, 1), (1, 1)):
         return conv_gram(layer, inputs, dtype)
     return im2col_gram(layer, inputs, dtype)
 
@@ -69,74 +73,131 @@ def im2col_gram(layer: nn.Module, inputs: torch.Tensor, dtype: torch.dtype = tor
 
 
 def conv_gram(layer: nn.Conv2d, inputs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``X @ X.T`` of a convolution's im2col X, one (kernel row, kernel row) block at a time.
+    """``X @ X.T`` of a convolution's im2col X, from the products of input pixels at each displacement.
 
-    Kernel row ``a`` reads input row ``stride * i + dilation * a`` for output row ``i``: in the
-    input's rows of one phase (their index modulo the stride), a window of ``out_rows``
-    consecutive rows starting at ``offset(a)``. Two blocks whose kernel rows have the same phases
-    and the same offset difference sum the same row products over windows shifted by some rows;
-    the later one is the earlier one minus the rows it leaves plus the rows it enters, wherever
-    that is fewer rows than the window and cancels little.
-
-    Cancellation is read off the diagonal blocks, computed first: a column's diagonal entry is its
-    sum of squares over its window. A slide is kept only if every column involved keeps at least
-    ``1 / SLIDE_LOSS`` of the sum of squares it had over the window slid from, so a slid entry's
-    rounding stays within a few float64 ulps of ``sqrt(H_ii H_jj)``, as the plain product's does;
-    otherwise the block is computed in full. A column that is zero over its window but not over the
-    earlier one fails that test, so its row and column come out exactly zero, as in the plain product.
+    Output position (i, j) of kernel position (a, b) reads input row ``stride * i + dilation * a - pad``
+    (and likewise for columns). Split the input rows by their index modulo the stride (the phase):
+    then that row is row ``i + first(a)`` of phase ``phase(a)``, so blocks (a, a') read two phases
+    at a fixed distance ``first(a') - first(a)``, whatever i. ``_Plan`` groups the kernel-position
+    pairs by (left phase, right phase, distance); per group one batched product gives, at every
+    left position, the C x C products summed over images, and a 0/1 matrix of each pair's window
+    (the output positions where both pixels lie inside the input; outside is zero padding) sums them.
     """
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
-    padded = pad_input(layer, inputs)  # the slides below hold for whatever values fill the border
-    images, channels, height = padded.shape[:3]
-    out_rows = (height - dh * (kh - 1) - 1) // sh + 1
-    span = dw * (kw - 1) + 1
-    if out_rows < 1 or span > padded.shape[3]:
-        raise ValueError(f"a {kh}x{kw} kernel (dilation {dh}x{dw}) does not fit the padded {height}x{padded.shape[3]} input")
-    strips = padded.unfold(3, span, sw)  # (N, C, Hp, Wo, kw): the width-only im2col
-    if dw > 1:
-        strips = strips[..., ::dw]
-    features, block = channels * kw, images * strips.shape[3]  # rows (channel, kernel column); columns per input row
+    if layer.padding_mode == "zeros":
+        source = inputs  # the zero border is left out of every window instead of stored
+        left, right, top, bottom = layer._reversed_padding_repeated_twice
+    else:
+        source, left, right, top, bottom = pad_input(layer, inputs), 0, 0, 0, 0
+    images, channels, height, width = source.shape
+    padded_height, padded_width = height + top + bottom, width + left + right
+    if dh * (kh - 1) + 1 > padded_height or dw * (kw - 1) + 1 > padded_width:
+        raise ValueError(f"a {kh}x{kw} kernel (dilation {dh}x{dw}) does not fit the padded "
+                         f"{padded_height}x{padded_width} input")
+    plan = _plan((kh, kw), (sh, sw), (dh, dw), (top, left), (height, width), (padded_height, padded_width))
+    # Each phase as (positions, images, channels), positions row by row on a common phase grid: one
+    # copy gathers and converts, and a displacement is then an offset along the first axis.
+    phases = {}
+    for phase in plan.phases:
+        part = source[:, :, phase[0]::sh, phase[1]::sw].permute(2, 3, 0, 1)
+        grid = torch.empty(plan.grid + (images, channels), dtype=dtype, device=inputs.device)
+        if part.shape[:2] != plan.grid:
+            grid.zero_()
+        grid[:part.shape[0], :part.shape[1]].copy_(part)
+        phases[phase] = grid.view(-1, images, channels)
+    chunk = max(1, PRODUCT_BYTES // (channels * channels * dtype.itemsize))
+    pairs, sums = [], []
+    for group in plan.groups:
+        left_phase, right_phase = phases[group.left], phases[group.right]
+        windows = group.windows_as(dtype, inputs.device)
+        total = None
+        for start in range(0, group.length, chunk):
+            stop = min(start + chunk, group.length)
+            products = torch.bmm(left_phase[start:stop].transpose(1, 2), right_phase[start + group.offset:stop + group.offset])
+            part = windows[:, start:stop] @ products.view(stop - start, -1)
+            total = part if total is None else total.add_(part)
+        pairs.append(group.pairs)
+        sums.append(total)
+    blocks = torch.zeros(kh * kw, kh * kw, channels, channels, dtype=dtype, device=inputs.device)
+    if not pairs:  # every pixel the kernel reads is padding
+        return blocks.permute(2, 0, 3, 1).reshape(channels * kh * kw, channels * kh * kw)
+    pairs, sums = torch.cat(pairs).to(inputs.device), torch.cat(sums).view(-1, channels, channels)
+    blocks[pairs[:, 1], pairs[:, 0]] = sums.transpose(1, 2)
+    blocks[pairs[:, 0], pairs[:, 1]] = sums  # on the diagonal, this one counts
+    return blocks.permute(2, 0, 3, 1).reshape(channels * kh * kw, channels * kh * kw)
 
-    phases: dict[int, torch.Tensor] = {}
 
-    def rows(phase: int) -> torch.Tensor:
-        """The phase's input rows as consecutive blocks of columns (image, output column): (features, rows * block)."""
-        if phase not in phases:
-            view = strips[:, :, phase::sh].permute(1, 4, 2, 0, 3)
-            # One copy gathers and converts: the products below then read contiguous rows.
-            phases[phase] = torch.empty(view.shape, dtype=dtype, device=view.device).copy_(view).view(features, -1)
-        return phases[phase]
+@dataclass(frozen=True)
+class _Group:
+    """Kernel-position pairs whose pixels are one phase grid offset apart: one batched product."""
 
-    def product(phase_a: int, row_a: int, phase_b: int, row_b: int, count: int) -> torch.Tensor:
-        left = rows(phase_a)[:, row_a * block:(row_a + count) * block]
-        right = rows(phase_b)[:, row_b * block:(row_b + count) * block]
-        return left @ right.t()
+    left: tuple[int, int]
+    right: tuple[int, int]
+    offset: int  # along the flattened phase grid, >= 0
+    length: int  # left positions whose right partner lies on the grid
+    pairs: torch.Tensor  # (pairs, 2) kernel positions, row-major
+    windows: torch.Tensor  # (pairs, length) 0/1: the left positions each pair sums over
+    converted: dict = field(default_factory=dict, compare=False, repr=False)
 
-    where = [divmod(dh * a, sh)[::-1] for a in range(kh)]  # kernel row -> (phase, offset of its window)
-    gram = torch.empty(channels, kh, kw, channels, kh, kw, dtype=dtype, device=inputs.device)
-    squares: dict[int, torch.Tensor] = {}  # kernel row -> each column's sum of squares over its window
-    latest: dict[tuple[int, int, int], tuple[int, int, int, torch.Tensor]] = {}  # (phases, offset gap) -> block
-    pairs = [(a, a) for a in range(kh)] + [(a, b) for a in range(kh) for b in range(a + 1, kh)]  # diagonal first
-    for a, b in pairs:  # the blocks below the diagonal are transposes
-        (phase_a, start_a), (phase_b, start_b) = where[a], where[b]
-        key = (phase_a, phase_b, start_b - start_a)
-        part = None
-        known = latest.get(key)
-        if known is not None and 2 * (start_a - known[0]) < out_rows:
-            old, known_a, known_b, earlier = known
-            shift = start_a - old
-            slid = (earlier - product(phase_a, old, phase_b, old + key[2], shift)
-                    + product(phase_a, old + out_rows, phase_b, old + key[2] + out_rows, shift))
-            kept = [slid.diagonal()] * 2 if a == b else [squares[a], squares[b]]
-            if all((now * SLIDE_LOSS >= squares[before]).all() for now, before in zip(kept, (known_a, known_b))):
-                part = slid
-        if part is None:
-            part = product(phase_a, start_a, phase_b, start_b, out_rows)
-        latest[key] = (start_a, a, b, part)
-        if a == b:
-            squares[a] = part.diagonal()
-        part = part.view(channels, kw, channels, kw)
-        gram[:, a, :, :, b, :] = part
-        if b != a:
-            gram[:, b, :, :, a, :] = part.permute(2, 3, 0, 1)
-    return gram.view(channels * kh * kw, channels * kh * kw)
+    def windows_as(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (dtype, torch.device(device))
+        if key not in self.converted:
+            self.converted[key] = self.windows.to(device=device, dtype=dtype)
+        return self.converted[key]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    grid: tuple[int, int]
+    phases: tuple[tuple[int, int], ...]
+    groups: tuple[_Group, ...]
+
+
+def _axis(kernel: int, stride: int, dilation: int, pad: int, size: int, padded: int):
+    """Per kernel index: (phase, first row of its window on the phase), the output count, and the phase grid's length."""
+    outputs = (padded - dilation * (kernel - 1) - 1) // stride + 1
+    places = []
+    for k in range(kernel):
+        phase = (dilation * k - pad) % stride
+        places.append((phase, (dilation * k - pad - phase) // stride))
+    return places, outputs, -(-size // stride)
+
+
+def _window(first: int, other: int, outputs: int, real: int, real_other: int) -> range:
+    """Output indices whose two pixels (rows ``i + first`` and ``i + other`` of their phases) both exist."""
+    low = max(0, -first, -other)
+    high = min(outputs, real - first, real_other - other)
+    return range(low, max(low, high))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(kernel, stride, dilation, pad, size, padded) -> _Plan:
+    rows, row_outputs, grid_rows = _axis(kernel[0], stride[0], dilation[0], pad[0], size[0], padded[0])
+    cols, col_outputs, grid_cols = _axis(kernel[1], stride[1], dilation[1], pad[1], size[1], padded[1])
+    real_rows = [len(range(p, size[0], stride[0])) for p in range(stride[0])]
+    real_cols = [len(range(p, size[1], stride[1])) for p in range(stride[1])]
+    positions = [(a, b) for a in range(kernel[0]) for b in range(kernel[1])]
+    grouped: dict[tuple, list] = {}
+    for p, (a, b) in enumerate(positions):
+        for q, (c, d) in enumerate(positions):
+            (ra, fa), (rc, fc) = rows[a], rows[c]
+            (cb, gb), (cd, gd) = cols[b], cols[d]
+            i = _window(fa, fc, row_outputs, real_rows[ra], real_rows[rc])
+            j = _window(gb, gd, col_outputs, real_cols[cb], real_cols[cd])
+            if not i or not j:
+                continue  # every product of the pair falls in the zero padding
+            offset = (fc - fa) * grid_cols + (gd - gb)
+            if offset < 0 or (offset == 0 and q < p):
+                continue  # the transpose of a pair kept
+            # The window's left pixels, flattened on the left phase's grid.
+            where = [(r + fa) * grid_cols + (s + gb) for r in i for s in j]
+            grouped.setdefault(((ra, cb), (rc, cd), offset), []).append(((p, q), where))
+    groups = []
+    for (left, right, offset), members in grouped.items():
+        length = grid_rows * grid_cols - offset
+        windows = torch.zeros(len(members), length)
+        for row, (_, where) in enumerate(members):
+            windows[row, where] = 1
+        groups.append(_Group(left, right, offset, length, torch.tensor([pair for pair, _ in members]), windows))
+    phases = tuple(sorted({g.left for g in groups} | {g.right for g in groups}))
+    return _Plan((grid_rows, grid_cols), phases, tuple(groups))
