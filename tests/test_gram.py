@@ -12,8 +12,8 @@ from mia_ptq_bench.quantize import gram
 from mia_ptq_bench.quantize.gram import conv_gram, input_gram, layer_columns
 from mia_ptq_bench.quantize.obs import HessianAccumulator
 
-# Kernel (rows, columns), padding and input height: small maps (each block computed in full) and
-# tall ones (blocks slid down from the one above), odd sizes; with every stride phase below.
+# Kernel (rows, columns), padding and input height: maps smaller than some windows and tall ones,
+# odd sizes; with every stride phase below.
 SHAPES = list(itertools.product([(2, 1), (3, 3), (5, 2)], [0, 1, 2], [3, 8, 17]))
 
 
@@ -75,6 +75,27 @@ def test_large_maps_go_in_chunks_of_positions_with_the_same_result(monkeypatch) 
     monkeypatch.setattr(gram, "PRODUCT_BYTES", 7 * 2 * 2 * 8)  # 7 positions per product
     assert torch.equal(conv_gram(conv, inputs), whole)
     assert torch.equal(whole, _reference(conv, inputs))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_strided_layers_with_a_non_zero_border_are_exact(mode: str) -> None:
+    for stride, padding, kernel in [((2, 3), (1, 2), (3, 3)), ((3, 2), (2, 1), (2, 4)), ((2, 2), (1, 1), (3, 1))]:
+        conv = nn.Conv2d(2, 2, kernel, stride=stride, padding=padding, padding_mode=mode)
+        inputs = _integer_inputs(sum(stride), (2, 2, 11, 10))
+        assert torch.equal(conv_gram(conv, inputs), _reference(conv, inputs)), (mode, stride, padding, kernel)
+
+
+def test_an_infinite_pixel_the_layer_never_reads_leaves_the_gram_finite() -> None:
+    # Stride 2 over 6 rows and columns without padding reads rows and columns 0-4 only: the one
+    # im2col product never meets the last pixel; the per-displacement products do (at a position
+    # no window counts) and would turn 0 x inf into NaN.
+    conv = nn.Conv2d(1, 1, 3, stride=2)
+    inputs = torch.ones(2, 1, 6, 6)
+    inputs[0, 0, 5, 5] = float("inf")
+    result = conv_gram(conv, inputs)
+    assert torch.isfinite(result).all() and torch.equal(result, _reference(conv, inputs))
+    inputs[0, 0, 2, 2] = float("nan")  # one the layer reads: its entries are NaN, as in the one product
+    assert torch.equal(conv_gram(conv, inputs).isnan(), _reference(conv, inputs).isnan())
 
 
 def test_a_kernel_that_reads_only_padding_gives_a_zero_gram() -> None:
