@@ -12,6 +12,9 @@ Layout under the cache folder ($MPTQ_CACHE or ~/.cache/mia-ptq-bench)::
                                             quantizes afresh); one whose process is gone from this host
                                             was killed, and goes at the next reproduce or `cache clear`
 
+    .in-use.lock                            locked (shared, flock) by every run using the cache; clear
+                                            takes it exclusively, and is refused while a run holds it
+
 Every key is a content hash, every write atomic, every read checked; deleting any part only
 costs recomputing it.
 """
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import another_live_process, is_temporary
+from .cache import exclusive_use
 from .errors import CacheError
 
 
@@ -174,8 +178,15 @@ def clear_cache(cache_dir: Path, kind: str = "all", task: str | None = None) -> 
     Scratch belongs to no task, and only a killed run's goes: a running reproduce's is left to it."""
     if kind == "scratch" and task is not None:
         raise CacheError("reproduce's scratch folders belong to no task: clear them without --task")
+    if not Path(cache_dir).is_dir():
+        return []
+    with exclusive_use(cache_dir, "clear it"):
+        return _remove(list_cache(cache_dir), kind, task)
+
+
+def _remove(entries: list[CacheEntry], kind: str, task: str | None) -> list[CacheEntry]:
     removed = []
-    for entry in list_cache(cache_dir):
+    for entry in entries:
         if entry.kind == "scratch" and (task is not None or not entry.removable):
             continue
         if (kind in ("all", entry.kind)) and (task is None or entry.task == task):

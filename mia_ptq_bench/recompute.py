@@ -17,6 +17,7 @@ large to commit), or the task has changed since.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from .attack import THREAT_MODELS, ShadowSet
+from .cache import in_use
 from .data import Split
 from .errors import BenchError, PlanError, UnknownNameError
 from .inference import score_split
@@ -298,25 +300,28 @@ def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None =
     from .results.io import load_result
     from .spec import load_registered_task
 
-    loaded: dict[str, tuple[Pool, Split]] = {}
     outcomes, memo = [], {}
-    for path in paths:
-        try:
-            result = load_result(path)
-            spec = load_registered_task(result.task.id)
-        except BenchError as exc:  # validate refuses such a file on its own, with the same line
-            outcomes.append(Recomputation(path, REFUSED, str(exc).splitlines()[0], []))
-            continue
-        if spec.hash != result.task.hash:
-            outcomes.append(Recomputation(path, SELF_REPORTED, "stale: the task has changed since", []))
-            continue
-        if spec.id not in loaded:
-            context = RunContext(spec, Path(cache_dir), data_root, download, device)
-            pool = build_pool(spec, context.dataset(), cache_dir, device)
-            loaded[spec.id] = (pool, evaluation_test_split(spec.calibration, pool.dataset))
-        pool, test = loaded[spec.id]
-        try:
-            outcomes.append(recompute(path, result, pool, test, Path(cache_dir), device, memo))
-        except (PlanError, UnknownNameError) as exc:  # a plan or threat model no one knows: this file only
-            outcomes.append(Recomputation(path, REFUSED, str(exc).splitlines()[0], []))
+    with contextlib.ExitStack() as held:
+        loaded: dict[str, tuple[Pool, Split]] = {}
+        for path in paths:
+            try:
+                result = load_result(path)
+                spec = load_registered_task(result.task.id)
+            except BenchError as exc:  # validate refuses such a file on its own, with the same line
+                outcomes.append(Recomputation(path, REFUSED, str(exc).splitlines()[0], []))
+                continue
+            if spec.hash != result.task.hash:
+                outcomes.append(Recomputation(path, SELF_REPORTED, "stale: the task has changed since", []))
+                continue
+            if spec.id not in loaded:
+                if not loaded:  # the first pool: from here the cache is read, and `cache clear` refused
+                    held.enter_context(in_use(Path(cache_dir)))
+                context = RunContext(spec, Path(cache_dir), data_root, download, device)
+                pool = build_pool(spec, context.dataset(), cache_dir, device)
+                loaded[spec.id] = (pool, evaluation_test_split(spec.calibration, pool.dataset))
+            pool, test = loaded[spec.id]
+            try:
+                outcomes.append(recompute(path, result, pool, test, Path(cache_dir), device, memo))
+            except (PlanError, UnknownNameError) as exc:  # a plan or threat model no one knows: this file only
+                outcomes.append(Recomputation(path, REFUSED, str(exc).splitlines()[0], []))
     return outcomes

@@ -13,6 +13,7 @@ The stages, in order, each done by the module named:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import torch
 from .atomic import ensure_writable
 from .attack import ATTACKS, THREAT_MODELS, ShadowSet, ThreatModel
 from .budget import check_budget, known_shape
-from .cache import default_cache_dir
+from .cache import default_cache_dir, in_use
 from .context import RunContext
 from .data import DATASETS
 from .data.splits import evaluation_test_split
@@ -162,7 +163,12 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
              threat_models: list[str] | None = None, options: RunOptions | None = None,
              progress: Progress | None = None) -> EvaluateOutcome:
     options = options or RunOptions()
-    progress = progress or SilentProgress()
+    with contextlib.ExitStack() as held:  # what the run holds until it ends: the cache, once checked
+        return _evaluate(quantizer, spec, plans, threat_models, options, progress or SilentProgress(), held)
+
+
+def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None, threat_models: list[str] | None,
+              options: RunOptions, progress: Progress, held: contextlib.ExitStack) -> EvaluateOutcome:
     if isinstance(quantizer, str):
         quantizer = QUANTIZERS.get(quantizer)()
     quantizer.progress = progress
@@ -185,6 +191,8 @@ def evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | None
                          extensions=options.extensions, outputs_dir=options.outputs_dir)
     check_budget(spec, options.device, options.cache_dir, plans=[str(p) for p in plan_list],
                  threat_models=[t.name for t in threats], dataset=context.dataset, source=options.task_source)
+    # From here the run reads and writes the cache: `cache clear` would pull the pool from under it.
+    held.enter_context(in_use(Path(options.cache_dir)))
     pool = prepare_pool(context, options, progress)
     test = context.remember("test", evaluation_test_split(spec.calibration, pool.dataset))
     targets = np.arange(spec.targets.count)

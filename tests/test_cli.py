@@ -135,6 +135,47 @@ def test_folders_an_interrupted_pull_leaves_are_listed_as_such_and_cleared(tmp_p
     assert [e.path for e in clear_cache(tmp_path, "pool")] == [leftover] and not leftover.exists()
 
 
+def test_cache_clear_is_refused_while_another_process_uses_the_cache(tmp_path) -> None:
+    pool = tmp_path / "pools" / "tiny-digits-0123456789ab"
+    (pool / "models").mkdir(parents=True)
+    holder = subprocess.Popen(  # a run: it holds the cache until its stdin closes
+        [sys.executable, "-c", "import sys; from mia_ptq_bench.cache import in_use\n"
+         f"with in_use({str(tmp_path)!r}):\n    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = cli.invoke(app, ["cache", "clear", "--cache-dir", str(tmp_path)])
+        message = " ".join(refused.stderr.split())
+        assert refused.exit_code == 2 and "a run (evaluate, reproduce" in message and "is using this cache" in message
+        assert pool.is_dir()
+    finally:
+        holder.communicate("")
+    cleared = cli.invoke(app, ["cache", "clear", "--cache-dir", str(tmp_path)])
+    assert cleared.exit_code == 0 and "removed 1 entries" in cleared.output and not pool.exists()
+
+
+def test_evaluate_holds_the_cache_while_it_runs(tmp_path, monkeypatch) -> None:
+    from mia_ptq_bench import runner
+    from mia_ptq_bench.cache_admin import clear_cache
+    from mia_ptq_bench.errors import CacheError
+    from mia_ptq_bench.spec import load_registered_task
+
+    seen = []
+
+    def clear_instead(context, options, progress):
+        with pytest.raises(CacheError, match="is using this cache"):
+            clear_cache(options.cache_dir)
+        seen.append(True)
+        raise KeyboardInterrupt  # enough: the run stops here
+
+    monkeypatch.setenv("MPTQ_TASKS", str(Path(__file__).parent / "tasks"))
+    monkeypatch.setattr(runner, "prepare_pool", clear_instead)
+    options = runner.RunOptions(out_dir=tmp_path / "results", cache_dir=tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        runner.evaluate("rtn", load_registered_task("tiny-digits"), ["w4"], ["oblivious"], options)
+    assert seen == [True] and clear_cache(tmp_path / "cache") == []  # released when the run ended
+
+
 @pytest.mark.parametrize("level", ["pool", "quantized-pool", "quantized-plan"])
 def test_cache_clear_removes_a_link_and_never_what_it_points_to(tmp_path, level: str) -> None:
     # glob followed a link in the middle of quantized/*/*/* and rmtree then deleted the target's folders.

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import sha256_file, write_json_atomic
+from ..cache import in_use
 from ..errors import BenchError, CacheError, SpecError, WriteError
 from ..limits import MANIFEST_JSON_BYTES, NPY_HEADER_BYTES, POOL_FILE_BYTES
 from ..readers import read_json_file
@@ -72,7 +73,8 @@ def push_pool(store: PoolStore, repo: str, private: bool = False) -> str:
     api = HfApi()
     where = f"hub {repo}"
     with tempfile.TemporaryDirectory() as staging:
-        export_pool(store, Path(staging))
+        with in_use(store.cache_dir, create=False):  # the pool is read while staged
+            export_pool(store, Path(staging))
         _hub_call(where, lambda: api.create_repo(repo, repo_type="model", private=private, exist_ok=True), "upload")
         commit = _hub_call(where, lambda: api.upload_folder(
             repo_id=repo, folder_path=staging, repo_type="model",
@@ -193,6 +195,11 @@ def pull_pool(spec: TaskSpec, cache_dir: Path, repo: str, revision: str | None =
     cache's files are used, checked on disk. ``data_sha256``: the local data's
     (``ImageDataset.digest``), checked before anything local is replaced.
     """
+    with in_use(Path(cache_dir)):
+        return _pull_pool(spec, cache_dir, repo, revision, data_sha256)
+
+
+def _pull_pool(spec: TaskSpec, cache_dir: Path, repo: str, revision: str | None, data_sha256: str | None) -> PoolSource:
     import huggingface_hub.constants as constants
     from huggingface_hub import HfApi, snapshot_download
 

@@ -64,7 +64,8 @@ GROUPS = "groups.json"  # how many models each trained group held: a resumed bui
 class PoolStore:
     def __init__(self, cache_dir: Path, spec: TaskSpec) -> None:
         self.spec = spec
-        self.root = Path(cache_dir) / "pools" / f"{spec.id}-{spec.pool_hash[:12]}"
+        self.cache_dir = Path(cache_dir)
+        self.root = self.cache_dir / "pools" / f"{spec.id}-{spec.pool_hash[:12]}"
 
     # -- paths --------------------------------------------------------------------------
     def weights_path(self, index: int) -> Path:
