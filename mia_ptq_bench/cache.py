@@ -33,9 +33,14 @@ def default_cache_dir() -> Path:
 def _lock_file(cache_dir: Path, create: bool):
     if fcntl is None or not (create or Path(cache_dir).is_dir()):
         return None
+    path = Path(cache_dir) / LOCK_NAME
     try:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        return open(Path(cache_dir) / LOCK_NAME, "a+b")
+        return open(path, "a+b")
+    except OSError:
+        pass
+    try:  # a lock file another user made: reading is enough to lock it
+        return open(path, "rb")
     except OSError:  # a folder this process cannot write: the run's own checks say so, clearly
         return None
 
@@ -51,7 +56,10 @@ def in_use(cache_dir: Path, create: bool = True) -> Iterator[None]:
         yield
         return
     with handle:
-        fcntl.flock(handle, fcntl.LOCK_SH)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+        except OSError:  # a file system without flock (some network mounts): runs go on unguarded
+            pass
         yield
 
 
@@ -66,6 +74,8 @@ def exclusive_use(cache_dir: Path, action: str) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CacheError(f"{cache_dir}: a run (evaluate, reproduce, validate --recompute or a pool pull/push) is "
-                             f"using this cache; {action} when it has finished") from None
+            raise CacheError(f"{cache_dir}: a run (evaluate, reproduce, validate or leaderboard build with --recompute, "
+                             f"or a pool pull or push) is using this cache; {action} when it has finished") from None
+        except OSError:  # no flock on this file system: as unguarded as the runs
+            pass
         yield

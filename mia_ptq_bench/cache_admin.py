@@ -178,7 +178,7 @@ def clear_cache(cache_dir: Path, kind: str = "all", task: str | None = None) -> 
     Scratch belongs to no task, and only a killed run's goes: a running reproduce's is left to it."""
     if kind == "scratch" and task is not None:
         raise CacheError("reproduce's scratch folders belong to no task: clear them without --task")
-    if not Path(cache_dir).is_dir():
+    if not list_cache(cache_dir):  # nothing to remove: no lock file left in a folder that is not a cache
         return []
     with exclusive_use(cache_dir, "clear it"):
         return _remove(list_cache(cache_dir), kind, task)

@@ -314,10 +314,10 @@ def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None =
                 outcomes.append(Recomputation(path, SELF_REPORTED, "stale: the task has changed since", []))
                 continue
             if spec.id not in loaded:
+                dataset = RunContext(spec, Path(cache_dir), data_root, download, device).dataset()
                 if not loaded:  # the first pool: from here the cache is read, and `cache clear` refused
                     held.enter_context(in_use(Path(cache_dir)))
-                context = RunContext(spec, Path(cache_dir), data_root, download, device)
-                pool = build_pool(spec, context.dataset(), cache_dir, device)
+                pool = build_pool(spec, dataset, cache_dir, device)
                 loaded[spec.id] = (pool, evaluation_test_split(spec.calibration, pool.dataset))
             pool, test = loaded[spec.id]
             try:

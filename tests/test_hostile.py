@@ -894,6 +894,15 @@ def test_read_only_results_folder_fails_before_any_compute(read_only_folder: Pat
     assert not cache.exists()  # no pool trained, nothing cached: the check came first
 
 
+def test_a_run_refused_for_its_data_leaves_no_cache_folder(tmp_path: Path) -> None:
+    empty, cache = tmp_path / "data", tmp_path / "cache"
+    empty.mkdir()
+    result = cli.invoke(app, ["evaluate", "rtn", "--task", "fashion-mnist-cnn", "--data-root", str(empty),
+                              "--cache-dir", str(cache), "--out", str(tmp_path / "results")])
+    assert result.exit_code == 2 and "fashion-mnist" in result.stderr
+    assert not cache.exists()  # refused before the run took hold of the cache
+
+
 def test_full_disk_is_one_clear_error_and_leaves_nothing(small_disk: Path, tmp_path: Path) -> None:
     target = small_disk / "results" / "big.json"
     with pytest.raises(WriteError, match=r"big\.json: cannot write: No space left on device"):

@@ -195,11 +195,6 @@ def pull_pool(spec: TaskSpec, cache_dir: Path, repo: str, revision: str | None =
     cache's files are used, checked on disk. ``data_sha256``: the local data's
     (``ImageDataset.digest``), checked before anything local is replaced.
     """
-    with in_use(Path(cache_dir)):
-        return _pull_pool(spec, cache_dir, repo, revision, data_sha256)
-
-
-def _pull_pool(spec: TaskSpec, cache_dir: Path, repo: str, revision: str | None, data_sha256: str | None) -> PoolSource:
     import huggingface_hub.constants as constants
     from huggingface_hub import HfApi, snapshot_download
 
@@ -247,7 +242,11 @@ def install_snapshot(snapshot: Path, spec: TaskSpec, cache_dir: Path, repo: str,
     commit = snapshot.name  # the Hub cache names each snapshot by its commit hash
     where = f"hub {repo}@{commit[:12]}"
     manifest = verify_snapshot(snapshot, spec, where, data_sha256)
-    store = PoolStore(cache_dir, spec)
+    with in_use(Path(cache_dir)):  # verified: from here the pool is written into the cache
+        return _install(snapshot, manifest, PoolStore(cache_dir, spec), repo, commit)
+
+
+def _install(snapshot: Path, manifest: dict, store: PoolStore, repo: str, commit: str) -> PoolSource:
     try:
         store.root.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".pull-", dir=store.root.parent))
