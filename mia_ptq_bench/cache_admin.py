@@ -180,6 +180,8 @@ def clear_cache(cache_dir: Path, kind: str = "all", task: str | None = None) -> 
         raise CacheError("reproduce's scratch folders belong to no task: clear them without --task")
     if not list_cache(cache_dir):  # nothing to remove: no lock file left in a folder that is not a cache
         return []
+    if kind == "scratch":  # only killed runs' folders go, which no running run reads: no need to wait for runs
+        return _remove(list_cache(cache_dir), kind, task)
     with exclusive_use(cache_dir, "clear it"):
         return _remove(list_cache(cache_dir), kind, task)
 
