@@ -21,6 +21,7 @@ costs recomputing it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -178,11 +179,11 @@ def clear_cache(cache_dir: Path, kind: str = "all", task: str | None = None) -> 
     Scratch belongs to no task, and only a killed run's goes: a running reproduce's is left to it."""
     if kind == "scratch" and task is not None:
         raise CacheError("reproduce's scratch folders belong to no task: clear them without --task")
-    if not list_cache(cache_dir):  # nothing to remove: no lock file left in a folder that is not a cache
-        return []
-    if kind == "scratch":  # only killed runs' folders go, which no running run reads: no need to wait for runs
-        return _remove(list_cache(cache_dir), kind, task)
-    with exclusive_use(cache_dir, "clear it"):
+    folder = Path(cache_dir)
+    if not ((folder / "pools").is_dir() or (folder / "quantized").is_dir() or _scratch_folders(folder)):
+        return []  # no cached work: no lock file left in a folder that is not a cache
+    # Scratch: only killed runs' folders go, which no running run reads, so runs need not have ended.
+    with contextlib.nullcontext() if kind == "scratch" else exclusive_use(cache_dir, "clear it"):
         return _remove(list_cache(cache_dir), kind, task)
 
 

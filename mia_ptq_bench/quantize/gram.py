@@ -119,11 +119,10 @@ def conv_gram(layer: nn.Conv2d, inputs: torch.Tensor, dtype: torch.dtype = torch
         pairs.append(group.pairs)
         sums.append(total)
     blocks = torch.zeros(kh * kw, kh * kw, channels, channels, dtype=dtype, device=inputs.device)
-    if not pairs:  # every pixel the kernel reads is padding
-        return blocks.permute(2, 0, 3, 1).reshape(channels * kh * kw, channels * kh * kw)
-    pairs, sums = torch.cat(pairs).to(inputs.device), torch.cat(sums).view(-1, channels, channels)
-    blocks[pairs[:, 1], pairs[:, 0]] = sums.transpose(1, 2)
-    blocks[pairs[:, 0], pairs[:, 1]] = sums  # on the diagonal, this one counts
+    if pairs:  # none where every pixel the kernel reads is padding
+        pairs, sums = torch.cat(pairs).to(inputs.device), torch.cat(sums).view(-1, channels, channels)
+        blocks[pairs[:, 1], pairs[:, 0]] = sums.transpose(1, 2)
+        blocks[pairs[:, 0], pairs[:, 1]] = sums  # on the diagonal, this one counts
     result = blocks.permute(2, 0, 3, 1).reshape(channels * kh * kw, channels * kh * kw)
     if not torch.isfinite(result).all():
         # The window sums multiply every position's products, in a window or not, by 0 or 1, and 0

@@ -69,9 +69,8 @@ def _reference_attacks(spec: TaskSpec, keep: np.ndarray, targets: np.ndarray, sc
         attacked = attack_reference(spec, keep, targets, scores, full, _choices)
         for array in (*attacked.membership.values(), attacked.chosen):
             array.setflags(write=False)  # shared by the results that follow: read, never changed
-        while len(_references) >= REFERENCES_KEPT:
-            _references.pop(next(iter(_references)))  # the oldest
         _references[key] = attacked
+        _drop_oldest(_references, REFERENCES_KEPT)
     kept = _references[key]
     return Attacked(dict(kept.membership), list(kept.choices), kept.chosen)
 
@@ -84,9 +83,13 @@ def _rerun(arrays: dict[str, np.ndarray], spec: TaskSpec, result: Result) -> tup
     quantized = attack_targets(spec, keep, targets, arrays["target_scores"], threat, candidates, shadows,
                                choices=_choices)
     reference = _reference_attacks(spec, keep, targets, arrays["reference_scores"], shadows["full-precision"])
-    while len(_choices) > CHOICES_KEPT:
-        _choices.pop(next(iter(_choices)))  # the oldest
+    _drop_oldest(_choices, CHOICES_KEPT)
     return quantized, reference
+
+
+def _drop_oldest(memo: dict, kept: int) -> None:
+    while len(memo) > kept:
+        memo.pop(next(iter(memo)))  # dicts keep insertion order: the first is the oldest
 
 
 def _check_arrays(path: Path, arrays: dict[str, np.ndarray], result: Result) -> None:
