@@ -59,8 +59,9 @@ def pad_input(layer: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
 
 def input_gram(layer: nn.Module, inputs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``X @ X.T`` for X = ``layer_columns(layer, inputs)``, computed in ``dtype``."""
-    # A 1x1 convolution of stride 1 multiplies the input itself: one product of it is as fast.
-    if isinstance(layer, nn.Conv2d) and layer.groups == 1 and (layer.kernel_size, layer.stride) != ((1, 1), (1, 1)):
+    # A 1x1 convolution multiplies its input, subsampled by the stride, itself: X has no repeated
+    # pixels to share, and one product of it is as fast (AMD EPYC, ResNet10's strided shortcuts).
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.kernel_size != (1, 1):
         return conv_gram(layer, inputs, dtype)
     return im2col_gram(layer, inputs, dtype)
 
@@ -78,10 +79,13 @@ def conv_gram(layer: nn.Conv2d, inputs: torch.Tensor, dtype: torch.dtype = torch
     Output position (i, j) of kernel position (a, b) reads input row ``stride * i + dilation * a - pad``
     (and likewise for columns). Split the input rows by their index modulo the stride (the phase):
     then that row is row ``i + first(a)`` of phase ``phase(a)``, so blocks (a, a') read two phases
-    at a fixed distance ``first(a') - first(a)``, whatever i. ``_Plan`` groups the kernel-position
-    pairs by (left phase, right phase, distance); per group one batched product gives, at every
-    left position, the C x C products summed over images, and a 0/1 matrix of each pair's window
-    (the output positions where both pixels lie inside the input; outside is zero padding) sums them.
+    at a fixed distance ``first(a') - first(a)``, whatever i; the same for columns. ``_Plan`` groups
+    the kernel-position pairs into bands: pairs of the same two phases and row distance, whose column
+    distances lie side by side. Per band one batched product gives, at every left position, the
+    C x C products summed over images with each pixel of a row of neighbours at once (a C x wC
+    product, where one per column distance would be C x C: tiny products run far below a CPU's
+    peak); a 0/1 matrix of each pair's window (the output positions where both pixels lie inside
+    the input; outside is zero padding) then sums them.
     """
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     if layer.padding_mode == "zeros":
@@ -95,32 +99,49 @@ def conv_gram(layer: nn.Conv2d, inputs: torch.Tensor, dtype: torch.dtype = torch
         raise ValueError(f"a {kh}x{kw} kernel (dilation {dh}x{dw}) does not fit the padded "
                          f"{padded_height}x{padded_width} input")
     plan = _plan((kh, kw), (sh, sw), (dh, dw), (top, left), (height, width), (padded_height, padded_width))
-    # Each phase as (positions, images, channels), positions row by row on a common phase grid: one
-    # copy gathers and converts, and a displacement is then an offset along the first axis.
+    # Each row phase as (images, pixels, channels), its rows of ``wide`` columns (the width rounded up
+    # to whole strides) one after another between zero margins that every band's reads stay within: a
+    # C x I matrix at every left pixel and an I x wC one at every band start, plain strided views for
+    # the batched product, and the left pixels of one column phase a fixed stride apart.
+    rows, columns = plan.grid
+    wide = columns * sw
+    span = plan.front + rows * wide + plan.back
     phases = {}
     for phase in plan.phases:
-        part = source[:, :, phase[0]::sh, phase[1]::sw].permute(2, 3, 0, 1)
-        grid = torch.empty(plan.grid + (images, channels), dtype=dtype, device=inputs.device)
-        if part.shape[:2] != plan.grid:
+        part = source[:, :, phase::sh].permute(0, 2, 3, 1)
+        buffer = torch.empty(images, span, channels, dtype=dtype, device=inputs.device)
+        buffer[:, :plan.front].zero_()
+        buffer[:, plan.front + rows * wide:].zero_()
+        grid = buffer[:, plan.front:plan.front + rows * wide].view(images, rows, wide, channels)
+        if part.shape[1:3] != (rows, wide):
             grid.zero_()
-        grid[:part.shape[0], :part.shape[1]].copy_(part)
-        phases[phase] = grid.view(-1, images, channels)
-    chunk = max(1, PRODUCT_BYTES // (channels * channels * dtype.itemsize))
+        grid[:, :part.shape[1], :part.shape[2]].copy_(part)
+        phases[phase] = buffer
+    positions = rows * columns
+    tile = plan.tile * channels
     pairs, sums = [], []
-    for group in plan.groups:
-        left_phase, right_phase = phases[group.left], phases[group.right]
-        windows = group.windows_as(dtype, inputs.device)
+    for band in plan.bands:
+        start = plan.front + plan.first
+        lefts = phases[band.left].as_strided((positions, tile, images), (sw * channels, 1, span * channels),
+                                             start * channels)
+        rights = phases[band.right].as_strided((positions, images, band.width * channels),
+                                               (sw * channels, span * channels, 1), (start + band.shift) * channels)
+        windows = band.windows_as(dtype, inputs.device)
+        chunk = max(1, PRODUCT_BYTES // (tile * band.width * channels * dtype.itemsize))
         total = None
-        for start in range(0, group.length, chunk):
-            stop = min(start + chunk, group.length)
-            products = torch.bmm(left_phase[start:stop].transpose(1, 2), right_phase[start + group.offset:stop + group.offset])
-            part = windows[:, start:stop] @ products.view(stop - start, -1)
+        for first in range(band.start, band.stop, chunk):
+            last = min(first + chunk, band.stop)
+            products = torch.bmm(lefts[first:last], rights[first:last])
+            part = windows[:, first - band.start:last - band.start] @ products.view(last - first, -1)
             total = part if total is None else total.add_(part)
-        pairs.append(group.pairs)
-        sums.append(total)
+        # Each pair keeps its own left pixel of the tile and right pixel of the band: one C x C block.
+        total = total.view(len(band.pairs), plan.tile, channels, band.width, channels)
+        where = band.places.to(inputs.device)
+        pairs.append(band.pairs)
+        sums.append(total[torch.arange(len(band.pairs)), where[:, 0], :, where[:, 1]])
     blocks = torch.zeros(kh * kw, kh * kw, channels, channels, dtype=dtype, device=inputs.device)
     if pairs:  # none where every pixel the kernel reads is padding
-        pairs, sums = torch.cat(pairs).to(inputs.device), torch.cat(sums).view(-1, channels, channels)
+        pairs, sums = torch.cat(pairs).to(inputs.device), torch.cat(sums)
         blocks[pairs[:, 1], pairs[:, 0]] = sums.transpose(1, 2)
         blocks[pairs[:, 0], pairs[:, 1]] = sums  # on the diagonal, this one counts
     result = blocks.permute(2, 0, 3, 1).reshape(channels * kh * kw, channels * kh * kw)
@@ -133,15 +154,20 @@ def conv_gram(layer: nn.Conv2d, inputs: torch.Tensor, dtype: torch.dtype = torch
 
 
 @dataclass(frozen=True)
-class _Group:
-    """Kernel-position pairs whose pixels are one phase grid offset apart: one batched product."""
+class _Band:
+    """Kernel-position pairs of two row phases one phase row apart: one batched product, of each tile
+    of left pixels (one per column phase read, side by side) with the ``width`` pixels of its row of
+    right neighbours."""
 
-    left: tuple[int, int]
-    right: tuple[int, int]
-    offset: int  # along the flattened phase grid, >= 0
-    length: int  # left positions whose right partner lies on the grid
+    left: int  # row phases
+    right: int
+    shift: int  # from a tile's first pixel to its first right neighbour, in pixels of the flattened row phase
+    width: int
     pairs: torch.Tensor  # (pairs, 2) kernel positions, row-major
-    windows: torch.Tensor  # (pairs, length) bool: the left positions each pair sums over
+    places: torch.Tensor  # (pairs, 2) each pair's left pixel in the tile and right pixel among the neighbours
+    start: int  # the tiles some pair's window holds, on the phase grid: no product is taken outside them
+    stop: int
+    windows: torch.Tensor  # (pairs, stop - start) bool: the tiles each pair sums over
     converted: dict = field(default_factory=dict, compare=False, repr=False)
 
     def windows_as(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -153,9 +179,13 @@ class _Group:
 
 @dataclass(frozen=True)
 class _Plan:
-    grid: tuple[int, int]
-    phases: tuple[tuple[int, int], ...]
-    groups: tuple[_Group, ...]
+    grid: tuple[int, int]  # rows and columns of a phase grid
+    first: int  # the first column phase read: a tile's first pixel
+    tile: int  # pixels per tile, from the first column phase read to the last
+    front: int  # zero margins of the flattened row phases, for the bands' reads
+    back: int
+    phases: tuple[int, ...]  # the row phases read
+    bands: tuple[_Band, ...]
 
 
 def _axis(kernel: int, stride: int, dilation: int, pad: int, size: int, padded: int):
@@ -184,7 +214,7 @@ def _plan(kernel, stride, dilation, pad, size, padded) -> _Plan:
     real_rows = [len(range(p, size[0], stride[0])) for p in range(stride[0])]
     real_cols = [len(range(p, size[1], stride[1])) for p in range(stride[1])]
     positions = [(a, b) for a in range(kernel[0]) for b in range(kernel[1])]
-    grouped: dict[tuple, list] = {}
+    banded: dict[tuple, list] = {}
     for p, (a, b) in enumerate(positions):
         for q, (c, d) in enumerate(positions):
             (ra, fa), (rc, fc) = rows[a], rows[c]
@@ -193,19 +223,32 @@ def _plan(kernel, stride, dilation, pad, size, padded) -> _Plan:
             j = _window(gb, gd, col_outputs, real_cols[cb], real_cols[cd])
             if not i or not j:
                 continue  # every product of the pair falls in the zero padding
-            offset = (fc - fa) * grid_cols + (gd - gb)
-            if offset < 0 or (offset == 0 and q < p):
+            rise, step = fc - fa, (gd * stride[1] + cd) - (gb * stride[1] + cb)  # phase rows, input columns
+            if (rise, step, q) < (0, 0, p):
                 continue  # the transpose of a pair kept
             # The window's left pixels, flattened on the left phase's grid.
             where = ((torch.arange(i.start, i.stop) + fa)[:, None] * grid_cols
                      + (torch.arange(j.start, j.stop) + gb)[None, :]).flatten()
-            grouped.setdefault(((ra, cb), (rc, cd), offset), []).append(((p, q), where))
-    groups = []
-    for (left, right, offset), members in grouped.items():
-        length = grid_rows * grid_cols - offset
-        windows = torch.zeros(len(members), length, dtype=torch.bool)
-        for row, (_, where) in enumerate(members):
-            windows[row, where] = True
-        groups.append(_Group(left, right, offset, length, torch.tensor([pair for pair, _ in members]), windows))
-    phases = tuple(sorted({g.left for g in groups} | {g.right for g in groups}))
-    return _Plan((grid_rows, grid_cols), phases, tuple(groups))
+            banded.setdefault((ra, rc, rise), []).append(((p, q), cb, step, where))
+    first = min([cb for members in banded.values() for _, cb, _, _ in members], default=0)
+    tile = max([cb for members in banded.values() for _, cb, _, _ in members], default=0) - first + 1
+    bands = []
+    for (left, right, rise), members in banded.items():
+        # A right pixel's place from the tile's first pixel: its left pixel's, plus the step.
+        reach = [cb - first + step for _, cb, step, _ in members]
+        low, width = min(reach), max(reach) - min(reach) + 1
+        start = min(int(where[0]) for _, _, _, where in members)
+        stop = max(int(where[-1]) for _, _, _, where in members) + 1
+        windows = torch.zeros(len(members), stop - start, dtype=torch.bool)
+        for row, (_, _, _, where) in enumerate(members):
+            windows[row, where - start] = True
+        bands.append(_Band(left, right, rise * grid_cols * stride[1] + low, width,
+                           torch.tensor([pair for pair, _, _, _ in members]),
+                           torch.tensor([[cb - first, r - low] for (_, cb, _, _), r in zip(members, reach)]),
+                           start, stop, windows))
+    # A row phase holds grid_rows * grid_cols * stride pixels; tile k starts at pixel stride * k + first
+    # and reads pixels shift + [0, width) from there.
+    phases = tuple(sorted({b.left for b in bands} | {b.right for b in bands}))
+    front = max([0] + [-(first + band.shift) for band in bands])
+    back = max([0] + [first + band.shift + band.width - stride[1] for band in bands])
+    return _Plan((grid_rows, grid_cols), first, tile, front, back, phases, tuple(bands))
