@@ -18,7 +18,7 @@ initialised ones (no pool to train), BatchNorm folded and calibrated on their ow
   forward passes);
 - per layer of the first model: milliseconds for the Gram matrix ``X X^T`` of its inputs (float64,
   the ``--calibration`` images as one batch) as the Hessians take it (``gram.input_gram``: a
-  convolution from one batched product per pixel displacement) and as one product of the whole
+  convolution from one batched product per band of displacements) and as one product of the whole
   im2col matrix (what the reference codes and ptq_speed's plain runs do), interleaved, best of
   ``--repeats``, with the ratio.
 --save writes the output under benchmarks/results/ with the machine's description.

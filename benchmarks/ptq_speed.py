@@ -15,7 +15,7 @@ Trains ``--models`` pool models with the task's recipe (or loads them from a com
   calibration images stopped at the unit, as the study's code does; OBC: one row at a time on full-size
   arrays; GPTQ: its own lazy 128-column blocks, as its reference code runs it, one model at a time; OBC and GPTQ: each
   convolution's Hessian from its whole im2col matrix in one product, as the reference codes do
-  (ours takes one batched product per pixel displacement, ``quantize/gram.py``); RTN, and the grids
+  (ours takes one batched product per band of pixel displacements, ``quantize/gram.py``); RTN, and the grids
   and BatchNorm folding of every method: the same code given one model at a time).
 Ours quantizes every plan of ``--plans`` with one quantizer object, as `evaluate` runs a grid (so
 OBC computes each model's full-precision Hessians once, for all plans, and every method replays the

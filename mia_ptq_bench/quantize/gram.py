@@ -5,11 +5,13 @@ one column per output position, one row per (input channel, kernel row, kernel c
 the Gram matrix has one (C, C) block per pair of kernel positions. Every entry of the block of
 kernel positions p and p' is a sum, over images and output positions, of the product of an input
 pixel and the pixel displaced from it by p' - p. A 3x3 kernel has 81 such blocks but only 13
-distinct displacements (up to transposition), so ``conv_gram`` computes, per displacement, the
-channel-by-channel products summed over images at every input position (one batched product
-over positions), and then each block as the sum of that over its own window of positions (one
-more product, with a 0/1 window matrix). A strided layer is split into its stride phases first,
-where the same holds. The sums are of the same products as the plain ``X X^T``, in another
+distinct displacements (up to transposition), so ``conv_gram`` computes the channel-by-channel
+products summed over images at every input position, for every displacement, and then each block
+as the sum of those over its own window of positions (a product with a 0/1 window matrix). The
+displacements of one row distance are taken together, as one batched product of each pixel with
+its row of neighbours: C x wC products, where C x C ones would run far below the CPU's peak. A
+strided layer is split into its row phases, and the column phases a stride reads sit side by
+side in each product. The sums are of the same products as the plain ``X X^T``, in another
 order, with no subtraction anywhere: exact on integer inputs, and an input column that is zero
 over its window gives an exactly zero row and column. Zero padding is never materialised.
 """
@@ -76,16 +78,16 @@ def im2col_gram(layer: nn.Module, inputs: torch.Tensor, dtype: torch.dtype = tor
 def conv_gram(layer: nn.Conv2d, inputs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``X @ X.T`` of a convolution's im2col X, from the products of input pixels at each displacement.
 
-    Output position (i, j) of kernel position (a, b) reads input row ``stride * i + dilation * a - pad``
-    (and likewise for columns). Split the input rows by their index modulo the stride (the phase):
-    then that row is row ``i + first(a)`` of phase ``phase(a)``, so blocks (a, a') read two phases
-    at a fixed distance ``first(a') - first(a)``, whatever i; the same for columns. ``_Plan`` groups
-    the kernel-position pairs into bands: pairs of the same two phases and row distance, whose column
-    distances lie side by side. Per band one batched product gives, at every left position, the
-    C x C products summed over images with each pixel of a row of neighbours at once (a C x wC
-    product, where one per column distance would be C x C: tiny products run far below a CPU's
-    peak); a 0/1 matrix of each pair's window (the output positions where both pixels lie inside
-    the input; outside is zero padding) then sums them.
+    Output position (i, j) of kernel position (a, b) reads input row ``stride * i + dilation * a - pad``.
+    Split the input rows by their index modulo the stride (the phase): then that row is row
+    ``i + first(a)`` of phase ``phase(a)``, so blocks (a, a') read two phases at a fixed distance
+    ``first(a') - first(a)``, whatever i. Columns stay whole: the pixels a kernel column reads lie a
+    stride apart, and a block's right pixel sits a fixed number of columns from its left one.
+    ``_Plan`` groups the kernel-position pairs into bands, one per (left phase, right phase, row
+    distance). Per band one batched product gives, at every tile of left pixels (the column phases
+    read, side by side), the products summed over images with each pixel of the row of right
+    neighbours the band's pairs reach; a 0/1 matrix of each pair's window (the output positions where
+    both pixels lie inside the input; outside is zero padding) then sums its own block over positions.
     """
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     if layer.padding_mode == "zeros":
@@ -138,7 +140,7 @@ def conv_gram(layer: nn.Conv2d, inputs: torch.Tensor, dtype: torch.dtype = torch
         total = total.view(len(band.pairs), plan.tile, channels, band.width, channels)
         where = band.places.to(inputs.device)
         pairs.append(band.pairs)
-        sums.append(total[torch.arange(len(band.pairs)), where[:, 0], :, where[:, 1]])
+        sums.append(total[torch.arange(len(band.pairs), device=inputs.device), where[:, 0], :, where[:, 1]])
     blocks = torch.zeros(kh * kw, kh * kw, channels, channels, dtype=dtype, device=inputs.device)
     if pairs:  # none where every pixel the kernel reads is padding
         pairs, sums = torch.cat(pairs).to(inputs.device), torch.cat(sums)
