@@ -136,11 +136,12 @@ def conv_gram(layer: nn.Conv2d, inputs: torch.Tensor, dtype: torch.dtype = torch
             products = torch.bmm(lefts[first:last], rights[first:last])
             part = windows[:, first - band.start:last - band.start] @ products.view(last - first, -1)
             total = part if total is None else total.add_(part)
-        # Each pair keeps its own left pixel of the tile and right pixel of the band: one C x C block.
-        total = total.view(len(band.pairs), plan.tile, channels, band.width, channels)
+        # Each pair keeps its own window's sums of its left pixel of the tile and right pixel of the band:
+        # one C x C block.
+        total = total.view(-1, plan.tile, channels, band.width, channels)
         where = band.places.to(inputs.device)
         pairs.append(band.pairs)
-        sums.append(total[torch.arange(len(band.pairs), device=inputs.device), where[:, 0], :, where[:, 1]])
+        sums.append(total[where[:, 0], where[:, 1], :, where[:, 2]])
     blocks = torch.zeros(kh * kw, kh * kw, channels, channels, dtype=dtype, device=inputs.device)
     if pairs:  # none where every pixel the kernel reads is padding
         pairs, sums = torch.cat(pairs).to(inputs.device), torch.cat(sums)
@@ -166,10 +167,10 @@ class _Band:
     shift: int  # from a tile's first pixel to its first right neighbour, in pixels of the flattened row phase
     width: int
     pairs: torch.Tensor  # (pairs, 2) kernel positions, row-major
-    places: torch.Tensor  # (pairs, 2) each pair's left pixel in the tile and right pixel among the neighbours
+    places: torch.Tensor  # (pairs, 3) each pair's window, left pixel in the tile and right pixel among the neighbours
     start: int  # the tiles some pair's window holds, on the phase grid: no product is taken outside them
     stop: int
-    windows: torch.Tensor  # (pairs, stop - start) bool: the tiles each pair sums over
+    windows: torch.Tensor  # (windows, stop - start) bool: the tiles a pair sums over, each window once
     converted: dict = field(default_factory=dict, compare=False, repr=False)
 
     def windows_as(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -244,9 +245,12 @@ def _plan(kernel, stride, dilation, pad, size, padded) -> _Plan:
         windows = torch.zeros(len(members), stop - start, dtype=torch.bool)
         for row, (_, _, _, where) in enumerate(members):
             windows[row, where - start] = True
+        # Pairs share windows (a padded 3x3 kernel's 45 pairs have 22 in its 3 bands at stride 1, 16 in 6 at
+        # stride 2): each window's sums are taken once.
+        windows, window = torch.unique(windows, dim=0, return_inverse=True)
+        places = [[int(w), cb - first, r - low] for w, (_, cb, _, _), r in zip(window, members, reach)]
         bands.append(_Band(left, right, rise * grid_cols * stride[1] + low, width,
-                           torch.tensor([pair for pair, _, _, _ in members]),
-                           torch.tensor([[cb - first, r - low] for (_, cb, _, _), r in zip(members, reach)]),
+                           torch.tensor([pair for pair, _, _, _ in members]), torch.tensor(places),
                            start, stop, windows))
     # A row phase holds grid_rows * grid_cols * stride pixels; tile k starts at pixel stride * k + first
     # and reads pixels shift + [0, width) from there.
