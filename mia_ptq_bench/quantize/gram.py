@@ -128,7 +128,7 @@ def conv_gram(layer: nn.Conv2d, inputs: torch.Tensor, dtype: torch.dtype = torch
                                              start * channels)
         rights = phases[band.right].as_strided((positions, images, band.width * channels),
                                                (sw * channels, span * channels, 1), (start + band.shift) * channels)
-        windows = band.windows_as(dtype, inputs.device)
+        windows, where, kept = band.on(dtype, inputs.device)
         chunk = max(1, PRODUCT_BYTES // (tile * band.width * channels * dtype.itemsize))
         total = None
         for first in range(band.start, band.stop, chunk):
@@ -139,12 +139,11 @@ def conv_gram(layer: nn.Conv2d, inputs: torch.Tensor, dtype: torch.dtype = torch
         # Each pair keeps its own window's sums of its left pixel of the tile and right pixel of the band:
         # one C x C block.
         total = total.view(-1, plan.tile, channels, band.width, channels)
-        where = band.places.to(inputs.device)
-        pairs.append(band.pairs)
+        pairs.append(kept)
         sums.append(total[where[:, 0], where[:, 1], :, where[:, 2]])
     blocks = torch.zeros(kh * kw, kh * kw, channels, channels, dtype=dtype, device=inputs.device)
     if pairs:  # none where every pixel the kernel reads is padding
-        pairs, sums = torch.cat(pairs).to(inputs.device), torch.cat(sums)
+        pairs, sums = torch.cat(pairs), torch.cat(sums)
         blocks[pairs[:, 1], pairs[:, 0]] = sums.transpose(1, 2)
         blocks[pairs[:, 0], pairs[:, 1]] = sums  # on the diagonal, this one counts
     result = blocks.permute(2, 0, 3, 1).reshape(channels * kh * kw, channels * kh * kw)
@@ -173,10 +172,12 @@ class _Band:
     windows: torch.Tensor  # (windows, stop - start) bool: the tiles a pair sums over, each window once
     converted: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def windows_as(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def on(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The windows in ``dtype``, the places and the pairs, on ``device``: converted once per plan."""
         key = (dtype, torch.device(device))
         if key not in self.converted:
-            self.converted[key] = self.windows.to(device=device, dtype=dtype)
+            self.converted[key] = (self.windows.to(device=device, dtype=dtype), self.places.to(device),
+                                   self.pairs.to(device))
         return self.converted[key]
 
 
@@ -208,7 +209,7 @@ def _window(first: int, other: int, outputs: int, real: int, real_other: int) ->
     return range(low, max(low, high))
 
 
-# A plan holds its windows (one byte per pair and position, and a copy per dtype and device used):
+# A plan holds its windows (one byte per distinct window and position, and a copy per dtype and device used):
 # a few MB for a 3x3 kernel on a 224x224 map, far less on this benchmark's small images.
 @functools.lru_cache(maxsize=32)
 def _plan(kernel, stride, dilation, pad, size, padded) -> _Plan:
