@@ -73,6 +73,12 @@ class _SecondOrder(CalibratedQuantizer):
 
     _cache_names = ("_memo", "_hessian_cache")
 
+    @property
+    def uses_originals(self) -> bool:  # type: ignore[override]
+        # Sequential Hessians come from the models as they are being quantized: no full-precision copy
+        # is read, so none is made (a deep copy per model, about 4% of GPTQ's time on ResNet10).
+        return not self.config.sequential  # type: ignore[attr-defined]
+
     def _start_caches(self) -> None:
         super()._start_caches()
         self._hessian_cache = _HessianCache(HESSIAN_CACHE_BYTES)
