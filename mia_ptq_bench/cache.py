@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import CacheError
@@ -46,9 +46,11 @@ def _lock_file(cache_dir: Path, create: bool):
 
 
 @contextlib.contextmanager
-def in_use(cache_dir: Path, create: bool = True) -> Iterator[None]:
+def in_use(cache_dir: Path, create: bool = True, waiting: Callable[[str], None] | None = None) -> Iterator[None]:
     """Mark the cache as used by this run while the block runs: ``exclusive_use`` (``cache clear``) is
-    refused meanwhile. Any number of runs may hold it at once; one starting during a clear waits for it.
+    refused meanwhile. Any number of runs may hold it at once; one starting during a clear waits for it,
+    and says so once through ``waiting`` (a clear suspended with Ctrl-Z, or on a slow disk, would
+    otherwise hold it without a word).
     ``create``: make the cache folder if it is missing (else a missing one is not locked: a run that
     only reads the cache finds nothing there to protect)."""
     handle = _lock_file(cache_dir, create)
@@ -57,7 +59,12 @@ def in_use(cache_dir: Path, create: bool = True) -> Iterator[None]:
         return
     with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_SH)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting is not None:
+                    waiting(f"{cache_dir}: a `cache clear` holds this cache; waiting for it to finish")
+                fcntl.flock(handle, fcntl.LOCK_SH)
         except OSError:  # a file system without flock (some network mounts): runs go on unguarded
             pass
         yield

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,50 @@ def test_evaluate_holds_the_cache_while_it_runs(tmp_path, monkeypatch) -> None:
         runner.evaluate("rtn", load_registered_task("tiny-digits"), ["w4"], ["oblivious"], options)
     assert seen == [True] and other.is_dir()
     assert [e.path for e in clear_cache(tmp_path / "cache")] == [other.parent]  # released when the run ended
+
+
+def test_a_run_starting_during_a_clear_says_it_waits_then_goes_on(tmp_path, monkeypatch) -> None:
+    from mia_ptq_bench import cache, runner
+    from mia_ptq_bench.spec import load_registered_task
+
+    if cache.fcntl is None:
+        pytest.skip("no flock on this platform")
+    (tmp_path / "cache").mkdir()
+    clear = open(tmp_path / "cache" / cache.LOCK_NAME, "a+b")  # a `cache clear` holding the cache alone
+    cache.fcntl.flock(clear, cache.fcntl.LOCK_EX)
+    said, held = [], []
+    # Should the run wait without a word, the clear still ends (after 5 s) and the assertions say so.
+    safety = threading.Timer(5.0, lambda: clear.closed or cache.fcntl.flock(clear, cache.fcntl.LOCK_UN))
+    safety.start()
+
+    class Log:
+        def start(self, key, description, total): ...
+        def advance(self, key, amount=1): ...
+
+        def log(self, message):
+            said.append(message)
+            clear.close()  # the clear ends: the run's lock can now be granted
+
+    def check_held(context, options, progress):
+        probe = open(tmp_path / "cache" / cache.LOCK_NAME, "rb")
+        with pytest.raises(BlockingIOError):  # the run holds it now: another clear would be refused
+            cache.fcntl.flock(probe, cache.fcntl.LOCK_EX | cache.fcntl.LOCK_NB)
+        probe.close()
+        held.append(True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("MPTQ_TASKS", str(Path(__file__).parent / "tasks"))
+    monkeypatch.setattr(runner, "prepare_pool", check_held)
+    options = runner.RunOptions(out_dir=tmp_path / "results", cache_dir=tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        runner.evaluate("rtn", load_registered_task("tiny-digits"), ["w4"], ["oblivious"], options, progress=Log())
+    safety.cancel()
+    assert held == [True]
+    assert len(said) == 1 and "a `cache clear` holds this cache; waiting for it to finish" in said[0]
+    said.clear()
+    with cache.in_use(tmp_path / "cache", waiting=said.append):  # no clear running: nothing to say
+        pass
+    assert said == []
 
 
 def test_a_file_system_without_flock_leaves_runs_and_clear_unguarded_not_failing(tmp_path, monkeypatch) -> None:
