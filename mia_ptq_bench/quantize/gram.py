@@ -120,14 +120,13 @@ def conv_gram(layer: nn.Conv2d, inputs: torch.Tensor, dtype: torch.dtype = torch
         grid[:, :part.shape[1], :part.shape[2]].copy_(part)
         phases[phase] = buffer
     positions = rows * columns
-    tile = plan.tile * channels
+    tile, origin = plan.tile * channels, plan.front + plan.first  # the first tile's first pixel
     pairs, sums = [], []
     for band in plan.bands:
-        start = plan.front + plan.first
         lefts = phases[band.left].as_strided((positions, tile, images), (sw * channels, 1, span * channels),
-                                             start * channels)
+                                             origin * channels)
         rights = phases[band.right].as_strided((positions, images, band.width * channels),
-                                               (sw * channels, span * channels, 1), (start + band.shift) * channels)
+                                               (sw * channels, span * channels, 1), (origin + band.shift) * channels)
         windows, where, kept = band.on(dtype, inputs.device)
         chunk = max(1, PRODUCT_BYTES // (tile * band.width * channels * dtype.itemsize))
         total = None
