@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mia_ptq_bench.cli import app
+from test_pool import Logged
 
 cli = CliRunner()
 
@@ -191,17 +192,14 @@ def test_a_run_starting_during_a_clear_says_it_waits_then_goes_on(tmp_path, monk
     (tmp_path / "cache").mkdir()
     clear = open(tmp_path / "cache" / cache.LOCK_NAME, "a+b")  # a `cache clear` holding the cache alone
     cache.fcntl.flock(clear, cache.fcntl.LOCK_EX)
-    said, held = [], []
+    held = []
     # Should the run wait without a word, the clear still ends (after 5 s) and the assertions say so.
     safety = threading.Timer(5.0, lambda: clear.closed or cache.fcntl.flock(clear, cache.fcntl.LOCK_UN))
     safety.start()
 
-    class Log:
-        def start(self, key, description, total): ...
-        def advance(self, key, amount=1): ...
-
-        def log(self, message):
-            said.append(message)
+    class ClearEndsOnLog(Logged):
+        def log(self, message: str) -> None:
+            super().log(message)
             clear.close()  # the clear ends: the run's lock can now be granted
 
     def check_held(context, options, progress):
@@ -215,12 +213,13 @@ def test_a_run_starting_during_a_clear_says_it_waits_then_goes_on(tmp_path, monk
     monkeypatch.setenv("MPTQ_TASKS", str(Path(__file__).parent / "tasks"))
     monkeypatch.setattr(runner, "prepare_pool", check_held)
     options = runner.RunOptions(out_dir=tmp_path / "results", cache_dir=tmp_path / "cache")
+    log = ClearEndsOnLog()
     with pytest.raises(KeyboardInterrupt):
-        runner.evaluate("rtn", load_registered_task("tiny-digits"), ["w4"], ["oblivious"], options, progress=Log())
+        runner.evaluate("rtn", load_registered_task("tiny-digits"), ["w4"], ["oblivious"], options, progress=log)
     safety.cancel()
     assert held == [True]
-    assert len(said) == 1 and "a `cache clear` holds this cache; waiting for it to finish" in said[0]
-    said.clear()
+    assert len(log.lines) == 1 and "a `cache clear` holds this cache; waiting for it to finish" in log.lines[0]
+    said = []
     with cache.in_use(tmp_path / "cache", waiting=said.append):  # no clear running: nothing to say
         pass
     assert said == []
