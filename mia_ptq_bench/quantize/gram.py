@@ -233,8 +233,9 @@ def _plan(kernel, stride, dilation, pad, size, padded) -> _Plan:
             where = ((torch.arange(i.start, i.stop) + fa)[:, None] * grid_cols
                      + (torch.arange(j.start, j.stop) + gb)[None, :]).flatten()
             banded.setdefault((ra, rc, rise), []).append(((p, q), cb, step, where))
-    first = min([cb for members in banded.values() for _, cb, _, _ in members], default=0)
-    tile = max([cb for members in banded.values() for _, cb, _, _ in members], default=0) - first + 1
+    read = {cb for members in banded.values() for _, cb, _, _ in members}  # the column phases read
+    first = min(read, default=0)
+    tile = max(read, default=0) - first + 1
     bands = []
     for (left, right, rise), members in banded.items():
         # A right pixel's place from the tile's first pixel: its left pixel's, plus the step.
