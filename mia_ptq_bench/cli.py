@@ -38,6 +38,11 @@ def one_line(text: str) -> str:
     return escape_markup(printable(text))
 
 
+def _say_waiting(line: str) -> None:
+    """What a command that uses the cache says, once, while a `cache clear` holds it (``cache.in_use``)."""
+    errors.print(one_line(line), highlight=False, soft_wrap=True)
+
+
 def guarded(action: Callable[[], T]) -> T:
     """Expected failures become one red line on stderr and exit code 2, never a traceback."""
     try:
@@ -373,7 +378,7 @@ def _recompute_all(files: list[Path], cache_dir: Path, data_root: Optional[Path]
         elif path.suffix == ".json":
             results.append(path)
     failures = 0
-    for outcome in guarded(lambda: recompute_files(results, cache_dir, data_root, download)):
+    for outcome in guarded(lambda: recompute_files(results, cache_dir, data_root, download, waiting=_say_waiting)):
         if outcome.status == RECOMPUTED:
             console.print(f"[green]recomputed[/] {one_line(str(outcome.path))}", highlight=False)
         elif outcome.status == REFUSED:
@@ -439,7 +444,7 @@ def pool_push(
 
     def action() -> None:
         spec = load_task(task)
-        commit = push_pool(PoolStore(_cache_dir(cache_dir), spec), repo, private)
+        commit = push_pool(PoolStore(_cache_dir(cache_dir), spec), repo, private, waiting=_say_waiting)
         console.print(escape(f"pushed the pool of {spec.id} to {repo} at commit {commit}"), highlight=False)
 
     guarded(action)
@@ -467,7 +472,7 @@ def pool_pull(
         if data_root is not None:
             load_extensions(plugin or [])
             data_sha256 = load_dataset(spec.dataset, data_root, download).digest()
-        source = pull_pool(spec, _cache_dir(cache_dir), repo, revision, data_sha256)
+        source = pull_pool(spec, _cache_dir(cache_dir), repo, revision, data_sha256, waiting=_say_waiting)
         if data_sha256 is None:
             console.print("the pool's data hash was not compared with local data (no --data-root); a run compares "
                           "it before it uses the pool", highlight=False)
@@ -578,7 +583,7 @@ def _site_checks(submissions: Path, cache_dir: Path, data_root: Optional[Path], 
         if not problems:
             files += [path for _, path in published_files(folder, load_submission(folder)) if path not in stale]
     return {outcome.path.resolve(): Check(outcome.status, outcome.reason, outcome.rerun)
-            for outcome in recompute_files(files, cache_dir, data_root, download)}
+            for outcome in recompute_files(files, cache_dir, data_root, download, waiting=_say_waiting)}
 
 
 @app.command()

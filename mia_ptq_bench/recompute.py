@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,8 +293,9 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
 
 
 def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None = None, download: bool = False,
-                    device: str = "cpu") -> list[Recomputation]:
-    """Recompute every result file given, loading (or training) each task's pool once."""
+                    device: str = "cpu", waiting: Callable[[str], None] | None = None) -> list[Recomputation]:
+    """Recompute every result file given, loading (or training) each task's pool once. ``waiting``: told
+    once if a `cache clear` holds the cache when the first pool is wanted (``cache.in_use``)."""
     from .context import RunContext
     from .data.splits import evaluation_test_split
     from .pool import build_pool
@@ -316,7 +318,7 @@ def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None =
             if spec.id not in loaded:
                 dataset = RunContext(spec, Path(cache_dir), data_root, download, device).dataset()
                 if not loaded:  # the first pool: from here the cache is read, and `cache clear` refused
-                    held.enter_context(in_use(Path(cache_dir)))
+                    held.enter_context(in_use(Path(cache_dir), waiting=waiting))
                 pool = build_pool(spec, dataset, cache_dir, device)
                 loaded[spec.id] = (pool, evaluation_test_split(spec.calibration, pool.dataset))
             pool, test = loaded[spec.id]

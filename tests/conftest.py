@@ -96,3 +96,44 @@ def live_and_gone_pids() -> Iterator[tuple[int, int]]:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+class HeldClear:
+    """A `cache clear` holding ``cache_dir`` alone, as ``exclusive_use`` does; ``end`` releases it.
+
+    ``waiting`` is what a command using the cache is handed to say that it waits: it records the line
+    and ends the clear, so that the command goes on. Should the command wait without a word, the
+    clear still ends after ``patience`` seconds (the test then fails on ``said``, not by hanging)."""
+
+    def __init__(self, cache_dir: Path, patience: float = 5.0) -> None:
+        import threading
+
+        from mia_ptq_bench import cache
+
+        if cache.fcntl is None:
+            pytest.skip("no flock on this platform")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        self.said: list[str] = []
+        self._handle = open(cache_dir / cache.LOCK_NAME, "a+b")
+        cache.fcntl.flock(self._handle, cache.fcntl.LOCK_EX)
+        self._safety = threading.Timer(patience, self.end)
+        self._safety.start()
+
+    def waiting(self, line: str) -> None:
+        self.said.append(line)
+        self.end()
+
+    def end(self) -> None:
+        self._safety.cancel()
+        if not self._handle.closed:
+            self._handle.close()
+
+
+@pytest.fixture
+def held_clear(tmp_path: Path) -> Iterator[HeldClear]:
+    """A clear holding ``tmp_path / "cache"`` (see HeldClear), ended when the test ends."""
+    clear = HeldClear(tmp_path / "cache")
+    try:
+        yield clear
+    finally:
+        clear.end()

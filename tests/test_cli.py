@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -183,24 +182,16 @@ def test_evaluate_holds_the_cache_while_it_runs(tmp_path, monkeypatch) -> None:
     assert [e.path for e in clear_cache(tmp_path / "cache")] == [other.parent]  # released when the run ended
 
 
-def test_a_run_starting_during_a_clear_says_it_waits_then_goes_on(tmp_path, monkeypatch) -> None:
+def test_a_run_starting_during_a_clear_says_it_waits_then_goes_on(tmp_path, monkeypatch, held_clear) -> None:
     from mia_ptq_bench import cache, runner
     from mia_ptq_bench.spec import load_registered_task
 
-    if cache.fcntl is None:
-        pytest.skip("no flock on this platform")
-    (tmp_path / "cache").mkdir()
-    clear = open(tmp_path / "cache" / cache.LOCK_NAME, "a+b")  # a `cache clear` holding the cache alone
-    cache.fcntl.flock(clear, cache.fcntl.LOCK_EX)
     held = []
-    # Should the run wait without a word, the clear still ends (after 5 s) and the assertions say so.
-    safety = threading.Timer(5.0, lambda: clear.closed or cache.fcntl.flock(clear, cache.fcntl.LOCK_UN))
-    safety.start()
 
     class ClearEndsOnLog(Logged):
         def log(self, message: str) -> None:
             super().log(message)
-            clear.close()  # the clear ends: the run's lock can now be granted
+            held_clear.waiting(message)  # the clear ends: the run's lock can now be granted
 
     def check_held(context, options, progress):
         probe = open(tmp_path / "cache" / cache.LOCK_NAME, "rb")
@@ -216,13 +207,30 @@ def test_a_run_starting_during_a_clear_says_it_waits_then_goes_on(tmp_path, monk
     log = ClearEndsOnLog()
     with pytest.raises(KeyboardInterrupt):
         runner.evaluate("rtn", load_registered_task("tiny-digits"), ["w4"], ["oblivious"], options, progress=log)
-    safety.cancel()
     assert held == [True]
     assert len(log.lines) == 1 and "a `cache clear` holds this cache; waiting for it to finish" in log.lines[0]
     said = []
     with cache.in_use(tmp_path / "cache", waiting=said.append):  # no clear running: nothing to say
         pass
     assert said == []
+
+
+def test_a_command_waiting_for_a_clear_says_so_on_stderr(tmp_path, monkeypatch) -> None:
+    # validate/leaderboard --recompute and pool pull hand the CLI the same line to print as pool push does.
+    from conftest import HeldClear
+    from mia_ptq_bench.pool import hub
+
+    def offline(where, call, action="download"):
+        raise hub.BenchError(f"{where}: no network in tests")
+
+    monkeypatch.setenv("MPTQ_TASKS", str(Path(__file__).parent / "tasks"))
+    HeldClear(tmp_path / "cache", patience=0.5)  # here the clear ends on its own
+    staged = []
+    monkeypatch.setattr(hub, "export_pool", lambda store, folder: staged.append(folder))
+    monkeypatch.setattr(hub, "_hub_call", offline)
+    pushed = cli.invoke(app, ["pool", "push", "tiny-digits", "--repo", "mptq/x", "--cache-dir", str(tmp_path / "cache")])
+    assert len(staged) == 1 and "no network in tests" in pushed.stderr, pushed.output
+    assert "a `cache clear` holds this cache; waiting for it to finish" in pushed.stderr.replace("\n", "")
 
 
 def test_a_file_system_without_flock_leaves_runs_and_clear_unguarded_not_failing(tmp_path, monkeypatch) -> None:

@@ -15,7 +15,7 @@ import torch
 from safetensors.numpy import load, save
 from typer.testing import CliRunner
 
-from conftest import TASKS
+from conftest import TASKS, HeldClear
 from mia_ptq_bench.atomic import sha256_bytes
 from mia_ptq_bench import recompute as recompute_module
 from mia_ptq_bench.cli import app
@@ -54,9 +54,11 @@ def validate(folder: Path, tmp_path: Path):
 
 
 def test_every_result_is_recomputed_from_its_weights(committed: Path, tmp_path: Path) -> None:
+    HeldClear(tmp_path / "cache", patience=1.0)  # a `cache clear` still running for a second: validate waits
     result = validate(committed, tmp_path)  # a fresh cache: the pool is trained again, as in CI
     assert result.exit_code == 0, result.output + result.stderr
     assert result.output.count("recomputed ") == 4
+    assert "a `cache clear` holds this cache; waiting for it to finish" in result.stderr.replace("\n", "")
 
 
 def test_a_changed_number_is_caught(committed: Path, tmp_path: Path) -> None:

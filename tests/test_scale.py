@@ -361,9 +361,12 @@ def test_a_snapshot_file_linking_outside_the_repository_is_refused(hub_cache: di
         install_snapshot(snapshot, load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool")
 
 
-def test_a_verified_snapshot_installs_whole(hub_cache: dict, tmp_path: Path) -> None:
-    source = install_snapshot(hub_cache["snapshot"], load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool")
+def test_a_verified_snapshot_installs_whole(hub_cache: dict, tmp_path: Path, held_clear) -> None:
+    # A clear holds the cache as the install begins: it says so once, and installs when the clear ends.
+    source = install_snapshot(hub_cache["snapshot"], load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool",
+                              waiting=held_clear.waiting)
     assert source.revision == COMMIT and PoolStore(tmp_path / "cache", load_task("tiny-digits")).is_complete_pool()
+    assert len(held_clear.said) == 1 and "waiting for it to finish" in held_clear.said[0]
 
 
 def _rewrite_file(snapshot: Path, name: str, write) -> None:

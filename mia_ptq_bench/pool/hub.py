@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,14 +67,15 @@ def export_pool(store: PoolStore, folder: Path) -> Path:
     return folder
 
 
-def push_pool(store: PoolStore, repo: str, private: bool = False) -> str:
-    """Upload the pool to a Hub model repository; returns the commit hash."""
+def push_pool(store: PoolStore, repo: str, private: bool = False, waiting: Callable[[str], None] | None = None) -> str:
+    """Upload the pool to a Hub model repository; returns the commit hash. ``waiting``: told once if a
+    `cache clear` holds the cache when the pool is to be read (``cache.in_use``)."""
     from huggingface_hub import HfApi
 
     api = HfApi()
     where = f"hub {repo}"
     with tempfile.TemporaryDirectory() as staging:
-        with in_use(store.cache_dir, create=False):  # the pool is read while staged
+        with in_use(store.cache_dir, create=False, waiting=waiting):  # the pool is read while staged
             export_pool(store, Path(staging))
         _hub_call(where, lambda: api.create_repo(repo, repo_type="model", private=private, exist_ok=True), "upload")
         commit = _hub_call(where, lambda: api.upload_folder(
@@ -186,14 +188,15 @@ def _plain(name: str) -> bool:
 
 
 def pull_pool(spec: TaskSpec, cache_dir: Path, repo: str, revision: str | None = None,
-              data_sha256: str | None = None) -> PoolSource:
+              data_sha256: str | None = None, waiting: Callable[[str], None] | None = None) -> PoolSource:
     """Download (or find in the Hub cache), verify, and install a pool; returns where it came from.
 
     Online, one listing of the repository at the requested revision gives its commit and every
     file's size: each pool file is checked against its limit before anything is fetched, and then
     only the pool's own files are fetched, at that commit. Offline (HF_HUB_OFFLINE=1) the Hub
     cache's files are used, checked on disk. ``data_sha256``: the local data's
-    (``ImageDataset.digest``), checked before anything local is replaced.
+    (``ImageDataset.digest``), checked before anything local is replaced. ``waiting``: as
+    ``install_snapshot``'s.
     """
     import huggingface_hub.constants as constants
     from huggingface_hub import HfApi, snapshot_download
@@ -218,7 +221,7 @@ def pull_pool(spec: TaskSpec, cache_dir: Path, repo: str, revision: str | None =
                                                              allow_patterns=wanted, local_files_only=offline))
     except BenchError as exc:
         raise (unreachable or exc) from None
-    return install_snapshot(Path(snapshot), spec, cache_dir, repo, data_sha256)
+    return install_snapshot(Path(snapshot), spec, cache_dir, repo, data_sha256, waiting)
 
 
 def _hub_call(where: str, call, action: str = "download"):
@@ -233,16 +236,17 @@ def _hub_call(where: str, call, action: str = "download"):
 
 
 def install_snapshot(snapshot: Path, spec: TaskSpec, cache_dir: Path, repo: str,
-                     data_sha256: str | None = None) -> PoolSource:
+                     data_sha256: str | None = None, waiting: Callable[[str], None] | None = None) -> PoolSource:
     """Verify a snapshot folder of the Hub cache and install its pool into the cache: whole, or nothing.
 
     A pool already there (say, a partly trained one) is replaced only once the new one is verified and
-    copied, and is set aside, not deleted, until the new one is in place.
+    copied, and is set aside, not deleted, until the new one is in place. ``waiting``: told once if a
+    `cache clear` holds the cache when the pool is to be written (``cache.in_use``).
     """
     commit = snapshot.name  # the Hub cache names each snapshot by its commit hash
     where = f"hub {repo}@{commit[:12]}"
     manifest = verify_snapshot(snapshot, spec, where, data_sha256)
-    with in_use(Path(cache_dir)):  # verified: from here the pool is written into the cache
+    with in_use(Path(cache_dir), waiting=waiting):  # verified: from here the pool is written into the cache
         return _install(snapshot, manifest, PoolStore(cache_dir, spec), repo, commit)
 
 
