@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from mia_ptq_bench.cli import app
@@ -24,6 +26,7 @@ def test_findings_are_generated_from_results(tmp_path: Path) -> None:
     assert "## 2." not in text and "## 3." not in text
     # answers are sentences with their paired intervals, and the study's numbers beside them
     assert "- **rtn** at w1.58-last8: the study's attacker falls from" in text and " pp [" in text
+    assert "is marked *near the edge*" in text  # the page says what the mark on a verdict means
     assert "*Study*" in text and "PROTOCOL" not in text and "fp32 fp32" not in text and "% kept" not in text
     wall = text.split("## Wall time", 1)[1]
     per_method = [int(line.split(": ")[1].split(" s")[0]) for line in wall.splitlines() if " s on " in line]
@@ -79,3 +82,21 @@ def test_findings_refuse_special_outputs_and_write_nothing_when_they_fail(tmp_pa
     assert result.exit_code == 2 and "a figure would replace something that is not a regular file" in result.stderr
     assert sorted(p.name for p in figure.parent.iterdir()) == [figure.name] and not (tmp_path / "q" / "page.md").exists()
     assert [p.name for p in (tmp_path / "q").iterdir()] == ["figures"]  # no temporary folder left behind
+
+
+@pytest.mark.parametrize("shift, real, near", [
+    (0.0, False, False),   # within noise, the mean 2.1 standard errors from turning it
+    (0.45, False, True),   # within noise, 0.4 from a real change
+    (0.65, True, True),    # a real change, 0.4 from within noise
+    (1.0, True, False),    # a real change, 1.7 from within noise
+])
+def test_a_verdict_one_standard_error_from_turning_is_marked_near_the_edge(shift: float, real: bool, near: bool) -> None:
+    from mia_ptq_bench.findings.render import edge, near_edge, significant
+
+    # 16 paired differences of +-1 around the shift: standard error 0.258, interval half-width 0.550
+    for sign in (1, -1):
+        values = sign * (np.array([-1.0, 1.0] * 8) + shift)
+        assert significant(values) is real
+        assert near_edge(values) is near
+        assert edge(values) == (" (near the edge)" if near else "")
+    assert not near_edge(np.array([0.3])) and not near_edge(np.full(16, 0.3))  # no spread: no interval

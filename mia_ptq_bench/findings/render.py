@@ -90,6 +90,29 @@ def significant(values: np.ndarray) -> bool:
     return s.ci_low > 0 or s.ci_high < 0
 
 
+# Between two trainings of the same pool (two CPUs), the paired differences a verdict rests on moved by
+# a median of 0.6-1.1 of their standard errors over targets (docs/reproducibility.md): a verdict that a
+# move of one standard error would turn is as likely as not to read otherwise on another pool.
+EDGE_STANDARD_ERRORS = 1.0
+NEAR_EDGE = "near the edge"
+
+
+def near_edge(values: np.ndarray) -> bool:
+    """Whether moving the mean of ``values`` by EDGE_STANDARD_ERRORS standard errors would take the nearer
+    end of its 95% interval across zero, and so turn ``significant``'s verdict."""
+    s = summarize(values, bounds=None)
+    if s.n < 2 or s.std == 0:
+        return False
+    standard_error = s.std / np.sqrt(s.n)
+    half_width = (s.ci_high - s.ci_low) / 2
+    return bool(abs(abs(s.mean) - half_width) < EDGE_STANDARD_ERRORS * standard_error)
+
+
+def edge(values: np.ndarray) -> str:
+    """`` (near the edge)`` after a verdict on ``values`` that another pool may well turn, else nothing."""
+    return f" ({NEAR_EDGE})" if near_edge(values) else ""
+
+
 def pct(value: float, digits: int = 2) -> str:
     return f"{100 * value:.{digits}f}%"
 
@@ -245,7 +268,9 @@ def render(submissions: Path, task: str, figures: Path | None = None, figures_li
         f"allowed below 1 in {fp.attacks[STUDY_ATTACK].tpr_at_0_1pct_fpr.negatives // targets}. The intervals cover "
         f"the targets of this one pool, not another training of it: every target shares its shadows, so a pool "
         f"trained again (on another CPU, say) moves all of them together, and a verdict whose interval nearly "
-        f"touches zero can change with it (docs/reproducibility.md).",
+        f"touches zero can change with it: a verdict that a move of {EDGE_STANDARD_ERRORS:g} standard error would "
+        f"turn is marked *{NEAR_EDGE}* (pools trained on two CPUs moved these differences by a median of "
+        f"0.6-1.1 standard errors; docs/reproducibility.md).",
         "",
         f"Full precision: test accuracy {pct(summarize(accuracy(fp)).mean)}; TPR@0.1%FPR {pct(fp_study.mean)} "
         f"[{pct(fp_study.ci_low)}, {pct(fp_study.ci_high)}] for the study's attacker and {pct(fp_strongest.mean)} "
@@ -275,7 +300,7 @@ def render(submissions: Path, task: str, figures: Path | None = None, figures_li
         if ob_high is not None:
             change = tpr(ob_high.quantized, STUDY_ATTACK) - tpr(ob_high.reference, STUDY_ATTACK)
             sentence += (f". At {high} the change is {pp(change)}, "
-                         f"{'a real change' if significant(change) else 'within noise'}")
+                         f"{'a real change' if significant(change) else 'within noise'}{edge(change)}")
         lines.append(sentence + ".")
     study = study_numbers()
     lines += ["", "*Study* (CIFAR-100, ResNet18, online LiRA; test accuracy / TPR@0.1%FPR): full precision "
@@ -297,8 +322,10 @@ def render(submissions: Path, task: str, figures: Path | None = None, figures_li
             leak = tpr(a.quantized, "strongest") - tpr(b.quantized, "strongest")
             lines.append(f"- **{name(method)}**: test accuracy {pp(acc)}, strongest attacker's TPR@0.1%FPR {pp(leak)}: "
                          + ("accuracy bought back" if significant(acc) and acc.mean() > 0 else "no accuracy measurably bought back")
-                         + (", at a measurable cost in privacy." if significant(leak) and leak.mean() > 0
-                            else ", with no measurable cost in privacy."))
+                         + edge(acc)
+                         + (", at a measurable cost in privacy" if significant(leak) and leak.mean() > 0
+                            else ", with no measurable cost in privacy")
+                         + edge(leak) + ".")
         lines.append("")
 
     # 3. online against offline
@@ -360,6 +387,8 @@ def render(submissions: Path, task: str, figures: Path | None = None, figures_li
                                if recovered >= 0 else "the adaptive attacker does worse still")
                 else:
                     verdict = "no measurable loss to recover"
+                if near_edge(gain):  # the verdict on whether there is a loss at all
+                    verdict += f", {NEAR_EDGE}" if verdict.startswith("no ") else f"; that loss is {NEAR_EDGE}"
                 parts.append(f"{plan}: {pct(o.mean())} -> {pct(a.mean())} ({verdict})")
             lines.append(f"- **{name(method)}**, online LiRA oblivious -> {adaptive}: " + "; ".join(parts) + ".")
         lines.append("")
@@ -378,7 +407,8 @@ def render(submissions: Path, task: str, figures: Path | None = None, figures_li
                 difference = tpr(proxy.quantized, STUDY_ATTACK) - tpr(own.quantized, STUDY_ATTACK)
                 parts.append(f"{plan}: {pct(tpr(proxy.quantized, STUDY_ATTACK).mean())} vs "
                              f"{pct(tpr(own.quantized, STUDY_ATTACK).mean())} ({pp(difference)}"
-                             + (")" if significant(difference) else ", within noise)"))
+                             + ("" if significant(difference) else ", within noise")
+                             + (f", {NEAR_EDGE})" if near_edge(difference) else ")"))
             if parts:
                 lines.append(f"- **{name(method)}**: " + "; ".join(parts) + ".")
         lines.append("")
