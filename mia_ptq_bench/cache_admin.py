@@ -14,6 +14,9 @@ Layout under the cache folder ($MPTQ_CACHE or ~/.cache/mia-ptq-bench)::
 
     .in-use.lock                            locked (shared, flock) by every run using the cache; clear
                                             takes it exclusively, and is refused while a run holds it
+    .in-use.<task>.lock                     locked (shared) by every run of the task; clear --task takes it
+                                            exclusively (and .in-use.lock shared), so that it is refused
+                                            only while a run of that task, or a whole clear, holds them
 
 Every key is a content hash, every write atomic, every read checked; deleting any part only
 costs recomputing it.
@@ -33,6 +36,7 @@ from pathlib import Path
 from .atomic import another_live_process, is_temporary
 from .cache import exclusive_use
 from .errors import CacheError
+from .spec.schema import NAME_LENGTH, NAME_PATTERN
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,7 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
             n_models = int(info["spec"]["membership"]["n_models"])
             task = info["task_id"]
         except (OSError, ValueError, KeyError, TypeError):
-            n_models, task = 0, pool.name
+            n_models, task = 0, pool.name.rsplit("-", 1)[0]  # <task id>-<pool hash>, as quantized/ names it
         done = len(list((pool / "models").glob("*.json")))
         source = pool / "source.json"
         try:
@@ -179,11 +183,14 @@ def clear_cache(cache_dir: Path, kind: str = "all", task: str | None = None) -> 
     Scratch belongs to no task, and only a killed run's goes: a running reproduce's is left to it."""
     if kind == "scratch" and task is not None:
         raise CacheError("reproduce's scratch folders belong to no task: clear them without --task")
+    if task is not None and not (re.fullmatch(NAME_PATTERN, task) and len(task) <= NAME_LENGTH):
+        raise CacheError(f"--task {task!r}: not a task id (lowercase letters, digits, '.' and '-', starting with a "
+                         f"letter or digit, at most {NAME_LENGTH} characters)")
     folder = Path(cache_dir)
     if not ((folder / "pools").is_dir() or (folder / "quantized").is_dir() or _scratch_folders(folder)):
         return []  # no cached work: no lock file left in a folder that is not a cache
     # Scratch: only killed runs' folders go, which no running run reads, so runs need not have ended.
-    with contextlib.nullcontext() if kind == "scratch" else exclusive_use(cache_dir, "clear it"):
+    with contextlib.nullcontext() if kind == "scratch" else exclusive_use(cache_dir, "clear it", task):
         return _remove(list_cache(cache_dir), kind, task)
 
 

@@ -295,7 +295,7 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
 def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None = None, download: bool = False,
                     device: str = "cpu", waiting: Callable[[str], None] | None = None) -> list[Recomputation]:
     """Recompute every result file given, loading (or training) each task's pool once. ``waiting``: told
-    once if a `cache clear` holds the cache when the first pool is wanted (``cache.in_use``)."""
+    once if a `cache clear` holds the cache, or a task's cached work, when its pool is wanted (``cache.in_use``)."""
     from .context import RunContext
     from .data.splits import evaluation_test_split
     from .pool import build_pool
@@ -317,8 +317,8 @@ def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None =
                 continue
             if spec.id not in loaded:
                 dataset = RunContext(spec, Path(cache_dir), data_root, download, device).dataset()
-                if not loaded:  # the first pool: from here the cache is read, and `cache clear` refused
-                    held.enter_context(in_use(Path(cache_dir), waiting=waiting))
+                # from here the task's cached work is read: `cache clear` (of it, or all) is refused
+                held.enter_context(in_use(Path(cache_dir), [spec.id], waiting=waiting))
                 pool = build_pool(spec, dataset, cache_dir, device)
                 loaded[spec.id] = (pool, evaluation_test_split(spec.calibration, pool.dataset))
             pool, test = loaded[spec.id]

@@ -108,7 +108,7 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
     # A killed run's folder is removed here; the machine and process in the name keep a concurrent run's.
     Path(options.cache_dir).mkdir(parents=True, exist_ok=True)
     remove_stale_scratch(options.cache_dir)
-    with (in_use(Path(options.cache_dir), waiting=progress.log),
+    with (in_use(Path(options.cache_dir), [task_id for task_id, *_ in groups], waiting=progress.log),
           tempfile.TemporaryDirectory(prefix=scratch_prefix(), dir=options.cache_dir) as scratch):
         for (task_id, _, _, _), members in groups.items():
             first_path, first = members[0]

@@ -193,7 +193,7 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
                  threat_models=[t.name for t in threats], dataset=context.dataset, source=options.task_source)
     context.dataset()  # a data set that cannot be read is refused before the cache is touched
     # From here the run reads and writes the cache: `cache clear` would pull the pool from under it.
-    held.enter_context(in_use(Path(options.cache_dir), waiting=progress.log))
+    held.enter_context(in_use(Path(options.cache_dir), [spec.id], waiting=progress.log))
     pool = prepare_pool(context, options, progress)
     test = context.remember("test", evaluation_test_split(spec.calibration, pool.dataset))
     targets = np.arange(spec.targets.count)

@@ -99,13 +99,14 @@ def live_and_gone_pids() -> Iterator[tuple[int, int]]:
 
 
 class HeldClear:
-    """A `cache clear` holding ``cache_dir`` alone, as ``exclusive_use`` does; ``end`` releases it.
+    """A `cache clear` holding ``cache_dir`` alone (with ``task``: that task's cached work), as
+    ``exclusive_use`` does; ``end`` releases it.
 
     ``waiting`` is what a command using the cache is handed to say that it waits: it records the line
     and ends the clear, so that the command goes on. Should the command wait without a word, the
     clear still ends after ``patience`` seconds (the test then fails on ``said``, not by hanging)."""
 
-    def __init__(self, cache_dir: Path, patience: float = 5.0) -> None:
+    def __init__(self, cache_dir: Path, patience: float = 5.0, task: str | None = None) -> None:
         import threading
 
         from mia_ptq_bench import cache
@@ -115,7 +116,10 @@ class HeldClear:
         cache_dir.mkdir(parents=True, exist_ok=True)
         self.said: list[str] = []
         self._handle = open(cache_dir / cache.LOCK_NAME, "a+b")
-        cache.fcntl.flock(self._handle, cache.fcntl.LOCK_EX)
+        cache.fcntl.flock(self._handle, cache.fcntl.LOCK_EX if task is None else cache.fcntl.LOCK_SH)
+        self._task_handle = None if task is None else open(cache_dir / cache.task_lock_name(task), "a+b")
+        if self._task_handle is not None:
+            cache.fcntl.flock(self._task_handle, cache.fcntl.LOCK_EX)
         self._safety = threading.Timer(patience, self.end)
         self._safety.start()
 
@@ -125,8 +129,9 @@ class HeldClear:
 
     def end(self) -> None:
         self._safety.cancel()
-        if not self._handle.closed:
-            self._handle.close()
+        for handle in (self._handle, self._task_handle):
+            if handle is not None and not handle.closed:
+                handle.close()
 
 
 @pytest.fixture

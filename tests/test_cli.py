@@ -142,7 +142,7 @@ def test_cache_clear_is_refused_while_another_process_uses_the_cache(tmp_path) -
     (pool / "models").mkdir(parents=True)
     holder = subprocess.Popen(  # a run: it holds the cache until its stdin closes
         [sys.executable, "-c", "import sys; from mia_ptq_bench.cache import in_use\n"
-         f"with in_use({str(tmp_path)!r}):\n    print('held', flush=True); sys.stdin.read()"],
+         f"with in_use({str(tmp_path)!r}, ['tiny-digits']):\n    print('held', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -154,6 +154,64 @@ def test_cache_clear_is_refused_while_another_process_uses_the_cache(tmp_path) -
         holder.communicate("", timeout=60)
     cleared = cli.invoke(app, ["cache", "clear", "--cache-dir", str(tmp_path)])
     assert cleared.exit_code == 0 and "removed 1 entries" in cleared.output and not pool.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows has no flock: runs and clear do not see each other")
+def test_a_clear_of_another_task_goes_on_beside_a_run_and_one_of_its_own_is_refused(tmp_path) -> None:
+    running = tmp_path / "quantized" / "tiny-digits-0123456789ab" / "rtn" / "w4"
+    other = tmp_path / "quantized" / "tiny-cnn-0123456789ab" / "rtn" / "w4"
+    for folder in (running, other):
+        folder.mkdir(parents=True)
+    holder = subprocess.Popen(  # a run of tiny-digits: it holds the cache until its stdin closes
+        [sys.executable, "-c", "import sys; from mia_ptq_bench.cache import in_use\n"
+         f"with in_use({str(tmp_path)!r}, ['tiny-digits']):\n    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cleared = cli.invoke(app, ["cache", "clear", "--task", "tiny-cnn", "--cache-dir", str(tmp_path)])
+        assert cleared.exit_code == 0, cleared.stderr
+        assert not other.exists() and running.is_dir()
+        for command in (["--task", "tiny-digits"], []):
+            refused = cli.invoke(app, ["cache", "clear", *command, "--cache-dir", str(tmp_path)])
+            message = " ".join(refused.stderr.split())
+            assert refused.exit_code == 2 and running.is_dir(), refused.output
+            assert ("a run of tiny-digits (evaluate" in message) if command else ("is using this cache" in message)
+    finally:
+        holder.communicate("", timeout=60)
+    cleared = cli.invoke(app, ["cache", "clear", "--task", "tiny-digits", "--cache-dir", str(tmp_path)])
+    assert cleared.exit_code == 0 and not running.exists()
+
+
+def test_clear_refuses_a_task_that_is_no_task_id_and_writes_nothing(tmp_path) -> None:
+    # --task names a lock file beside the cache's: a path there would lock (or create) something else.
+    (tmp_path / "cache" / "pools").mkdir(parents=True)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for task in ("../outside", "Tiny", ".hidden", "a/b", "x" * 65):
+        refused = cli.invoke(app, ["cache", "clear", "--task", task, "--cache-dir", str(tmp_path / "cache")])
+        assert refused.exit_code == 2 and "not a task id" in refused.stderr, (task, refused.output)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_run_waits_for_a_clear_of_its_own_task_only(tmp_path) -> None:
+    from conftest import HeldClear
+    from mia_ptq_bench import cache
+    from mia_ptq_bench.cache_admin import clear_cache
+    from mia_ptq_bench.errors import CacheError
+
+    clear = HeldClear(tmp_path, task="tiny-digits")
+    try:
+        said = []
+        with cache.in_use(tmp_path, ["tiny-cnn"], waiting=said.append):  # another task's run: no wait
+            pass
+        assert said == []
+        (tmp_path / "pools").mkdir()  # something to clear: a clear of the whole cache must wait for this one
+        with pytest.raises(CacheError, match="or a `cache clear --task` is using this cache"):
+            clear_cache(tmp_path)
+        with cache.in_use(tmp_path, ["tiny-cnn", "tiny-digits"], waiting=clear.waiting):
+            pass
+        assert len(clear.said) == 1 and "a `cache clear --task tiny-digits` holds this task's cached work" in clear.said[0]
+    finally:
+        clear.end()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows has no flock: runs and clear do not see each other")
@@ -210,7 +268,7 @@ def test_a_run_starting_during_a_clear_says_it_waits_then_goes_on(tmp_path, monk
     assert held == [True]
     assert len(log.lines) == 1 and "a `cache clear` holds this cache; waiting for it to finish" in log.lines[0]
     said = []
-    with cache.in_use(tmp_path / "cache", waiting=said.append):  # no clear running: nothing to say
+    with cache.in_use(tmp_path / "cache", ["tiny-digits"], waiting=said.append):  # no clear running: nothing to say
         pass
     assert said == []
 
@@ -248,7 +306,7 @@ def test_a_file_system_without_flock_leaves_runs_and_clear_unguarded_not_failing
     monkeypatch.setattr(cache.fcntl, "flock", unsupported)
     pool = tmp_path / "pools" / "tiny-digits-0123456789ab"
     (pool / "models").mkdir(parents=True)
-    with cache.in_use(tmp_path):
+    with cache.in_use(tmp_path, ["tiny-digits"]):
         assert [e.path for e in clear_cache(tmp_path)] == [pool]
 
 

@@ -436,7 +436,7 @@ def test_a_killed_reproduce_leaves_scratch_that_the_next_one_and_cache_clear_rem
                                        "not checked from here"}
     refused = cli.invoke(app, ["cache", "clear", "scratch", "--task", "tiny-digits", "--cache-dir", str(cache)])
     assert refused.exit_code == 2 and "belong to no task" in refused.output + refused.stderr
-    with in_use(cache):  # a run using the cache: a killed run's scratch may go all the same
+    with in_use(cache, ["tiny-digits"]):  # a run using the cache: a killed run's scratch may go all the same
         cleared = cli.invoke(app, ["cache", "clear", "scratch", "--cache-dir", str(cache)])
     assert cleared.exit_code == 0, cleared.output
     assert "removed 1 entries" in cleared.output and not dead.exists()

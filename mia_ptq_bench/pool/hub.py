@@ -75,7 +75,7 @@ def push_pool(store: PoolStore, repo: str, private: bool = False, waiting: Calla
     api = HfApi()
     where = f"hub {repo}"
     with tempfile.TemporaryDirectory() as staging:
-        with in_use(store.cache_dir, create=False, waiting=waiting):  # the pool is read while staged
+        with in_use(store.cache_dir, [store.spec.id], create=False, waiting=waiting):  # the pool is read while staged
             export_pool(store, Path(staging))
         _hub_call(where, lambda: api.create_repo(repo, repo_type="model", private=private, exist_ok=True), "upload")
         commit = _hub_call(where, lambda: api.upload_folder(
@@ -246,7 +246,7 @@ def install_snapshot(snapshot: Path, spec: TaskSpec, cache_dir: Path, repo: str,
     commit = snapshot.name  # the Hub cache names each snapshot by its commit hash
     where = f"hub {repo}@{commit[:12]}"
     manifest = verify_snapshot(snapshot, spec, where, data_sha256)
-    with in_use(Path(cache_dir), waiting=waiting):  # verified: from here the pool is written into the cache
+    with in_use(Path(cache_dir), [spec.id], waiting=waiting):  # verified: from here the pool is written into the cache
         return _install(snapshot, manifest, PoolStore(cache_dir, spec), repo, commit)
 
 

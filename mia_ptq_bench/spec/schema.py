@@ -27,7 +27,8 @@ EXTENSIONS = ("hub", "rmia")
 
 # Attacks, queries and threat models are registry names: their registries are the one source of
 # truth, checked when a task is loaded for use (runner.check_task), not listed again here.
-RegistryName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]*$", max_length=64)]
+NAME_PATTERN, NAME_LENGTH = r"^[a-z0-9][a-z0-9.-]*$", 64  # registry names and task ids: file-name safe
+RegistryName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)]
 PlanText = Annotated[str, Field(max_length=32)]
 
 
@@ -182,7 +183,7 @@ class HubSpec(Strict):
 
 
 class TaskSpec(Strict):
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$", max_length=64)
+    id: str = Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)
     version: int = Int(1, 1_000_000)
     description: str = Field("", max_length=10_000)
     dataset: DatasetSpec
