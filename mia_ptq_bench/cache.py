@@ -17,7 +17,8 @@ except ImportError:  # Windows: no flock; runs and `cache clear` then do not see
 CACHE_ENV = "MPTQ_CACHE"
 # A run holds a shared lock on this file while it reads or writes the cache, and a shared lock on its
 # task's (``task_lock_name``); `cache clear` needs the first exclusively, `cache clear --task T` the first
-# shared and T's exclusively, so that it goes on beside runs of other tasks. Advisory locks (flock) go
+# shared and T's exclusively, so that it goes on beside runs of other tasks (the first exclusively while
+# T's file is missing: a run that cannot write the cache cannot make it). Advisory locks (flock) go
 # with their process however it ends, so a killed run leaves nothing to clean up. Clears never wait
 # (they are refused at once), so runs, which may wait, cannot deadlock with them.
 LOCK_NAME = ".in-use.lock"
@@ -115,12 +116,23 @@ def exclusive_use(cache_dir: Path, action: str, task: str | None = None) -> Iter
         if task is None:
             _or_refuse(handle, fcntl.LOCK_EX, f"{cache_dir}: a run ({RUNS}) or a `cache clear --task` "
                                               f"is using this cache; {action} when it has finished")
-        else:
+        elif (Path(cache_dir) / task_lock_name(task)).is_file():
             _or_refuse(handle, fcntl.LOCK_SH, f"{cache_dir}: a `cache clear` of the whole cache is running; {action} "
                                               "when it has finished")
-            task_handle = _lock_file(cache_dir, True, task_lock_name(task))
-            if task_handle is not None:
-                held.enter_context(task_handle)
-                _or_refuse(task_handle, fcntl.LOCK_EX, f"{cache_dir}: a run of {task} ({RUNS}) is using its cached "
-                                                       f"work; {action} when it has finished")
+            _hold_task_alone(held, cache_dir, task, action)
+        else:
+            # No run of the task has made its lock file: one that cannot write the cache (another user's) may
+            # be using it all the same, holding only the cache's lock. Only a cache that no run holds is safe.
+            _or_refuse(handle, fcntl.LOCK_EX, f"{cache_dir}: a run ({RUNS}) or a `cache clear` is using this cache, "
+                                              f"and no run of {task} has marked its own cached work yet; {action} "
+                                              "when they have finished")
+            _hold_task_alone(held, cache_dir, task, action)  # marks it: the next clear of the task need not wait
         yield
+
+
+def _hold_task_alone(held: contextlib.ExitStack, cache_dir: Path, task: str, action: str) -> None:
+    task_handle = _lock_file(cache_dir, True, task_lock_name(task))
+    if task_handle is not None:
+        held.enter_context(task_handle)
+        _or_refuse(task_handle, fcntl.LOCK_EX, f"{cache_dir}: a run of {task} ({RUNS}) or another `cache clear "
+                                               f"--task {task}` is using its cached work; {action} when it has finished")

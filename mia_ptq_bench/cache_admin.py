@@ -17,6 +17,7 @@ Layout under the cache folder ($MPTQ_CACHE or ~/.cache/mia-ptq-bench)::
     .in-use.<task>.lock                     locked (shared) by every run of the task; clear --task takes it
                                             exclusively (and .in-use.lock shared), so that it is refused
                                             only while a run of that task, or a whole clear, holds them
+                                            (until a run of the task has made the file, while any run does)
 
 Every key is a content hash, every write atomic, every read checked; deleting any part only
 costs recomputing it.
@@ -141,12 +142,13 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
             files, size = _size(pool)
             entries.append(CacheEntry("pool", pool, "", "left by an interrupted pull: safe to delete", files, size))
             continue
+        # The task is the folder's (<task id>-<pool hash>), as runs name and lock it: a pulled pool.json
+        # may carry the id of the task that pushed it.
+        task = pool.name.rsplit("-", 1)[0]
         try:
-            info = json.loads((pool / "pool.json").read_text())
-            n_models = int(info["spec"]["membership"]["n_models"])
-            task = info["task_id"]
+            n_models = int(json.loads((pool / "pool.json").read_text())["spec"]["membership"]["n_models"])
         except (OSError, ValueError, KeyError, TypeError):
-            n_models, task = 0, pool.name.rsplit("-", 1)[0]  # <task id>-<pool hash>, as quantized/ names it
+            n_models = 0
         done = len(list((pool / "models").glob("*.json")))
         source = pool / "source.json"
         try:
@@ -189,6 +191,8 @@ def clear_cache(cache_dir: Path, kind: str = "all", task: str | None = None) -> 
     folder = Path(cache_dir)
     if not ((folder / "pools").is_dir() or (folder / "quantized").is_dir() or _scratch_folders(folder)):
         return []  # no cached work: no lock file left in a folder that is not a cache
+    if task is not None and not any(entry.task == task for entry in list_cache(cache_dir)):
+        return []  # nothing of the task's: no lock to take, and no lock file left for a task the cache never held
     # Scratch: only killed runs' folders go, which no running run reads, so runs need not have ended.
     with contextlib.nullcontext() if kind == "scratch" else exclusive_use(cache_dir, "clear it", task):
         return _remove(list_cache(cache_dir), kind, task)

@@ -127,6 +127,13 @@ class HeldClear:
         self.said.append(line)
         self.end()
 
+    def ends_when_the_cli_says_it_waits(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The CLI's commands print the line themselves: let that also end the clear."""
+        from mia_ptq_bench import cli
+
+        say = cli._say_waiting
+        monkeypatch.setattr(cli, "_say_waiting", lambda line: (say(line), self.waiting(line)))
+
     def end(self) -> None:
         self._safety.cancel()
         for handle in (self._handle, self._task_handle):

@@ -158,6 +158,8 @@ def test_cache_clear_is_refused_while_another_process_uses_the_cache(tmp_path) -
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows has no flock: runs and clear do not see each other")
 def test_a_clear_of_another_task_goes_on_beside_a_run_and_one_of_its_own_is_refused(tmp_path) -> None:
+    from mia_ptq_bench import cache
+
     running = tmp_path / "quantized" / "tiny-digits-0123456789ab" / "rtn" / "w4"
     other = tmp_path / "quantized" / "tiny-cnn-0123456789ab" / "rtn" / "w4"
     for folder in (running, other):
@@ -168,6 +170,11 @@ def test_a_clear_of_another_task_goes_on_beside_a_run_and_one_of_its_own_is_refu
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        # No run of tiny-cnn has made its lock file: one that could not write the cache may be using it unmarked.
+        unmarked = cli.invoke(app, ["cache", "clear", "--task", "tiny-cnn", "--cache-dir", str(tmp_path)])
+        assert unmarked.exit_code == 2 and "no run of tiny-cnn has marked" in " ".join(unmarked.stderr.split())
+        assert other.is_dir()
+        (tmp_path / cache.task_lock_name("tiny-cnn")).touch()  # as any earlier run of tiny-cnn leaves it
         cleared = cli.invoke(app, ["cache", "clear", "--task", "tiny-cnn", "--cache-dir", str(tmp_path)])
         assert cleared.exit_code == 0, cleared.stderr
         assert not other.exists() and running.is_dir()
@@ -190,6 +197,19 @@ def test_clear_refuses_a_task_that_is_no_task_id_and_writes_nothing(tmp_path) ->
         refused = cli.invoke(app, ["cache", "clear", "--task", task, "--cache-dir", str(tmp_path / "cache")])
         assert refused.exit_code == 2 and "not a task id" in refused.stderr, (task, refused.output)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    nothing = cli.invoke(app, ["cache", "clear", "--task", "nosuch", "--cache-dir", str(tmp_path / "cache")])
+    assert nothing.exit_code == 0 and "removed 0 entries" in nothing.output  # and no lock file made for it
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_pool_belongs_to_the_task_its_folder_names(tmp_path) -> None:
+    # A pulled pool.json may carry the id of the task that pushed it; runs name and lock the folder's.
+    from mia_ptq_bench.cache_admin import list_cache
+
+    pool = tmp_path / "pools" / "bar-0123456789ab"
+    (pool / "models").mkdir(parents=True)
+    (pool / "pool.json").write_text(json.dumps({"task_id": "foo", "spec": {"membership": {"n_models": 4}}}))
+    assert [(e.task, e.detail) for e in list_cache(tmp_path)] == [("bar", "0/4 models")]
 
 
 def test_a_run_waits_for_a_clear_of_its_own_task_only(tmp_path) -> None:
@@ -226,6 +246,8 @@ def test_evaluate_holds_the_cache_while_it_runs(tmp_path, monkeypatch) -> None:
     def clear_instead(context, options, progress):
         with pytest.raises(CacheError, match="is using this cache"):
             clear_cache(options.cache_dir)
+        with pytest.raises(CacheError, match="a run of tiny-digits"):  # nor a clear of the run's own task
+            clear_cache(options.cache_dir, task="tiny-digits")
         seen.append(True)
         raise KeyboardInterrupt  # enough: the run stops here
 
@@ -273,8 +295,8 @@ def test_a_run_starting_during_a_clear_says_it_waits_then_goes_on(tmp_path, monk
     assert said == []
 
 
-def test_a_command_waiting_for_a_clear_says_so_on_stderr(tmp_path, monkeypatch) -> None:
-    # validate/leaderboard --recompute and pool pull hand the CLI the same line to print as pool push does.
+def test_pool_push_waiting_for_a_clear_of_its_task_says_so_on_stderr(tmp_path, monkeypatch) -> None:
+    # (validate --recompute: test_recompute; pool pull: test_scale; leaderboard build --recompute shares validate's code)
     from conftest import HeldClear
     from mia_ptq_bench.pool import hub
 
@@ -282,13 +304,14 @@ def test_a_command_waiting_for_a_clear_says_so_on_stderr(tmp_path, monkeypatch) 
         raise hub.BenchError(f"{where}: no network in tests")
 
     monkeypatch.setenv("MPTQ_TASKS", str(Path(__file__).parent / "tasks"))
-    HeldClear(tmp_path / "cache", patience=0.5)  # here the clear ends on its own
+    HeldClear(tmp_path / "cache", task="tiny-digits").ends_when_the_cli_says_it_waits(monkeypatch)
     staged = []
     monkeypatch.setattr(hub, "export_pool", lambda store, folder: staged.append(folder))
     monkeypatch.setattr(hub, "_hub_call", offline)
     pushed = cli.invoke(app, ["pool", "push", "tiny-digits", "--repo", "mptq/x", "--cache-dir", str(tmp_path / "cache")])
     assert len(staged) == 1 and "no network in tests" in pushed.stderr, pushed.output
-    assert "a `cache clear` holds this cache; waiting for it to finish" in pushed.stderr.replace("\n", "")
+    assert "a `cache clear --task tiny-digits` holds this task's cached work; waiting for it to finish" \
+        in " ".join(pushed.stderr.split())
 
 
 def test_a_file_system_without_flock_leaves_runs_and_clear_unguarded_not_failing(tmp_path, monkeypatch) -> None:

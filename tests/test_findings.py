@@ -12,7 +12,7 @@ from builtin_submission import evaluated_builtin
 cli = CliRunner()
 
 
-def test_findings_are_generated_from_results(tmp_path: Path) -> None:
+def test_findings_are_generated_from_results(tmp_path: Path, monkeypatch) -> None:
     submissions = tmp_path / "submissions"
     for name in ("fp32", "rtn"):
         evaluated_builtin(submissions, name)
@@ -38,6 +38,17 @@ def test_findings_are_generated_from_results(tmp_path: Path) -> None:
     assert all(f"](figures/{name})" in text for name in figures)
     missing = cli.invoke(app, ["findings", "--task", "tiny-cnn", "--submissions", str(submissions), "--out", str(out)])
     assert missing.exit_code == 2 and "no current results for task 'tiny-cnn'" in missing.stderr
+    # Every verdict carries the mark where its numbers are near the edge, and none where they are not.
+    from importlib import import_module
+
+    render = import_module("mia_ptq_bench.findings.render")
+    for near in (True, False):
+        monkeypatch.setattr(render, "near_edge", lambda values, rise=False, near=near: near)
+        text = render.render(submissions, "tiny-digits")
+        sections = {part.split(".", 1)[0]: part for part in text.split("\n## ")[1:]}
+        sentences = [line for number in ("1", "5") for line in sections[number].splitlines() if line.startswith("- **rtn**")]
+        assert len(sentences) == 2 and [("(near the edge)" in s or ", near the edge" in s or "loss is near the edge" in s)
+                                         for s in sentences] == [near, near]
 
 
 def test_each_task_has_its_own_default_page_and_the_page_names_the_command_that_wrote_it(tmp_path: Path,
@@ -99,4 +110,6 @@ def test_a_verdict_one_standard_error_from_turning_is_marked_near_the_edge(shift
         assert significant(values) is real
         assert near_edge(values) is near
         assert edge(values) == (" (near the edge)" if near else "")
+        # a rise (significant and above zero): a fall, or no change, is never one standard error from it
+        assert near_edge(values, rise=True) is (near and sign > 0)
     assert not near_edge(np.array([0.3])) and not near_edge(np.full(16, 0.3))  # no spread: no interval

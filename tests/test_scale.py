@@ -366,7 +366,25 @@ def test_a_verified_snapshot_installs_whole(hub_cache: dict, tmp_path: Path, hel
     source = install_snapshot(hub_cache["snapshot"], load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool",
                               waiting=held_clear.waiting)
     assert source.revision == COMMIT and PoolStore(tmp_path / "cache", load_task("tiny-digits")).is_complete_pool()
-    assert len(held_clear.said) == 1 and "waiting for it to finish" in held_clear.said[0]
+    assert len(held_clear.said) == 1 and "a `cache clear` holds this cache; waiting" in held_clear.said[0]
+
+
+def test_pool_pull_waiting_for_a_clear_of_its_task_says_so(hub_cache: dict, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import HeldClear
+    from typer.testing import CliRunner
+
+    from mia_ptq_bench.cli import app
+
+    _fake_hub(monkeypatch, hub_cache["snapshot"])
+    monkeypatch.setenv("MPTQ_TASKS", str(TASKS))
+    HeldClear(tmp_path / "cache", task="tiny-digits").ends_when_the_cli_says_it_waits(monkeypatch)
+    pulled = CliRunner().invoke(app, ["pool", "pull", "tiny-digits", "--repo", "mptq/tiny-digits-pool",
+                                      "--cache-dir", str(tmp_path / "cache")])
+    assert pulled.exit_code == 0, pulled.output
+    assert "a `cache clear --task tiny-digits` holds this task's cached work; waiting for it to finish" \
+        in " ".join(pulled.stderr.split())
+    assert PoolStore(tmp_path / "cache", load_task("tiny-digits")).is_complete_pool()
 
 
 def _rewrite_file(snapshot: Path, name: str, write) -> None:

@@ -97,20 +97,22 @@ EDGE_STANDARD_ERRORS = 1.0
 NEAR_EDGE = "near the edge"
 
 
-def near_edge(values: np.ndarray) -> bool:
-    """Whether moving the mean of ``values`` by EDGE_STANDARD_ERRORS standard errors would take the nearer
-    end of its 95% interval across zero, and so turn ``significant``'s verdict."""
+def near_edge(values: np.ndarray, rise: bool = False) -> bool:
+    """Whether moving the mean of ``values`` by EDGE_STANDARD_ERRORS standard errors would turn the verdict
+    ``significant`` gives (its 95% interval excludes zero), or with ``rise`` the one-sided verdict
+    ``significant and mean > 0`` (a rise): its lower end crosses zero."""
     s = summarize(values, bounds=None)
     if s.n < 2 or s.std == 0:
         return False
     standard_error = s.std / np.sqrt(s.n)
     half_width = (s.ci_high - s.ci_low) / 2
-    return bool(abs(abs(s.mean) - half_width) < EDGE_STANDARD_ERRORS * standard_error)
+    distance = s.mean - half_width if rise else abs(s.mean) - half_width  # how far the verdict's edge is from 0
+    return bool(abs(distance) < EDGE_STANDARD_ERRORS * standard_error)
 
 
-def edge(values: np.ndarray) -> str:
+def edge(values: np.ndarray, rise: bool = False) -> str:
     """`` (near the edge)`` after a verdict on ``values`` that another pool may well turn, else nothing."""
-    return f" ({NEAR_EDGE})" if near_edge(values) else ""
+    return f" ({NEAR_EDGE})" if near_edge(values, rise) else ""
 
 
 def pct(value: float, digits: int = 2) -> str:
@@ -322,10 +324,10 @@ def render(submissions: Path, task: str, figures: Path | None = None, figures_li
             leak = tpr(a.quantized, "strongest") - tpr(b.quantized, "strongest")
             lines.append(f"- **{name(method)}**: test accuracy {pp(acc)}, strongest attacker's TPR@0.1%FPR {pp(leak)}: "
                          + ("accuracy bought back" if significant(acc) and acc.mean() > 0 else "no accuracy measurably bought back")
-                         + edge(acc)
+                         + edge(acc, rise=True)
                          + (", at a measurable cost in privacy" if significant(leak) and leak.mean() > 0
                             else ", with no measurable cost in privacy")
-                         + edge(leak) + ".")
+                         + edge(leak, rise=True) + ".")
         lines.append("")
 
     # 3. online against offline
@@ -387,7 +389,7 @@ def render(submissions: Path, task: str, figures: Path | None = None, figures_li
                                if recovered >= 0 else "the adaptive attacker does worse still")
                 else:
                     verdict = "no measurable loss to recover"
-                if near_edge(gain):  # the verdict on whether there is a loss at all
+                if near_edge(gain, rise=True):  # the verdict on whether there is a loss at all
                     verdict += f", {NEAR_EDGE}" if verdict.startswith("no ") else f"; that loss is {NEAR_EDGE}"
                 parts.append(f"{plan}: {pct(o.mean())} -> {pct(a.mean())} ({verdict})")
             lines.append(f"- **{name(method)}**, online LiRA oblivious -> {adaptive}: " + "; ".join(parts) + ".")
