@@ -22,7 +22,7 @@ import torch
 from scipy.stats import t as student_t
 
 from mia_ptq_bench.attack import ShadowSet, run_attacks
-from mia_ptq_bench.cache import default_cache_dir
+from mia_ptq_bench.cache import default_cache_dir, in_use
 from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.metrics import attack_metrics, summarize
 from mia_ptq_bench.pool import build_pool
@@ -56,22 +56,23 @@ def main() -> None:
     base = load_task(args.task)
     dataset = load_dataset(base.dataset)
     means, halves, boot_sd = [], [], []
-    for seed in range(args.pools):
-        spec = base.model_copy(update={"membership": base.membership.model_copy(update={"seed": seed}),
-                                       "training": base.training.model_copy(update={"seed": seed})})
-        pool = build_pool(spec, dataset, default_cache_dir())
-        values = per_target(spec, pool, args.attack)
-        stats = [summarize(values[:, k], bounds=None) for k in range(3)]
-        means.append([s.mean for s in stats])
-        halves.append([s.ci_high - s.mean for s in stats])
-        rng = np.random.default_rng(seed)
-        n = pool.keep.shape[1]
-        resampled = [per_target(spec, pool, args.attack, rng.integers(0, n, n)).mean(axis=0)
-                     for _ in range(args.bootstrap if seed == 0 else 0)]
-        if resampled:
-            boot_sd = np.std(resampled, axis=0, ddof=1)
-        print(f"pool {seed}: " + ", ".join(f"{name} {100 * s.mean:.3f} ± {100 * (s.ci_high - s.mean):.3f}"
-                                          for name, s in zip(METRICS, stats)), flush=True)
+    with in_use(default_cache_dir(), [base.id]):  # a `cache clear` is refused while the pools are read
+        for seed in range(args.pools):
+            spec = base.model_copy(update={"membership": base.membership.model_copy(update={"seed": seed}),
+                                           "training": base.training.model_copy(update={"seed": seed})})
+            pool = build_pool(spec, dataset, default_cache_dir())
+            values = per_target(spec, pool, args.attack)
+            stats = [summarize(values[:, k], bounds=None) for k in range(3)]
+            means.append([s.mean for s in stats])
+            halves.append([s.ci_high - s.mean for s in stats])
+            rng = np.random.default_rng(seed)
+            n = pool.keep.shape[1]
+            resampled = [per_target(spec, pool, args.attack, rng.integers(0, n, n)).mean(axis=0)
+                         for _ in range(args.bootstrap if seed == 0 else 0)]
+            if resampled:
+                boot_sd = np.std(resampled, axis=0, ddof=1)
+            print(f"pool {seed}: " + ", ".join(f"{name} {100 * s.mean:.3f} ± {100 * (s.ci_high - s.mean):.3f}"
+                                              for name, s in zip(METRICS, stats)), flush=True)
     means, halves = np.array(means), np.array(halves)
     grand = means.mean(axis=0)
     covered = (np.abs(means - grand) <= halves).mean(axis=0)

@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe, idle_fraction, load_average, save, say, wait_for_quiet  # noqa: E402
 
 from mia_ptq_bench.allocator import keep_freed_memory  # noqa: E402
+from mia_ptq_bench.cache import in_use  # noqa: E402
 from mia_ptq_bench.cli import make_quantizer  # noqa: E402
 from mia_ptq_bench.data import load_dataset  # noqa: E402
 from mia_ptq_bench.inference import accuracy  # noqa: E402
@@ -110,8 +111,9 @@ def plain_reconstruction(cls):
 
 def pool_models(spec, data, count: int, cache_dir: Path | None, device: torch.device) -> list[torch.nn.Module]:
     if cache_dir is not None and PoolStore(cache_dir, spec).is_complete_pool():
-        pool = build_pool(spec, data, cache_dir, device)
-        return [pool.load_model(i, device) for i in range(count)]
+        with in_use(cache_dir, [spec.id], create=False):  # a `cache clear` is refused while the pool is read
+            pool = build_pool(spec, data, cache_dir, device)
+            return [pool.load_model(i, device) for i in range(count)]
     keep = pool_keep_masks(spec, len(data.pool))
     schedules = [make_schedule(spec, np.flatnonzero(keep[i]), len(data.pool), i) for i in range(count)]
     return train_stacked(spec, data.to(device), [init_model(spec, data, i) for i in range(count)], schedules,

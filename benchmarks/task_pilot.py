@@ -29,6 +29,7 @@ import torch
 
 from mia_ptq_bench.atomic import write_text_atomic
 from mia_ptq_bench.attack.lira import lira_online
+from mia_ptq_bench.cache import in_use
 from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.metrics.roc import attack_metrics
 from mia_ptq_bench.pool import build_pool
@@ -88,7 +89,9 @@ def main() -> None:
         f"{len(data.pool)} pool images, {len(data.test)} test · groups of {group} (the full pool: {full_group})")
     progress = Timed()
     with tempfile.TemporaryDirectory() as scratch:
-        pool = build_pool(spec, data, Path(args.cache or scratch), progress=progress)
+        cache = Path(args.cache or scratch)
+        with in_use(cache, [spec.id]):  # in a given cache folder, a `cache clear` is refused meanwhile
+            pool = build_pool(spec, data, cache, progress=progress)
     per_model = float(np.mean([t / min(group, args.models - i * group) for i, t in enumerate(progress.times)]))
     say(f"time per model (training + scoring): {per_model:.1f} s; the task's {task.membership.n_models} models: "
         f"{per_model * task.membership.n_models / 60:.1f} min")
