@@ -113,3 +113,4 @@ def test_a_verdict_one_standard_error_from_turning_is_marked_near_the_edge(shift
         # a rise (significant and above zero): a fall, or no change, is never one standard error from it
         assert near_edge(values, rise=True) is (near and sign > 0)
     assert not near_edge(np.array([0.3])) and not near_edge(np.full(16, 0.3))  # no spread: no interval
+    assert not significant(np.array([0.3]))  # one target: its summary's interval is the point itself, no verdict

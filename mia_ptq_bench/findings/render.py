@@ -86,8 +86,9 @@ def pp(values: np.ndarray) -> str:
 
 
 def significant(values: np.ndarray) -> bool:
+    """Whether the 95% interval of ``values``' mean excludes zero; one value has no interval, so no verdict."""
     s = summarize(values, bounds=None)
-    return s.ci_low > 0 or s.ci_high < 0
+    return s.n > 1 and (s.ci_low > 0 or s.ci_high < 0)
 
 
 # Between two trainings of the same pool (two CPUs), the paired differences a verdict rests on moved by
