@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -136,22 +138,29 @@ def test_folders_an_interrupted_pull_leaves_are_listed_as_such_and_cleared(tmp_p
     assert [e.path for e in clear_cache(tmp_path, "pool")] == [leftover] and not leftover.exists()
 
 
+@contextlib.contextmanager
+def another_process_running(cache_dir: Path, task: str) -> Iterator[None]:
+    """A run of ``task`` in another process, holding ``cache_dir`` (``cache.in_use``) while the block runs."""
+    holder = subprocess.Popen(  # it holds the cache until its stdin closes
+        [sys.executable, "-c", "import sys; from mia_ptq_bench.cache import in_use\n"
+         f"with in_use({str(cache_dir)!r}, [{task!r}]):\n    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.communicate("", timeout=60)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows has no flock: runs and clear do not see each other")
 def test_cache_clear_is_refused_while_another_process_uses_the_cache(tmp_path) -> None:
     pool = tmp_path / "pools" / "tiny-digits-0123456789ab"
     (pool / "models").mkdir(parents=True)
-    holder = subprocess.Popen(  # a run: it holds the cache until its stdin closes
-        [sys.executable, "-c", "import sys; from mia_ptq_bench.cache import in_use\n"
-         f"with in_use({str(tmp_path)!r}, ['tiny-digits']):\n    print('held', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with another_process_running(tmp_path, "tiny-digits"):
         refused = cli.invoke(app, ["cache", "clear", "--cache-dir", str(tmp_path)])
         message = " ".join(refused.stderr.split())
         assert refused.exit_code == 2 and "a run (evaluate, reproduce" in message and "is using this cache" in message
         assert pool.is_dir()
-    finally:
-        holder.communicate("", timeout=60)
     cleared = cli.invoke(app, ["cache", "clear", "--cache-dir", str(tmp_path)])
     assert cleared.exit_code == 0 and "removed 1 entries" in cleared.output and not pool.exists()
 
@@ -164,12 +173,7 @@ def test_a_clear_of_another_task_goes_on_beside_a_run_and_one_of_its_own_is_refu
     other = tmp_path / "quantized" / "tiny-cnn-0123456789ab" / "rtn" / "w4"
     for folder in (running, other):
         folder.mkdir(parents=True)
-    holder = subprocess.Popen(  # a run of tiny-digits: it holds the cache until its stdin closes
-        [sys.executable, "-c", "import sys; from mia_ptq_bench.cache import in_use\n"
-         f"with in_use({str(tmp_path)!r}, ['tiny-digits']):\n    print('held', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with another_process_running(tmp_path, "tiny-digits"):
         # No run of tiny-cnn has made its lock file: one that could not write the cache may be using it unmarked.
         unmarked = cli.invoke(app, ["cache", "clear", "--task", "tiny-cnn", "--cache-dir", str(tmp_path)])
         assert unmarked.exit_code == 2 and "no run of tiny-cnn has marked" in " ".join(unmarked.stderr.split())
@@ -183,8 +187,6 @@ def test_a_clear_of_another_task_goes_on_beside_a_run_and_one_of_its_own_is_refu
             message = " ".join(refused.stderr.split())
             assert refused.exit_code == 2 and running.is_dir(), refused.output
             assert ("a run of tiny-digits (evaluate" in message) if command else ("is using this cache" in message)
-    finally:
-        holder.communicate("", timeout=60)
     cleared = cli.invoke(app, ["cache", "clear", "--task", "tiny-digits", "--cache-dir", str(tmp_path)])
     assert cleared.exit_code == 0 and not running.exists()
 
