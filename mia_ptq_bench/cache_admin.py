@@ -191,11 +191,18 @@ def clear_cache(cache_dir: Path, kind: str = "all", task: str | None = None) -> 
     folder = Path(cache_dir)
     if not ((folder / "pools").is_dir() or (folder / "quantized").is_dir() or _scratch_folders(folder)):
         return []  # no cached work: no lock file left in a folder that is not a cache
-    if task is not None and not any(entry.task == task for entry in list_cache(cache_dir)):
+    if task is not None and not _holds_task(folder, task):
         return []  # nothing of the task's: no lock to take, and no lock file left for a task the cache never held
     # Scratch: only killed runs' folders go, which no running run reads, so runs need not have ended.
     with contextlib.nullcontext() if kind == "scratch" else exclusive_use(cache_dir, "clear it", task):
         return _remove(list_cache(cache_dir), kind, task)
+
+
+def _holds_task(cache_dir: Path, task: str) -> bool:
+    """Whether a pool folder of ``task`` (<task>-<pool hash>) is in pools/ or quantized/: by name only,
+    without sizing every entry as list_cache does."""
+    return any(not entry.name.startswith(".") and entry.name.rsplit("-", 1)[0] == task
+               for kind in ("pools", "quantized") for entry in _children(cache_dir / kind))
 
 
 def _remove(entries: list[CacheEntry], kind: str, task: str | None) -> list[CacheEntry]:

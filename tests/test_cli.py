@@ -193,14 +193,15 @@ def test_a_clear_of_another_task_goes_on_beside_a_run_and_one_of_its_own_is_refu
 
 def test_clear_refuses_a_task_that_is_no_task_id_and_writes_nothing(tmp_path) -> None:
     # --task names a lock file beside the cache's: a path there would lock (or create) something else.
-    (tmp_path / "cache" / "pools").mkdir(parents=True)
+    (tmp_path / "cache" / "pools" / "tiny-digits-0123456789ab").mkdir(parents=True)  # not "tiny"'s, nor "digits"'
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     for task in ("../outside", "Tiny", ".hidden", "a/b", "x" * 65):
         refused = cli.invoke(app, ["cache", "clear", "--task", task, "--cache-dir", str(tmp_path / "cache")])
         assert refused.exit_code == 2 and "not a task id" in refused.stderr, (task, refused.output)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
-    nothing = cli.invoke(app, ["cache", "clear", "--task", "nosuch", "--cache-dir", str(tmp_path / "cache")])
-    assert nothing.exit_code == 0 and "removed 0 entries" in nothing.output  # and no lock file made for it
+    for task in ("nosuch", "tiny", "digits", "0123456789ab"):
+        nothing = cli.invoke(app, ["cache", "clear", "--task", task, "--cache-dir", str(tmp_path / "cache")])
+        assert nothing.exit_code == 0 and "removed 0 entries" in nothing.output, (task, nothing.output)  # no lock file
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
