@@ -183,7 +183,7 @@ class HubSpec(Strict):
 
 
 class TaskSpec(Strict):
-    id: str = Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)
+    id: RegistryName
     version: int = Int(1, 1_000_000)
     description: str = Field("", max_length=10_000)
     dataset: DatasetSpec
