@@ -19,13 +19,19 @@ shared), and the best round counts. --save writes the output under benchmarks/re
     (RandomHorizontalFlip, RandomCrop with padding, ToTensor, Normalize) on PIL images.
 (b) sequential: pool/train.py train_sequential, one model at a time.
 (c) stacked: pool/train.py train_stacked, one group of G models as one wide network.
+(d) stacked in processes: the same G models as two groups of G/2, each trained by train_stacked in
+    its own worker process of one thread, both at once: what build_pool does on a CPU for a pool
+    with much training (pool/train.py auto_workers). The workers are started, and torch imported
+    in them, before the clock starts, as a pool build pays that once; the start-up is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -130,6 +136,24 @@ def train_study_style(spec, data: ImageDataset, index: int, members: np.ndarray,
     return m.eval()
 
 
+# --- (d) stacked groups in worker processes ----------------------------------------------------
+
+def _start_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+
+
+def _ready(seconds: float) -> int:
+    time.sleep(seconds)  # long enough that every worker takes one: all of them started and importing done
+    return torch.get_num_threads()
+
+
+def _train_group_here(spec, data: ImageDataset, schedules, indices: list[int], device: str) -> list[dict]:
+    models = [init_model(spec, data, i) for i in indices]
+    trained = train_stacked(spec, data, models, schedules, torch.device(device), Speed.for_device(torch.device(device)))
+    return [m.state_dict() for m in trained]
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 def main() -> None:
@@ -214,9 +238,30 @@ def main() -> None:
         return train_stacked(spec, resident, [init_model(spec, data, i) for i in range(group)], schedules, device,
                              speed)
 
+    processes, halves = 2, [list(range(group))[: (group + 1) // 2], list(range(group))[(group + 1) // 2:]]
+    start = time.perf_counter()
+    workers = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_start_worker, initargs=(max(torch.get_num_threads() // processes, 1),))
+    worker_threads = [f.result() for f in [workers.submit(_ready, 1.0) for _ in range(processes)]]
+    startup = time.perf_counter() - start - 1.0
+
+    def stacked_in_processes() -> list[nn.Module]:
+        futures = [workers.submit(_train_group_here, spec, resident, [schedules[i] for i in half], half, str(device))
+                   for half in halves]
+        trained = []
+        for half, future in zip(halves, futures):
+            for index, state in zip(half, future.result()):
+                model = init_model(spec, data, index)
+                model.load_state_dict(state)
+                trained.append(model.to(device).eval())
+        return trained
+
     trainers = {"(a) study-style": (study, study_images), "(b) sequential": (sequential, models * per_model),
                 "(b') sequential, channels_last": (sequential_channels_last, models * per_model),
-                f"(c) stacked x{group}": (stacked, group * per_model)}
+                f"(c) stacked x{group}": (stacked, group * per_model),
+                f"(d) x{len(halves[0])} in {processes} processes": (stacked_in_processes, group * per_model)}
+    say(f"(d): {processes} worker processes of {worker_threads[0]} thread(s), started in {startup:.1f} s (once per "
+        "pool build; not in the rates below)")
     try:
         widen([template, template], data.input_shape)
     except ValueError:
@@ -243,7 +288,7 @@ def main() -> None:
     best_round = {name: int(np.argmax(values)) for name, values in rates.items()}
     best = {name: rates[name][i] for name, i in best_round.items()}
     study_rate, sequential_rate = best["(a) study-style"], best["(b) sequential"]
-    say(f"best round, images per second (models {models} for a/b, {group} for c):")
+    say(f"best round, images per second (models {models} for a/b, {group} for c and d):")
     say(f"{'trainer':32} {'img/s':>8} {'% ceiling':>9} {'% convs':>8} {'x study':>8} {'x seq':>7} {'test acc':>9} "
         f"{'acc (first ' + str(models) + ')':>15}")
     for name, rate in best.items():
@@ -252,6 +297,7 @@ def main() -> None:
         say(f"{name:32} {rate:8.0f} {100 * rate / ceiling:8.1f}% {100 * rate / conv_ceiling:7.1f}% "
             f"{rate / study_rate:8.2f} {rate / sequential_rate:7.2f} "
             f"{100 * np.mean(round_accuracies):8.2f}% {first:14.2f}%")
+    workers.shutdown()
     say(f"load average at the end: {load_average()}")
     if args.save:
         save(f"pool_training-{spec.id}-{started:%Y%m%d-%H%M}.txt")

@@ -1,4 +1,4 @@
-"""Where units of work run: in this process, or as Ray tasks on a local or existing Ray cluster.
+"""Where units of work run: in this process, in worker processes here, or as Ray tasks on a Ray cluster.
 
 A unit is a top-level function of one picklable argument that writes its result into the
 content-addressed cache and returns a short summary. Running units through an executor
@@ -38,6 +38,57 @@ class LocalExecutor:
             results.append(unit(job))
             if key:
                 progress.advance(key)
+        return results
+
+
+class ProcessExecutor:
+    """Runs units in ``workers`` fresh processes on this machine, at most one unit per process at a time.
+
+    On a CPU with few cores, two processes of one thread each got more done than one process with
+    both threads (pool/train.py ``auto_workers`` has the numbers): each runs its own operations
+    with no thread ever waiting for the other at the end of one. Processes are started
+    (``spawn``) rather than forked, as a fork of a process that has run OpenMP can hang; each
+    imports the package afresh, a few seconds once per worker. The first unit that fails stops
+    the map, and its error is raised as the unit raised it; a worker that dies (killed, out of
+    memory) is reported as such. A failure or an interrupt ends the units still running.
+    """
+
+    name = "processes"
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise BenchError(f"worker processes: {workers}; need at least 1")
+        self.workers = workers
+
+    def map(self, unit, jobs, *, gpus: float = 0, describe=str, progress=None, key: str = "") -> list[Any]:
+        import multiprocessing
+        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        progress = progress or SilentProgress()
+        results: list[Any] = [None] * len(jobs)
+        pool = ProcessPoolExecutor(min(self.workers, max(len(jobs), 1)), mp_context=multiprocessing.get_context("spawn"))
+        try:
+            pending = {pool.submit(unit, job): i for i, job in enumerate(jobs)}
+            while pending:
+                done, _ = wait(list(pending), return_when=FIRST_EXCEPTION)
+                for future in done:
+                    index = pending.pop(future)
+                    try:
+                        results[index] = future.result()
+                    except BrokenProcessPool:
+                        raise BenchError(f"{describe(jobs[index])}: a worker process died (killed, or out of memory?); "
+                                         "what the units finished is kept, and a rerun goes on from there") from None
+                    if key:
+                        progress.advance(key)
+        except BaseException:
+            # A failure or Ctrl-C stops the others now rather than after their units (minutes, maybe): every
+            # write is atomic, so a killed unit leaves nothing half-written, and a rerun redoes only it.
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return results
 
 

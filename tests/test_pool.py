@@ -519,3 +519,48 @@ def test_a_bookkeeping_file_removed_mid_run_says_so(tmp_path: Path) -> None:
     with pytest.raises(CacheError, match=r"model-0000\.json: missing \(removed while this run used the cache, by "
                                          r"`cache clear` or another process\?\); rerun to redo that work"):
         PoolStore.read_record(tmp_path / "model-0000.json")
+
+
+def test_process_executor_returns_in_job_order_and_raises_a_units_error() -> None:
+    from mia_ptq_bench.errors import BenchError
+    from mia_ptq_bench.executor import ProcessExecutor
+    from worker_units import dies, raises_bench_error
+
+    executor = ProcessExecutor(2)
+    assert executor.map(raises_bench_error, [3, 1, 4]) == [9, 1, 16]
+    with pytest.raises(BenchError, match="two: refused input"):
+        executor.map(raises_bench_error, [1, 2, 3])
+    with pytest.raises(BenchError, match="job 1: a worker process died"):
+        executor.map(dies, [0, 1], describe=lambda job: f"job {job}")
+    with pytest.raises(BenchError, match="worker processes: 0"):
+        ProcessExecutor(0)
+
+
+def test_groups_trained_in_worker_processes_are_the_groups_trained_here(tmp_path: Path) -> None:
+    """Two processes of one thread train the same bits as this process with one thread: BatchNorm, stacked."""
+    spec = load_task("tiny-cnn")
+    data = load_dataset(spec.dataset)
+    log = Logged()
+    apart = build_pool(spec, data, tmp_path / "workers", trainer="stacked", stack=2, workers=2, progress=log)
+    assert "training 4 groups in 2 processes of 1 thread(s) each" in log.lines
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = build_pool(spec, data, tmp_path / "here", trainer="stacked", stack=2, workers=1)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(apart.scores, here.scores)
+    np.testing.assert_array_equal(apart.test_accuracy, here.test_accuracy)
+    for index in range(spec.membership.n_models):
+        a, b = apart.load_model(index).state_dict(), here.load_model(index).state_dict()
+        assert all(torch.equal(a[name], b[name]) for name in a), index
+
+
+def test_workers_are_chosen_for_much_training_on_a_cpu_with_threads_to_share() -> None:
+    from mia_ptq_bench.pool.train import WORKER_WORK, auto_workers
+
+    cpu = torch.device("cpu")
+    assert auto_workers(cpu, 2, WORKER_WORK) == 2 and auto_workers(cpu, 8, WORKER_WORK) == 2
+    assert auto_workers(cpu, 2, WORKER_WORK / 2) == 1  # starting the workers would cost more than they gain
+    assert auto_workers(cpu, 1, 10 * WORKER_WORK) == 1
+    assert auto_workers(torch.device("cuda"), 2, 10 * WORKER_WORK) == 1

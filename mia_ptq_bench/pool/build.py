@@ -15,14 +15,15 @@ from ..allocator import keep_freed_memory
 from ..context import RunContext
 from ..data import ImageDataset
 from ..errors import CacheError, SpecError
-from ..executor import Executor
+from ..executor import Executor, ProcessExecutor
 from ..progress import Progress, SilentProgress
 from ..inference import accuracy, score_split
 from ..models.structure import check_quantizable
 from ..spec.schema import TaskSpec
 from .masks import balanced_keep_masks
 from .store import GROUPS, PoolStore
-from .train import Speed, auto_stack, init_model, make_schedule, train_sequential, train_stacked
+from .train import Speed, auto_stack, auto_workers, init_model, make_schedule, trained_images, train_sequential, \
+    train_stacked, training_flops
 
 Trainer = Literal["auto", "sequential", "stacked"]
 
@@ -103,17 +104,21 @@ def train_unit(context: RunContext, speed: Speed, group: tuple[int, ...]) -> lis
     dataset = context.dataset()
     device = torch.device(context.device)
     keep = pool_keep_masks(context.spec, len(dataset.pool))
-    return train_group(context.spec, dataset.to(device) if device.type == "cuda" else dataset,
-                       PoolStore(context.cache_dir, context.spec), keep, list(group), device, speed)
+    store = PoolStore(context.cache_dir, context.spec)
+    store.ensure_header(keep, dataset.digest())  # the worker's data is the driver's, or the unit is refused
+    return train_group(context.spec, dataset.to(device) if device.type == "cuda" else dataset, store, keep,
+                       list(group), device, speed)
 
 
 def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: str | torch.device = "cpu",
                progress: Progress | None = None, trainer: Trainer = "auto", stack: int | None = None,
                speed: Speed | None = None, executor: Executor | None = None, data_root: Path | None = None,
-               download: bool = False, extensions: tuple[str, ...] = ()) -> Pool:
+               download: bool = False, extensions: tuple[str, ...] = (), workers: int | None = None) -> Pool:
     """Train what the cache lacks (locally, or as executor jobs that reload the data from ``data_root``).
 
     ``stack``: models trained as one group; None chooses from the model's size and the machine.
+    ``workers``: without an executor, groups trained at once in as many processes here, the
+    threads shared out among them; None chooses (pool/train.py ``auto_workers``).
     """
     keep_freed_memory()
     # Before any training: an architecture whose layers the quantizers would handle wrongly, silently.
@@ -135,6 +140,18 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
             done[index] = False
     # stack=None: models per group from the model's size and the machine (pool/train.py auto_stack)
     group_size = 1 if trainer == "sequential" else stack or auto_stack(spec, dataset, device, trainer == "stacked")
+    threads = torch.get_num_threads()
+    if executor is not None:
+        workers = 1
+    elif workers is None:
+        # judged on the whole pool, so that a resumed build chooses the groups an uninterrupted one did
+        work = n_models * trained_images(spec, n_examples) * training_flops(init_model(spec, dataset, 0),
+                                                                            dataset.input_shape)
+        workers = auto_workers(device, threads, work)
+        if workers > 1 and stack is None and group_size > 1:
+            group_size = -(-group_size // workers)  # as many models in training at once, in smaller groups
+    elif workers < 1:
+        raise SpecError(f"worker processes: {workers}; need at least 1")
     # Groups are fixed by model index, and a group is trained whole even when an earlier run
     # saved part of it: stacked results depend (in the last float bits) on the group, so this
     # keeps a resumed pool bit-identical to an uninterrupted one. A build resumed on another
@@ -155,13 +172,19 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
         store.remember_group_size(group_size, device.type)
     progress.start("pool", f"pool: {n_models} models, {sum(done)} cached, {len(groups)} group(s) to train",
                    len(groups))
-    if executor is None or not groups:
+    workers = min(workers, len(groups))
+    if (executor is None and workers <= 1) or not groups:
         resident = dataset.to(device) if device.type == "cuda" and groups else dataset  # copied once
         for group in groups:
             train_group(spec, resident, store, keep, group, device, speed)
             progress.advance("pool")
     else:
-        context = RunContext(spec, Path(cache_dir), data_root, download, str(device), extensions=extensions)
+        if executor is None:
+            progress.log(f"training {len(groups)} groups in {workers} processes of {max(threads // workers, 1)} "
+                         f"thread(s) each")
+            executor = ProcessExecutor(workers)
+        context = RunContext(spec, Path(cache_dir), data_root, download, str(device),
+                             threads=max(threads // workers, 1), extensions=extensions)
         executor.map(partial(train_unit, context, speed), [tuple(g) for g in groups],
                      gpus=1 if device.type == "cuda" else 0, progress=progress, key="pool",
                      describe=lambda group: f"pool models {group[0]}-{group[-1]}")
