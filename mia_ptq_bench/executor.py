@@ -62,7 +62,7 @@ class ProcessExecutor:
 
     def map(self, unit, jobs, *, gpus: float = 0, describe=str, progress=None, key: str = "") -> list[Any]:
         import multiprocessing
-        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
         from concurrent.futures.process import BrokenProcessPool
 
         progress = progress or SilentProgress()
@@ -71,7 +71,7 @@ class ProcessExecutor:
         try:
             pending = {pool.submit(unit, job): i for i, job in enumerate(jobs)}
             while pending:
-                done, _ = wait(list(pending), return_when=FIRST_EXCEPTION)
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for future in done:
                     index = pending.pop(future)
                     try:

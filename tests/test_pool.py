@@ -536,6 +536,21 @@ def test_process_executor_returns_in_job_order_and_raises_a_units_error() -> Non
         ProcessExecutor(0)
 
 
+def test_process_executor_reports_each_unit_as_it_ends_not_all_at_the_end(tmp_path: Path) -> None:
+    from mia_ptq_bench.executor import ProcessExecutor
+    from mia_ptq_bench.progress import SilentProgress
+    from worker_units import sees_the_first_reported
+
+    flag = tmp_path / "first unit reported"
+
+    class Reported(SilentProgress):
+        def advance(self, key: str, amount: int = 1) -> None:
+            flag.touch()
+
+    jobs = [(str(flag), 0), (str(flag), 1)]
+    assert ProcessExecutor(2).map(sees_the_first_reported, jobs, progress=Reported(), key="k") == [True, True]
+
+
 def test_groups_trained_in_worker_processes_are_the_groups_trained_here(tmp_path: Path) -> None:
     """Two processes of one thread train the same bits as this process with one thread: BatchNorm, stacked."""
     spec = load_task("tiny-cnn")
