@@ -141,17 +141,17 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     # stack=None: models per group from the model's size and the machine (pool/train.py auto_stack)
     group_size = 1 if trainer == "sequential" else stack or auto_stack(spec, dataset, device, trainer == "stacked")
     threads = torch.get_num_threads()
-    if executor is not None:
+    if workers is not None and workers < 1:
+        raise SpecError(f"worker processes: {workers}; need at least 1")
+    if executor is not None or all(done):
         workers = 1
     elif workers is None:
         # judged on the whole pool, so that a resumed build chooses the groups an uninterrupted one did
         work = n_models * trained_images(spec, n_examples) * training_flops(init_model(spec, dataset, 0),
                                                                             dataset.input_shape)
         workers = auto_workers(device, threads, work)
-        if workers > 1 and stack is None and group_size > 1:
-            group_size = -(-group_size // workers)  # as many models in training at once, in smaller groups
-    elif workers < 1:
-        raise SpecError(f"worker processes: {workers}; need at least 1")
+    if workers > 1 and stack is None and group_size > 1:
+        group_size = -(-group_size // workers)  # as many models in training at once as one group, in smaller groups
     # Groups are fixed by model index, and a group is trained whole even when an earlier run
     # saved part of it: stacked results depend (in the last float bits) on the group, so this
     # keeps a resumed pool bit-identical to an uninterrupted one. A build resumed on another
