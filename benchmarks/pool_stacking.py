@@ -4,7 +4,8 @@
 
 Prints wall time and models per second of each trainer and the ratio against the
 sequential baseline measured here, plus the largest score difference between
-the two pools (they follow the same schedules, so only float rounding differs).
+the two pools (they follow the same schedules, so only float rounding differs). Both build
+in this process (``workers=1``); benchmarks/pool_training.py times the worker processes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mia_ptq_bench.spec import load_task
 def timed_pool(spec, data, trainer: str, stack: int):
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
-        pool = build_pool(spec, data, Path(cache), trainer=trainer, stack=stack)
+        pool = build_pool(spec, data, Path(cache), trainer=trainer, stack=stack, workers=1)
         return time.perf_counter() - start, pool
 
 

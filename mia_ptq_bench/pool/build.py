@@ -98,10 +98,11 @@ def train_group(spec: TaskSpec, dataset: ImageDataset, store: PoolStore, keep: n
     return saved
 
 
-def train_unit(context: RunContext, speed: Speed, group: tuple[int, ...]) -> list[int]:
-    """A unit of work (possibly in another process): load the data, train a group, write into the shared cache."""
+def train_unit(context: RunContext, speed: Speed, group: tuple[int, ...], dataset: ImageDataset | None = None) -> list[int]:
+    """A unit of work (possibly in another process): load the data (unless given: a worker process on this
+    machine is handed the driver's), train a group, write into the shared cache."""
     context.enter()
-    dataset = context.dataset()
+    dataset = dataset if dataset is not None else context.dataset()
     device = torch.device(context.device)
     keep = pool_keep_masks(context.spec, len(dataset.pool))
     store = PoolStore(context.cache_dir, context.spec)
@@ -179,13 +180,14 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
             train_group(spec, resident, store, keep, group, device, speed)
             progress.advance("pool")
     else:
+        handed = None  # Ray's workers, maybe on other machines, load the data from data_root
         if executor is None:
             progress.log(f"training {len(groups)} groups in {workers} processes of {max(threads // workers, 1)} "
                          f"thread(s) each")
-            executor = ProcessExecutor(workers)
+            executor, handed = ProcessExecutor(workers), dataset  # the data as loaded here, wherever it came from
         context = RunContext(spec, Path(cache_dir), data_root, download, str(device),
                              threads=max(threads // workers, 1), extensions=extensions)
-        executor.map(partial(train_unit, context, speed), [tuple(g) for g in groups],
+        executor.map(partial(train_unit, context, speed, dataset=handed), [tuple(g) for g in groups],
                      gpus=1 if device.type == "cuda" else 0, progress=progress, key="pool",
                      describe=lambda group: f"pool models {group[0]}-{group[-1]}")
         missing = [i for i in range(n_models) if not store.is_complete(i)]
