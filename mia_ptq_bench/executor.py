@@ -11,7 +11,11 @@ cache and data folders must be shared storage.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -67,7 +71,8 @@ class ProcessExecutor:
 
         progress = progress or SilentProgress()
         results: list[Any] = [None] * len(jobs)
-        pool = ProcessPoolExecutor(min(self.workers, max(len(jobs), 1)), mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(min(self.workers, max(len(jobs), 1)), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_end_with_the_driver)
         try:
             pending = {pool.submit(unit, job): i for i, job in enumerate(jobs)}
             while pending:
@@ -90,6 +95,16 @@ class ProcessExecutor:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return results
+
+
+def _end_with_the_driver() -> None:
+    """In a worker: be terminated when the process that started it ends, even by SIGKILL, rather than finish
+    a unit nobody waits for (Linux; elsewhere a worker ends after its unit)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
 
 class RayExecutor:

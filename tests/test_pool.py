@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -549,6 +550,40 @@ def test_process_executor_reports_each_unit_as_it_ends_not_all_at_the_end(tmp_pa
 
     jobs = [(str(flag), 0), (str(flag), 1)]
     assert ProcessExecutor(2).map(sees_the_first_reported, jobs, progress=Reported(), key="k") == [True, True]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_worker_ends_when_its_driver_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves the driver no chance to stop its workers: each must not go on with a unit nobody waits for."""
+    import signal
+    import subprocess
+    import time
+
+    driver = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                               "from mia_ptq_bench.executor import ProcessExecutor; import worker_units; "
+                               "ProcessExecutor(1).map(worker_units.writes_its_pid_then_sleeps, [sys.argv[2]])",
+                               str(Path(__file__).parent), str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("*.pid")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (found,) = tmp_path.glob("*.pid")
+        worker = int(found.stem)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(worker):
+        time.sleep(0.05)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent (init, here) has yet to reap it
 
 
 def test_groups_trained_in_worker_processes_are_the_groups_trained_here(tmp_path: Path) -> None:

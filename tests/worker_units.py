@@ -33,3 +33,11 @@ def sees_the_first_reported(job: tuple[str, int]) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def writes_its_pid_then_sleeps(folder: str) -> None:
+    import time
+    from pathlib import Path
+
+    (Path(folder) / f"{os.getpid()}.pid").write_text("")
+    time.sleep(120)
