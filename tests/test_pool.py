@@ -587,25 +587,31 @@ def _alive(pid: int) -> bool:
 
 
 def test_groups_trained_in_worker_processes_are_the_groups_trained_here(tmp_path: Path) -> None:
-    """Two processes of one thread train the same bits as this process with one thread: BatchNorm, stacked.
-    The workers train on the data as the driver holds it, not as they would load it again."""
+    """Two processes of one thread (the driver's two shared out) train the same bits as this process with one
+    thread: BatchNorm, stacked. The workers train on the data as the driver holds it, not as they would load it
+    again; and the last group of a resumed build, trained in the driver, gets a worker's thread, so its bits."""
     spec = load_task("tiny-cnn")
     data = load_dataset(spec.dataset)
     data.pool.images[:40] = 255 - data.pool.images[:40]  # not what loading the task's data gives
     log = Logged()
-    apart = build_pool(spec, data, tmp_path / "workers", trainer="stacked", stack=2, workers=2, progress=log)
-    assert "training 4 groups in 2 processes of 1 thread(s) each" in log.lines
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
+        torch.set_num_threads(2)
+        apart = build_pool(spec, data, tmp_path / "workers", trainer="stacked", stack=2, workers=2, progress=log)
+        assert "training 4 groups in 2 processes of 1 thread(s) each" in log.lines
+        PoolStore(tmp_path / "workers", spec).discard(7)
+        resumed = build_pool(spec, data, tmp_path / "workers", trainer="stacked", stack=2, workers=2)
+        assert torch.get_num_threads() == 2  # given back
+        torch.set_num_threads(1)
         here = build_pool(spec, data, tmp_path / "here", trainer="stacked", stack=2, workers=1)
     finally:
         torch.set_num_threads(threads)
-    np.testing.assert_array_equal(apart.scores, here.scores)
-    np.testing.assert_array_equal(apart.test_accuracy, here.test_accuracy)
-    for index in range(spec.membership.n_models):
-        a, b = apart.load_model(index).state_dict(), here.load_model(index).state_dict()
-        assert all(torch.equal(a[name], b[name]) for name in a), index
+    for pool in (apart, resumed):
+        np.testing.assert_array_equal(pool.scores, here.scores)
+        np.testing.assert_array_equal(pool.test_accuracy, here.test_accuracy)
+        for index in range(spec.membership.n_models):
+            a, b = pool.load_model(index).state_dict(), here.load_model(index).state_dict()
+            assert all(torch.equal(a[name], b[name]) for name in a), index
 
 
 def test_workers_are_chosen_for_much_training_on_a_cpu_with_threads_to_share() -> None:

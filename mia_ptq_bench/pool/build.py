@@ -144,10 +144,12 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     threads = torch.get_num_threads()
     if workers is not None and workers < 1:
         raise SpecError(f"worker processes: {workers}; need at least 1")
-    if executor is not None or all(done):
+    if all(done):
         workers = 1
     elif workers is None:
-        # judged on the whole pool, so that a resumed build chooses the groups an uninterrupted one did
+        # Judged on the whole pool, so that a resumed build chooses the groups an uninterrupted one did; and
+        # whatever runs the units (worker processes here, or Ray's), so that each trains the same bits: groups
+        # of G / workers, each with its share of the threads.
         work = n_models * trained_images(spec, n_examples) * training_flops(init_model(spec, dataset, 0),
                                                                             dataset.input_shape)
         workers = auto_workers(device, threads, work)
@@ -173,17 +175,21 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
         store.remember_group_size(group_size, device.type)
     progress.start("pool", f"pool: {n_models} models, {sum(done)} cached, {len(groups)} group(s) to train",
                    len(groups))
-    workers = min(workers, len(groups))
-    if (executor is None and workers <= 1) or not groups:
+    if (executor is None and min(workers, len(groups)) <= 1) or not groups:
         resident = dataset.to(device) if device.type == "cuda" and groups else dataset  # copied once
-        for group in groups:
-            train_group(spec, resident, store, keep, group, device, speed)
-            progress.advance("pool")
+        # One group left of a build in workers trains here, with a worker's threads: the bits a worker gives.
+        torch.set_num_threads(max(threads // workers, 1))
+        try:
+            for group in groups:
+                train_group(spec, resident, store, keep, group, device, speed)
+                progress.advance("pool")
+        finally:
+            torch.set_num_threads(threads)
     else:
         handed = None  # Ray's workers, maybe on other machines, load the data from data_root
         if executor is None:
-            progress.log(f"training {len(groups)} groups in {workers} processes of {max(threads // workers, 1)} "
-                         f"thread(s) each")
+            progress.log(f"training {len(groups)} groups in {min(workers, len(groups))} processes of "
+                         f"{max(threads // workers, 1)} thread(s) each")
             executor, handed = ProcessExecutor(workers), dataset  # the data as loaded here, wherever it came from
         context = RunContext(spec, Path(cache_dir), data_root, download, str(device),
                              threads=max(threads // workers, 1), extensions=extensions)
