@@ -30,6 +30,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import multiprocessing
+import os
+import pickle
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -143,12 +145,13 @@ def _start_worker(threads: int) -> None:
     keep_freed_memory()
 
 
-def _ready(seconds: float) -> int:
-    time.sleep(seconds)  # long enough that every worker takes one: all of them started and importing done
-    return torch.get_num_threads()
+def _ready(seconds: float) -> tuple[int, int]:
+    time.sleep(seconds)  # long enough that every worker takes one
+    return os.getpid(), torch.get_num_threads()
 
 
-def _train_group_here(spec, data: ImageDataset, schedules, indices: list[int], device: str) -> list[dict]:
+def _train_group_here(spec, handed: bytes, schedules, indices: list[int], device: str) -> list[dict]:
+    data = pickle.loads(handed)  # by value, as build_pool hands it over (not through /dev/shm)
     models = [init_model(spec, data, i) for i in indices]
     trained = train_stacked(spec, data, models, schedules, torch.device(device), Speed.for_device(torch.device(device)))
     return [m.state_dict() for m in trained]
@@ -242,11 +245,15 @@ def main() -> None:
     start = time.perf_counter()
     workers = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                                   initializer=_start_worker, initargs=(max(torch.get_num_threads() // processes, 1),))
-    worker_threads = [f.result() for f in [workers.submit(_ready, 1.0) for _ in range(processes)]]
-    startup = time.perf_counter() - start - 1.0
+    started_workers: dict[int, int] = {}
+    while len(started_workers) < processes:  # until every worker has answered: started, torch imported
+        started_workers.update(f.result() for f in [workers.submit(_ready, 0.5) for _ in range(processes)])
+    worker_threads = list(started_workers.values())
+    startup = time.perf_counter() - start
 
     def stacked_in_processes() -> list[nn.Module]:
-        futures = [workers.submit(_train_group_here, spec, resident, [schedules[i] for i in half], half, str(device))
+        handed = pickle.dumps(resident)
+        futures = [workers.submit(_train_group_here, spec, handed, [schedules[i] for i in half], half, str(device))
                    for half in halves]
         trained = []
         for half, future in zip(halves, futures):
@@ -260,8 +267,8 @@ def main() -> None:
                 "(b') sequential, channels_last": (sequential_channels_last, models * per_model),
                 f"(c) stacked x{group}": (stacked, group * per_model),
                 f"(d) x{len(halves[0])} in {processes} processes": (stacked_in_processes, group * per_model)}
-    say(f"(d): {processes} worker processes of {worker_threads[0]} thread(s), started in {startup:.1f} s (once per "
-        "pool build; not in the rates below)")
+    say(f"(d): {processes} worker processes of {worker_threads[0]} thread(s), started in {startup:.1f} s at most "
+        "(once per pool build; not in the rates below)")
     try:
         widen([template, template], data.input_shape)
     except ValueError:

@@ -1,3 +1,3 @@
 """mia-ptq-bench: how much does a post-training-quantized network leak about its training set?"""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

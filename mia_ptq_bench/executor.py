@@ -82,8 +82,9 @@ class ProcessExecutor:
                     try:
                         results[index] = future.result()
                     except BrokenProcessPool:
-                        raise BenchError(f"{describe(jobs[index])}: a worker process died (killed, or out of memory?); "
-                                         "what the units finished is kept, and a rerun goes on from there") from None
+                        raise BenchError(f"{describe(jobs[index])}: a worker process died (killed, or out of memory? "
+                                         "or a script that starts workers without an `if __name__ == \"__main__\":` "
+                                         "guard); what the units finished is kept, and a rerun goes on from there") from None
                     if key:
                         progress.advance(key)
         except BaseException:
@@ -104,7 +105,12 @@ def _end_with_the_driver() -> None:
         try:
             ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
-            pass
+            return
+        import multiprocessing
+
+        driver = multiprocessing.parent_process()
+        if driver is not None and os.getppid() != driver.pid:  # it ended before the signal was asked for
+            os._exit(1)
 
 
 class RayExecutor:

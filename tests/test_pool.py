@@ -171,7 +171,7 @@ def test_a_build_resumed_where_another_group_size_is_chosen_keeps_its_groups(tin
     resumed = build_pool(tiny_task, data, tmp_path / "resumed", progress=log)
     assert trained_again == [3, 4, 5, 6, 7]  # groups of 3 as started ([3, 4, 5], [6, 7]), not [2, 3], [4, 5], ...
     assert any(line.startswith("resuming in groups of 3 models, as this pool was started (this machine would choose "
-                               "2; delete ") for line in log.lines)
+                               "groups of 2 models; delete ") for line in log.lines)
     np.testing.assert_array_equal(resumed.scores, reference.scores)
     # an explicit choice is followed, and said to change the bits
     PoolStore(tmp_path / "resumed", tiny_task).discard(7)
@@ -599,6 +599,7 @@ def test_groups_trained_in_worker_processes_are_the_groups_trained_here(tmp_path
         torch.set_num_threads(2)
         apart = build_pool(spec, data, tmp_path / "workers", trainer="stacked", stack=2, workers=2, progress=log)
         assert "training 4 groups in 2 processes of 1 thread(s) each" in log.lines
+        assert not data.pool.images.is_shared()  # handed over by value, not through /dev/shm
         PoolStore(tmp_path / "workers", spec).discard(7)
         resumed = build_pool(spec, data, tmp_path / "workers", trainer="stacked", stack=2, workers=2)
         assert torch.get_num_threads() == 2  # given back
@@ -612,6 +613,30 @@ def test_groups_trained_in_worker_processes_are_the_groups_trained_here(tmp_path
         for index in range(spec.membership.n_models):
             a, b = pool.load_model(index).state_dict(), here.load_model(index).state_dict()
             assert all(torch.equal(a[name], b[name]) for name in a), index
+
+
+def test_a_pool_started_in_one_process_resumes_in_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """groups.json of a build from before workers were recorded says nothing of them: it trained every group in
+    one process with all the threads, and its remaining groups must too, or they would round differently."""
+    spec = load_task("tiny-cnn")
+    data = load_dataset(spec.dataset)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        reference = build_pool(spec, data, tmp_path / "reference", trainer="stacked", stack=2, workers=1)
+        interrupt_after_saving(3, monkeypatch, lambda: build_pool(spec, data, tmp_path / "resumed", stack=2, workers=1))
+        groups = PoolStore(tmp_path / "resumed", spec).root / "groups.json"
+        groups.write_text(json.dumps({"models_per_group": 2, "device": "cpu"}))  # as written before workers
+        monkeypatch.setattr(build_module, "auto_stack", lambda *args: 2)
+        monkeypatch.setattr(build_module, "auto_workers", lambda *args: 2)  # this machine would use workers now
+        log = Logged()
+        resumed = build_pool(spec, data, tmp_path / "resumed", progress=log)
+    finally:
+        torch.set_num_threads(threads)
+    assert any(line.startswith("resuming in groups of 2 models, as this pool was started (this machine would choose "
+                               "groups of 1 models in 2 worker processes; delete ") for line in log.lines), log.lines
+    np.testing.assert_array_equal(resumed.scores, reference.scores)
+    assert json.loads(groups.read_text())["workers"] == 1
 
 
 def test_workers_are_chosen_for_much_training_on_a_cpu_with_threads_to_share() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -98,17 +99,21 @@ def train_group(spec: TaskSpec, dataset: ImageDataset, store: PoolStore, keep: n
     return saved
 
 
-def train_unit(context: RunContext, speed: Speed, group: tuple[int, ...], dataset: ImageDataset | None = None) -> list[int]:
-    """A unit of work (possibly in another process): load the data (unless given: a worker process on this
-    machine is handed the driver's), train a group, write into the shared cache."""
+def train_unit(context: RunContext, speed: Speed, group: tuple[int, ...], handed: bytes | None = None) -> list[int]:
+    """A unit of work (possibly in another process): load the data (unless ``handed``: a worker process on this
+    machine gets the driver's, pickled), train a group, write into the shared cache."""
     context.enter()
-    dataset = dataset if dataset is not None else context.dataset()
+    dataset = pickle.loads(handed) if handed is not None else context.dataset()
     device = torch.device(context.device)
     keep = pool_keep_masks(context.spec, len(dataset.pool))
     store = PoolStore(context.cache_dir, context.spec)
     store.ensure_header(keep, dataset.digest())  # the worker's data is the driver's, or the unit is refused
     return train_group(context.spec, dataset.to(device) if device.type == "cuda" else dataset, store, keep,
                        list(group), device, speed)
+
+
+def _layout(group_size: int, workers: int | None) -> str:
+    return f"groups of {group_size} models" + (f" in {workers} worker processes" if workers and workers > 1 else "")
 
 
 def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: str | torch.device = "cpu",
@@ -144,6 +149,7 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     threads = torch.get_num_threads()
     if workers is not None and workers < 1:
         raise SpecError(f"worker processes: {workers}; need at least 1")
+    chosen_workers = workers is not None
     if all(done):
         workers = 1
     elif workers is None:
@@ -160,19 +166,23 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     # keeps a resumed pool bit-identical to an uninterrupted one. A build resumed on another
     # machine (whose memory could choose other groups) keeps the groups it was started with,
     # unless told otherwise.
+    # The same holds for the worker processes (each group's threads): a pool started in one process (every
+    # pool built before builds recorded workers) resumes in one.
     started = store.group_size(device.type) if any(done) else None
-    if started is not None and started != group_size:
-        if trainer == "auto" and stack is None:
-            progress.log(f"resuming in groups of {started} models, as this pool was started (this machine would "
-                         f"choose {group_size}; delete {store.root / GROUPS} to let it)")
-            group_size = started
+    started_workers = store.group_workers(device.type) if started is not None else None
+    if started is not None and (started, started_workers) != (group_size, workers):
+        if trainer == "auto" and stack is None and not chosen_workers:
+            progress.log(f"resuming in {_layout(started, started_workers)}, as this pool was started (this machine "
+                         f"would choose {_layout(group_size, workers)}; delete {store.root / GROUPS} to let it)")
+            group_size, workers = started, started_workers
         else:
-            progress.log(f"training in groups of {group_size} models, where this pool was started in groups of "
-                         f"{started}: its models will differ in their last bits from an uninterrupted build's")
+            progress.log(f"training in {_layout(group_size, workers)}, where this pool was started in "
+                         f"{_layout(started, started_workers)}: its models will differ in their last bits from an "
+                         "uninterrupted build's")
     groups = [list(range(s, min(s + group_size, n_models))) for s in range(0, n_models, group_size)]
     groups = [g for g in groups if not all(done[i] for i in g)]
     if groups:
-        store.remember_group_size(group_size, device.type)
+        store.remember_group_size(group_size, device.type, workers)
     progress.start("pool", f"pool: {n_models} models, {sum(done)} cached, {len(groups)} group(s) to train",
                    len(groups))
     if (executor is None and min(workers, len(groups)) <= 1) or not groups:
@@ -190,10 +200,12 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
         if executor is None:
             progress.log(f"training {len(groups)} groups in {min(workers, len(groups))} processes of "
                          f"{max(threads // workers, 1)} thread(s) each")
-            executor, handed = ProcessExecutor(workers), dataset  # the data as loaded here, wherever it came from
+            # The data as loaded here, wherever it came from. Pickled by value: handed over as tensors, it would
+            # go through torch's shared memory, which a container's small /dev/shm (64 MB in Docker) refuses.
+            executor, handed = ProcessExecutor(workers), pickle.dumps(dataset)
         context = RunContext(spec, Path(cache_dir), data_root, download, str(device),
                              threads=max(threads // workers, 1), extensions=extensions)
-        executor.map(partial(train_unit, context, speed, dataset=handed), [tuple(g) for g in groups],
+        executor.map(partial(train_unit, context, speed, handed=handed), [tuple(g) for g in groups],
                      gpus=1 if device.type == "cuda" else 0, progress=progress, key="pool",
                      describe=lambda group: f"pool models {group[0]}-{group[-1]}")
         missing = [i for i in range(n_models) if not store.is_complete(i)]

@@ -120,8 +120,19 @@ class PoolStore:
                              "chooses again)")
         return size if info.get("device") == device_type else None
 
-    def remember_group_size(self, size: int, device_type: str) -> None:
-        write_json_atomic(self.root / GROUPS, {"models_per_group": size, "device": device_type})
+    def group_workers(self, device_type: str) -> int | None:
+        """The worker processes this pool's groups were trained in (pool/build.py), as ``group_size`` records
+        them; 1 for a pool started before builds recorded them, which trained every group in one process."""
+        if self.group_size(device_type) is None:
+            return None
+        workers = self.read_record(self.root / GROUPS).get("workers", 1)
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise CacheError(f"{self.root / GROUPS}: workers: not a positive whole number; delete it (the next build "
+                             "chooses again)")
+        return workers
+
+    def remember_group_size(self, size: int, device_type: str, workers: int = 1) -> None:
+        write_json_atomic(self.root / GROUPS, {"models_per_group": size, "device": device_type, "workers": workers})
 
     # -- per-model files --------------------------------------------------------------------
     def is_complete(self, index: int) -> bool:
