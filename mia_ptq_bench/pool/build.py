@@ -123,8 +123,9 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     """Train what the cache lacks (locally, or as executor jobs that reload the data from ``data_root``).
 
     ``stack``: models trained as one group; None chooses from the model's size and the machine.
-    ``workers``: without an executor, groups trained at once in as many processes here, the
-    threads shared out among them; None chooses (pool/train.py ``auto_workers``).
+    ``workers``: groups trained at once, in as many worker processes here unless ``executor`` runs them,
+    each a group of G / workers models with its share of the threads; None chooses (pool/train.py
+    ``auto_workers``). A script that builds a pool in workers needs an ``if __name__ == "__main__":`` guard.
     """
     keep_freed_memory()
     # Before any training: an architecture whose layers the quantizers would handle wrongly, silently.
