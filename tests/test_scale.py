@@ -187,15 +187,23 @@ def test_ray_executor_gives_identical_results(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     spec = load_task("tiny-cnn")
     local = evaluate("rtn", spec, options=RunOptions(out_dir=tmp_path / "local", cache_dir=tmp_path / "cache-local"))
+    data = load_dataset(spec.dataset)
+    threads = torch.get_num_threads()
     try:
         executor = RayExecutor(num_cpus=2)
         distributed = evaluate("rtn", spec, options=RunOptions(out_dir=tmp_path / "ray", cache_dir=tmp_path / "cache-ray",
                                                                executor=executor))
+        # A pool built in two workers' layout (groups of G/2, half the threads each) is the same under Ray
+        torch.set_num_threads(2)
+        in_ray = build_pool(spec, data, tmp_path / "pool-ray", trainer="stacked", stack=2, workers=2, executor=executor)
+        in_processes = build_pool(spec, data, tmp_path / "pool-processes", trainer="stacked", stack=2, workers=2)
     finally:
+        torch.set_num_threads(threads)
         ray.shutdown()
     for a, b in zip(local.paths, distributed.paths, strict=True):
         assert numbers(a) == numbers(b)
     assert np.array_equal(local.pool.scores, distributed.pool.scores)
+    assert np.array_equal(in_ray.scores, in_processes.scores)
 
 
 @pytest.mark.slow
