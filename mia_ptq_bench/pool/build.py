@@ -169,8 +169,7 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     # unless told otherwise.
     # The same holds for the worker processes (each group's threads): a pool started in one process (every
     # pool built before builds recorded workers) resumes in one.
-    started = store.group_size(device.type) if any(done) else None
-    started_workers = store.group_workers(device.type) if started is not None else None
+    started, started_workers = (store.group_layout(device.type) if any(done) else None) or (None, None)
     if started is not None and (started, started_workers) != (group_size, workers):
         if trainer == "auto" and stack is None and not chosen_workers:
             progress.log(f"resuming in {_layout(started, started_workers)}, as this pool was started (this machine "
@@ -183,13 +182,14 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     groups = [list(range(s, min(s + group_size, n_models))) for s in range(0, n_models, group_size)]
     groups = [g for g in groups if not all(done[i] for i in g)]
     if groups:
-        store.remember_group_size(group_size, device.type, workers)
+        store.remember_group_layout(group_size, device.type, workers)
+    worker_threads = max(threads // workers, 1)  # each group's share of the threads, wherever it trains
     progress.start("pool", f"pool: {n_models} models, {sum(done)} cached, {len(groups)} group(s) to train",
                    len(groups))
     if (executor is None and min(workers, len(groups)) <= 1) or not groups:
         resident = dataset.to(device) if device.type == "cuda" and groups else dataset  # copied once
         # One group left of a build in workers trains here, with a worker's threads: the bits a worker gives.
-        torch.set_num_threads(max(threads // workers, 1))
+        torch.set_num_threads(worker_threads)
         try:
             for group in groups:
                 train_group(spec, resident, store, keep, group, device, speed)
@@ -200,12 +200,12 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
         handed = None  # Ray's workers, maybe on other machines, load the data from data_root
         if executor is None:
             progress.log(f"training {len(groups)} groups in {min(workers, len(groups))} processes of "
-                         f"{max(threads // workers, 1)} thread(s) each")
+                         f"{worker_threads} thread(s) each")
             # The data as loaded here, wherever it came from. Pickled by value: handed over as tensors, it would
             # go through torch's shared memory, which a container's small /dev/shm (64 MB in Docker) refuses.
             executor, handed = ProcessExecutor(workers), pickle.dumps(dataset)
         context = RunContext(spec, Path(cache_dir), data_root, download, str(device),
-                             threads=max(threads // workers, 1), extensions=extensions)
+                             threads=worker_threads, extensions=extensions)
         executor.map(partial(train_unit, context, speed, handed=handed), [tuple(g) for g in groups],
                      gpus=1 if device.type == "cuda" else 0, progress=progress, key="pool",
                      describe=lambda group: f"pool models {group[0]}-{group[-1]}")

@@ -107,31 +107,23 @@ class PoolStore:
             "data_hash_version": DATA_HASH_VERSION,
         })
 
-    def group_size(self, device_type: str) -> int | None:
-        """Models per trained group of this pool's build so far on this kind of device (None: not recorded, or
-        recorded for another kind, whose choice does not carry over: stacking is measured on the CPU only)."""
+    def group_layout(self, device_type: str) -> tuple[int, int] | None:
+        """How this pool's build so far trained its groups on this kind of device: models per group, and the
+        worker processes they were trained in (pool/build.py; 1 for a pool started before builds recorded
+        them, which trained every group in one process). None: not recorded, or recorded for another kind,
+        whose choice does not carry over (stacking is measured on the CPU only)."""
         path = self.root / GROUPS
         if not path.is_file():
             return None
         info = self.read_record(path)
-        size = info.get("models_per_group")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise CacheError(f"{path}: models_per_group: not a positive whole number; delete it (the next build "
-                             "chooses again)")
-        return size if info.get("device") == device_type else None
+        layout = info.get("models_per_group"), info.get("workers", 1)
+        for field, value in zip(("models_per_group", "workers"), layout):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise CacheError(f"{path}: {field}: not a positive whole number; delete it (the next build "
+                                 "chooses again)")
+        return layout if info.get("device") == device_type else None
 
-    def group_workers(self, device_type: str) -> int | None:
-        """The worker processes this pool's groups were trained in (pool/build.py), as ``group_size`` records
-        them; 1 for a pool started before builds recorded them, which trained every group in one process."""
-        if self.group_size(device_type) is None:
-            return None
-        workers = self.read_record(self.root / GROUPS).get("workers", 1)
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise CacheError(f"{self.root / GROUPS}: workers: not a positive whole number; delete it (the next build "
-                             "chooses again)")
-        return workers
-
-    def remember_group_size(self, size: int, device_type: str, workers: int = 1) -> None:
+    def remember_group_layout(self, size: int, device_type: str, workers: int) -> None:
         write_json_atomic(self.root / GROUPS, {"models_per_group": size, "device": device_type, "workers": workers})
 
     # -- per-model files --------------------------------------------------------------------
