@@ -639,6 +639,16 @@ def test_a_pool_started_in_one_process_resumes_in_one(tmp_path: Path, monkeypatc
     assert json.loads(groups.read_text())["workers"] == 1
 
 
+def test_a_complete_pool_loads_without_a_word_of_its_layout(tmp_path: Path) -> None:
+    """Nothing is left to train, so no layout is resumed or departed from, whatever this machine would choose."""
+    spec = load_task("tiny-cnn")
+    data = load_dataset(spec.dataset)
+    build_pool(spec, data, tmp_path, trainer="stacked", stack=2, workers=1)
+    log = Logged()
+    build_pool(spec, data, tmp_path, stack=4, workers=2, progress=log)
+    assert not [line for line in log.lines if "groups of" in line], log.lines
+
+
 def test_workers_are_chosen_for_much_training_on_a_cpu_with_threads_to_share() -> None:
     from mia_ptq_bench.pool.train import WORKER_WORK, auto_workers
 

@@ -169,7 +169,8 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     # unless told otherwise.
     # The same holds for the worker processes (each group's threads): a pool started in one process (every
     # pool built before builds recorded workers) resumes in one.
-    started, started_workers = (store.group_layout(device.type) if any(done) else None) or (None, None)
+    resuming = any(done) and not all(done)  # a complete pool has no layout left to keep, nor to speak of
+    started, started_workers = (store.group_layout(device.type) if resuming else None) or (None, None)
     if started is not None and (started, started_workers) != (group_size, workers):
         if trainer == "auto" and stack is None and not chosen_workers:
             progress.log(f"resuming in {_layout(started, started_workers)}, as this pool was started (this machine "
