@@ -49,6 +49,7 @@ import contextlib
 import copy
 import datetime
 import functools
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,7 @@ from mia_ptq_bench.allocator import keep_freed_memory  # noqa: E402
 from mia_ptq_bench.cache import in_use  # noqa: E402
 from mia_ptq_bench.cli import make_quantizer  # noqa: E402
 from mia_ptq_bench.data import load_dataset  # noqa: E402
+from mia_ptq_bench.executor import ResidentProcesses  # noqa: E402
 from mia_ptq_bench.inference import accuracy  # noqa: E402
 from mia_ptq_bench.pool import PoolStore, build_pool, pool_keep_masks  # noqa: E402
 from mia_ptq_bench.pool.train import Speed, init_model, make_schedule, train_stacked  # noqa: E402
@@ -120,6 +122,28 @@ def pool_models(spec, data, count: int, cache_dir: Path | None, device: torch.de
                          device, Speed.for_device(device))
 
 
+# What a worker process of the "ours in processes" run holds: the models and their calibration sets, handed
+# once when it starts, and the quantizer it goes on with from plan to plan (its memo included).
+_HELD: dict = {}
+
+
+def _receive(handed: bytes) -> None:
+    _HELD.clear()
+    _HELD["models"], _HELD["calibrations"] = pickle.loads(handed)
+
+
+def _quantize_share(job: tuple) -> list[torch.nn.Module]:
+    """In a worker: quantize its share of the models at one plan with its own quantizer, as
+    `evaluate`'s resident workers do (quantize/outputs.py quantize_unit); the first ``keep`` come back."""
+    method, settings, text, share, threads, keep = job
+    torch.set_num_threads(threads)
+    if "quantizer" not in _HELD:
+        _HELD["quantizer"] = make_quantizer(QUANTIZERS.get(method), settings)
+    models = [copy.deepcopy(_HELD["models"][i]) for i in share]
+    return _HELD["quantizer"].quantize_many(models, [_HELD["calibrations"][i] for i in share],
+                                            PrecisionPlan.parse(text))[:keep]
+
+
 def lower_count(errors: np.ndarray, plain: np.ndarray) -> str:
     """On how many models one run's error is below plain's: a paired view that a mean over few models hides."""
     return f"{int((errors < plain).sum())}/{len(plain)} models"
@@ -148,12 +172,17 @@ def main() -> None:
     parser.add_argument("--float-spread", action=argparse.BooleanOptionalAction, default=True,
                         help="for AdaRound and BRECQ, run plain once more with only its Adam fused, as ours runs it "
                              "(untimed): how far its error moves with the float order alone")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="also time ours with the models shared out among this many processes of "
+                             "threads/workers threads each, as evaluate runs a long grid on a CPU (1: not)")
     parser.add_argument("--patience", type=float, default=300)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
     if args.seed_spread < 0:
         parser.error("--seed-spread: a number of seeds, 0 or more")
+    if args.workers < 1 or (args.workers > 1 and args.plain_models > -(-args.models // args.workers)):
+        parser.error("--workers: 1 or more, with --plain-models no more than the first worker's share of --models")
     device = torch.device(args.device)
     kept = keep_freed_memory()
     spec = load_task(args.task)
@@ -180,8 +209,18 @@ def main() -> None:
         f"{args.rounds} round(s) of both runs, the best time of each side counts")
     say()
     n = args.plain_models
-    say(f"{'method':9} {'plan':12} {'ours models/min':>15} {'plain models/min':>16} {'ratio':>6} "
-        f"{'MSE ours':>9} {'MSE plain':>9} {'acc ours':>8} {'acc plain':>9}")
+    workers = args.workers if device.type == "cpu" else 1
+    threads = torch.get_num_threads()
+    procs_label = f"x{workers}"
+    if workers > 1:
+        say(f"ours {procs_label}: ours with the models shared out among {workers} worker processes of "
+            f"{max(threads // workers, 1)} thread(s), each keeping its quantizer from plan to plan (the processes are "
+            f"started and handed the models before the clock); ratio {procs_label} = plain / ours {procs_label}")
+    procs = f"x{workers}" if workers > 1 else ""
+    say(f"{'method':9} {'plan':12} {'ours models/min':>15} "
+        + (f"{'ours ' + procs + ' m/min':>15} " if procs else "")
+        + f"{'plain models/min':>16} {'ratio':>6} " + (f"{'ratio ' + procs:>9} " if procs else "")
+        + f"{'MSE ours':>9} {'MSE plain':>9} {'acc ours':>8} {'acc plain':>9}")
     plain_classes = {"obc": plain_hessians(PlainOBC), "gptq": plain_hessians(QUANTIZERS.get("gptq")),
                      "adaround": plain_reconstruction(QUANTIZERS.get("adaround")),
                      "brecq": plain_reconstruction(QUANTIZERS.get("brecq"))}
@@ -203,8 +242,9 @@ def main() -> None:
         # with an earlier one). Plain: a fresh quantizer per plan, as the
         # study runs one process per bit width, so nothing carries over from plan to plan.
         ours_s: dict[str, float] = {}
+        procs_s: dict[str, float] = {}
         plain_s: dict[str, float] = {}
-        ours, plain = {}, {}
+        ours, plain, in_procs = {}, {}, {}
         for _ in range(args.rounds):  # interleaved; each side keeps its best round
             ours_q = make_quantizer(cls, settings)  # a new one per round: nothing cached from the last
             size = ours_q.calibration_size(spec.calibration.size)
@@ -214,6 +254,19 @@ def main() -> None:
                 t0 = time.perf_counter()
                 ours[text] = ours_q.quantize_many([copy.deepcopy(m) for m in models], cals, plan)[:n]
                 ours_s[text] = min(ours_s.get(text, np.inf), (time.perf_counter() - t0) / args.models)
+            if workers > 1:
+                shares = [list(range(args.models))[s : s + -(-args.models // workers)]
+                          for s in range(0, args.models, -(-args.models // workers))]
+                handed = pickle.dumps(([m.cpu() for m in models], calibrations(args.models, size)))
+                with ResidentProcesses(workers, functools.partial(_receive, handed)) as processes:
+                    processes.map(len, [[]] * workers)  # started and handed the models, off the clock
+                    wait_for_quiet(args.patience)
+                    for text in plans:
+                        jobs = [(method, settings, text, share, max(threads // workers, 1), n if w == 0 else 0)
+                                for w, share in enumerate(shares)]
+                        t0 = time.perf_counter()
+                        in_procs[text] = processes.map(_quantize_share, jobs)[0]
+                        procs_s[text] = min(procs_s.get(text, np.inf), (time.perf_counter() - t0) / args.models)
             wait_for_quiet(args.patience)
             for text, plan in plans.items():
                 plain_q = make_quantizer(plain_classes.get(method, cls), settings)
@@ -241,6 +294,9 @@ def main() -> None:
         any_unequal = False
         for text in texts:
             groups = [ours[text], plain[text], *(v[text] for v in variants.values())]
+            if workers > 1:  # the same method in other processes with other threads: its own error, shown
+                procs_mse = float(np.mean([float((logits(q, test_images) - r).square().mean())
+                                           for q, r in zip(in_procs[text], reference)]))
             per_model = [np.array([float((logits(q, test_images) - r).square().mean()) for q, r in zip(group, reference)])
                          for group in groups]
             mse = [float(errors.mean()) for errors in per_model]
@@ -250,16 +306,27 @@ def main() -> None:
             any_unequal |= unequal
             spread = "; ".join(f"{label} {value:.4f} ({100 * (value / mse[1] - 1):+.2f}%)"
                                for label, value in zip(variants, mse[2:]))
-            say(f"{method:9} {text:12} {60 / ours_s[text]:15.2f} {60 / plain_s[text]:16.2f} "
-                f"{plain_s[text] / ours_s[text]:6.2f} {mse[0]:9.4f} {mse[1]:9.4f} {acc[0]:7.2f}% {acc[1]:8.2f}%"
+            procs_unequal = workers > 1 and abs(procs_mse - mse[1]) > max(EQUAL_ERROR * mse[1], chance)
+            any_unequal |= procs_unequal
+            say(f"{method:9} {text:12} {60 / ours_s[text]:15.2f} "
+                + (f"{60 / procs_s[text]:15.2f} " if workers > 1 else "")
+                + f"{60 / plain_s[text]:16.2f} {plain_s[text] / ours_s[text]:6.2f} "
+                + (f"{plain_s[text] / procs_s[text]:9.2f} " if workers > 1 else "")
+                + f"{mse[0]:9.4f} {mse[1]:9.4f} {acc[0]:7.2f}% {acc[1]:8.2f}%"
+                + (f"  ours {procs} MSE {procs_mse:.4f}" + (" (differs: not at equal error)" if procs_unequal else "")
+                   if workers > 1 else "")
                 + (f"  plain again, MSE with {spread}; ours {100 * (mse[0] / mse[1] - 1):+.2f}%" if variants else "")
                 + f"  lower than plain on: ours {lower_count(per_model[0], per_model[1])}"
                 + "".join(f", {label} {lower_count(errors, per_model[1])}" for label, errors in zip(variants, per_model[2:]))
                 + ("  (errors differ: not a ratio at equal error)" if unequal else ""))
         if len(texts) > 1:
             ours_total, plain_total = sum(ours_s.values()), sum(plain_s.values())
-            say(f"{method:9} {'all plans':12} {60 * len(texts) / ours_total:15.2f} {60 * len(texts) / plain_total:16.2f} "
-                f"{plain_total / ours_total:6.2f}   (model-plans per minute over the {len(texts)} plans"
+            procs_total = sum(procs_s.values()) if workers > 1 else 0.0
+            say(f"{method:9} {'all plans':12} {60 * len(texts) / ours_total:15.2f} "
+                + (f"{60 * len(texts) / procs_total:15.2f} " if workers > 1 else "")
+                + f"{60 * len(texts) / plain_total:16.2f} {plain_total / ours_total:6.2f} "
+                + (f"{plain_total / procs_total:9.2f} " if workers > 1 else "")
+                + f"  (model-plans per minute over the {len(texts)} plans"
                 + ("; errors differ in a plan above)" if any_unequal else ")"))
     say("(MSE and accuracy over the first plain-models models, of both; ratio = plain seconds per model / ours; "
         "'lower than plain on' counts the models, one by one, whose error is below plain's)")

@@ -4,11 +4,14 @@ A unit (train a group of pool models, quantize a group at a plan) is a top-level
 taking a ``RunContext`` first, so it can run in this process or in a Ray worker. The
 context loads the data (and whatever a stage memoises with ``loaded``) once per process;
 what it has loaded is never pickled, so a worker reloads from the shared cache instead of
-receiving arrays over the wire.
+receiving arrays over the wire. Every copy of one context that a worker process receives (one
+per unit) shares what the others loaded there: a unit finds the pool, the data and the quantizer
+(with its memo) that an earlier unit in that process left.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,8 @@ class RunContext:
     threads: int = field(default_factory=torch.get_num_threads)  # the driver's: same summation order, same bits
     extensions: tuple[str, ...] = ()  # user modules that register datasets, models, quantizers, attacks
     outputs_dir: Path | None = None  # quantized outputs' cache when not under cache_dir
+    # Names this run's context in every process it is sent to (copies made with dataclasses.replace keep it).
+    token: str = field(default_factory=lambda: uuid.uuid4().hex, repr=False)
     _loaded: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -41,6 +46,7 @@ class RunContext:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__["_loaded"] = _loaded_in_this_process(self.token)
 
     def enter(self) -> None:
         """Call first in a unit: a worker computes with the driver's thread count and its extensions."""
@@ -66,3 +72,15 @@ class RunContext:
 
     def dataset(self) -> ImageDataset:
         return self.loaded("dataset", lambda: load_dataset(self.spec.dataset, self.data_root, self.download))
+
+
+# What the copies of the latest context a process received have loaded. One run's at a time: a
+# long-lived worker (Ray's) that receives another run's context lets go of the one before.
+_RECEIVED: dict[str, dict[str, Any]] = {}
+
+
+def _loaded_in_this_process(token: str) -> dict[str, Any]:
+    if token not in _RECEIVED:
+        _RECEIVED.clear()
+        _RECEIVED[token] = {}
+    return _RECEIVED[token]

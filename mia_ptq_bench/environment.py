@@ -54,8 +54,11 @@ def processor_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def environment(device: str | torch.device) -> dict:
-    """What a rerun must match to reproduce a result bit for bit (docs/reproducibility.md)."""
+def environment(device: str | torch.device, quantize_workers: int = 1) -> dict:
+    """What a rerun must match to reproduce a result bit for bit (docs/reproducibility.md).
+
+    ``quantize_workers``: the processes the models were quantized and scored in, each with
+    ``torch_threads // quantize_workers`` threads (1: in the process that writes the result)."""
     packages = {}
     for name in TRACKED:
         try:
@@ -64,6 +67,6 @@ def environment(device: str | torch.device) -> dict:
             packages[name] = "absent"
     return {"package_version": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
             "processor": processor_name(), "device": describe_device(device), "packages": packages,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "quantize_workers": quantize_workers,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}

@@ -26,8 +26,11 @@ T = TypeVar("T")
 
 
 class Executor(Protocol):
+    """``slots``: one number per job; jobs of equal slots are best run where the other ran (only
+    ``ResidentProcesses`` keeps processes to do so; the others ignore it)."""
+
     def map(self, unit: Callable[[T], Any], jobs: Sequence[T], *, gpus: float = 0, describe: Callable[[T], str] = str,
-            progress: Progress | None = None, key: str = "") -> list[Any]: ...
+            progress: Progress | None = None, key: str = "", slots: Sequence[int] | None = None) -> list[Any]: ...
 
 
 class LocalExecutor:
@@ -35,7 +38,7 @@ class LocalExecutor:
 
     name = "local"
 
-    def map(self, unit, jobs, *, gpus: float = 0, describe=str, progress=None, key: str = "") -> list[Any]:
+    def map(self, unit, jobs, *, gpus: float = 0, describe=str, progress=None, key: str = "", slots=None) -> list[Any]:
         progress = progress or SilentProgress()
         results = []
         for job in jobs:
@@ -64,38 +67,105 @@ class ProcessExecutor:
             raise BenchError(f"worker processes: {workers}; need at least 1")
         self.workers = workers
 
-    def map(self, unit, jobs, *, gpus: float = 0, describe=str, progress=None, key: str = "") -> list[Any]:
-        import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-        from concurrent.futures.process import BrokenProcessPool
-
-        progress = progress or SilentProgress()
-        results: list[Any] = [None] * len(jobs)
-        pool = ProcessPoolExecutor(min(self.workers, max(len(jobs), 1)), mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_end_with_the_driver)
+    def map(self, unit, jobs, *, gpus: float = 0, describe=str, progress=None, key: str = "", slots=None) -> list[Any]:
+        pool = _worker_pool(min(self.workers, max(len(jobs), 1)))
         try:
-            pending = {pool.submit(unit, job): i for i, job in enumerate(jobs)}
-            while pending:
-                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-                for future in done:
-                    index = pending.pop(future)
-                    try:
-                        results[index] = future.result()
-                    except BrokenProcessPool:
-                        raise BenchError(f"{describe(jobs[index])}: a worker process died (killed, or out of memory? "
-                                         "or a script that starts workers without an `if __name__ == \"__main__\":` "
-                                         "guard); what the units finished is kept, and a rerun goes on from there") from None
-                    if key:
-                        progress.advance(key)
-        except BaseException:
-            # A failure or Ctrl-C stops the others now rather than after their units (minutes, maybe): every
-            # write is atomic, so a killed unit leaves nothing half-written, and a rerun redoes only it.
-            for process in list(getattr(pool, "_processes", {}).values()):
-                process.terminate()
-            raise
+            return _gather([pool.submit(unit, job) for job in jobs], jobs, describe, progress, key, [pool])
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-        return results
+
+
+class ResidentProcesses:
+    """``workers`` processes kept for a whole run: the job of slot s (its position if no slots are given)
+    runs in process s mod ``workers``.
+
+    For work that is cheaper where it was done before: each process keeps what its units load
+    (``RunContext.loaded``, shared by every copy of one context in a process), so a unit that comes
+    back to the same process finds its data, its pool and its quantizer with that quantizer's
+    memo of the plans before (quantize/memo.py). The runner hands each group of models to the same
+    position in every plan's map, so a group always returns to the process that did it before.
+    Processes start (``spawn``) at their first job and end with ``close``, or at once when a unit
+    fails, a worker dies or the run is interrupted (then the object cannot be used again).
+    """
+
+    name = "processes"
+
+    def __init__(self, workers: int, setup: Callable[[], Any] | None = None) -> None:
+        """``setup``: called first in each process (e.g. to hand it what the driver has loaded)."""
+        if workers < 1:
+            raise BenchError(f"worker processes: {workers}; need at least 1")
+        self.workers = workers
+        self._pools = [_worker_pool(1, setup) for _ in range(workers)]
+        self._ended = False
+
+    def map(self, unit, jobs, *, gpus: float = 0, describe=str, progress=None, key: str = "", slots=None) -> list[Any]:
+        if self._ended:
+            raise BenchError("worker processes: already ended (closed, or stopped by an earlier failure)")
+        try:
+            places = range(len(jobs)) if slots is None else slots
+            futures = [self._pools[s % self.workers].submit(unit, job) for s, job in zip(places, jobs, strict=True)]
+            return _gather(futures, jobs, describe, progress, key, self._pools)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._ended = True
+        for pool in self._pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ResidentProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _worker_pool(workers: int, setup: Callable[[], Any] | None = None):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker, initargs=(setup,))
+
+
+def _start_worker(setup: Callable[[], Any] | None) -> None:
+    _end_with_the_driver()
+    if setup is not None:
+        setup()
+
+
+def _gather(futures: list, jobs: Sequence, describe: Callable[[Any], str], progress: Progress | None, key: str,
+            pools: list) -> list[Any]:
+    """The futures' results in job order, advancing ``key`` as each ends; the first failure is raised (a dead
+    worker as one BenchError) after every process of ``pools`` is ended."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    progress = progress or SilentProgress()
+    results: list[Any] = [None] * len(jobs)
+    try:
+        pending = {future: i for i, future in enumerate(futures)}
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for future in done:
+                index = pending.pop(future)
+                try:
+                    results[index] = future.result()
+                except BrokenProcessPool:
+                    raise BenchError(f"{describe(jobs[index])}: a worker process died (killed, or out of memory? "
+                                     "or a script that starts workers without an `if __name__ == \"__main__\":` "
+                                     "guard); what the units finished is kept, and a rerun goes on from there") from None
+                if key:
+                    progress.advance(key)
+    except BaseException:
+        # A failure or Ctrl-C stops the others now rather than after their units (minutes, maybe): every
+        # write is atomic, so a killed unit leaves nothing half-written, and a rerun redoes only it.
+        for pool in pools:
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+        raise
+    return results
 
 
 def _end_with_the_driver() -> None:
@@ -134,7 +204,7 @@ class RayExecutor:
                 kwargs.update(num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1")
             ray.init(**kwargs)
 
-    def map(self, unit, jobs, *, gpus: float = 0, describe=str, progress=None, key: str = "") -> list[Any]:
+    def map(self, unit, jobs, *, gpus: float = 0, describe=str, progress=None, key: str = "", slots=None) -> list[Any]:
         progress = progress or SilentProgress()
         # Ray wraps only plain functions; the unit (often a functools.partial) travels as an argument
         remote = self.ray.remote(num_cpus=1, num_gpus=gpus, max_retries=self.max_retries,

@@ -24,6 +24,7 @@ from .errors import BenchError
 
 PLUGINS_ENV = "MPTQ_PLUGINS"
 PLUGIN_ENTRY_POINTS = "mia_ptq_bench.plugins"
+FILE_MODULE_PREFIX = "mptq_plugin_"  # of the name a .py file given by path is imported under
 
 
 def import_module_or_file(ref: str) -> ModuleType:
@@ -33,7 +34,7 @@ def import_module_or_file(ref: str) -> ModuleType:
             file = Path(ref).resolve()
             if not file.is_file():
                 raise BenchError(f"{ref}: no such file {file}")
-            name = "mptq_plugin_" + hashlib.sha256(str(file).encode()).hexdigest()[:16]
+            name = FILE_MODULE_PREFIX + hashlib.sha256(str(file).encode()).hexdigest()[:16]
             if name in sys.modules:
                 return sys.modules[name]
             spec = importlib.util.spec_from_file_location(name, file)
@@ -107,3 +108,14 @@ def load_extensions(refs: Iterable[str] = ()) -> tuple[str, ...]:
     for ref in loaded:
         import_module_or_file(ref)
     return loaded
+
+
+def defining_files(*objects: object) -> tuple[str, ...]:
+    """The .py files imported by path that define the classes of ``objects``: another process imports them
+    (``import_module_or_file``, under the same module names) before it can unpickle the objects."""
+    files = []
+    for obj in objects:
+        module = sys.modules.get(type(obj).__module__)
+        if type(obj).__module__.startswith(FILE_MODULE_PREFIX) and getattr(module, "__file__", None):
+            files.append(module.__file__)
+    return tuple(dict.fromkeys(files))

@@ -14,7 +14,9 @@ The stages, in order, each done by the module named:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import pickle
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,12 +38,14 @@ from .errors import BenchError, PlanError, SpecError
 from .inference import QUERIES
 from .metrics.select import attack_reference, attack_targets, candidate_threats, evaluation_arrays
 from .models import MODELS
-from .executor import Executor, LocalExecutor
+from .executor import Executor, LocalExecutor, ResidentProcesses
+from .extensions import defining_files
 from .pool import Pool, PoolStore, build_pool, pool_keep_masks
 from .pool.hub import pool_source, pull_pool
+from .pool.train import auto_workers, training_flops
 from .progress import Progress, SilentProgress
 from .quantize import QUANTIZERS, Quantizer
-from .quantize.outputs import ModelOutputs, OutputStore, environment_key, quantize_unit, reference_outputs
+from .quantize.outputs import ModelOutputs, OutputStore, environment_key, quantize_unit, receive_pool, reference_outputs
 from .results.compute import build_evaluation
 from .results.io import EVIDENCE_CAP, evidence_path, result_path, write_evidence, write_result
 from .results.schema import ArraysRef, Environment, EvidenceRef, PoolSourceRef, QuantizerRef, Result, TaskRef
@@ -61,6 +65,9 @@ class RunOptions:
     trainer: str = "auto"
     quantize_group: int = 16  # models quantized together (batched where the method allows)
     executor: Executor = field(default_factory=LocalExecutor)
+    # Processes to train and to quantize in, each with its share of the threads (executor local only);
+    # None chooses from the work and the machine (pool/train.py auto_workers).
+    workers: int | None = None
     per_quantizer_folder: bool = True  # results/<task>/<quantizer>/...; False inside a submission's results/
     extensions: tuple[str, ...] = ()  # loaded extensions, loaded again by every worker process
     task_source: str | None = None  # the task as the user named it (a file path, or an id), for messages
@@ -127,28 +134,98 @@ def prepare_pool(context: RunContext, options: RunOptions, progress: Progress) -
     remote = None if isinstance(options.executor, LocalExecutor) else options.executor
     pool = build_pool(spec, context.dataset(), options.cache_dir, options.device, progress, trainer=options.trainer,
                       executor=remote, data_root=options.data_root, download=options.download,
-                      extensions=options.extensions)
+                      extensions=options.extensions, workers=options.workers if remote is None else None)
     return context.remember("pool", pool)
 
 
 # -- 4. quantize --------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Quantizing:
+    """Where a run's quantization units go: this process, or ``workers`` resident processes."""
+
+    executor: Executor
+    workers: int = 1
+
+
+def quantize_workers(spec: TaskSpec, pool: Pool, quantizer: Quantizer, options: RunOptions) -> int:
+    """Processes to quantize and score in: ``options.workers``, else, for a method that runs long
+    (``Quantizer.runs_long``), chosen as for pool training from the work of scoring every model of the
+    task's grid (a forward pass, about a third of a training step's FLOP, per pool image and query).
+    Judged on the task's own grid (its plans this method serves, the models its threat models
+    quantize), never on the plans asked or on what is cached: every run of a task quantizes in the same
+    processes, and so to the same bits, whichever part of the grid it does."""
+    if not isinstance(options.executor, LocalExecutor):
+        return 1  # Ray's units take the driver's thread count
+    if options.workers is not None:
+        if options.workers < 1:
+            raise SpecError(f"worker processes: {options.workers}; need at least 1")
+        return options.workers
+    if not quantizer.runs_long:
+        return 1
+    plans = [p for p in map(PrecisionPlan.parse, quantizer.default_plans or spec.plans)
+             if not p.is_full_precision and not quantizer.unsupported(p)]
+    threats = resolve_threat_models(spec, None)
+    sources = {c.shadows for t in threats for c in candidate_threats(t, threats)}
+    forward = training_flops(pool.load_model(0, "cpu"), pool.dataset.input_shape) / 3
+    work = len(plans) * models_quantized(spec, sources) * len(pool.dataset.pool) * len(spec.queries) * forward
+    return auto_workers(torch.device(options.device), torch.get_num_threads(), work)
+
+
+def models_quantized(spec: TaskSpec, sources: set[str]) -> int:
+    """Pool models a plan quantizes for attacks whose shadows are ``sources``: the targets, the adaptive
+    attacker's shadows with the method, and those shadows again with RTN (adaptive-rtn)."""
+    shadows = set(spec.quantized_shadow_models)
+    own = set(range(spec.targets.count)) | (shadows if "same-quantizer" in sources else set())
+    return len(own) + len(shadows) * ("rtn" in sources)
+
+
+def start_quantizing(context: RunContext, pool: Pool, test, quantizer: Quantizer, options: RunOptions, workers: int,
+                     held: contextlib.ExitStack, progress: Progress) -> Quantizing:
+    if workers <= 1:
+        return Quantizing(options.executor)
+    threads = max(torch.get_num_threads() // workers, 1)
+    progress.log(f"quantizing in {workers} processes of {threads} thread(s) each")
+    setup = partial(receive_pool, context, pickle.dumps((pool, test)), defining_files(quantizer))
+    return Quantizing(held.enter_context(ResidentProcesses(workers, setup)), workers)
+
+
+def quantize_groups(indices: list[int], size: int, workers: int) -> list[tuple[int, ...]]:
+    """``indices`` in groups of at most ``size``, as even as can be, their number a multiple of ``workers``.
+
+    Fixed by the indices alone, never by which outputs are cached: a batched method's bits can depend (in
+    the last place) on the group, so a group is always quantized whole, and a resumed run gives an
+    uninterrupted one's bits."""
+    if not indices:
+        return []
+    count = -(-len(indices) // size)
+    count = min(-(-count // workers) * workers, len(indices))
+    step = -(-len(indices) // count)
+    return [tuple(indices[s : s + step]) for s in range(0, len(indices), step)]
+
+
 def quantize_models(context: RunContext, pool: Pool, quantizer: Quantizer, plan: PrecisionPlan, indices: list[int],
-                    options: RunOptions, progress: Progress, role: str = "") -> dict[int, ModelOutputs]:
-    """Outputs of ``indices`` quantized at ``plan``: the cached ones loaded, the rest run as units in groups.
-    ``role``: what these models are for, when not the method's own (shown in the progress line)."""
-    made_in = environment_key(options.device)
+                    options: RunOptions, quantizing: Quantizing, progress: Progress,
+                    role: str = "") -> dict[int, ModelOutputs]:
+    """Outputs of ``indices`` quantized at ``plan``: the cached ones loaded, every group with a model missing
+    quantized again as a unit. ``role``: what these models are for, when not the method's own (shown in the
+    progress line)."""
+    made_in = environment_key(options.device, quantizing.workers)
     store = OutputStore(context.outputs_root, pool, quantizer, plan, made_in, progress)
     outputs = {i: cached for i in indices if (cached := store.load(i)) is not None}
-    todo = [i for i in indices if i not in outputs]
-    step = options.quantize_group
-    groups = [tuple(todo[s : s + step]) for s in range(0, len(todo), step)]
+    groups = quantize_groups(indices, options.quantize_group, quantizing.workers)
+    # Each group keeps its position in every plan: in resident workers it returns to the process that did it.
+    slots = [n for n, group in enumerate(groups) if any(i not in outputs for i in group)]
+    todo = [i for n in slots for i in groups[n]]
     key = f"quantize-{plan}"
     doing = f"quantize + score {len(todo)} of {len(indices)} models" if todo else f"all {len(indices)} models cached"
-    progress.start(key, f"{quantizer.name} {plan}{role}: {doing}", len(groups))
-    options.executor.map(partial(quantize_unit, context, quantizer, str(plan), made_in), groups,
-                         gpus=1 if torch.device(options.device).type == "cuda" else 0, progress=progress, key=key,
-                         describe=lambda group: f"{plan} models {group[0]}-{group[-1]}")
+    progress.start(key, f"{quantizer.name} {plan}{role}: {doing}", len(slots))
+    unit_context = context if quantizing.workers == 1 else dataclasses.replace(
+        context, threads=max(context.threads // quantizing.workers, 1))
+    quantizing.executor.map(partial(quantize_unit, unit_context, quantizer, str(plan), made_in),
+                            [groups[n] for n in slots], slots=slots,
+                            gpus=1 if torch.device(options.device).type == "cuda" else 0, progress=progress, key=key,
+                            describe=lambda group: f"{plan} models {group[0]}-{group[-1]}")
     for index in todo:  # written by the units, possibly in other processes
         loaded = store.load(index)
         if loaded is None:
@@ -209,25 +286,28 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
     reference_attacked = attack_reference(spec, keep, targets, reference_scores, full_precision, choices)
     reference_eval = build_evaluation(keep, targets, reference_attacked.membership, reference_predictions, test_labels,
                                       reference_attacked.choices, reference_attacked.chosen)
-    provenance = _provenance(spec, quantizer, pool, options.device)
 
     paths, results = [], []
     folder_name = quantizer.name if options.per_quantizer_folder else None
     quantized_shadows = [int(m) for m in spec.quantized_shadow_models]
+    candidates = {t.name: candidate_threats(t, known_threats) for t in threats}
+    quantized = any(not plan.is_full_precision for plan in plan_list)
+    workers = quantize_workers(spec, pool, quantizer, options) if quantized else 1
+    quantizing = start_quantizing(context, pool, test, quantizer, options, workers, held, progress)
+    provenance = _provenance(spec, quantizer, pool, options.device, quantizing.workers)
     for plan in plan_list:
         # 4. quantize: the targets, and the attacker's shadows when it quantizes them too
-        candidates = {t.name: candidate_threats(t, known_threats) for t in threats}
         sources = {c.shadows for group in candidates.values() for c in group} if not plan.is_full_precision else set()
         indices = sorted({int(t) for t in targets} | (set(quantized_shadows) if "same-quantizer" in sources else set()))
         outputs = reference if plan.is_full_precision else quantize_models(context, pool, quantizer, plan, indices,
-                                                                           options, progress)
+                                                                           options, quantizing, progress)
         shadows = {"full-precision": full_precision, "same-quantizer": full_precision, "rtn": full_precision}
         if "same-quantizer" in sources:
             shadows["same-quantizer"] = ShadowSet(np.stack([outputs[i].scores for i in quantized_shadows]),
                                                   np.array(quantized_shadows))
         if "rtn" in sources:
-            rtn = quantize_models(context, pool, QUANTIZERS.get("rtn")(), plan, quantized_shadows, options, progress,
-                                  " (adaptive-rtn shadows)")
+            rtn = quantize_models(context, pool, QUANTIZERS.get("rtn")(), plan, quantized_shadows, options, quantizing,
+                                  progress, " (adaptive-rtn shadows)")
             shadows["rtn"] = ShadowSet(np.stack([rtn[i].scores for i in quantized_shadows]), np.array(quantized_shadows))
         target_scores = np.stack([outputs[int(t)].scores for t in targets])
         predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
@@ -305,17 +385,17 @@ def _made_otherwise(document: Path, quantizer: QuantizerRef) -> str:
                                            for k in changed) + ")" if changed else ""
 
 
-def _provenance(spec: TaskSpec, quantizer: Quantizer, pool: Pool, device: str) -> dict:
+def _provenance(spec: TaskSpec, quantizer: Quantizer, pool: Pool, device: str, workers: int) -> dict:
     """The parts of every result that name what was run, on what, and where."""
     return {
         "task": TaskRef(id=spec.id, version=spec.version, hash=spec.hash, pool_hash=spec.pool_hash),
         "quantizer": QuantizerRef(**quantizer.describe()),
-        **where_run(pool, device),
+        **where_run(pool, device, workers),
     }
 
 
-def where_run(pool: Pool, device: str) -> dict:
+def where_run(pool: Pool, device: str, workers: int = 1) -> dict:
     """The pool (its Hub source, its digest) and the environment a result was computed with: what
     ``results.compare`` reads to choose a rerun's tolerance (``recompute`` records its own the same way)."""
     return {"pool_source": PoolSourceRef.of(pool_source(pool.store)), "pool_digest": pool.store.digest(),
-            "environment": Environment(**environment(device))}
+            "environment": Environment(**environment(device, workers))}

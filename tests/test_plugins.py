@@ -77,6 +77,26 @@ def test_import_path_quantizer(tmp_path: Path) -> None:
     assert document["quantizer"]["config"] == {"offset": 0.25} and document["quantizer"]["version"] == "0.1"
 
 
+def test_a_quantizer_from_a_file_runs_in_worker_processes_as_here(tmp_path: Path) -> None:
+    """A worker imports the file under the name it has here before it receives the quantizer, or could not
+    unpickle it; its numbers are the ones computed here with a worker's one thread."""
+    import torch
+
+    (tmp_path / "half_step.py").write_text(PLUGIN)
+    ref = f"{tmp_path / 'half_step.py'}:HalfStep"
+    threads = torch.get_num_threads()
+    try:
+        for name, workers in (("here", "1"), ("apart", "2")):
+            torch.set_num_threads(1 if name == "here" else 2)
+            result = evaluate(ref, "--set", "offset=0.25", "--workers", workers, "--out", str(tmp_path / name))
+            assert result.exit_code == 0, result.stderr
+    finally:
+        torch.set_num_threads(threads)
+    here, apart = (json.loads(next((tmp_path / name).rglob("w2--oblivious.json")).read_text()) for name in ("here", "apart"))
+    assert (here["environment"]["quantize_workers"], apart["environment"]["quantize_workers"]) == (1, 2)
+    assert apart["quantized"] == here["quantized"]
+
+
 def test_a_quantizer_that_leaves_full_precision_weights_is_refused_and_writes_nothing(tmp_path: Path) -> None:
     (tmp_path / "noop.py").write_text(textwrap.dedent('''
         from mia_ptq_bench.plugin import Quantizer

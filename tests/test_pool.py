@@ -446,7 +446,7 @@ def test_quantized_outputs_of_another_environment_are_kept_apart(tiny_task, tmp_
     assert OutputStore(tmp_path, pool, QUANTIZERS.get("rtn")(), plan, environment_key("cpu")).load(0) is not None
 
     upgraded = {**environment("cpu"), "packages": {**environment("cpu")["packages"], "torch": "99.0"}}
-    monkeypatch.setattr(outputs_module, "environment", lambda device: upgraded)
+    monkeypatch.setattr(outputs_module, "environment", lambda device, workers=1: upgraded)
     there = OutputStore(tmp_path, pool, QUANTIZERS.get("rtn")(), plan, environment_key("cpu"))
     assert there.root != here.root and there.load(0) is None
     assert here.path(0).exists()  # the other environment's outputs stay for it

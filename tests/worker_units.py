@@ -41,3 +41,18 @@ def writes_its_pid_then_sleeps(folder: str) -> None:
 
     (Path(folder) / f"{os.getpid()}.pid").write_text("")
     time.sleep(120)
+
+
+_HANDED: list[str] = []
+_JOBS: list[str] = []
+
+
+def hand(value: str) -> None:
+    """A worker's setup: keep ``value`` for the units that run in this process."""
+    _HANDED.append(value)
+
+
+def counts_its_jobs(job: str) -> tuple[int, int, list[str]]:
+    """This process's id, how many jobs it has run (this one included) and what its setup was handed."""
+    _JOBS.append(job)
+    return os.getpid(), len(_JOBS), list(_HANDED)

@@ -8,6 +8,7 @@ resumes where it stopped and a rerun costs nothing.
 from __future__ import annotations
 
 import json
+import pickle
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from ..data import Split
 from ..environment import environment
 from ..data.splits import evaluation_test_split
 from ..errors import BenchError, CacheError
+from ..extensions import import_module_or_file, load_extensions
 from ..inference import eval_mode, predict_logits, score_split
 from ..pool import Pool, build_pool
 from ..progress import Progress, SilentProgress
@@ -46,14 +48,15 @@ class ModelOutputs:
     evidence: dict[str, np.ndarray] = field(default_factory=dict)  # the quantized weights (quantize/evidence.py)
 
 
-def environment_key(device: str) -> str:
-    """A hash of the environment a result records (package versions, processor, threads, device...).
+def environment_key(device: str, workers: int = 1) -> str:
+    """A hash of the environment a result records (package versions, processor, threads, device, the
+    processes the models were quantized in...).
 
     That environment is the one its numbers were computed in (docs/reproducibility.md: the same
     environment gives the same bits), so outputs made under another one are kept apart in the cache,
     never mixed into a result that names this one.
     """
-    return content_hash(environment(device))
+    return content_hash(environment(device, workers))
 
 
 class OutputStore:
@@ -186,12 +189,15 @@ def probe_forward(model: torch.nn.Module, pool: Pool, what: str, device: str) ->
 
 
 def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan: PrecisionPlan, test: Split,
-                      store: OutputStore, device: str) -> dict[int, ModelOutputs]:
-    """Quantize, audit and score a group of pool models (cached ones are loaded, not redone)."""
+                      store: OutputStore, device: str, whole: bool = False) -> dict[int, ModelOutputs]:
+    """Quantize, audit and score a group of pool models (cached ones are loaded, not redone; ``whole``: unless one
+    is missing, then all are quantized together again, as the group they were made in)."""
     outputs = {i: cached for i in indices if (cached := store.load(i)) is not None}
     todo = [i for i in indices if i not in outputs]
     if not todo:
         return outputs
+    if whole:
+        outputs, todo = {}, list(indices)
     spec = pool.spec
     size = quantizer.calibration_size(spec.calibration.size) if spec.calibration.source == "members" else 0
     models = [pool.load_model(i, device) for i in todo]
@@ -226,10 +232,27 @@ def quantize_unit(context: RunContext, quantizer: Quantizer, plan: str, made_in:
     """A unit of work: quantize a group of pool models into the output cache (the pool is read, never trained);
     ``made_in``: the driver's ``environment_key``, so that the driver finds what its units wrote."""
     context.enter()
+    # The first copy of the quantizer a process received is the one it goes on with: its memo holds the
+    # units earlier plans quantized, which the driver's (never run there) copy sent with each unit lacks.
+    described = quantizer.describe()
+    quantizer = context.loaded(f"quantizer {described['name']} {described['config_hash']}", lambda: quantizer)
     pool = context.loaded("pool", lambda: build_pool(context.spec, context.dataset(), context.cache_dir,
                                                      context.device))
     test = context.loaded("test", lambda: evaluation_test_split(context.spec.calibration, pool.dataset))
     parsed = PrecisionPlan.parse(plan)
     store = OutputStore(context.outputs_root, pool, quantizer, parsed, made_in)
-    quantized_outputs(pool, list(indices), quantizer, parsed, test, store, context.device)
+    quantized_outputs(pool, list(indices), quantizer, parsed, test, store, context.device, whole=True)
     return list(indices)
+
+
+def receive_pool(context: RunContext, handed: bytes, files: tuple[str, ...] = ()) -> None:
+    """In a worker process that will run ``quantize_unit``s: keep the driver's pool and test split (pickled by
+    value: as tensors they would go through torch's shared memory, which a container's small /dev/shm refuses).
+    First the extensions, which may define the pool's data, and ``files``, the .py files that define the
+    quantizers its units will receive (``extensions.defining_files``)."""
+    load_extensions(context.extensions)
+    for file in files:
+        import_module_or_file(file)
+    pool, test = pickle.loads(handed)
+    context.remember("pool", pool)
+    context.remember("test", test)

@@ -52,6 +52,7 @@ class _Reconstruction(CalibratedQuantizer):
     # Whether a unit affine in its weight may take its steps' gradient from per-example moments
     # (rounding.moments_pay): the same gradient, other float rounding.
     moments: ClassVar[bool] = False
+    runs_long: ClassVar[bool] = True  # iters optimisation steps per unit (base.Quantizer.runs_long)
 
     def units(self, model) -> list[Unit]:
         return layer_units(model) if self.granularity == "layer" else block_units(model)

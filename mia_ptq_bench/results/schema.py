@@ -178,6 +178,9 @@ class Environment(Strict):
     device: str
     packages: dict[str, str]
     torch_threads: int = Field(description="torch.get_num_threads(): the float summation order can depend on it")
+    quantize_workers: int = Field(1, ge=1, description="processes the models were quantized and scored in, each with "
+                                                       "torch_threads // quantize_workers threads; 1 (the result's own "
+                                                       "process) in results written before it was recorded")
     cpu_capability: str = Field(description="torch.backends.cpu.get_cpu_capability(): the vector kernels used")
     deterministic_algorithms: bool = Field(description="torch.are_deterministic_algorithms_enabled()")
 

@@ -1,0 +1,188 @@
+"""Quantization in resident worker processes: where each group goes, what a process keeps, and that the bits
+are those of this process run with a worker's thread count."""
+
+from __future__ import annotations
+
+import pickle
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mia_ptq_bench.context import RunContext
+from mia_ptq_bench.data import load_dataset
+from mia_ptq_bench.data.splits import evaluation_test_split
+from mia_ptq_bench.errors import BenchError
+from mia_ptq_bench.executor import ResidentProcesses
+from mia_ptq_bench.pool import build_pool
+from mia_ptq_bench.quantize import QUANTIZERS
+from mia_ptq_bench.quantize.outputs import OutputStore, environment_key, quantize_unit, receive_pool
+from mia_ptq_bench.results.compare import same_environment
+from mia_ptq_bench.results.schema import Environment
+from mia_ptq_bench.runner import RunOptions, evaluate, models_quantized, quantize_groups, quantize_workers
+from mia_ptq_bench.spec import PrecisionPlan, load_task
+
+
+def test_groups_are_fixed_by_the_models_even_and_as_many_as_a_multiple_of_the_workers() -> None:
+    models = list(range(47))
+    assert [len(g) for g in quantize_groups(models, 16, 1)] == [16, 16, 15]
+    assert [len(g) for g in quantize_groups(models, 16, 2)] == [12, 12, 12, 11]
+    assert [i for g in quantize_groups(models, 16, 2) for i in g] == models  # each once, in order
+    assert quantize_groups([3, 9, 12], 16, 2) == [(3, 9), (12,)]
+    assert quantize_groups([5], 16, 2) == [(5,)]  # never an empty group for a worker with nothing to do
+    assert quantize_groups([], 16, 2) == []
+    assert max(len(g) for g in quantize_groups(list(range(40)), 8, 3)) <= 8
+
+
+def test_resident_processes_keep_each_slot_in_one_process_from_map_to_map() -> None:
+    from worker_units import counts_its_jobs, hand
+
+    with ResidentProcesses(2, partial(hand, "handed")) as processes:
+        first = processes.map(counts_its_jobs, ["a", "b", "c"])  # slots 0, 1, 2 -> processes 0, 1, 0
+        second = processes.map(counts_its_jobs, ["d", "e"], slots=[1, 2])  # processes 1, 0
+    (pid_a, n_a, setup), (pid_b, n_b, _), (pid_c, n_c, _) = first
+    assert pid_a == pid_c != pid_b and (n_a, n_b, n_c) == (1, 1, 2)
+    assert setup == ["handed"]  # the setup ran once in each process, before its first job
+    (pid_d, n_d, _), (pid_e, n_e, handed) = second
+    assert (pid_d, n_d) == (pid_b, 2) and (pid_e, n_e) == (pid_a, 3) and handed == ["handed"]
+
+
+def test_resident_processes_end_at_the_first_failure_and_say_so_when_used_again() -> None:
+    from worker_units import dies, raises_bench_error
+
+    processes = ResidentProcesses(2)
+    assert processes.map(raises_bench_error, [3, 1, 4]) == [9, 1, 16]
+    with pytest.raises(BenchError, match="two: refused input"):
+        processes.map(raises_bench_error, [1, 2, 3])
+    with pytest.raises(BenchError, match="already ended"):
+        processes.map(raises_bench_error, [1])
+    with pytest.raises(BenchError, match="job 1: a worker process died"):
+        ResidentProcesses(2).map(dies, [0, 1], describe=lambda job: f"job {job}")
+    with pytest.raises(BenchError, match="worker processes: 0"):
+        ResidentProcesses(0)
+
+
+def test_copies_of_one_context_in_a_process_share_what_they_loaded(tiny_task) -> None:
+    context = RunContext(tiny_task, Path("cache"))
+    first, second = (pickle.loads(pickle.dumps(context)) for _ in range(2))
+    kept = first.loaded("thing", object)
+    assert second.loaded("thing", object) is kept  # as a later unit in the same worker finds it
+    assert context.loaded("thing", object) is not kept  # the driver's own context is not a received copy
+    other = pickle.loads(pickle.dumps(RunContext(tiny_task, Path("cache"))))
+    assert other.loaded("thing", object) is not kept  # another run's context starts empty...
+    assert pickle.loads(pickle.dumps(context)).loaded("thing", object) is not kept  # ...and lets the last one go
+
+
+def test_a_process_goes_on_with_the_first_quantizer_it_received_and_its_memo(tmp_path: Path) -> None:
+    """Each unit arrives with a fresh copy of the driver's quantizer; the copy the process kept from an earlier
+    plan holds that plan's units, which w1.58-last8 replays."""
+    spec = load_task("tiny-cnn")
+    data = load_dataset(spec.dataset)
+    pool = build_pool(spec, data, tmp_path)
+    context = RunContext(spec, tmp_path)
+    receive_pool(pickle.loads(pickle.dumps(context)), pickle.dumps((pool, evaluation_test_split(spec.calibration,
+                                                                                                data))))
+    sent = QUANTIZERS.get("gptq")()
+    received = [pickle.loads(pickle.dumps(sent)) for _ in range(2)]
+    made_in = environment_key("cpu")
+    quantize_unit(pickle.loads(pickle.dumps(context)), received[0], "w1.58", made_in, (0, 1))
+    replayed = []
+    original = type(received[0]._memo).replay
+
+    def counted(memo, key, steps):
+        replay = original(memo, key, steps)
+        replayed.append(replay.replayed)
+        return replay
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(received[0]._memo), "replay", counted)
+        quantize_unit(pickle.loads(pickle.dumps(context)), received[1], "w1.58-last8", made_in, (0, 1))
+    assert not received[1]._memo.runs  # never used: the process went on with the first copy
+    assert replayed and replayed[-1] > 0  # and that copy replayed the units w1.58 quantized
+    for plan in ("w1.58", "w1.58-last8"):
+        store = OutputStore(tmp_path, pool, sent, PrecisionPlan.parse(plan), made_in)
+        assert all(store.load(i) is not None for i in (0, 1))
+
+
+def test_models_quantized_in_two_processes_are_those_quantized_here_with_one_thread(tmp_path: Path) -> None:
+    """BatchNorm folded, GPTQ, two plans of which the second replays the first: the result arrays of a run in
+    two worker processes of one thread equal those of a run here with one thread and the same groups, its
+    environment names the workers, and a run resumed after an output was lost redoes that model's whole group
+    to the same bits."""
+    spec = load_task("tiny-cnn")
+    plans, threats = ["w1.58", "w1.58-last8"], ["adaptive"]
+    models = len(set(spec.quantized_shadow_models) | set(range(spec.targets.count)))
+    group = -(-models // 2)  # two groups either way: the layouts agree
+    threads = torch.get_num_threads()
+
+    def run(name: str, workers: int):
+        options = RunOptions(out_dir=tmp_path / name, cache_dir=tmp_path / "cache", outputs_dir=tmp_path / f"{name}-q",
+                             device="cpu", workers=workers, quantize_group=group)
+        return evaluate("gptq", spec, plans, threats, options)
+
+    try:
+        torch.set_num_threads(2)
+        apart = run("apart", 2)
+        store = OutputStore(tmp_path / "apart-q", apart.pool, QUANTIZERS.get("gptq")(), PrecisionPlan.parse("w1.58"),
+                            environment_key("cpu", 2))
+        lost = store.path(1)
+        lost.unlink()
+        resumed = run("apart", 2)
+        torch.set_num_threads(1)
+        here = run("here", 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert lost.exists()
+    for theirs, ours, again in zip(apart.results, here.results, resumed.results, strict=True):
+        assert theirs.environment.quantize_workers == 2 and ours.environment.quantize_workers == 1
+        assert theirs.environment.torch_threads == 2 and ours.environment.torch_threads == 1
+        a = np.load(tmp_path / "apart" / spec.id / "gptq" / theirs.arrays.file)
+        b = np.load(tmp_path / "here" / spec.id / "gptq" / ours.arrays.file)
+        assert a.files == b.files
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        assert again.arrays.sha256 == theirs.arrays.sha256
+
+
+def test_workers_are_chosen_for_a_long_method_on_a_large_grid_on_the_local_executor(
+        tiny_task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench.pool import train
+
+    data = load_dataset(tiny_task.dataset)
+    pool = build_pool(tiny_task, data, tmp_path)
+    brecq, gptq = QUANTIZERS.get("brecq")(), QUANTIZERS.get("gptq")()
+    assert brecq.runs_long and not gptq.runs_long
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert quantize_workers(tiny_task, pool, brecq, RunOptions(device="cpu")) == 1  # seconds of work: no workers
+        monkeypatch.setattr(train, "WORKER_WORK", 0.0)  # as if the grid were large
+        assert quantize_workers(tiny_task, pool, brecq, RunOptions(device="cpu")) == 2
+        assert quantize_workers(tiny_task, pool, gptq, RunOptions(device="cpu")) == 1  # its time goes to scoring
+        assert quantize_workers(tiny_task, pool, gptq, RunOptions(device="cpu", workers=3)) == 3
+        remote = RunOptions(device="cpu", workers=3)
+        remote.executor = object()  # Ray's units take the driver's threads, whatever was asked
+        assert quantize_workers(tiny_task, pool, brecq, remote) == 1
+        with pytest.raises(BenchError, match="worker processes: 0"):
+            quantize_workers(tiny_task, pool, gptq, RunOptions(device="cpu", workers=0))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_models_a_plan_quantizes_are_the_targets_and_the_shadows_its_attacks_quantize(tiny_task) -> None:
+    targets, shadows = set(range(tiny_task.targets.count)), set(tiny_task.quantized_shadow_models)
+    assert models_quantized(tiny_task, {"full-precision"}) == len(targets)
+    assert models_quantized(tiny_task, {"full-precision", "same-quantizer"}) == len(targets | shadows)
+    assert models_quantized(tiny_task, {"same-quantizer", "rtn"}) == len(targets | shadows) + len(shadows)
+
+
+def test_a_result_from_before_workers_were_recorded_was_quantized_in_one_process(tiny_task) -> None:
+    from mia_ptq_bench.environment import environment
+
+    recorded = environment("cpu")
+    old = Environment(**{k: v for k, v in recorded.items() if k != "quantize_workers"})
+    assert old.quantize_workers == 1 and same_environment(old, Environment(**recorded))
+    assert not same_environment(old, Environment(**environment("cpu", 2)))
+    assert environment_key("cpu", 2) != environment_key("cpu")
