@@ -101,9 +101,16 @@ class ResidentProcesses:
     def map(self, unit, jobs, *, gpus: float = 0, describe=str, progress=None, key: str = "", slots=None) -> list[Any]:
         if self._ended:
             raise BenchError("worker processes: already ended (closed, or stopped by an earlier failure)")
+        from concurrent.futures.process import BrokenProcessPool
+
         try:
             places = range(len(jobs)) if slots is None else slots
-            futures = [self._pools[s % self.workers].submit(unit, job) for s, job in zip(places, jobs, strict=True)]
+            futures = []
+            for place, job in zip(places, jobs, strict=True):
+                try:
+                    futures.append(self._pools[place % self.workers].submit(_after_setup, unit, job))
+                except BrokenProcessPool:  # it died between maps (killed, out of memory)
+                    raise BenchError(f"{describe(job)}: {DIED}") from None
             return _gather(futures, jobs, describe, progress, key, self._pools)
         except BaseException:
             self.close()
@@ -121,6 +128,10 @@ class ResidentProcesses:
         self.close()
 
 
+DIED = ("a worker process died (killed, or out of memory? or a script that starts workers without an "
+        "`if __name__ == \"__main__\":` guard); what the units finished is kept, and a rerun goes on from there")
+
+
 def _worker_pool(workers: int, setup: Callable[[], Any] | None = None):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -129,10 +140,24 @@ def _worker_pool(workers: int, setup: Callable[[], Any] | None = None):
                                initializer=_start_worker, initargs=(setup,))
 
 
+# In a worker: why its setup failed, reported by its first unit (an initializer's exception would only
+# break the pool, which reads as a worker that died).
+_SETUP_FAILED: list[str] = []
+
+
 def _start_worker(setup: Callable[[], Any] | None) -> None:
     _end_with_the_driver()
     if setup is not None:
-        setup()
+        try:
+            setup()
+        except Exception as exc:  # noqa: BLE001 - any failure: reported by the units, in one line
+            _SETUP_FAILED.append(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+
+
+def _after_setup(unit, job):
+    if _SETUP_FAILED:
+        raise BenchError(f"a worker process could not start: {_SETUP_FAILED[0]}")
+    return unit(job)
 
 
 def _gather(futures: list, jobs: Sequence, describe: Callable[[Any], str], progress: Progress | None, key: str,
@@ -153,9 +178,7 @@ def _gather(futures: list, jobs: Sequence, describe: Callable[[Any], str], progr
                 try:
                     results[index] = future.result()
                 except BrokenProcessPool:
-                    raise BenchError(f"{describe(jobs[index])}: a worker process died (killed, or out of memory? "
-                                     "or a script that starts workers without an `if __name__ == \"__main__\":` "
-                                     "guard); what the units finished is kept, and a rerun goes on from there") from None
+                    raise BenchError(f"{describe(jobs[index])}: {DIED}") from None
                 if key:
                     progress.advance(key)
     except BaseException:

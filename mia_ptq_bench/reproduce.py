@@ -98,7 +98,8 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
             raise BenchError(f"{path}: task.hash: the result is of {spec.id} version {result.task.version} "
                              f"({result.task.hash[:12]}…), the task is now version {spec.version} "
                              f"({spec.hash[:12]}…): a stale result cannot be reproduced")
-        key = (spec.id, _submission_of(path), result.quantizer.name, result.quantizer.config_hash)
+        key = (spec.id, _submission_of(path), result.quantizer.name, result.quantizer.config_hash,
+               result.environment.quantize_workers)
         groups.setdefault(key, []).append((path, result))
     if not groups:
         raise BenchError(f"no results of task(s) {', '.join(tasks or [])} to reproduce in {', '.join(map(str, paths))}")
@@ -110,7 +111,7 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
     remove_stale_scratch(options.cache_dir)
     with (in_use(Path(options.cache_dir), [task_id for task_id, *_ in groups], waiting=progress.log),
           tempfile.TemporaryDirectory(prefix=scratch_prefix(), dir=options.cache_dir) as scratch):
-        for (task_id, _, _, _), members in groups.items():
+        for (task_id, _, _, _, workers), members in groups.items():
             first_path, first = members[0]
             quantizer = _quantizer_for(first_path, first)
             plans = list(dict.fromkeys(r.plan for _, r in members))
@@ -120,7 +121,10 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
             spec = load_registered_task(task_id)
             outcome = evaluate(quantizer, spec, plans, threats,
                                replace(options, out_dir=Path(scratch) / "rerun", per_quantizer_folder=True,
-                                       outputs_dir=Path(scratch) / "outputs"), progress)
+                                       outputs_dir=Path(scratch) / "outputs",
+                                       # the processes (and so the groups and threads) the result was made in
+                                       workers=options.workers if options.workers is not None else workers),
+                               progress)
             rerun = {(r.plan, r.threat_model): (p, r) for p, r in zip(outcome.paths, outcome.results)}
             reference: dict[str, float] | None = None  # the same full-precision targets in every result of the run
             for path, committed in members:

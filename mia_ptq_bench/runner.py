@@ -153,10 +153,9 @@ def quantize_workers(spec: TaskSpec, pool: Pool, quantizer: Quantizer, options: 
     (``Quantizer.runs_long``), chosen as for pool training from the work of scoring every model of the
     task's grid (a forward pass, about a third of a training step's FLOP, per pool image and query).
     Judged on the task's own grid (its plans this method serves, the models its threat models
-    quantize), never on the plans asked or on what is cached: every run of a task quantizes in the same
-    processes, and so to the same bits, whichever part of the grid it does."""
-    if not isinstance(options.executor, LocalExecutor):
-        return 1  # Ray's units take the driver's thread count
+    quantize), never on the plans asked, on what is cached or on the executor: every run of a task
+    quantizes in the same layout (groups, threads per group), and so to the same bits, whichever part of
+    the grid it does and wherever its units run (Ray runs the same groups with the same threads)."""
     if options.workers is not None:
         if options.workers < 1:
             raise SpecError(f"worker processes: {options.workers}; need at least 1")
@@ -182,8 +181,8 @@ def models_quantized(spec: TaskSpec, sources: set[str]) -> int:
 
 def start_quantizing(context: RunContext, pool: Pool, test, quantizer: Quantizer, options: RunOptions, workers: int,
                      held: contextlib.ExitStack, progress: Progress) -> Quantizing:
-    if workers <= 1:
-        return Quantizing(options.executor)
+    if workers <= 1 or not isinstance(options.executor, LocalExecutor):
+        return Quantizing(options.executor, workers)  # Ray: its tasks, each group with a worker's threads
     threads = max(torch.get_num_threads() // workers, 1)
     progress.log(f"quantizing in {workers} processes of {threads} thread(s) each")
     setup = partial(receive_pool, context, pickle.dumps((pool, test)), defining_files(quantizer))
@@ -200,25 +199,29 @@ def quantize_groups(indices: list[int], size: int, workers: int) -> list[tuple[i
         return []
     count = -(-len(indices) // size)
     count = min(-(-count // workers) * workers, len(indices))
-    step = -(-len(indices) // count)
-    return [tuple(indices[s : s + step]) for s in range(0, len(indices), step)]
+    base, extra = divmod(len(indices), count)
+    bounds = np.cumsum([0] + [base + (n < extra) for n in range(count)])
+    return [tuple(indices[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def quantize_models(context: RunContext, pool: Pool, quantizer: Quantizer, plan: PrecisionPlan, indices: list[int],
-                    options: RunOptions, quantizing: Quantizing, progress: Progress,
+                    layout: list[int], options: RunOptions, quantizing: Quantizing, progress: Progress,
                     role: str = "") -> dict[int, ModelOutputs]:
     """Outputs of ``indices`` quantized at ``plan``: the cached ones loaded, every group with a model missing
-    quantized again as a unit. ``role``: what these models are for, when not the method's own (shown in the
-    progress line)."""
+    quantized again as a unit. The groups are those of ``layout``, every model the method may quantize at
+    the plan, whichever of them this run needs (a run of fewer threat models quantizes its models in the
+    groups a full run does, and some of their neighbours with them). ``role``: what these models are for,
+    when not the method's own (shown in the progress line)."""
     made_in = environment_key(options.device, quantizing.workers)
     store = OutputStore(context.outputs_root, pool, quantizer, plan, made_in, progress)
     outputs = {i: cached for i in indices if (cached := store.load(i)) is not None}
-    groups = quantize_groups(indices, options.quantize_group, quantizing.workers)
+    groups = quantize_groups(layout, options.quantize_group, quantizing.workers)
     # Each group keeps its position in every plan: in resident workers it returns to the process that did it.
-    slots = [n for n, group in enumerate(groups) if any(i not in outputs for i in group)]
+    slots = [n for n, group in enumerate(groups) if any(i in indices and i not in outputs for i in group)]
     todo = [i for n in slots for i in groups[n]]
     key = f"quantize-{plan}"
-    doing = f"quantize + score {len(todo)} of {len(indices)} models" if todo else f"all {len(indices)} models cached"
+    doing = (f"quantize + score {len(todo)} models, {len(outputs)} of the {len(indices)} needed cached" if todo
+             else f"all {len(indices)} models cached")
     progress.start(key, f"{quantizer.name} {plan}{role}: {doing}", len(slots))
     unit_context = context if quantizing.workers == 1 else dataclasses.replace(
         context, threads=max(context.threads // quantizing.workers, 1))
@@ -226,7 +229,7 @@ def quantize_models(context: RunContext, pool: Pool, quantizer: Quantizer, plan:
                             [groups[n] for n in slots], slots=slots,
                             gpus=1 if torch.device(options.device).type == "cuda" else 0, progress=progress, key=key,
                             describe=lambda group: f"{plan} models {group[0]}-{group[-1]}")
-    for index in todo:  # written by the units, possibly in other processes
+    for index in [i for i in todo if i in indices]:  # written by the units, possibly in other processes
         loaded = store.load(index)
         if loaded is None:
             raise BenchError(f"{store.path(index)}: missing after quantization finished")
@@ -299,15 +302,16 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
         # 4. quantize: the targets, and the attacker's shadows when it quantizes them too
         sources = {c.shadows for group in candidates.values() for c in group} if not plan.is_full_precision else set()
         indices = sorted({int(t) for t in targets} | (set(quantized_shadows) if "same-quantizer" in sources else set()))
+        layout = sorted({int(t) for t in targets} | set(quantized_shadows))  # whichever threats are asked
         outputs = reference if plan.is_full_precision else quantize_models(context, pool, quantizer, plan, indices,
-                                                                           options, quantizing, progress)
+                                                                           layout, options, quantizing, progress)
         shadows = {"full-precision": full_precision, "same-quantizer": full_precision, "rtn": full_precision}
         if "same-quantizer" in sources:
             shadows["same-quantizer"] = ShadowSet(np.stack([outputs[i].scores for i in quantized_shadows]),
                                                   np.array(quantized_shadows))
         if "rtn" in sources:
-            rtn = quantize_models(context, pool, QUANTIZERS.get("rtn")(), plan, quantized_shadows, options, quantizing,
-                                  progress, " (adaptive-rtn shadows)")
+            rtn = quantize_models(context, pool, QUANTIZERS.get("rtn")(), plan, quantized_shadows, quantized_shadows,
+                                  options, quantizing, progress, " (adaptive-rtn shadows)")
             shadows["rtn"] = ShadowSet(np.stack([rtn[i].scores for i in quantized_shadows]), np.array(quantized_shadows))
         target_scores = np.stack([outputs[int(t)].scores for t in targets])
         predictions = np.stack([outputs[int(t)].test_predictions for t in targets])

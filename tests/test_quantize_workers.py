@@ -17,12 +17,21 @@ from mia_ptq_bench.data.splits import evaluation_test_split
 from mia_ptq_bench.errors import BenchError
 from mia_ptq_bench.executor import ResidentProcesses
 from mia_ptq_bench.pool import build_pool
+from mia_ptq_bench.progress import SilentProgress
 from mia_ptq_bench.quantize import QUANTIZERS
 from mia_ptq_bench.quantize.outputs import OutputStore, environment_key, quantize_unit, receive_pool
 from mia_ptq_bench.results.compare import same_environment
 from mia_ptq_bench.results.schema import Environment
 from mia_ptq_bench.runner import RunOptions, evaluate, models_quantized, quantize_groups, quantize_workers
 from mia_ptq_bench.spec import PrecisionPlan, load_task
+
+
+class Logged(SilentProgress):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
 
 
 def test_groups_are_fixed_by_the_models_even_and_as_many_as_a_multiple_of_the_workers() -> None:
@@ -34,6 +43,8 @@ def test_groups_are_fixed_by_the_models_even_and_as_many_as_a_multiple_of_the_wo
     assert quantize_groups([5], 16, 2) == [(5,)]  # never an empty group for a worker with nothing to do
     assert quantize_groups([], 16, 2) == []
     assert max(len(g) for g in quantize_groups(list(range(40)), 8, 3)) <= 8
+    assert [len(g) for g in quantize_groups(list(range(33)), 16, 2)] == [9, 8, 8, 8]
+    assert [len(g) for g in quantize_groups(list(range(9)), 16, 4)] == [3, 2, 2, 2]
 
 
 def test_resident_processes_keep_each_slot_in_one_process_from_map_to_map() -> None:
@@ -62,6 +73,21 @@ def test_resident_processes_end_at_the_first_failure_and_say_so_when_used_again(
         ResidentProcesses(2).map(dies, [0, 1], describe=lambda job: f"job {job}")
     with pytest.raises(BenchError, match="worker processes: 0"):
         ResidentProcesses(0)
+
+
+def test_a_worker_whose_setup_fails_says_why_and_one_that_died_between_maps_says_so() -> None:
+    import os
+    import signal
+
+    from worker_units import counts_its_jobs, hand
+
+    with pytest.raises(BenchError, match=r"a worker process could not start: TypeError: .*hand\(\)"):
+        ResidentProcesses(1, partial(hand, "one", "too many")).map(counts_its_jobs, ["a"])
+    processes = ResidentProcesses(2)
+    ((pid, _, _),) = processes.map(counts_its_jobs, ["a"])
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(BenchError, match="job b: a worker process died"):
+        processes.map(counts_its_jobs, ["b"], describe=lambda job: f"job {job}")
 
 
 def test_copies_of_one_context_in_a_process_share_what_they_loaded(tiny_task) -> None:
@@ -112,21 +138,24 @@ def test_models_quantized_in_two_processes_are_those_quantized_here_with_one_thr
     environment names the workers, and a run resumed after an output was lost redoes that model's whole group
     to the same bits."""
     spec = load_task("tiny-cnn")
-    plans, threats = ["w1.58", "w1.58-last8"], ["adaptive"]
+    plans, threats = ["w1.58", "w1.58-last8"], ["oblivious", "adaptive"]
     models = len(set(spec.quantized_shadow_models) | set(range(spec.targets.count)))
     group = -(-models // 2)  # two groups either way: the layouts agree
     threads = torch.get_num_threads()
 
-    def run(name: str, workers: int):
+    def run(name: str, workers: int, asked: list[str] = threats, log: Logged | None = None):
         options = RunOptions(out_dir=tmp_path / name, cache_dir=tmp_path / "cache", outputs_dir=tmp_path / f"{name}-q",
                              device="cpu", workers=workers, quantize_group=group)
-        return evaluate("gptq", spec, plans, threats, options)
+        return evaluate("gptq", spec, plans, asked, options, log)
 
+    log = Logged()
     try:
         torch.set_num_threads(2)
-        apart = run("apart", 2)
+        targets_only = run("targets", 2, ["oblivious"])  # its targets quantized in the groups of a full run
+        apart = run("apart", 2, log=log)
         store = OutputStore(tmp_path / "apart-q", apart.pool, QUANTIZERS.get("gptq")(), PrecisionPlan.parse("w1.58"),
                             environment_key("cpu", 2))
+        written = {i: store.path(i).stat().st_mtime_ns for i in range(models)}
         lost = store.path(1)
         lost.unlink()
         resumed = run("apart", 2)
@@ -134,7 +163,15 @@ def test_models_quantized_in_two_processes_are_those_quantized_here_with_one_thr
         here = run("here", 1)
     finally:
         torch.set_num_threads(threads)
+    assert "quantizing in 2 processes of 1 thread(s) each" in log.lines
     assert lost.exists()
+    again = {i: store.path(i).stat().st_mtime_ns for i in range(models)}
+    first_group = set(range(group))  # model 1's, quantized whole again; the other group left as it was
+    assert all((again[i] != written.get(i)) == (i in first_group) for i in range(models)), (written, again)
+    for a, b in zip(targets_only.results, [r for r in apart.results if r.threat_model == "oblivious"], strict=True):
+        ta, tb = (np.load(tmp_path / name / spec.id / "gptq" / r.arrays.file)["target_scores"]
+                  for name, r in (("targets", a), ("apart", b)))
+        np.testing.assert_array_equal(ta, tb)
     for theirs, ours, again in zip(apart.results, here.results, resumed.results, strict=True):
         assert theirs.environment.quantize_workers == 2 and ours.environment.quantize_workers == 1
         assert theirs.environment.torch_threads == 2 and ours.environment.torch_threads == 1
@@ -162,9 +199,9 @@ def test_workers_are_chosen_for_a_long_method_on_a_large_grid_on_the_local_execu
         assert quantize_workers(tiny_task, pool, brecq, RunOptions(device="cpu")) == 2
         assert quantize_workers(tiny_task, pool, gptq, RunOptions(device="cpu")) == 1  # its time goes to scoring
         assert quantize_workers(tiny_task, pool, gptq, RunOptions(device="cpu", workers=3)) == 3
-        remote = RunOptions(device="cpu", workers=3)
-        remote.executor = object()  # Ray's units take the driver's threads, whatever was asked
-        assert quantize_workers(tiny_task, pool, brecq, remote) == 1
+        remote = RunOptions(device="cpu")
+        remote.executor = object()  # Ray runs the same layout: the choice does not look at the executor
+        assert quantize_workers(tiny_task, pool, brecq, remote) == 2
         with pytest.raises(BenchError, match="worker processes: 0"):
             quantize_workers(tiny_task, pool, gptq, RunOptions(device="cpu", workers=0))
     finally:

@@ -38,6 +38,7 @@ from .evidence import encode_model
 # loading with its arrays' shapes, values and audit (a file moved into another plan's folder was used as is).
 FORMAT = 3
 EVIDENCE = "evidence/"  # prefix of the quantized weights' arrays inside a cached outputs file
+RESIDENT = "resident worker"  # set in a process that keeps its quantizer from unit to unit (receive_pool)
 
 
 @dataclass(frozen=True)
@@ -232,10 +233,11 @@ def quantize_unit(context: RunContext, quantizer: Quantizer, plan: str, made_in:
     """A unit of work: quantize a group of pool models into the output cache (the pool is read, never trained);
     ``made_in``: the driver's ``environment_key``, so that the driver finds what its units wrote."""
     context.enter()
-    # The first copy of the quantizer a process received is the one it goes on with: its memo holds the
-    # units earlier plans quantized, which the driver's (never run there) copy sent with each unit lacks.
-    described = quantizer.describe()
-    quantizer = context.loaded(f"quantizer {described['name']} {described['config_hash']}", lambda: quantizer)
+    if context.loaded(RESIDENT, lambda: False):
+        # A resident worker goes on with the first copy of the quantizer it received: its memo holds the
+        # units earlier plans quantized, which the driver's (never run there) copy sent with each unit lacks.
+        described = quantizer.describe()
+        quantizer = context.loaded(f"quantizer {described['name']} {described['config_hash']}", lambda: quantizer)
     pool = context.loaded("pool", lambda: build_pool(context.spec, context.dataset(), context.cache_dir,
                                                      context.device))
     test = context.loaded("test", lambda: evaluation_test_split(context.spec.calibration, pool.dataset))
@@ -256,3 +258,4 @@ def receive_pool(context: RunContext, handed: bytes, files: tuple[str, ...] = ()
     pool, test = pickle.loads(handed)
     context.remember("pool", pool)
     context.remember("test", test)
+    context.remember(RESIDENT, True)
