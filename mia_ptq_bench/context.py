@@ -11,8 +11,9 @@ per unit) shares what the others loaded there: a unit finds the pool, the data a
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,6 +73,18 @@ class RunContext:
 
     def dataset(self) -> ImageDataset:
         return self.loaded("dataset", lambda: load_dataset(self.spec.dataset, self.data_root, self.download))
+
+
+@contextlib.contextmanager
+def threads_of_a_worker(workers: int) -> Iterator[None]:
+    """This process computes with one of ``workers`` workers' share of its threads until the block ends: the
+    bits a worker process computes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads // workers, 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # What the copies of the latest context a process received have loaded. One run's at a time: a

@@ -28,6 +28,7 @@ import torch
 
 from .attack import THREAT_MODELS, ShadowSet
 from .cache import in_use
+from .context import threads_of_a_worker
 from .data import Split
 from .errors import BenchError, PlanError, UnknownNameError
 from .inference import score_split
@@ -185,6 +186,9 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
     candidates = candidate_threats(threat, task_threats)
     targets = np.arange(spec.targets.count)
     plan = PrecisionPlan.parse(result.plan)
+    # The quantized models are scored as the result says they were, each worker with its share of the threads (a
+    # document claiming other workers than it used can only fail the identity it is then held to, never loosen it).
+    workers = result.environment.quantize_workers
     # The attacker's shadows are the task's (as the runner picks them), never the document's: fewer
     # shadows make a weaker attack, which the document's numbers would then agree with.
     models = np.array(spec.quantized_shadow_models)
@@ -209,7 +213,8 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
                 memo[key] = identity_problem(pool, tensors, indices, device)
             problem = memo[key]
             if problem is None:
-                outputs = evidence_outputs(pool, tensors, plan, test, device, wanted)
+                with threads_of_a_worker(workers):
+                    outputs = evidence_outputs(pool, tensors, plan, test, device, wanted)
         except _EVIDENCE_ERRORS as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return Recomputation(path, REFUSED, f"the evidence cannot be rebuilt into models: {reason}", [])
@@ -247,8 +252,9 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
         shadows["same-quantizer"] = ShadowSet(np.stack([outputs[int(m)].scores for m in models]), models)
     if "rtn" in {c.shadows for c in candidates} and not plan.is_full_precision:  # built-in: the checker runs it
         rtn = QUANTIZERS.get("rtn")()
-        store = OutputStore(cache_dir, pool, rtn, plan, environment_key(device))
-        rtn_outputs = quantized_outputs(pool, [int(m) for m in models], rtn, plan, test, store, device)
+        store = OutputStore(cache_dir, pool, rtn, plan, environment_key(device, workers))
+        with threads_of_a_worker(workers):
+            rtn_outputs = quantized_outputs(pool, [int(m) for m in models], rtn, plan, test, store, device)
         shadows["rtn"] = ShadowSet(np.stack([rtn_outputs[int(m)].scores for m in models]), models)
     target_scores = np.stack([outputs[int(t)].scores for t in targets])
     predictions = np.stack([outputs[int(t)].test_predictions for t in targets])
@@ -268,7 +274,7 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
         "reference": build_evaluation(pool.keep, targets, reference_attacked.membership, reference_predictions, labels,
                                       reference_attacked.choices, reference_attacked.chosen),
         # the checker's own pool, environment and test split, never the document's claims (compare reads these)
-        **where_run(pool, device), "n_test": len(test),
+        **where_run(pool, device, workers), "n_test": len(test),
     })
     comparisons = compare_results(result, rerun)
     if needs_pool_spread(regime(result, rerun), comparisons):

@@ -223,3 +223,27 @@ def test_a_result_from_before_workers_were_recorded_was_quantized_in_one_process
     assert old.quantize_workers == 1 and same_environment(old, Environment(**recorded))
     assert not same_environment(old, Environment(**environment("cpu", 2)))
     assert environment_key("cpu", 2) != environment_key("cpu")
+
+
+def test_a_result_quantized_in_two_processes_is_recomputed_in_its_environment_to_every_number(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """validate --recompute scores the quantized models with a worker's threads and records the workers, so the
+    rerun is in the result's environment and held to identity: every number equal (not a tolerance)."""
+    from conftest import TASKS
+    from mia_ptq_bench.recompute import recompute_files
+    from mia_ptq_bench.results.compare import IDENTICAL, regime
+
+    monkeypatch.setenv("MPTQ_TASKS", str(TASKS))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        outcome = evaluate("rtn", load_task("tiny-digits"), options=RunOptions(
+            out_dir=tmp_path / "results", cache_dir=tmp_path / "cache", device="cpu", workers=2))
+        checked = recompute_files(outcome.paths, tmp_path / "cache")
+    finally:
+        torch.set_num_threads(threads)
+    for result, check in zip(outcome.results, checked, strict=True):
+        assert check.status == "recomputed", check.reason
+        assert check.rerun.environment.quantize_workers == 2
+        assert regime(result, check.rerun) == IDENTICAL
+        assert all(c.ok for c in check.comparisons)
