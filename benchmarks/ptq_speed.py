@@ -64,6 +64,7 @@ from machine import describe, idle_fraction, load_average, save, say, wait_for_q
 from mia_ptq_bench.allocator import keep_freed_memory  # noqa: E402
 from mia_ptq_bench.cache import in_use  # noqa: E402
 from mia_ptq_bench.cli import make_quantizer  # noqa: E402
+from mia_ptq_bench.context import worker_threads  # noqa: E402
 from mia_ptq_bench.data import load_dataset  # noqa: E402
 from mia_ptq_bench.executor import ResidentProcesses  # noqa: E402
 from mia_ptq_bench.inference import accuracy  # noqa: E402
@@ -74,6 +75,7 @@ from mia_ptq_bench.quantize.calibration import calibration_set  # noqa: E402
 from mia_ptq_bench.quantize.gram import im2col_gram  # noqa: E402
 from mia_ptq_bench.quantize.obs import obc_quantize  # noqa: E402
 from mia_ptq_bench.quantize.rounding import autograd_learn_rounding  # noqa: E402
+from mia_ptq_bench.runner import quantize_groups  # noqa: E402
 from mia_ptq_bench.quantize.second_order import OBC  # noqa: E402
 from mia_ptq_bench.spec import PrecisionPlan, load_task  # noqa: E402
 
@@ -210,11 +212,10 @@ def main() -> None:
     say()
     n = args.plain_models
     workers = args.workers if device.type == "cpu" else 1
-    threads = torch.get_num_threads()
     procs_label = f"x{workers}"
     if workers > 1:
         say(f"ours {procs_label}: ours with the models shared out among {workers} worker processes of "
-            f"{max(threads // workers, 1)} thread(s), each keeping its quantizer from plan to plan (the processes are "
+            f"{worker_threads(workers)} thread(s), each keeping its quantizer from plan to plan (the processes are "
             f"started and handed the models before the clock); ratio {procs_label} = plain / ours {procs_label}")
     procs = f"x{workers}" if workers > 1 else ""
     say(f"{'method':9} {'plan':12} {'ours models/min':>15} "
@@ -255,14 +256,14 @@ def main() -> None:
                 ours[text] = ours_q.quantize_many([copy.deepcopy(m) for m in models], cals, plan)[:n]
                 ours_s[text] = min(ours_s.get(text, np.inf), (time.perf_counter() - t0) / args.models)
             if workers > 1:
-                shares = [list(range(args.models))[s : s + -(-args.models // workers)]
-                          for s in range(0, args.models, -(-args.models // workers))]
+                # As evaluate splits a plan's models among its workers (models 0..n-1, plain's, in the first share).
+                shares = quantize_groups(list(range(args.models)), args.models, workers)
                 handed = pickle.dumps(([m.cpu() for m in models], calibrations(args.models, size)))
                 with ResidentProcesses(workers, functools.partial(_receive, handed)) as processes:
                     processes.map(len, [[]] * workers)  # started and handed the models, off the clock
                     wait_for_quiet(args.patience)
                     for text in plans:
-                        jobs = [(method, settings, text, share, max(threads // workers, 1), n if w == 0 else 0)
+                        jobs = [(method, settings, text, share, worker_threads(workers), n if w == 0 else 0)
                                 for w, share in enumerate(shares)]
                         t0 = time.perf_counter()
                         in_procs[text] = processes.map(_quantize_share, jobs)[0]

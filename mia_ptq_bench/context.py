@@ -75,12 +75,17 @@ class RunContext:
         return self.loaded("dataset", lambda: load_dataset(self.spec.dataset, self.data_root, self.download))
 
 
+def worker_threads(workers: int, threads: int | None = None) -> int:
+    """One of ``workers`` worker processes' share of ``threads`` (this process's by default), at least one."""
+    return max((torch.get_num_threads() if threads is None else threads) // workers, 1)
+
+
 @contextlib.contextmanager
 def threads_of_a_worker(workers: int) -> Iterator[None]:
     """This process computes with one of ``workers`` workers' share of its threads until the block ends: the
     bits a worker process computes."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(threads // workers, 1))
+    torch.set_num_threads(worker_threads(workers, threads))
     try:
         yield
     finally:

@@ -30,7 +30,7 @@ from .atomic import ensure_writable
 from .attack import ATTACKS, THREAT_MODELS, ShadowSet, ThreatModel
 from .budget import check_budget, known_shape
 from .cache import default_cache_dir, in_use
-from .context import RunContext
+from .context import RunContext, worker_threads
 from .data import DATASETS
 from .data.splits import evaluation_test_split
 from .environment import default_device, environment
@@ -183,8 +183,7 @@ def start_quantizing(context: RunContext, pool: Pool, test, quantizer: Quantizer
                      held: contextlib.ExitStack, progress: Progress) -> Quantizing:
     if workers <= 1 or not isinstance(options.executor, LocalExecutor):
         return Quantizing(options.executor, workers)  # Ray: its tasks, each group with a worker's threads
-    threads = max(torch.get_num_threads() // workers, 1)
-    progress.log(f"quantizing in {workers} processes of {threads} thread(s) each")
+    progress.log(f"quantizing in {workers} processes of {worker_threads(workers)} thread(s) each")
     setup = partial(receive_pool, context, pickle.dumps((pool, test)), defining_files(quantizer))
     return Quantizing(held.enter_context(ResidentProcesses(workers, setup)), workers)
 
@@ -224,7 +223,7 @@ def quantize_models(context: RunContext, pool: Pool, quantizer: Quantizer, plan:
              else f"all {len(indices)} models cached")
     progress.start(key, f"{quantizer.name} {plan}{role}: {doing}", len(slots))
     unit_context = context if quantizing.workers == 1 else dataclasses.replace(
-        context, threads=max(context.threads // quantizing.workers, 1))
+        context, threads=worker_threads(quantizing.workers, context.threads))
     quantizing.executor.map(partial(quantize_unit, unit_context, quantizer, str(plan), made_in),
                             [groups[n] for n in slots], slots=slots,
                             gpus=1 if torch.device(options.device).type == "cuda" else 0, progress=progress, key=key,

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..allocator import keep_freed_memory
-from ..context import RunContext
+from ..context import RunContext, threads_of_a_worker, worker_threads
 from ..data import ImageDataset
 from ..errors import CacheError, SpecError
 from ..executor import Executor, ProcessExecutor
@@ -184,29 +184,25 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     groups = [g for g in groups if not all(done[i] for i in g)]
     if groups:
         store.remember_group_layout(group_size, device.type, workers)
-    worker_threads = max(threads // workers, 1)  # each group's share of the threads, wherever it trains
     progress.start("pool", f"pool: {n_models} models, {sum(done)} cached, {len(groups)} group(s) to train",
                    len(groups))
     if (executor is None and min(workers, len(groups)) <= 1) or not groups:
         resident = dataset.to(device) if device.type == "cuda" and groups else dataset  # copied once
         # One group left of a build in workers trains here, with a worker's threads: the bits a worker gives.
-        torch.set_num_threads(worker_threads)
-        try:
+        with threads_of_a_worker(workers):
             for group in groups:
                 train_group(spec, resident, store, keep, group, device, speed)
                 progress.advance("pool")
-        finally:
-            torch.set_num_threads(threads)
     else:
         handed = None  # Ray's workers, maybe on other machines, load the data from data_root
         if executor is None:
             progress.log(f"training {len(groups)} groups in {min(workers, len(groups))} processes of "
-                         f"{worker_threads} thread(s) each")
+                         f"{worker_threads(workers, threads)} thread(s) each")
             # The data as loaded here, wherever it came from. Pickled by value: handed over as tensors, it would
             # go through torch's shared memory, which a container's small /dev/shm (64 MB in Docker) refuses.
             executor, handed = ProcessExecutor(workers), pickle.dumps(dataset)
         context = RunContext(spec, Path(cache_dir), data_root, download, str(device),
-                             threads=worker_threads, extensions=extensions)
+                             threads=worker_threads(workers, threads), extensions=extensions)
         executor.map(partial(train_unit, context, speed, handed=handed), [tuple(g) for g in groups],
                      gpus=1 if device.type == "cuda" else 0, progress=progress, key="pool",
                      describe=lambda group: f"pool models {group[0]}-{group[-1]}")
