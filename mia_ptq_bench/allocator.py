@@ -21,6 +21,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's mall
 _done: bool | None = None
 
 
+def c_library(use_errno: bool = False) -> ctypes.CDLL:
+    """The process's C library (raises OSError where it cannot be loaded)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=use_errno)
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse (once per process); False where that is not glibc."""
     global _done
@@ -28,7 +33,7 @@ def keep_freed_memory() -> bool:
         _done = False
         if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
             try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                libc = c_library()
                 _done = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
             except (OSError, AttributeError):
                 _done = False

@@ -9,7 +9,9 @@ is refused, with the estimate, when it needs more memory than the machine has (o
 free where the cache lives), or more computation than a year of a very fast accelerator.
 
 The numbers are estimates within a small factor, meant to catch the absurd, not to plan a cluster.
-The quantization methods' own work (reconstruction, Hessians) is not counted.
+The quantization methods' own work (reconstruction, Hessians) is not counted. Worker processes
+(pool training, quantization: ``--workers``, or as many as the automatic choice may take) each hold
+their own copy of the data and of the pool's scores, and the driver one more, pickled, to hand them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .limits import size_text
 from .models import build_meta_model
 from .models.structure import check_quantizable
 from .pool import PoolStore
-from .pool.train import MAX_STACK, MEMORY_SHARE
+from .pool.train import MAX_STACK, MEMORY_SHARE, auto_workers
 from .spec.plans import PrecisionPlan
 from .spec.schema import TaskSpec
 
@@ -161,8 +163,9 @@ def known_shape(spec: TaskSpec) -> DatasetShape | None:
 
 
 def estimate(spec: TaskSpec, raw: DatasetShape, device: str, quantized_per_plan: int, plans: int,
-             results: int, pool_cached: bool = False) -> Budget:
-    """Memory, disk and operations of one evaluation of ``spec`` on a dataset shaped ``raw``."""
+             results: int, pool_cached: bool = False, workers: int = 1) -> Budget:
+    """Memory, disk and operations of one evaluation of ``spec`` on a dataset shaped ``raw``, run with
+    ``workers`` processes."""
     d = spec.dataset
     n_pool = min(d.pool_size or raw.pool, raw.pool)
     n_test = min(d.test_size or raw.test, raw.test)
@@ -195,6 +198,8 @@ def estimate(spec: TaskSpec, raw: DatasetShape, device: str, quantized_per_plan:
         "scores": scores * (6 if adaptive else 5) + m * n_pool,
         "schedules": together * steps * batch * SCHEDULE_BYTES,
     }
+    if workers > 1:  # each worker's, and the driver's pickled one it is handed: its data and the pool's scores
+        parts[f"copies for {workers} worker processes"] = (workers + 1) * ((n_pool + n_test) * pixels + scores + m * n_pool)
     # The models trained together: weights, gradients, momentum and a stacked copy, plus one batch's
     # activations kept for the backward pass; inference holds a layer's input and output for 1024 images.
     training = together * per_model
@@ -224,8 +229,10 @@ def problems(budget: Budget, machine: Machine) -> list[str]:
     found = []
     if machine.memory is not None and budget.memory > machine.memory:
         parts = ", ".join(f"{name} {size_text(n)}" for name, n in budget.memory_parts.items())
+        copies = next((n for name, n in budget.memory_parts.items() if name.startswith("copies for")), 0)
+        hint = " (--workers 1 keeps one copy)" if copies and budget.memory - copies <= machine.memory else ""
         found.append(f"budget: needs about {size_text(budget.memory)} of memory ({parts}), "
-                     f"this machine has {size_text(machine.memory)}")
+                     f"this machine has {size_text(machine.memory)}{hint}")
     if machine.device_memory is not None and budget.device_memory > machine.device_memory:
         found.append(f"budget: the models trained together need about {size_text(budget.device_memory)} on "
                      f"{machine.device}, which has {size_text(machine.device_memory)}")
@@ -240,11 +247,12 @@ def problems(budget: Budget, machine: Machine) -> list[str]:
 
 def check_budget(spec: TaskSpec, device: str, cache_dir: Path, *, plans: list[str] | None = None,
                  threat_models: list[str] | None = None, dataset: Callable[[], ImageDataset] | None = None,
-                 source: str | None = None) -> Budget | None:
+                 source: str | None = None, workers: int | None = None) -> Budget | None:
     """Estimate the evaluation of ``spec`` and refuse it (SpecError, one line per reason) when absurd here.
 
     The dataset's shape comes from DATASET_SHAPES; a dataset that registers none is loaded (``dataset``)
-    to be measured, or, without a loader, the estimate is skipped (returns None).
+    to be measured, or, without a loader, the estimate is skipped (returns None). ``workers``: the
+    processes asked for (None: the most the automatic choice takes on this machine).
     """
     where = source or spec.id
     raw = known_shape(spec)
@@ -262,7 +270,9 @@ def check_budget(spec: TaskSpec, device: str, cache_dir: Path, *, plans: list[st
     per_plan = spec.membership.n_models if adaptive else spec.targets.count
     try:
         cached = PoolStore(cache_dir, spec).is_complete_pool()
-        budget = estimate(spec, raw, device, per_plan, len(quantized), len(plan_list) * len(threats), cached)
+        if workers is None:
+            workers = auto_workers(torch.device(device), torch.get_num_threads(), math.inf)
+        budget = estimate(spec, raw, device, per_plan, len(quantized), len(plan_list) * len(threats), cached, workers)
     except SpecError as exc:
         raise SpecError(f"{where}: {exc}") from None
     if spec.calibration.source == "heldout":

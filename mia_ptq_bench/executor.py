@@ -11,14 +11,13 @@ cache and data folders must be shared storage.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
+from .allocator import c_library
 from .errors import BenchError
 from .progress import Progress, SilentProgress
 
@@ -196,7 +195,7 @@ def _end_with_the_driver() -> None:
     a unit nobody waits for (Linux; elsewhere a worker ends after its unit)."""
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            c_library(use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             return
         import multiprocessing

@@ -42,7 +42,7 @@ from .executor import Executor, LocalExecutor, ResidentProcesses
 from .extensions import defining_files
 from .pool import Pool, PoolStore, build_pool, pool_keep_masks
 from .pool.hub import pool_source, pull_pool
-from .pool.train import auto_workers, training_flops
+from .pool.train import auto_workers, task_training_flops
 from .progress import Progress, SilentProgress
 from .quantize import QUANTIZERS, Quantizer
 from .quantize.outputs import ModelOutputs, OutputStore, environment_key, quantize_unit, receive_pool, reference_outputs
@@ -166,7 +166,7 @@ def quantize_workers(spec: TaskSpec, pool: Pool, quantizer: Quantizer, options: 
              if not p.is_full_precision and not quantizer.unsupported(p)]
     threats = resolve_threat_models(spec, None)
     sources = {c.shadows for t in threats for c in candidate_threats(t, threats)}
-    forward = training_flops(pool.load_model(0, "cpu"), pool.dataset.input_shape) / 3
+    forward = task_training_flops(spec, pool.dataset) / 3
     work = len(plans) * models_quantized(spec, sources) * len(pool.dataset.pool) * len(spec.queries) * forward
     return auto_workers(torch.device(options.device), torch.get_num_threads(), work)
 
@@ -269,7 +269,8 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
     context = RunContext(spec, Path(options.cache_dir), options.data_root, options.download, options.device,
                          extensions=options.extensions, outputs_dir=options.outputs_dir)
     check_budget(spec, options.device, options.cache_dir, plans=[str(p) for p in plan_list],
-                 threat_models=[t.name for t in threats], dataset=context.dataset, source=options.task_source)
+                 threat_models=[t.name for t in threats], dataset=context.dataset, source=options.task_source,
+                 workers=options.workers)
     context.dataset()  # a data set that cannot be read is refused before the cache is touched
     # From here the run reads and writes the cache: `cache clear` would pull the pool from under it.
     held.enter_context(in_use(Path(options.cache_dir), [spec.id], waiting=progress.log))

@@ -284,6 +284,23 @@ def test_a_machine_too_small_is_named_in_the_refusal() -> None:
     assert problems(budget, Machine("cpu", 1 << 40, None, 1 << 40, 1e10)) == []
 
 
+def test_worker_processes_count_their_copies_of_the_data_and_scores() -> None:
+    spec = load_task("cifar10-resnet18")
+    one = estimate(spec, DATASET_SHAPES["cifar10"], "cpu", quantized_per_plan=64, plans=4, results=8)
+    two = estimate(spec, DATASET_SHAPES["cifar10"], "cpu", quantized_per_plan=64, plans=4, results=8, workers=2)
+    copies = two.memory_parts["copies for 2 worker processes"]
+    assert not any(name.startswith("copies") for name in one.memory_parts)
+    # two workers' copies and the driver's pickled one: 3 x (the 32x32x3 images of both splits + M x N x Q scores)
+    assert copies >= 3 * ((50_000 + 10_000) * 3 * 32 * 32 + 64 * 50_000 * 2 * 8)
+    assert two.memory == one.memory + copies
+    # a machine that holds the run in one process is told how to run it there
+    fits_one = Machine("cpu", one.memory, None, 1 << 50, 1e10)
+    found = problems(two, fits_one)
+    assert len(found) == 1 and "copies for 2 worker processes" in found[0] and found[0].endswith("(--workers 1 keeps one copy)")
+    assert problems(one, fits_one) == []
+    assert "--workers 1" not in problems(two, Machine("cpu", one.memory // 2, None, 1 << 50, 1e10))[0]
+
+
 def test_heldout_calibration_larger_than_the_test_split_is_refused_before_loading(tmp_path: Path) -> None:
     data = yaml.safe_load((TASKS / "tiny-cnn.yaml").read_text())
     data["calibration"]["size"] = 100  # test_size is 100

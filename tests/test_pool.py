@@ -657,3 +657,19 @@ def test_workers_are_chosen_for_much_training_on_a_cpu_with_threads_to_share() -
     assert auto_workers(cpu, 2, WORKER_WORK / 2) == 1  # starting the workers would cost more than they gain
     assert auto_workers(cpu, 1, 10 * WORKER_WORK) == 1
     assert auto_workers(torch.device("cuda"), 2, 10 * WORKER_WORK) == 1
+
+
+def test_the_tasks_training_flops_are_counted_once_per_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench.pool import train
+
+    spec = load_task("tiny-cnn")
+    data = load_dataset(spec.dataset)
+    counted = []
+    count = train.training_flops
+    monkeypatch.setattr(train, "_TASK_FLOPS", {})
+    monkeypatch.setattr(train, "training_flops", lambda *args: counted.append(1) or count(*args))
+    first = train.task_training_flops(spec, data)
+    assert first == count(init_model(spec, data, 3), data.input_shape) > 0  # the weights do not change the count
+    assert train.task_training_flops(spec, data) == first and len(counted) == 1
+    wider = spec.model_copy(update={"model": spec.model.model_copy(update={"width": spec.model.width * 2})})
+    assert train.task_training_flops(wider, data) > first and len(counted) == 2

@@ -181,6 +181,17 @@ def training_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
     return counter.get_total_flops() / 2
 
 
+_TASK_FLOPS: dict[tuple, float] = {}
+
+
+def task_training_flops(spec: TaskSpec, dataset: ImageDataset) -> float:
+    """``training_flops`` of the task's model, counted once per process for each architecture and input shape."""
+    key = (spec.model.model_dump_json(), tuple(dataset.input_shape), dataset.num_classes)
+    if key not in _TASK_FLOPS:
+        _TASK_FLOPS[key] = training_flops(init_model(spec, dataset, 0), dataset.input_shape)
+    return _TASK_FLOPS[key]
+
+
 def training_bytes(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> float:
     """Rough training footprint of one model: activations kept for the backward (twice, for their
     gradients) and weights, gradients, momentum and the stacked copy."""
@@ -253,7 +264,7 @@ def auto_stack(spec: TaskSpec, dataset: ImageDataset, device: torch.device, forc
             widen([model, model], shape)
         except NotStackable:
             return 1
-    size = stack_size(training_flops(model, shape), batch, training_bytes(model, shape, batch),
+    size = stack_size(task_training_flops(spec, dataset), batch, training_bytes(model, shape, batch),
                       device_memory(device), models)
     return max(size, min(2, models)) if force else size
 
