@@ -115,7 +115,8 @@ def defining_files(*objects: object) -> tuple[str, ...]:
     (``import_module_or_file``, under the same module names) before it can unpickle the objects."""
     files = []
     for obj in objects:
-        module = sys.modules.get(type(obj).__module__)
-        if type(obj).__module__.startswith(FILE_MODULE_PREFIX) and getattr(module, "__file__", None):
-            files.append(module.__file__)
+        for cls in reversed(type(obj).__mro__):  # a base class's file before its subclass's, which may import it
+            module = sys.modules.get(cls.__module__)
+            if cls.__module__.startswith(FILE_MODULE_PREFIX) and getattr(module, "__file__", None):
+                files.append(module.__file__)
     return tuple(dict.fromkeys(files))

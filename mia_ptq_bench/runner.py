@@ -184,7 +184,7 @@ def start_quantizing(context: RunContext, pool: Pool, test, quantizer: Quantizer
     if workers <= 1 or not isinstance(options.executor, LocalExecutor):
         return Quantizing(options.executor, workers)  # Ray: its tasks, each group with a worker's threads
     progress.log(f"quantizing in {workers} processes of {worker_threads(workers)} thread(s) each")
-    setup = partial(receive_pool, context, pickle.dumps((pool, test)), defining_files(quantizer))
+    setup = partial(receive_pool, context, pickle.dumps((pool, test)), defining_files(quantizer, quantizer.config))
     return Quantizing(held.enter_context(ResidentProcesses(workers, setup)), workers)
 
 

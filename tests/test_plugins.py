@@ -97,6 +97,36 @@ def test_a_quantizer_from_a_file_runs_in_worker_processes_as_here(tmp_path: Path
     assert apart["quantized"] == here["quantized"]
 
 
+def test_every_file_a_quantizers_classes_come_from_is_handed_to_workers(tmp_path: Path) -> None:
+    """Its base class and its config from other files loaded by path: a worker imports each, bases first."""
+    from mia_ptq_bench.extensions import defining_files
+
+    (tmp_path / "base.py").write_text(textwrap.dedent('''
+        from mia_ptq_bench.plugin import Quantizer, QuantizerConfig
+
+        class Settings(QuantizerConfig):
+            offset: float = 0.0
+
+        class Base(Quantizer):
+            Config = Settings
+    '''))
+    (tmp_path / "leaf.py").write_text(textwrap.dedent(f'''
+        from mia_ptq_bench.extensions import import_module_or_file
+
+        base = import_module_or_file({str(tmp_path / "base.py")!r})
+
+        class Leaf(base.Base):
+            version = "1"
+
+            def quantize(self, model, calibration, plan):
+                return model
+    '''))
+    leaf = import_module_or_file(str(tmp_path / "leaf.py")).Leaf()
+    files = [Path(f).name for f in defining_files(leaf, leaf.config)]
+    assert files == ["base.py", "leaf.py"]  # in the order a fresh process can import them; each once
+    assert defining_files(object(), 1.0) == ()
+
+
 def test_a_quantizer_that_leaves_full_precision_weights_is_refused_and_writes_nothing(tmp_path: Path) -> None:
     (tmp_path / "noop.py").write_text(textwrap.dedent('''
         from mia_ptq_bench.plugin import Quantizer
