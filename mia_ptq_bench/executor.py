@@ -136,7 +136,49 @@ def _worker_pool(workers: int, setup: Callable[[], Any] | None = None):
     from concurrent.futures import ProcessPoolExecutor
 
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(setup,))
+                               initializer=_start_worker, initargs=(setup, torch_settings()))
+
+
+# Process-wide torch settings that can change a computation's bits, as (getter, setter) names. A spawned
+# worker starts from torch's defaults, so the driver's are handed to it (the thread count each unit sets).
+_TORCH_SETTINGS = {
+    "default_dtype": ("get_default_dtype", "set_default_dtype"),
+    "float32_matmul_precision": ("get_float32_matmul_precision", "set_float32_matmul_precision"),
+    "deterministic": ("are_deterministic_algorithms_enabled", None),
+    "deterministic_warn_only": ("is_deterministic_algorithms_warn_only_enabled", None),
+}
+# (TF32 is left to float32_matmul_precision: torch refuses to read its precision once the older per-backend
+# flags have been set beside it.)
+_BACKEND_FLAGS = ("cudnn.enabled", "cudnn.deterministic", "cudnn.benchmark", "mkldnn.enabled")
+
+
+def torch_settings() -> dict[str, Any]:
+    """This process's values of the torch settings a worker takes over (``apply_torch_settings``)."""
+    import torch
+
+    settings = {name: getattr(torch, getter)() for name, (getter, _) in _TORCH_SETTINGS.items()}
+    for flag in _BACKEND_FLAGS:
+        owner, _, attribute = f"backends.{flag}".rpartition(".")
+        settings[flag] = getattr(_attribute_path(torch, owner), attribute)
+    return settings
+
+
+def apply_torch_settings(settings: dict[str, Any]) -> None:
+    import torch
+
+    for name, (_, setter) in _TORCH_SETTINGS.items():
+        if setter is not None:
+            getattr(torch, setter)(settings[name])
+    torch.use_deterministic_algorithms(settings["deterministic"], warn_only=settings["deterministic_warn_only"])
+    for flag in _BACKEND_FLAGS:
+        owner, _, attribute = f"backends.{flag}".rpartition(".")
+        setattr(_attribute_path(torch, owner), attribute, settings[flag])
+
+
+def _attribute_path(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
 
 
 # In a worker: why its setup failed, reported by its first unit (an initializer's exception would only
@@ -144,8 +186,9 @@ def _worker_pool(workers: int, setup: Callable[[], Any] | None = None):
 _SETUP_FAILED: list[str] = []
 
 
-def _start_worker(setup: Callable[[], Any] | None) -> None:
+def _start_worker(setup: Callable[[], Any] | None, settings: dict[str, Any]) -> None:
     _end_with_the_driver()
+    apply_torch_settings(settings)
     if setup is not None:
         try:
             setup()

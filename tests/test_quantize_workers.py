@@ -75,6 +75,27 @@ def test_resident_processes_end_at_the_first_failure_and_say_so_when_used_again(
         ResidentProcesses(0)
 
 
+def test_workers_start_with_the_drivers_torch_settings() -> None:
+    """A spawned process starts from torch's defaults: the settings that can change bits are handed over."""
+    from mia_ptq_bench.executor import ProcessExecutor, apply_torch_settings, torch_settings
+    from worker_units import torch_settings_here
+
+    before = torch_settings()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_default_dtype(torch.float64)
+        torch.backends.mkldnn.enabled = False
+        here = torch_settings()
+        assert here != before
+        with ResidentProcesses(1) as processes:
+            assert processes.map(torch_settings_here, [0]) == [here]
+        assert ProcessExecutor(1).map(torch_settings_here, [0]) == [here]
+    finally:
+        apply_torch_settings(before)
+    assert torch_settings() == before
+
+
 def test_a_worker_whose_setup_fails_says_why_and_one_that_died_between_maps_says_so() -> None:
     import os
     import signal

@@ -197,6 +197,11 @@ def test_ray_executor_gives_identical_results(tmp_path: Path, monkeypatch: pytes
         torch.set_num_threads(2)
         in_ray = build_pool(spec, data, tmp_path / "pool-ray", trainer="stacked", stack=2, workers=2, executor=executor)
         in_processes = build_pool(spec, data, tmp_path / "pool-processes", trainer="stacked", stack=2, workers=2)
+        # Quantized in two workers' layout, on the pools above (equal): Ray runs the groups, with the threads,
+        # that resident worker processes run
+        quantized = {name: evaluate("rtn", spec, options=RunOptions(out_dir=tmp_path / f"{name}-w2", workers=2,
+                                                                    cache_dir=tmp_path / f"cache-{name}", **extra))
+                     for name, extra in (("local", {}), ("ray", {"executor": executor}))}
     finally:
         torch.set_num_threads(threads)
         ray.shutdown()
@@ -204,6 +209,9 @@ def test_ray_executor_gives_identical_results(tmp_path: Path, monkeypatch: pytes
         assert numbers(a) == numbers(b)
     assert np.array_equal(local.pool.scores, distributed.pool.scores)
     assert np.array_equal(in_ray.scores, in_processes.scores)
+    for a, b in zip(quantized["local"].paths, quantized["ray"].paths, strict=True):
+        assert numbers(a) == numbers(b)
+        assert json.loads(Path(a).read_text())["environment"]["quantize_workers"] == 2
 
 
 @pytest.mark.slow

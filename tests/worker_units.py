@@ -56,3 +56,9 @@ def counts_its_jobs(job: str) -> tuple[int, int, list[str]]:
     """This process's id, how many jobs it has run (this one included) and what its setup was handed."""
     _JOBS.append(job)
     return os.getpid(), len(_JOBS), list(_HANDED)
+
+
+def torch_settings_here(job: int) -> dict:
+    from mia_ptq_bench.executor import torch_settings
+
+    return torch_settings()
