@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import platform
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 _done: bool | None = None
 
 
+@functools.cache
 def c_library(use_errno: bool = False) -> ctypes.CDLL:
     """The process's C library (raises OSError where it cannot be loaded)."""
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=use_errno)

@@ -9,9 +9,10 @@ is refused, with the estimate, when it needs more memory than the machine has (o
 free where the cache lives), or more computation than a year of a very fast accelerator.
 
 The numbers are estimates within a small factor, meant to catch the absurd, not to plan a cluster.
-The quantization methods' own work (reconstruction, Hessians) is not counted. Worker processes
-(pool training, quantization: ``--workers``, or as many as the automatic choice may take) each hold
-their own copy of the data and of the pool's scores, and the driver one more, pickled, to hand them.
+The quantization methods' own work (reconstruction, Hessians) is not counted. Local worker processes
+(pool training, quantization: ``--workers``, or those the automatic choices would start) each hold the
+data and the pool's scores twice (as handed, pickled, and unpickled), and the driver holds about two
+pickled copies while it hands them out.
 """
 
 from __future__ import annotations
@@ -163,9 +164,10 @@ def known_shape(spec: TaskSpec) -> DatasetShape | None:
 
 
 def estimate(spec: TaskSpec, raw: DatasetShape, device: str, quantized_per_plan: int, plans: int,
-             results: int, pool_cached: bool = False, workers: int = 1) -> Budget:
-    """Memory, disk and operations of one evaluation of ``spec`` on a dataset shaped ``raw``, run with
-    ``workers`` processes."""
+             results: int, pool_cached: bool = False, workers: int | None = 1, runs_long: bool = False) -> Budget:
+    """Memory, disk and operations of one evaluation of ``spec`` on a dataset shaped ``raw``, run in
+    ``workers`` local processes (None: as many as the automatic choices would start, for a method that
+    ``runs_long`` or not; see ``worker_processes``)."""
     d = spec.dataset
     n_pool = min(d.pool_size or raw.pool, raw.pool)
     n_test = min(d.test_size or raw.test, raw.test)
@@ -198,8 +200,17 @@ def estimate(spec: TaskSpec, raw: DatasetShape, device: str, quantized_per_plan:
         "scores": scores * (6 if adaptive else 5) + m * n_pool,
         "schedules": together * steps * batch * SCHEDULE_BYTES,
     }
-    if workers > 1:  # each worker's, and the driver's pickled one it is handed: its data and the pool's scores
-        parts[f"copies for {workers} worker processes"] = (workers + 1) * ((n_pool + n_test) * pixels + scores + m * n_pool)
+    scored = n_pool * q + n_test
+    training_flops = 3 * model.forward_flops * batch * steps * m  # forward and backward
+    scoring_flops = model.forward_flops * scored * plans * quantized_per_plan
+    if workers is None:
+        workers = worker_processes(device, 0 if pool_cached else training_flops,
+                                   scoring_flops if runs_long else 0)
+    if workers > 1:
+        # A copy: both splits' images and labels (the test split twice: the pool's, and the evaluation's
+        # own), the pool's scores and masks.
+        copy = (n_pool + 2 * n_test) * (pixels + 8) + scores + m * n_pool
+        parts[f"copies for {workers} worker processes"] = (2 * workers + 2) * copy
     # The models trained together: weights, gradients, momentum and a stacked copy, plus one batch's
     # activations kept for the backward pass; inference holds a layer's input and output for 1024 images.
     training = together * per_model
@@ -218,10 +229,15 @@ def estimate(spec: TaskSpec, raw: DatasetShape, device: str, quantized_per_plan:
     result_disk = results * (scores + m * n_pool + 2 * t * n_pool * (q + attacks) * 8 + 2 * t * n_test * 8)
     disk = pool_disk + quantized_disk + result_disk
 
-    scored = n_pool * q + n_test
-    flops = (3 * model.forward_flops * batch * steps * m  # training: forward and backward
-             + model.forward_flops * scored * (m + plans * quantized_per_plan))  # scoring every model
+    flops = training_flops + model.forward_flops * scored * m + scoring_flops  # training; scoring every model
     return Budget(model, memory, device_memory, disk, flops, parts)
+
+
+def worker_processes(device: str, training_flops: float, quantizing_flops: float) -> int:
+    """The local processes the automatic choices start for that much pool training and quantization (scoring):
+    ``pool/train.py auto_workers``, which pool building and ``runner.quantize_workers`` both use."""
+    kind, threads = torch.device(device), torch.get_num_threads()
+    return max(auto_workers(kind, threads, training_flops), auto_workers(kind, threads, quantizing_flops))
 
 
 def problems(budget: Budget, machine: Machine) -> list[str]:
@@ -247,12 +263,13 @@ def problems(budget: Budget, machine: Machine) -> list[str]:
 
 def check_budget(spec: TaskSpec, device: str, cache_dir: Path, *, plans: list[str] | None = None,
                  threat_models: list[str] | None = None, dataset: Callable[[], ImageDataset] | None = None,
-                 source: str | None = None, workers: int | None = None) -> Budget | None:
+                 source: str | None = None, workers: int | None = None, runs_long: bool = False) -> Budget | None:
     """Estimate the evaluation of ``spec`` and refuse it (SpecError, one line per reason) when absurd here.
 
     The dataset's shape comes from DATASET_SHAPES; a dataset that registers none is loaded (``dataset``)
-    to be measured, or, without a loader, the estimate is skipped (returns None). ``workers``: the
-    processes asked for (None: the most the automatic choice takes on this machine).
+    to be measured, or, without a loader, the estimate is skipped (returns None). ``workers``: the local
+    processes asked for (None: those the automatic choices would start, for a method that ``runs_long``
+    or not; 1 where the units run elsewhere, as Ray's do).
     """
     where = source or spec.id
     raw = known_shape(spec)
@@ -270,9 +287,8 @@ def check_budget(spec: TaskSpec, device: str, cache_dir: Path, *, plans: list[st
     per_plan = spec.membership.n_models if adaptive else spec.targets.count
     try:
         cached = PoolStore(cache_dir, spec).is_complete_pool()
-        if workers is None:
-            workers = auto_workers(torch.device(device), torch.get_num_threads(), math.inf)
-        budget = estimate(spec, raw, device, per_plan, len(quantized), len(plan_list) * len(threats), cached, workers)
+        budget = estimate(spec, raw, device, per_plan, len(quantized), len(plan_list) * len(threats), cached, workers,
+                          runs_long)
     except SpecError as exc:
         raise SpecError(f"{where}: {exc}") from None
     if spec.calibration.source == "heldout":

@@ -11,6 +11,7 @@ cache and data folders must be shared storage.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -139,40 +140,55 @@ def _worker_pool(workers: int, setup: Callable[[], Any] | None = None):
                                initializer=_start_worker, initargs=(setup, torch_settings()))
 
 
-# Process-wide torch settings that can change a computation's bits, as (getter, setter) names. A spawned
-# worker starts from torch's defaults, so the driver's are handed to it (the thread count each unit sets).
-_TORCH_SETTINGS = {
+# Process-wide torch settings that can change a computation's bits. A spawned worker starts from torch's
+# defaults, so the driver's are handed to it (the thread count each unit sets). Not handed: set_flush_denormal,
+# for which torch has no getter.
+_TORCH_SETTINGS = {  # name: (getter, setter)
     "default_dtype": ("get_default_dtype", "set_default_dtype"),
-    "float32_matmul_precision": ("get_float32_matmul_precision", "set_float32_matmul_precision"),
     "deterministic": ("are_deterministic_algorithms_enabled", None),
     "deterministic_warn_only": ("is_deterministic_algorithms_warn_only_enabled", None),
 }
-# (TF32 is left to float32_matmul_precision: torch refuses to read its precision once the older per-backend
-# flags have been set beside it.)
-_BACKEND_FLAGS = ("cudnn.enabled", "cudnn.deterministic", "cudnn.benchmark", "mkldnn.enabled")
+_BACKEND_FLAGS = ("cudnn.enabled", "cudnn.deterministic", "cudnn.benchmark", "mkldnn.enabled", "mkldnn.deterministic")
+# Float32 precision (TF32, bf16) per backend and operation, general ones first (a specific one set after
+# overrides them). Where torch has these, they hold what set_float32_matmul_precision set too; an older torch
+# has only that one, handed instead.
+_PRECISION_FLAGS = ("fp32_precision", "mkldnn.fp32_precision", "mkldnn.matmul.fp32_precision",
+                    "mkldnn.conv.fp32_precision", "mkldnn.rnn.fp32_precision", "cuda.fp32_precision",
+                    "cuda.matmul.fp32_precision", "cudnn.fp32_precision", "cudnn.conv.fp32_precision",
+                    "cudnn.rnn.fp32_precision")
 
 
 def torch_settings() -> dict[str, Any]:
-    """This process's values of the torch settings a worker takes over (``apply_torch_settings``)."""
+    """This process's values of the torch settings a worker takes over (``apply_torch_settings``); a setting
+    this torch does not have is left out."""
     import torch
 
     settings = {name: getattr(torch, getter)() for name, (getter, _) in _TORCH_SETTINGS.items()}
-    for flag in _BACKEND_FLAGS:
+    flags = _BACKEND_FLAGS + (_PRECISION_FLAGS if hasattr(torch.backends, "fp32_precision") else ())
+    for flag in flags:
         owner, _, attribute = f"backends.{flag}".rpartition(".")
-        settings[flag] = getattr(_attribute_path(torch, owner), attribute)
+        with contextlib.suppress(AttributeError):
+            settings[flag] = getattr(_attribute_path(torch, owner), attribute)
+    if not hasattr(torch.backends, "fp32_precision"):
+        settings["float32_matmul_precision"] = torch.get_float32_matmul_precision()
     return settings
 
 
 def apply_torch_settings(settings: dict[str, Any]) -> None:
     import torch
 
-    for name, (_, setter) in _TORCH_SETTINGS.items():
-        if setter is not None:
-            getattr(torch, setter)(settings[name])
-    torch.use_deterministic_algorithms(settings["deterministic"], warn_only=settings["deterministic_warn_only"])
-    for flag in _BACKEND_FLAGS:
-        owner, _, attribute = f"backends.{flag}".rpartition(".")
-        setattr(_attribute_path(torch, owner), attribute, settings[flag])
+    torch.set_default_dtype(settings["default_dtype"])
+    if "float32_matmul_precision" in settings:
+        torch.set_float32_matmul_precision(settings["float32_matmul_precision"])
+    deterministic = (settings["deterministic"], settings["deterministic_warn_only"])
+    # Only where it differs: the call also resets inductor's own deterministic switch.
+    if deterministic != (torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled()):
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+    for flag in _BACKEND_FLAGS + _PRECISION_FLAGS:
+        if flag in settings:
+            owner, _, attribute = f"backends.{flag}".rpartition(".")
+            setattr(_attribute_path(torch, owner), attribute, settings[flag])
 
 
 def _attribute_path(root: Any, path: str) -> Any:
@@ -188,12 +204,12 @@ _SETUP_FAILED: list[str] = []
 
 def _start_worker(setup: Callable[[], Any] | None, settings: dict[str, Any]) -> None:
     _end_with_the_driver()
-    apply_torch_settings(settings)
-    if setup is not None:
-        try:
+    try:
+        apply_torch_settings(settings)
+        if setup is not None:
             setup()
-        except Exception as exc:  # noqa: BLE001 - any failure: reported by the units, in one line
-            _SETUP_FAILED.append(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+    except Exception as exc:  # noqa: BLE001 - any failure: reported by the units, in one line
+        _SETUP_FAILED.append(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
 
 def _after_setup(unit, job):

@@ -111,12 +111,18 @@ def load_extensions(refs: Iterable[str] = ()) -> tuple[str, ...]:
 
 
 def defining_files(*objects: object) -> tuple[str, ...]:
-    """The .py files imported by path that define the classes of ``objects``: another process imports them
+    """The .py files imported by path whose classes or functions pickling ``objects`` refers to (their own
+    classes, base classes, attributes' and settings' classes): another process imports them
     (``import_module_or_file``, under the same module names) before it can unpickle the objects."""
+    import pickle
+    import pickletools
+
     files = []
-    for obj in objects:
-        for cls in reversed(type(obj).__mro__):  # a base class's file before its subclass's, which may import it
-            module = sys.modules.get(cls.__module__)
-            if cls.__module__.startswith(FILE_MODULE_PREFIX) and getattr(module, "__file__", None):
+    for op, arg, _ in pickletools.genops(pickle.dumps(objects)):
+        # A module is named by a string the pickle carries (GLOBAL's "module name", or the operand STACK_GLOBAL
+        # takes): every string that names a module loaded by path counts, in the order pickling met it.
+        for name in str(arg).split() if isinstance(arg, str) else ():
+            module = sys.modules.get(name) if name.startswith(FILE_MODULE_PREFIX) else None
+            if getattr(module, "__file__", None):
                 files.append(module.__file__)
     return tuple(dict.fromkeys(files))

@@ -270,7 +270,9 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
                          extensions=options.extensions, outputs_dir=options.outputs_dir)
     check_budget(spec, options.device, options.cache_dir, plans=[str(p) for p in plan_list],
                  threat_models=[t.name for t in threats], dataset=context.dataset, source=options.task_source,
-                 workers=options.workers)
+                 # copies of the data in local worker processes; Ray's workers hold theirs elsewhere
+                 workers=options.workers if isinstance(options.executor, LocalExecutor) else 1,
+                 runs_long=quantizer.runs_long)
     context.dataset()  # a data set that cannot be read is refused before the cache is touched
     # From here the run reads and writes the cache: `cache clear` would pull the pool from under it.
     held.enter_context(in_use(Path(options.cache_dir), [spec.id], waiting=progress.log))

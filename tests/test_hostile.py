@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -290,8 +291,9 @@ def test_worker_processes_count_their_copies_of_the_data_and_scores() -> None:
     two = estimate(spec, DATASET_SHAPES["cifar10"], "cpu", quantized_per_plan=64, plans=4, results=8, workers=2)
     copies = two.memory_parts["copies for 2 worker processes"]
     assert not any(name.startswith("copies") for name in one.memory_parts)
-    # two workers' copies and the driver's pickled one: 3 x (the 32x32x3 images of both splits + M x N x Q scores)
-    assert copies >= 3 * ((50_000 + 10_000) * 3 * 32 * 32 + 64 * 50_000 * 2 * 8)
+    # each worker's two (handed pickled, and unpickled) and the driver's two while it hands them out:
+    # 6 x (the 32x32x3 images of both splits + M x N x Q scores)
+    assert copies >= 6 * ((50_000 + 10_000) * 3 * 32 * 32 + 64 * 50_000 * 2 * 8)
     assert two.memory == one.memory + copies
     # a machine that holds the run in one process is told how to run it there
     fits_one = Machine("cpu", one.memory, None, 1 << 50, 1e10)
@@ -299,6 +301,28 @@ def test_worker_processes_count_their_copies_of_the_data_and_scores() -> None:
     assert len(found) == 1 and "copies for 2 worker processes" in found[0] and found[0].endswith("(--workers 1 keeps one copy)")
     assert problems(one, fits_one) == []
     assert "--workers 1" not in problems(two, Machine("cpu", one.memory // 2, None, 1 << 50, 1e10))[0]
+
+
+def test_the_budget_counts_worker_copies_only_where_the_automatic_choice_starts_workers() -> None:
+    shape, threads = DATASET_SHAPES["cifar10"], torch.get_num_threads()
+
+    def copies(spec, **kwargs) -> int:
+        budget = estimate(spec, shape, "cpu", quantized_per_plan=64, plans=4, results=8, workers=None, **kwargs)
+        return sum(n for name, n in budget.memory_parts.items() if name.startswith("copies"))
+
+    big, small = load_task("cifar10-resnet18"), load_task("tiny-cnn")
+    try:
+        torch.set_num_threads(2)
+        assert copies(big) > 0  # its pool trains in workers
+        assert copies(big, pool_cached=True) == 0  # nothing to train; a method that is not long quantizes here
+        assert copies(big, pool_cached=True, runs_long=True) > 0
+        assert copies(small) == copies(small, runs_long=True) == 0  # too little work to start workers for
+        assert estimate(big, shape, "cuda", quantized_per_plan=64, plans=4, results=8, workers=None).memory_parts.keys() \
+            == estimate(big, shape, "cuda", quantized_per_plan=64, plans=4, results=8).memory_parts.keys()
+        torch.set_num_threads(1)
+        assert copies(big) == copies(big, runs_long=True) == 0  # one thread is not shared out
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_heldout_calibration_larger_than_the_test_split_is_refused_before_loading(tmp_path: Path) -> None:

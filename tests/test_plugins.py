@@ -98,33 +98,49 @@ def test_a_quantizer_from_a_file_runs_in_worker_processes_as_here(tmp_path: Path
 
 
 def test_every_file_a_quantizers_classes_come_from_is_handed_to_workers(tmp_path: Path) -> None:
-    """Its base class and its config from other files loaded by path: a worker imports each, bases first."""
+    """Its class's file, its Config's from another file, and an attribute's class from a third, loaded only
+    when the quantizer is made: a fresh process that imports what ``defining_files`` names unpickles it."""
+    import pickle
+
     from mia_ptq_bench.extensions import defining_files
 
-    (tmp_path / "base.py").write_text(textwrap.dedent('''
-        from mia_ptq_bench.plugin import Quantizer, QuantizerConfig
+    (tmp_path / "settings.py").write_text(textwrap.dedent('''
+        from mia_ptq_bench.plugin import QuantizerConfig
 
         class Settings(QuantizerConfig):
             offset: float = 0.0
-
-        class Base(Quantizer):
-            Config = Settings
     '''))
+    (tmp_path / "helper.py").write_text("class Helper:\n    scale = 2\n")
     (tmp_path / "leaf.py").write_text(textwrap.dedent(f'''
         from mia_ptq_bench.extensions import import_module_or_file
+        from mia_ptq_bench.plugin import Quantizer
 
-        base = import_module_or_file({str(tmp_path / "base.py")!r})
+        class Leaf(Quantizer):
+            Config = import_module_or_file({str(tmp_path / "settings.py")!r}).Settings
+            name, version = "leaf", "1"
 
-        class Leaf(base.Base):
-            version = "1"
+            def __init__(self, config=None):
+                super().__init__(config)
+                self.helper = import_module_or_file({str(tmp_path / "helper.py")!r}).Helper()
 
             def quantize(self, model, calibration, plan):
                 return model
     '''))
-    leaf = import_module_or_file(str(tmp_path / "leaf.py")).Leaf()
-    files = [Path(f).name for f in defining_files(leaf, leaf.config)]
-    assert files == ["base.py", "leaf.py"]  # in the order a fresh process can import them; each once
+    leaf = import_module_or_file(str(tmp_path / "leaf.py")).Leaf({"offset": 0.5})
+    files = defining_files(leaf, leaf.config)
+    assert sorted(Path(f).name for f in files) == ["helper.py", "leaf.py", "settings.py"]
     assert defining_files(object(), 1.0) == ()
+    (tmp_path / "quantizer.pkl").write_bytes(pickle.dumps(leaf))
+    unpickled = subprocess.run([sys.executable, "-c", textwrap.dedent(f'''
+        import pickle, sys
+        from mia_ptq_bench.extensions import import_module_or_file
+        for file in sys.argv[1:]:
+            import_module_or_file(file)
+        leaf = pickle.loads(open({str(tmp_path / "quantizer.pkl")!r}, "rb").read())
+        print(type(leaf).__name__, leaf.config.offset, leaf.helper.scale)
+    '''), *files], capture_output=True, text=True, timeout=120)
+    assert unpickled.returncode == 0, unpickled.stderr
+    assert unpickled.stdout.split() == ["Leaf", "0.5", "2"]
 
 
 def test_a_quantizer_that_leaves_full_precision_weights_is_refused_and_writes_nothing(tmp_path: Path) -> None:

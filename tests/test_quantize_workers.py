@@ -82,7 +82,7 @@ def test_workers_start_with_the_drivers_torch_settings() -> None:
 
     before = torch_settings()
     try:
-        torch.set_float32_matmul_precision("medium")
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # oneDNN's matmuls in bfloat16 on a CPU that has it
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.set_default_dtype(torch.float64)
         torch.backends.mkldnn.enabled = False
@@ -94,6 +94,16 @@ def test_workers_start_with_the_drivers_torch_settings() -> None:
     finally:
         apply_torch_settings(before)
     assert torch_settings() == before
+
+
+def test_a_worker_that_cannot_take_the_drivers_settings_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench import executor
+    from worker_units import torch_settings_here
+
+    settings = {**executor.torch_settings(), "default_dtype": torch.int64}  # set_default_dtype refuses it
+    monkeypatch.setattr(executor, "torch_settings", lambda: settings)
+    with pytest.raises(BenchError, match="a worker process could not start: TypeError: .*"):
+        ResidentProcesses(1).map(torch_settings_here, [0])
 
 
 def test_a_worker_whose_setup_fails_says_why_and_one_that_died_between_maps_says_so() -> None:

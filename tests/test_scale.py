@@ -197,8 +197,8 @@ def test_ray_executor_gives_identical_results(tmp_path: Path, monkeypatch: pytes
         torch.set_num_threads(2)
         in_ray = build_pool(spec, data, tmp_path / "pool-ray", trainer="stacked", stack=2, workers=2, executor=executor)
         in_processes = build_pool(spec, data, tmp_path / "pool-processes", trainer="stacked", stack=2, workers=2)
-        # Quantized in two workers' layout, on the pools above (equal): Ray runs the groups, with the threads,
-        # that resident worker processes run
+        # Quantized in two workers' layout, on the pools of the first two runs (equal, asserted below): Ray runs
+        # the groups, with the threads, that resident worker processes run
         quantized = {name: evaluate("rtn", spec, options=RunOptions(out_dir=tmp_path / f"{name}-w2", workers=2,
                                                                     cache_dir=tmp_path / f"cache-{name}", **extra))
                      for name, extra in (("local", {}), ("ray", {"executor": executor}))}

@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..data import ImageDataset
 from ..data.augment import crop_and_flip
-from ..models import build_model
+from ..models import MODELS, build_model
 from ..spec.schema import TaskSpec
 from .wide import NotStackable, unstack_state, widen
 
@@ -186,7 +186,8 @@ _TASK_FLOPS: dict[tuple, float] = {}
 
 def task_training_flops(spec: TaskSpec, dataset: ImageDataset) -> float:
     """``training_flops`` of the task's model, counted once per process for each architecture and input shape."""
-    key = (spec.model.model_dump_json(), tuple(dataset.input_shape), dataset.num_classes)
+    # The registered builder too: a plugin, or a test, may register another model under a name used before.
+    key = (MODELS.get(spec.model.arch), spec.model.model_dump_json(), tuple(dataset.input_shape), dataset.num_classes)
     if key not in _TASK_FLOPS:
         _TASK_FLOPS[key] = training_flops(init_model(spec, dataset, 0), dataset.input_shape)
     return _TASK_FLOPS[key]
