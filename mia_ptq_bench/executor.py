@@ -164,12 +164,11 @@ def torch_settings() -> dict[str, Any]:
     import torch
 
     settings = {name: getattr(torch, getter)() for name, (getter, _) in _TORCH_SETTINGS.items()}
-    flags = _BACKEND_FLAGS + (_PRECISION_FLAGS if hasattr(torch.backends, "fp32_precision") else ())
-    for flag in flags:
-        owner, _, attribute = f"backends.{flag}".rpartition(".")
+    per_backend = hasattr(torch.backends, "fp32_precision")
+    for flag in _BACKEND_FLAGS + (_PRECISION_FLAGS if per_backend else ()):
         with contextlib.suppress(AttributeError):
-            settings[flag] = getattr(_attribute_path(torch, owner), attribute)
-    if not hasattr(torch.backends, "fp32_precision"):
+            settings[flag] = getattr(*_backend_flag(torch, flag))
+    if not per_backend:
         settings["float32_matmul_precision"] = torch.get_float32_matmul_precision()
     return settings
 
@@ -187,14 +186,16 @@ def apply_torch_settings(settings: dict[str, Any]) -> None:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     for flag in _BACKEND_FLAGS + _PRECISION_FLAGS:
         if flag in settings:
-            owner, _, attribute = f"backends.{flag}".rpartition(".")
-            setattr(_attribute_path(torch, owner), attribute, settings[flag])
+            setattr(*_backend_flag(torch, flag), settings[flag])
 
 
-def _attribute_path(root: Any, path: str) -> Any:
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
+def _backend_flag(torch: Any, flag: str) -> tuple[Any, str]:
+    """The object holding ``torch.backends.<flag>`` and the attribute's name."""
+    *path, attribute = f"backends.{flag}".split(".")
+    owner = torch
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, attribute
 
 
 # In a worker: why its setup failed, reported by its first unit (an initializer's exception would only

@@ -118,10 +118,10 @@ def defining_files(*objects: object) -> tuple[str, ...]:
     import pickletools
 
     files = []
-    for op, arg, _ in pickletools.genops(pickle.dumps(objects)):
+    for _, arg, _ in pickletools.genops(pickle.dumps(objects)):
         # A module is named by a string the pickle carries (GLOBAL's "module name", or the operand STACK_GLOBAL
         # takes): every string that names a module loaded by path counts, in the order pickling met it.
-        for name in str(arg).split() if isinstance(arg, str) else ():
+        for name in arg.split() if isinstance(arg, str) else ():
             module = sys.modules.get(name) if name.startswith(FILE_MODULE_PREFIX) else None
             if getattr(module, "__file__", None):
                 files.append(module.__file__)
