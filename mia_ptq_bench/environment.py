@@ -10,6 +10,7 @@ import torch
 
 from . import __version__
 from .errors import BenchError
+from .executor import torch_settings
 
 TRACKED = ("torch", "torchvision", "numpy", "scipy", "scikit-learn", "pydantic", "safetensors")
 
@@ -69,4 +70,12 @@ def environment(device: str | torch.device, quantize_workers: int = 1) -> dict:
             "processor": processor_name(), "device": describe_device(device), "packages": packages,
             "torch_threads": torch.get_num_threads(), "quantize_workers": quantize_workers,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "torch_settings": recorded_torch_settings()}
+
+
+def recorded_torch_settings() -> dict[str, str | bool]:
+    """The process's torch settings that can change float results, as a result records them: those a worker
+    process is handed (``executor.torch_settings``: default dtype, float32 precision per backend, cuDNN's and
+    oneDNN's switches), so they are the settings every model of the result was computed under."""
+    return {name: value if isinstance(value, bool) else str(value) for name, value in torch_settings().items()}

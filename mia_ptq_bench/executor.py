@@ -141,8 +141,8 @@ def _worker_pool(workers: int, setup: Callable[[], Any] | None = None):
 
 
 # Process-wide torch settings that can change a computation's bits. A spawned worker starts from torch's
-# defaults, so the driver's are handed to it (the thread count each unit sets). Not handed: set_flush_denormal,
-# for which torch has no getter.
+# defaults, so the driver's are handed to it (the thread count each unit sets), and to every Ray task. Not
+# handed: set_flush_denormal, for which torch has no getter.
 _TORCH_SETTINGS = {  # name: (getter, setter)
     "default_dtype": ("get_default_dtype", "set_default_dtype"),
     "deterministic": ("are_deterministic_algorithms_enabled", None),
@@ -292,7 +292,10 @@ class RayExecutor:
         remote = self.ray.remote(num_cpus=1, num_gpus=gpus, max_retries=self.max_retries,
                                  retry_exceptions=True)(_apply)
         unit_ref = self.ray.put(unit)
-        pending = {remote.remote(unit_ref, job): i for i, job in enumerate(jobs)}
+        # A Ray worker may have run other work, or come up with torch's defaults: each task takes the
+        # driver's settings first, as a local worker process does when it starts.
+        settings = torch_settings()
+        pending = {remote.remote(unit_ref, settings, job): i for i, job in enumerate(jobs)}
         results: list[Any] = [None] * len(jobs)
         failures = []
         while pending:
@@ -323,7 +326,12 @@ class _Refused:
         self.reason = f"{type(error).__name__}: {error}"
 
 
-def _apply(unit, job):
+def _apply(unit, settings, job):
+    try:
+        apply_torch_settings(settings)
+    except Exception as exc:  # noqa: BLE001 - another torch on a remote node, say: the same for every retry
+        return _Refused(BenchError(f"the Ray worker could not take the driver's torch settings: "
+                                   f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"))
     try:
         return unit(job)
     except BenchError as exc:

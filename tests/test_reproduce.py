@@ -149,6 +149,31 @@ def test_same_environment_ignores_only_the_cpus_device_string(committed: Path) -
     assert env.processor and not same_environment(env, env.model_copy(update={"processor": "another CPU"}))
     # a result written before the processor was recorded: no rerun can claim its environment
     assert not same_environment(env.model_copy(update={"processor": None}), env)
+    # nor one written before the torch settings were recorded; and other settings are another environment
+    assert env.torch_settings and not same_environment(env.model_copy(update={"torch_settings": None}), env)
+    assert not same_environment(env, env.model_copy(update={"torch_settings": {**env.torch_settings,
+                                                                                "default_dtype": "torch.float64"}}))
+
+
+def test_a_result_records_the_torch_settings_it_is_computed_under_and_the_cache_keeps_them_apart() -> None:
+    import torch
+
+    from mia_ptq_bench.environment import environment
+    from mia_ptq_bench.executor import apply_torch_settings, torch_settings
+    from mia_ptq_bench.quantize.outputs import environment_key
+    from mia_ptq_bench.results.schema import Environment
+
+    before, key = torch_settings(), environment_key("cpu")
+    recorded = Environment(**environment("cpu")).torch_settings
+    assert recorded["default_dtype"] == "torch.float32" and recorded["mkldnn.enabled"] is True
+    try:
+        torch.backends.mkldnn.enabled = False
+        changed = Environment(**environment("cpu")).torch_settings
+        assert changed == {**recorded, "mkldnn.enabled": False}
+        assert environment_key("cpu") != key  # outputs computed under other settings are never reused
+    finally:
+        apply_torch_settings(before)
+    assert environment_key("cpu") == key
 
 
 def test_the_tolerance_follows_from_environment_and_pool(committed: Path) -> None:

@@ -237,15 +237,38 @@ def test_ray_failures_are_reported_not_dropped(monkeypatch: pytest.MonkeyPatch) 
             raise BenchError("three: refused input")  # would be refused again: not worth a retry
         return x
 
+    def settings_here(_: int) -> dict:
+        from mia_ptq_bench.executor import torch_settings
+
+        return torch_settings()
+
+    from mia_ptq_bench import executor as executors
+
+    before = executors.torch_settings()
     try:
         executor = RayExecutor(num_cpus=2, max_retries=1)
         assert executor.map(square, [1, 2, 3]) == [1, 4, 9]
+        # Every task runs under the driver's torch settings, not the worker's own (torch's defaults)
+        torch.set_default_dtype(torch.float64)
+        torch.backends.mkldnn.enabled = False
+        here = executors.torch_settings()
+        assert here != before and executor.map(settings_here, [1, 2]) == [here, here]
+        executors.apply_torch_settings(before)
+        assert executor.map(settings_here, [1]) == [before]
+        # Settings a worker cannot take are refused once, not retried
+        with monkeypatch.context() as patched:
+            patched.setattr(executors, "torch_settings", lambda: {**before, "default_dtype": torch.int64})
+            with pytest.raises(BenchError, match=r"1 of 1 Ray tasks failed .*: job 1: BenchError: the Ray worker could "
+                                                 r"not take the driver's torch settings: TypeError: .*\(not retried\)"):
+                executor.map(fails_on_two, [1], describe=lambda j: f"job {j}")
+        assert not (attempts / "job-1").exists()
         with pytest.raises(BenchError, match=r"2 of 3 Ray tasks failed after 1 retries: job 2: ValueError: two is bad; "
                                              r"job 3: BenchError: three: refused input \(not retried\)"):
             executor.map(fails_on_two, [1, 2, 3], describe=lambda j: f"job {j}")
         tries = {x: (attempts / f"job-{x}").read_text().count("tried") for x in (1, 2, 3)}
         assert tries == {1: 1, 2: 2, 3: 1}
     finally:
+        executors.apply_torch_settings(before)
         ray.shutdown()
         shutil.rmtree(attempts, ignore_errors=True)
 

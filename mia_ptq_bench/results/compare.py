@@ -5,8 +5,8 @@ checker computed itself (the rerun), and which case applies from the checker's p
 the document only where the checker trained that pool itself (then it cannot tell). Three cases (``regime``):
 
 - ``identical``: the same environment (every field of ``Environment`` equal: package versions,
-  Python, platform, processor, torch threads, CPU capability, deterministic flag, and the GPU
-  for a CUDA run). The rerun is bit-identical, so every number must be equal.
+  Python, platform, processor, torch threads, CPU capability, deterministic flag, the torch
+  settings that change float results, and the GPU for a CUDA run). The rerun is bit-identical, so every number must be equal.
 - ``same pool``: another environment, the same trained pool: the checker pulled the task's
   canonical pool from the Hub, or the document names the checker's very pool (equal
   ``pool_digest``; for documents from before digests, identical full-precision reference

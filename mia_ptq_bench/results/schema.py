@@ -183,6 +183,10 @@ class Environment(Strict):
                                                        "process) in results written before it was recorded")
     cpu_capability: str = Field(description="torch.backends.cpu.get_cpu_capability(): the vector kernels used")
     deterministic_algorithms: bool = Field(description="torch.are_deterministic_algorithms_enabled()")
+    torch_settings: dict[str, str | bool] | None = Field(
+        None, description="torch settings that can change float results (default dtype, float32 precision per "
+                          "backend, cuDNN and oneDNN switches), as the worker processes were handed them; results "
+                          "written before they were recorded lack them, and no rerun counts as their environment")
 
 
 class Result(Strict):
