@@ -164,10 +164,12 @@ def known_shape(spec: TaskSpec) -> DatasetShape | None:
 
 
 def estimate(spec: TaskSpec, raw: DatasetShape, device: str, quantized_per_plan: int, plans: int,
-             results: int, pool_cached: bool = False, workers: int | None = 1, runs_long: bool = False) -> Budget:
+             results: int, pool_cached: bool = False, workers: int | None = 1,
+             quantize_grid: tuple[int, int] | None = None) -> Budget:
     """Memory, disk and operations of one evaluation of ``spec`` on a dataset shaped ``raw``, run in
-    ``workers`` local processes (None: as many as the automatic choices would start, for a method that
-    ``runs_long`` or not; see ``worker_processes``)."""
+    ``workers`` local processes (None: as many as the automatic choices would start; see
+    ``worker_processes``). ``quantize_grid``: for a method that runs long, the plans of the task's grid it
+    serves and the models each quantizes (``runner.grid_extent``), from which its scoring workers are chosen."""
     d = spec.dataset
     n_pool = min(d.pool_size or raw.pool, raw.pool)
     n_test = min(d.test_size or raw.test, raw.test)
@@ -205,7 +207,7 @@ def estimate(spec: TaskSpec, raw: DatasetShape, device: str, quantized_per_plan:
     scoring_flops = model.forward_flops * scored * plans * quantized_per_plan
     if workers is None:
         workers = worker_processes(device, 0 if pool_cached else training_flops,
-                                   scoring_flops if runs_long else 0)
+                                   scoring_work(model.forward_flops, n_pool, q, quantize_grid))
     if workers > 1:
         # A copy: both splits' images and labels (the test split twice: the pool's, and the evaluation's
         # own), the pool's scores and masks.
@@ -231,6 +233,17 @@ def estimate(spec: TaskSpec, raw: DatasetShape, device: str, quantized_per_plan:
 
     flops = training_flops + model.forward_flops * scored * m + scoring_flops  # training; scoring every model
     return Budget(model, memory, device_memory, disk, flops, parts)
+
+
+def scoring_work(forward_flops: float, pool_images: int, queries: int, grid: tuple[int, int] | None) -> float:
+    """The FLOP by which a long method's scoring workers are chosen: a forward pass per pool image and query
+    for every model of its ``grid`` (plans, models per plan); 0 for a method that does not run long (None).
+    The budget and the runner (``runner.quantize_workers``) both take it, on the model's forward FLOP as
+    ``measure_model`` counts them, so the copies counted are those of the workers that start."""
+    if grid is None:
+        return 0.0
+    plans, models = grid
+    return plans * models * pool_images * queries * forward_flops
 
 
 def worker_processes(device: str, training_flops: float, quantizing_flops: float) -> int:
@@ -263,13 +276,14 @@ def problems(budget: Budget, machine: Machine) -> list[str]:
 
 def check_budget(spec: TaskSpec, device: str, cache_dir: Path, *, plans: list[str] | None = None,
                  threat_models: list[str] | None = None, dataset: Callable[[], ImageDataset] | None = None,
-                 source: str | None = None, workers: int | None = None, runs_long: bool = False) -> Budget | None:
+                 source: str | None = None, workers: int | None = None,
+                 quantize_grid: tuple[int, int] | None = None) -> Budget | None:
     """Estimate the evaluation of ``spec`` and refuse it (SpecError, one line per reason) when absurd here.
 
     The dataset's shape comes from DATASET_SHAPES; a dataset that registers none is loaded (``dataset``)
     to be measured, or, without a loader, the estimate is skipped (returns None). ``workers``: the local
-    processes asked for (None: those the automatic choices would start, for a method that ``runs_long``
-    or not; 1 where the units run elsewhere, as Ray's do).
+    processes asked for (None: those the automatic choices would start; 1 where the units run elsewhere,
+    as Ray's do). ``quantize_grid``: see ``estimate``.
     """
     where = source or spec.id
     raw = known_shape(spec)
@@ -288,7 +302,7 @@ def check_budget(spec: TaskSpec, device: str, cache_dir: Path, *, plans: list[st
     try:
         cached = PoolStore(cache_dir, spec).is_complete_pool()
         budget = estimate(spec, raw, device, per_plan, len(quantized), len(plan_list) * len(threats), cached, workers,
-                          runs_long)
+                          quantize_grid)
     except SpecError as exc:
         raise SpecError(f"{where}: {exc}") from None
     if spec.calibration.source == "heldout":
@@ -302,4 +316,4 @@ def check_budget(spec: TaskSpec, device: str, cache_dir: Path, *, plans: list[st
     return budget
 
 
-__all__ = ["Budget", "Machine", "check_budget", "estimate", "measure_model", "problems"]
+__all__ = ["Budget", "Machine", "check_budget", "estimate", "measure_model", "problems", "scoring_work"]

@@ -28,7 +28,7 @@ import torch
 
 from .atomic import ensure_writable
 from .attack import ATTACKS, THREAT_MODELS, ShadowSet, ThreatModel
-from .budget import check_budget, known_shape
+from .budget import check_budget, known_shape, measure_model, scoring_work
 from .cache import default_cache_dir, in_use
 from .context import RunContext, worker_threads
 from .data import DATASETS
@@ -42,7 +42,7 @@ from .executor import Executor, LocalExecutor, ResidentProcesses
 from .extensions import defining_files
 from .pool import Pool, PoolStore, build_pool, pool_keep_masks
 from .pool.hub import pool_source, pull_pool
-from .pool.train import auto_workers, task_training_flops
+from .pool.train import auto_workers
 from .progress import Progress, SilentProgress
 from .quantize import QUANTIZERS, Quantizer
 from .quantize.outputs import ModelOutputs, OutputStore, environment_key, quantize_unit, receive_pool, reference_outputs
@@ -151,24 +151,34 @@ class Quantizing:
 def quantize_workers(spec: TaskSpec, pool: Pool, quantizer: Quantizer, options: RunOptions) -> int:
     """Processes to quantize and score in: ``options.workers``, else, for a method that runs long
     (``Quantizer.runs_long``), chosen as for pool training from the work of scoring every model of the
-    task's grid (a forward pass, about a third of a training step's FLOP, per pool image and query).
-    Judged on the task's own grid (its plans this method serves, the models its threat models
-    quantize), never on the plans asked, on what is cached or on the executor: every run of a task
-    quantizes in the same layout (groups, threads per group), and so to the same bits, whichever part of
-    the grid it does and wherever its units run (Ray runs the same groups with the same threads)."""
+    task's grid (``budget.scoring_work``, which the budget's count of the workers' copies takes too).
+    Judged on the task's own grid (``grid_extent``), never on the plans asked, on what is cached or on the
+    executor: every run of a task quantizes in the same layout (groups, threads per group), and so to the
+    same bits, whichever part of the grid it does and wherever its units run (Ray runs the same groups with
+    the same threads)."""
     if options.workers is not None:
         if options.workers < 1:
             raise SpecError(f"worker processes: {options.workers}; need at least 1")
         return options.workers
-    if not quantizer.runs_long:
+    grid = grid_extent(spec, quantizer)
+    if grid is None:
         return 1
+    dataset = pool.dataset
+    forward = measure_model(spec, tuple(dataset.input_shape), dataset.num_classes).forward_flops
+    work = scoring_work(forward, len(dataset.pool), len(spec.queries), grid)
+    return auto_workers(torch.device(options.device), torch.get_num_threads(), work)
+
+
+def grid_extent(spec: TaskSpec, quantizer: Quantizer) -> tuple[int, int] | None:
+    """For a method that runs long: the plans of the task's grid it serves and the pool models each of them
+    quantizes for the task's threat models; None for a method that does not run long."""
+    if not quantizer.runs_long:
+        return None
     plans = [p for p in map(PrecisionPlan.parse, quantizer.default_plans or spec.plans)
              if not p.is_full_precision and not quantizer.unsupported(p)]
     threats = resolve_threat_models(spec, None)
     sources = {c.shadows for t in threats for c in candidate_threats(t, threats)}
-    forward = task_training_flops(spec, pool.dataset) / 3
-    work = len(plans) * models_quantized(spec, sources) * len(pool.dataset.pool) * len(spec.queries) * forward
-    return auto_workers(torch.device(options.device), torch.get_num_threads(), work)
+    return len(plans), models_quantized(spec, sources)
 
 
 def models_quantized(spec: TaskSpec, sources: set[str]) -> int:
@@ -272,7 +282,7 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
                  threat_models=[t.name for t in threats], dataset=context.dataset, source=options.task_source,
                  # copies of the data in local worker processes; Ray's workers hold theirs elsewhere
                  workers=options.workers if isinstance(options.executor, LocalExecutor) else 1,
-                 runs_long=quantizer.runs_long)
+                 quantize_grid=grid_extent(spec, quantizer))
     context.dataset()  # a data set that cannot be read is refused before the cache is touched
     # From here the run reads and writes the cache: `cache clear` would pull the pool from under it.
     held.enter_context(in_use(Path(options.cache_dir), [spec.id], waiting=progress.log))

@@ -315,12 +315,12 @@ def test_the_budget_counts_worker_copies_only_where_the_automatic_choice_starts_
         torch.set_num_threads(2)
         assert copies(big) > 0  # its pool trains in workers
         assert copies(big, pool_cached=True) == 0  # nothing to train; a method that is not long quantizes here
-        assert copies(big, pool_cached=True, runs_long=True) > 0
-        assert copies(small) == copies(small, runs_long=True) == 0  # too little work to start workers for
+        assert copies(big, pool_cached=True, quantize_grid=(4, 64)) > 0
+        assert copies(small) == copies(small, quantize_grid=(4, 64)) == 0  # too little work to start workers for
         assert estimate(big, shape, "cuda", quantized_per_plan=64, plans=4, results=8, workers=None).memory_parts.keys() \
             == estimate(big, shape, "cuda", quantized_per_plan=64, plans=4, results=8).memory_parts.keys()
         torch.set_num_threads(1)
-        assert copies(big) == copies(big, runs_long=True) == 0  # one thread is not shared out
+        assert copies(big) == copies(big, quantize_grid=(4, 64)) == 0  # one thread is not shared out
     finally:
         torch.set_num_threads(threads)
 

@@ -22,7 +22,8 @@ from mia_ptq_bench.quantize import QUANTIZERS
 from mia_ptq_bench.quantize.outputs import OutputStore, environment_key, quantize_unit, receive_pool
 from mia_ptq_bench.results.compare import same_environment
 from mia_ptq_bench.results.schema import Environment
-from mia_ptq_bench.runner import RunOptions, evaluate, models_quantized, quantize_groups, quantize_workers
+from mia_ptq_bench.runner import (RunOptions, evaluate, grid_extent, models_quantized, quantize_groups,
+                                  quantize_workers)
 from mia_ptq_bench.spec import PrecisionPlan, load_task
 
 
@@ -235,6 +236,36 @@ def test_workers_are_chosen_for_a_long_method_on_a_large_grid_on_the_local_execu
         assert quantize_workers(tiny_task, pool, brecq, remote) == 2
         with pytest.raises(BenchError, match="worker processes: 0"):
             quantize_workers(tiny_task, pool, gptq, RunOptions(device="cpu", workers=0))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_budget_counts_the_copies_of_exactly_the_workers_the_runner_starts(
+        tiny_task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both judge the task's whole grid by ``budget.scoring_work`` on the same count of forward FLOP: with the
+    threshold at that work or just above it, the budget counts copies exactly when ``quantize_workers``
+    starts workers, whichever plans the run asks for."""
+    from mia_ptq_bench.budget import check_budget, measure_model, scoring_work
+    from mia_ptq_bench.pool import train
+
+    data = load_dataset(tiny_task.dataset)
+    cache = tmp_path / "cache"
+    pool = build_pool(tiny_task, data, cache)  # cached: no workers for training
+    brecq = QUANTIZERS.get("brecq")()
+    grid = grid_extent(tiny_task, brecq)
+    assert grid[0] == len(tiny_task.plans) == 2 and grid[1] >= tiny_task.targets.count
+    forward = measure_model(tiny_task, tuple(data.input_shape), data.num_classes).forward_flops
+    work = scoring_work(forward, len(data.pool), len(tiny_task.queries), grid)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for threshold, workers in ((work, 2), (work * 1.001, 1)):
+            monkeypatch.setattr(train, "WORKER_WORK", threshold)
+            assert quantize_workers(tiny_task, pool, brecq, RunOptions(device="cpu")) == workers
+            for plans in (None, tiny_task.plans[:1]):
+                budget = check_budget(tiny_task, "cpu", cache, plans=plans, quantize_grid=grid)
+                copies = [name for name in budget.memory_parts if name.startswith("copies")]
+                assert copies == (["copies for 2 worker processes"] if workers == 2 else [])
     finally:
         torch.set_num_threads(threads)
 
