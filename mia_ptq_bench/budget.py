@@ -33,7 +33,7 @@ from .limits import size_text
 from .models import build_meta_model
 from .models.structure import check_quantizable
 from .pool import PoolStore
-from .pool.train import MAX_STACK, MEMORY_SHARE, auto_workers
+from .pool.train import MAX_STACK, MEMORY_SHARE, auto_workers, pool_training_work, training_flops
 from .spec.plans import PrecisionPlan
 from .spec.schema import TaskSpec
 
@@ -99,6 +99,7 @@ class ModelSize:
     forward_flops: float  # one example, one forward pass
     activations: int  # values the layers output for one example (about what autograd keeps for backward)
     largest: int  # values of the largest layer output for one example (what inference holds at a time)
+    training_flops: float = 0.0  # one example, forward and backward (pool/train.py training_flops)
 
 
 def measure_model(spec: TaskSpec, input_shape: tuple[int, int, int], classes: int) -> ModelSize:
@@ -130,7 +131,8 @@ def measure_model(spec: TaskSpec, input_shape: tuple[int, int, int], classes: in
             hook.remove()
     check_quantizable(model, torch.empty((2, *input_shape), device="meta"))
     parameters = sum(p.numel() for p in model.parameters())
-    return ModelSize(parameters, float(counter.get_total_flops()), activations[0], activations[1])
+    return ModelSize(parameters, float(counter.get_total_flops()), activations[0], activations[1],
+                     training_flops(model, input_shape))
 
 
 @dataclass(frozen=True)
@@ -203,10 +205,11 @@ def estimate(spec: TaskSpec, raw: DatasetShape, device: str, quantized_per_plan:
         "schedules": together * steps * batch * SCHEDULE_BYTES,
     }
     scored = n_pool * q + n_test
-    training_flops = 3 * model.forward_flops * batch * steps * m  # forward and backward
+    # As build_pool counts it, so that the copies counted are those of the training workers that start
+    training_work = pool_training_work(spec, n_pool, model.training_flops)
     scoring_flops = model.forward_flops * scored * plans * quantized_per_plan
     if workers is None:
-        workers = worker_processes(device, 0 if pool_cached else training_flops,
+        workers = worker_processes(device, 0 if pool_cached else training_work,
                                    scoring_work(model.forward_flops, n_pool, q, quantize_grid))
     if workers > 1:
         # A copy: both splits' images and labels (the test split twice: the pool's, and the evaluation's
@@ -231,7 +234,7 @@ def estimate(spec: TaskSpec, raw: DatasetShape, device: str, quantized_per_plan:
     result_disk = results * (scores + m * n_pool + 2 * t * n_pool * (q + attacks) * 8 + 2 * t * n_test * 8)
     disk = pool_disk + quantized_disk + result_disk
 
-    flops = training_flops + model.forward_flops * scored * m + scoring_flops  # training; scoring every model
+    flops = training_work + model.forward_flops * scored * m + scoring_flops  # training; scoring every model
     return Budget(model, memory, device_memory, disk, flops, parts)
 
 

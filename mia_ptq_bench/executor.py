@@ -174,6 +174,8 @@ def torch_settings() -> dict[str, Any]:
 
 
 def apply_torch_settings(settings: dict[str, Any]) -> None:
+    """Take over ``settings`` (``torch_settings()`` of another process); a torch that cannot hold them all (another
+    version, on a remote Ray node say) is refused, since it would not compute the same bits anyway."""
     import torch
 
     torch.set_default_dtype(settings["default_dtype"])
@@ -186,7 +188,16 @@ def apply_torch_settings(settings: dict[str, Any]) -> None:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     for flag in _BACKEND_FLAGS + _PRECISION_FLAGS:
         if flag in settings:
-            setattr(*_backend_flag(torch, flag), settings[flag])
+            owner, attribute = _backend_flag(torch, flag)
+            if not hasattr(owner, attribute):  # setattr would only add an attribute nothing reads
+                raise BenchError(f"torch {torch.__version__} here has no torch.backends.{flag}")
+            setattr(owner, attribute, settings[flag])
+    held = torch_settings()
+    if held != settings:
+        differing = sorted(k for k in held.keys() | settings.keys() if held.get(k, "absent") != settings.get(k, "absent"))
+        raise BenchError(f"torch {torch.__version__} here does not hold the settings handed over: "
+                         + ", ".join(f"{k} {held.get(k, 'absent')!r} (handed {settings.get(k, 'absent')!r})"
+                                     for k in differing[:4]))
 
 
 def _backend_flag(torch: Any, flag: str) -> tuple[Any, str]:

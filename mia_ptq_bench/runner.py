@@ -282,7 +282,7 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
                  threat_models=[t.name for t in threats], dataset=context.dataset, source=options.task_source,
                  # copies of the data in local worker processes; Ray's workers hold theirs elsewhere
                  workers=options.workers if isinstance(options.executor, LocalExecutor) else 1,
-                 quantize_grid=grid_extent(spec, quantizer))
+                 quantize_grid=grid_extent(spec, quantizer) if any(not p.is_full_precision for p in plan_list) else None)
     context.dataset()  # a data set that cannot be read is refused before the cache is touched
     # From here the run reads and writes the cache: `cache clear` would pull the pool from under it.
     held.enter_context(in_use(Path(options.cache_dir), [spec.id], waiting=progress.log))

@@ -325,6 +325,33 @@ def test_the_budget_counts_worker_copies_only_where_the_automatic_choice_starts_
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("task", ["tiny-cnn", "tiny-digits"])
+def test_the_budget_counts_the_copies_of_exactly_the_training_workers_build_pool_starts(
+        task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget counts on the meta model what build_pool counts on the real one (pool_training_work of
+    training_flops): with the threshold at that work the copies are counted, just above it they are not."""
+    from mia_ptq_bench.budget import measure_model
+    from mia_ptq_bench.data import load_dataset
+    from mia_ptq_bench.pool import train
+
+    spec = load_task(task)
+    data = load_dataset(spec.dataset)
+    real = train.task_training_flops(spec, data)
+    assert measure_model(spec, tuple(data.input_shape), data.num_classes).training_flops == real
+    work = train.pool_training_work(spec, len(data.pool), real)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for threshold, workers in ((work, 2), (work * 1.001, 1)):
+            monkeypatch.setattr(train, "WORKER_WORK", threshold)
+            assert train.auto_workers(torch.device("cpu"), 2, work) == workers  # build_pool's choice
+            budget = check_budget(spec, "cpu", tmp_path / "cache", dataset=lambda: data)
+            assert [n for n in budget.memory_parts if n.startswith("copies")] == \
+                (["copies for 2 worker processes"] if workers == 2 else [])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_heldout_calibration_larger_than_the_test_split_is_refused_before_loading(tmp_path: Path) -> None:
     data = yaml.safe_load((TASKS / "tiny-cnn.yaml").read_text())
     data["calibration"]["size"] = 100  # test_size is 100

@@ -97,13 +97,20 @@ def test_workers_start_with_the_drivers_torch_settings() -> None:
     assert torch_settings() == before
 
 
-def test_a_worker_that_cannot_take_the_drivers_settings_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("change, cause", [
+    ({"default_dtype": torch.int64}, "TypeError: .*"),  # set_default_dtype refuses it
+    # a flag this torch lacks, as a driver's other torch version might hand over
+    ({"cudnn.not_in_this_torch": True}, "BenchError: torch .* here does not hold the settings handed over: "
+                                        r"cudnn.not_in_this_torch 'absent' \(handed True\)"),
+])
+def test_a_worker_that_cannot_take_the_drivers_settings_says_so(change: dict, cause: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from mia_ptq_bench import executor
     from worker_units import torch_settings_here
 
-    settings = {**executor.torch_settings(), "default_dtype": torch.int64}  # set_default_dtype refuses it
+    settings = {**executor.torch_settings(), **change}
     monkeypatch.setattr(executor, "torch_settings", lambda: settings)
-    with pytest.raises(BenchError, match="a worker process could not start: TypeError: .*"):
+    with pytest.raises(BenchError, match="a worker process could not start: " + cause):
         ResidentProcesses(1).map(torch_settings_here, [0])
 
 
@@ -268,6 +275,28 @@ def test_the_budget_counts_the_copies_of_exactly_the_workers_the_runner_starts(
                 assert copies == (["copies for 2 worker processes"] if workers == 2 else [])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_evaluate_hands_the_budget_the_grid_its_workers_are_chosen_by(
+        tiny_task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench import runner
+
+    class Checked(Exception):
+        pass
+
+    handed: dict = {}
+
+    def check_budget(*args, **kwargs) -> None:
+        handed.update(kwargs)
+        raise Checked  # the rest of the run is not this test's
+
+    monkeypatch.setattr(runner, "check_budget", check_budget)
+    brecq = QUANTIZERS.get("brecq")()
+    for name, plans, grid in (("brecq", ["w4"], grid_extent(tiny_task, brecq)), ("gptq", None, None)):
+        with pytest.raises(Checked):
+            evaluate(name, tiny_task, plans=plans, options=RunOptions(out_dir=tmp_path / "out", cache_dir=tmp_path / "c"))
+        assert handed["quantize_grid"] == grid and handed["workers"] is None
+    assert grid_extent(tiny_task, brecq) is not None
 
 
 def test_the_models_a_plan_quantizes_are_the_targets_and_the_shadows_its_attacks_quantize(tiny_task) -> None:

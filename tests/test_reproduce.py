@@ -155,6 +155,17 @@ def test_same_environment_ignores_only_the_cpus_device_string(committed: Path) -
                                                                                 "default_dtype": "torch.float64"}}))
 
 
+def test_a_committed_result_from_before_the_torch_settings_were_recorded_is_never_rerun_identically() -> None:
+    from mia_ptq_bench.environment import recorded_torch_settings
+
+    written = load_result(Path(__file__).parents[1] / "submissions" / "rtn" / "results" / "digits-mlp"
+                          / "w4--oblivious.json")
+    assert written.environment.torch_settings is None
+    rerun = written.environment.model_copy(update={"torch_settings": recorded_torch_settings()})
+    assert not same_environment(written.environment, rerun)
+    assert regime(written, written.model_copy(update={"environment": rerun})) != IDENTICAL
+
+
 def test_a_result_records_the_torch_settings_it_is_computed_under_and_the_cache_keeps_them_apart() -> None:
     import torch
 

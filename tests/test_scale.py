@@ -255,12 +255,18 @@ def test_ray_failures_are_reported_not_dropped(monkeypatch: pytest.MonkeyPatch) 
         assert here != before and executor.map(settings_here, [1, 2]) == [here, here]
         executors.apply_torch_settings(before)
         assert executor.map(settings_here, [1]) == [before]
-        # Settings a worker cannot take are refused once, not retried
-        with monkeypatch.context() as patched:
-            patched.setattr(executors, "torch_settings", lambda: {**before, "default_dtype": torch.int64})
-            with pytest.raises(BenchError, match=r"1 of 1 Ray tasks failed .*: job 1: BenchError: the Ray worker could "
-                                                 r"not take the driver's torch settings: TypeError: .*\(not retried\)"):
-                executor.map(fails_on_two, [1], describe=lambda j: f"job {j}")
+        # Settings a worker cannot take (a value it refuses; a flag its torch lacks, as another version's might) are
+        # refused once, not retried
+        for handed, cause in (({**before, "default_dtype": torch.int64}, "TypeError: .*"),
+                              ({**before, "mkldnn.matmul.not_in_this_torch": "ieee"},
+                               "BenchError: torch .* here does not hold the settings handed over: "
+                               "mkldnn.matmul.not_in_this_torch 'absent' \\(handed 'ieee'\\)")):
+            with monkeypatch.context() as patched:
+                patched.setattr(executors, "torch_settings", lambda handed=handed: handed)
+                with pytest.raises(BenchError, match=r"1 of 1 Ray tasks failed .*: job 1: BenchError: the Ray worker "
+                                                     r"could not take the driver's torch settings: " + cause
+                                                     + r" \(not retried\)"):
+                    executor.map(fails_on_two, [1], describe=lambda j: f"job {j}")
         assert not (attempts / "job-1").exists()
         with pytest.raises(BenchError, match=r"2 of 3 Ray tasks failed after 1 retries: job 2: ValueError: two is bad; "
                                              r"job 3: BenchError: three: refused input \(not retried\)"):

@@ -23,7 +23,7 @@ from ..models.structure import check_quantizable
 from ..spec.schema import TaskSpec
 from .masks import balanced_keep_masks
 from .store import GROUPS, PoolStore
-from .train import Speed, auto_stack, auto_workers, init_model, make_schedule, trained_images, train_sequential, \
+from .train import Speed, auto_stack, auto_workers, init_model, make_schedule, pool_training_work, train_sequential, \
     task_training_flops, train_stacked
 
 Trainer = Literal["auto", "sequential", "stacked"]
@@ -157,8 +157,7 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
         # Judged on the whole pool, so that a resumed build chooses the groups an uninterrupted one did; and
         # whatever runs the units (worker processes here, or Ray's), so that each trains the same bits: groups
         # of G / workers, each with its share of the threads.
-        work = n_models * trained_images(spec, n_examples) * task_training_flops(spec, dataset)
-        workers = auto_workers(device, threads, work)
+        workers = auto_workers(device, threads, pool_training_work(spec, n_examples, task_training_flops(spec, dataset)))
     if workers > 1 and stack is None and group_size > 1:
         group_size = -(-group_size // workers)  # as many models in training at once as one group, in smaller groups
     # Groups are fixed by model index, and a group is trained whole even when an earlier run

@@ -174,11 +174,22 @@ def stack_size(flops_per_image: float, batch_size: int, bytes_per_model: float, 
 
 
 def training_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
-    """FLOP of one training image, forward and backward (convolutions and matmuls, as FlopCounterMode counts)."""
-    model = copy.deepcopy(model).cpu().train()
+    """FLOP of one training image, forward and backward (convolutions and matmuls, as FlopCounterMode counts).
+
+    The count follows from the shapes alone, so a model on the ``meta`` device (the budget's, built before
+    anything is allocated) counts the same as its real copy."""
+    device = "meta" if any(p.is_meta for p in model.parameters()) else "cpu"
+    model = copy.deepcopy(model).to(device).train()
     with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(torch.zeros(2, *input_shape)), torch.zeros(2, dtype=torch.long)).backward()
+        F.cross_entropy(model(torch.zeros(2, *input_shape, device=device)),
+                        torch.zeros(2, dtype=torch.long, device=device)).backward()
     return counter.get_total_flops() / 2
+
+
+def pool_training_work(spec: TaskSpec, pool_size: int, per_image: float) -> float:
+    """FLOP of training the whole pool, ``per_image`` (``training_flops``) for every image each model trains on:
+    what ``build_pool`` chooses its workers by, and the budget's count of their copies."""
+    return spec.membership.n_models * trained_images(spec, pool_size) * per_image
 
 
 _TASK_FLOPS: dict[tuple, float] = {}

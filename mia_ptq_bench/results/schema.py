@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from ..spec.audit import LayerAudit
 
@@ -167,6 +167,11 @@ class EvidenceRef(Strict):
     models: list[int] = Field(description="the pool models whose quantized weights it holds")
 
 
+# A package name or version, a torch setting's name or value: short words, a few dozen of them.
+Label = Annotated[str, StringConstraints(max_length=128)]
+SETTINGS_CAP = 64
+
+
 class Environment(Strict):
     """Where a result was computed: a rerun with all of these equal reproduces it bit for bit."""
 
@@ -176,17 +181,19 @@ class Environment(Strict):
     processor: str | None = Field(None, description="the CPU's model name; results written before it was recorded "
                                                     "lack it, and no rerun counts as their environment")
     device: str
-    packages: dict[str, str]
+    packages: dict[Label, Label] = Field(max_length=SETTINGS_CAP)
     torch_threads: int = Field(description="torch.get_num_threads(): the float summation order can depend on it")
     quantize_workers: int = Field(1, ge=1, description="processes the models were quantized and scored in, each with "
                                                        "torch_threads // quantize_workers threads; 1 (the result's own "
                                                        "process) in results written before it was recorded")
     cpu_capability: str = Field(description="torch.backends.cpu.get_cpu_capability(): the vector kernels used")
     deterministic_algorithms: bool = Field(description="torch.are_deterministic_algorithms_enabled()")
-    torch_settings: dict[str, str | bool] | None = Field(
-        None, description="torch settings that can change float results (default dtype, float32 precision per "
-                          "backend, cuDNN and oneDNN switches), as the worker processes were handed them; results "
-                          "written before they were recorded lack them, and no rerun counts as their environment")
+    torch_settings: dict[Label, Label | bool] | None = Field(
+        None, max_length=SETTINGS_CAP,
+        description="torch settings that can change float results (default dtype, deterministic algorithms again, "
+                    "float32 precision per backend, cuDNN and oneDNN switches), under which the run quantized and "
+                    "scored, as its worker processes were handed them; results written before they were recorded "
+                    "lack them, and no rerun counts as their environment")
 
 
 class Result(Strict):
