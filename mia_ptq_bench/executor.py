@@ -141,8 +141,7 @@ def _worker_pool(workers: int, setup: Callable[[], Any] | None = None):
 
 
 # Process-wide torch settings that can change a computation's bits. A spawned worker starts from torch's
-# defaults, so the driver's are handed to it (the thread count each unit sets), and to every Ray task. Not
-# handed: set_flush_denormal, for which torch has no getter.
+# defaults, so the driver's are handed to it (the thread count each unit sets), and to every Ray task.
 _TORCH_SETTINGS = {  # name: (getter, setter)
     "default_dtype": ("get_default_dtype", "set_default_dtype"),
     "deterministic": ("are_deterministic_algorithms_enabled", None),
@@ -164,6 +163,7 @@ def torch_settings() -> dict[str, Any]:
     import torch
 
     settings = {name: getattr(torch, getter)() for name, (getter, _) in _TORCH_SETTINGS.items()}
+    settings["flush_denormal"] = _flushes_denormals()
     per_backend = hasattr(torch.backends, "fp32_precision")
     for flag in _BACKEND_FLAGS + (_PRECISION_FLAGS if per_backend else ()):
         with contextlib.suppress(AttributeError):
@@ -181,6 +181,8 @@ def apply_torch_settings(settings: dict[str, Any]) -> None:
     torch.set_default_dtype(settings["default_dtype"])
     if "float32_matmul_precision" in settings:
         torch.set_float32_matmul_precision(settings["float32_matmul_precision"])
+    if "flush_denormal" in settings:
+        torch.set_flush_denormal(settings["flush_denormal"])  # False where the CPU cannot: the check below says so
     deterministic = (settings["deterministic"], settings["deterministic_warn_only"])
     # Only where it differs: the call also resets inductor's own deterministic switch.
     if deterministic != (torch.are_deterministic_algorithms_enabled(),
@@ -198,6 +200,14 @@ def apply_torch_settings(settings: dict[str, Any]) -> None:
         raise BenchError(f"torch {torch.__version__} here does not hold the settings handed over: "
                          + ", ".join(f"{k} {held.get(k, 'absent')!r} (handed {settings.get(k, 'absent')!r})"
                                      for k in differing[:4]))
+
+
+def _flushes_denormals() -> bool:
+    """Whether this thread flushes denormal floats to zero (``torch.set_flush_denormal``, which has no getter):
+    a denormal float32 multiplied by one comes out as zero only then."""
+    import torch
+
+    return bool((torch.full((1,), 1e-40, dtype=torch.float32, device="cpu") * 1.0).item() == 0.0)
 
 
 def _backend_flag(torch: Any, flag: str) -> tuple[Any, str]:

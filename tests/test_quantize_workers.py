@@ -87,8 +87,9 @@ def test_workers_start_with_the_drivers_torch_settings() -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.set_default_dtype(torch.float64)
         torch.backends.mkldnn.enabled = False
+        flushes = torch.set_flush_denormal(True)  # False on a CPU without flush-to-zero: then nothing changed
         here = torch_settings()
-        assert here != before
+        assert here != before and here["flush_denormal"] is flushes
         with ResidentProcesses(1) as processes:
             assert processes.map(torch_settings_here, [0]) == [here]
         assert ProcessExecutor(1).map(torch_settings_here, [0]) == [here]

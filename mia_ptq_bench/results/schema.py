@@ -191,7 +191,7 @@ class Environment(Strict):
     torch_settings: dict[Label, Label | bool] | None = Field(
         None, max_length=SETTINGS_CAP,
         description="torch settings that can change float results (default dtype, deterministic algorithms again, "
-                    "float32 precision per backend, cuDNN and oneDNN switches), under which the run quantized and "
+                    "float32 precision per backend, cuDNN and oneDNN switches, flushing denormals), under which the run quantized and "
                     "scored, as its worker processes were handed them; results written before they were recorded "
                     "lack them, and no rerun counts as their environment")
 
