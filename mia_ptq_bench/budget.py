@@ -118,21 +118,27 @@ def measure_model(spec: TaskSpec, input_shape: tuple[int, int, int], classes: in
             activations[0] += output.numel()
             activations[1] = max(activations[1], output.numel())
 
+    def cannot_run(exc: Exception) -> SpecError:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return SpecError(f"model: {spec.model.arch} cannot run on {input_shape[1]}x{input_shape[2]} images with "
+                         f"{input_shape[0]} channel(s): {first}")
+
     hooks = [m.register_forward_hook(count) for m in model.modules() if not any(True for _ in m.children())]
     try:
         with FlopCounterMode(display=False) as counter:
             model(torch.empty((1, *input_shape), device="meta"))
     except (RuntimeError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpecError(f"model: {spec.model.arch} cannot run on {input_shape[1]}x{input_shape[2]} images with "
-                        f"{input_shape[0]} channel(s): {first}") from None
+        raise cannot_run(exc) from None
     finally:
         for hook in hooks:
             hook.remove()
+    try:
+        trained = training_flops(model, input_shape)  # a training step too: its loss and backward
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise cannot_run(exc) from None
     check_quantizable(model, torch.empty((2, *input_shape), device="meta"))
     parameters = sum(p.numel() for p in model.parameters())
-    return ModelSize(parameters, float(counter.get_total_flops()), activations[0], activations[1],
-                     training_flops(model, input_shape))
+    return ModelSize(parameters, float(counter.get_total_flops()), activations[0], activations[1], trained)
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ def environment(device: str | torch.device, quantize_workers: int = 1) -> dict:
 
 def recorded_torch_settings() -> dict[str, str | bool]:
     """The process's torch settings that can change float results, as a result records them: those a worker
-    process or Ray task is handed (``executor.torch_settings``: default dtype, float32 precision per backend,
-    cuDNN's and oneDNN's switches, flushing denormals), so they are the settings the run quantized and scored under. (Not
+    process or Ray task is handed (``executor.torch_settings``: default dtype, deterministic algorithms, float32
+    precision per backend, cuDNN's and oneDNN's switches, flushing denormals), so they are the settings the run quantized and scored under. (Not
     necessarily the pool's: a pool is cached by its task alone, and may have been trained, or pulled, under others.)"""
     return {name: value if isinstance(value, bool) else str(value) for name, value in torch_settings().items()}

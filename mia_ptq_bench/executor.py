@@ -148,13 +148,11 @@ _TORCH_SETTINGS = {  # name: (getter, setter)
     "deterministic_warn_only": ("is_deterministic_algorithms_warn_only_enabled", None),
 }
 _BACKEND_FLAGS = ("cudnn.enabled", "cudnn.deterministic", "cudnn.benchmark", "mkldnn.enabled", "mkldnn.deterministic")
-# Float32 precision (TF32, bf16) per backend and operation, general ones first (a specific one set after
-# overrides them). Where torch has these, they hold what set_float32_matmul_precision set too; an older torch
-# has only that one, handed instead.
-_PRECISION_FLAGS = ("fp32_precision", "mkldnn.fp32_precision", "mkldnn.matmul.fp32_precision",
-                    "mkldnn.conv.fp32_precision", "mkldnn.rnn.fp32_precision", "cuda.fp32_precision",
-                    "cuda.matmul.fp32_precision", "cudnn.fp32_precision", "cudnn.conv.fp32_precision",
-                    "cudnn.rnn.fp32_precision")
+# Float32 precision (TF32, bf16) per backend and operation, as torch keeps it: a level set is copied down to
+# the ones below it, so they are applied general ones first. Read and written through torch._C, since the public
+# torch.backends.mkldnn.fp32_precision reads oneDNN's level but writes the general one.
+_PRECISIONS = (("generic", "all"), ("mkldnn", "all"), ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"),
+               ("cuda", "all"), ("cuda", "matmul"), ("cuda", "conv"), ("cuda", "rnn"))
 
 
 def torch_settings() -> dict[str, Any]:
@@ -164,12 +162,19 @@ def torch_settings() -> dict[str, Any]:
 
     settings = {name: getattr(torch, getter)() for name, (getter, _) in _TORCH_SETTINGS.items()}
     settings["flush_denormal"] = _flushes_denormals()
-    per_backend = hasattr(torch.backends, "fp32_precision")
-    for flag in _BACKEND_FLAGS + (_PRECISION_FLAGS if per_backend else ()):
-        with contextlib.suppress(AttributeError):
-            settings[flag] = getattr(*_backend_flag(torch, flag))
-    if not per_backend:
+    # The one value set_float32_matmul_precision keeps beside the per-backend ones (on CUDA a worker whose two
+    # disagree fails at its first matmul); torch refuses to read it once they disagree, and so left out.
+    with contextlib.suppress(RuntimeError):
         settings["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+    for flag in _BACKEND_FLAGS:
+        found = _backend_flag(torch, flag)
+        if found is not None:
+            settings[flag] = getattr(*found)
+    if hasattr(torch._C, "_get_fp32_precision_getter"):
+        for backend, operation in _PRECISIONS:
+            with contextlib.suppress(RuntimeError, ValueError):
+                value = torch._C._get_fp32_precision_getter(backend, operation)
+                settings[f"fp32_precision.{backend}.{operation}"] = value
     return settings
 
 
@@ -179,8 +184,6 @@ def apply_torch_settings(settings: dict[str, Any]) -> None:
     import torch
 
     torch.set_default_dtype(settings["default_dtype"])
-    if "float32_matmul_precision" in settings:
-        torch.set_float32_matmul_precision(settings["float32_matmul_precision"])
     if "flush_denormal" in settings:
         torch.set_flush_denormal(settings["flush_denormal"])  # False where the CPU cannot: the check below says so
     deterministic = (settings["deterministic"], settings["deterministic_warn_only"])
@@ -188,12 +191,21 @@ def apply_torch_settings(settings: dict[str, Any]) -> None:
     if deterministic != (torch.are_deterministic_algorithms_enabled(),
                          torch.is_deterministic_algorithms_warn_only_enabled()):
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-    for flag in _BACKEND_FLAGS + _PRECISION_FLAGS:
+    for flag in _BACKEND_FLAGS:
         if flag in settings:
-            owner, attribute = _backend_flag(torch, flag)
-            if not hasattr(owner, attribute):  # setattr would only add an attribute nothing reads
+            found = _backend_flag(torch, flag)
+            if found is None:  # setattr would only add an attribute nothing reads
                 raise BenchError(f"torch {torch.__version__} here has no torch.backends.{flag}")
-            setattr(owner, attribute, settings[flag])
+            setattr(*found, settings[flag])
+    if "float32_matmul_precision" in settings:  # before the per-backend values, which it would overwrite
+        torch.set_float32_matmul_precision(settings["float32_matmul_precision"])
+    per_backend = any(key.startswith("fp32_precision.") for key in settings)
+    if per_backend and not hasattr(torch._C, "_set_fp32_precision_setter"):
+        raise BenchError(f"torch {torch.__version__} here has no per-backend float32 precision")
+    for backend, operation in _PRECISIONS:  # general ones first
+        key = f"fp32_precision.{backend}.{operation}"
+        if key in settings:
+            torch._C._set_fp32_precision_setter(backend, operation, settings[key])
     held = torch_settings()
     if held != settings:
         differing = sorted(k for k in held.keys() | settings.keys() if held.get(k, "absent") != settings.get(k, "absent"))
@@ -210,13 +222,13 @@ def _flushes_denormals() -> bool:
     return bool((torch.full((1,), 1e-40, dtype=torch.float32, device="cpu") * 1.0).item() == 0.0)
 
 
-def _backend_flag(torch: Any, flag: str) -> tuple[Any, str]:
-    """The object holding ``torch.backends.<flag>`` and the attribute's name."""
+def _backend_flag(torch: Any, flag: str) -> tuple[Any, str] | None:
+    """The object holding ``torch.backends.<flag>`` and the attribute's name; None where this torch has no such flag."""
     *path, attribute = f"backends.{flag}".split(".")
     owner = torch
     for part in path:
-        owner = getattr(owner, part)
-    return owner, attribute
+        owner = getattr(owner, part, None)
+    return (owner, attribute) if owner is not None and hasattr(owner, attribute) else None
 
 
 # In a worker: why its setup failed, reported by its first unit (an initializer's exception would only

@@ -82,20 +82,46 @@ def test_workers_start_with_the_drivers_torch_settings() -> None:
     from worker_units import torch_settings_here
 
     before = torch_settings()
+    assert before["flush_denormal"] is False and before["float32_matmul_precision"] == "highest"
     try:
-        torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # oneDNN's matmuls in bfloat16 on a CPU that has it
+        # oneDNN's own level in float32, its matmuls in bfloat16 on a CPU that has it: the public property of the
+        # first writes the general level instead, so both are handed over as torch keeps them
+        torch._C._set_fp32_precision_setter("mkldnn", "all", "ieee")
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.set_default_dtype(torch.float64)
         torch.backends.mkldnn.enabled = False
         flushes = torch.set_flush_denormal(True)  # False on a CPU without flush-to-zero: then nothing changed
         here = torch_settings()
         assert here != before and here["flush_denormal"] is flushes
+        assert here["fp32_precision.mkldnn.all"] == "ieee" and here["fp32_precision.generic.all"] == "none"
         with ResidentProcesses(1) as processes:
             assert processes.map(torch_settings_here, [0]) == [here]
+        assert ProcessExecutor(1).map(torch_settings_here, [0]) == [here]
+        # set_float32_matmul_precision keeps one value beside the per-backend ones: a worker gets both
+        apply_torch_settings(before)
+        torch.set_float32_matmul_precision("high")
+        here = torch_settings()
+        assert here["float32_matmul_precision"] == "high" and here["fp32_precision.mkldnn.matmul"] == "tf32"
         assert ProcessExecutor(1).map(torch_settings_here, [0]) == [here]
     finally:
         apply_torch_settings(before)
     assert torch_settings() == before
+
+
+def test_settings_this_torch_lacks_are_refused_not_added(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mia_ptq_bench import executor
+
+    before = executor.torch_settings()
+    # a flag the driver's (other) torch has and this one lacks, in the list handed over
+    monkeypatch.setattr(executor, "_BACKEND_FLAGS", executor._BACKEND_FLAGS + ("cudnn.not_in_this_torch",))
+    with pytest.raises(BenchError, match=r"torch .* here has no torch.backends.cudnn.not_in_this_torch"):
+        executor.apply_torch_settings({**before, "cudnn.not_in_this_torch": True})
+    assert not hasattr(torch.backends.cudnn, "not_in_this_torch")
+    monkeypatch.setattr(executor, "_BACKEND_FLAGS", executor._BACKEND_FLAGS + ("nothing.at_all",))
+    with pytest.raises(BenchError, match=r"here has no torch.backends.nothing.at_all"):
+        executor.apply_torch_settings({**before, "nothing.at_all": 1})
+    executor.apply_torch_settings(before)
 
 
 @pytest.mark.parametrize("change, cause", [
@@ -293,11 +319,20 @@ def test_evaluate_hands_the_budget_the_grid_its_workers_are_chosen_by(
 
     monkeypatch.setattr(runner, "check_budget", check_budget)
     brecq = QUANTIZERS.get("brecq")()
-    for name, plans, grid in (("brecq", ["w4"], grid_extent(tiny_task, brecq)), ("gptq", None, None)):
+
+    class FullPrecisionToo(type(brecq)):  # a long method that also serves fp32: a run of fp32 alone quantizes nothing
+        name = "full-precision-too"
+
+        def unsupported(self, plan: PrecisionPlan) -> str | None:
+            return None if plan.is_full_precision else super().unsupported(plan)
+
+    runs = (("brecq", ["w4"], grid_extent(tiny_task, brecq)), ("gptq", None, None), (FullPrecisionToo(), ["fp32"], None))
+    for quantizer, plans, grid in runs:
         with pytest.raises(Checked):
-            evaluate(name, tiny_task, plans=plans, options=RunOptions(out_dir=tmp_path / "out", cache_dir=tmp_path / "c"))
+            evaluate(quantizer, tiny_task, plans=plans,
+                     options=RunOptions(out_dir=tmp_path / "out", cache_dir=tmp_path / "c"))
         assert handed["quantize_grid"] == grid and handed["workers"] is None
-    assert grid_extent(tiny_task, brecq) is not None
+    assert grid_extent(tiny_task, brecq) is not None and grid_extent(tiny_task, FullPrecisionToo()) is not None
 
 
 def test_the_models_a_plan_quantizes_are_the_targets_and_the_shadows_its_attacks_quantize(tiny_task) -> None:

@@ -166,6 +166,22 @@ def test_a_committed_result_from_before_the_torch_settings_were_recorded_is_neve
     assert regime(written, written.model_copy(update={"environment": rerun})) != IDENTICAL
 
 
+def test_a_documents_environment_dicts_are_bounded() -> None:
+    from pydantic import ValidationError
+
+    from mia_ptq_bench.environment import environment
+    from mia_ptq_bench.results.schema import Environment
+
+    recorded = environment("cpu")
+    Environment(**recorded)
+    for field, bloated in (("torch_settings", {f"flag{i}": "ieee" for i in range(65)}),
+                           ("torch_settings", {"x" * 129: "ieee"}),
+                           ("packages", {"torch": "2." + "1" * 127}),
+                           ("packages", {f"package{i}": "1.0" for i in range(65)})):
+        with pytest.raises(ValidationError, match=field):
+            Environment(**{**recorded, field: bloated})
+
+
 def test_a_result_records_the_torch_settings_it_is_computed_under_and_the_cache_keeps_them_apart() -> None:
     import torch
 

@@ -15,6 +15,7 @@ concatenates fresh permutations of the model's own members.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -178,7 +179,7 @@ def training_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
 
     The count follows from the shapes alone, so a model on the ``meta`` device (the budget's, built before
     anything is allocated) counts the same as its real copy."""
-    device = "meta" if any(p.is_meta for p in model.parameters()) else "cpu"
+    device = "meta" if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())) else "cpu"
     model = copy.deepcopy(model).to(device).train()
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(torch.zeros(2, *input_shape, device=device)),
