@@ -99,7 +99,7 @@ class ModelSize:
     forward_flops: float  # one example, one forward pass
     activations: int  # values the layers output for one example (about what autograd keeps for backward)
     largest: int  # values of the largest layer output for one example (what inference holds at a time)
-    training_flops: float = 0.0  # one example, forward and backward (pool/train.py training_flops)
+    training_flops: float  # one example, forward and backward (pool/train.py training_flops)
 
 
 def measure_model(spec: TaskSpec, input_shape: tuple[int, int, int], classes: int) -> ModelSize:

@@ -142,10 +142,10 @@ def _worker_pool(workers: int, setup: Callable[[], Any] | None = None):
 
 # Process-wide torch settings that can change a computation's bits. A spawned worker starts from torch's
 # defaults, so the driver's are handed to it (the thread count each unit sets), and to every Ray task.
-_TORCH_SETTINGS = {  # name: (getter, setter)
-    "default_dtype": ("get_default_dtype", "set_default_dtype"),
-    "deterministic": ("are_deterministic_algorithms_enabled", None),
-    "deterministic_warn_only": ("is_deterministic_algorithms_warn_only_enabled", None),
+_TORCH_SETTINGS = {  # name: torch's getter
+    "default_dtype": "get_default_dtype",
+    "deterministic": "are_deterministic_algorithms_enabled",
+    "deterministic_warn_only": "is_deterministic_algorithms_warn_only_enabled",
 }
 _BACKEND_FLAGS = ("cudnn.enabled", "cudnn.deterministic", "cudnn.benchmark", "mkldnn.enabled", "mkldnn.deterministic")
 # Float32 precision (TF32, bf16) per backend and operation, as torch keeps it: a level set is copied down to
@@ -160,7 +160,7 @@ def torch_settings() -> dict[str, Any]:
     this torch does not have is left out."""
     import torch
 
-    settings = {name: getattr(torch, getter)() for name, (getter, _) in _TORCH_SETTINGS.items()}
+    settings = {name: getattr(torch, getter)() for name, getter in _TORCH_SETTINGS.items()}
     settings["flush_denormal"] = _flushes_denormals()
     # The one value set_float32_matmul_precision keeps beside the per-backend ones (on CUDA a worker whose two
     # disagree fails at its first matmul); torch refuses to read it once they disagree, and so left out.
@@ -243,7 +243,11 @@ def _start_worker(setup: Callable[[], Any] | None, settings: dict[str, Any]) -> 
         if setup is not None:
             setup()
     except Exception as exc:  # noqa: BLE001 - any failure: reported by the units, in one line
-        _SETUP_FAILED.append(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+        _SETUP_FAILED.append(_one_line(exc))
+
+
+def _one_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
 def _after_setup(unit, job):
@@ -363,8 +367,7 @@ def _apply(unit, settings, job):
     try:
         apply_torch_settings(settings)
     except Exception as exc:  # noqa: BLE001 - another torch on a remote node, say: the same for every retry
-        return _Refused(BenchError(f"the Ray worker could not take the driver's torch settings: "
-                                   f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"))
+        return _Refused(BenchError(f"the Ray worker could not take the driver's torch settings: {_one_line(exc)}"))
     try:
         return unit(job)
     except BenchError as exc:

@@ -265,6 +265,7 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
     # 1. check
     check_task(spec, options.task_source)
     plan_list = resolve_plans(quantizer, spec, plans)
+    quantized = any(not plan.is_full_precision for plan in plan_list)
     threats = resolve_threat_models(spec, threat_models)
     # The strategies an attacker chooses among come from the task, not from which results this run writes.
     known_threats = resolve_threat_models(spec, None) + threats
@@ -282,7 +283,7 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
                  threat_models=[t.name for t in threats], dataset=context.dataset, source=options.task_source,
                  # copies of the data in local worker processes; Ray's workers hold theirs elsewhere
                  workers=options.workers if isinstance(options.executor, LocalExecutor) else 1,
-                 quantize_grid=grid_extent(spec, quantizer) if any(not p.is_full_precision for p in plan_list) else None)
+                 quantize_grid=grid_extent(spec, quantizer) if quantized else None)
     context.dataset()  # a data set that cannot be read is refused before the cache is touched
     # From here the run reads and writes the cache: `cache clear` would pull the pool from under it.
     held.enter_context(in_use(Path(options.cache_dir), [spec.id], waiting=progress.log))
@@ -306,7 +307,6 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
     folder_name = quantizer.name if options.per_quantizer_folder else None
     quantized_shadows = [int(m) for m in spec.quantized_shadow_models]
     candidates = {t.name: candidate_threats(t, known_threats) for t in threats}
-    quantized = any(not plan.is_full_precision for plan in plan_list)
     workers = quantize_workers(spec, pool, quantizer, options) if quantized else 1
     quantizing = start_quantizing(context, pool, test, quantizer, options, workers, held, progress)
     provenance = _provenance(spec, quantizer, pool, options.device, quantizing.workers)
