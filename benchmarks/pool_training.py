@@ -23,6 +23,9 @@ shared), and the best round counts. --save writes the output under benchmarks/re
     its own worker process of one thread, both at once: what build_pool does on a CPU for a pool
     with much training (pool/train.py auto_workers). The workers are started, and torch imported
     in them, before the clock starts, as a pool build pays that once; the start-up is printed.
+(e) as (d), with bfloat16 autocast (``evaluate --amp``), where the device has native bfloat16
+    arithmetic: another arithmetic than the study's float32, so its rate is also given against a
+    ceiling at the measured bfloat16 GEMM peak.
 """
 
 from __future__ import annotations
@@ -46,16 +49,16 @@ from torchvision import transforms
 from mia_ptq_bench.allocator import keep_freed_memory
 from mia_ptq_bench.data import ImageDataset, load_dataset
 from mia_ptq_bench.pool import pool_keep_masks
-from mia_ptq_bench.pool.train import (Speed, auto_stack, init_model, make_schedule, steps_per_epoch,
-                                      train_sequential, train_stacked, training_flops)
+from mia_ptq_bench.pool.train import (Speed, auto_stack, init_model, make_schedule, native_bfloat16,
+                                      steps_per_epoch, train_sequential, train_stacked, training_flops)
 from mia_ptq_bench.pool.wide import widen
 from mia_ptq_bench.inference import accuracy
 from mia_ptq_bench.spec import load_task
 
 from machine import best_time, describe, idle_fraction, load_average, save, say, sync, wait_for_quiet
 
-def gemm_peak(device: torch.device, repeats: int = 10, n: int = 2048) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def gemm_peak(device: torch.device, repeats: int = 10, n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / best_time(lambda: torch.mm(a, b), device, repeats)
 
 
@@ -150,10 +153,12 @@ def _ready(seconds: float) -> tuple[int, int]:
     return os.getpid(), torch.get_num_threads()
 
 
-def _train_group_here(spec, handed: bytes, schedules, indices: list[int], device: str) -> list[dict]:
+def _train_group_here(spec, handed: bytes, schedules, indices: list[int], device: str,
+                      amp: bool | None = None) -> list[dict]:
     data = pickle.loads(handed)  # by value, as build_pool hands it over (not through /dev/shm)
     models = [init_model(spec, data, i) for i in indices]
-    trained = train_stacked(spec, data, models, schedules, torch.device(device), Speed.for_device(torch.device(device)))
+    trained = train_stacked(spec, data, models, schedules, torch.device(device),
+                            Speed.for_device(torch.device(device), amp))
     return [m.state_dict() for m in trained]
 
 
@@ -198,6 +203,11 @@ def main() -> None:
     idle = wait_for_quiet(args.patience)
     peak = gemm_peak(device)
     say(f"measured peak (idle {idle:.2f}): fp32 GEMM 2048x2048, best of 10: {peak / 1e9:.0f} GFLOP/s")
+    bfloat16 = native_bfloat16(device) and not speed.amp  # on CUDA, (b) to (d) run bfloat16 already
+    if bfloat16:
+        bf16_peak = gemm_peak(device, dtype=torch.bfloat16)
+        say(f"measured peak: bfloat16 GEMM 2048x2048, best of 10: {bf16_peak / 1e9:.0f} GFLOP/s "
+            f"({bf16_peak / peak:.2f}x fp32), for (e)")
     template = init_model(spec, data, 0)
     wide_layout = torch.channels_last if device.type == "cpu" or speed.channels_last else torch.contiguous_format
     say(f"the model's convolutions, one training step (forward + gradients) at batch {batch}, GFLOP/s:")
@@ -251,10 +261,10 @@ def main() -> None:
     worker_threads = list(started_workers.values())
     startup = time.perf_counter() - start
 
-    def stacked_in_processes() -> list[nn.Module]:
+    def stacked_in_processes(amp: bool | None = None) -> list[nn.Module]:
         handed = pickle.dumps(resident)
-        futures = [workers.submit(_train_group_here, spec, handed, [schedules[i] for i in half], half, str(device))
-                   for half in halves]
+        futures = [workers.submit(_train_group_here, spec, handed, [schedules[i] for i in half], half, str(device),
+                                  amp) for half in halves]
         trained = []
         for half, future in zip(halves, futures):
             for index, state in zip(half, future.result()):
@@ -267,6 +277,8 @@ def main() -> None:
                 "(b') sequential, channels_last": (sequential_channels_last, models * per_model),
                 f"(c) stacked x{group}": (stacked, group * per_model),
                 f"(d) x{len(halves[0])} in {processes} processes": (stacked_in_processes, group * per_model)}
+    if bfloat16:
+        trainers["(e) as (d), bfloat16 autocast"] = (lambda: stacked_in_processes(amp=True), group * per_model)
     say(f"(d): {processes} worker processes of {worker_threads[0]} thread(s), started in {startup:.1f} s at most "
         "(once per pool build; not in the rates below)")
     try:
@@ -295,7 +307,7 @@ def main() -> None:
     best_round = {name: int(np.argmax(values)) for name, values in rates.items()}
     best = {name: rates[name][i] for name, i in best_round.items()}
     study_rate, sequential_rate = best["(a) study-style"], best["(b) sequential"]
-    say(f"best round, images per second (models {models} for a/b, {group} for c and d):")
+    say(f"best round, images per second (models {models} for a/b, {group} for the others):")
     say(f"{'trainer':32} {'img/s':>8} {'% ceiling':>9} {'% convs':>8} {'x study':>8} {'x seq':>7} {'test acc':>9} "
         f"{'acc (first ' + str(models) + ')':>15}")
     for name, rate in best.items():
@@ -304,6 +316,10 @@ def main() -> None:
         say(f"{name:32} {rate:8.0f} {100 * rate / ceiling:8.1f}% {100 * rate / conv_ceiling:7.1f}% "
             f"{rate / study_rate:8.2f} {rate / sequential_rate:7.2f} "
             f"{100 * np.mean(round_accuracies):8.2f}% {first:14.2f}%")
+    if bfloat16:
+        name = "(e) as (d), bfloat16 autocast"
+        say(f"(e) against the ceiling at the bfloat16 GEMM peak ({bf16_peak / flops:,.0f} images/s): "
+            f"{100 * best[name] * flops / bf16_peak:.1f}%")
     workers.shutdown()
     say(f"load average at the end: {load_average()}")
     if args.save:

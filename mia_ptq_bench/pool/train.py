@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..data import ImageDataset
 from ..data.augment import crop_and_flip
+from ..errors import BenchError
 from ..models import MODELS, build_model
 from ..spec.schema import TaskSpec
 from .wide import NotStackable, unstack_state, widen
@@ -36,9 +37,11 @@ from .wide import NotStackable, unstack_state, widen
 
 @dataclass(frozen=True)
 class Speed:
-    """How a trainer runs on an accelerator; none of it changes the recipe.
+    """How a trainer runs: the recipe is the same, but ``amp`` changes the arithmetic.
 
-    ``amp``: bfloat16 autocast (CUDA only); ``channels_last``: NHWC memory layout for
+    ``amp``: bfloat16 autocast (convolutions and matmuls take bfloat16 inputs and accumulate in
+    float32; weights, BatchNorm statistics and SGD stay float32). Models trained so differ from
+    float32-trained ones by more than float rounding. ``channels_last``: NHWC memory layout for
     convolutions; ``compile``: torch.compile the model.
     """
 
@@ -47,8 +50,25 @@ class Speed:
     compile: bool = False
 
     @classmethod
-    def for_device(cls, device: torch.device) -> Speed:
-        return cls(amp=True, channels_last=True) if device.type == "cuda" else cls()
+    def for_device(cls, device: torch.device, amp: bool | None = None) -> Speed:
+        """The device's way to train; ``amp`` None: bfloat16 autocast on CUDA, float32 on a CPU (where
+        ``amp=True`` needs native bfloat16 arithmetic: emulated, it would be slower than float32)."""
+        if device.type == "cuda":
+            return cls(amp=True if amp is None else amp, channels_last=True)
+        if amp and not native_bfloat16(device):
+            raise BenchError(f"--amp: this {device.type} has no native bfloat16 arithmetic (on x86, AVX512_BF16 or "
+                             "AMX; PyTorch's oneDNN reports none here), so bfloat16 autocast would train slower "
+                             "than float32; leave --amp out")
+        return cls(amp=bool(amp))
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 convolutions and matmuls run natively (faster than float32) on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @dataclass(frozen=True)
@@ -145,12 +165,11 @@ def train_sequential(spec: TaskSpec, dataset: ImageDataset, model: nn.Module, sc
     per_epoch = steps_per_epoch(spec, len(dataset.pool))
     padded = _padded_pool(dataset, spec.training.augment.crop_padding)
     schedule = on_device(schedule, device)
-    autocast = speed.amp and device.type == "cuda"
     for step in range(schedule.batches.shape[0]):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(spec, step, per_epoch)  # a Python float: no device sync
         images, labels = _batch(dataset, padded, schedule, step, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=speed.amp):
             loss = F.cross_entropy(forward(images.contiguous(memory_format=layout)), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -330,7 +349,6 @@ def train_stacked(spec: TaskSpec, dataset: ImageDataset, models: list[nn.Module]
     per_epoch = steps_per_epoch(spec, len(dataset.pool))
     padded = _padded_pool(dataset, spec.training.augment.crop_padding)
     schedule = on_device(stack_schedules(schedules), device)
-    autocast = speed.amp and device.type == "cuda"
     for step in range(schedule.batches.shape[0]):
         for param_group in optimizer.param_groups:
             param_group["lr"] = learning_rate(spec, step, per_epoch)
@@ -338,7 +356,7 @@ def train_stacked(spec: TaskSpec, dataset: ImageDataset, models: list[nn.Module]
         images, labels = _batch(dataset, padded, schedule, step, device, group if wide is not None else None)
         if wide is not None:
             images = images.contiguous(memory_format=layout)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=speed.amp):
             logits = forward(images).reshape(batch * group, classes)
             # Each model's mean loss, summed over models: each model gets exactly its own gradient.
             loss = F.cross_entropy(logits, labels, reduction="sum") / batch
