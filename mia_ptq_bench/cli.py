@@ -181,6 +181,7 @@ def evaluate(
     executor: Annotated[str, typer.Option(help="local, or ray: pool training and the quantization grid as Ray tasks")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(help="an existing Ray cluster (default: start a local Ray)")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="processes to train and quantize in, each with its share of the threads (default: 2 on a CPU for long work, else 1; executor local)")] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="train a missing pool under bfloat16 autocast: faster where the device has native bfloat16, not float32's bits (default: on CUDA, not on a CPU)")] = None,
     plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="a module or .py file that registers datasets, models, quantizers or attacks (repeatable; also $MPTQ_PLUGINS)")] = None,
 ) -> None:
     """Quantize the task's targets at each plan, attack them with LiRA, write validated results."""
@@ -223,8 +224,8 @@ def evaluate(
         chosen = make_quantizer(found.cls, setting or [], found.config, f"{found.source}: quantizer.config")
         options = RunOptions(out_dir=submission / "results" if submission else out, data_root=data_root,
                              download=download, per_quantizer_folder=submission is None,
-                             executor=make_executor(executor, ray_address), workers=workers, extensions=extensions,
-                             task_source=task)
+                             executor=make_executor(executor, ray_address), workers=workers, amp=amp,
+                             extensions=extensions, task_source=task)
         _place(options, cache_dir, device)
         if attack is not None and not attack.strip():
             raise BenchError("--attack: empty (leave the option out for the task's first attack)")

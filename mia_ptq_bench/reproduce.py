@@ -15,11 +15,14 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from pydantic import ValidationError
 
 from .cache import in_use
 from .cache_admin import remove_stale_scratch, scratch_prefix
 from .errors import BenchError
+from .pool.store import BFLOAT16_AUTOCAST, FLOAT32
+from .pool.train import native_bfloat16
 from .progress import Progress, SilentProgress
 from .results.compare import Comparison, compare_results, needs_pool_spread, regime
 from .results.io import load_arrays, load_result
@@ -84,6 +87,16 @@ def _quantizer_for(path: Path, result: Result):
     return quantizer
 
 
+def _autocast(arithmetic: str | None, device: str, progress: Progress) -> bool | None:
+    """Whether to train a missing pool under bfloat16 autocast, as the result's was (None: the device's default,
+    for a result that does not say, or whose pool was mixed)."""
+    if arithmetic == BFLOAT16_AUTOCAST and not native_bfloat16(torch.device(device)):
+        progress.log(f"the result's pool was trained under bfloat16 autocast, which {device} lacks natively: a pool "
+                     "missing here is trained in float32 (and the rerun held to a retrained pool's tolerance)")
+        return False
+    return {FLOAT32: False, BFLOAT16_AUTOCAST: True}.get(arithmetic)
+
+
 def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None = None,
               tasks: list[str] | None = None) -> list[Reproduction]:
     """Rerun and compare every result of ``paths`` (only those of ``tasks``, if given)."""
@@ -99,7 +112,7 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
                              f"({result.task.hash[:12]}…), the task is now version {spec.version} "
                              f"({spec.hash[:12]}…): a stale result cannot be reproduced")
         key = (spec.id, _submission_of(path), result.quantizer.name, result.quantizer.config_hash,
-               result.environment.quantize_workers)
+               result.environment.quantize_workers, result.pool_arithmetic)
         groups.setdefault(key, []).append((path, result))
     if not groups:
         raise BenchError(f"no results of task(s) {', '.join(tasks or [])} to reproduce in {', '.join(map(str, paths))}")
@@ -111,7 +124,7 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
     remove_stale_scratch(options.cache_dir)
     with (in_use(Path(options.cache_dir), [task_id for task_id, *_ in groups], waiting=progress.log),
           tempfile.TemporaryDirectory(prefix=scratch_prefix(), dir=options.cache_dir) as scratch):
-        for (task_id, _, _, _, workers), members in groups.items():
+        for (task_id, _, _, _, workers, arithmetic), members in groups.items():
             first_path, first = members[0]
             quantizer = _quantizer_for(first_path, first)
             plans = list(dict.fromkeys(r.plan for _, r in members))
@@ -119,11 +132,13 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
             progress.log(f"rerunning {task_id} · {quantizer.name} · {', '.join(plans)} · {', '.join(threats)} "
                          "(every model quantized afresh; the pool from the cache)")
             spec = load_registered_task(task_id)
+            amp = options.amp if options.amp is not None else _autocast(arithmetic, options.device, progress)
             outcome = evaluate(quantizer, spec, plans, threats,
                                replace(options, out_dir=Path(scratch) / "rerun", per_quantizer_folder=True,
                                        outputs_dir=Path(scratch) / "outputs",
                                        # the processes (and so the groups and threads) the result was made in
-                                       workers=options.workers if options.workers is not None else workers),
+                                       workers=options.workers if options.workers is not None else workers,
+                                       amp=amp),
                                progress)
             rerun = {(r.plan, r.threat_model): (p, r) for p, r in zip(outcome.paths, outcome.results)}
             reference: dict[str, float] | None = None  # the same full-precision targets in every result of the run

@@ -42,7 +42,7 @@ from .executor import Executor, LocalExecutor, ResidentProcesses
 from .extensions import defining_files
 from .pool import Pool, PoolStore, build_pool, pool_keep_masks
 from .pool.hub import pool_source, pull_pool
-from .pool.train import auto_workers
+from .pool.train import Speed, auto_workers
 from .progress import Progress, SilentProgress
 from .quantize import QUANTIZERS, Quantizer
 from .quantize.outputs import ModelOutputs, OutputStore, environment_key, quantize_unit, receive_pool, reference_outputs
@@ -68,6 +68,8 @@ class RunOptions:
     # Processes to train and to quantize in, each with its share of the threads (executor local only);
     # None chooses from the work and the machine (pool/train.py auto_workers).
     workers: int | None = None
+    # Pool training under bfloat16 autocast (pool/train.py Speed); None: the device's default (CUDA yes, CPU no).
+    amp: bool | None = None
     per_quantizer_folder: bool = True  # results/<task>/<quantizer>/...; False inside a submission's results/
     extensions: tuple[str, ...] = ()  # loaded extensions, loaded again by every worker process
     task_source: str | None = None  # the task as the user named it (a file path, or an id), for messages
@@ -120,6 +122,12 @@ def resolve_threat_models(spec: TaskSpec, threat_models: list[str] | None) -> li
 
 # -- 2. pool ----------------------------------------------------------------------------------
 
+def training_speed(options: RunOptions) -> Speed | None:
+    """How a missing pool is trained: bfloat16 autocast as ``options.amp`` asks (refused where the device
+    lacks native bfloat16), or None for the device's default."""
+    return None if options.amp is None else Speed.for_device(torch.device(options.device), options.amp)
+
+
 def prepare_pool(context: RunContext, options: RunOptions, progress: Progress) -> Pool:
     spec = context.spec
     if spec.hub is not None:
@@ -133,7 +141,7 @@ def prepare_pool(context: RunContext, options: RunOptions, progress: Progress) -
                          "folder to pull the Hub's")
     remote = None if isinstance(options.executor, LocalExecutor) else options.executor
     pool = build_pool(spec, context.dataset(), options.cache_dir, options.device, progress, trainer=options.trainer,
-                      executor=remote, data_root=options.data_root, download=options.download,
+                      speed=training_speed(options), executor=remote, data_root=options.data_root, download=options.download,
                       extensions=options.extensions, workers=options.workers if remote is None else None)
     return context.remember("pool", pool)
 
@@ -274,6 +282,7 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
     ensure_writable(result_path(options.out_dir, spec.id, quantizer.name if options.per_quantizer_folder else None,
                                 "plan", "threat").parent, "results folder")
     ensure_writable(Path(options.cache_dir), "cache folder")
+    training_speed(options)  # --amp where the device would only emulate bfloat16
 
     # 2. pool
     started_wall = time.time()
@@ -414,4 +423,5 @@ def where_run(pool: Pool, device: str, workers: int = 1) -> dict:
     """The pool (its Hub source, its digest) and the environment a result was computed with: what
     ``results.compare`` reads to choose a rerun's tolerance (``recompute`` records its own the same way)."""
     return {"pool_source": PoolSourceRef.of(pool_source(pool.store)), "pool_digest": pool.store.digest(),
+            "pool_arithmetic": pool.store.arithmetic(),
             "environment": Environment(**environment(device, workers))}

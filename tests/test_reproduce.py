@@ -211,6 +211,12 @@ def test_the_tolerance_follows_from_environment_and_pool(committed: Path) -> Non
     assert regime(result, result.model_copy(update={"environment": elsewhere})) == SAME_POOL
     retrained = result.model_copy(update={"environment": elsewhere, "pool_digest": "f" * 64})
     assert regime(result, retrained) == RETRAINED_POOL
+    # The same environment on another pool (trained elsewhere, or under bfloat16 autocast) cannot give the same bits.
+    assert result.pool_arithmetic == "float32"
+    other_pool = result.model_copy(update={"pool_digest": "e" * 64, "pool_arithmetic": "bfloat16-autocast"})
+    assert regime(result, other_pool) == RETRAINED_POOL
+    pulled = other_pool.model_copy(update={"pool_source": PoolSourceRef(repo="someorg/pool", revision="0" * 40)})
+    assert regime(result, pulled) == SAME_POOL
     # A result from before pool digests: its full-precision reference depends on the pool alone.
     older = result.model_copy(update={"pool_digest": None})
     assert regime(older, result.model_copy(update={"environment": elsewhere})) == SAME_POOL

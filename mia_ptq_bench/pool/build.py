@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -22,7 +22,7 @@ from ..inference import accuracy, score_split
 from ..models.structure import check_quantizable
 from ..spec.schema import TaskSpec
 from .masks import balanced_keep_masks
-from .store import GROUPS, PoolStore
+from .store import BFLOAT16_AUTOCAST, FLOAT32, GROUPS, PoolStore
 from .train import Speed, auto_stack, auto_workers, init_model, make_schedule, pool_training_work, train_sequential, \
     task_training_flops, train_stacked
 
@@ -94,7 +94,7 @@ def train_group(spec: TaskSpec, dataset: ImageDataset, store: PoolStore, keep: n
     for index, model in zip(group, trained):
         if not store.is_complete(index):
             scores = score_split(model, dataset, dataset.pool, list(spec.queries), device)
-            store.save_model(index, model, scores, accuracy(model, dataset, dataset.test, device))
+            store.save_model(index, model, scores, accuracy(model, dataset, dataset.test, device), speed.amp)
             saved.append(index)
     return saved
 
@@ -112,8 +112,9 @@ def train_unit(context: RunContext, speed: Speed, group: tuple[int, ...], handed
                        list(group), device, speed)
 
 
-def _layout(group_size: int, workers: int | None) -> str:
-    return f"groups of {group_size} models" + (f" in {workers} worker processes" if workers and workers > 1 else "")
+def _layout(group_size: int, workers: int | None, autocast: bool = False) -> str:
+    return (f"groups of {group_size} models" + (f" in {workers} worker processes" if workers and workers > 1 else "")
+            + (" under bfloat16 autocast" if autocast else ""))
 
 
 def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: str | torch.device = "cpu",
@@ -125,13 +126,15 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     ``stack``: models trained as one group; None chooses from the model's size and the machine.
     ``workers``: groups trained at once, in as many worker processes here unless ``executor`` runs them,
     each a group of G / workers models with its share of the threads; None chooses (pool/train.py
-    ``auto_workers``). A script that builds a pool in workers needs an ``if __name__ == "__main__":`` guard.
+    ``auto_workers``). ``speed``: None trains as the device does by default (``Speed.for_device``), or as
+    the unfinished build was started. A script that builds a pool in workers needs an ``if __name__ == "__main__":`` guard.
     """
     keep_freed_memory()
     # Before any training: an architecture whose layers the quantizers would handle wrongly, silently.
     check_quantizable(init_model(spec, dataset, 0), dataset.normalize(dataset.pool.images[:2]))
     progress = progress or SilentProgress()
     device = torch.device(device)
+    chosen_speed = speed is not None
     speed = speed or Speed.for_device(device)
     n_models, n_examples = spec.membership.n_models, len(dataset.pool)
     keep = pool_keep_masks(spec, n_examples)
@@ -153,6 +156,9 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     chosen_workers = workers is not None
     if all(done):
         workers = 1
+        if chosen_speed and store.arithmetic() != (BFLOAT16_AUTOCAST if speed.amp else FLOAT32):
+            progress.log(f"the pool is cached, trained in {store.arithmetic()}: the asked arithmetic applies to "
+                         f"training only (delete {store.root} to train it again)")
     elif workers is None:
         # Judged on the whole pool, so that a resumed build chooses the groups an uninterrupted one did; and
         # whatever runs the units (worker processes here, or Ray's), so that each trains the same bits: groups
@@ -166,22 +172,24 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     # machine (whose memory could choose other groups) keeps the groups it was started with,
     # unless told otherwise.
     # The same holds for the worker processes (each group's threads): a pool started in one process (every
-    # pool built before builds recorded workers) resumes in one.
+    # pool built before builds recorded workers) resumes in one; and for the arithmetic (bfloat16 autocast or not).
     resuming = any(done) and not all(done)  # a complete pool has no layout left to keep, nor to speak of
-    started, started_workers = (store.group_layout(device.type) if resuming else None) or (None, None)
-    if started is not None and (started, started_workers) != (group_size, workers):
-        if trainer == "auto" and stack is None and not chosen_workers:
-            progress.log(f"resuming in {_layout(started, started_workers)}, as this pool was started (this machine "
-                         f"would choose {_layout(group_size, workers)}; delete {store.root / GROUPS} to let it)")
-            group_size, workers = started, started_workers
+    started = (store.group_layout(device.type) if resuming else None) or (None, None, None)
+    asked = (group_size, workers, speed.amp)
+    if started[0] is not None and started != asked:
+        if trainer == "auto" and stack is None and not chosen_workers and not chosen_speed:
+            progress.log(f"resuming in {_layout(*started)}, as this pool was started (this machine would choose "
+                         f"{_layout(*asked)}; delete {store.root / GROUPS} to let it)")
+            group_size, workers = started[:2]
+            speed = replace(speed, amp=started[2])
         else:
-            progress.log(f"training in {_layout(group_size, workers)}, where this pool was started in "
-                         f"{_layout(started, started_workers)}: its models will differ in their last bits from an "
-                         "uninterrupted build's")
+            differ = "by more than float rounding" if started[2] != speed.amp else "in their last bits"
+            progress.log(f"training in {_layout(*asked)}, where this pool was started in {_layout(*started)}: its "
+                         f"models will differ {differ} from an uninterrupted build's")
     groups = [list(range(s, min(s + group_size, n_models))) for s in range(0, n_models, group_size)]
     groups = [g for g in groups if not all(done[i] for i in g)]
     if groups:
-        store.remember_group_layout(group_size, device.type, workers)
+        store.remember_group_layout(group_size, device.type, workers, speed.amp)
     progress.start("pool", f"pool: {n_models} models, {sum(done)} cached, {len(groups)} group(s) to train",
                    len(groups))
     if (executor is None and min(workers, len(groups)) <= 1) or not groups:

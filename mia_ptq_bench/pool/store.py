@@ -54,6 +54,11 @@ class ModelRecord:
     test_accuracy: float
     weights_sha256: str
     scores_sha256: str
+    autocast: bool = False  # trained under bfloat16 autocast (pool/train.py Speed.amp); absent before it was recorded
+
+
+# How a pool's models were trained (``PoolStore.arithmetic``), as results record it.
+FLOAT32, BFLOAT16_AUTOCAST, MIXED = "float32", "bfloat16-autocast", "mixed"
 
 
 SOURCE = "source.json"  # where a pulled pool came from (pool/hub.py); gone once any model is replaced
@@ -107,24 +112,29 @@ class PoolStore:
             "data_hash_version": DATA_HASH_VERSION,
         })
 
-    def group_layout(self, device_type: str) -> tuple[int, int] | None:
-        """How this pool's build so far trained its groups on this kind of device: models per group, and the
+    def group_layout(self, device_type: str) -> tuple[int, int, bool] | None:
+        """How this pool's build so far trained its groups on this kind of device: models per group, the
         worker processes they were trained in (pool/build.py; 1 for a pool started before builds recorded
-        them, which trained every group in one process). None: not recorded, or recorded for another kind,
+        them, which trained every group in one process), and whether under bfloat16 autocast (before that
+        was recorded, builds autocast on CUDA only). None: not recorded, or recorded for another kind,
         whose choice does not carry over (stacking is measured on the CPU only)."""
         path = self.root / GROUPS
         if not path.is_file():
             return None
         info = self.read_record(path)
-        layout = info.get("models_per_group"), info.get("workers", 1)
-        for field, value in zip(("models_per_group", "workers"), layout):
+        size, workers = info.get("models_per_group"), info.get("workers", 1)
+        for field, value in (("models_per_group", size), ("workers", workers)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise CacheError(f"{path}: {field}: not a positive whole number; delete it (the next build "
                                  "chooses again)")
-        return layout if info.get("device") == device_type else None
+        autocast = info.get("autocast", device_type == "cuda")
+        if not isinstance(autocast, bool):
+            raise CacheError(f"{path}: autocast: not true or false; delete it (the next build chooses again)")
+        return (size, workers, autocast) if info.get("device") == device_type else None
 
-    def remember_group_layout(self, size: int, device_type: str, workers: int) -> None:
-        write_json_atomic(self.root / GROUPS, {"models_per_group": size, "device": device_type, "workers": workers})
+    def remember_group_layout(self, size: int, device_type: str, workers: int, autocast: bool) -> None:
+        write_json_atomic(self.root / GROUPS, {"models_per_group": size, "device": device_type, "workers": workers,
+                                               "autocast": autocast})
 
     # -- per-model files --------------------------------------------------------------------
     def is_complete(self, index: int) -> bool:
@@ -133,7 +143,8 @@ class PoolStore:
     def is_complete_pool(self) -> bool:
         return all(self.is_complete(i) for i in range(self.spec.membership.n_models))
 
-    def save_model(self, index: int, model: nn.Module, scores: np.ndarray, test_accuracy: float) -> None:
+    def save_model(self, index: int, model: nn.Module, scores: np.ndarray, test_accuracy: float,
+                   autocast: bool = False) -> None:
         state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
         # One metadata entry: safetensors writes a map's entries in an order that changes between
         # processes, and the same weights must make the same file (its sha256 names the pool: digest).
@@ -144,6 +155,7 @@ class PoolStore:
             "index": index, "test_accuracy": test_accuracy,
             "weights_sha256": sha256_file(self.weights_path(index)),
             "scores_sha256": sha256_file(self.scores_path(index)),
+            **({"autocast": True} if autocast else {}),  # absent for float32: the records every pool had before
         })
 
     def problem(self, index: int) -> str | None:
@@ -172,7 +184,9 @@ class PoolStore:
         info = self.read_record(path)
         try:
             record = ModelRecord(int(info["index"]), float(info["test_accuracy"]),
-                                 str(info["weights_sha256"]), str(info["scores_sha256"]))
+                                 str(info["weights_sha256"]), str(info["scores_sha256"]), info.get("autocast", False))
+            if not isinstance(record.autocast, bool):
+                raise ValueError("autocast: not true or false")
         except (KeyError, TypeError, ValueError) as exc:
             raise CacheError(f"{path}: {exc}: malformed completion record; delete it to retrain model {index}") from None
         if record.index != index:
@@ -186,6 +200,13 @@ class PoolStore:
         records = [self.record(i) for i in range(self.spec.membership.n_models)]
         lines = "".join(f"{r.index} {r.weights_sha256} {r.scores_sha256}\n" for r in records)
         return hashlib.sha256(lines.encode()).hexdigest()
+
+    def arithmetic(self) -> str:
+        """How the pool's models were trained: float32, bfloat16-autocast, or mixed (a build resumed in the
+        other arithmetic). A model recorded before records said so counts as float32, though CUDA builds
+        autocast then too (none of the repository's pools was trained on CUDA)."""
+        autocast = {self.record(i).autocast for i in range(self.spec.membership.n_models)}
+        return MIXED if len(autocast) > 1 else BFLOAT16_AUTOCAST if autocast == {True} else FLOAT32
 
     def load_scores(self, index: int, shape: tuple[int, int] | None = None) -> np.ndarray:
         """Model ``index``'s scores; with ``shape`` (examples, queries), checked to be that many finite float64s

@@ -6,7 +6,10 @@ the document only where the checker trained that pool itself (then it cannot tel
 
 - ``identical``: the same environment (every field of ``Environment`` equal: package versions,
   Python, platform, processor, torch threads, CPU capability, deterministic flag, the torch
-  settings that change float results, and the GPU for a CUDA run). The rerun is bit-identical, so every number must be equal.
+  settings that change float results, and the GPU for a CUDA run), and the same trained pool where the
+  document names one (equal ``pool_digest``: the environment covers quantization and scoring, and a pool,
+  cached by its task alone, may have been trained on another machine or under bfloat16 autocast). The
+  rerun is bit-identical, so every number must be equal.
 - ``same pool``: another environment, the same trained pool: the checker pulled the task's
   canonical pool from the Hub, or the document names the checker's very pool (equal
   ``pool_digest``; for documents from before digests, identical full-precision reference
@@ -99,7 +102,8 @@ def same_pool(committed: Result, rerun: Result) -> bool:
 
 
 def regime(committed: Result, rerun: Result) -> str:
-    if same_environment(committed.environment, rerun.environment):
+    named = committed.pool_digest is None or committed.pool_digest == rerun.pool_digest
+    if same_environment(committed.environment, rerun.environment) and named:
         return IDENTICAL
     return SAME_POOL if same_pool(committed, rerun) else RETRAINED_POOL
 

@@ -208,6 +208,9 @@ class Result(Strict):
     pool_digest: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
                                     description="sha256 over the pool models' weight and score files' sha256: equal "
                                                 "only for the very same trained pool (absent in older results)")
+    pool_arithmetic: Literal["float32", "bfloat16-autocast", "mixed"] | None = Field(
+        None, description="how the pool's models were trained: float32, under bfloat16 autocast (evaluate --amp; "
+                          "on CUDA by default), or mixed (a build resumed in the other); absent in older results")
     n_models: int = Field(ge=1)
     n_examples: int = Field(ge=1)
     n_test: int = Field(ge=1, description="test images behind test accuracy (held-out calibration images excluded)")
