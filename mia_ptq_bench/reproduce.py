@@ -91,8 +91,8 @@ def _autocast(arithmetic: str | None, device: str, progress: Progress) -> bool |
     """Whether to train a missing pool under bfloat16 autocast, as the result's was (None: the device's default,
     for a result that does not say, or whose pool was mixed)."""
     if arithmetic == BFLOAT16_AUTOCAST and not native_bfloat16(torch.device(device)):
-        progress.log(f"the result's pool was trained under bfloat16 autocast, which {device} lacks natively: a pool "
-                     "missing here is trained in float32 (and the rerun held to a retrained pool's tolerance)")
+        progress.log(f"the result's pool was trained under bfloat16 autocast, which {device} lacks natively: if the "
+                     "pool is not cached, it is trained in float32 (and the rerun held to a retrained pool's tolerance)")
         return False
     return {FLOAT32: False, BFLOAT16_AUTOCAST: True}.get(arithmetic)
 

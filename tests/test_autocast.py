@@ -24,7 +24,8 @@ from mia_ptq_bench.errors import BenchError, CacheError
 from mia_ptq_bench.pool import PoolStore, build_pool, pool_keep_masks
 from mia_ptq_bench.pool.train import Schedule, Speed, init_model, make_schedule, train_sequential, train_stacked
 from mia_ptq_bench.cli import app
-from mia_ptq_bench.reproduce import _autocast
+from mia_ptq_bench.reproduce import _autocast, reproduce
+from mia_ptq_bench.results.compare import IDENTICAL
 from mia_ptq_bench.runner import RunOptions, evaluate
 from mia_ptq_bench.spec import load_task
 
@@ -92,62 +93,148 @@ def test_the_stacked_trainer_autocasts_too_and_agrees_with_the_sequential_one(mo
 
 
 def test_amp_is_opt_in_on_a_cpu_and_refused_where_bfloat16_would_be_emulated(monkeypatch) -> None:
-    assert Speed.for_device(CPU) == Speed()  # float32, the study's arithmetic
+    monkeypatch.setattr(train_module, "native_bfloat16", lambda device: True)
+    assert Speed.for_device(CPU) == Speed()  # float32, the study's arithmetic, unless asked
+    assert Speed.for_device(CPU, amp=True) == Speed(amp=True)
     assert Speed.for_device(torch.device("cuda")) == Speed(amp=True, channels_last=True)
     assert Speed.for_device(torch.device("cuda"), amp=False) == Speed(channels_last=True)
-    monkeypatch.setattr(train_module, "native_bfloat16", lambda device: True)
-    assert Speed.for_device(CPU, amp=True) == Speed(amp=True)
     monkeypatch.setattr(train_module, "native_bfloat16", lambda device: False)
-    with pytest.raises(BenchError, match="--amp: this cpu has no native bfloat16 arithmetic"):
+    with pytest.raises(BenchError, match=r"amp=True \(--amp\): this cpu has no native bfloat16 arithmetic"):
         Speed.for_device(CPU, amp=True)
     assert Speed.for_device(CPU, amp=False) == Speed()
+    assert Speed.for_device(torch.device("cuda")) == Speed(channels_last=True)  # a GPU that would emulate it
+
+
+def test_an_avx512_cpu_without_bfloat16_instructions_is_not_native(monkeypatch) -> None:
+    """oneDNN's own check accepts any AVX-512 CPU, and emulates bfloat16 on those without AVX512_BF16 or AMX."""
+    monkeypatch.setattr(train_module.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    for avx512_bf16, amx, native in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert train_module.native_bfloat16(CPU) is native
 
 
 def test_a_pool_records_the_arithmetic_each_model_trained_in(tiny_task, tmp_path: Path) -> None:
     data = load_dataset(tiny_task.dataset)
     plain = build_pool(tiny_task, data, tmp_path / "plain", trainer="stacked", stack=4)
     assert plain.store.arithmetic() == "float32"
-    assert "autocast" not in json.loads(plain.store.record_path(0).read_text())  # the records older pools have
+    assert json.loads(plain.store.record_path(0).read_text())["autocast"] is False
     amp = build_pool(tiny_task, data, tmp_path / "amp", trainer="stacked", stack=4, speed=Speed(amp=True))
     assert amp.store.arithmetic() == "bfloat16-autocast"
     assert json.loads((amp.store.root / "groups.json").read_text())["autocast"] is True
     assert amp.test_accuracy.min() > 0.5 and not np.array_equal(amp.scores, plain.scores)
     assert amp.store.digest() != plain.store.digest()
+    # a record from before the field says nothing (CUDA builds autocast by default then), so neither does the pool
     record = amp.store.record_path(3)
-    record.write_text(json.dumps({**json.loads(record.read_text()), "autocast": "yes"}))
+    older = {k: v for k, v in json.loads(record.read_text()).items() if k != "autocast"}
+    record.write_text(json.dumps(older))
+    assert amp.store.problem(3) is None and amp.store.arithmetic() is None
+    record.write_text(json.dumps({**older, "autocast": "yes"}))
     assert "autocast: not true or false" in amp.store.problem(3)
     with pytest.raises(CacheError, match="malformed completion record"):
         amp.store.arithmetic()
 
 
-def test_a_resumed_build_keeps_its_arithmetic_unless_told_otherwise(tiny_task, tmp_path: Path, monkeypatch) -> None:
-    data = load_dataset(tiny_task.dataset)
-    amp = Speed(amp=True)
-    reference = build_pool(tiny_task, data, tmp_path / "reference", trainer="stacked", stack=4, speed=amp)
-    monkeypatch.setattr(build_module, "auto_stack", lambda *args: 4)
+@pytest.fixture
+def started_under_autocast(tiny_task, tmp_path: Path, monkeypatch):
+    """A tiny-digits build started under autocast in groups of 4, killed after 5 models, and the same build whole."""
+    monkeypatch.setattr(build_module, "native_bfloat16", lambda device: True)
     monkeypatch.setattr(build_module, "auto_workers", lambda *args: 1)
-    interrupt_after_saving(5, monkeypatch, lambda: build_pool(tiny_task, data, tmp_path / "resumed", speed=amp))
+    monkeypatch.setattr(build_module, "auto_stack", lambda *args: 4)
+    data = load_dataset(tiny_task.dataset)
+    reference = build_pool(tiny_task, data, tmp_path / "reference", speed=Speed(amp=True))
+    interrupt_after_saving(5, monkeypatch, lambda: build_pool(tiny_task, data, tmp_path / "resumed",
+                                                              speed=Speed(amp=True)))
+    return data, reference, tmp_path / "resumed"
+
+
+def test_a_resumed_build_keeps_its_arithmetic_unless_told_otherwise(tiny_task, started_under_autocast) -> None:
+    data, reference, folder = started_under_autocast
     log = Logged()
-    resumed = build_pool(tiny_task, data, tmp_path / "resumed", progress=log)  # nothing asked: as started
-    assert any(line.startswith("resuming in groups of 4 models under bfloat16 autocast, as this pool was started")
-               for line in log.lines), log.lines
+    resumed = build_pool(tiny_task, data, folder, progress=log)  # nothing asked: as started
+    assert log.lines == ["resuming under bfloat16 autocast, as this pool was started (this machine would train in "
+                         "float32; --no-amp to do so)"]
     np.testing.assert_array_equal(resumed.scores, reference.scores)
     assert resumed.store.arithmetic() == "bfloat16-autocast"
     # asked for float32, the rest trains in float32, said to differ by more than rounding, and recorded as mixed
-    PoolStore(tmp_path / "resumed", tiny_task).discard(7)
+    PoolStore(folder, tiny_task).discard(7)
     log = Logged()
-    mixed = build_pool(tiny_task, data, tmp_path / "resumed", progress=log, speed=Speed())
-    assert any("where this pool was started in groups of 4 models under bfloat16 autocast: its models will differ "
-               "by more than float rounding" in line for line in log.lines), log.lines
+    mixed = build_pool(tiny_task, data, folder, progress=log, speed=Speed())
+    assert log.lines == ["training in float32, where this pool was started under bfloat16 autocast: its models will "
+                         "differ by more than float rounding from an uninterrupted build's (a mixed pool)"]
     assert mixed.store.arithmetic() == "mixed"
     # a complete pool is used as it is, and a run that asked for another arithmetic is told so
     log = Logged()
-    build_pool(tiny_task, data, tmp_path / "reference", progress=log, speed=Speed())
-    assert any(line.startswith("the pool is cached, trained in bfloat16-autocast: the asked arithmetic applies to "
-                               "training only") for line in log.lines), log.lines
+    build_pool(tiny_task, data, reference.store.cache_dir, progress=log, speed=Speed())
+    assert log.lines == ["the pool is cached, trained under bfloat16 autocast: it is used as it is, not trained again "
+                         "in float32 (a pool is cached by its task alone)"]
     log = Logged()
-    build_pool(tiny_task, data, tmp_path / "reference", progress=log, speed=amp)
+    build_pool(tiny_task, data, reference.store.cache_dir, progress=log, speed=Speed(amp=True))
     assert not log.lines
+
+
+def groups_trained(monkeypatch) -> list[list[int]]:
+    groups: list[list[int]] = []
+    original = build_module.train_group
+    monkeypatch.setattr(build_module, "train_group",
+                        lambda spec, data, store, keep, group, *rest: groups.append(list(group)) or
+                        original(spec, data, store, keep, group, *rest))
+    return groups
+
+
+def test_chosen_groups_leave_the_arithmetic_as_started(tiny_task, started_under_autocast, monkeypatch) -> None:
+    data, reference, folder = started_under_autocast
+    groups = groups_trained(monkeypatch)
+    log = Logged()
+    resumed = build_pool(tiny_task, data, folder, progress=log, trainer="sequential")
+    assert groups == [[5], [6], [7]]
+    assert log.lines == ["training in groups of 1 models, where this pool was started in groups of 4 models: its "
+                         "models will differ in their last bits from an uninterrupted build's",
+                         "resuming under bfloat16 autocast, as this pool was started (this machine would train in "
+                         "float32; --no-amp to do so)"]
+    assert resumed.store.arithmetic() == "bfloat16-autocast"
+
+
+def test_a_chosen_arithmetic_leaves_the_groups_as_started(tiny_task, started_under_autocast, monkeypatch) -> None:
+    data, reference, folder = started_under_autocast
+    monkeypatch.setattr(build_module, "auto_stack", lambda *args: 2)  # this machine would choose other groups
+    groups = groups_trained(monkeypatch)
+    log = Logged()
+    resumed = build_pool(tiny_task, data, folder, progress=log, speed=Speed())
+    assert groups == [[4, 5, 6, 7]]
+    assert log.lines == ["resuming in groups of 4 models, as this pool was started (this machine would choose groups "
+                         f"of 2 models; delete {resumed.store.root / 'groups.json'} to let it)",
+                         "training in float32, where this pool was started under bfloat16 autocast: its models will "
+                         "differ by more than float rounding from an uninterrupted build's (a mixed pool)"]
+    assert resumed.store.arithmetic() == "mixed"
+
+
+def test_a_build_started_under_autocast_goes_on_in_float32_where_it_would_be_emulated(
+        tiny_task, started_under_autocast, monkeypatch) -> None:
+    data, reference, folder = started_under_autocast
+    monkeypatch.setattr(build_module, "native_bfloat16", lambda device: False)
+    log = Logged()
+    resumed = build_pool(tiny_task, data, folder, progress=log)
+    assert log.lines == ["this pool was started under bfloat16 autocast, which this cpu lacks natively: its remaining "
+                         "models train in float32 (a mixed pool)"]
+    assert resumed.store.arithmetic() == "mixed"
+
+
+def test_worker_processes_train_in_the_asked_arithmetic(tiny_task, tmp_path: Path) -> None:
+    data = load_dataset(tiny_task.dataset)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        apart = build_pool(tiny_task, data, tmp_path / "workers", trainer="stacked", stack=2, workers=2,
+                           speed=Speed(amp=True))
+        torch.set_num_threads(1)
+        here = build_pool(tiny_task, data, tmp_path / "here", trainer="stacked", stack=2, workers=1,
+                          speed=Speed(amp=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert apart.store.arithmetic() == "bfloat16-autocast"
+    np.testing.assert_array_equal(apart.scores, here.scores)  # a worker's groups of 2 on 1 thread, the same bits
 
 
 def test_reproduce_trains_a_missing_pool_in_the_results_arithmetic(monkeypatch) -> None:
@@ -158,8 +245,8 @@ def test_reproduce_trains_a_missing_pool_in_the_results_arithmetic(monkeypatch) 
     assert not log.lines
     monkeypatch.setattr("mia_ptq_bench.reproduce.native_bfloat16", lambda device: False)
     assert _autocast("bfloat16-autocast", "cpu", log) is False
-    assert log.lines == ["the result's pool was trained under bfloat16 autocast, which cpu lacks natively: a pool "
-                         "missing here is trained in float32 (and the rerun held to a retrained pool's tolerance)"]
+    assert log.lines == ["the result's pool was trained under bfloat16 autocast, which cpu lacks natively: if the pool "
+                         "is not cached, it is trained in float32 (and the rerun held to a retrained pool's tolerance)"]
 
 
 def test_evaluate_with_amp_records_its_pools_arithmetic(tmp_path: Path, monkeypatch) -> None:
@@ -169,6 +256,11 @@ def test_evaluate_with_amp_records_its_pools_arithmetic(tmp_path: Path, monkeypa
                        options=RunOptions(out_dir=tmp_path / "r", cache_dir=tmp_path / "c", amp=True))
     assert [r.pool_arithmetic for r in outcome.results] == ["bfloat16-autocast"]
     assert outcome.pool.store.arithmetic() == "bfloat16-autocast"
+    # reproduced from an empty cache: the pool is trained again under autocast, so the rerun is identical
+    monkeypatch.setattr("mia_ptq_bench.reproduce.native_bfloat16", lambda device: True)
+    again = reproduce(outcome.paths, RunOptions(cache_dir=tmp_path / "empty"))
+    assert [(r.regime, r.ok) for r in again] == [(IDENTICAL, True)]
+    assert PoolStore(tmp_path / "empty", outcome.pool.spec).arithmetic() == "bfloat16-autocast"
 
 
 def test_evaluate_amp_without_native_bfloat16_is_one_error_before_any_work(tmp_path: Path, monkeypatch) -> None:
@@ -178,5 +270,5 @@ def test_evaluate_amp_without_native_bfloat16_is_one_error_before_any_work(tmp_p
                                       "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")])
     message = " ".join(result.stderr.split())
     assert result.exit_code == 2 and "Traceback" not in message, message
-    assert "error: --amp: this cpu has no native bfloat16 arithmetic" in message, message
+    assert "error: amp=True (--amp): this cpu has no native bfloat16 arithmetic" in message, message
     assert not (tmp_path / "r").exists() and not list((tmp_path / "c").glob("pools/*"))

@@ -217,6 +217,8 @@ def test_the_tolerance_follows_from_environment_and_pool(committed: Path) -> Non
     assert regime(result, other_pool) == RETRAINED_POOL
     pulled = other_pool.model_copy(update={"pool_source": PoolSourceRef(repo="someorg/pool", revision="0" * 40)})
     assert regime(result, pulled) == SAME_POOL
+    # A result that names no pool (from before digests) is judged by its environment alone, as before.
+    assert regime(result.model_copy(update={"pool_digest": None}), other_pool) == IDENTICAL
     # A result from before pool digests: its full-precision reference depends on the pool alone.
     older = result.model_copy(update={"pool_digest": None})
     assert regime(older, result.model_copy(update={"environment": elsewhere})) == SAME_POOL

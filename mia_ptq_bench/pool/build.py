@@ -22,9 +22,9 @@ from ..inference import accuracy, score_split
 from ..models.structure import check_quantizable
 from ..spec.schema import TaskSpec
 from .masks import balanced_keep_masks
-from .store import BFLOAT16_AUTOCAST, FLOAT32, GROUPS, PoolStore
-from .train import Speed, auto_stack, auto_workers, init_model, make_schedule, pool_training_work, train_sequential, \
-    task_training_flops, train_stacked
+from .store import BFLOAT16_AUTOCAST, FLOAT32, GROUPS, MIXED, PoolStore
+from .train import Speed, auto_stack, auto_workers, init_model, make_schedule, native_bfloat16, pool_training_work, \
+    task_training_flops, train_sequential, train_stacked
 
 Trainer = Literal["auto", "sequential", "stacked"]
 
@@ -112,9 +112,17 @@ def train_unit(context: RunContext, speed: Speed, group: tuple[int, ...], handed
                        list(group), device, speed)
 
 
-def _layout(group_size: int, workers: int | None, autocast: bool = False) -> str:
-    return (f"groups of {group_size} models" + (f" in {workers} worker processes" if workers and workers > 1 else "")
-            + (" under bfloat16 autocast" if autocast else ""))
+def _layout(group_size: int, workers: int | None) -> str:
+    return f"groups of {group_size} models" + (f" in {workers} worker processes" if workers and workers > 1 else "")
+
+
+def _arithmetic(autocast: bool) -> str:
+    return "under bfloat16 autocast" if autocast else "in float32"
+
+
+CACHED_ARITHMETIC = {FLOAT32: _arithmetic(False), BFLOAT16_AUTOCAST: _arithmetic(True),
+                     MIXED: "partly in float32, partly under bfloat16 autocast",
+                     None: "in an arithmetic its records do not say"}
 
 
 def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: str | torch.device = "cpu",
@@ -126,8 +134,9 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     ``stack``: models trained as one group; None chooses from the model's size and the machine.
     ``workers``: groups trained at once, in as many worker processes here unless ``executor`` runs them,
     each a group of G / workers models with its share of the threads; None chooses (pool/train.py
-    ``auto_workers``). ``speed``: None trains as the device does by default (``Speed.for_device``), or as
-    the unfinished build was started. A script that builds a pool in workers needs an ``if __name__ == "__main__":`` guard.
+    ``auto_workers``). ``speed``: None trains as the device does by default (``Speed.for_device``), or in
+    the arithmetic the unfinished build was started in (each of the layout and the arithmetic is kept
+    unless its own argument is given). A script that builds a pool in workers needs an ``if __name__ == "__main__":`` guard.
     """
     keep_freed_memory()
     # Before any training: an architecture whose layers the quantizers would handle wrongly, silently.
@@ -156,9 +165,10 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     chosen_workers = workers is not None
     if all(done):
         workers = 1
-        if chosen_speed and store.arithmetic() != (BFLOAT16_AUTOCAST if speed.amp else FLOAT32):
-            progress.log(f"the pool is cached, trained in {store.arithmetic()}: the asked arithmetic applies to "
-                         f"training only (delete {store.root} to train it again)")
+        cached = store.arithmetic()
+        if chosen_speed and cached != (BFLOAT16_AUTOCAST if speed.amp else FLOAT32):
+            progress.log(f"the pool is cached, trained {CACHED_ARITHMETIC[cached]}: it is used as it is, not trained "
+                         f"again {_arithmetic(speed.amp)} (a pool is cached by its task alone)")
     elif workers is None:
         # Judged on the whole pool, so that a resumed build chooses the groups an uninterrupted one did; and
         # whatever runs the units (worker processes here, or Ray's), so that each trains the same bits: groups
@@ -174,18 +184,28 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     # The same holds for the worker processes (each group's threads): a pool started in one process (every
     # pool built before builds recorded workers) resumes in one; and for the arithmetic (bfloat16 autocast or not).
     resuming = any(done) and not all(done)  # a complete pool has no layout left to keep, nor to speak of
-    started = (store.group_layout(device.type) if resuming else None) or (None, None, None)
-    asked = (group_size, workers, speed.amp)
-    if started[0] is not None and started != asked:
-        if trainer == "auto" and stack is None and not chosen_workers and not chosen_speed:
-            progress.log(f"resuming in {_layout(*started)}, as this pool was started (this machine would choose "
-                         f"{_layout(*asked)}; delete {store.root / GROUPS} to let it)")
+    started = store.group_layout(device.type) if resuming else None
+    if started is not None and started[:2] != (group_size, workers):
+        if trainer == "auto" and stack is None and not chosen_workers:
+            progress.log(f"resuming in {_layout(*started[:2])}, as this pool was started (this machine would choose "
+                         f"{_layout(group_size, workers)}; delete {store.root / GROUPS} to let it)")
             group_size, workers = started[:2]
-            speed = replace(speed, amp=started[2])
         else:
-            differ = "by more than float rounding" if started[2] != speed.amp else "in their last bits"
-            progress.log(f"training in {_layout(*asked)}, where this pool was started in {_layout(*started)}: its "
-                         f"models will differ {differ} from an uninterrupted build's")
+            progress.log(f"training in {_layout(group_size, workers)}, where this pool was started in "
+                         f"{_layout(*started[:2])}: its models will differ in their last bits from an uninterrupted "
+                         "build's")
+    if started is not None and started[2] != speed.amp:
+        if chosen_speed:
+            progress.log(f"training {_arithmetic(speed.amp)}, where this pool was started {_arithmetic(started[2])}: "
+                         "its models will differ by more than float rounding from an uninterrupted build's (a mixed "
+                         "pool)")
+        elif started[2] and not native_bfloat16(device):
+            progress.log(f"this pool was started under bfloat16 autocast, which this {device.type} lacks natively: "
+                         "its remaining models train in float32 (a mixed pool)")
+        else:
+            progress.log(f"resuming {_arithmetic(started[2])}, as this pool was started (this machine would train "
+                         f"{_arithmetic(speed.amp)}; {'--no-amp' if started[2] else '--amp'} to do so)")
+            speed = replace(speed, amp=started[2])
     groups = [list(range(s, min(s + group_size, n_models))) for s in range(0, n_models, group_size)]
     groups = [g for g in groups if not all(done[i] for i in g)]
     if groups:

@@ -54,7 +54,9 @@ class ModelRecord:
     test_accuracy: float
     weights_sha256: str
     scores_sha256: str
-    autocast: bool = False  # trained under bfloat16 autocast (pool/train.py Speed.amp); absent before it was recorded
+    # trained under bfloat16 autocast (pool/train.py Speed.amp); None: recorded before records said (CUDA builds
+    # autocast by default then, CPU builds never)
+    autocast: bool | None = None
 
 
 # How a pool's models were trained (``PoolStore.arithmetic``), as results record it.
@@ -155,7 +157,7 @@ class PoolStore:
             "index": index, "test_accuracy": test_accuracy,
             "weights_sha256": sha256_file(self.weights_path(index)),
             "scores_sha256": sha256_file(self.scores_path(index)),
-            **({"autocast": True} if autocast else {}),  # absent for float32: the records every pool had before
+            "autocast": autocast,
         })
 
     def problem(self, index: int) -> str | None:
@@ -184,8 +186,8 @@ class PoolStore:
         info = self.read_record(path)
         try:
             record = ModelRecord(int(info["index"]), float(info["test_accuracy"]),
-                                 str(info["weights_sha256"]), str(info["scores_sha256"]), info.get("autocast", False))
-            if not isinstance(record.autocast, bool):
+                                 str(info["weights_sha256"]), str(info["scores_sha256"]), info.get("autocast"))
+            if record.autocast is not None and not isinstance(record.autocast, bool):
                 raise ValueError("autocast: not true or false")
         except (KeyError, TypeError, ValueError) as exc:
             raise CacheError(f"{path}: {exc}: malformed completion record; delete it to retrain model {index}") from None
@@ -201,11 +203,12 @@ class PoolStore:
         lines = "".join(f"{r.index} {r.weights_sha256} {r.scores_sha256}\n" for r in records)
         return hashlib.sha256(lines.encode()).hexdigest()
 
-    def arithmetic(self) -> str:
+    def arithmetic(self) -> str | None:
         """How the pool's models were trained: float32, bfloat16-autocast, or mixed (a build resumed in the
-        other arithmetic). A model recorded before records said so counts as float32, though CUDA builds
-        autocast then too (none of the repository's pools was trained on CUDA)."""
+        other arithmetic); None when a model's record predates the field and so does not say."""
         autocast = {self.record(i).autocast for i in range(self.spec.membership.n_models)}
+        if None in autocast:
+            return None
         return MIXED if len(autocast) > 1 else BFLOAT16_AUTOCAST if autocast == {True} else FLOAT32
 
     def load_scores(self, index: int, shape: tuple[int, int] | None = None) -> np.ndarray:

@@ -18,6 +18,7 @@ import copy
 import itertools
 import math
 import os
+import platform
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,23 +52,29 @@ class Speed:
 
     @classmethod
     def for_device(cls, device: torch.device, amp: bool | None = None) -> Speed:
-        """The device's way to train; ``amp`` None: bfloat16 autocast on CUDA, float32 on a CPU (where
-        ``amp=True`` needs native bfloat16 arithmetic: emulated, it would be slower than float32)."""
+        """The device's way to train. ``amp`` None: bfloat16 autocast on a GPU with native bfloat16, float32
+        elsewhere (on a CPU, the study's arithmetic); True is refused where bfloat16 would be emulated, which
+        would train slower than float32."""
+        native = native_bfloat16(device)
+        if amp and not native:
+            raise BenchError(f"amp=True (--amp): this {device.type} has no native bfloat16 arithmetic (on x86, "
+                             "AVX512_BF16 or AMX), so bfloat16 autocast would train slower than float32; leave it out")
         if device.type == "cuda":
-            return cls(amp=True if amp is None else amp, channels_last=True)
-        if amp and not native_bfloat16(device):
-            raise BenchError(f"--amp: this {device.type} has no native bfloat16 arithmetic (on x86, AVX512_BF16 or "
-                             "AMX; PyTorch's oneDNN reports none here), so bfloat16 autocast would train slower "
-                             "than float32; leave --amp out")
+            return cls(amp=native if amp is None else amp, channels_last=True)
         return cls(amp=bool(amp))
 
 
 def native_bfloat16(device: torch.device) -> bool:
-    """Whether bfloat16 convolutions and matmuls run natively (faster than float32) on ``device``."""
+    """Whether bfloat16 convolutions and matmuls run natively (faster than float32) on ``device``.
+
+    On x86 that takes AVX512_BF16 or AMX: oneDNN's own bfloat16 check accepts any AVX-512 CPU, and
+    emulates bfloat16 on those without them."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
         return False
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
