@@ -181,7 +181,7 @@ def evaluate(
     executor: Annotated[str, typer.Option(help="local, or ray: pool training and the quantization grid as Ray tasks")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(help="an existing Ray cluster (default: start a local Ray)")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="processes to train and quantize in, each with its share of the threads (default: 2 on a CPU for long work, else 1; executor local)")] = None,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="train a missing pool under bfloat16 autocast: faster where the device has native bfloat16, not float32's bits (default: on CUDA, not on a CPU)")] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="train a missing pool under bfloat16 autocast: faster where the device has native bfloat16, not float32's bits (default: on a CUDA GPU with native bfloat16, never on a CPU; a resumed pool keeps the arithmetic it was started in)")] = None,
     plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="a module or .py file that registers datasets, models, quantizers or attacks (repeatable; also $MPTQ_PLUGINS)")] = None,
 ) -> None:
     """Quantize the task's targets at each plan, attack them with LiRA, write validated results."""

@@ -96,7 +96,7 @@ def attacks_table(results: list[Result]) -> Table:
 
 
 REGIME_MEANING = {
-    IDENTICAL: "the same environment: the rerun must be bit-identical (tolerance 0)",
+    IDENTICAL: "the same environment and pool: the rerun must be bit-identical (tolerance 0)",
     SAME_POOL: "another environment, the same pool: within 1/4 of the 95% interval",
     RETRAINED_POOL: "the pool was trained here and nothing trusted says the result used it (a new draw "
                       "of the training noise): within 6 standard errors of the difference of two draws, "

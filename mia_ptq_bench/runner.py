@@ -68,7 +68,8 @@ class RunOptions:
     # Processes to train and to quantize in, each with its share of the threads (executor local only);
     # None chooses from the work and the machine (pool/train.py auto_workers).
     workers: int | None = None
-    # Pool training under bfloat16 autocast (pool/train.py Speed); None: the device's default (CUDA yes, CPU no).
+    # Pool training under bfloat16 autocast (pool/train.py Speed); None: the device's default (yes on a CUDA GPU
+    # with native bfloat16, no on a CPU) or, for a resumed pool, the arithmetic it was started in.
     amp: bool | None = None
     per_quantizer_folder: bool = True  # results/<task>/<quantizer>/...; False inside a submission's results/
     extensions: tuple[str, ...] = ()  # loaded extensions, loaded again by every worker process

@@ -25,7 +25,7 @@ from mia_ptq_bench.pool import PoolStore, build_pool, pool_keep_masks
 from mia_ptq_bench.pool.train import Schedule, Speed, init_model, make_schedule, train_sequential, train_stacked
 from mia_ptq_bench.cli import app
 from mia_ptq_bench.reproduce import _autocast, reproduce
-from mia_ptq_bench.results.compare import IDENTICAL
+from mia_ptq_bench.results.compare import IDENTICAL, RETRAINED_POOL
 from mia_ptq_bench.runner import RunOptions, evaluate
 from mia_ptq_bench.spec import load_task
 
@@ -103,6 +103,13 @@ def test_amp_is_opt_in_on_a_cpu_and_refused_where_bfloat16_would_be_emulated(mon
         Speed.for_device(CPU, amp=True)
     assert Speed.for_device(CPU, amp=False) == Speed()
     assert Speed.for_device(torch.device("cuda")) == Speed(channels_last=True)  # a GPU that would emulate it
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_without_a_gpu_defaults_to_float32_and_refuses_amp_by_name() -> None:
+    assert Speed.for_device(torch.device("cuda")) == Speed(channels_last=True)
+    with pytest.raises(BenchError, match=r"amp=True \(--amp\): no CUDA GPU is available; leave it out"):
+        Speed.for_device(torch.device("cuda:1"), amp=True)
 
 
 def test_an_avx512_cpu_without_bfloat16_instructions_is_not_native(monkeypatch) -> None:
@@ -210,6 +217,23 @@ def test_a_chosen_arithmetic_leaves_the_groups_as_started(tiny_task, started_und
     assert resumed.store.arithmetic() == "mixed"
 
 
+@pytest.mark.parametrize("groups_json", ["deleted", "written on another device"])
+def test_the_started_arithmetic_is_read_from_the_models_records(tiny_task, started_under_autocast,
+                                                               groups_json: str) -> None:
+    """groups.json may be gone (as the layout message invites), or be another device's: the records still say."""
+    data, reference, folder = started_under_autocast
+    groups = PoolStore(folder, tiny_task).root / "groups.json"
+    if groups_json == "deleted":
+        groups.unlink()
+    else:
+        groups.write_text(json.dumps({**json.loads(groups.read_text()), "device": "cuda"}))
+    log = Logged()
+    resumed = build_pool(tiny_task, data, folder, progress=log)
+    assert log.lines == ["resuming under bfloat16 autocast, as this pool was started (this machine would train in "
+                         "float32; --no-amp to do so)"]
+    np.testing.assert_array_equal(resumed.scores, reference.scores)
+
+
 def test_a_build_started_under_autocast_goes_on_in_float32_where_it_would_be_emulated(
         tiny_task, started_under_autocast, monkeypatch) -> None:
     data, reference, folder = started_under_autocast
@@ -237,7 +261,7 @@ def test_worker_processes_train_in_the_asked_arithmetic(tiny_task, tmp_path: Pat
     np.testing.assert_array_equal(apart.scores, here.scores)  # a worker's groups of 2 on 1 thread, the same bits
 
 
-def test_reproduce_trains_a_missing_pool_in_the_results_arithmetic(monkeypatch) -> None:
+def test_reproduce_reads_the_arithmetic_from_the_result_and_the_cpu(monkeypatch) -> None:
     log = Logged()
     monkeypatch.setattr("mia_ptq_bench.reproduce.native_bfloat16", lambda device: True)
     assert [_autocast(a, "cpu", log) for a in ("float32", "bfloat16-autocast", "mixed", None)] == \
@@ -261,6 +285,10 @@ def test_evaluate_with_amp_records_its_pools_arithmetic(tmp_path: Path, monkeypa
     again = reproduce(outcome.paths, RunOptions(cache_dir=tmp_path / "empty"))
     assert [(r.regime, r.ok) for r in again] == [(IDENTICAL, True)]
     assert PoolStore(tmp_path / "empty", outcome.pool.spec).arithmetic() == "bfloat16-autocast"
+    # --no-amp overrides the result: a float32 pool, other bits, the retrained pool's tolerance
+    again = reproduce(outcome.paths, RunOptions(cache_dir=tmp_path / "float32", amp=False))
+    assert [r.regime for r in again] == [RETRAINED_POOL]
+    assert PoolStore(tmp_path / "float32", outcome.pool.spec).arithmetic() == "float32"
 
 
 def test_evaluate_amp_without_native_bfloat16_is_one_error_before_any_work(tmp_path: Path, monkeypatch) -> None:

@@ -94,7 +94,7 @@ def train_group(spec: TaskSpec, dataset: ImageDataset, store: PoolStore, keep: n
     for index, model in zip(group, trained):
         if not store.is_complete(index):
             scores = score_split(model, dataset, dataset.pool, list(spec.queries), device)
-            store.save_model(index, model, scores, accuracy(model, dataset, dataset.test, device), speed.amp)
+            store.save_model(index, model, scores, accuracy(model, dataset, dataset.test, device), autocast=speed.amp)
             saved.append(index)
     return saved
 
@@ -185,27 +185,30 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     # pool built before builds recorded workers) resumes in one; and for the arithmetic (bfloat16 autocast or not).
     resuming = any(done) and not all(done)  # a complete pool has no layout left to keep, nor to speak of
     started = store.group_layout(device.type) if resuming else None
-    if started is not None and started[:2] != (group_size, workers):
+    if started is not None and started != (group_size, workers):
         if trainer == "auto" and stack is None and not chosen_workers:
-            progress.log(f"resuming in {_layout(*started[:2])}, as this pool was started (this machine would choose "
+            progress.log(f"resuming in {_layout(*started)}, as this pool was started (this machine would choose "
                          f"{_layout(group_size, workers)}; delete {store.root / GROUPS} to let it)")
-            group_size, workers = started[:2]
+            group_size, workers = started
         else:
             progress.log(f"training in {_layout(group_size, workers)}, where this pool was started in "
-                         f"{_layout(*started[:2])}: its models will differ in their last bits from an uninterrupted "
+                         f"{_layout(*started)}: its models will differ in their last bits from an uninterrupted "
                          "build's")
-    if started is not None and started[2] != speed.amp:
+    # The arithmetic from the models themselves, so that it holds on another device, without groups.json, or for
+    # a pulled pool with a model to retrain.
+    started_autocast = store.started_autocast([i for i in range(n_models) if done[i]]) if resuming else None
+    if started_autocast is not None and started_autocast != speed.amp:
         if chosen_speed:
-            progress.log(f"training {_arithmetic(speed.amp)}, where this pool was started {_arithmetic(started[2])}: "
-                         "its models will differ by more than float rounding from an uninterrupted build's (a mixed "
+            progress.log(f"training {_arithmetic(speed.amp)}, where this pool was started {_arithmetic(started_autocast)}"
+                         ": its models will differ by more than float rounding from an uninterrupted build's (a mixed "
                          "pool)")
-        elif started[2] and not native_bfloat16(device):
+        elif started_autocast and not native_bfloat16(device):
             progress.log(f"this pool was started under bfloat16 autocast, which this {device.type} lacks natively: "
                          "its remaining models train in float32 (a mixed pool)")
         else:
-            progress.log(f"resuming {_arithmetic(started[2])}, as this pool was started (this machine would train "
-                         f"{_arithmetic(speed.amp)}; {'--no-amp' if started[2] else '--amp'} to do so)")
-            speed = replace(speed, amp=started[2])
+            progress.log(f"resuming {_arithmetic(started_autocast)}, as this pool was started (this machine would "
+                         f"train {_arithmetic(speed.amp)}; {'--no-amp' if started_autocast else '--amp'} to do so)")
+            speed = replace(speed, amp=started_autocast)
     groups = [list(range(s, min(s + group_size, n_models))) for s in range(0, n_models, group_size)]
     groups = [g for g in groups if not all(done[i] for i in g)]
     if groups:

@@ -114,25 +114,40 @@ class PoolStore:
             "data_hash_version": DATA_HASH_VERSION,
         })
 
-    def group_layout(self, device_type: str) -> tuple[int, int, bool] | None:
-        """How this pool's build so far trained its groups on this kind of device: models per group, the
+    def group_layout(self, device_type: str) -> tuple[int, int] | None:
+        """How this pool's build so far trained its groups on this kind of device: models per group, and the
         worker processes they were trained in (pool/build.py; 1 for a pool started before builds recorded
-        them, which trained every group in one process), and whether under bfloat16 autocast (before that
-        was recorded, builds autocast on CUDA only). None: not recorded, or recorded for another kind,
+        them, which trained every group in one process). None: not recorded, or recorded for another kind,
         whose choice does not carry over (stacking is measured on the CPU only)."""
-        path = self.root / GROUPS
-        if not path.is_file():
+        info = self._groups()
+        if info is None:
             return None
-        info = self.read_record(path)
-        size, workers = info.get("models_per_group"), info.get("workers", 1)
-        for field, value in (("models_per_group", size), ("workers", workers)):
+        layout = info.get("models_per_group"), info.get("workers", 1)
+        for field, value in zip(("models_per_group", "workers"), layout):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise CacheError(f"{path}: {field}: not a positive whole number; delete it (the next build "
-                                 "chooses again)")
-        autocast = info.get("autocast", device_type == "cuda")
+                raise CacheError(f"{self.root / GROUPS}: {field}: not a positive whole number; delete it (the next "
+                                 "build chooses again)")
+        return layout if info.get("device") == device_type else None
+
+    def started_autocast(self, done: list[int]) -> bool | None:
+        """Whether the unfinished build trained under bfloat16 autocast, on whatever device: as its completed
+        models' records say, else as groups.json does (before it said, CUDA builds autocast by default and CPU
+        builds never); None when neither tells."""
+        recorded = {self.record(i).autocast for i in done}
+        if len(recorded) == 1 and None not in recorded:
+            return recorded.pop()
+        info = self._groups()
+        if info is None:
+            return None
+        autocast = info.get("autocast", info.get("device") == "cuda")
         if not isinstance(autocast, bool):
-            raise CacheError(f"{path}: autocast: not true or false; delete it (the next build chooses again)")
-        return (size, workers, autocast) if info.get("device") == device_type else None
+            raise CacheError(f"{self.root / GROUPS}: autocast: not true or false; delete it (the next build "
+                             "chooses again)")
+        return autocast
+
+    def _groups(self) -> dict | None:
+        path = self.root / GROUPS
+        return self.read_record(path) if path.is_file() else None
 
     def remember_group_layout(self, size: int, device_type: str, workers: int, autocast: bool) -> None:
         write_json_atomic(self.root / GROUPS, {"models_per_group": size, "device": device_type, "workers": workers,
@@ -145,8 +160,8 @@ class PoolStore:
     def is_complete_pool(self) -> bool:
         return all(self.is_complete(i) for i in range(self.spec.membership.n_models))
 
-    def save_model(self, index: int, model: nn.Module, scores: np.ndarray, test_accuracy: float,
-                   autocast: bool = False) -> None:
+    def save_model(self, index: int, model: nn.Module, scores: np.ndarray, test_accuracy: float, *,
+                   autocast: bool) -> None:
         state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
         # One metadata entry: safetensors writes a map's entries in an order that changes between
         # processes, and the same weights must make the same file (its sha256 names the pool: digest).

@@ -57,8 +57,11 @@ class Speed:
         would train slower than float32."""
         native = native_bfloat16(device)
         if amp and not native:
-            raise BenchError(f"amp=True (--amp): this {device.type} has no native bfloat16 arithmetic (on x86, "
-                             "AVX512_BF16 or AMX), so bfloat16 autocast would train slower than float32; leave it out")
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise BenchError("amp=True (--amp): no CUDA GPU is available; leave it out")
+            needs = "compute capability 8.0 or later" if device.type == "cuda" else "on x86, AVX512_BF16 or AMX"
+            raise BenchError(f"amp=True (--amp): this {device.type} has no native bfloat16 arithmetic ({needs}), so "
+                             "bfloat16 autocast would train slower than float32; leave it out")
         if device.type == "cuda":
             return cls(amp=native if amp is None else amp, channels_last=True)
         return cls(amp=bool(amp))
@@ -70,7 +73,10 @@ def native_bfloat16(device: torch.device) -> bool:
     On x86 that takes AVX512_BF16 or AMX: oneDNN's own bfloat16 check accepts any AVX-512 CPU, and
     emulates bfloat16 on those without them."""
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        if not torch.cuda.is_available():
+            return False
+        with torch.cuda.device(device):  # this GPU's, not the current one's
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
         return False
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):

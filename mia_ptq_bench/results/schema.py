@@ -210,7 +210,8 @@ class Result(Strict):
                                                 "only for the very same trained pool (absent in older results)")
     pool_arithmetic: Literal["float32", "bfloat16-autocast", "mixed"] | None = Field(
         None, description="how the pool's models were trained: float32, under bfloat16 autocast (evaluate --amp; "
-                          "on CUDA by default), or mixed (a build resumed in the other); absent in older results")
+                          "by default on a CUDA GPU with native bfloat16), or mixed (a build resumed in the other); "
+                          "absent in older results and where a model's record does not say")
     n_models: int = Field(ge=1)
     n_examples: int = Field(ge=1)
     n_test: int = Field(ge=1, description="test images behind test accuracy (held-out calibration images excluded)")
