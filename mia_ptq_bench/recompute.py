@@ -300,11 +300,14 @@ def recompute(path: Path, result: Result, pool: Pool, test: Split, cache_dir: Pa
 
 def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None = None, download: bool = False,
                     device: str = "cpu", waiting: Callable[[str], None] | None = None) -> list[Recomputation]:
-    """Recompute every result file given, loading (or training) each task's pool once. ``waiting``: told
-    once if a `cache clear` holds the cache, or a task's cached work, when its pool is wanted (``cache.in_use``)."""
+    """Recompute every result file given, loading (or training) each task's pool once, a missing one in the
+    arithmetic the task's first result records. ``waiting``: told once if a `cache clear` holds the cache, or a
+    task's cached work, when its pool is wanted (``cache.in_use``), and when a pool that result trained under
+    bfloat16 autocast must be trained in float32 here."""
     from .context import RunContext
     from .data.splits import evaluation_test_split
-    from .pool import build_pool
+    from .pool import autocast_for, build_pool
+    from .pool.train import Speed
     from .results.io import load_result
     from .spec import load_registered_task
 
@@ -325,7 +328,10 @@ def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None =
                 dataset = RunContext(spec, Path(cache_dir), data_root, download, device).dataset()
                 # from here the task's cached work is read: `cache clear` (of it, or all) is refused
                 held.enter_context(in_use(Path(cache_dir), [spec.id], waiting=waiting))
-                pool = build_pool(spec, dataset, cache_dir, device)
+                # a missing pool trained as the task's first result's was, so as to be the very pool where it can
+                amp = autocast_for(result.pool_arithmetic, device, waiting or (lambda line: None))
+                pool = build_pool(spec, dataset, cache_dir, device,
+                                  speed=None if amp is None else Speed.for_device(torch.device(device), amp))
                 loaded[spec.id] = (pool, evaluation_test_split(spec.calibration, pool.dataset))
             pool, test = loaded[spec.id]
             try:

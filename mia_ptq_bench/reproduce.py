@@ -15,14 +15,12 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 from pydantic import ValidationError
 
 from .cache import in_use
 from .cache_admin import remove_stale_scratch, scratch_prefix
 from .errors import BenchError
-from .pool.store import BFLOAT16_AUTOCAST, FLOAT32
-from .pool.train import native_bfloat16
+from .pool import autocast_for
 from .progress import Progress, SilentProgress
 from .results.compare import Comparison, compare_results, needs_pool_spread, regime
 from .results.io import load_arrays, load_result
@@ -87,16 +85,6 @@ def _quantizer_for(path: Path, result: Result):
     return quantizer
 
 
-def _autocast(arithmetic: str | None, device: str, progress: Progress) -> bool | None:
-    """Whether to train a missing pool under bfloat16 autocast, as the result's was (None: the device's default,
-    for a result that does not say, or whose pool was mixed)."""
-    if arithmetic == BFLOAT16_AUTOCAST and not native_bfloat16(torch.device(device)):
-        progress.log(f"the result's pool was trained under bfloat16 autocast, which {device} lacks natively: if the "
-                     "pool is not cached, it is trained in float32 (and the rerun held to a retrained pool's tolerance)")
-        return False
-    return {FLOAT32: False, BFLOAT16_AUTOCAST: True}.get(arithmetic)
-
-
 def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None = None,
               tasks: list[str] | None = None) -> list[Reproduction]:
     """Rerun and compare every result of ``paths`` (only those of ``tasks``, if given)."""
@@ -132,7 +120,7 @@ def reproduce(paths: list[Path], options: RunOptions, progress: Progress | None 
             progress.log(f"rerunning {task_id} · {quantizer.name} · {', '.join(plans)} · {', '.join(threats)} "
                          "(every model quantized afresh; the pool from the cache)")
             spec = load_registered_task(task_id)
-            amp = options.amp if options.amp is not None else _autocast(arithmetic, options.device, progress)
+            amp = options.amp if options.amp is not None else autocast_for(arithmetic, options.device, progress.log)
             outcome = evaluate(quantizer, spec, plans, threats,
                                replace(options, out_dir=Path(scratch) / "rerun", per_quantizer_folder=True,
                                        outputs_dir=Path(scratch) / "outputs",

@@ -24,7 +24,9 @@ from mia_ptq_bench.errors import BenchError, CacheError
 from mia_ptq_bench.pool import PoolStore, build_pool, pool_keep_masks
 from mia_ptq_bench.pool.train import Schedule, Speed, init_model, make_schedule, train_sequential, train_stacked
 from mia_ptq_bench.cli import app
-from mia_ptq_bench.reproduce import _autocast, reproduce
+from mia_ptq_bench.pool import autocast_for
+from mia_ptq_bench.recompute import RECOMPUTED, recompute_files
+from mia_ptq_bench.reproduce import reproduce
 from mia_ptq_bench.results.compare import IDENTICAL, RETRAINED_POOL
 from mia_ptq_bench.runner import RunOptions, evaluate
 from mia_ptq_bench.spec import load_task
@@ -263,12 +265,12 @@ def test_worker_processes_train_in_the_asked_arithmetic(tiny_task, tmp_path: Pat
 
 def test_reproduce_reads_the_arithmetic_from_the_result_and_the_cpu(monkeypatch) -> None:
     log = Logged()
-    monkeypatch.setattr("mia_ptq_bench.reproduce.native_bfloat16", lambda device: True)
-    assert [_autocast(a, "cpu", log) for a in ("float32", "bfloat16-autocast", "mixed", None)] == \
+    monkeypatch.setattr(build_module, "native_bfloat16", lambda device: True)
+    assert [autocast_for(a, "cpu", log.log) for a in ("float32", "bfloat16-autocast", "mixed", None)] == \
         [False, True, None, None]
     assert not log.lines
-    monkeypatch.setattr("mia_ptq_bench.reproduce.native_bfloat16", lambda device: False)
-    assert _autocast("bfloat16-autocast", "cpu", log) is False
+    monkeypatch.setattr(build_module, "native_bfloat16", lambda device: False)
+    assert autocast_for("bfloat16-autocast", "cpu", log.log) is False
     assert log.lines == ["the result's pool was trained under bfloat16 autocast, which cpu lacks natively: if the pool "
                          "is not cached, it is trained in float32 (and the rerun held to a retrained pool's tolerance)"]
 
@@ -281,7 +283,7 @@ def test_evaluate_with_amp_records_its_pools_arithmetic(tmp_path: Path, monkeypa
     assert [r.pool_arithmetic for r in outcome.results] == ["bfloat16-autocast"]
     assert outcome.pool.store.arithmetic() == "bfloat16-autocast"
     # reproduced from an empty cache: the pool is trained again under autocast, so the rerun is identical
-    monkeypatch.setattr("mia_ptq_bench.reproduce.native_bfloat16", lambda device: True)
+    monkeypatch.setattr(build_module, "native_bfloat16", lambda device: True)
     again = reproduce(outcome.paths, RunOptions(cache_dir=tmp_path / "empty"))
     assert [(r.regime, r.ok) for r in again] == [(IDENTICAL, True)]
     assert PoolStore(tmp_path / "empty", outcome.pool.spec).arithmetic() == "bfloat16-autocast"
@@ -289,6 +291,10 @@ def test_evaluate_with_amp_records_its_pools_arithmetic(tmp_path: Path, monkeypa
     again = reproduce(outcome.paths, RunOptions(cache_dir=tmp_path / "float32", amp=False))
     assert [r.regime for r in again] == [RETRAINED_POOL]
     assert PoolStore(tmp_path / "float32", outcome.pool.spec).arithmetic() == "float32"
+    # validate --recompute from an empty cache trains the pool as the result's was, so it recomputes every number
+    checked = recompute_files(outcome.paths, tmp_path / "recompute")
+    assert [(c.status, all(x.ok for x in c.comparisons)) for c in checked] == [(RECOMPUTED, True)]
+    assert PoolStore(tmp_path / "recompute", outcome.pool.spec).arithmetic() == "bfloat16-autocast"
 
 
 def test_evaluate_amp_without_native_bfloat16_is_one_error_before_any_work(tmp_path: Path, monkeypatch) -> None:

@@ -6,7 +6,7 @@ import pickle
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -123,6 +123,17 @@ def _arithmetic(autocast: bool) -> str:
 CACHED_ARITHMETIC = {FLOAT32: _arithmetic(False), BFLOAT16_AUTOCAST: _arithmetic(True),
                      MIXED: "partly in float32, partly under bfloat16 autocast",
                      None: "in an arithmetic its records do not say"}
+
+
+def autocast_for(arithmetic: str | None, device: str, say: Callable[[str], None]) -> bool | None:
+    """Whether to train a missing pool under bfloat16 autocast so as to match a result whose pool trained in
+    ``arithmetic`` (its ``pool_arithmetic``); None, the device's default, for a result that does not say or
+    whose pool was mixed. Float32 where this device would only emulate bfloat16, which ``say`` tells."""
+    if arithmetic == BFLOAT16_AUTOCAST and not native_bfloat16(torch.device(device)):
+        say(f"the result's pool was trained under bfloat16 autocast, which {device} lacks natively: if the pool is "
+            "not cached, it is trained in float32 (and the rerun held to a retrained pool's tolerance)")
+        return False
+    return {FLOAT32: False, BFLOAT16_AUTOCAST: True}.get(arithmetic)
 
 
 def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: str | torch.device = "cpu",
