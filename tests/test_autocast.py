@@ -21,10 +21,9 @@ import mia_ptq_bench.pool.build as build_module
 import mia_ptq_bench.pool.train as train_module
 from mia_ptq_bench.data import load_dataset
 from mia_ptq_bench.errors import BenchError, CacheError
-from mia_ptq_bench.pool import PoolStore, build_pool, pool_keep_masks
-from mia_ptq_bench.pool.train import Schedule, Speed, init_model, make_schedule, train_sequential, train_stacked
 from mia_ptq_bench.cli import app
-from mia_ptq_bench.pool import autocast_for
+from mia_ptq_bench.pool import PoolStore, autocast_for, build_pool, pool_keep_masks
+from mia_ptq_bench.pool.train import Schedule, Speed, init_model, make_schedule, train_sequential, train_stacked
 from mia_ptq_bench.recompute import RECOMPUTED, recompute_files
 from mia_ptq_bench.reproduce import reproduce
 from mia_ptq_bench.results.compare import IDENTICAL, RETRAINED_POOL
@@ -70,19 +69,17 @@ def test_the_stacked_trainer_autocasts_too_and_agrees_with_the_sequential_one(mo
     plans = steps(spec, data, indices, 3)
     alone = [train_sequential(spec, data, init_model(spec, data, i), s, CPU, Speed(amp=True))
              for i, s in zip(indices, plans)]
-    seen: set[torch.dtype] = set()
+    seen: list[set[torch.dtype]] = []  # the wide network's convolutions, as it trains
     original = train_module.widen
 
-    def widen_and_watch(*args, **kwargs):  # the wide network's convolutions, as it trains
+    def widen_and_watch(*args, **kwargs):
         wide = original(*args, **kwargs)
-        for module in wide.modules():
-            if isinstance(module, nn.Conv2d):
-                module.register_forward_hook(lambda m, a, out: seen.add(out.dtype))
+        seen.append(output_dtypes(wide, (nn.Conv2d,)))
         return wide
 
     monkeypatch.setattr(train_module, "widen", widen_and_watch)
     stacked = train_stacked(spec, data, [init_model(spec, data, i) for i in indices], plans, CPU, Speed(amp=True))
-    assert seen == {torch.bfloat16}
+    assert seen == [{torch.bfloat16}]
     for name, untrained in init_model(spec, data, 0).state_dict().items():
         if not untrained.is_floating_point():
             continue
