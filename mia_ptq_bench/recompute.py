@@ -45,7 +45,7 @@ from .results.compare import Comparison, PoolSpread, compare_results, needs_pool
 from .results.compute import build_evaluation
 from .results.io import EVIDENCE_CAP, load_evidence
 from .results.jackknife import pool_standard_errors, reference_standard_errors
-from .runner import where_run
+from .runner import training_speed, where_run
 from .results.schema import Result
 from .spec.audit import LayerAudit, merge_audits
 from .spec.plans import PrecisionPlan
@@ -307,7 +307,6 @@ def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None =
     from .context import RunContext
     from .data.splits import evaluation_test_split
     from .pool import autocast_for, build_pool
-    from .pool.train import Speed
     from .results.io import load_result
     from .spec import load_registered_task
 
@@ -330,8 +329,7 @@ def recompute_files(paths: list[Path], cache_dir: Path, data_root: Path | None =
                 held.enter_context(in_use(Path(cache_dir), [spec.id], waiting=waiting))
                 # a missing pool trained as the task's first result's was, so as to be the very pool where it can
                 amp = autocast_for(result.pool_arithmetic, device, waiting or (lambda line: None))
-                pool = build_pool(spec, dataset, cache_dir, device,
-                                  speed=None if amp is None else Speed.for_device(torch.device(device), amp))
+                pool = build_pool(spec, dataset, cache_dir, device, speed=training_speed(device, amp))
                 loaded[spec.id] = (pool, evaluation_test_split(spec.calibration, pool.dataset))
             pool, test = loaded[spec.id]
             try:

@@ -123,10 +123,10 @@ def resolve_threat_models(spec: TaskSpec, threat_models: list[str] | None) -> li
 
 # -- 2. pool ----------------------------------------------------------------------------------
 
-def training_speed(options: RunOptions) -> Speed | None:
-    """How a missing pool is trained: bfloat16 autocast as ``options.amp`` asks (refused where the device
-    lacks native bfloat16), or None for the device's default."""
-    return None if options.amp is None else Speed.for_device(torch.device(options.device), options.amp)
+def training_speed(device: str, amp: bool | None) -> Speed | None:
+    """How a missing pool is trained: bfloat16 autocast as ``amp`` (--amp/--no-amp) asks (refused where the
+    device lacks native bfloat16), or None for build_pool's own choice (the device's default, or as started)."""
+    return None if amp is None else Speed.for_device(torch.device(device), amp)
 
 
 def prepare_pool(context: RunContext, options: RunOptions, progress: Progress) -> Pool:
@@ -142,7 +142,7 @@ def prepare_pool(context: RunContext, options: RunOptions, progress: Progress) -
                          "folder to pull the Hub's")
     remote = None if isinstance(options.executor, LocalExecutor) else options.executor
     pool = build_pool(spec, context.dataset(), options.cache_dir, options.device, progress, trainer=options.trainer,
-                      speed=training_speed(options), executor=remote, data_root=options.data_root, download=options.download,
+                      speed=training_speed(options.device, options.amp), executor=remote, data_root=options.data_root, download=options.download,
                       extensions=options.extensions, workers=options.workers if remote is None else None)
     return context.remember("pool", pool)
 
@@ -283,7 +283,7 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
     ensure_writable(result_path(options.out_dir, spec.id, quantizer.name if options.per_quantizer_folder else None,
                                 "plan", "threat").parent, "results folder")
     ensure_writable(Path(options.cache_dir), "cache folder")
-    training_speed(options)  # --amp where the device would only emulate bfloat16
+    training_speed(options.device, options.amp)  # --amp where the device would only emulate bfloat16
 
     # 2. pool
     started_wall = time.time()

@@ -22,7 +22,7 @@ from ..inference import accuracy, score_split
 from ..models.structure import check_quantizable
 from ..spec.schema import TaskSpec
 from .masks import balanced_keep_masks
-from .store import BFLOAT16_AUTOCAST, FLOAT32, GROUPS, MIXED, PoolStore
+from .store import AUTOCAST, BFLOAT16_AUTOCAST, FLOAT32, GROUPS, MIXED, PoolStore
 from .train import Speed, auto_stack, auto_workers, init_model, make_schedule, native_bfloat16, pool_training_work, \
     task_training_flops, train_sequential, train_stacked
 
@@ -133,7 +133,7 @@ def autocast_for(arithmetic: str | None, device: str, say: Callable[[str], None]
         say(f"the result's pool was trained under bfloat16 autocast, which {device} lacks natively: if the pool is "
             "not cached, it is trained in float32 (and the rerun held to a retrained pool's tolerance)")
         return False
-    return {FLOAT32: False, BFLOAT16_AUTOCAST: True}.get(arithmetic)
+    return AUTOCAST.get(arithmetic)
 
 
 def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: str | torch.device = "cpu",
@@ -176,8 +176,8 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     chosen_workers = workers is not None
     if all(done):
         workers = 1
-        cached = store.arithmetic()
-        if chosen_speed and cached != (BFLOAT16_AUTOCAST if speed.amp else FLOAT32):
+        cached = store.arithmetic() if chosen_speed else None
+        if chosen_speed and AUTOCAST.get(cached) != speed.amp:
             progress.log(f"the pool is cached, trained {CACHED_ARITHMETIC[cached]}: it is used as it is, not trained "
                          f"again {_arithmetic(speed.amp)} (a pool is cached by its task alone)")
     elif workers is None:

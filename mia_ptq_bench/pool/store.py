@@ -61,6 +61,7 @@ class ModelRecord:
 
 # How a pool's models were trained (``PoolStore.arithmetic``), as results record it.
 FLOAT32, BFLOAT16_AUTOCAST, MIXED = "float32", "bfloat16-autocast", "mixed"
+AUTOCAST = {FLOAT32: False, BFLOAT16_AUTOCAST: True}  # the arithmetic one Speed.amp trains in
 
 
 SOURCE = "source.json"  # where a pulled pool came from (pool/hub.py); gone once any model is replaced
@@ -133,9 +134,9 @@ class PoolStore:
         """Whether the unfinished build trained under bfloat16 autocast, on whatever device: as its completed
         models' records say, else as groups.json does (before it said, CUDA builds autocast by default and CPU
         builds never); None when neither tells."""
-        recorded = {self.record(i).autocast for i in done}
-        if len(recorded) == 1 and None not in recorded:
-            return recorded.pop()
+        recorded = AUTOCAST.get(self.arithmetic(done))
+        if recorded is not None:
+            return recorded
         info = self._groups()
         if info is None:
             return None
@@ -218,11 +219,12 @@ class PoolStore:
         lines = "".join(f"{r.index} {r.weights_sha256} {r.scores_sha256}\n" for r in records)
         return hashlib.sha256(lines.encode()).hexdigest()
 
-    def arithmetic(self) -> str | None:
-        """How the pool's models were trained: float32, bfloat16-autocast, or mixed (a build resumed in the
-        other arithmetic); None when a model's record predates the field and so does not say."""
-        autocast = {self.record(i).autocast for i in range(self.spec.membership.n_models)}
-        if None in autocast:
+    def arithmetic(self, indices: list[int] | None = None) -> str | None:
+        """How the pool's models (or those of ``indices``) were trained: float32, bfloat16-autocast, or mixed (a
+        build resumed in the other arithmetic); None when a model's record predates the field and so does not say."""
+        autocast = {self.record(i).autocast for i in (range(self.spec.membership.n_models) if indices is None
+                                                      else indices)}
+        if None in autocast or not autocast:
             return None
         return MIXED if len(autocast) > 1 else BFLOAT16_AUTOCAST if autocast == {True} else FLOAT32
 
