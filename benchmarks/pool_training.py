@@ -55,11 +55,7 @@ from mia_ptq_bench.pool.wide import widen
 from mia_ptq_bench.inference import accuracy
 from mia_ptq_bench.spec import load_task
 
-from machine import best_time, describe, idle_fraction, load_average, save, say, sync, wait_for_quiet
-
-def gemm_peak(device: torch.device, repeats: int = 10, n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / best_time(lambda: torch.mm(a, b), device, repeats)
+from machine import best_time, describe, gemm_peak, idle_fraction, load_average, save, say, sync, wait_for_quiet
 
 
 def layer_shapes(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> list[tuple[str, nn.Conv2d, tuple]]:

@@ -13,6 +13,11 @@ initialised ones (no pool to train), BatchNorm folded and calibrated on their ow
   (``moments.MomentGradient``, for a unit affine in its weight; building the moments counts once
   per ``--iters`` steps, as in a default run), and which way it picks by default (BRECQ never
   takes the moments);
+- the same units against the limit: one model's step in FLOP (FlopCounterMode: its convolutions
+  and matrix products, forward and backward), the floor that sets at the measured fp32 GEMM peak,
+  the default way's share of that peak, and the plain step (``rounding.autograd_learn_rounding``,
+  the study's step, one model) with the speed-ups over it of the default way and of the floor: the
+  floor's is the most any implementation of the step could gain over plain on this machine;
 - for GPTQ and OBC on ``--second-order-models`` models: seconds per model, and the share spent accumulating
   the layer Hessians (float64, in ``obs.HessianAccumulator.add``) against the rest (grids, sweeps,
   forward passes);
@@ -29,15 +34,17 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import sys
 import time
 from pathlib import Path
 from unittest import mock
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe, idle_fraction, load_average, save, say, wait_for_quiet  # noqa: E402
+from machine import describe, gemm_peak, idle_fraction, load_average, save, say, wait_for_quiet  # noqa: E402
 
 from mia_ptq_bench.allocator import keep_freed_memory  # noqa: E402
 from mia_ptq_bench.data import load_dataset  # noqa: E402
@@ -51,24 +58,34 @@ from mia_ptq_bench.quantize.gram import im2col_gram, input_gram  # noqa: E402
 from mia_ptq_bench.quantize.obs import HessianAccumulator  # noqa: E402
 from mia_ptq_bench.quantize.batchnorm import fold_batchnorm  # noqa: E402
 from mia_ptq_bench.quantize.moments import AffineUnit, MomentGradient  # noqa: E402
-from mia_ptq_bench.quantize.rounding import (RoundingSchedule, choose_way, grouped_forward,  # noqa: E402
-                                             learn_rounding)
+from mia_ptq_bench.quantize.rounding import (RoundingSchedule, autograd_learn_rounding, choose_way,  # noqa: E402
+                                             grouped_forward, learn_rounding)
 from mia_ptq_bench.quantize.units import block_units, capture  # noqa: E402
 from mia_ptq_bench.spec import PrecisionPlan, load_task  # noqa: E402
 
 WAYS = ("vmap", "grouped", "one_by_one", "moments")
 
 
-def unit_step_ms(units_per_model, u: int, models, images, steps: int, way: str, iters: int) -> float:
-    """Milliseconds per model per step; a way's set-up before its first step (the moments) counts
-    once per ``iters`` steps, as in a default run."""
+def unit_problem(units_per_model, u: int, models, images):
+    """Unit ``u`` of every model, with its weight keys, 4-bit grids, captured inputs and targets."""
     first = [units[u] for units in units_per_model]
     inputs = torch.stack([capture(m, unit.first, images, "input") for m, unit in zip(models, first)], dim=1)
     targets = torch.stack([capture(m, unit.last, images, "output") for m, unit in zip(models, first)], dim=1)
     keys = [f"{prefix}.weight" for prefix in first[0].layers]
     grids = [{f"{p}.weight": GridConfig().grid(m.get_submodule(layer).weight.detach(), 4)
               for p, layer in unit.layers.items()} for m, unit in zip(models, first)]
-    schedule = RoundingSchedule(steps, 32, 1e-2, 0.001, 20.0, 2.0, 0.2, 0)
+    return first, keys, grids, inputs, targets
+
+
+def schedule_of(steps: int) -> RoundingSchedule:
+    return RoundingSchedule(steps, 32, 1e-2, 0.001, 20.0, 2.0, 0.2, 0)
+
+
+def unit_step_ms(units_per_model, u: int, models, images, steps: int, way: str, iters: int) -> float:
+    """Milliseconds per model per step; a way's set-up before its first step (the moments) counts
+    once per ``iters`` steps, as in a default run."""
+    first, keys, grids, inputs, targets = unit_problem(units_per_model, u, models, images)
+    schedule = schedule_of(steps)
     setup = [0.0]
     build = MomentGradient.__init__
 
@@ -83,6 +100,48 @@ def unit_step_ms(units_per_model, u: int, models, images, steps: int, way: str, 
                        way=way)
         total = time.perf_counter() - start
     return ((total - setup[0]) / steps + setup[0] / iters) / len(models) * 1e3
+
+
+def plain_step(units_per_model, u: int, models, images, steps: int) -> tuple[float, float]:
+    """FLOP (convolutions and matrix products, FlopCounterMode) and milliseconds of one step of the
+    plain per-model loop (``rounding.autograd_learn_rounding``, the study's step) on the first model's
+    unit: the work any implementation of the step must do, and what the plain one takes for it."""
+    first, keys, grids, inputs, targets = unit_problem(units_per_model, u, models[:1], images)
+    run = functools.partial(autograd_learn_rounding, [first[0].module], keys, {k: 4 for k in keys}, grids,
+                            inputs, targets)
+    with torch.enable_grad():
+        with FlopCounterMode(display=False) as counter:
+            run(schedule_of(1))  # the first step: before the warm-up ends, as 20% of all steps are
+        run(schedule_of(2))  # untimed warm-up
+        start = time.perf_counter()
+        run(schedule_of(steps))
+        seconds = time.perf_counter() - start
+    return counter.get_total_flops(), seconds / steps * 1e3
+
+
+def distance_to_limit(units_per_model, models, images, args, peak: float, defaults: list[float]) -> None:
+    """Per unit: the step's FLOP, its floor at the GEMM peak, the default way against it, and the plain
+    per-model step: so a speed-up over plain reads against the most any implementation could reach."""
+    say()
+    say(f"  the same units against the limit: one model's step (batch 32) in MFLOP (convolutions and matrix "
+        f"products), its floor in ms at the fp32 GEMM peak, the default way above ({args.models} models) as a "
+        f"share of the peak, the plain step alone (study-style autograd, {args.steps} steps, no capture), and "
+        f"the speed-ups over plain of the default way and of the floor (a way from moments does less work "
+        f"than the step as written, and may pass the floor)")
+    say(f"  {'unit':26} {'MFLOP':>8} {'floor':>8} {'default':>8} {'of peak':>8} {'plain':>8} "
+        f"{'default/plain':>14} {'floor/plain':>12}")
+    sums = [0.0, 0.0, 0.0, 0.0]
+    for u, unit in enumerate(units_per_model[0]):
+        wait_for_quiet(args.patience)
+        flop, plain = plain_step(units_per_model, u, models, images, args.steps)
+        floor = flop / peak * 1e3
+        default = defaults[u]
+        sums = [a + b for a, b in zip(sums, (flop, floor, default, plain))]
+        say(f"  {unit.name:26} {flop / 1e6:8.1f} {floor:8.3f} {default:8.3f} {floor / default:8.0%} {plain:8.3f} "
+            f"{plain / default:13.2f}x {plain / floor:11.2f}x")
+    flop, floor, default, plain = sums
+    say(f"  {'all units':26} {flop / 1e6:8.1f} {floor:8.3f} {default:8.3f} {floor / default:8.0%} {plain:8.3f} "
+        f"{plain / default:13.2f}x {plain / floor:11.2f}x")
 
 
 def layer_grams(model: torch.nn.Module, images: torch.Tensor, repeats: int, patience: float) -> None:
@@ -144,6 +203,10 @@ def main() -> None:
     models = [fold_batchnorm(init_model(spec, data, i).eval()) for i in range(args.models)]
     images = calibration_set(spec, data, keep, 0, args.calibration, "cpu").images
 
+    if not args.skip_units:
+        wait_for_quiet(args.patience)
+        peak = gemm_peak(torch.device("cpu"))
+        say(f"measured peak: fp32 GEMM 2048x2048, best of 10: {peak / 1e9:.0f} GFLOP/s")
     for method, split in () if args.skip_units else (("adaround", QUANTIZERS.get("adaround")().units),
                                                       ("brecq", block_units)):
         say()
@@ -152,6 +215,7 @@ def main() -> None:
         say(f"{'unit':28} {'input':14} " + " ".join(f"{way:>10}" for way in WAYS) + f" {'default':>10}")
         units_per_model = [split(m) for m in models]
         totals = dict.fromkeys(WAYS + ("default",), 0.0)
+        defaults: list[float] = []
         for u, unit in enumerate(units_per_model[0]):
             wait_for_quiet(args.patience)
             first_input = capture(models[0], unit.first, images[:1], "input")
@@ -163,12 +227,14 @@ def main() -> None:
             times = {way: unit_step_ms(units_per_model, u, models, images, args.steps, way, args.iters) for way in WAYS
                      if possible.get(way, True)}
             times["default"] = times[chosen]
+            defaults.append(times["default"])
             for way in totals:  # a unit that cannot run a way counts at its default in that column
                 totals[way] += times.get(way, times["default"])
             cells = " ".join(f"{times[way]:10.3f}" if way in times else f"{'-':>10}" for way in WAYS)
             say(f"{unit.name:28} {'x'.join(map(str, first_input.shape[1:])):14} {cells} {chosen:>10}")
         say(f"{'all units':28} {'':14} " + " ".join(f"{totals[way]:10.3f}" for way in WAYS)
             + f" {totals['default']:10.3f}")
+        distance_to_limit(units_per_model, models, images, args, peak, defaults)
 
     count = 0 if args.skip_second_order else args.second_order_models
     if count:
