@@ -16,7 +16,7 @@ initialised ones (no pool to train), BatchNorm folded and calibrated on their ow
 - the same units against the limit: one model's step in FLOP (FlopCounterMode: its convolutions
   and matrix products, forward and backward), the floor that sets at the measured fp32 GEMM peak,
   the default way's share of that peak, and the plain step (``rounding.autograd_learn_rounding``,
-  the study's step, one model) with the speed-ups over it of the default way and of the floor: the
+  the study's step, one model, best of 3 runs) with the speed-ups over it of the default way and of the floor: the
   floor's is the most any implementation of the step could gain over plain on this machine;
 - for GPTQ and OBC on ``--second-order-models`` models: seconds per model, and the share spent accumulating
   the layer Hessians (float64, in ``obs.HessianAccumulator.add``) against the rest (grids, sweeps,
@@ -102,7 +102,7 @@ def unit_step_ms(units_per_model, u: int, models, images, steps: int, way: str, 
     return ((total - setup[0]) / steps + setup[0] / iters) / len(models) * 1e3
 
 
-def plain_step(units_per_model, u: int, models, images, steps: int) -> tuple[float, float]:
+def plain_step(units_per_model, u: int, models, images, steps: int, rounds: int = 3) -> tuple[float, float]:
     """FLOP (convolutions and matrix products, FlopCounterMode) and milliseconds of one step of the
     plain per-model loop (``rounding.autograd_learn_rounding``, the study's step) on the first model's
     unit: the work any implementation of the step must do, and what the plain one takes for it."""
@@ -113,9 +113,11 @@ def plain_step(units_per_model, u: int, models, images, steps: int) -> tuple[flo
         with FlopCounterMode(display=False) as counter:
             run(schedule_of(1))  # the first step: before the warm-up ends, as 20% of all steps are
         run(schedule_of(2))  # untimed warm-up
-        start = time.perf_counter()
-        run(schedule_of(steps))
-        seconds = time.perf_counter() - start
+        seconds = float("inf")
+        for _ in range(rounds):  # plain's step time moves by a third from run to run: the best counts
+            start = time.perf_counter()
+            run(schedule_of(steps))
+            seconds = min(seconds, time.perf_counter() - start)
     return counter.get_total_flops(), seconds / steps * 1e3
 
 
@@ -125,7 +127,7 @@ def distance_to_limit(units_per_model, models, images, args, peak: float, defaul
     say()
     say(f"  the same units against the limit: one model's step (batch 32) in MFLOP (convolutions and matrix "
         f"products), its floor in ms at the fp32 GEMM peak, the default way above ({args.models} models) as a "
-        f"share of the peak, the plain step alone (study-style autograd, {args.steps} steps, no capture), and "
+        f"share of the peak, the plain step alone (study-style autograd, best of 3 runs of {args.steps} steps, no capture), and "
         f"the speed-ups over plain of the default way and of the floor (a way from moments does less work "
         f"than the step as written, and may pass the floor)")
     say(f"  {'unit':26} {'MFLOP':>8} {'floor':>8} {'default':>8} {'of peak':>8} {'plain':>8} "
