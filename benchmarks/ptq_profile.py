@@ -25,7 +25,7 @@ initialised ones (no pool to train), BatchNorm folded and calibrated on their ow
   the ``--calibration`` images as one batch) as the Hessians take it (``gram.input_gram``: a
   convolution from one batched product per band of displacements) and as one product of the whole
   im2col matrix (what the reference codes and ptq_speed's plain runs do), interleaved, best of
-  ``--repeats``, with the ratio.
+  ``--repeats``, with the ratio, and each way's rate against the measured float64 GEMM peak.
 --save writes the output under benchmarks/results/ with the machine's description.
 """
 
@@ -155,13 +155,23 @@ def layer_grams(model: torch.nn.Module, images: torch.Tensor, repeats: int, pati
     for hook in hooks:
         hook.remove()
     say()
-    say(f"layer Gram matrices X X^T, float64, {len(images)} images, ms (best of {repeats}, the two interleaved)")
-    say(f"{'layer':24} {'input':14} {'kernel':>8} {'stride':>6} {'ours':>8} {'im2col':>8} {'ratio':>6}")
-    totals = [0.0, 0.0]
     wait_for_quiet(patience)
+    peak = gemm_peak(torch.device("cpu"), dtype=torch.float64)
+    say(f"layer Gram matrices X X^T, float64, {len(images)} images, ms (best of {repeats}, the two interleaved), "
+        f"and each way's rate in GFLOP/s (its own products, FlopCounterMode) against the float64 GEMM peak "
+        f"(2048x2048, best of 10): {peak / 1e9:.0f} GFLOP/s")
+    say(f"{'layer':24} {'input':14} {'kernel':>8} {'stride':>6} {'ours':>8} {'im2col':>8} {'ratio':>6} "
+        f"{'ours GF/s':>10} {'of peak':>8} {'im2col GF/s':>12} {'of peak':>8}")
+    totals = [0.0, 0.0]
+    work = [0.0, 0.0]
     for name, layer in quantizable_layers(model):
         x = inputs[name]
         ways = (lambda: input_gram(layer, x), lambda: im2col_gram(layer, x))
+        flops = []
+        for way in ways:
+            with FlopCounterMode(display=False) as counter:
+                way()
+            flops.append(counter.get_total_flops())
         best = [float("inf")] * 2
         for _ in range(repeats):
             for w, way in enumerate(ways):
@@ -169,12 +179,19 @@ def layer_grams(model: torch.nn.Module, images: torch.Tensor, repeats: int, pati
                 way()
                 best[w] = min(best[w], time.perf_counter() - start)
         totals = [t + b for t, b in zip(totals, best)]
+        work = [t + f for t, f in zip(work, flops)]
         kernel = "x".join(map(str, layer.kernel_size)) if isinstance(layer, torch.nn.Conv2d) else "linear"
         stride = str(layer.stride[0]) if isinstance(layer, torch.nn.Conv2d) else "-"
+        rates = [f / b for f, b in zip(flops, best)]
         say(f"{name:24} {'x'.join(map(str, x.shape[1:])):14} {kernel:>8} {stride:>6} {1e3 * best[0]:8.2f} "
-            f"{1e3 * best[1]:8.2f} {best[1] / best[0]:6.2f}")
+            f"{1e3 * best[1]:8.2f} {best[1] / best[0]:6.2f} {rates[0] / 1e9:10.1f} {rates[0] / peak:8.0%} "
+            f"{rates[1] / 1e9:12.1f} {rates[1] / peak:8.0%}")
+    rates = [f / t for f, t in zip(work, totals)]
     say(f"{'all layers':24} {'':14} {'':>8} {'':>6} {1e3 * totals[0]:8.2f} {1e3 * totals[1]:8.2f} "
-        f"{totals[1] / totals[0]:6.2f}")
+        f"{totals[1] / totals[0]:6.2f} {rates[0] / 1e9:10.1f} {rates[0] / peak:8.0%} {rates[1] / 1e9:12.1f} "
+        f"{rates[1] / peak:8.0%}")
+    say(f"the products: ours {work[0] / 1e9:.2f} GFLOP, im2col {work[1] / 1e9:.2f} ({work[1] / work[0]:.2f}x); "
+        f"ours at the float64 peak would take {1e3 * work[0] / peak:.2f} ms")
 
 
 def main() -> None:
