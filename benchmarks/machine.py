@@ -68,7 +68,8 @@ def best_time(fn, device: torch.device, repeats: int) -> float:
 
 
 def gemm_peak(device: torch.device, repeats: int = 10, n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of the best of ``repeats`` n x n matrix products: the rate every ceiling in these files is taken against."""
+    """FLOP/s of the best of ``repeats`` n x n matrix products: the rate every ceiling in these files
+    is taken against."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / best_time(lambda: torch.mm(a, b), device, repeats)
 

@@ -13,11 +13,12 @@ initialised ones (no pool to train), BatchNorm folded and calibrated on their ow
   (``moments.MomentGradient``, for a unit affine in its weight; building the moments counts once
   per ``--iters`` steps, as in a default run), and which way it picks by default (BRECQ never
   takes the moments);
-- the same units against the limit: one model's step in FLOP (FlopCounterMode: its convolutions
-  and matrix products, forward and backward), the floor that sets at the measured fp32 GEMM peak,
-  the default way's share of that peak, and the plain step (``rounding.autograd_learn_rounding``,
-  the study's step, one model, best of 3 runs) with the speed-ups over it of the default way and of the floor: the
-  floor's is the most any implementation of the step could gain over plain on this machine;
+- the same units against the limit: one model's step in FLOP as written (FlopCounterMode: its
+  convolutions, direct with their zero-padding taps, and matrix products, forward and backward), the
+  time that work takes at the measured fp32 GEMM rate ("floor"), the default way's share of that rate,
+  and the plain step (``rounding.autograd_learn_rounding``, the study's step, one model, best of 3
+  runs) with the speed-ups over it of the default way and of the floor: the floor's is the most an
+  implementation doing that work at the GEMM rate could gain over plain on this machine;
 - for GPTQ and OBC on ``--second-order-models`` models: seconds per model, and the share spent accumulating
   the layer Hessians (float64, in ``obs.HessianAccumulator.add``) against the rest (grids, sweeps,
   forward passes);
@@ -105,7 +106,9 @@ def unit_step_ms(units_per_model, u: int, models, images, steps: int, way: str, 
 def plain_step(units_per_model, u: int, models, images, steps: int, rounds: int = 3) -> tuple[float, float]:
     """FLOP (convolutions and matrix products, FlopCounterMode) and milliseconds of one step of the
     plain per-model loop (``rounding.autograd_learn_rounding``, the study's step) on the first model's
-    unit: the work any implementation of the step must do, and what the plain one takes for it."""
+    unit: the work of the step as written (every way skips the unit input's gradient, as plain does),
+    and what the plain one takes for it. Counted on the plain step, not a grouped one: FlopCounterMode
+    counts a grouped convolution's weight gradient once per group too many."""
     first, keys, grids, inputs, targets = unit_problem(units_per_model, u, models[:1], images)
     run = functools.partial(autograd_learn_rounding, [first[0].module], keys, {k: 4 for k in keys}, grids,
                             inputs, targets)
@@ -125,11 +128,12 @@ def distance_to_limit(units_per_model, models, images, args, peak: float, defaul
     """Per unit: the step's FLOP, its floor at the GEMM peak, the default way against it, and the plain
     per-model step: so a speed-up over plain reads against the most any implementation could reach."""
     say()
-    say(f"  the same units against the limit: one model's step (batch 32) in MFLOP (convolutions and matrix "
-        f"products), its floor in ms at the fp32 GEMM peak, the default way above ({args.models} models) as a "
-        f"share of the peak, the plain step alone (study-style autograd, best of 3 runs of {args.steps} steps, no capture), and "
-        f"the speed-ups over plain of the default way and of the floor (a way from moments does less work "
-        f"than the step as written, and may pass the floor)")
+    say(f"  the same units against the limit: one model's step (batch 32) in MFLOP as written (direct "
+        f"convolutions, zero-padding taps included, and matrix products), its floor in ms at the fp32 GEMM peak, "
+        f"the default way above ({args.models} models, one run) as a share of the peak, the plain step alone "
+        f"(study-style autograd, best of 3 runs of {args.steps} steps, no capture), and the speed-ups over plain "
+        f"of the default way and of the floor (a way from moments does less work than the step as written, "
+        f"and may pass the floor)")
     say(f"  {'unit':26} {'MFLOP':>8} {'floor':>8} {'default':>8} {'of peak':>8} {'plain':>8} "
         f"{'default/plain':>14} {'floor/plain':>12}")
     sums = [0.0, 0.0, 0.0, 0.0]
