@@ -33,7 +33,8 @@ from .limits import size_text
 from .models import build_meta_model
 from .models.structure import check_quantizable
 from .pool import PoolStore
-from .pool.train import MAX_STACK, MEMORY_SHARE, auto_workers, pool_training_work, training_flops
+from .pool.train import MAX_STACK, MEMORY_SHARE, auto_workers, check_batch_trains, pool_training_work, \
+    training_flops
 from .spec.plans import PrecisionPlan
 from .spec.schema import TaskSpec
 
@@ -136,6 +137,7 @@ def measure_model(spec: TaskSpec, input_shape: tuple[int, int, int], classes: in
         trained = training_flops(model, input_shape)  # a training step too: its loss and backward
     except (RuntimeError, ValueError, TypeError) as exc:
         raise cannot_run(exc) from None
+    check_batch_trains(model, spec.training.batch_size, input_shape, spec.model.arch)
     check_quantizable(model, torch.empty((2, *input_shape), device="meta"))
     parameters = sum(p.numel() for p in model.parameters())
     return ModelSize(parameters, float(counter.get_total_flops()), activations[0], activations[1], trained)

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -246,6 +249,44 @@ def test_the_pool_digest_names_weights_and_scores(tiny_task, tmp_path: Path) -> 
         assert store.digest() != digest, field
     store.record_path(3).write_text(json.dumps(record))
     assert store.digest() == digest
+
+
+@pytest.mark.parametrize("index", ["1e400", "3.0", "true", "\"3\""])
+def test_a_record_whose_index_is_not_a_whole_number_is_one_error_and_the_model_is_retrained(
+        tiny_task, tmp_path: Path, index: str) -> None:
+    data = load_dataset(tiny_task.dataset)
+    pool = build_pool(tiny_task, data, tmp_path, trainer="sequential")
+    path = pool.store.record_path(3)
+    saved = path.read_text()
+    path.write_text(re.sub(r'"index": 3\b', f'"index": {index}', saved))  # 1e400 reads as inf, which int() refuses
+    with pytest.raises(CacheError, match=r"model-0003\.json: index: .* is not a whole number: malformed completion"):
+        pool.store.record(3)
+    log = Logged()
+    rebuilt = build_pool(tiny_task, data, tmp_path, trainer="sequential", progress=log)
+    assert len(log.lines) == 1 and "rebuilding model 3" in log.lines[0]
+    assert path.read_text() == saved
+    np.testing.assert_array_equal(rebuilt.scores, pool.scores)
+
+
+def test_an_empty_or_foreign_typed_npy_in_a_pool_is_one_cache_error(tiny_task, tmp_path: Path) -> None:
+    data = load_dataset(tiny_task.dataset)
+    pool = build_pool(tiny_task, data, tmp_path, trainer="sequential")
+    store, keep = pool.store, pool.store.root / "keep.npy"
+    saved = keep.read_bytes()
+    keep.write_bytes(b"")  # truncated to nothing: numpy raises EOFError
+    with pytest.raises(CacheError, match=r"keep\.npy: unreadable cache file \(No data left in file\)"):
+        build_pool(tiny_task, data, tmp_path, trainer="sequential")
+    masks = np.load(io.BytesIO(saved))
+    np.save(keep, np.zeros(masks.shape, dtype=[("a", "i4"), ("b", "f8")]))  # numpy cannot compare it with the masks
+    with pytest.raises(CacheError, match=r"keep\.npy: masks differ from the task's"):
+        build_pool(tiny_task, data, tmp_path, trainer="sequential")
+    keep.write_bytes(saved)
+    # an empty scores file that its record vouches for (a pulled pool's record can): one error, not EOFError
+    scores, record = store.scores_path(2), store.record_path(2)
+    scores.write_bytes(b"")
+    record.write_text(json.dumps({**json.loads(record.read_text()), "scores_sha256": hashlib.sha256(b"").hexdigest()}))
+    with pytest.raises(CacheError, match=r"model-0002\.npy: unreadable cache file \(No data left in file\)"):
+        store.load_scores(2)
 
 
 def test_weights_corrupted_after_the_build_are_refused(tiny_task, tmp_path: Path) -> None:

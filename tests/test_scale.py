@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -393,6 +394,17 @@ def test_manifest_must_list_exactly_the_pool(hub_cache: dict, tmp_path: Path) ->
                                          r"\(8 models\); refused"):
         install_snapshot(snapshot, spec, cache, "mptq/tiny-digits-pool")
     assert _nothing_installed(cache)
+
+
+def test_an_empty_keep_npy_that_the_manifest_vouches_for_is_refused_in_one_line(hub_cache: dict,
+                                                                               tmp_path: Path) -> None:
+    snapshot = hub_cache["snapshot"]
+    (snapshot / "keep.npy").unlink()
+    (snapshot / "keep.npy").write_bytes(b"")  # numpy raises EOFError on it, which the check once let through
+    _rewrite_manifest(snapshot, lambda files: files.update({"keep.npy": hashlib.sha256(b"").hexdigest()}))
+    with pytest.raises(BenchError, match=r"keep\.npy: unreadable \(No data left in file\); refused$"):
+        install_snapshot(snapshot, load_task("tiny-digits"), tmp_path / "cache", "mptq/tiny-digits-pool")
+    assert _nothing_installed(tmp_path / "cache")
 
 
 def test_a_snapshot_file_linking_outside_the_repository_is_refused(hub_cache: dict, tmp_path: Path) -> None:

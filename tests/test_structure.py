@@ -272,6 +272,23 @@ def test_a_task_with_such_an_architecture_is_refused_by_validate_and_before_any_
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
+def test_a_batch_of_one_that_a_batchnorm_cannot_train_on_is_refused_before_any_training(tiny_task,
+                                                                                        tmp_path: Path) -> None:
+    # ResNet10 on 8x8 images ends on a 1x1 map: its last BatchNorm would see one value per channel.
+    one = tiny_task.training.model_copy(update={"batch_size": 1})
+    spec = tiny_task.model_copy(update={"model": ModelSpec(arch="resnet10", width=0.125), "training": one})
+    message = r"^training\.batch_size: 1: resnet10 cannot train on batches of 1 \(Expected more than 1 value .*use 2 or more$"
+    with pytest.raises(SpecError, match=message):
+        measure_model(spec, (1, 8, 8), 10)  # what validate and evaluate run first, on the meta device
+    with pytest.raises(SpecError, match=message):
+        build_pool(spec, load_dataset(spec.dataset), tmp_path)
+    assert not any(tmp_path.iterdir())
+    # a batch of two trains, and a model without BatchNorm trains on batches of one
+    measure_model(spec.model_copy(update={"training": tiny_task.training.model_copy(update={"batch_size": 2})}),
+                  (1, 8, 8), 10)
+    measure_model(tiny_task.model_copy(update={"training": one}), (1, 8, 8), 10)
+
+
 class Untraceable(nn.Module):
     """Layers registered in another order than called, and a branch on a value, which fx cannot trace."""
 

@@ -23,8 +23,8 @@ from ..models.structure import check_quantizable
 from ..spec.schema import TaskSpec
 from .masks import balanced_keep_masks
 from .store import AUTOCAST, BFLOAT16_AUTOCAST, FLOAT32, GROUPS, MIXED, PoolStore
-from .train import Speed, auto_stack, auto_workers, init_model, make_schedule, native_bfloat16, pool_training_work, \
-    task_training_flops, train_sequential, train_stacked
+from .train import Speed, auto_stack, auto_workers, check_batch_trains, init_model, make_schedule, native_bfloat16, \
+    pool_training_work, task_training_flops, train_sequential, train_stacked
 
 Trainer = Literal["auto", "sequential", "stacked"]
 
@@ -151,7 +151,9 @@ def build_pool(spec: TaskSpec, dataset: ImageDataset, cache_dir: Path, device: s
     """
     keep_freed_memory()
     # Before any training: an architecture whose layers the quantizers would handle wrongly, silently.
-    check_quantizable(init_model(spec, dataset, 0), dataset.normalize(dataset.pool.images[:2]))
+    first = init_model(spec, dataset, 0)
+    check_quantizable(first, dataset.normalize(dataset.pool.images[:2]))
+    check_batch_trains(first, spec.training.batch_size, tuple(dataset.input_shape), spec.model.arch)
     progress = progress or SilentProgress()
     device = torch.device(device)
     chosen_speed = speed is not None

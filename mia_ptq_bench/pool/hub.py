@@ -175,7 +175,7 @@ def _check_header(folder: Path, spec: TaskSpec, where: str, data_sha256: str | N
         raise BenchError(f"{where}: pool.json: {other_data(header, data_sha256)}; refused")
     try:
         keep = np.load(folder / "keep.npy", allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, EOFError, ValueError) as exc:  # EOFError: an empty file
         raise BenchError(f"{where}: keep.npy: unreadable ({exc}); refused") from None
     if not (keep.dtype == np.bool_ and keep.ndim == 2 and keep.shape[0] == spec.membership.n_models
             and np.array_equal(keep, membership_masks(spec, keep.shape[1]))):

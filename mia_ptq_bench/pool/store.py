@@ -96,7 +96,8 @@ class PoolStore:
                 raise CacheError(f"{header}: pool_hash: belongs to pool {info.get('pool_hash')!r}, "
                                  f"not {self.spec.pool_hash!r}; remove the folder to rebuild")
             stored = self._load_npy(self.root / "keep.npy")
-            if stored.shape != keep.shape or not np.array_equal(stored, keep):
+            # dtype first: a structured array cannot even be compared with the masks
+            if stored.dtype != np.bool_ or stored.shape != keep.shape or not np.array_equal(stored, keep):
                 raise CacheError(f"{self.root / 'keep.npy'}: masks differ from the task's; remove the folder to rebuild")
             recorded = info.get("data_sha256")
             if recorded is None:  # written before pools recorded their data: from now on it is this data's
@@ -201,7 +202,9 @@ class PoolStore:
         path = self.record_path(index)
         info = self.read_record(path)
         try:
-            record = ModelRecord(int(info["index"]), float(info["test_accuracy"]),
+            if type(info["index"]) is not int:  # not 1.0, true or 1e400: a record writes the index it was saved as
+                raise ValueError(f"index: {str(info['index'])[:40]} is not a whole number")
+            record = ModelRecord(info["index"], float(info["test_accuracy"]),
                                  str(info["weights_sha256"]), str(info["scores_sha256"]), info.get("autocast"))
             if record.autocast is not None and not isinstance(record.autocast, bool):
                 raise ValueError("autocast: not true or false")
@@ -287,5 +290,5 @@ class PoolStore:
             raise CacheError(f"{path}: not a regular file; delete it to rebuild")
         try:
             return np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, EOFError, ValueError) as exc:  # EOFError: an empty (truncated) file
             raise CacheError(f"{path}: unreadable cache file ({exc}); delete it to rebuild") from None

@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..data import ImageDataset
 from ..data.augment import crop_and_flip
-from ..errors import BenchError
+from ..errors import BenchError, SpecError
 from ..models import MODELS, build_model
 from ..spec.schema import TaskSpec
 from .wide import NotStackable, unstack_state, widen
@@ -217,6 +217,23 @@ def training_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
         F.cross_entropy(model(torch.zeros(2, *input_shape, device=device)),
                         torch.zeros(2, dtype=torch.long, device=device)).backward()
     return counter.get_total_flops() / 2
+
+
+def check_batch_trains(model: nn.Module, batch_size: int, input_shape: tuple[int, ...], arch: str) -> None:
+    """One SpecError unless ``model`` can train on batches of ``batch_size``: a BatchNorm over a 1x1 map sees
+    one value per channel in a batch of one, and training would stop there with a traceback. Shapes only:
+    on the meta device where the model is (the budget's), else on zeros."""
+    if batch_size >= 2:  # every BatchNorm then sees two values per channel at least
+        return
+    device = "meta" if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())) else "cpu"
+    probe = copy.deepcopy(model).to(device).train()
+    try:
+        with torch.no_grad():
+            probe(torch.zeros((batch_size, *input_shape), device=device))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpecError(f"training.batch_size: {batch_size}: {arch} cannot train on batches of {batch_size} "
+                        f"({first}); use 2 or more") from None
 
 
 def pool_training_work(spec: TaskSpec, pool_size: int, per_image: float) -> float:
