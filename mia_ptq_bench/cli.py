@@ -585,7 +585,10 @@ def _site_checks(submissions: Path, cache_dir: Path, data_root: Optional[Path], 
 
     files = []
     for folder in find_submissions(submissions):
-        problems, stale = validated(folder)
+        try:
+            problems, stale = validated(folder)
+        except Exception:  # noqa: BLE001 - as the build itself (board.collect): one submission left out, not the site
+            continue
         if not problems:
             files += [path for _, path in published_files(folder, load_submission(folder)) if path not in stale]
     return {outcome.path.resolve(): Check(outcome.status, outcome.reason, outcome.rerun)

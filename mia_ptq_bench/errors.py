@@ -33,6 +33,11 @@ class UnknownNameError(BenchError):
     """A name looked up in a registry that holds no such entry."""
 
 
+class NameTakenError(BenchError, ValueError):
+    """A name registered twice for two different things (an extension's dataset, model or attack named
+    like a built-in one). Also a ValueError, as the registry raised before."""
+
+
 class WriteError(BenchError, OSError):
     """A file or folder that cannot be written: read-only, full disk, no permission.
 

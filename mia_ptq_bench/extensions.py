@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 
-from .errors import BenchError
+from .errors import BenchError, NameTakenError
 
 PLUGINS_ENV = "MPTQ_PLUGINS"
 PLUGIN_ENTRY_POINTS = "mia_ptq_bench.plugins"
@@ -59,6 +59,8 @@ def import_module_or_file(ref: str) -> ModuleType:
         missing_itself = getattr(exc, "name", None) == ref  # not a module it imports
         hint = f" (a file is imported as {ref}.py)" if missing_itself and Path(f"{ref}.py").is_file() else ""
         raise BenchError(f"{ref}: cannot import: {exc}{hint}") from None
+    except NameTakenError as exc:  # registering under a taken name: which extension did
+        raise NameTakenError(f"{ref}: {exc}") from None
     except BenchError:
         raise
     except (Exception, SystemExit) as exc:  # the plugin failed on import: what, and where in its file, in one line
@@ -98,7 +100,8 @@ def _source_file(ref: str) -> Path | None:
 def extension_refs(refs: Iterable[str] = ()) -> tuple[str, ...]:
     """Every extension to load: the given ones, then $MPTQ_PLUGINS, then installed entry points."""
     from_env = [p for p in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if p]
-    points = [ep.value for ep in metadata.entry_points(group=PLUGIN_ENTRY_POINTS)]
+    # the module an entry point names, whether written "pkg.mod" or "pkg.mod:attr": importing it registers
+    points = [ep.module for ep in metadata.entry_points(group=PLUGIN_ENTRY_POINTS)]
     return tuple(dict.fromkeys([*refs, *from_env, *points]))
 
 

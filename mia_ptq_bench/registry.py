@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from difflib import get_close_matches
 from typing import Generic, TypeVar
 
-from .errors import UnknownNameError
+from .errors import NameTakenError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -25,7 +25,8 @@ class Registry(Generic[T]):
 
     def add(self, name: str, obj: T) -> None:
         if name in self._entries and self._entries[name] is not obj:
-            raise ValueError(f"{self.kind} {name!r} is already registered")
+            raise NameTakenError(f"{self.kind} {name!r} is already registered, as {_qualified(self._entries[name])}; "
+                                 f"{_qualified(obj)} needs a name of its own")
         self._entries[name] = obj
 
     def get(self, name: str) -> T:
@@ -44,6 +45,11 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._entries.items())
+
+
+def _qualified(obj: object) -> str:
+    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    return f"{module}.{name}" if module and name else repr(obj)[:80]
 
 
 def did_you_mean(name: str, known) -> str:

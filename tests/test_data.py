@@ -15,7 +15,7 @@ import torch
 import fabricate
 from conftest import SHARED_FASHION
 from mia_ptq_bench.data import DATASETS, Split, load_dataset, loaders
-from mia_ptq_bench.data.base import make_dataset
+from mia_ptq_bench.data.base import make_dataset, seeded_subset
 from mia_ptq_bench.data.loaders import read_idx
 from mia_ptq_bench.errors import DataError
 from mia_ptq_bench.spec.schema import DatasetSpec
@@ -38,6 +38,13 @@ def test_subset_and_resize() -> None:
     assert torch.equal(data.pool.images, again.pool.images)
     other = load_dataset(DatasetSpec(name="digits", pool_size=100, subset_seed=1))
     assert not torch.equal(data.pool.labels, other.pool.labels)
+
+
+def test_the_largest_subset_seed_a_task_may_give_draws_both_splits() -> None:
+    # the test split's seed is the next one, which numpy refuses past 2**32 - 1: it wraps to 0
+    top = load_dataset(DatasetSpec(name="digits", pool_size=100, test_size=40, subset_seed=2**32 - 1))
+    assert (len(top.pool), len(top.test)) == (100, 40)
+    assert torch.equal(top.test.labels, seeded_subset(DATASETS.get("digits")(Path("."), False).test, 40, 0).labels)
 
 
 def test_normalize_uses_channel_statistics() -> None:
@@ -96,6 +103,22 @@ def test_truncated_idx_is_a_data_error(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(DataError, match="IDX header promises"):
         read_idx(path)
+
+
+def test_a_damaged_gzip_stream_is_a_data_error(tmp_path: Path) -> None:
+    fabricate.fashion_mnist(tmp_path / "fashion-mnist", compress=True)
+    path = tmp_path / "fashion-mnist" / "train-images-idx3-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    raw[12:52] = bytes(40)  # inside the deflate stream, past gzip's own header: zlib.error, not OSError
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: cannot read IDX file: Error -3 while decompressing"):
+        load_dataset(DatasetSpec(name="fashion-mnist"), tmp_path)
+
+
+def test_an_empty_test_split_is_one_data_error(tmp_path: Path) -> None:
+    fabricate.fashion_mnist(tmp_path / "fashion-mnist", test=0, compress=False)
+    with pytest.raises(DataError, match=r"^fashion-mnist: the test split holds no images"):
+        DATASETS.get("fashion-mnist")(tmp_path, False)
 
 
 def test_an_idx_file_that_inflates_beyond_its_header_is_refused_without_reading_it_all(tmp_path: Path) -> None:
@@ -177,10 +200,18 @@ def test_missing_dataset_says_how_to_get_it(tmp_path: Path, name: str, hint: str
 
 
 @pytest.mark.parametrize("name, array, message", [
-    ("train-labels-idx1-ubyte", np.zeros(19, np.uint8), "labels must have one entry per image: (19,) labels for 20 images"),
+    ("train-labels-idx1-ubyte", np.zeros(19, np.uint8),
+     "train-labels-idx1-ubyte: one label per image of train-images-idx3-ubyte, an IDX file of shape (20,); found (19,)"),
     ("train-labels-idx1-ubyte", np.full(20, 200, np.uint8), "fashion-mnist: training labels must lie in 0..9, found 200..200"),
-    ("t10k-images-idx3-ubyte", np.zeros(8 * 28 * 28, np.uint8), "images must be uint8 (N, C, H, W), got torch.uint8 (6272, 1)"),
-], ids=["counts-differ", "label-out-of-range", "one-dimensional-images"])
+    ("t10k-images-idx3-ubyte", np.zeros(8 * 28 * 28, np.uint8),
+     "t10k-images-idx3-ubyte: Fashion-MNIST images are 28x28, an IDX file of shape (n, 28, 28); found (6272,)"),
+    ("train-images-idx3-ubyte", np.zeros((20, 5, 7), np.uint8), "train-images-idx3-ubyte: Fashion-MNIST images are "
+                                                                "28x28, an IDX file of shape (n, 28, 28); found (20, 5, 7)"),
+    ("train-images-idx3-ubyte", np.zeros((), np.uint8), "train-images-idx3-ubyte: Fashion-MNIST images are 28x28, an "
+                                                        "IDX file of shape (n, 28, 28); found ()"),
+    ("t10k-labels-idx1-ubyte", np.zeros((8, 1), np.uint8), "t10k-labels-idx1-ubyte: one label per image of "
+                                                           "t10k-images-idx3-ubyte, an IDX file of shape (8,); found (8, 1)"),
+], ids=["counts-differ", "label-out-of-range", "one-dimensional-images", "not-28x28", "no-dimensions", "2-d-labels"])
 def test_fashion_mnist_files_of_the_wrong_shape_are_one_data_error(tmp_path: Path, name: str, array: np.ndarray,
                                                                    message: str) -> None:
     fabricate.fashion_mnist(tmp_path / "fashion-mnist", compress=False)
@@ -198,6 +229,28 @@ def test_a_damaged_cifar_batch_is_one_data_error(tmp_path: Path, content: bytes)
     (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(content)
     with pytest.raises(DataError, match=r"data_batch_2: (cannot read CIFAR batch|CIFAR batch)"):
         load_dataset(DatasetSpec(name="cifar10"), tmp_path)
+
+
+@pytest.mark.parametrize("which", ["wnids.txt", "val/val_annotations.txt", "train/n01/images/n01_0.JPEG"])
+def test_a_fifo_in_a_tinyimagenet_folder_is_one_data_error_not_a_hang(tmp_path: Path, which: str) -> None:
+    import signal
+
+    fabricate.tinyimagenet(tmp_path)
+    target = tmp_path / "tiny-imagenet-200" / which
+    target.unlink()
+    os.mkfifo(target)  # opening it for reading blocks until someone writes
+
+    def stuck(signum, frame):
+        raise TimeoutError("reading a FIFO in the data folder blocked")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(30)
+    try:
+        with pytest.raises(DataError, match=rf"{re.escape(which)}: not a regular file$"):
+            DATASETS.get("tinyimagenet")(tmp_path, False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_tinyimagenet_decodes_again_over_a_damaged_cache_and_gives_row_major_images(tmp_path: Path) -> None:
@@ -231,6 +284,20 @@ def test_a_cifar_pickle_that_calls_anything_but_numpy_is_refused_unrun(tmp_path:
     with pytest.raises(DataError, match=r"data_batch_1: CIFAR batch refused: it calls (io|builtins)\.open,"):
         load_dataset(DatasetSpec(name="cifar10"), tmp_path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", [list, dict])
+def test_a_small_cifar_pickle_of_shared_nested_references_is_refused_at_once(tmp_path: Path, kind) -> None:
+    # 40 levels, each holding the one below twice: a 19 KB file that rebuilding, or numpy reading, walks 2**40 times
+    fabricate.cifar10(tmp_path)
+    nest = [0]
+    for _ in range(40):
+        nest = [nest, nest] if kind is list else {0: nest, 1: nest}
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({b"data": np.zeros((6, 3072), np.uint8), b"labels": [0] * 6, b"extra": nest},
+                                   protocol=2))
+    with pytest.raises(DataError, match=r"data_batch_1: CIFAR batch refused: a list or dict inside another's values"):
+        load_dataset(DatasetSpec(name="cifar10"), tmp_path)
 
 
 class _ObjectDtypeWithoutListPickle:
@@ -329,7 +396,8 @@ def test_a_failed_download_is_one_data_error(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.parametrize("train_images, message", [
     (np.zeros((0, 28, 28), np.uint8), "fashion-mnist: the training split holds no images"),
     (np.full((20, 28, 28), 7, np.uint8), "fashion-mnist: zero spread in channel 0: every training pixel has value 7"),
-    (np.zeros((20, 0, 28), np.uint8), r"fashion-mnist: the images have no pixels \(0x28\)"),
+    (np.zeros((20, 0, 28), np.uint8), r"train-images-idx3-ubyte: Fashion-MNIST images are 28x28, an IDX file of "
+                                      r"shape \(n, 28, 28\); found \(20, 0, 28\)"),
 ], ids=["empty", "constant", "no pixels"])
 def test_training_images_without_spread_are_a_data_error(tmp_path: Path, train_images: np.ndarray,
                                                          message: str) -> None:
@@ -339,6 +407,12 @@ def test_training_images_without_spread_are_a_data_error(tmp_path: Path, train_i
     fabricate.idx(folder / "train-labels-idx1-ubyte", np.zeros(len(train_images), np.uint8), compress=False)
     with pytest.raises(DataError, match=message):
         load_dataset(DatasetSpec(name="fashion-mnist"), tmp_path)
+
+
+def test_images_without_pixels_are_a_data_error() -> None:
+    empty = Split(torch.zeros((4, 1, 0, 8), dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(DataError, match=r"^toy: the images have no pixels \(0x8\)"):
+        make_dataset("toy", empty, empty, 10)
 
 
 def test_one_constant_channel_is_a_data_error() -> None:

@@ -327,6 +327,22 @@ def test_corrupted_quantized_cache_is_redone(tmp_path: Path) -> None:
     assert _numbers(again) == _numbers(first.results[0])
 
 
+def test_cached_outputs_with_too_few_test_predictions_are_redone(tmp_path: Path) -> None:
+    spec = load_task("tiny-digits")
+    options = RunOptions(out_dir=tmp_path / "r", cache_dir=tmp_path / "cache")
+    first = evaluate("rtn", spec, plans=["w4"], threat_models=["oblivious"], options=options)
+    cached = next((tmp_path / "cache" / "quantized").rglob("model-0001.npz"))
+    with np.load(cached) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    arrays["test_predictions"] = arrays["test_predictions"][:5]  # under the right key, but short
+    np.savez(cached, **arrays)
+    result = run_cli("evaluate", "rtn", "--task", "tiny-digits", "--plans", "w4", "--threat-models", "oblivious",
+                     "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r2"))
+    assert result.exit_code == 0 and "model-0001.npz: test_predictions: int64 (5,), expected" in result.output
+    again = load_result(tmp_path / "r2" / "tiny-digits" / "rtn" / "w4--oblivious.json")
+    assert _numbers(again) == _numbers(first.results[0])
+
+
 def test_a_fifo_or_folder_in_the_quantized_cache_neither_blocks_nor_crashes(tmp_path: Path) -> None:
     spec = load_task("tiny-digits")
     options = RunOptions(out_dir=tmp_path / "r", cache_dir=tmp_path / "cache")

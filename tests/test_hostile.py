@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import struct
 import os
 import re
 import shutil
@@ -515,6 +516,24 @@ def _validate_one(path: Path) -> list[str]:
 
 # -- 4. result files ------------------------------------------------------------------------------------
 
+def test_result_arrays_with_a_damaged_deflate_stream_are_one_line(subs: Path) -> None:
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    arrays_path = document.with_suffix(".npz")
+    with np.load(arrays_path) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    np.savez_compressed(arrays_path, **arrays)
+    raw = bytearray(arrays_path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", raw[26:30])  # the first member's local header
+    start = 30 + name_length + extra_length
+    raw[start:start + 40] = b"\xff" * 40  # its compressed bytes: zipfile raises zlib.error, not BadZipFile
+    arrays_path.write_bytes(bytes(raw))
+    data = json.loads(document.read_text())
+    data["arrays"]["sha256"] = sha256_file(arrays_path)
+    document.write_text(json.dumps(data))
+    (line,) = _validate_one(document)
+    assert line.startswith(f"invalid: {arrays_path}: arrays: unreadable .npz file (error: Error -3 while decompressing")
+
+
 def test_result_arrays_missing_a_key_or_holding_objects_are_one_line(subs: Path) -> None:
     document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
     assert cli.invoke(app, ["validate", str(document)]).exit_code == 0
@@ -704,6 +723,21 @@ def test_arrays_file_must_be_a_plain_file_beside_the_document(subs: Path, name: 
     # refused before reading: a sha256 mismatch would mean the file named was read
     assert _validate_one(document) == [f"invalid: {document}: arrays.file: {name!r} {reason}" if "plain" in reason
                                        else f"invalid: {document}: arrays.file: {document.parent / name} {reason}"]
+
+
+@pytest.mark.parametrize("name", ["x" * 300 + ".npz", "../w4--oblivious.npz"])
+def test_arrays_file_is_checked_as_a_name_before_the_disk_when_arrays_are_optional(subs: Path, name: str) -> None:
+    # validate --recompute reads a document without arrays: a name no file system holds was an OSError
+    # naming no field, which ended the run before the other files were checked
+    from mia_ptq_bench.results.verify import verify_result
+
+    document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
+    data = json.loads(document.read_text())
+    data["arrays"]["file"] = name
+    document.write_text(json.dumps(data))
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(document))}: arrays\.file: .* is not a plain \.npz file "
+                                        r"name beside the document; refused$"):
+        verify_result(document, arrays_required=False)
 
 
 def _write_npz(path: Path, members: list[tuple[str, dict]]) -> None:
@@ -1192,6 +1226,21 @@ def test_nothing_but_submission_folders_and_the_readme_sits_in_the_submissions_f
     for name in ("blob.bin", "pipe"):
         assert f"{subs / name}: (file): only submission folders and README.md may sit in {subs}; refused" in \
             result.stderr.replace("\n", ""), result.stderr
+
+
+@pytest.mark.parametrize("kind", ["folder", "link"])
+def test_a_submission_yaml_beside_the_submissions_that_is_no_file_does_not_lift_that_check(subs: Path,
+                                                                                          kind: str) -> None:
+    # It once made the root count as one submission's own folder here, and as none when finding submissions:
+    # whatever sat beside the submissions then went unchecked.
+    (subs / "blob.bin").write_bytes(b"\0" * 1000)
+    odd = subs / "submission.yaml"
+    odd.mkdir() if kind == "folder" else odd.symlink_to("/")
+    result = cli.invoke(app, ["validate", str(subs)])
+    errors = result.stderr.replace("\n", "")
+    assert result.exit_code == 1
+    assert f"{subs / 'blob.bin'}: (file): only submission folders and README.md may sit in {subs}; refused" in errors
+    assert str(odd) + (": submission.yaml: missing" if kind == "folder" else ": (folder): is a symbolic link") in errors
 
 
 def test_symlinks_anywhere_in_a_submission_are_refused(subs: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from mia_ptq_bench.models import build_model, quantizable_layers
 from mia_ptq_bench.quantize import QUANTIZERS, Calibration, audit_model
 from mia_ptq_bench.quantize.grid import fit_grid
 from mia_ptq_bench.quantize.audit import distinct_per_row
+from mia_ptq_bench.quantize.batchnorm import reestimate_batchnorm
 from mia_ptq_bench.quantize.calibration import calibration_count, calibration_set
 from mia_ptq_bench.quantize.obs import (NumericalError, gptq_quantize, gptq_quantize_many, inverse_hessian, obc_quantize, obc_quantize_many,
                                         round_to_grid)
@@ -564,6 +565,41 @@ def test_nan_calibration_activations_are_a_clear_error(method: str) -> None:
         QUANTIZERS.get(method)(FAST[method]).quantize(model, calibration(), PrecisionPlan.parse("w4"))
 
 
+def _cumulative_statistics(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The running means and variances a cumulative average over ``batches`` gives, written out."""
+    model = copy.deepcopy(model)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    return [t for bn in norms for t in (bn.running_mean, bn.running_var)]
+
+
+def test_batchnorm_is_reestimated_without_a_batch_of_one_image() -> None:
+    # ResNet10 on 8x8 images ends on a 1x1 map, where a BatchNorm refuses a batch of one image.
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch="resnet10", width=0.125), (1, 8, 8), 10).eval()
+    images = torch.randn(300, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def statistics(count: int) -> list[torch.Tensor]:
+        again = reestimate_batchnorm(copy.deepcopy(model), images[:count], batch_size=128)
+        assert not again.training
+        return [t for m in again.modules() if isinstance(m, nn.BatchNorm2d) for t in (m.running_mean, m.running_var)]
+
+    for got, want in zip(statistics(257), _cumulative_statistics(model, [images[:128], images[128:257]])):
+        assert torch.equal(got, want)  # 128 + 129: the last image joins the batch before it
+    for got, want in zip(statistics(300), _cumulative_statistics(model, [images[:128], images[128:256],
+                                                                        images[256:300]])):
+        assert torch.equal(got, want)  # no batch of one: the batches as they were
+    with pytest.raises(BenchError, match=r"re-estimating BatchNorm statistics on 1 calibration image\(s\): Expected "
+                                         r"more than 1 value per channel .*; calibrate on more images"):
+        statistics(1)
+
+
 def test_study_bn_policies() -> None:
     policies = {name: QUANTIZERS.get(name)({"bn": "study"}).bn_policy for name in ("adaround", "brecq", "obc")}
     assert policies == {"adaround": "keep", "brecq": "fold", "obc": "reestimate"}
@@ -611,6 +647,17 @@ def test_every_method_takes_convolutions_padded_any_way_torch_allows(method: str
     quantized = QUANTIZERS.get(method)(config).quantize(copy.deepcopy(model), cal, plan)
     assert all(r.passed for r in audit_model(quantized, plan))
     assert torch.isfinite(quantized(cal.images)).all()
+
+
+def test_the_largest_calibration_seed_a_task_may_give_draws_every_models_members() -> None:
+    # model m draws with seed + m, which numpy refuses past 2**32 - 1: it wraps, so model 1 draws with seed 0
+    spec = load_task("digits-mlp")
+    top = spec.model_copy(update={"calibration": spec.calibration.model_copy(update={"seed": 2**32 - 1})})
+    zero = spec.model_copy(update={"calibration": spec.calibration.model_copy(update={"seed": 0})})
+    keep = np.ones((2, len(_DIGITS.pool)), dtype=bool)
+    drawn = [calibration_set(top, _DIGITS, keep, m, 50, "cpu") for m in range(2)]
+    assert [len(c) for c in drawn] == [50, 50]
+    assert torch.equal(drawn[1].images, calibration_set(zero, _DIGITS, keep, 0, 50, "cpu").images)
 
 
 def test_a_models_calibration_and_weights_do_not_depend_on_the_models_quantized_with_it() -> None:

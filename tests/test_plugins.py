@@ -220,6 +220,42 @@ def test_unknown_name_says_where_it_looked(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_an_extension_entry_point_is_imported_by_its_module_in_either_form(monkeypatch) -> None:
+    from importlib import metadata
+
+    from mia_ptq_bench import extensions
+
+    group = extensions.PLUGIN_ENTRY_POINTS
+    points = metadata.EntryPoints([metadata.EntryPoint("a", "plug_a", group),
+                                   metadata.EntryPoint("b", "plug_b.inner:REGISTERED", group)])
+    monkeypatch.setattr(extensions.metadata, "entry_points", lambda group: points.select(group=group))
+    monkeypatch.delenv("MPTQ_PLUGINS", raising=False)
+    assert extensions.extension_refs() == ("plug_a", "plug_b.inner")  # "pkg:attr" is no module name
+
+
+def test_the_code_digest_of_a_package_quantizer_counts_a_helper_in_a_sibling_subpackage(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    package = tmp_path / "digestpkg"
+    for folder in (package, package / "quant", package / "core"):
+        folder.mkdir()
+        (folder / "__init__.py").write_text("")
+    (package / "core" / "offset.py").write_text("OFFSET = 0.0\n")
+    (package / "quant" / "q.py").write_text(PLUGIN + "\nfrom digestpkg.core.offset import OFFSET\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = lambda: [m for m in sys.modules if m == "digestpkg" or m.startswith("digestpkg.")]  # noqa: E731
+    try:
+        from mia_ptq_bench.quantize.plugins import load_import_path
+
+        before = load_import_path("digestpkg.quant.q:HalfStep")().code_digest()
+        (package / "core" / "offset.py").write_text("OFFSET = 0.5\n")  # not beside q.py: in another subpackage
+        assert load_import_path("digestpkg.quant.q:HalfStep")().code_digest() != before
+        (package / "core" / "offset.py").write_text("OFFSET = 0.0\n")
+        assert load_import_path("digestpkg.quant.q:HalfStep")().code_digest() == before  # content, not time
+    finally:
+        for name in names():
+            sys.modules.pop(name)
+
+
 def test_installed_entry_point_package_is_found_by_name(tmp_path: Path) -> None:
     package = tmp_path / "halfstep-plugin"
     (package / "halfstep_plugin").mkdir(parents=True)
@@ -474,6 +510,21 @@ def test_a_plugin_that_fails_on_import_is_one_line_naming_its_file_and_line(tmp_
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("module, registry, name", [("mia_ptq_bench.data", "DATASETS", "cifar10"),
+                                                    ("mia_ptq_bench.models", "MODELS", "resnet10")])
+def test_a_plugin_registering_a_taken_name_is_one_line_naming_its_file(tmp_path: Path, monkeypatch, module: str,
+                                                                     registry: str, name: str) -> None:
+    source = tmp_path / "clashing.py"
+    source.write_text(f"from {module} import {registry}\n\n@{registry}.register({name!r})\ndef mine(*args):\n"
+                      "    raise NotImplementedError\n")
+    monkeypatch.setenv("MPTQ_PLUGINS", str(source))
+    result = cli.invoke(app, ["validate", str(TASKS / "tiny-cnn.yaml")])
+    text = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output + result.stderr, text
+    assert text.startswith(f"error: {source}: ") and f"{name!r} is already registered, as {module}." in text
+    assert text.endswith(".mine needs a name of its own")
+
+
 def test_a_bug_in_the_benchmark_reached_from_a_plugin_keeps_its_traceback(tmp_path: Path) -> None:
     from mia_ptq_bench.extensions import import_module_or_file
 
@@ -481,6 +532,53 @@ def test_a_bug_in_the_benchmark_reached_from_a_plugin_keeps_its_traceback(tmp_pa
     source.write_text("from mia_ptq_bench.quantize.grid import fit_grid\nfit_grid(None, 3)\n")
     with pytest.raises(AttributeError):  # raised inside mia_ptq_bench: not turned into one line that hides where
         import_module_or_file(str(source))
+
+
+_HIDES_THE_CLASSIFIER = """
+    @torch.no_grad()
+    def quantize(self, model, calibration, plan):
+        model = HalfStep.quantize(self, model, calibration, plan)
+        last = model[-1]  # full precision again, in a module the audit does not count as a layer
+        model[-1] = Holder(last)
+        return model
+
+class Holder(torch.nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+"""
+
+_MOVES_THE_CLASSIFIER_FIRST = """
+    @torch.no_grad()
+    def quantize(self, model, calibration, plan):
+        wrapped = Wrapper(model[-1], model)  # the classifier registered first: -last<b> would land elsewhere
+        return HalfStep.quantize(self, wrapped, calibration, plan)
+
+class Wrapper(torch.nn.Module):
+    def __init__(self, head, net):
+        super().__init__()
+        self.head, self.net = head, net
+    def forward(self, x):
+        return self.net(x)
+"""
+
+
+@pytest.mark.parametrize("change, shown", [
+    (_HIDES_THE_CLASSIFIER, "(1 layers, where the pool model has 2)"),
+    (_MOVES_THE_CLASSIFIER_FIRST, "(layer 1 is Linear 'head' of weight [10, 8], where the pool model has Linear '1' "
+                                  "of weight [8, 64])"),
+], ids=["hides-a-layer", "reorders-layers"])
+def test_a_quantizer_that_changes_which_layers_the_audit_sees_is_refused(tmp_path: Path, change: str,
+                                                                         shown: str) -> None:
+    source = tmp_path / "sly.py"
+    source.write_text(PLUGIN + "\nclass Sly(HalfStep):" + change)
+    result = evaluate(f"{source}:Sly", "--out", str(tmp_path / "r"))
+    text = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output + result.stderr, text
+    assert f"its model for pool model 0 does not keep the pool model's quantizable layers {shown}" in text
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_quantize_that_returns_no_model_is_one_line_and_writes_nothing(tmp_path: Path) -> None:

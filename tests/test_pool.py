@@ -441,6 +441,13 @@ def test_our_trainer_learns_as_well_as_the_reference_loop() -> None:
     assert abs(np.mean(ours) - np.mean(reference)) < 0.06  # and equally well, within 6 points over 4 models
 
 
+def _tested(pool) -> int:
+    """How many test images a pool's quantized models are scored on (the cached predictions' length)."""
+    from mia_ptq_bench.data.splits import evaluation_test_split
+
+    return len(evaluation_test_split(pool.spec.calibration, pool.dataset))
+
+
 def test_quantized_outputs_of_other_pool_weights_are_redone(tiny_task, tmp_path: Path) -> None:
     """A retrained pool keeps its cache folder's name; its old quantized outputs must not be reused."""
     import dataclasses
@@ -458,7 +465,7 @@ def test_quantized_outputs_of_other_pool_weights_are_redone(tiny_task, tmp_path:
     layers = quantizable_layers(pool.load_model(0, "cpu"))
     audit = [LayerAudit.measured(name, plan.bits_for(i, len(layers)), 4, int(layer.weight.shape[0]))
              for i, (name, layer) in enumerate(layers)]
-    outputs = ModelOutputs(np.zeros((pool.keep.shape[1], len(tiny_task.queries))), np.zeros(3, dtype=np.int64), audit)
+    outputs = ModelOutputs(np.zeros((pool.keep.shape[1], len(tiny_task.queries))), np.zeros(_tested(pool), dtype=np.int64), audit)
     store.save(0, outputs)
     assert store.load(0) is not None
     record = pool.store.record(0)
@@ -483,7 +490,7 @@ def test_quantized_outputs_of_another_environment_are_kept_apart(tiny_task, tmp_
     audit = [LayerAudit.measured(name, plan.bits_for(i, len(layers)), 4, int(layer.weight.shape[0]))
              for i, (name, layer) in enumerate(layers)]
     here = OutputStore(tmp_path, pool, QUANTIZERS.get("rtn")(), plan, environment_key("cpu"))
-    here.save(0, ModelOutputs(np.zeros((pool.keep.shape[1], len(tiny_task.queries))), np.zeros(3, dtype=np.int64), audit))
+    here.save(0, ModelOutputs(np.zeros((pool.keep.shape[1], len(tiny_task.queries))), np.zeros(_tested(pool), dtype=np.int64), audit))
     assert OutputStore(tmp_path, pool, QUANTIZERS.get("rtn")(), plan, environment_key("cpu")).load(0) is not None
 
     upgraded = {**environment("cpu"), "packages": {**environment("cpu")["packages"], "torch": "99.0"}}

@@ -120,6 +120,17 @@ def test_extends_merges_mappings_and_replaces_lists(tmp_path: Path, tiny_dict: d
     assert load_task(tmp_path / "flat" / "child.yaml").hash == loaded.hash
 
 
+def test_extends_finds_a_parent_named_with_an_upper_case_suffix_beside_the_child(tmp_path: Path, tiny_dict: dict,
+                                                                                monkeypatch) -> None:
+    tiny_dict.update(id="base")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "base.YAML").write_text(yaml.safe_dump(tiny_dict))
+    (tmp_path / "tasks" / "child.yaml").write_text("id: child\nextends: base.YAML\nplans: [w2]\n")
+    monkeypatch.chdir(tmp_path)  # not the child's folder: the parent is looked up beside the child, not here
+    loaded = load_task(tmp_path / "tasks" / "child.yaml")
+    assert loaded.plans == ["w2"] and loaded.training == load_task(tmp_path / "tasks" / "base.YAML").training
+
+
 def test_an_error_is_reported_in_the_file_that_sets_the_field(tmp_path: Path, tiny_dict: dict) -> None:
     # The parent sets a bad epochs and a bad plan list, the child a bad learning rate and no more: each line
     # names the file to edit (the parent's with the child that inherits them).

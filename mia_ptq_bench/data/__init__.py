@@ -25,7 +25,8 @@ def load_dataset(spec: DatasetSpec, data_root: Path | None = None, download: boo
     if problem:
         raise DataError(problem)
     pool = resize(seeded_subset(raw.pool, spec.pool_size, spec.subset_seed), spec.image_size)
-    test = resize(seeded_subset(raw.test, spec.test_size, spec.subset_seed + 1), spec.image_size)
+    # numpy seeds lie in [0, 2**32): the wrap changes nothing below the largest seed a task may give
+    test = resize(seeded_subset(raw.test, spec.test_size, (spec.subset_seed + 1) % 2**32), spec.image_size)
     # Normalisation statistics stay those of the full training split.
     return ImageDataset(raw.name, pool, test, raw.num_classes, raw.mean, raw.std)
 

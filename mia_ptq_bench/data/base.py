@@ -158,6 +158,8 @@ def make_dataset(name: str, pool: Split, test: Split, num_classes: int) -> Image
     # Compared as integers, since a float std of constant pixels is a rounding residue, not always 0.
     if not len(pool):
         raise DataError(f"{name}: the training split holds no images, so there is no mean or std to normalise by")
+    if not len(test):
+        raise DataError(f"{name}: the test split holds no images, so no test accuracy or attack population")
     if not (pool.images.shape[2] and pool.images.shape[3]):
         raise DataError(f"{name}: the images have no pixels ({pool.images.shape[2]}x{pool.images.shape[3]})")
     flat = (pool.images.amin(dim=(0, 2, 3)) == pool.images.amax(dim=(0, 2, 3))).nonzero().flatten().tolist()

@@ -11,6 +11,7 @@ import gzip
 import math
 import hashlib
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,7 @@ def read_idx(path: Path) -> np.ndarray:
             if expected > IDX_MAX_BYTES:
                 raise DataError(f"{path}: IDX header promises {expected} values, more than the {IDX_MAX_BYTES} read")
             data = handle.read(expected + 1)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a damaged .gz stream
         raise DataError(f"{path}: cannot read IDX file: {exc}") from None
     if len(data) != expected:
         held = "more" if len(data) > expected else str(len(data))
@@ -129,6 +130,15 @@ def load_fashion_mnist(root: Path, download: bool) -> ImageDataset:
             "Rerun with --download to fetch it with torchvision, or point --data-root/MPTQ_DATA at a folder holding them."
         )
     arrays = {key: read_idx(path) for key, path in files.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        image_path, label_path = files[f"{split}_images"], files[f"{split}_labels"]
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise DataError(f"{image_path}: Fashion-MNIST images are 28x28, an IDX file of shape (n, 28, 28); "
+                            f"found {images.shape}")
+        if labels.shape != images.shape[:1]:
+            raise DataError(f"{label_path}: one label per image of {image_path.name}, an IDX file of shape "
+                            f"({len(images)},); found {labels.shape}")
     pool = Split(torch.from_numpy(arrays["train_images"].copy())[:, None], torch.from_numpy(arrays["train_labels"].astype(np.int64)))
     test = Split(torch.from_numpy(arrays["test_images"].copy())[:, None], torch.from_numpy(arrays["test_labels"].astype(np.int64)))
     return make_dataset("fashion-mnist", pool, test, 10)
@@ -207,9 +217,17 @@ def load_cifar100(root: Path, download: bool) -> ImageDataset:
 _TIN_SIZE = (64, 64)
 
 
+def _regular_file(path: Path) -> Path:
+    """``path``, or one DataError where it is no regular file (a FIFO would block the read forever)."""
+    if not path.is_file():
+        raise DataError(f"{path}: {'missing' if not path.exists() and not path.is_symlink() else 'not a regular file'}")
+    return path
+
+
 def _read_rgb(path: Path) -> np.ndarray:
     from PIL import Image
 
+    _regular_file(path)
     try:
         with Image.open(path) as image:
             # checked before decoding: one odd image would otherwise fail the stack naming no file
@@ -224,7 +242,7 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 def _read_wnids(base: Path) -> list[str]:
     path = base / "wnids.txt"
-    wnids = sorted(line.strip() for line in path.read_text().splitlines() if line.strip())
+    wnids = sorted(line.strip() for line in _regular_file(path).read_text().splitlines() if line.strip())
     duplicates = sorted({wnid for previous, wnid in zip(wnids, wnids[1:]) if previous == wnid})
     if duplicates:  # would load the class twice, under two labels
         raise DataError(f"{path}: wnid {', '.join(duplicates)} listed more than once")
@@ -242,7 +260,7 @@ def _listing(base: Path, wnids: list[str]) -> tuple[list[tuple[Path, int]], list
         train += [(path, index[wnid]) for path in images]
     val = []
     annotations = base / "val" / "val_annotations.txt"
-    for number, line in enumerate(annotations.read_text().splitlines(), start=1):
+    for number, line in enumerate(_regular_file(annotations).read_text().splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.split("\t")

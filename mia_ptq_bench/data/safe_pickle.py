@@ -107,18 +107,39 @@ class _Unpickler(pickle.Unpickler):
                           "it names)") from None
 
 
-def _unwrapped(value: Any) -> Any:
-    if isinstance(value, _Array):
-        if value.array is None:
-            raise Refused("an array without its data")
-        return value.array
-    if isinstance(value, dict):
-        return {key: _unwrapped(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_unwrapped(item) for item in value]
-    if isinstance(value, _Dtype) or value is _NDARRAY:
-        raise Refused("a numpy part outside an array")
-    return value
+# List and dict items a batch may hold in all: a CIFAR-100 training batch has about 150,000 (labels
+# and file names).
+MAX_ITEMS = 1_000_000
+
+
+def _unwrapped(root: Any) -> Any:
+    """``root`` with every array stand-in replaced by its array.
+
+    A batch is a dict of arrays, lists of numbers or names, and names: a list or dict any deeper is
+    refused. Besides never being needed, nesting is how a small pickle grows: each level of a nest of
+    shared references doubles what rebuilding it, or numpy reading it, must walk."""
+    items = 0
+
+    def unwrap(value: Any, depth: int) -> Any:
+        nonlocal items
+        if isinstance(value, _Array):
+            if value.array is None:
+                raise Refused("an array without its data")
+            return value.array
+        if isinstance(value, _Dtype) or value is _NDARRAY:
+            raise Refused("a numpy part outside an array")
+        if not isinstance(value, (dict, list)):
+            return value
+        if depth > 1:
+            raise Refused("a list or dict inside another's values (a batch's lists hold numbers and names)")
+        items += len(value)
+        if items > MAX_ITEMS:
+            raise Refused(f"more than {MAX_ITEMS:,} list and dict items")
+        if isinstance(value, dict):
+            return {key: unwrap(item, depth + 1) for key, item in value.items()}
+        return [unwrap(item, depth + 1) for item in value]
+
+    return unwrap(root, 0)
 
 
 def load_batch(path: Path) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
+import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
@@ -92,8 +93,10 @@ class Quantizer(ABC):
         its ``version`` cannot bring back outputs of the code as it was.
 
         Each such class counts with its qualified name, its file and the ``.py`` files beside it (the
-        helpers a submission folder's quantizer imports), by content only: the same code in another
-        folder or clone gives the same digest. Beside a file in site-packages only the file itself counts.
+        helpers a submission folder's quantizer imports), or, for a class in a package, every ``.py`` file
+        of its top-level package (a helper in a sibling subpackage counts too), by content and relative
+        name only: the same code in another folder or clone gives the same digest. Beside a file in
+        site-packages only the file itself counts.
         """
         digest = hashlib.sha256()
         found = False
@@ -109,16 +112,37 @@ class Quantizer(ABC):
             if not source or not Path(source).is_file():
                 continue
             source = Path(source)
-            beside = [] if source.parent.name in ("site-packages", "dist-packages") else \
-                sorted(p for p in source.parent.glob("*.py") if p.name != source.name)
-            for file in [source, *beside[:MAX_DIGESTED_FILES]]:
-                digest.update(f"{file.name}\0".encode() + file.read_bytes() + b"\0")
+            package = _package_folder(cls.__module__, source)
+            if package is not None:
+                files = [source, *sorted(p for p in package.rglob("*.py") if p != source)[:MAX_DIGESTED_FILES]]
+                names = [str(file.relative_to(package)) for file in files]
+            else:
+                beside = [] if source.parent.name in ("site-packages", "dist-packages") else \
+                    sorted(p for p in source.parent.glob("*.py") if p.name != source.name)
+                files = [source, *beside[:MAX_DIGESTED_FILES]]
+                names = [file.name for file in files]
+            for name, file in zip(names, files):
+                digest.update(f"{name}\0".encode() + file.read_bytes() + b"\0")
         return digest.hexdigest() if found else ""
 
     def describe(self) -> dict:
         config = self.config.model_dump(mode="json")
         return {"name": self.name, "version": self.version, "config": config,
                 "config_hash": quantizer_config_hash(self.name, self.version, config)}
+
+
+def _package_folder(module: str, source: Path) -> Path | None:
+    """The folder of the top-level package ``module`` belongs to, where ``source`` lies inside it; None for a
+    module that is no package's (a plugin file, imported alone) or a package whose folder holds more than
+    its own code (site-packages itself)."""
+    top = sys.modules.get(module.split(".")[0])
+    paths = list(getattr(top, "__path__", None) or [])
+    if "." not in module or len(paths) != 1:
+        return None
+    folder = Path(paths[0]).resolve()
+    if folder.name in ("site-packages", "dist-packages") or folder not in source.resolve().parents:
+        return None
+    return folder
 
 
 QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")

@@ -86,9 +86,20 @@ def reestimate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int
     for bn in norms:
         bn.reset_running_stats()
         bn.momentum = None
+    batches = list(images.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        # A batch of one image gives a BatchNorm over a 1x1 map one value per channel, which it refuses:
+        # the last image joins the batch before it (no other split changes, so neither do their statistics).
+        batches[-2:] = [images[-(batch_size + 1):]]
     model.train()
-    for batch in images.split(batch_size):
-        model(batch)
-    for bn, momentum in zip(norms, momenta):
-        bn.momentum = momentum
+    try:
+        for batch in batches:
+            model(batch)
+    except ValueError as exc:  # one calibration image in all, and a BatchNorm over a 1x1 map
+        reason = " ".join(str(exc).split())[:200]
+        raise BenchError(f"re-estimating BatchNorm statistics on {len(images)} calibration image(s): {reason}; "
+                         "calibrate on more images") from None
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
     return model.eval()

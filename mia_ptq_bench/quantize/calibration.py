@@ -56,8 +56,9 @@ def calibration_set(spec: TaskSpec, dataset: ImageDataset, keep: np.ndarray, mod
         raw = dataset.test.images[torch.as_tensor(heldout_indices(cal, len(dataset.test)))]
     else:
         members = np.flatnonzero(keep[model_index])
-        chosen = np.random.RandomState(cal.seed + model_index).choice(len(members), calibration_count(keep, size),
-                                                                     replace=False)
+        # numpy seeds lie in [0, 2**32): the wrap changes no seed below the largest a task may give
+        chosen = np.random.RandomState((cal.seed + model_index) % 2**32).choice(
+            len(members), calibration_count(keep, size), replace=False)
         raw = dataset.pool.images[torch.as_tensor(np.sort(members[chosen]))]
     augment = spec.training.augment
     return Calibration(raw.to(device), dataset.normalize, augment.crop_padding, augment.hflip, cal.seed + model_index)

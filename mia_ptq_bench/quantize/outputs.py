@@ -25,6 +25,7 @@ from ..data.splits import evaluation_test_split
 from ..errors import BenchError, CacheError
 from ..extensions import import_module_or_file, load_extensions
 from ..inference import eval_mode, predict_logits, score_split
+from ..models import QUANTIZABLE, quantizable_layers
 from ..pool import Pool, build_pool
 from ..progress import Progress, SilentProgress
 from ..spec.audit import LayerAudit, audit_problems
@@ -134,9 +135,11 @@ class OutputStore:
         expected = (len(dataset.pool), len(self.pool.spec.queries))
         if scores.dtype.kind != "f" or scores.shape != expected or not np.isfinite(scores).all():
             return f"scores: {scores.dtype} {scores.shape}, expected finite floats of shape {expected}"
-        if predictions.dtype.kind not in "iu" or predictions.ndim != 1 or (
+        tested = len(evaluation_test_split(self.pool.spec.calibration, dataset))  # what predictions are made on
+        if predictions.dtype.kind not in "iu" or predictions.shape != (tested,) or (
                 predictions.size and (predictions.min() < 0 or predictions.max() >= dataset.num_classes)):
-            return f"test_predictions: {predictions.dtype} {predictions.shape}, expected classes 0-{dataset.num_classes - 1}"
+            return (f"test_predictions: {predictions.dtype} {predictions.shape}, expected {tested} classes "
+                    f"0-{dataset.num_classes - 1}")
         if not audit or any(not a.passed for a in audit) or audit_problems(audit, str(self.plan)):
             return "audit: not a passed audit of this plan"
         if any(not k.startswith(f"{index}::") for k in evidence):
@@ -202,6 +205,7 @@ def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan
     spec = pool.spec
     size = quantizer.calibration_size(spec.calibration.size) if spec.calibration.source == "members" else 0
     models = [pool.load_model(i, device) for i in todo]
+    layers = layer_structure(models[0])  # before the quantizer may change the models in place
     calibrations = [calibration_set(spec, pool.dataset, pool.keep, i, size, device) for i in todo]
     try:
         quantized = quantizer.quantize_many(models, calibrations, plan)
@@ -217,6 +221,13 @@ def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan
             raise BenchError(f"quantizer {quantizer.name!r} at {plan}: quantize returned {type(model).__name__} for "
                              f"pool model {index}; expected the quantized model (a torch.nn.Module)")
         probe_forward(model, pool, f"quantizer {quantizer.name!r} at {plan}: its model for pool model {index}", device)
+        # The audit reads the layers the returned model has: one that hid a layer from it, or moved the
+        # classifier, would pass a plan it breaks (and its evidence would not load into the pool's architecture).
+        changed = layer_change(layers, layer_structure(model))
+        if changed:
+            raise BenchError(f"quantizer {quantizer.name!r} at {plan}: its model for pool model {index} does not keep "
+                             f"the pool model's quantizable layers ({changed}); a quantizer changes weights, not "
+                             "which Conv2d and Linear layers there are or their order")
         audit = audit_model(model, plan)
         enforce_audit(audit, plan, f"quantizer {quantizer.name!r} on pool model {index}")
         scores = score_split(model, pool.dataset, pool.dataset.pool, list(spec.queries), device)
@@ -226,6 +237,23 @@ def quantized_outputs(pool: Pool, indices: list[int], quantizer: Quantizer, plan
         outputs[index] = ModelOutputs(scores, predictions, audit, encode_model(index, model))
         store.save(index, outputs[index])
     return outputs
+
+
+def layer_structure(model: torch.nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Each quantizable layer's name, kind (Conv2d or Linear, subclasses included) and weight shape, in order."""
+    return [(name, next(kind.__name__ for kind in QUANTIZABLE if isinstance(layer, kind)),
+             tuple(getattr(layer.weight, "shape", ()))) for name, layer in quantizable_layers(model)]
+
+
+def layer_change(expected: list[tuple], got: list[tuple]) -> str:
+    """The first difference between two ``layer_structure`` lists, in words ("" if none)."""
+    for position, (want, have) in enumerate(zip(expected, got)):
+        if want != have:
+            return (f"layer {position + 1} is {have[1]} {have[0]!r} of weight {list(have[2])}, where the pool model "
+                    f"has {want[1]} {want[0]!r} of weight {list(want[2])}")
+    if len(got) != len(expected):
+        return f"{len(got)} layers, where the pool model has {len(expected)}"
+    return ""
 
 
 def quantize_unit(context: RunContext, quantizer: Quantizer, plan: str, made_in: str,

@@ -7,6 +7,7 @@ import json
 import stat
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -92,15 +93,31 @@ def load_result(path: Path) -> Result:
         raise SpecError(format_validation_error(str(path), exc)) from None
 
 
+def plain_arrays_name(path: Path, result: Result) -> str:
+    """The document's ``arrays.file``, refused unless a plain ``.npz`` file name (no path, no link, no hidden
+    name, short enough for a file system to hold)."""
+    name = result.arrays.file
+    if (not name.endswith(".npz") or name.startswith(".") or any(c in name for c in "/\\\0")
+            or Path(name).name != name or len(name.encode("utf-8", "surrogatepass")) > 255):
+        raise SpecError(f"{path}: arrays.file: {name[:80]!r} is not a plain .npz file name beside the document; refused")
+    return name
+
+
+def arrays_present(path: Path, result: Result) -> bool:
+    """Whether anything sits where the document's arrays would be (its name checked first)."""
+    try:
+        (Path(path).parent / plain_arrays_name(path, result)).lstat()
+    except OSError:
+        return False
+    return True
+
+
 def arrays_file(path: Path, result: Result) -> Path:
     """Where the document's arrays are: a plain ``.npz`` file name beside it, never a path or a link.
 
     ``arrays.file`` is written by whoever wrote the document: ``../../../../etc/passwd`` must not be read.
     """
-    name = result.arrays.file
-    if not name.endswith(".npz") or name.startswith(".") or any(c in name for c in "/\\\0") or Path(name).name != name:
-        raise SpecError(f"{path}: arrays.file: {name[:80]!r} is not a plain .npz file name beside the document; refused")
-    arrays_path = Path(path).parent / name
+    arrays_path = Path(path).parent / plain_arrays_name(path, result)
     try:
         mode = arrays_path.lstat().st_mode
     except OSError:
@@ -218,5 +235,5 @@ def read_npz(path: Path, max_bytes: int = RESULT_ARRAYS_BYTES) -> dict[str, np.n
     except SpecError:
         raise
     except (OSError, ValueError, EOFError, KeyError, MemoryError, RuntimeError, NotImplementedError,
-            zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+            zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error) as exc:  # zlib.error: a damaged deflate stream
         raise SpecError(f"{where}: unreadable .npz file ({type(exc).__name__}: {str(exc)[:120]})") from None

@@ -22,7 +22,7 @@ from ..spec.plans import PrecisionPlan
 from ..spec.schema import TaskSpec
 from .compare import differences
 from .compute import build_evaluation
-from .io import load_arrays, load_result
+from .io import arrays_present, load_arrays, load_result
 from .schema import Result
 
 TOLERANCE = 1e-9
@@ -224,7 +224,7 @@ def verify_result(path: Path, arrays_required: bool = True) -> Result:
                             *audit_problems(result.audit, result.plan)] if p]
     if problems:
         raise BenchError(f"{path}: {problems[0]}")
-    if not arrays_required and not (Path(path).parent / result.arrays.file).is_file():
+    if not arrays_required and not arrays_present(path, result):
         return result
     arrays = load_arrays(path, result)
     _check_arrays(path, arrays, result)

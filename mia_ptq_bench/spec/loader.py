@@ -135,7 +135,7 @@ def _parent(path: Path, parent_ref: Any, chain: tuple[Path, ...] = ()) -> Path |
         raise SpecError(f"{path}: extends: expected a task id or a .yaml path, got {got}")
     beside = path.parent / parent_ref
     try:
-        parent = beside if beside.suffix in (".yaml", ".yml") else resolve_task_path(parent_ref)
+        parent = beside if beside.suffix.lower() in (".yaml", ".yml") else resolve_task_path(parent_ref)
     except SpecError as exc:
         raise SpecError(f"{path}: extends: {exc}") from None
     try:  # a NUL byte, a symbolic-link loop or an over-long name: the file system's refusal, as one line

@@ -22,10 +22,16 @@ def load_submission(folder: Path) -> SubmissionSpec:
     return spec
 
 
+def is_submission_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds its own submission.yaml (a regular file, not a link to one)."""
+    metadata = Path(folder) / METADATA
+    return metadata.is_file() and not metadata.is_symlink()
+
+
 def find_submissions(root: Path) -> list[Path]:
     """A folder with submission.yaml is one submission; otherwise each such folder below it."""
     root = Path(root)
-    if (root / METADATA).is_file():
+    if is_submission_folder(root):
         return [root]
     return sorted(p.parent for p in root.glob(f"*/{METADATA}"))
 

@@ -20,7 +20,7 @@ from ..spec import load_registered_task
 from ..spec.audit import audit_problems
 from ..spec.plans import PrecisionPlan
 from .files import scan
-from .load import find_submissions, load_submission
+from .load import find_submissions, is_submission_folder, load_submission
 from .manifest import EVIDENCE_SUFFIX, MANIFEST, manifest_path
 from .schema import REFERENCE_ENTRIES, SubmissionSpec, checked_config
 
@@ -236,7 +236,7 @@ def submission_problems(root: Path) -> dict[Path, list[str]]:
     if not found:
         return {Path(root): [f"{root}: (folder): no submission.yaml here or in its subfolders"]}
     result = {folder: validate_submission(folder) for folder in found}
-    if (Path(root) / "submission.yaml").exists():  # one submission's own folder
+    if is_submission_folder(root):  # one submission's own folder (the same test as find_submissions')
         return result
     for entry in sorted(Path(root).iterdir()):  # beside the submissions only their README: nothing unchecked
         if entry in found:
