@@ -508,6 +508,13 @@ def _rewrite_arrays(document: Path, change) -> None:
     document.write_text(json.dumps(data))
 
 
+def _name_file(document: Path, section: str, name: str) -> None:
+    """What a hostile author can write: any name as the document's ``arrays`` or ``evidence`` file."""
+    data = json.loads(document.read_text())
+    data[section]["file"] = name
+    document.write_text(json.dumps(data))
+
+
 def _validate_one(path: Path) -> list[str]:
     result = cli.invoke(app, ["validate", str(path)])
     assert result.exit_code == 1 and "Traceback" not in result.stderr, (result.stderr, result.exception)
@@ -717,9 +724,7 @@ def test_an_npz_claiming_a_huge_array_is_refused_from_its_header(subs: Path) -> 
 def test_arrays_file_must_be_a_plain_file_beside_the_document(subs: Path, name: str, reason: str) -> None:
     document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
     (document.parent / "linked.npz").symlink_to(document.with_suffix(".npz"))
-    data = json.loads(document.read_text())
-    data["arrays"]["file"] = name
-    document.write_text(json.dumps(data))
+    _name_file(document, "arrays", name)
     # refused before reading: a sha256 mismatch would mean the file named was read
     assert _validate_one(document) == [f"invalid: {document}: arrays.file: {name!r} {reason}" if "plain" in reason
                                        else f"invalid: {document}: arrays.file: {document.parent / name} {reason}"]
@@ -732,9 +737,7 @@ def test_arrays_file_is_checked_as_a_name_before_the_disk_when_arrays_are_option
     from mia_ptq_bench.results.verify import verify_result
 
     document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
-    data = json.loads(document.read_text())
-    data["arrays"]["file"] = name
-    document.write_text(json.dumps(data))
+    _name_file(document, "arrays", name)
     with pytest.raises(SpecError, match=rf"^{re.escape(str(document))}: arrays\.file: .* is not a plain \.npz file "
                                         r"name beside the document; refused$"):
         verify_result(document, arrays_required=False)
@@ -1641,9 +1644,7 @@ def test_evidence_is_only_the_plans_own_file_beside_the_document(subs: Path, nam
     from mia_ptq_bench.results.io import load_evidence
 
     document = subs / "mine" / "results" / "tiny-digits" / "w4--oblivious.json"
-    data = json.loads(document.read_text())
-    data["evidence"]["file"] = name
-    document.write_text(json.dumps(data))
+    _name_file(document, "evidence", name)
     with pytest.raises(BenchError, match=rf"evidence\.file: {re.escape(repr(name))} is not w4\.models\.safetensors "
                                          "beside the document; refused"):
         load_evidence(document, load_result(document))
