@@ -113,7 +113,8 @@ class Quantizer(ABC):
                 continue
             source = Path(source)
             package = _package_folder(cls.__module__, source)
-            if package is not None:
+            if package is not None:  # resolved, as the package's folder is: the names are relative to it
+                source = source.resolve()
                 files = [source, *sorted(p for p in package.rglob("*.py") if p != source)[:MAX_DIGESTED_FILES]]
                 names = [str(file.relative_to(package)) for file in files]
             else:
