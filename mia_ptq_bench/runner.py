@@ -276,8 +276,9 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
     plan_list = resolve_plans(quantizer, spec, plans)
     quantized = any(not plan.is_full_precision for plan in plan_list)
     threats = resolve_threat_models(spec, threat_models)
-    # The strategies an attacker chooses among come from the task, not from which results this run writes.
-    known_threats = resolve_threat_models(spec, None) + threats
+    # The strategies an attacker chooses among come from the task and its own threat model, never from which
+    # other results this run writes: a document is the same asked alone or with others (as recompute reruns it).
+    task_threats = resolve_threat_models(spec, None)
 
     # What is known to fail is refused before any work: folders that cannot be written, a budget beyond this machine.
     ensure_writable(result_path(options.out_dir, spec.id, quantizer.name if options.per_quantizer_folder else None,
@@ -316,7 +317,7 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
     paths, results = [], []
     folder_name = quantizer.name if options.per_quantizer_folder else None
     quantized_shadows = [int(m) for m in spec.quantized_shadow_models]
-    candidates = {t.name: candidate_threats(t, known_threats) for t in threats}
+    candidates = {t.name: candidate_threats(t, task_threats + [t]) for t in threats}
     workers = quantize_workers(spec, pool, quantizer, options) if quantized else 1
     quantizing = start_quantizing(context, pool, test, quantizer, options, workers, held, progress)
     provenance = _provenance(spec, quantizer, pool, options.device, quantizing.workers)
@@ -350,6 +351,7 @@ def _evaluate(quantizer: Quantizer | str, spec: TaskSpec, plans: list[str] | Non
             elif stale.stem.split("--", 1)[-1] not in {t.name for t in threats}:
                 progress.log(f"removing {stale}: a plan's documents are rewritten together (rerun its threat model)")
             stale.unlink(missing_ok=True)
+            stale.with_suffix(".npz").unlink(missing_ok=True)  # its arrays go with it, or sit there orphaned
         evidence = None if plan.is_full_precision else write_plan_evidence(
             spec, quantizer, plan, outputs, indices, targets, beside)
         for threat in threats:

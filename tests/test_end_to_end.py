@@ -314,6 +314,27 @@ def test_interrupted_quantization_resumes_to_identical_results(tmp_path: Path, m
             assert x.files == y.files and all(np.array_equal(x[k], y[k]) for k in x.files)
 
 
+def test_a_threat_models_result_does_not_depend_on_the_others_asked_with_it(tmp_path: Path) -> None:
+    # tiny-digits' threat models leave out adaptive-rtn: asked beside adaptive, it once became a strategy the
+    # adaptive attacker could choose, so adaptive's numbers changed with the run (and validate --recompute,
+    # which reruns one document, refused them). GPTQ: its adaptive shadows differ from the RTN ones.
+    spec = load_task("tiny-digits")
+    assert "adaptive-rtn" not in spec.threat_models
+    cache = tmp_path / "cache"
+    together = evaluate("gptq", spec, plans=["w2"], threat_models=["adaptive", "adaptive-rtn"],
+                        options=RunOptions(out_dir=tmp_path / "together", cache_dir=cache))
+    alone = evaluate("gptq", spec, plans=["w2"], threat_models=["adaptive"],
+                     options=RunOptions(out_dir=tmp_path / "alone", cache_dir=cache))
+    (asked_with,) = [r for r in together.results if r.threat_model == "adaptive"]
+    assert _numbers(asked_with) == _numbers(alone.results[0])
+    assert {t.strongest.threat_model for t in asked_with.quantized.targets} <= {"oblivious", "adaptive"}
+    # rerunning the plan for fewer threat models removes the other one's document and its arrays
+    evaluate("gptq", spec, plans=["w2"], threat_models=["adaptive"],
+             options=RunOptions(out_dir=tmp_path / "together", cache_dir=cache))
+    assert sorted(p.name for p in (tmp_path / "together" / "tiny-digits" / "gptq").glob("w2--*")) == \
+        ["w2--adaptive.json", "w2--adaptive.npz"]
+
+
 def test_corrupted_quantized_cache_is_redone(tmp_path: Path) -> None:
     spec = load_task("tiny-digits")
     options = RunOptions(out_dir=tmp_path / "r", cache_dir=tmp_path / "cache")
