@@ -114,3 +114,28 @@ def test_a_verdict_one_standard_error_from_turning_is_marked_near_the_edge(shift
         assert near_edge(values, rise=True) is (near and sign > 0)
     assert not near_edge(np.array([0.3])) and not near_edge(np.full(16, 0.3))  # no spread: no interval
     assert not significant(np.array([0.3]))  # one target: its summary's interval is the point itself, no verdict
+
+
+def test_findings_take_only_submissions_that_validate_and_escape_what_submitters_wrote(tmp_path: Path) -> None:
+    import shutil
+
+    from mia_ptq_bench.findings.render import load, markdown_text
+
+    submissions = tmp_path / "submissions"
+    for name in ("fp32", "rtn"):
+        evaluated_builtin(submissions, name)
+    metadata = submissions / "rtn" / "submission.yaml"
+    metadata.write_text(metadata.read_text().replace("display_name: rtn", "display_name: '[RTN](https://x.example) *'"))
+    copy = submissions / "rtn-copy"  # a field its schema does not know: validate refuses it
+    shutil.copytree(submissions / "rtn", copy)
+    (copy / "submission.yaml").write_text((copy / "submission.yaml").read_text().replace("name: rtn", "name: rtn-copy")
+                                          .replace("display_name: '[RTN]", "display_name: 'Copy [RTN]") + "bogus: 1\n")
+    out = tmp_path / "findings.md"
+    result = cli.invoke(app, ["findings", "--task", "tiny-digits", "--submissions", str(submissions), "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    text = out.read_text()
+    assert "Copy" not in text  # left out, as the leaderboard leaves it out
+    assert "- **\\[RTN\\](https://x.example) \\***" in text and "**[RTN](https" not in text  # no live link
+    loaded = load(submissions, "tiny-digits")
+    assert set(loaded.colours) == {"fp32", "rtn"} and len(set(loaded.colours.values())) == 2
+    assert markdown_text("a_b|c`d<e>") == "a\\_b\\|c\\`d\\<e\\>"

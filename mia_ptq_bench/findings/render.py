@@ -14,6 +14,7 @@ quantizer finds on its own shadow models: any attack, full-precision or quantize
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ..board.palette import colour_for
+from ..board.palette import assign_colours, colour_for
 from ..board.rank import pareto_front
 from ..errors import BenchError
 from ..metrics import summarize
@@ -31,7 +32,7 @@ from ..results.io import load_result
 from ..results.schema import Evaluation, Result
 from ..spec import load_task
 from ..spec.plans import PrecisionPlan
-from ..submission import REFERENCE_ENTRIES, find_submissions, load_submission
+from ..submission import REFERENCE_ENTRIES, find_submissions, load_submission, validate_submission
 
 STUDY_ATTACK = "lira-online"
 
@@ -46,24 +47,45 @@ def study_numbers() -> dict[str, dict[str, tuple[float, float]]]:
 @dataclass
 class Loaded:
     results: dict[tuple[str, str, str], Result]  # (entry, plan, threat) -> result
-    names: dict[str, str]  # entry -> display name
+    names: dict[str, str]  # entry -> display name (markdown-escaped)
+    colours: dict[str, str]  # entry -> colour, as the leaderboard assigns them (no two alike)
 
     def get(self, entry: str, plan: str, threat: str) -> Result | None:
         return self.results.get((entry, plan, threat))
 
 
 def load(submissions: Path, task: str) -> Loaded:
-    results, names = {}, {}
+    """The current results of ``task`` from every submission that validates, as the leaderboard takes them
+    (a submission ``validate`` refuses is left out, a stale result file on its own)."""
+    results, names, entries = {}, {}, []
     current = load_task(task)
     for folder in find_submissions(submissions):
+        stale: set[Path] = set()
+        try:
+            problems = validate_submission(folder, stale)
+        except Exception:  # noqa: BLE001 - as the leaderboard: a validator failure costs the submission, not the page
+            problems = ["the validator failed on it"]
+        if problems:
+            continue
+        spec = load_submission(folder)
+        entries.append(folder.name)
+        if task not in spec.tasks:
+            continue
         for path in sorted((folder / "results" / task).glob("*.json")):
+            if path in stale:
+                continue
             result = load_result(path)
             if result.task.hash == current.hash:
                 results[(folder.name, result.plan, result.threat_model)] = result
-                names[folder.name] = load_submission(folder).display_name
+                names[folder.name] = markdown_text(spec.display_name)
     if not results:
         raise BenchError(f"no current results for task {task!r} under {submissions}")
-    return Loaded(results, names)
+    return Loaded(results, names, assign_colours(entries))
+
+
+def markdown_text(text: str) -> str:
+    """``text`` with markdown's markup characters escaped: a display name is the submitter's free text."""
+    return re.sub(r"([\\`*_\[\]<>|])", r"\\\1", text)  # links, emphasis, code, HTML and table cells
 
 
 # -- per-target numbers and paired comparisons ------------------------------------------------------------
@@ -165,7 +187,7 @@ def _figures(data: Loaded, methods: list[str], plans: list[str], attackers: list
             xs = [i for i, _ in shown]
             ys = [p[0] for _, p in shown]
             errors = np.array([[p[1] for _, p in shown], [p[2] for _, p in shown]])
-            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=colour_for(method),
+            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=data.colours.get(method, colour_for(method)),
                         label=data.names.get(method, method))
         ax.set_yscale("log")
         ax.set_xticks(x, plans)
@@ -195,7 +217,7 @@ def _figures(data: Loaded, methods: list[str], plans: list[str], attackers: list
             acc = summarize(accuracy(result.quantized))
             leak = point(result.quantized, "strongest")
             ax.errorbar([100 * acc.mean], [leak[0]], xerr=[[100 * (acc.mean - acc.ci_low)], [100 * (acc.ci_high - acc.mean)]],
-                        yerr=[[leak[1]], [leak[2]]], marker="o", color=colour_for(method),
+                        yerr=[[leak[1]], [leak[2]]], marker="o", color=data.colours.get(method, colour_for(method)),
                         label=data.names.get(method, method))
         ax.set_yscale("log")
         ax.set_title(plan, fontsize=10)
