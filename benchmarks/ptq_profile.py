@@ -136,18 +136,19 @@ def distance_to_limit(units_per_model, models, images, args, peak: float, defaul
         f"and may pass the floor)")
     say(f"  {'unit':26} {'MFLOP':>8} {'floor':>8} {'default':>8} {'of peak':>8} {'plain':>8} "
         f"{'default/plain':>14} {'floor/plain':>12}")
-    sums = [0.0, 0.0, 0.0, 0.0]
+
+    def row(name: str, flop: float, default: float, plain: float) -> None:
+        floor = flop / peak * 1e3
+        say(f"  {name:26} {flop / 1e6:8.1f} {floor:8.3f} {default:8.3f} {floor / default:8.0%} {plain:8.3f} "
+            f"{plain / default:13.2f}x {plain / floor:11.2f}x")
+
+    sums = [0.0, 0.0, 0.0]
     for u, unit in enumerate(units_per_model[0]):
         wait_for_quiet(args.patience)
         flop, plain = plain_step(units_per_model, u, models, images, args.steps)
-        floor = flop / peak * 1e3
-        default = defaults[u]
-        sums = [a + b for a, b in zip(sums, (flop, floor, default, plain))]
-        say(f"  {unit.name:26} {flop / 1e6:8.1f} {floor:8.3f} {default:8.3f} {floor / default:8.0%} {plain:8.3f} "
-            f"{plain / default:13.2f}x {plain / floor:11.2f}x")
-    flop, floor, default, plain = sums
-    say(f"  {'all units':26} {flop / 1e6:8.1f} {floor:8.3f} {default:8.3f} {floor / default:8.0%} {plain:8.3f} "
-        f"{plain / default:13.2f}x {plain / floor:11.2f}x")
+        sums = [a + b for a, b in zip(sums, (flop, defaults[u], plain))]
+        row(unit.name, flop, defaults[u], plain)
+    row("all units", *sums)
 
 
 def layer_grams(model: torch.nn.Module, images: torch.Tensor, repeats: int, patience: float) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ..board.collect import published_files, validated
 from ..board.palette import assign_colours, colour_for
 from ..board.rank import pareto_front
 from ..errors import BenchError
@@ -32,7 +33,7 @@ from ..results.io import load_result
 from ..results.schema import Evaluation, Result
 from ..spec import load_task
 from ..spec.plans import PrecisionPlan
-from ..submission import REFERENCE_ENTRIES, find_submissions, load_submission, validate_submission
+from ..submission import REFERENCE_ENTRIES, find_submissions, load_submission
 
 STUDY_ATTACK = "lira-online"
 
@@ -60,19 +61,16 @@ def load(submissions: Path, task: str) -> Loaded:
     results, names, entries = {}, {}, []
     current = load_task(task)
     for folder in find_submissions(submissions):
-        stale: set[Path] = set()
         try:
-            problems = validate_submission(folder, stale)
+            problems, stale = validated(folder)
         except Exception:  # noqa: BLE001 - as the leaderboard: a validator failure costs the submission, not the page
-            problems = ["the validator failed on it"]
+            continue
         if problems:
             continue
         spec = load_submission(folder)
         entries.append(folder.name)
-        if task not in spec.tasks:
-            continue
-        for path in sorted((folder / "results" / task).glob("*.json")):
-            if path in stale:
+        for task_id, path in published_files(folder, spec):
+            if task_id != task or path in stale:
                 continue
             result = load_result(path)
             if result.task.hash == current.hash:

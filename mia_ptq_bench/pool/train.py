@@ -206,12 +206,17 @@ def stack_size(flops_per_image: float, batch_size: int, bytes_per_model: float, 
     return max(1, min(by_work, by_memory, MAX_STACK, models))
 
 
+def _shapes_device(model: nn.Module) -> str:
+    """Where to run a pass that only needs shapes: the meta device if the model is on it, else the CPU."""
+    return "meta" if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())) else "cpu"
+
+
 def training_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
     """FLOP of one training image, forward and backward (convolutions and matmuls, as FlopCounterMode counts).
 
     The count follows from the shapes alone, so a model on the ``meta`` device (the budget's, built before
     anything is allocated) counts the same as its real copy."""
-    device = "meta" if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())) else "cpu"
+    device = _shapes_device(model)
     model = copy.deepcopy(model).to(device).train()
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(torch.zeros(2, *input_shape, device=device)),
@@ -225,7 +230,7 @@ def check_batch_trains(model: nn.Module, batch_size: int, input_shape: tuple[int
     on the meta device where the model is (the budget's), else on zeros."""
     if batch_size >= 2:  # every BatchNorm then sees two values per channel at least
         return
-    device = "meta" if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())) else "cpu"
+    device = _shapes_device(model)
     probe = copy.deepcopy(model).to(device).train()
     try:
         with torch.no_grad():

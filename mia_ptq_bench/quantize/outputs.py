@@ -70,6 +70,7 @@ class OutputStore:
         result (a worker writing outputs for it uses the same folder and key)."""
         spec = pool.spec
         self.progress = progress or SilentProgress()
+        self.tested = len(evaluation_test_split(spec.calibration, pool.dataset))  # what predictions are made on
         described = quantizer.describe()
         calibration = content_hash(spec.calibration.model_dump(mode="json"))
         code = quantizer.code_digest()  # "" for a built-in, whose version is bumped with its code
@@ -135,7 +136,7 @@ class OutputStore:
         expected = (len(dataset.pool), len(self.pool.spec.queries))
         if scores.dtype.kind != "f" or scores.shape != expected or not np.isfinite(scores).all():
             return f"scores: {scores.dtype} {scores.shape}, expected finite floats of shape {expected}"
-        tested = len(evaluation_test_split(self.pool.spec.calibration, dataset))  # what predictions are made on
+        tested = self.tested
         if predictions.dtype.kind not in "iu" or predictions.shape != (tested,) or (
                 predictions.size and (predictions.min() < 0 or predictions.max() >= dataset.num_classes)):
             return (f"test_predictions: {predictions.dtype} {predictions.shape}, expected {tested} classes "
